@@ -1,0 +1,13 @@
+//! krun: the mesh launcher. It runs as the entrypoint (PID 1) of a container on Cloud Run,
+//! docker or a VM, supervises the app and its helper processes, and (in later layers) joins
+//! the workload to an Istio mesh.
+//!
+//! [`launch::run`] is the startup graph; each module below owns one job.
+
+pub mod config;
+pub mod launch;
+pub mod logging;
+pub mod probe;
+pub mod processes;
+pub mod startup;
+pub mod supervisor;

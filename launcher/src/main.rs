@@ -1,0 +1,63 @@
+//! The `krun` binary: parses the command line, resolves the configuration and hands over to
+//! [`krun::launch::run`].
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use krun::config::{Config, Env};
+use krun::processes::ProcessPlan;
+
+/// Mesh launcher and PID-1 supervisor: runs APP inside an Istio mesh.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Print the resolved configuration as JSON (each value with its source) and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// With --print-config: resolve from the environment only, with no network calls.
+    #[arg(long)]
+    offline: bool,
+    /// The app and its arguments; none means sidecar mode.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "APP [ARGS]..."
+    )]
+    app: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    match run(cli, started) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // One line: what failed, the input at fault, what to do.
+            eprintln!("krun: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli, started: Instant) -> anyhow::Result<u8> {
+    let config = Config::from_env(&Env::from_process())?;
+    krun::logging::init(config.log_format.value, config.mesh_debug.value);
+    for name in &config.unknown_vars {
+        tracing::warn!(variable = %name, "unknown KRUN_ variable ignored; check its spelling against docs/configuration.md");
+    }
+    let plan = match &config.processes {
+        Some(path) => ProcessPlan::load(&path.value)?,
+        None => ProcessPlan::default(),
+    };
+    if cli.print_config {
+        println!("{}", serde_json::to_string_pretty(&config.printable())?);
+        return Ok(0);
+    }
+    // One thread: the supervisor is event-driven and light; a second thread would only add
+    // memory and startup time to every container.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(krun::launch::run(config, plan, cli.app, started))
+}

@@ -1,0 +1,148 @@
+//! Readiness probes: how krun learns that a process (or the app) is ready to serve.
+//!
+//! A probe is retried with a short, growing backoff (5 ms doubling up to its period), so a
+//! process that is ready after 30 ms is seen after ~35 ms, not after a fixed poll interval.
+
+use std::time::Duration;
+
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+
+use crate::supervisor::Reaper;
+
+/// First retry delay of a probe.
+const FIRST_RETRY: Duration = Duration::from_millis(5);
+/// Default upper bound of the retry delay.
+pub const DEFAULT_PERIOD: Duration = Duration::from_millis(250);
+/// Default time one attempt may take.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a probe checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// A TCP connect to `host:port` succeeds.
+    Tcp(String),
+    /// An HTTP/1.1 GET answers 200-399 (Cloud Run's rule).
+    Http(String),
+    /// A command exits 0.
+    Exec(Vec<String>),
+}
+
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Check::Tcp(addr) => write!(f, "tcp {addr}"),
+            Check::Http(url) => write!(f, "http {url}"),
+            Check::Exec(cmd) => write!(f, "exec {}", cmd.join(" ")),
+        }
+    }
+}
+
+/// A check and its pacing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// What is checked.
+    pub check: Check,
+    /// Upper bound of the delay between attempts.
+    pub period: Duration,
+    /// Time one attempt may take.
+    pub timeout: Duration,
+}
+
+impl Probe {
+    /// A probe with the default pacing.
+    pub fn new(check: Check) -> Self {
+        Probe {
+            check,
+            period: DEFAULT_PERIOD,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Retries until the check passes or `deadline` passes; on failure returns the last reason.
+    pub async fn wait(&self, reaper: &Reaper, deadline: Instant) -> Result<(), String> {
+        let mut delay = FIRST_RETRY;
+        loop {
+            let outcome = match timeout(self.timeout, self.attempt(reaper)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.timeout)
+                )),
+            };
+            let last_error = match outcome {
+                Ok(()) => return Ok(()),
+                Err(why) => why,
+            };
+            if Instant::now() + delay >= deadline {
+                return Err(last_error);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(self.period);
+        }
+    }
+
+    async fn attempt(&self, reaper: &Reaper) -> Result<(), String> {
+        match &self.check {
+            Check::Tcp(addr) => TcpStream::connect(addr)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Check::Http(url) => http_get(url).await,
+            Check::Exec(argv) => exec(reaper, argv, self.timeout).await,
+        }
+    }
+}
+
+async fn http_get(url: &str) -> Result<(), String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
+    let authority = uri.authority().ok_or("URL has no host")?.clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = TcpStream::connect((authority.host(), port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    let connection = tokio::spawn(conn);
+    let request = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(hyper::header::HOST, authority.as_str())
+        .header(hyper::header::USER_AGENT, "krun-probe")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let result = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string());
+    connection.abort();
+    let status = result?.status();
+    if (200..400).contains(&status.as_u16()) {
+        Ok(())
+    } else {
+        Err(format!("HTTP {status}"))
+    }
+}
+
+async fn exec(reaper: &Reaper, argv: &[String], limit: Duration) -> Result<(), String> {
+    let (program, args) = argv.split_first().ok_or("empty command")?;
+    let mut command = std::process::Command::new(program);
+    command.args(args).stdin(std::process::Stdio::null());
+    let mut child = reaper
+        .spawn(&mut command)
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    match timeout(limit, &mut child.exit).await {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(format!("{program} ended with {status}")),
+        Ok(Err(_)) => Err("reaper stopped".into()),
+        Err(_) => {
+            child.kill_group(nix::sys::signal::Signal::SIGKILL);
+            Err(format!(
+                "{program} did not finish within {}",
+                humantime::format_duration(limit)
+            ))
+        }
+    }
+}

@@ -1,0 +1,561 @@
+//! The supervisor: starts the extra processes in dependency order, then the app; forwards
+//! signals; reaps orphans; and drains everything in order when told to stop.
+//!
+//! It is a single task that owns every child and reacts to events (exits, readiness, signals,
+//! timers), so there is one place that decides what happens next and one exit code.
+//!
+//! Drain (SIGTERM, the app's exit, or a required process's death):
+//! 1. mark krun not ready (the [`Phase`] watch; the tunnel and data plane stop accepting);
+//! 2. SIGTERM the app;
+//! 3. stop each extra process once nothing that depends on it is running (reverse order:
+//!    a proxy outlives the app that talks through it);
+//! 4. at `KRUN_DRAIN_TIMEOUT`, SIGKILL every process group that is left;
+//! 5. exit with the app's status (1 when krun itself decided to fail).
+
+mod command;
+mod exit;
+mod reaper;
+mod signals;
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
+use tokio::time::{Instant, sleep_until};
+
+pub use command::RunAs;
+pub use exit::ExitStatus;
+pub use reaper::{Child, Reaper, signal_group};
+pub use signals::{FORWARDED, ForwardedSignals};
+
+use crate::probe::Probe;
+use crate::processes::{APP_NAME, MAX_RESTART_BACKOFF, ProcessPlan, RestartPolicy};
+use crate::startup::PhaseClock;
+
+/// Where the workload is in its life; other components watch it to know when to accept work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Dependencies or the app are starting.
+    Starting,
+    /// The app (or, without one, every process) is ready.
+    Ready,
+    /// Shutting down: accept nothing new.
+    Draining,
+}
+
+/// The app: what to run and how to know it is ready.
+pub struct AppSpec {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// The app's `PORT` (`PORT_http`). krun's own `PORT` is the container port, i.e. the
+    /// tunnel, so it is never passed on: without an app port the app gets no `PORT`.
+    pub port: Option<u16>,
+    /// Another user, when krun is root and `K8S_UID` is set.
+    pub run_as: Option<RunAs>,
+    /// All must pass before the app counts as ready.
+    pub readiness: Vec<Probe>,
+}
+
+/// Budgets of the supervisor.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// From SIGTERM to SIGKILL.
+    pub drain: Duration,
+    /// How long a process or the app may take to become ready.
+    pub ready: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UnitId {
+    App,
+    Process(usize),
+}
+
+/// Per-unit (process or app) state.
+#[derive(Default)]
+struct Unit {
+    name: String,
+    depends_on: Vec<usize>,
+    pid: Option<Pid>,
+    started: bool,
+    ready: bool,
+    stop_sent: bool,
+    restarts: u32,
+    probe: Option<AbortHandle>,
+}
+
+enum Event {
+    Exited {
+        unit: UnitId,
+        pid: Pid,
+        status: ExitStatus,
+    },
+    Ready {
+        unit: UnitId,
+        pid: Pid,
+    },
+    NotReady {
+        unit: UnitId,
+        pid: Pid,
+        why: String,
+    },
+    RestartDue(usize),
+}
+
+struct Drain {
+    deadline: Instant,
+    killed: bool,
+}
+
+/// Runs the app and the extra processes until they are done; see the module docs.
+pub struct Supervisor {
+    reaper: Reaper,
+    signals: ForwardedSignals,
+    plan: ProcessPlan,
+    app_spec: Option<AppSpec>,
+    timeouts: Timeouts,
+    phase: watch::Sender<Phase>,
+    clock: PhaseClock,
+    events: mpsc::UnboundedSender<Event>,
+    inbox: mpsc::UnboundedReceiver<Event>,
+    processes: Vec<Unit>,
+    app: Unit,
+    /// Process groups krun created, killed at the end whatever their leaders did.
+    groups: Vec<Pid>,
+    app_status: Option<ExitStatus>,
+    /// Why krun fails (exit 1) rather than passing on the app's status.
+    failure: Option<String>,
+    drain: Option<Drain>,
+}
+
+impl Supervisor {
+    /// Prepares the supervisor. Must run inside the tokio runtime (it installs signal
+    /// handlers and starts the reaper).
+    pub fn new(
+        plan: ProcessPlan,
+        app_spec: Option<AppSpec>,
+        timeouts: Timeouts,
+        clock: PhaseClock,
+    ) -> std::io::Result<Self> {
+        let (events, inbox) = mpsc::unbounded_channel();
+        let processes = plan
+            .processes
+            .iter()
+            .map(|p| Unit {
+                name: p.name.clone(),
+                depends_on: p.depends_on.clone(),
+                ..Unit::default()
+            })
+            .collect();
+        let app = Unit {
+            name: APP_NAME.to_owned(),
+            depends_on: plan.app_depends_on.clone(),
+            ..Unit::default()
+        };
+        Ok(Supervisor {
+            reaper: Reaper::start()?,
+            signals: ForwardedSignals::install()?,
+            plan,
+            app_spec,
+            timeouts,
+            phase: watch::Sender::new(Phase::Starting),
+            clock,
+            events,
+            inbox,
+            processes,
+            app,
+            groups: Vec::new(),
+            app_status: None,
+            failure: None,
+            drain: None,
+        })
+    }
+
+    /// Watches the workload's phase: the hook the tunnel and data plane use to stop accepting.
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    /// Runs until every child is gone; returns krun's exit code.
+    pub async fn run(mut self) -> u8 {
+        self.start_what_is_due();
+        while !self.finished() {
+            let kill_at = self
+                .drain
+                .as_ref()
+                .filter(|d| !d.killed)
+                .map(|d| d.deadline);
+            tokio::select! {
+                Some(event) = self.inbox.recv() => self.on_event(event),
+                signal = self.signals.recv() => self.on_signal(signal),
+                () = sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => self.kill_all(),
+            }
+        }
+        self.reap_leftovers().await;
+        self.exit_code()
+    }
+
+    fn unit(&mut self, id: UnitId) -> &mut Unit {
+        match id {
+            UnitId::App => &mut self.app,
+            UnitId::Process(i) => &mut self.processes[i],
+        }
+    }
+
+    fn deps_ready(&self, deps: &[usize]) -> bool {
+        deps.iter().all(|&d| self.processes[d].ready)
+    }
+
+    /// Starts every unit whose dependencies are ready and that has not started yet.
+    fn start_what_is_due(&mut self) {
+        if self.drain.is_some() {
+            return;
+        }
+        for i in 0..self.processes.len() {
+            if !self.processes[i].started && self.deps_ready(&self.processes[i].depends_on) {
+                self.start_process(i);
+            }
+        }
+        if !self.app.started && self.deps_ready(&self.app.depends_on) && self.drain.is_none() {
+            if !self.processes.is_empty() {
+                self.clock.mark("dependencies");
+            }
+            self.start_app();
+        }
+    }
+
+    fn start_process(&mut self, i: usize) {
+        let spec = &self.plan.processes[i];
+        let Some(mut command) = command::command(&spec.command) else {
+            return;
+        };
+        command.envs(&spec.env);
+        let probe = spec.readiness.clone();
+        self.launch(
+            UnitId::Process(i),
+            &mut command,
+            probe.into_iter().collect(),
+        );
+    }
+
+    fn start_app(&mut self) {
+        self.app.started = true;
+        let Some(spec) = self.app_spec.as_ref() else {
+            // Sidecar mode: ready once every process is.
+            self.app.ready = true;
+            self.set_ready();
+            return;
+        };
+        let Some(mut command) = command::command(&spec.argv) else {
+            return;
+        };
+        match spec.port {
+            Some(port) => command.env("PORT", port.to_string()),
+            None => command.env_remove("PORT"),
+        };
+        if let Some(run_as) = &spec.run_as {
+            run_as.apply(&mut command);
+        }
+        let readiness = spec.readiness.clone();
+        self.launch(UnitId::App, &mut command, readiness);
+    }
+
+    /// Spawns a unit and, if it has probes, a task that reports when they all pass.
+    fn launch(&mut self, id: UnitId, command: &mut std::process::Command, probes: Vec<Probe>) {
+        let name = self.unit(id).name.clone();
+        let child = match self.reaper.spawn(command) {
+            Ok(child) => child,
+            Err(e) => {
+                let program = command.get_program().to_string_lossy().into_owned();
+                return self.fail(format!("cannot start {name} ({program}): {e}; check the command exists in PATH and is executable"));
+            }
+        };
+        let pid = child.pid;
+        tracing::info!(process = %name, pid = pid.as_raw(), "started");
+        self.groups.push(pid);
+        let unit = self.unit(id);
+        unit.started = true;
+        unit.pid = Some(pid);
+        unit.stop_sent = false;
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            if let Ok(status) = child.exit.await {
+                let _ = events.send(Event::Exited {
+                    unit: id,
+                    pid,
+                    status,
+                });
+            }
+        });
+        if self.unit(id).ready {
+            return; // a restart: dependents are already running
+        }
+        let reaper = self.reaper.clone();
+        let events = self.events.clone();
+        let deadline = Instant::now() + self.timeouts.ready;
+        let task = tokio::spawn(async move {
+            for probe in &probes {
+                if let Err(why) = probe.wait(&reaper, deadline).await {
+                    let _ = events.send(Event::NotReady {
+                        unit: id,
+                        pid,
+                        why: format!("{}: {why}", probe.check),
+                    });
+                    return;
+                }
+            }
+            let _ = events.send(Event::Ready { unit: id, pid });
+        });
+        self.unit(id).probe = Some(task.abort_handle());
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Ready { unit, pid } if self.unit(unit).pid == Some(pid) => self.on_ready(unit),
+            Event::NotReady { unit, pid, why } if self.unit(unit).pid == Some(pid) => {
+                let name = self.unit(unit).name.clone();
+                let budget = humantime::format_duration(self.timeouts.ready);
+                self.fail(format!("{name} not ready after {budget}: {why}; check that it listens there, or raise KRUN_APP_READY_TIMEOUT"));
+            }
+            Event::Exited { unit, pid, status } if self.unit(unit).pid == Some(pid) => {
+                self.on_exit(unit, status)
+            }
+            Event::RestartDue(i) if self.drain.is_none() => self.start_process(i),
+            _ => {} // stale: about an earlier incarnation, or a restart cancelled by the drain
+        }
+    }
+
+    fn on_ready(&mut self, id: UnitId) {
+        let unit = self.unit(id);
+        unit.ready = true;
+        unit.probe = None;
+        tracing::info!(process = %unit.name, "ready");
+        if id == UnitId::App {
+            self.clock.mark("app-ready");
+            self.set_ready();
+        }
+        self.start_what_is_due();
+    }
+
+    fn set_ready(&mut self) {
+        if self.drain.is_none() {
+            self.phase.send_replace(Phase::Ready);
+        }
+    }
+
+    fn on_exit(&mut self, id: UnitId, status: ExitStatus) {
+        let unit = self.unit(id);
+        unit.pid = None;
+        if let Some(probe) = unit.probe.take() {
+            probe.abort();
+        }
+        let name = unit.name.clone();
+        match id {
+            UnitId::App => {
+                tracing::info!(%status, "app exited");
+                self.app_status = Some(status);
+                self.start_drain(&format!("the app exited with {status}"));
+            }
+            UnitId::Process(_) if self.drain.is_some() => {
+                tracing::info!(process = %name, %status, "stopped")
+            }
+            UnitId::Process(i) => self.on_process_exit(i, status),
+        }
+        self.stop_what_is_unneeded();
+    }
+
+    fn on_process_exit(&mut self, i: usize, status: ExitStatus) {
+        let spec = &self.plan.processes[i];
+        let unit = &mut self.processes[i];
+        if let RestartPolicy::OnFailure {
+            max_restarts,
+            backoff,
+        } = spec.restart
+            && !status.success()
+            && unit.restarts < max_restarts
+        {
+            let delay = backoff
+                .saturating_mul(1 << unit.restarts.min(16))
+                .min(MAX_RESTART_BACKOFF);
+            unit.restarts += 1;
+            tracing::warn!(
+                process = %spec.name, %status, attempt = unit.restarts, max_restarts,
+                delay = %humantime::format_duration(delay), "process failed; restarting"
+            );
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = events.send(Event::RestartDue(i));
+            });
+            return;
+        }
+        let how = format!(
+            "process {} exited with {status} (restart: {})",
+            spec.name,
+            restart_name(spec.restart)
+        );
+        if spec.required {
+            self.fail(format!("{how}; it is required, so krun stops"));
+        } else {
+            tracing::warn!("{how}; not required, continuing without it");
+        }
+    }
+
+    fn on_signal(&mut self, signal: Signal) {
+        let sidecar_mode = self.app_spec.is_none();
+        match signal {
+            Signal::SIGTERM if self.drain.is_none() => self.start_drain("SIGTERM received"),
+            Signal::SIGINT if sidecar_mode && self.drain.is_none() => {
+                self.start_drain("SIGINT received")
+            }
+            _ => match self.app.pid {
+                Some(pid) => {
+                    tracing::info!(
+                        signal = signal.as_str(),
+                        pid = pid.as_raw(),
+                        "forwarding signal to the app"
+                    );
+                    send(pid, signal);
+                }
+                None => tracing::info!(
+                    signal = signal.as_str(),
+                    "signal received with no app running; ignored"
+                ),
+            },
+        }
+    }
+
+    /// Records why krun fails and starts the drain.
+    fn fail(&mut self, why: String) {
+        tracing::error!("{why}");
+        if self.failure.is_none() {
+            self.failure = Some(why.clone());
+        }
+        self.start_drain(&why);
+    }
+
+    fn start_drain(&mut self, cause: &str) {
+        if self.drain.is_some() {
+            return;
+        }
+        self.phase.send_replace(Phase::Draining);
+        let budget = self.timeouts.drain;
+        tracing::info!(cause, budget = %humantime::format_duration(budget), "draining");
+        self.drain = Some(Drain {
+            deadline: Instant::now() + budget,
+            killed: false,
+        });
+        for unit in self.processes.iter_mut().chain([&mut self.app]) {
+            if let Some(probe) = unit.probe.take() {
+                probe.abort();
+            }
+        }
+        if let Some(pid) = self.app.pid {
+            self.app.stop_sent = true;
+            send(pid, Signal::SIGTERM);
+        }
+        self.stop_what_is_unneeded();
+    }
+
+    /// During a drain, SIGTERMs each process once nothing running depends on it.
+    fn stop_what_is_unneeded(&mut self) {
+        if self.drain.is_none() {
+            return;
+        }
+        let app_running = self.app.pid.is_some();
+        for i in 0..self.processes.len() {
+            let unit = &self.processes[i];
+            let Some(pid) = unit.pid.filter(|_| !unit.stop_sent) else {
+                continue;
+            };
+            let needed = (app_running && self.app.depends_on.contains(&i))
+                || self
+                    .processes
+                    .iter()
+                    .any(|other| other.pid.is_some() && other.depends_on.contains(&i));
+            if !needed {
+                tracing::info!(process = %unit.name, pid = pid.as_raw(), "stopping");
+                self.processes[i].stop_sent = true;
+                send(pid, Signal::SIGTERM);
+            }
+        }
+    }
+
+    /// The drain budget is spent: SIGKILL every process group that is left.
+    fn kill_all(&mut self) {
+        let running: Vec<&str> = self
+            .processes
+            .iter()
+            .chain([&self.app])
+            .filter(|u| u.pid.is_some())
+            .map(|u| u.name.as_str())
+            .collect();
+        tracing::warn!(?running, "drain timeout; killing what is left");
+        for &group in &self.groups {
+            signal_group(group, Signal::SIGKILL);
+        }
+        if let Some(drain) = &mut self.drain {
+            drain.killed = true;
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.drain.is_some()
+            && self
+                .processes
+                .iter()
+                .chain([&self.app])
+                .all(|u| u.pid.is_none())
+    }
+
+    /// Kills whatever the children left behind (their process groups, then any orphan still
+    /// parented to krun) and waits until all of it is reaped, so krun never exits with a zombie
+    /// or a stray process behind it.
+    async fn reap_leftovers(&mut self) {
+        for &group in &self.groups {
+            signal_group(group, Signal::SIGKILL);
+        }
+        let grace = self.drain.as_ref().map_or(Duration::ZERO, |d| {
+            d.deadline.saturating_duration_since(Instant::now())
+        });
+        let give_up = Instant::now() + grace.max(Duration::from_secs(1));
+        // A killed orphan's own children are re-parented to krun in turn: repeat until none.
+        while self.reaper.kill_children() > 0 && Instant::now() < give_up {
+            let round = (Instant::now() + Duration::from_millis(50)).min(give_up);
+            let _ = tokio::time::timeout_at(round, self.reaper.all_reaped()).await;
+        }
+        if tokio::time::timeout_at(give_up, self.reaper.all_reaped())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some processes are still running after krun killed them");
+        }
+    }
+
+    fn exit_code(&self) -> u8 {
+        match (&self.failure, self.app_status) {
+            (Some(why), app) => {
+                let app = app.map_or("not running".to_owned(), |s| s.to_string());
+                tracing::error!(app = %app, "krun exits 1: {why}");
+                1
+            }
+            (None, Some(status)) => status.exit_code(),
+            (None, None) => 0,
+        }
+    }
+}
+
+fn send(pid: Pid, signal: Signal) {
+    if let Err(e) = nix::sys::signal::kill(pid, signal) {
+        tracing::warn!(pid = pid.as_raw(), signal = signal.as_str(), error = %e, "cannot signal process");
+    }
+}
+
+fn restart_name(policy: RestartPolicy) -> &'static str {
+    match policy {
+        RestartPolicy::Never => "never",
+        RestartPolicy::OnFailure { .. } => "on-failure, retries exhausted",
+    }
+}
