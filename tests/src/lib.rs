@@ -1,0 +1,261 @@
+//! Test harness for krun's end-to-end tests: start the real `krun` binary with a scenario's
+//! environment, read its merged output line by line, send it signals, collect its exit code.
+//!
+//! Tests wait on output lines, never on time. Every wait has a generous hang guard so a
+//! broken build fails with the output so far instead of hanging CI.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+/// How long any single wait may take before the test is declared hung.
+pub const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// Path of a binary built by this workspace (`krun`, `hgate`, `krun-testapp`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/debug/deps/<test> -> target/debug/<name>
+    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+/// The `krun-testapp` helper, as an argv prefix.
+pub fn testapp(args: &[&str]) -> Vec<String> {
+    std::iter::once(binary("krun-testapp").display().to_string())
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect()
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates it under the system temp dir.
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "krun-test-{tag}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// A path inside it.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// A krun invocation being prepared.
+pub struct Krun {
+    command: Command,
+}
+
+impl Krun {
+    /// `krun` with a clean, predictable environment: text logs and no default app port wait
+    /// unless the scenario sets one.
+    pub fn new() -> Self {
+        Self::wrapped(&[])
+    }
+
+    /// `krun` started through `wrapper` (e.g. `unshare --pid --fork --mount-proc`).
+    pub fn wrapped(wrapper: &[&str]) -> Self {
+        let krun = binary("krun");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(krun);
+                c
+            }
+            None => Command::new(krun),
+        };
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KRUN_LOG_FORMAT", "text")
+            .env("PORT_http", "-");
+        Krun { command }
+    }
+
+    /// Sets an environment variable.
+    pub fn env(mut self, name: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.command.env(name, value);
+        self
+    }
+
+    /// Appends arguments.
+    pub fn args<S: AsRef<std::ffi::OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.command.args(args);
+        self
+    }
+
+    /// Starts it with stdout and stderr merged into one stream, in write order.
+    pub fn start(mut self) -> Running {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        let writer2 = writer.try_clone().expect("pipe clone");
+        self.command
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(writer2);
+        let mut child = self.command.spawn().expect("spawn krun");
+        drop(self.command); // close our copies of the write end
+        let (line_tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                if line_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let pid = Pid::from_raw(child.id() as i32);
+        let (exit_tx, exit) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = exit_tx.send(child.wait().map(|s| s.code().unwrap_or(-1)));
+        });
+        Running {
+            pid,
+            lines,
+            exit,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Runs it to completion.
+    pub fn run(self) -> Finished {
+        self.start().finish()
+    }
+}
+
+impl Default for Krun {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A running krun.
+pub struct Running {
+    /// Its pid.
+    pub pid: Pid,
+    lines: mpsc::Receiver<String>,
+    exit: mpsc::Receiver<std::io::Result<i32>>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    /// Reads output until a line contains `needle`; returns that line.
+    pub fn wait_for_line(&mut self, needle: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(HANG_GUARD) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line containing {needle:?}; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Sends a signal to krun.
+    pub fn signal(&self, signal: Signal) {
+        nix::sys::signal::kill(self.pid, signal).expect("signal krun");
+    }
+
+    /// Sends a signal to krun started through a wrapper (`unshare --fork` does not forward
+    /// signals): the wrapper's only child is krun.
+    pub fn signal_wrapped(&self, signal: Signal) {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
+            .expect("wrapper's children");
+        let krun: i32 = children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("the wrapper has started krun");
+        nix::sys::signal::kill(Pid::from_raw(krun), signal).expect("signal krun");
+    }
+
+    /// Waits for krun to exit and collects the rest of its output.
+    pub fn finish(mut self) -> Finished {
+        let code = match self.exit.recv_timeout(HANG_GUARD) {
+            Ok(result) => result.expect("wait for krun"),
+            Err(_) => {
+                let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
+                panic!(
+                    "krun did not exit; output so far:\n{}",
+                    self.seen.join("\n")
+                )
+            }
+        };
+        while let Ok(line) = self.lines.recv_timeout(HANG_GUARD) {
+            self.seen.push(line);
+        }
+        Finished {
+            code,
+            output: self.seen,
+        }
+    }
+}
+
+/// A krun that has exited.
+#[derive(Debug)]
+pub struct Finished {
+    /// Its exit code.
+    pub code: i32,
+    /// Every line it (and its children) printed, in order.
+    pub output: Vec<String>,
+}
+
+impl Finished {
+    /// Index of the first line containing `needle`, or a panic showing the output.
+    pub fn line_index(&self, needle: &str) -> usize {
+        self.output
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line containing {needle:?} in:\n{}", self.text()))
+    }
+
+    /// True when some line contains `needle`.
+    pub fn has_line(&self, needle: &str) -> bool {
+        self.output.iter().any(|l| l.contains(needle))
+    }
+
+    /// The whole output.
+    pub fn text(&self) -> String {
+        self.output.join("\n")
+    }
+}

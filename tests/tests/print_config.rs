@@ -1,0 +1,51 @@
+//! `krun --print-config`: the resolved configuration as JSON, with sources, secrets redacted,
+//! and no side effects.
+
+use krun_tests::{Krun, TempDir};
+use serde_json::json;
+
+#[test]
+fn print_config_shows_sources_redacts_secrets_and_starts_nothing() {
+    let dir = TempDir::new("print-config");
+    let marker = dir.join("app-ran");
+    let done = Krun::new()
+        .env("WORKLOAD_NAMESPACE", "fortio")
+        .env("K_SERVICE", "fortio")
+        .env(
+            "XDS_AGENT_DEBUG",
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
+        )
+        .args(["--print-config", "--offline", "--", "touch"])
+        .args([&marker])
+        .run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    let printed: serde_json::Value = serde_json::from_str(&done.text()).expect("one JSON object");
+    assert_eq!(
+        printed["WORKLOAD_NAMESPACE"],
+        json!({"value": "fortio", "source": "env"})
+    );
+    assert_eq!(
+        printed["WORKLOAD_NAME"],
+        json!({"value": "fortio", "source": "derived"})
+    );
+    assert_eq!(
+        printed["KRUN_TUNNEL_PORT"],
+        json!({"value": 15009, "source": "default"})
+    );
+    assert_eq!(printed["XDS_AGENT_DEBUG"]["value"], "<redacted>");
+    assert!(!done.text().contains("eyJhbGci"), "secret leaked");
+    assert!(!marker.exists(), "--print-config must not start the app");
+}
+
+#[test]
+fn a_bad_value_stops_startup_with_one_line() {
+    let done = Krun::new()
+        .env("KRUN_DATAPLANE", "istio")
+        .args(["true"])
+        .run();
+    assert_eq!(done.code, 1);
+    assert_eq!(
+        done.output,
+        ["krun: KRUN_DATAPLANE=istio: expected one of auto, envoy, builtin, none"]
+    );
+}
