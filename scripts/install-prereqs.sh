@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what the tests and benchmarks need on a fresh Debian machine, idempotently:
+# nothing is installed when it is already there. Needs root (CI runs as root) for apt-get.
+set -euo pipefail
+
+need_apt=()
+command -v unshare >/dev/null || need_apt+=(util-linux)
+command -v curl >/dev/null || need_apt+=(curl)
+command -v tini >/dev/null || [ -x /usr/bin/tini ] || need_apt+=(tini)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+for component in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+done
