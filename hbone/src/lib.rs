@@ -1,5 +1,16 @@
-//! HBONE: HTTP/2 CONNECT tunnels (Istio's HBONE and the reference's `POST /_hbone/<port>`),
-//! server and client. This crate speaks the protocol and knows nothing of GCP or Kubernetes.
+//! HBONE: HTTP/2 CONNECT tunnels (Istio's HBONE) and the reference's `POST /_hbone/<target>`
+//! form, server and client, over mTLS with SPIFFE identities or over h2c.
 //!
-//! The protocol code lands with the tunnel issue; the crate exists now so the workspace has
-//! its final shape.
+//! This crate speaks the protocol and knows nothing of GCP or Kubernetes: where a tunnel may
+//! go is decided by the embedder's [`server::Router`].
+
+pub mod client;
+pub mod copy;
+pub mod identity;
+pub mod metrics;
+pub mod server;
+pub mod settings;
+pub mod tls;
+
+pub use identity::{AllowedPeers, SpiffeId};
+pub use settings::H2Settings;

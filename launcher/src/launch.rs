@@ -4,11 +4,14 @@
 
 use std::time::Instant;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::{Config, StartupProbe};
+use crate::dataplane::{self, MeshSide};
 use crate::probe::{Check, Probe};
 use crate::processes::ProcessPlan;
 use crate::startup::PhaseClock;
-use crate::supervisor::{AppSpec, RunAs, Supervisor, Timeouts};
+use crate::supervisor::{AppSpec, Phase, RunAs, Supervisor, Timeouts};
 
 /// Runs the workload to completion and returns krun's exit code.
 pub async fn run(
@@ -29,8 +32,25 @@ pub async fn run(
         drain: config.drain_timeout.value,
         ready: config.app_ready_timeout.value,
     };
-    let supervisor = Supervisor::new(plan, app, timeouts, clock)?;
-    Ok(supervisor.run().await)
+    // The supervisor first: it installs the signal handlers, so a SIGTERM during the rest of
+    // startup drains instead of killing krun.
+    let mut supervisor = Supervisor::new(plan, app, timeouts, clock)?;
+    let mode = dataplane::choose(&config);
+    let drain = CancellationToken::new();
+    let mut mesh = MeshSide::start(&config, mode, drain.clone()).await?;
+    supervisor.clock().mark("dataplane");
+    mesh.open_tunnel_when_ready(&config, supervisor.phase(), supervisor.fail_handle());
+    let mut phase = supervisor.phase();
+    let stop_listeners = drain.clone();
+    tokio::spawn(async move {
+        if phase.wait_for(|p| *p == Phase::Draining).await.is_ok() {
+            stop_listeners.cancel();
+        }
+    });
+    let code = supervisor.run().await;
+    // Open tunnels had the drain budget alongside the app; give them what is left of it.
+    mesh.drain(config.drain_timeout.value).await;
+    Ok(code)
 }
 
 /// How the app is started and when it counts as ready.

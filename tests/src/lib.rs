@@ -83,8 +83,8 @@ pub struct Krun {
 }
 
 impl Krun {
-    /// `krun` with a clean, predictable environment: text logs and no default app port wait
-    /// unless the scenario sets one.
+    /// `krun` with a clean, predictable environment: text logs, no default app port wait and
+    /// no fixed listener ports unless the scenario sets them.
     pub fn new() -> Self {
         Self::wrapped(&[])
     }
@@ -100,11 +100,16 @@ impl Krun {
             }
             None => Command::new(krun),
         };
+        // Fixed ports are off by default so tests can run in parallel; scenarios that need a
+        // listener give it a free port.
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("KRUN_LOG_FORMAT", "text")
-            .env("PORT_http", "-");
+            .env("PORT_http", "-")
+            .env("KRUN_TUNNEL_PORT", "0")
+            .env("KRUN_HBONE_PORT", "0")
+            .env("KRUN_OUTBOUND_ADDR", "127.0.0.1:0");
         Krun { command }
     }
 

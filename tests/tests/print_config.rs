@@ -30,7 +30,11 @@ fn print_config_shows_sources_redacts_secrets_and_starts_nothing() {
     );
     assert_eq!(
         printed["KRUN_TUNNEL_PORT"],
-        json!({"value": 15009, "source": "default"})
+        json!({"value": 0, "source": "env"})
+    );
+    assert_eq!(
+        printed["KRUN_APP_READY_TIMEOUT"],
+        json!({"value": "4m", "source": "default"})
     );
     assert_eq!(printed["XDS_AGENT_DEBUG"]["value"], "<redacted>");
     assert!(!done.text().contains("eyJhbGci"), "secret leaked");

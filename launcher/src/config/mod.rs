@@ -74,6 +74,9 @@ pub mod names {
     pub const KRUN_PILOT_AGENT_PATH: &str = "KRUN_PILOT_AGENT_PATH";
     pub const KRUN_ENVOY_PATH: &str = "KRUN_ENVOY_PATH";
     pub const KRUN_FORWARD: &str = "KRUN_FORWARD";
+    pub const KRUN_PUBLIC_HTTP: &str = "KRUN_PUBLIC_HTTP";
+    pub const KRUN_OUTBOUND_ADDR: &str = "KRUN_OUTBOUND_ADDR";
+    pub const KRUN_HBONE_PEER_PORT: &str = "KRUN_HBONE_PEER_PORT";
 }
 use names::*;
 
@@ -90,6 +93,9 @@ pub const DEFAULT_APP_READY_TIMEOUT: Duration = Duration::from_secs(240);
 /// Default admin listener: loopback only, on a port Istio does not use.
 pub const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15030));
+/// Default outbound HTTP CONNECT proxy of the builtin data plane (the whitebox proxy port).
+pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15007));
 /// Default path of pilot-agent in the golden image.
 pub const DEFAULT_PILOT_AGENT_PATH: &str = "/usr/local/bin/pilot-agent";
 /// Default path of Envoy in the golden image.
@@ -472,6 +478,12 @@ pub struct Config {
     pub envoy_path: Setting<PathBuf>,
     /// Localhost port forwards.
     pub forwards: Setting<Vec<Forward>>,
+    /// Whether non-tunnel requests on the tunnel port reach the app as plain HTTP.
+    pub public_http: Setting<bool>,
+    /// Outbound HTTP CONNECT proxy of the builtin data plane; port 0 disables it.
+    pub outbound_addr: Setting<SocketAddr>,
+    /// HBONE port of mesh peers reached through the outbound proxy.
+    pub hbone_peer_port: Setting<u16>,
     /// Unknown `KRUN_*` variables: probably typos, logged as warnings once logging is up.
     pub unknown_vars: Vec<String>,
 }
@@ -491,6 +503,9 @@ const KNOWN_KRUN_VARS: &[&str] = &[
     KRUN_PILOT_AGENT_PATH,
     KRUN_ENVOY_PATH,
     KRUN_FORWARD,
+    KRUN_PUBLIC_HTTP,
+    KRUN_OUTBOUND_ADDR,
+    KRUN_HBONE_PEER_PORT,
 ];
 
 impl Config {
@@ -616,6 +631,17 @@ impl Config {
                 PathBuf::from(DEFAULT_ENVOY_PATH),
             )?,
             forwards: env.parsed_or(KRUN_FORWARD, Forward::parse_list, Vec::new())?,
+            public_http: env.parsed_or(KRUN_PUBLIC_HTTP, values::boolean, true)?,
+            outbound_addr: env.parsed_or(
+                KRUN_OUTBOUND_ADDR,
+                |v| v.parse().map_err(|_| "an address such as 127.0.0.1:15007"),
+                DEFAULT_OUTBOUND_ADDR,
+            )?,
+            hbone_peer_port: env.parsed_or(
+                KRUN_HBONE_PEER_PORT,
+                values::port,
+                DEFAULT_HBONE_PORT,
+            )?,
             unknown_vars: unknown_krun_vars(env),
         })
     }
@@ -722,6 +748,9 @@ impl Config {
             .map(|f| format!("{}={}", f.listen, f.target))
             .collect();
         out.value(KRUN_FORWARD, json!(forwards), self.forwards.source);
+        out.one(KRUN_PUBLIC_HTTP, &self.public_http);
+        out.one(KRUN_OUTBOUND_ADDR, &self.outbound_addr);
+        out.one(KRUN_HBONE_PEER_PORT, &self.hbone_peer_port);
         out.0
     }
 }

@@ -102,6 +102,18 @@ enum Event {
         why: String,
     },
     RestartDue(usize),
+    Fail(String),
+}
+
+/// Lets another component (e.g. a listener that cannot bind) stop the workload with an error.
+#[derive(Clone)]
+pub struct FailHandle(mpsc::UnboundedSender<Event>);
+
+impl FailHandle {
+    /// Drains krun and makes it exit 1, logging `why`.
+    pub fn fail(&self, why: impl Into<String>) {
+        let _ = self.0.send(Event::Fail(why.into()));
+    }
 }
 
 struct Drain {
@@ -176,6 +188,16 @@ impl Supervisor {
     /// Watches the workload's phase: the hook the tunnel and data plane use to stop accepting.
     pub fn phase(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()
+    }
+
+    /// The startup clock, for phases that run before the supervisor takes over.
+    pub fn clock(&mut self) -> &mut PhaseClock {
+        &mut self.clock
+    }
+
+    /// A handle to stop the workload from outside the supervisor.
+    pub fn fail_handle(&self) -> FailHandle {
+        FailHandle(self.events.clone())
     }
 
     /// Runs until every child is gone; returns krun's exit code.
@@ -323,6 +345,7 @@ impl Supervisor {
                 self.on_exit(unit, status)
             }
             Event::RestartDue(i) if self.drain.is_none() => self.start_process(i),
+            Event::Fail(why) => self.fail(why),
             _ => {} // stale: about an earlier incarnation, or a restart cancelled by the drain
         }
     }

@@ -1,0 +1,244 @@
+//! The tunnel client: opens `CONNECT` streams to HBONE peers over pooled HTTP/2 connections.
+//!
+//! Connections are pooled per (peer address, expected peer identity, own identity) and shared
+//! by up to `max_streams_per_connection` tunnels, so a burst of tunnels to one peer costs one
+//! TLS handshake, not one each (the reference dialed per tunnel).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use crate::settings::H2Settings;
+use crate::tls::{self, ExpectedPeer, WorkloadCert};
+
+/// A failed tunnel, saying which step failed for which peer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// TCP connect failed or timed out.
+    #[error("connect to {peer}: {detail}")]
+    Connect {
+        /// The peer address.
+        peer: SocketAddr,
+        /// Why.
+        detail: String,
+    },
+    /// The TLS handshake failed (wrong identity, untrusted chain, ...).
+    #[error("mTLS handshake with {peer}: {source}")]
+    Tls {
+        /// The peer address.
+        peer: SocketAddr,
+        /// rustls' error.
+        source: std::io::Error,
+    },
+    /// TLS configuration could not be built.
+    #[error("TLS setup: {0}")]
+    Setup(#[from] tls::TlsError),
+    /// HTTP/2 failed.
+    #[error("HTTP/2 with {peer}: {source}")]
+    H2 {
+        /// The peer address.
+        peer: SocketAddr,
+        /// hyper's error.
+        source: hyper::Error,
+    },
+    /// The peer refused the tunnel.
+    #[error("{peer} refused CONNECT {authority}: HTTP {status}")]
+    Refused {
+        /// The peer address.
+        peer: SocketAddr,
+        /// The requested authority.
+        authority: String,
+        /// Its answer.
+        status: StatusCode,
+    },
+}
+
+/// How to reach one HBONE peer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// The peer's HBONE address (`<ip>:15008`).
+    pub addr: SocketAddr,
+    /// `Some` for mTLS (verifying this identity); `None` for h2c.
+    pub expected: Option<ExpectedPeerKey>,
+}
+
+/// [`ExpectedPeer`] in a hashable form for pool keys.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ExpectedPeerKey(pub String);
+
+/// A tunnel: bytes written reach the target, bytes read come from it.
+pub type Tunnel = TokioIo<hyper::upgrade::Upgraded>;
+
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+}
+
+/// Opens tunnels, reusing connections.
+pub struct HboneClient {
+    settings: H2Settings,
+    cert: Option<WorkloadCert>,
+    pool: Mutex<HashMap<Peer, Vec<Pooled>>>,
+}
+
+/// Keeps a pooled connection's stream count right while a tunnel is open.
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl HboneClient {
+    /// A client presenting `cert` on mTLS connections (`None`: h2c only).
+    pub fn new(settings: H2Settings, cert: Option<WorkloadCert>) -> Self {
+        HboneClient {
+            settings,
+            cert,
+            pool: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens `CONNECT authority` through `peer`, over mTLS verifying `expected` when given.
+    pub async fn connect(
+        &self,
+        peer: SocketAddr,
+        expected: Option<&ExpectedPeer>,
+        authority: &str,
+    ) -> Result<(Tunnel, StreamGuard), ClientError> {
+        let key = Peer {
+            addr: peer,
+            expected: expected.map(|e| ExpectedPeerKey(e.to_string())),
+        };
+        let (mut sender, streams) = match self.pooled(&key) {
+            Some(found) => found,
+            None => {
+                let sender = self.dial(peer, expected).await?;
+                let streams = Arc::new(AtomicUsize::new(0));
+                self.pool
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(key)
+                    .or_default()
+                    .push(Pooled {
+                        sender: sender.clone(),
+                        streams: streams.clone(),
+                    });
+                (sender, streams)
+            }
+        };
+        streams.fetch_add(1, Ordering::Relaxed);
+        let guard = StreamGuard(streams);
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority)
+            .body(Empty::new())
+            .map_err(|_| ClientError::Refused {
+                peer,
+                authority: authority.to_owned(),
+                status: StatusCode::BAD_REQUEST,
+            })?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|source| ClientError::H2 { peer, source })?;
+        if response.status() != StatusCode::OK {
+            return Err(ClientError::Refused {
+                peer,
+                authority: authority.to_owned(),
+                status: response.status(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|source| ClientError::H2 { peer, source })?;
+        Ok((TokioIo::new(upgraded), guard))
+    }
+
+    /// A live pooled connection with room for one more stream.
+    fn pooled(&self, key: &Peer) -> Option<(SendRequest<Empty<Bytes>>, Arc<AtomicUsize>)> {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let connections = pool.get_mut(key)?;
+        connections.retain(|c| !c.sender.is_closed());
+        connections
+            .iter()
+            .find(|c| {
+                c.sender.is_ready()
+                    && c.streams.load(Ordering::Relaxed) < self.settings.max_streams_per_connection
+            })
+            .map(|c| (c.sender.clone(), c.streams.clone()))
+    }
+
+    async fn dial(
+        &self,
+        peer: SocketAddr,
+        expected: Option<&ExpectedPeer>,
+    ) -> Result<SendRequest<Empty<Bytes>>, ClientError> {
+        let connect =
+            tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(peer)).await;
+        let tcp = match connect {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                return Err(ClientError::Connect {
+                    peer,
+                    detail: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(ClientError::Connect {
+                    peer,
+                    detail: "timed out (a firewall or NetworkPolicy may drop it)".into(),
+                });
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        match (expected, &self.cert) {
+            (Some(expected), Some(cert)) => {
+                let config = tls::client_config(cert, expected.clone(), &[tls::ALPN_H2])?;
+                let tls_stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(tls::unused_server_name(), tcp)
+                    .await
+                    .map_err(|source| ClientError::Tls { peer, source })?;
+                self.handshake(peer, tls_stream).await
+            }
+            _ => self.handshake(peer, tcp).await,
+        }
+    }
+
+    async fn handshake<IO>(
+        &self,
+        peer: SocketAddr,
+        io: IO,
+    ) -> Result<SendRequest<Empty<Bytes>>, ClientError>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let s = &self.settings;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_frame_size(s.max_frame_size)
+            .max_send_buf_size(s.stream_window as usize)
+            .keep_alive_interval(s.keepalive_interval)
+            .keep_alive_timeout(s.keepalive_timeout)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| ClientError::H2 { peer, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "HBONE connection closed");
+            }
+        });
+        Ok(sender)
+    }
+}

@@ -1,0 +1,450 @@
+//! The tunnel server: HTTP/2 streams that become TCP connections.
+//!
+//! Two request forms open a tunnel: Istio's `CONNECT host:port` and the reference's
+//! `POST /_hbone/<target>` (request body upstream, response body downstream, as Cloud Run's
+//! front end only forwards ordinary requests). The server answers `200` only after the upstream
+//! dial succeeded, so a client learns about a refused or unknown target from the status
+//! (`404`, `503`) instead of from a dead stream. Where a tunnel may go is the [`Router`]'s
+//! decision; this module only speaks the protocol.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_stream::StreamExt;
+use tokio_util::io::ReaderStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::copy::copy_bidirectional;
+use crate::identity::{AllowedPeers, SpiffeId};
+use crate::settings::H2Settings;
+use crate::tls;
+
+/// Response and forwarded bodies.
+pub type Body = BoxBody<Bytes, Box<dyn StdError + Send + Sync>>;
+
+/// Path prefix of the reference's tunnel form.
+pub const HBONE_PATH: &str = "/_hbone/";
+
+/// What a tunnel request asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// `POST /_hbone/<name or port>`.
+    Named(String),
+    /// `CONNECT host:port`.
+    Authority {
+        /// Host or IP as sent.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// Facts about the stream a routing decision may use.
+#[derive(Clone, Debug)]
+pub struct StreamContext {
+    /// The authenticated peer, on mTLS listeners.
+    pub peer: Option<SpiffeId>,
+    /// The local address the connection arrived on.
+    pub local: SocketAddr,
+}
+
+/// Why a tunnel is refused, with the status the client sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// HTTP status (404 unknown target, 400 bad authority, 503 illegal port, ...).
+    pub status: StatusCode,
+    /// Logged, and sent as the body.
+    pub reason: String,
+}
+
+impl Refusal {
+    /// A refusal with `status`.
+    pub fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Where a tunnel is dialed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// A resolved address (the common case: an app port on loopback).
+    Addr(SocketAddr),
+    /// `host:port`, resolved when dialed.
+    Host(String),
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Upstream::Addr(addr) => write!(f, "{addr}"),
+            Upstream::Host(host) => write!(f, "{host}"),
+        }
+    }
+}
+
+impl Upstream {
+    async fn dial(&self) -> std::io::Result<TcpStream> {
+        match self {
+            Upstream::Addr(addr) => TcpStream::connect(addr).await,
+            Upstream::Host(host) => TcpStream::connect(host.as_str()).await,
+        }
+    }
+}
+
+/// Decides where each tunnel goes: the policy of the process embedding the server.
+pub trait Router: Send + Sync + 'static {
+    /// The upstream for `target`, or why not.
+    fn route(&self, target: &Target, ctx: &StreamContext) -> Result<Upstream, Refusal>;
+}
+
+/// mTLS for an HBONE listener: the server certificate and who may connect.
+pub struct MeshTls {
+    /// Current TLS config (rebuilt by the embedder on rotation; established connections keep
+    /// the one they started with).
+    pub config: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
+    /// Peers allowed past the handshake.
+    pub allowed: AllowedPeers,
+}
+
+/// Where requests that are not tunnels go (the reference's public HTTP path to the app).
+#[derive(Clone, Debug)]
+pub struct Fallback {
+    /// The app's address.
+    pub app: SocketAddr,
+}
+
+/// Serves tunnels on one listener until drained.
+pub struct TunnelServer {
+    router: Arc<dyn Router>,
+    settings: H2Settings,
+    tls: Option<MeshTls>,
+    fallback: Option<Fallback>,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Incoming,
+    >,
+}
+
+impl TunnelServer {
+    /// A server routing with `router`; h2c unless [`TunnelServer::with_tls`] is used.
+    pub fn new(router: Arc<dyn Router>, settings: H2Settings) -> Self {
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+        TunnelServer {
+            router,
+            settings,
+            tls: None,
+            fallback: None,
+            client,
+        }
+    }
+
+    /// Requires mesh mTLS on every connection.
+    pub fn with_tls(mut self, tls: MeshTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Sends non-tunnel requests to the app instead of answering 404.
+    pub fn with_fallback(mut self, fallback: Fallback) -> Self {
+        self.fallback = Some(fallback);
+        self
+    }
+
+    /// Accepts until `drain` is cancelled, then stops accepting, sends GOAWAY on every
+    /// connection, lets open streams finish for up to `grace`, and closes what is left.
+    pub async fn serve(self, listener: TcpListener, drain: CancellationToken, grace: Duration) {
+        let server = Arc::new(self);
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                () = drain.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let server = server.clone();
+                        let drain = drain.clone();
+                        connections.spawn(async move { server.handle_connection(stream, peer, drain).await });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "accept failed"),
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        drop(listener);
+        let open = connections.len();
+        tracing::info!(open, grace = ?grace, "tunnel listener closed; draining open connections");
+        if tokio::time::timeout(grace, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                left = connections.len(),
+                "drain deadline reached; closing tunnels"
+            );
+            connections.abort_all();
+        }
+    }
+
+    async fn handle_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        remote: SocketAddr,
+        drain: CancellationToken,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let Ok(local) = stream.local_addr() else {
+            return;
+        };
+        match &self.tls {
+            None => {
+                self.serve_h2(stream, StreamContext { peer: None, local }, drain)
+                    .await
+            }
+            Some(mesh) => {
+                let config = mesh.config.borrow().clone();
+                let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+                let tls_stream =
+                    match tokio::time::timeout(self.settings.connect_timeout, handshake).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            return tracing::info!(%remote, error = %e, "mTLS handshake failed");
+                        }
+                        Err(_) => return tracing::info!(%remote, "mTLS handshake timed out"),
+                    };
+                let peer = tls::peer_identity(tls_stream.get_ref().1);
+                match &peer {
+                    Some(id) if mesh.allowed.allows(id) => {}
+                    _ => {
+                        let who = peer.map_or_else(|| "no SPIFFE ID".to_owned(), |p| p.to_string());
+                        crate::metrics::DENIED.increment();
+                        return tracing::warn!(%remote, peer = %who, "peer not allowed; connection closed");
+                    }
+                }
+                self.serve_h2(tls_stream, StreamContext { peer, local }, drain)
+                    .await
+            }
+        }
+    }
+
+    async fn serve_h2<IO>(self: &Arc<Self>, io: IO, ctx: StreamContext, drain: CancellationToken)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let server = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let server = server.clone();
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(server.handle_request(req, &ctx).await) }
+        });
+        let s = &self.settings;
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .initial_stream_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_frame_size(s.max_frame_size)
+            .max_concurrent_streams(s.max_concurrent_streams)
+            .max_send_buf_size(s.stream_window as usize)
+            .keep_alive_interval(s.keepalive_interval)
+            .keep_alive_timeout(s.keepalive_timeout)
+            .timer(hyper_util::rt::TokioTimer::new());
+        let connection = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => log_connection_end(result),
+            () = drain.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                log_connection_end(connection.await);
+            }
+        }
+    }
+
+    async fn handle_request(&self, req: Request<Incoming>, ctx: &StreamContext) -> Response<Body> {
+        let target = match parse_target(&req) {
+            Ok(Some(target)) => target,
+            Ok(None) => return self.forward_to_app(req).await,
+            Err(refusal) => return refuse(&refusal, None),
+        };
+        let upstream = match self.router.route(&target, ctx) {
+            Ok(addr) => addr,
+            Err(refusal) => return refuse(&refusal, Some(&target)),
+        };
+        let dial = tokio::time::timeout(self.settings.connect_timeout, upstream.dial()).await;
+        let upstream_stream = match dial {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return refuse(
+                    &Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("dial {upstream}: {e}"),
+                    ),
+                    Some(&target),
+                );
+            }
+            Err(_) => {
+                return refuse(
+                    &Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("dial {upstream}: timed out"),
+                    ),
+                    Some(&target),
+                );
+            }
+        };
+        let _ = upstream_stream.set_nodelay(true);
+        tracing::debug!(?target, %upstream, peer = ?ctx.peer.as_ref().map(ToString::to_string), "tunnel open");
+        if req.method() == Method::CONNECT {
+            let buffer = self.settings.copy_buffer;
+            tokio::spawn(async move {
+                match hyper::upgrade::on(req).await {
+                    Ok(upgraded) => {
+                        let mut tunnel = TokioIo::new(upgraded);
+                        let mut upstream = upstream_stream;
+                        let _ = copy_bidirectional(&mut tunnel, &mut upstream, buffer).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before upgrade"),
+                }
+            });
+            Response::new(empty())
+        } else {
+            stream_body_tunnel(req, upstream_stream, self.settings.copy_buffer)
+        }
+    }
+
+    async fn forward_to_app(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let Some(fallback) = &self.fallback else {
+            return refuse(
+                &Refusal::new(StatusCode::NOT_FOUND, "not a tunnel request"),
+                None,
+            );
+        };
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let uri = format!("http://{}{path}", fallback.app);
+        match uri.parse() {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => {
+                return refuse(
+                    &Refusal::new(StatusCode::BAD_REQUEST, "bad request path"),
+                    None,
+                );
+            }
+        }
+        // The mesh client-cert header is only trustworthy when the mesh proxy sets it.
+        req.headers_mut().remove("x-forwarded-client-cert");
+        *req.version_mut() = http::Version::HTTP_11;
+        match self.client.request(req).await {
+            Ok(response) => response.map(|b| {
+                b.map_err(|e| Box::new(e) as Box<dyn StdError + Send + Sync>)
+                    .boxed()
+            }),
+            Err(e) => refuse(
+                &Refusal::new(StatusCode::BAD_GATEWAY, format!("app unreachable: {e}")),
+                None,
+            ),
+        }
+    }
+}
+
+/// `Some(target)` for tunnel requests, `None` for other requests, or a refusal.
+fn parse_target(req: &Request<Incoming>) -> Result<Option<Target>, Refusal> {
+    if req.method() == Method::CONNECT {
+        let bad = || {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "CONNECT authority {:?} is not host:port",
+                    req.uri().to_string()
+                ),
+            )
+        };
+        let authority = req.uri().authority().ok_or_else(bad)?;
+        let port = authority.port_u16().ok_or_else(bad)?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if host.is_empty() || authority.as_str().contains('@') {
+            return Err(bad());
+        }
+        return Ok(Some(Target::Authority {
+            host: host.to_owned(),
+            port,
+        }));
+    }
+    let Some(name) = req.uri().path().strip_prefix(HBONE_PATH) else {
+        return Ok(None);
+    };
+    if req.method() != Method::POST {
+        return Err(Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} {HBONE_PATH}: only POST opens a tunnel", req.method()),
+        ));
+    }
+    Ok(Some(Target::Named(name.to_owned())))
+}
+
+/// The POST form: the request body flows upstream, upstream bytes flow back as the response
+/// body. The end of the request body half-closes the upstream; upstream EOF ends the response.
+fn stream_body_tunnel(
+    req: Request<Incoming>,
+    upstream: TcpStream,
+    buffer: usize,
+) -> Response<Body> {
+    let (upstream_read, mut upstream_write) = upstream.into_split();
+    let mut body = req.into_body();
+    tokio::spawn(async move {
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map(Frame::into_data) else {
+                break;
+            };
+            if let Ok(data) = data
+                && upstream_write.write_all(&data).await.is_err()
+            {
+                return;
+            }
+        }
+        let _ = upstream_write.shutdown().await;
+    });
+    let frames = ReaderStream::with_capacity(upstream_read, buffer).map(|chunk| {
+        chunk
+            .map(Frame::data)
+            .map_err(|e| Box::new(e) as Box<dyn StdError + Send + Sync>)
+    });
+    Response::new(BodyExt::boxed(StreamBody::new(frames)))
+}
+
+fn refuse(refusal: &Refusal, target: Option<&Target>) -> Response<Body> {
+    tracing::info!(status = refusal.status.as_u16(), reason = %refusal.reason, ?target, "tunnel refused");
+    let mut response = Response::new(
+        Full::new(Bytes::from(format!("{}\n", refusal.reason)))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = refusal.status;
+    response
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn log_connection_end(result: Result<(), hyper::Error>) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "tunnel connection ended with an error");
+    }
+}

@@ -1,0 +1,44 @@
+//! HTTP/2 settings for tunnels, stated explicitly (ztunnel's values): large windows so one
+//! stream can fill a fast link, and keepalive pings so dead peers are noticed.
+
+use std::time::Duration;
+
+/// Flow control, framing and keepalive of every HBONE connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct H2Settings {
+    /// Initial window of each stream (4 MiB).
+    pub stream_window: u32,
+    /// Window of the whole connection (16 MiB: 4x the stream window, so one stalled stream
+    /// cannot starve the others).
+    pub connection_window: u32,
+    /// Largest frame (1 MiB).
+    pub max_frame_size: u32,
+    /// Streams a server accepts on one connection (200).
+    pub max_concurrent_streams: u32,
+    /// Streams a client opens on one pooled connection before opening another (100).
+    pub max_streams_per_connection: usize,
+    /// Interval of HTTP/2 PINGs (10 s).
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is dropped (20 s).
+    pub keepalive_timeout: Duration,
+    /// TCP connect timeout for upstream dials (10 s).
+    pub connect_timeout: Duration,
+    /// Copy buffer per direction of a tunnel (256 KiB).
+    pub copy_buffer: usize,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        H2Settings {
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+            max_frame_size: 1 << 20,
+            max_concurrent_streams: 200,
+            max_streams_per_connection: 100,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(10),
+            copy_buffer: 256 << 10,
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The mesh side of the workload: the tunnel port (15009), Istio HBONE (15008), and, with the
+//! builtin data plane, the mTLS terminator behind `/_hbone/15003` and the outbound proxy.
+//!
+//! Listeners that serve the mesh start before the app; the tunnel port opens last, once the
+//! app is ready, because Cloud Run sends traffic as soon as the container port accepts. On
+//! drain every listener stops accepting and open streams get the drain budget to finish.
+
+mod certs;
+mod inbound;
+mod outbound;
+mod routes;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hbone::server::{Fallback, MeshTls, TunnelServer};
+use hbone::tls::{ALPN_H2, ExpectedPeer, WorkloadCert};
+use hbone::{AllowedPeers, H2Settings};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use certs::{WORKLOAD_CERT_DIR, load as load_workload_cert};
+pub use routes::{DeclaredPorts, HboneRouter, MESH_INBOUND_PORT, TunnelRouter};
+
+use crate::config::{Config, DataPlane};
+use crate::supervisor::{FailHandle, Phase};
+
+/// The running mesh listeners.
+pub struct MeshSide {
+    tasks: JoinSet<()>,
+    drain: CancellationToken,
+    ports: DeclaredPorts,
+}
+
+/// Which data plane runs, with the reason logged.
+pub fn choose(config: &Config) -> DataPlane {
+    let (mode, why) = match config.dataplane.value {
+        DataPlane::Auto if config.pilot_agent_path.value.exists() => {
+            (DataPlane::Envoy, "pilot-agent is installed")
+        }
+        DataPlane::Auto => (
+            DataPlane::Builtin,
+            "no pilot-agent at KRUN_PILOT_AGENT_PATH",
+        ),
+        explicit => (explicit, "KRUN_DATAPLANE"),
+    };
+    tracing::info!(dataplane = ?mode, reason = why, "data plane chosen");
+    mode
+}
+
+impl MeshSide {
+    /// Starts the mesh listeners that must be up before the app: HBONE and, for the builtin
+    /// data plane, the mTLS terminator and the outbound proxy.
+    pub async fn start(
+        config: &Config,
+        mode: DataPlane,
+        drain: CancellationToken,
+    ) -> anyhow::Result<MeshSide> {
+        let settings = H2Settings::default();
+        let mut tasks = JoinSet::new();
+        let cert = match (mode, certs::load(&config.mesh_base_dir.value)) {
+            (_, Ok(cert)) => Some(cert),
+            (DataPlane::Builtin, Err(e)) if config.dataplane.value == DataPlane::Builtin => {
+                return Err(e).context("KRUN_DATAPLANE=builtin needs a workload certificate");
+            }
+            (_, Err(e)) => {
+                tracing::warn!(error = %e, "no workload certificate: mesh mTLS listeners (15003, 15008) are off");
+                None
+            }
+        };
+        let mut mesh_inbound = None;
+        if let Some(cert) = cert {
+            let trust_domain = cert
+                .identity()
+                .map(|id| id.trust_domain)
+                .unwrap_or_default();
+            let allowed = AllowedPeers::new(
+                trust_domain.clone(),
+                config.allowed_principals.value.clone(),
+            );
+            let (_cert_tx, certs) = watch::channel(Arc::new(cert.clone()));
+            if mode == DataPlane::Builtin {
+                mesh_inbound = Some(
+                    start_inbound(
+                        config,
+                        &certs,
+                        &trust_domain,
+                        &allowed,
+                        &settings,
+                        &drain,
+                        &mut tasks,
+                    )
+                    .await?,
+                );
+                start_outbound(config, &cert, &trust_domain, &settings, &drain, &mut tasks).await?;
+            }
+            let ports = DeclaredPorts::new(config, mesh_inbound);
+            if config.hbone_port.value != 0 {
+                let tls = MeshTls {
+                    config: certs::server_configs(&certs, trust_domain, &[ALPN_H2])?,
+                    allowed,
+                };
+                let listener = bind(
+                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.hbone_port.value)),
+                    "KRUN_HBONE_PORT",
+                )
+                .await?;
+                let illegal = vec![
+                    15001,
+                    15006,
+                    config.hbone_port.value,
+                    config.tunnel_port.value,
+                    MESH_INBOUND_PORT,
+                ];
+                let server = TunnelServer::new(Arc::new(HboneRouter { ports, illegal }), settings)
+                    .with_tls(tls);
+                tasks.spawn(server.serve(listener, drain.clone(), config.drain_timeout.value));
+            }
+        }
+        Ok(MeshSide {
+            tasks,
+            drain,
+            ports: DeclaredPorts::new(config, mesh_inbound),
+        })
+    }
+
+    /// Opens the tunnel port once the app is ready (never, if krun drains first).
+    pub fn open_tunnel_when_ready(
+        &mut self,
+        config: &Config,
+        mut phase: watch::Receiver<Phase>,
+        fail: FailHandle,
+    ) {
+        let port = config.tunnel_port.value;
+        if port == 0 {
+            return tracing::info!("tunnel port disabled (KRUN_TUNNEL_PORT=0)");
+        }
+        let mut server = TunnelServer::new(
+            Arc::new(TunnelRouter(self.ports.clone())),
+            H2Settings::default(),
+        );
+        match (config.public_http.value, config.app_port()) {
+            (true, Some(app)) => {
+                server = server.with_fallback(Fallback {
+                    app: SocketAddr::from((Ipv4Addr::LOCALHOST, app)),
+                })
+            }
+            _ => tracing::info!(
+                "plain HTTP on the tunnel port is answered 404 (KRUN_PUBLIC_HTTP=false or no PORT_http)"
+            ),
+        }
+        let drain = self.drain.clone();
+        let grace = config.drain_timeout.value;
+        self.tasks.spawn(async move {
+            if !matches!(
+                phase.wait_for(|p| *p != Phase::Starting).await.map(|p| *p),
+                Ok(Phase::Ready)
+            ) {
+                return;
+            }
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+            match TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    tracing::info!(%addr, "tunnel port open");
+                    server.serve(listener, drain, grace).await;
+                }
+                Err(e) => fail.fail(format!(
+                    "KRUN_TUNNEL_PORT={port}: cannot listen on {addr}: {e}; pick a free port"
+                )),
+            }
+        });
+    }
+
+    /// Stops accepting and waits up to `grace` for open tunnels to finish.
+    pub async fn drain(mut self, grace: Duration) {
+        self.drain.cancel();
+        let _ = tokio::time::timeout(grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+    }
+}
+
+async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("{setting}: cannot listen on {addr}; pick a free port or 0 to disable")
+    })
+}
+
+async fn start_inbound(
+    config: &Config,
+    certs: &watch::Receiver<Arc<WorkloadCert>>,
+    trust_domain: &str,
+    allowed: &AllowedPeers,
+    settings: &H2Settings,
+    drain: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<SocketAddr> {
+    let app = config
+        .app_port()
+        .context("the builtin data plane forwards mesh traffic to PORT_http, which is disabled")?;
+    // Reached only through /_hbone/15003, so any free loopback port will do.
+    let listener = bind(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        "builtin mesh inbound",
+    )
+    .await?;
+    let addr = listener.local_addr()?;
+    let tls = certs::server_configs(certs, trust_domain.to_owned(), &[])?;
+    let app = SocketAddr::from((Ipv4Addr::LOCALHOST, app));
+    tasks.spawn(inbound::serve(
+        listener,
+        tls,
+        allowed.clone(),
+        app,
+        settings.copy_buffer,
+        drain.clone(),
+    ));
+    tracing::info!(%addr, %app, "builtin mesh inbound: mTLS terminated by krun");
+    Ok(addr)
+}
+
+async fn start_outbound(
+    config: &Config,
+    cert: &WorkloadCert,
+    trust_domain: &str,
+    settings: &H2Settings,
+    drain: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    let addr = config.outbound_addr.value;
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let listener = bind(addr, "KRUN_OUTBOUND_ADDR").await?;
+    let outbound = outbound::Outbound {
+        client: Arc::new(hbone::client::HboneClient::new(
+            *settings,
+            Some(cert.clone()),
+        )),
+        expected: ExpectedPeer::TrustDomain(trust_domain.to_owned()),
+        peer_port: config.hbone_peer_port.value,
+        copy_buffer: settings.copy_buffer,
+    };
+    tasks.spawn(outbound::serve(listener, outbound, drain.clone()));
+    tracing::info!(%addr, "outbound HBONE proxy (HTTP CONNECT) listening");
+    Ok(())
+}
