@@ -6,6 +6,7 @@ set -euo pipefail
 need_apt=()
 command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v sha256sum >/dev/null || need_apt+=(coreutils)
 command -v tini >/dev/null || [ -x /usr/bin/tini ] || need_apt+=(tini)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -14,6 +15,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
+
+# The independent HTTP/2 implementation the HBONE tests talk to.
+python3 -c 'import h2' 2>/dev/null || python3 -m pip install --quiet --root-user-action=ignore h2
 
 for component in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"

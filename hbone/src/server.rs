@@ -278,36 +278,13 @@ impl TunnelServer {
         let target = match parse_target(&req) {
             Ok(Some(target)) => target,
             Ok(None) => return self.forward_to_app(req).await,
-            Err(refusal) => return refuse(&refusal, None),
+            Err(refusal) => return refuse(req, &refusal, None),
         };
-        let upstream = match self.router.route(&target, ctx) {
-            Ok(addr) => addr,
-            Err(refusal) => return refuse(&refusal, Some(&target)),
+        let upstream_stream = match self.dial(&target, ctx).await {
+            Ok(stream) => stream,
+            Err(refusal) => return refuse(req, &refusal, Some(&target)),
         };
-        let dial = tokio::time::timeout(self.settings.connect_timeout, upstream.dial()).await;
-        let upstream_stream = match dial {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return refuse(
-                    &Refusal::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("dial {upstream}: {e}"),
-                    ),
-                    Some(&target),
-                );
-            }
-            Err(_) => {
-                return refuse(
-                    &Refusal::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("dial {upstream}: timed out"),
-                    ),
-                    Some(&target),
-                );
-            }
-        };
-        let _ = upstream_stream.set_nodelay(true);
-        tracing::debug!(?target, %upstream, peer = ?ctx.peer.as_ref().map(ToString::to_string), "tunnel open");
+        tracing::debug!(?target, peer = ?ctx.peer.as_ref().map(ToString::to_string), "tunnel open");
         if req.method() == Method::CONNECT {
             let buffer = self.settings.copy_buffer;
             tokio::spawn(async move {
@@ -326,9 +303,29 @@ impl TunnelServer {
         }
     }
 
+    /// Routes `target` and dials it; `200` is only ever sent after this succeeded.
+    async fn dial(&self, target: &Target, ctx: &StreamContext) -> Result<TcpStream, Refusal> {
+        let upstream = self.router.route(target, ctx)?;
+        let unavailable = |why: String| {
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("dial {upstream}: {why}"),
+            )
+        };
+        let stream =
+            match tokio::time::timeout(self.settings.connect_timeout, upstream.dial()).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(unavailable(e.to_string())),
+                Err(_) => return Err(unavailable("timed out".into())),
+            };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
     async fn forward_to_app(&self, mut req: Request<Incoming>) -> Response<Body> {
         let Some(fallback) = &self.fallback else {
             return refuse(
+                req,
                 &Refusal::new(StatusCode::NOT_FOUND, "not a tunnel request"),
                 None,
             );
@@ -339,6 +336,7 @@ impl TunnelServer {
             Ok(uri) => *req.uri_mut() = uri,
             Err(_) => {
                 return refuse(
+                    req,
                     &Refusal::new(StatusCode::BAD_REQUEST, "bad request path"),
                     None,
                 );
@@ -352,10 +350,10 @@ impl TunnelServer {
                 b.map_err(|e| Box::new(e) as Box<dyn StdError + Send + Sync>)
                     .boxed()
             }),
-            Err(e) => refuse(
-                &Refusal::new(StatusCode::BAD_GATEWAY, format!("app unreachable: {e}")),
-                None,
-            ),
+            Err(e) => error_response(&Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                format!("app unreachable: {e}"),
+            )),
         }
     }
 }
@@ -428,8 +426,32 @@ fn stream_body_tunnel(
     Response::new(BodyExt::boxed(StreamBody::new(frames)))
 }
 
-fn refuse(refusal: &Refusal, target: Option<&Target>) -> Response<Body> {
+/// Answers a refused request. Its body is read to the end (up to a bound) in the background:
+/// dropping it unread would reset the stream, and some clients (curl 7.x) report a reset that
+/// follows a complete response as an error.
+fn refuse(req: Request<Incoming>, refusal: &Refusal, target: Option<&Target>) -> Response<Body> {
     tracing::info!(status = refusal.status.as_u16(), reason = %refusal.reason, ?target, "tunnel refused");
+    let mut body = req.into_body();
+    tokio::spawn(async move {
+        let mut left = REFUSED_BODY_LIMIT;
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout(REFUSED_BODY_WAIT, body.frame()).await
+        {
+            let len = frame.data_ref().map_or(0, Bytes::len);
+            match left.checked_sub(len) {
+                Some(rest) => left = rest,
+                None => break,
+            }
+        }
+    });
+    error_response(refusal)
+}
+
+/// How much of a refused request's body is read before the stream is reset.
+const REFUSED_BODY_LIMIT: usize = 64 << 10;
+/// How long a refused request's body may take to end.
+const REFUSED_BODY_WAIT: Duration = Duration::from_secs(5);
+
+fn error_response(refusal: &Refusal) -> Response<Body> {
     let mut response = Response::new(
         Full::new(Bytes::from(format!("{}\n", refusal.reason)))
             .map_err(|never| match never {})

@@ -13,6 +13,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+pub mod mesh_ca;
+
 /// How long any single wait may take before the test is declared hung.
 pub const HANG_GUARD: Duration = Duration::from_secs(60);
 
@@ -153,6 +155,7 @@ impl Krun {
             lines,
             exit,
             seen: Vec::new(),
+            exited: false,
         }
     }
 
@@ -175,6 +178,7 @@ pub struct Running {
     lines: mpsc::Receiver<String>,
     exit: mpsc::Receiver<std::io::Result<i32>>,
     seen: Vec<String>,
+    exited: bool,
 }
 
 impl Running {
@@ -226,12 +230,23 @@ impl Running {
                 )
             }
         };
+        self.exited = true;
         while let Ok(line) = self.lines.recv_timeout(HANG_GUARD) {
             self.seen.push(line);
         }
         Finished {
             code,
-            output: self.seen,
+            output: std::mem::take(&mut self.seen),
+        }
+    }
+}
+
+impl Drop for Running {
+    /// A test that failed half-way must not leave krun (and its app) running: SIGTERM lets
+    /// krun drain and kill what it started.
+    fn drop(&mut self) {
+        if !self.exited {
+            let _ = nix::sys::signal::kill(self.pid, Signal::SIGTERM);
         }
     }
 }

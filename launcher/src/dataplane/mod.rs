@@ -84,18 +84,16 @@ impl MeshSide {
             );
             let (_cert_tx, certs) = watch::channel(Arc::new(cert.clone()));
             if mode == DataPlane::Builtin {
-                mesh_inbound = Some(
-                    start_inbound(
-                        config,
-                        &certs,
-                        &trust_domain,
-                        &allowed,
-                        &settings,
-                        &drain,
-                        &mut tasks,
-                    )
-                    .await?,
-                );
+                mesh_inbound = start_inbound(
+                    config,
+                    &certs,
+                    &trust_domain,
+                    &allowed,
+                    &settings,
+                    &drain,
+                    &mut tasks,
+                )
+                .await?;
                 start_outbound(config, &cert, &trust_domain, &settings, &drain, &mut tasks).await?;
             }
             let ports = DeclaredPorts::new(config, mesh_inbound);
@@ -112,6 +110,7 @@ impl MeshSide {
                 let illegal = vec![
                     15001,
                     15006,
+                    crate::config::DEFAULT_HBONE_PORT,
                     config.hbone_port.value,
                     config.tunnel_port.value,
                     MESH_INBOUND_PORT,
@@ -199,10 +198,13 @@ async fn start_inbound(
     settings: &H2Settings,
     drain: &CancellationToken,
     tasks: &mut JoinSet<()>,
-) -> anyhow::Result<SocketAddr> {
-    let app = config
-        .app_port()
-        .context("the builtin data plane forwards mesh traffic to PORT_http, which is disabled")?;
+) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(app) = config.app_port() else {
+        tracing::info!(
+            "builtin mesh inbound off: PORT_http is disabled, so there is no app to forward to"
+        );
+        return Ok(None);
+    };
     // Reached only through /_hbone/15003, so any free loopback port will do.
     let listener = bind(
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
@@ -221,7 +223,7 @@ async fn start_inbound(
         drain.clone(),
     ));
     tracing::info!(%addr, %app, "builtin mesh inbound: mTLS terminated by krun");
-    Ok(addr)
+    Ok(Some(addr))
 }
 
 async fn start_outbound(

@@ -19,6 +19,8 @@
 //!   exits 0 on SIGTERM
 //! - `listen PORT [PORT...] --late PORT`: listens on the first ports at once; prints
 //!   `binding PORT` before listening on the late port, after a pause
+//! - `echo PORT`: TCP echo server on 127.0.0.1:PORT (each connection echoes until EOF, then
+//!   half-closes); prints `READY`; on SIGTERM stops accepting, finishes open connections, exits 0
 //! - `id`: prints `uid=U gid=G groups=A,B`
 //! - `env NAME`: prints the value of NAME
 
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
         "grandchild" => stray(&arg(1), false),
         "serve" => serve(&arg(1), &arg(2), &arg(3), arg(4).parse().unwrap_or(0)),
         "listen" => listen(&args[1..]),
+        "echo" => echo(&arg(1)),
         "id" => {
             let groups: Vec<String> = nix::unistd::getgroups()
                 .unwrap_or_default()
@@ -263,5 +266,53 @@ fn listen(args: &[String]) -> ExitCode {
         }
     }
     wait_term(term);
+    ExitCode::SUCCESS
+}
+
+fn echo(port: &str) -> ExitCode {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Condvar, Mutex};
+    let term = block_term(); // before spawning threads, so they inherit the mask
+    let Ok(listener) = TcpListener::bind(format!("127.0.0.1:{port}")) else {
+        return ExitCode::from(3);
+    };
+    let open = Arc::new((Mutex::new(0usize), Condvar::new()));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (open_in, accepted_in) = (open.clone(), accepted.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            accepted_in.fetch_add(1, Ordering::Relaxed);
+            let open = open_in.clone();
+            if let Ok(mut count) = open.0.lock() {
+                *count += 1;
+            }
+            std::thread::spawn(move || {
+                let mut reader = &stream;
+                let mut writer = &stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                let (count, done) = &*open;
+                if let Ok(mut count) = count.lock() {
+                    *count -= 1;
+                    done.notify_all();
+                }
+            });
+        }
+    });
+    say("READY");
+    wait_term(term);
+    let (count, done) = &*open;
+    let mut count = count
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    while *count > 0 {
+        count = done
+            .wait(count)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+    say(&format!(
+        "echo served {} connections",
+        accepted.load(Ordering::Relaxed)
+    ));
     ExitCode::SUCCESS
 }
