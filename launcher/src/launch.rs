@@ -4,7 +4,10 @@
 
 use std::time::Instant;
 
-use crate::config::{Config, StartupProbe};
+use std::collections::BTreeMap;
+
+use crate::agent::AgentInputs;
+use crate::config::{Config, Env, StartupProbe};
 use crate::probe::{Check, Probe};
 use crate::processes::ProcessPlan;
 use crate::startup::PhaseClock;
@@ -13,13 +16,20 @@ use crate::supervisor::{AppSpec, RunAs, Supervisor, Timeouts};
 /// Runs the workload to completion and returns krun's exit code.
 pub async fn run(
     config: Config,
-    plan: ProcessPlan,
+    env: &Env,
+    mut plan: ProcessPlan,
     argv: Vec<String>,
     started: Instant,
 ) -> anyhow::Result<u8> {
     let mut clock = PhaseClock::new(started);
     clock.mark("config");
-    let app = (!argv.is_empty()).then(|| app_spec(&config, argv));
+    // Discovery (metadata, mesh-env) and identity (token, certificates) fill these in once
+    // they are wired before this point; with none of them the data plane choice sees only
+    // the environment.
+    let inputs = AgentInputs::default();
+    let app_env = crate::agent::set_up(&config, &inputs, env, &mut plan)?;
+    clock.mark("data-plane");
+    let app = (!argv.is_empty()).then(|| app_spec(&config, argv, app_env));
     if app.is_none() {
         tracing::info!(
             "no app given: sidecar mode, krun runs only the mesh side and declared processes"
@@ -34,8 +44,9 @@ pub async fn run(
 }
 
 /// How the app is started and when it counts as ready.
-fn app_spec(config: &Config, argv: Vec<String>) -> AppSpec {
+fn app_spec(config: &Config, argv: Vec<String>, env: BTreeMap<String, String>) -> AppSpec {
     AppSpec {
+        env,
         argv,
         port: config.app_port(),
         run_as: RunAs::resolve(

@@ -4,7 +4,9 @@
 //!
 //! [`launch::run`] is the startup graph; each module below owns one job.
 
+pub mod agent;
 pub mod config;
+pub mod files;
 pub mod launch;
 pub mod logging;
 pub mod probe;

@@ -31,7 +31,9 @@ pub use reaper::{Child, Reaper, signal_group};
 pub use signals::{FORWARDED, ForwardedSignals};
 
 use crate::probe::Probe;
-use crate::processes::{APP_NAME, MAX_RESTART_BACKOFF, ProcessPlan, RestartPolicy};
+use crate::processes::{
+    APP_NAME, Evidence, MAX_RESTART_BACKOFF, ProcessPlan, ReadyBudget, RestartPolicy,
+};
 use crate::startup::PhaseClock;
 
 /// Where the workload is in its life; other components watch it to know when to accept work.
@@ -56,6 +58,8 @@ pub struct AppSpec {
     pub run_as: Option<RunAs>,
     /// All must pass before the app counts as ready.
     pub readiness: Vec<Probe>,
+    /// Added to krun's environment (e.g. `GRPC_XDS_BOOTSTRAP` from the data plane).
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// Budgets of the supervisor.
@@ -232,6 +236,12 @@ impl Supervisor {
             return;
         };
         command.envs(&spec.env);
+        if let Some(dir) = &spec.cwd {
+            command.current_dir(dir);
+        }
+        if let Some(run_as) = &spec.run_as {
+            run_as.apply(&mut command);
+        }
         let probe = spec.readiness.clone();
         self.launch(
             UnitId::Process(i),
@@ -251,6 +261,7 @@ impl Supervisor {
         let Some(mut command) = command::command(&spec.argv) else {
             return;
         };
+        command.envs(&spec.env);
         match spec.port {
             Some(port) => command.env("PORT", port.to_string()),
             None => command.env_remove("PORT"),
@@ -294,15 +305,17 @@ impl Supervisor {
         }
         let reaper = self.reaper.clone();
         let events = self.events.clone();
-        let deadline = Instant::now() + self.timeouts.ready;
+        let (budget, _) = self.ready_budget(id);
+        let evidence = self.evidence(id);
+        let deadline = Instant::now() + budget;
         let task = tokio::spawn(async move {
             for probe in &probes {
                 if let Err(why) = probe.wait(&reaper, deadline).await {
-                    let _ = events.send(Event::NotReady {
-                        unit: id,
-                        pid,
-                        why: format!("{}: {why}", probe.check),
-                    });
+                    let mut why = format!("{}: {why}", probe.check);
+                    if let Some(evidence) = evidence {
+                        why = format!("{why}; {}", save_evidence(&evidence).await);
+                    }
+                    let _ = events.send(Event::NotReady { unit: id, pid, why });
                     return;
                 }
             }
@@ -316,8 +329,9 @@ impl Supervisor {
             Event::Ready { unit, pid } if self.unit(unit).pid == Some(pid) => self.on_ready(unit),
             Event::NotReady { unit, pid, why } if self.unit(unit).pid == Some(pid) => {
                 let name = self.unit(unit).name.clone();
-                let budget = humantime::format_duration(self.timeouts.ready);
-                self.fail(format!("{name} not ready after {budget}: {why}; check that it listens there, or raise KRUN_APP_READY_TIMEOUT"));
+                let (budget, variable) = self.ready_budget(unit);
+                let budget = humantime::format_duration(budget);
+                self.fail(format!("{name} not ready after {budget}: {why}; check that it listens there, or raise {variable}"));
             }
             Event::Exited { unit, pid, status } if self.unit(unit).pid == Some(pid) => {
                 self.on_exit(unit, status)
@@ -325,6 +339,25 @@ impl Supervisor {
             Event::RestartDue(i) if self.drain.is_none() => self.start_process(i),
             _ => {} // stale: about an earlier incarnation, or a restart cancelled by the drain
         }
+    }
+
+    fn ready_budget_spec(&self, id: UnitId) -> Option<&ReadyBudget> {
+        match id {
+            UnitId::App => None,
+            UnitId::Process(i) => self.plan.processes[i].ready_budget.as_ref(),
+        }
+    }
+
+    /// The readiness budget of a unit and the variable that sets it.
+    fn ready_budget(&self, id: UnitId) -> (Duration, &'static str) {
+        match self.ready_budget_spec(id) {
+            Some(b) => (b.timeout, b.variable),
+            None => (self.timeouts.ready, "KRUN_APP_READY_TIMEOUT"),
+        }
+    }
+
+    fn evidence(&self, id: UnitId) -> Option<Evidence> {
+        self.ready_budget_spec(id)?.evidence.clone()
     }
 
     fn on_ready(&mut self, id: UnitId) {
@@ -544,6 +577,27 @@ impl Supervisor {
             (None, Some(status)) => status.exit_code(),
             (None, None) => 0,
         }
+    }
+}
+
+/// Fetches and writes a never-ready process's diagnostics; returns the sentence for the error.
+async fn save_evidence(evidence: &Evidence) -> String {
+    let Evidence { what, url, path } = evidence;
+    let fetched = tokio::time::timeout(
+        Duration::from_secs(5),
+        crate::probe::http_get(url, 64 << 20),
+    )
+    .await
+    .unwrap_or_else(|_| Err("no answer within 5s".to_owned()));
+    let saved = match fetched {
+        Ok((200, body)) => crate::files::write_atomic(path, &body, 0o600)
+            .map_err(|e| format!("cannot write {}: {e}", path.display())),
+        Ok((status, _)) => Err(format!("{url} answered HTTP {status}")),
+        Err(e) => Err(format!("{url}: {e}")),
+    };
+    match saved {
+        Ok(()) => format!("{what} saved to {}", path.display()),
+        Err(e) => format!("{what} not saved: {e}"),
     }
 }
 
