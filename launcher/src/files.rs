@@ -15,7 +15,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
-        .create(dir)?;
+        .create(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
     let name = path
         .file_name()
         .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
@@ -27,22 +28,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         file.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
-    if result.is_err() {
+    result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+    })
 }
 
 /// Creates `path` (and its parents) and sets exactly `mode` on it, whatever the umask; when
-/// `owner` is given (krun is root) the directory is chowned to it.
+/// `owner` is given (krun is root) the directory is chowned to it. A directory that exists
+/// and belongs to someone else (an image's, as non-root) is left as it is. Errors name the path.
 pub fn ensure_dir(path: &Path, mode: u32, owner: Option<(Uid, Gid)>) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let named =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(mode)
-        .create(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        .create(path)
+        .map_err(named)?;
+    let mine = std::fs::metadata(path).map_err(named)?.uid() == nix::unistd::geteuid().as_raw();
+    if !mine && owner.is_none() {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(named)?;
     if let Some((uid, gid)) = owner {
-        nix::unistd::chown(path, Some(uid), Some(gid))?;
+        nix::unistd::chown(path, Some(uid), Some(gid)).map_err(|e| named(e.into()))?;
     }
     Ok(())
 }

@@ -18,7 +18,7 @@ pub mod td;
 pub mod xds;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::config::{Config, Env};
 use crate::files::write_atomic;
@@ -210,15 +210,13 @@ pub enum DataPlaneError {
     ProxyConfig(#[from] xds::ProxyConfigError),
     /// A file or directory krun must write.
     #[error(
-        "cannot write {path} (MESH_BASE_DIR={base}): {source}; make MESH_BASE_DIR writable or point it elsewhere"
+        "cannot write the mesh files: {cause}; make MESH_BASE_DIR={base} writable or point it elsewhere"
     )]
     Write {
-        /// The file or directory.
-        path: String,
         /// `MESH_BASE_DIR`.
         base: String,
-        /// Why.
-        source: std::io::Error,
+        /// What failed, naming the path.
+        cause: std::io::Error,
     },
     /// Traffic Director without a project number.
     #[error(
@@ -263,21 +261,18 @@ pub fn set_up(
         &config.envoy_path.value,
     )?;
     let base = config.mesh_base_dir.value.display().to_string();
-    let write_err = |path: &Path| {
-        let path = path.display().to_string();
-        let base = base.clone();
-        move |source| DataPlaneError::Write { path, base, source }
+    let write_err = |cause| DataPlaneError::Write {
+        base: base.clone(),
+        cause,
     };
-    let layout =
-        Layout::new(&config.mesh_base_dir.value).map_err(write_err(&config.mesh_base_dir.value))?;
+    let layout = Layout::new(&config.mesh_base_dir.value).map_err(write_err)?;
     let root = nix::unistd::geteuid().is_root();
     let budget = config.agent_ready_timeout.value;
     match choice.plan {
         Plan::Agent { xds } => {
             tracing::info!(dataplane = "envoy", "data plane: {}", choice.why);
-            let setup = pilot::setup(config, inputs, workload, xds, root)
-                .map_err(write_err(layout.base()))?;
-            pilot::prepare(&setup).map_err(write_err(layout.base()))?;
+            let setup = pilot::setup(config, inputs, workload, xds, root).map_err(write_err)?;
+            pilot::prepare(&setup).map_err(write_err)?;
             tracing::info!(
                 command = ?setup.argv(&config.pilot_agent_path.value),
                 interception = ?setup.interception,
@@ -327,8 +322,8 @@ pub fn set_up(
                 admin_port: ENVOY_ADMIN_PORT,
             };
             let path = layout.td_bootstrap();
-            layout.prepare(root).map_err(write_err(layout.base()))?;
-            write_atomic(&path, bootstrap.render()?.as_bytes(), 0o644).map_err(write_err(&path))?;
+            layout.prepare(root).map_err(write_err)?;
+            write_atomic(&path, bootstrap.render()?.as_bytes(), 0o644).map_err(write_err)?;
             tracing::info!(
                 node_id = %bootstrap.node_id, zone = %bootstrap.zone,
                 bootstrap = %path.display(), "Traffic Director bootstrap written"
@@ -352,7 +347,7 @@ pub fn set_up(
                 config.grpc_xds_bootstrap.as_ref().map(|s| s.value.as_str()),
                 &layout,
             )
-            .map_err(write_err(layout.base()))?;
+            .map_err(write_err)?;
             let certs = grpc_bootstrap::CertFiles::in_dir(
                 &inputs
                     .cert_dir
@@ -374,7 +369,7 @@ pub fn set_up(
                 inputs.zone.as_deref(),
             );
             let text = serde_json::to_string_pretty(&json).unwrap_or_default();
-            write_atomic(&path, text.as_bytes(), 0o644).map_err(write_err(&path))?;
+            write_atomic(&path, text.as_bytes(), 0o644).map_err(write_err)?;
             tracing::info!(path = %path.display(), %xds, "proxyless gRPC bootstrap written");
             Ok(env::app_env(env, &path, false))
         }
