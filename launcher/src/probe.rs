@@ -126,6 +126,22 @@ const MAX_BODY: usize = 64 << 20;
 
 /// GETs `url` over HTTP/1.1 and returns the status and up to `limit` bytes of the body.
 pub async fn http_get(url: &str, limit: usize) -> Result<(u16, Bytes), String> {
+    http_request(hyper::Method::GET, url, limit).await
+}
+
+/// POSTs an empty body to `url` (Envoy admin commands such as `/drain_listeners`) and returns
+/// the status.
+pub async fn http_post(url: &str) -> Result<u16, String> {
+    http_request(hyper::Method::POST, url, 0)
+        .await
+        .map(|(status, _)| status)
+}
+
+async fn http_request(
+    method: hyper::Method,
+    url: &str,
+    limit: usize,
+) -> Result<(u16, Bytes), String> {
     let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
     let authority = uri.authority().ok_or("URL has no host")?.clone();
     let port = authority.port_u16().unwrap_or(80);
@@ -136,7 +152,9 @@ pub async fn http_get(url: &str, limit: usize) -> Result<(u16, Bytes), String> {
         .await
         .map_err(|e| e.to_string())?;
     let connection = tokio::spawn(conn);
-    let request = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(hyper::header::HOST, authority.as_str())
         .header(hyper::header::USER_AGENT, "krun-probe")
         .body(Empty::<Bytes>::new())

@@ -68,6 +68,23 @@ pub struct ProcessSpec {
     pub cwd: Option<PathBuf>,
     /// Its own readiness budget; `None` uses `KRUN_APP_READY_TIMEOUT`.
     pub ready_budget: Option<ReadyBudget>,
+    /// How to stop it without cutting its connections; `None`: SIGTERM.
+    pub graceful_stop: Option<GracefulStop>,
+}
+
+/// How a proxy is stopped during the drain without cutting the connections it still carries
+/// (peers-and-users.md §7.2): drain its listeners, wait until its connections are gone, then
+/// SIGTERM it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GracefulStop {
+    /// Start stopping it this long before the drain deadline even while dependents still run,
+    /// so it finishes before the SIGKILL.
+    pub lead: Duration,
+    /// POSTed first (Envoy's `/drain_listeners?graceful`).
+    pub drain_url: String,
+    /// Passes once its connections are gone (Envoy's `server.total_connections: 0`); krun
+    /// SIGTERMs it then, or at the drain deadline.
+    pub idle: Probe,
 }
 
 /// How long a process may take to become ready, and what krun saves when it does not, so the
@@ -264,6 +281,7 @@ impl ProcessPlan {
                 run_as: None,
                 cwd: None,
                 ready_budget: None,
+                graceful_stop: None,
             });
         }
         let app_depends_on = match &raw.app.depends_on {

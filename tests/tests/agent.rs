@@ -293,6 +293,7 @@ fn sidecar_gets_the_reference_command_environment_identity_and_files() {
             "APP start",
             "APP listening",
             "APP stop",
+            "pilot-agent drain_listeners",
             "pilot-agent stop"
         ],
         "{}",
@@ -386,6 +387,33 @@ fn an_agent_crash_drains_the_app_and_fails() {
             "APP listening",
             "pilot-agent crash",
             "APP stop"
+        ]
+    );
+}
+
+#[test]
+fn envoy_drains_before_the_deadline_even_when_the_app_does_not_exit() {
+    let world = World::new("late-app");
+    let mut krun = world
+        .krun(NETNS)
+        .env("XDS_ADDR", "10.128.0.5:15012")
+        .env("KRUN_DRAIN_TIMEOUT", "3s")
+        .args(testapp(&["ignore-term"]))
+        .start();
+    krun.wait_for_line("READY"); // the app ignores SIGTERM from here on
+    krun.signal(Signal::SIGTERM);
+    let done = krun.finish();
+    // The app ignored SIGTERM and was killed at the deadline...
+    assert_eq!(done.code, 137, "{}", done.text());
+    // ...but 2 s before that, Envoy was drained and the agent stopped cleanly.
+    assert!(done.has_line("drain deadline near"), "{}", done.text());
+    assert_eq!(
+        world.events(),
+        [
+            "pilot-agent start",
+            "pilot-agent ready",
+            "pilot-agent drain_listeners",
+            "pilot-agent stop"
         ]
     );
 }
@@ -734,6 +762,7 @@ fn traffic_director(mesh: &str, network: &str, project: &str) {
             "APP start",
             "APP listening",
             "APP stop",
+            "envoy drain_listeners",
             "envoy stop"
         ]
     );

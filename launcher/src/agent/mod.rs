@@ -193,6 +193,24 @@ pub fn config_dump_evidence(layout: &layout::Layout) -> crate::processes::Eviden
     }
 }
 
+/// How long before the drain deadline krun starts draining Envoy even while the app still
+/// runs (peers-and-users.md §7.2: "T-2 s").
+pub const ENVOY_DRAIN_LEAD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Envoy's graceful stop: `/drain_listeners?graceful` on the admin port, then wait until
+/// `server.total_connections` is 0 (or the drain deadline), then SIGTERM.
+pub fn envoy_graceful_stop() -> crate::processes::GracefulStop {
+    let admin = format!("http://127.0.0.1:{ENVOY_ADMIN_PORT}");
+    crate::processes::GracefulStop {
+        lead: ENVOY_DRAIN_LEAD,
+        drain_url: format!("{admin}/drain_listeners?graceful"),
+        idle: crate::probe::Probe::new(crate::probe::Check::HttpLines(
+            format!("{admin}/stats?filter=^server.total_connections$"),
+            vec!["server.total_connections: 0".to_owned()],
+        )),
+    }
+}
+
 /// True when `path` is a regular file someone may execute.
 pub fn is_executable(path: &std::path::Path) -> bool {
     use std::os::unix::fs::PermissionsExt;

@@ -12,7 +12,7 @@ use super::env::{AgentSetup, grpc_bootstrap_path};
 use super::layout::Layout;
 use super::{
     AGENT_READY_URL, AgentInputs, Interception, PROXY_GID, Workload, config_dump_evidence,
-    is_executable,
+    envoy_graceful_stop, is_executable,
 };
 use crate::config::{Config, Env, names};
 use crate::files::write_atomic;
@@ -104,6 +104,7 @@ pub fn prepare(setup: &AgentSetup) -> std::io::Result<()> {
 /// pilot-agent as a required process the app depends on: uid 0 / gid 1337 when root (the
 /// gid exempts it from capture), working directory the layout's base, ready when
 /// `127.0.0.1:15021/healthz/ready` answers; Envoy's `config_dump` is saved if it never is.
+/// In the drain, Envoy's listeners are drained before pilot-agent gets SIGTERM.
 pub fn process(setup: &AgentSetup, pilot_agent: &Path, env: &Env, budget: Duration) -> ProcessSpec {
     ProcessSpec {
         name: AGENT_PROCESS.to_owned(),
@@ -124,5 +125,7 @@ pub fn process(setup: &AgentSetup, pilot_agent: &Path, env: &Env, budget: Durati
             variable: names::KRUN_AGENT_READY_TIMEOUT,
             evidence: Some(config_dump_evidence(&setup.layout)),
         }),
+        // Without Envoy (grpc-agent) there is nothing to drain: SIGTERM at once.
+        graceful_stop: setup.envoy_template.is_some().then(envoy_graceful_stop),
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{Gid, Uid};
 
 use super::layout::Layout;
-use super::{ENVOY_ADMIN_PORT, PROXY_GID, PROXY_UID, config_dump_evidence};
+use super::{ENVOY_ADMIN_PORT, PROXY_GID, PROXY_UID, config_dump_evidence, envoy_graceful_stop};
 use crate::probe::{Check, Probe};
 use crate::processes::{ProcessSpec, ReadyBudget, RestartPolicy};
 use crate::supervisor::RunAs;
@@ -190,6 +190,7 @@ pub fn envoy_process(
             variable: crate::config::names::KRUN_AGENT_READY_TIMEOUT,
             evidence: Some(config_dump_evidence(layout)),
         }),
+        graceful_stop: Some(envoy_graceful_stop()),
     }
 }
 

@@ -8,7 +8,9 @@
 //! 1. mark krun not ready (the [`Phase`] watch; the tunnel and data plane stop accepting);
 //! 2. SIGTERM the app;
 //! 3. stop each extra process once nothing that depends on it is running (reverse order:
-//!    a proxy outlives the app that talks through it);
+//!    a proxy outlives the app that talks through it); a process with a graceful stop (Envoy)
+//!    has its listeners drained first, and is stopped at its lead time before the deadline
+//!    even if dependents still run;
 //! 4. at `KRUN_DRAIN_TIMEOUT`, SIGKILL every process group that is left;
 //! 5. exit with the app's status (1 when krun itself decided to fail).
 
@@ -106,6 +108,13 @@ enum Event {
         why: String,
     },
     RestartDue(usize),
+    /// A graceful stop has drained the process: SIGTERM it now.
+    StopNow {
+        unit: UnitId,
+        pid: Pid,
+    },
+    /// The drain deadline is near: stop a proxy even if dependents still run.
+    StopEarly(usize),
 }
 
 struct Drain {
@@ -337,6 +346,16 @@ impl Supervisor {
                 self.on_exit(unit, status)
             }
             Event::RestartDue(i) if self.drain.is_none() => self.start_process(i),
+            Event::StopNow { unit, pid } if self.unit(unit).pid == Some(pid) => {
+                tracing::info!(process = %self.unit(unit).name, pid = pid.as_raw(), "drained; stopping");
+                send(pid, Signal::SIGTERM);
+            }
+            Event::StopEarly(i)
+                if self.processes[i].pid.is_some() && !self.processes[i].stop_sent =>
+            {
+                tracing::warn!(process = %self.processes[i].name, "drain deadline near: stopping it while what depends on it still runs");
+                self.stop_process(i);
+            }
             _ => {} // stale: about an earlier incarnation, or a restart cancelled by the drain
         }
     }
@@ -489,7 +508,58 @@ impl Supervisor {
             self.app.stop_sent = true;
             send(pid, Signal::SIGTERM);
         }
+        let deadline = Instant::now() + budget;
+        for (i, spec) in self.plan.processes.iter().enumerate() {
+            if let Some(graceful) = &spec.graceful_stop {
+                let events = self.events.clone();
+                let at = deadline
+                    .checked_sub(graceful.lead)
+                    .unwrap_or_else(Instant::now);
+                tokio::spawn(async move {
+                    sleep_until(at).await;
+                    let _ = events.send(Event::StopEarly(i));
+                });
+            }
+        }
         self.stop_what_is_unneeded();
+    }
+
+    /// Stops a process: at once with SIGTERM, or through its graceful stop (drain, wait until
+    /// idle or the drain deadline, then SIGTERM).
+    fn stop_process(&mut self, i: usize) {
+        let Some(pid) = self.processes[i].pid else {
+            return;
+        };
+        self.processes[i].stop_sent = true;
+        tracing::info!(process = %self.processes[i].name, pid = pid.as_raw(), "stopping");
+        // A process that never became ready carries no connections worth draining.
+        let graceful = self.plan.processes[i].graceful_stop.clone();
+        let Some(graceful) = graceful.filter(|_| self.processes[i].ready) else {
+            return send(pid, Signal::SIGTERM);
+        };
+        let deadline = self
+            .drain
+            .as_ref()
+            .map_or_else(Instant::now, |d| d.deadline);
+        let (reaper, events) = (self.reaper.clone(), self.events.clone());
+        let name = self.processes[i].name.clone();
+        tokio::spawn(async move {
+            match crate::probe::http_post(&graceful.drain_url).await {
+                Ok(status) => {
+                    tracing::info!(process = %name, url = %graceful.drain_url, status, "draining listeners")
+                }
+                Err(e) => {
+                    tracing::warn!(process = %name, url = %graceful.drain_url, error = %e, "cannot drain listeners")
+                }
+            }
+            if let Err(why) = graceful.idle.wait(&reaper, deadline).await {
+                tracing::warn!(process = %name, %why, "connections still open at the drain deadline");
+            }
+            let _ = events.send(Event::StopNow {
+                unit: UnitId::Process(i),
+                pid,
+            });
+        });
     }
 
     /// During a drain, SIGTERMs each process once nothing running depends on it.
@@ -500,18 +570,16 @@ impl Supervisor {
         let app_running = self.app.pid.is_some();
         for i in 0..self.processes.len() {
             let unit = &self.processes[i];
-            let Some(pid) = unit.pid.filter(|_| !unit.stop_sent) else {
+            if unit.pid.is_none() || unit.stop_sent {
                 continue;
-            };
+            }
             let needed = (app_running && self.app.depends_on.contains(&i))
                 || self
                     .processes
                     .iter()
                     .any(|other| other.pid.is_some() && other.depends_on.contains(&i));
             if !needed {
-                tracing::info!(process = %unit.name, pid = pid.as_raw(), "stopping");
-                self.processes[i].stop_sent = true;
-                send(pid, Signal::SIGTERM);
+                self.stop_process(i);
             }
         }
     }

@@ -5,8 +5,9 @@
 //! `$STANDIN_RECORD_DIR/<name>.json`, written atomically, then print `standin <name> recorded`.
 //! They serve the endpoints krun uses: pilot-agent's `/healthz/ready` (port
 //! `STANDIN_READY_PORT`, default 15021) and Envoy's admin `/config_dump`, `/stats`, `/ready`
-//! (port `STANDIN_ADMIN_PORT`, default 15000). Unknown paths are 404, methods other than GET
-//! 405, like the real servers.
+//! (port `STANDIN_ADMIN_PORT`, default 15000), and `POST /drain_listeners` (appends
+//! `<name> drain_listeners` to the events). Unknown paths are 404, other methods 405, like the
+//! real servers.
 //!
 //! `STANDIN_MODE` says how they behave (no timers: tests drive them with signals):
 //! - `ready` (default): ready at once;
@@ -151,9 +152,9 @@ fn respond(mut stream: TcpStream, role: Role, ready: &AtomicBool) {
         ("GET", "/stats") => (
             200,
             if is_ready {
-                "server.state: 0\nlistener_manager.workers_started: 1\n".to_owned()
+                "server.state: 0\nlistener_manager.workers_started: 1\nserver.total_connections: 0\n".to_owned()
             } else {
-                "server.state: 2\nlistener_manager.workers_started: 0\n".to_owned()
+                "server.state: 2\nlistener_manager.workers_started: 0\nserver.total_connections: 0\n".to_owned()
             },
         ),
         ("GET", "/ready") => {
@@ -163,7 +164,11 @@ fn respond(mut stream: TcpStream, role: Role, ready: &AtomicBool) {
                 (503, "PRE_INITIALIZING\n".to_owned())
             }
         }
-        ("GET", _) => (404, "not found\n".to_owned()),
+        ("POST", "/drain_listeners") => {
+            append(&format!("{} drain_listeners", role.name()));
+            (200, "OK\n".to_owned())
+        }
+        ("GET", _) | ("POST", _) => (404, "not found\n".to_owned()),
         _ => (405, "method not allowed\n".to_owned()),
     };
     let reason = match status {
