@@ -777,3 +777,41 @@ fn traffic_director_head_form_projects_and_scopes() {
 fn traffic_director_mesh_name_form_uses_project_number_from_env() {
     traffic_director("td:mesh_name=prod", "mesh:prod", "123456");
 }
+
+#[test]
+fn an_explicit_envoy_data_plane_without_pilot_agent_fails_in_one_line() {
+    let world = World::new("explicit");
+    let done = world
+        .krun(&[])
+        .env("KRUN_DATAPLANE", "envoy")
+        .env("KRUN_PILOT_AGENT_PATH", "/nonexistent/pilot-agent")
+        .env("XDS_ADDR", "10.128.0.5:15012")
+        .args(["true"])
+        .run();
+    assert_eq!(done.code, 1, "{}", done.text());
+    let line = done.line_index("krun: KRUN_DATAPLANE=envoy: ");
+    assert!(
+        done.output[line].contains(
+            "pilot-agent is not installed at KRUN_PILOT_AGENT_PATH=/nonexistent/pilot-agent"
+        ),
+        "{}",
+        done.text()
+    );
+}
+
+#[test]
+fn without_pilot_agent_or_xds_nothing_is_started_or_written() {
+    let world = World::new("default");
+    let done = world
+        .krun(&[])
+        .env("KRUN_PILOT_AGENT_PATH", "/nonexistent/pilot-agent")
+        .args(["true"])
+        .run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(
+        done.has_line("data plane: no XDS address is known"),
+        "{}",
+        done.text()
+    );
+    assert!(!world.path("etc").exists(), "no mesh files written");
+}

@@ -210,3 +210,77 @@ pub fn grpc_bootstrap_path(user: Option<&str>, layout: &Layout) -> std::io::Resu
         None => Ok(layout.grpc_bootstrap()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(xds: &str, root: bool, interception: Interception) -> AgentSetup {
+        let layout = Layout::new(std::path::Path::new("/base")).expect("layout");
+        AgentSetup {
+            workload: Workload {
+                namespace: "ns".into(),
+                name: "svc".into(),
+                revision: "v1".into(),
+                pod_name: "svc--1".into(),
+                service_account: "default".into(),
+                gateway: None,
+                tenant: None,
+                project_id: None,
+                project_number: None,
+                cluster_name: None,
+                cluster_location: None,
+                trust_domain: None,
+            },
+            xds: xds.into(),
+            user_proxy_config: false,
+            grpc_bootstrap: layout.grpc_bootstrap(),
+            layout,
+            root,
+            interception,
+            workload_cert: true,
+            envoy_template: None,
+            xds_agent_debug: None,
+            envoy_log_level: None,
+        }
+    }
+
+    #[test]
+    fn capture_and_privileges_decide_the_dns_and_whitebox_variables() {
+        let none = Env::default();
+        let captured = setup("10.0.0.1:15012", true, Interception::Iptables).agent_env(&none);
+        assert_eq!(captured["ISTIO_META_DNS_CAPTURE"], "true");
+        assert_eq!(captured["DNS_PROXY_ADDR"], "localhost:53");
+        assert!(!captured.contains_key("ISTIO_META_INTERCEPTION_MODE"));
+        assert!(!captured.contains_key("ISTIO_META_UNPRIVILEGED_POD"));
+        assert_eq!(captured["CA_PROVIDER"], "GoogleGkeWorkloadCertificate");
+        assert_eq!(captured["DISABLE_ENVOY"], "true");
+        assert_eq!(captured["GCP_METADATA"], "|||");
+        assert_eq!(
+            captured["GRPC_XDS_BOOTSTRAP"],
+            "/base/etc/istio/proxy/grpc_bootstrap.json"
+        );
+        let whitebox = setup("10.0.0.1:15012", false, Interception::Whitebox).agent_env(&none);
+        assert_eq!(whitebox["ISTIO_META_UNPRIVILEGED_POD"], "true");
+        assert!(!whitebox.contains_key("ISTIO_META_DNS_CAPTURE"));
+    }
+
+    #[test]
+    fn facts_krun_established_override_the_user_and_the_rest_yields() {
+        let user: Env = [
+            ("ISTIO_META_INTERCEPTION_MODE", "REDIRECT"),
+            ("DISABLE_ENVOY", "false"),
+            ("POD_NAME", "mine"),
+        ]
+        .into_iter()
+        .collect();
+        let out = setup("a:443", true, Interception::Whitebox).agent_env(&user);
+        assert_eq!(out["ISTIO_META_INTERCEPTION_MODE"], "NONE");
+        assert_eq!(out["DISABLE_ENVOY"], "true");
+        assert!(
+            !out.contains_key("POD_NAME"),
+            "inherited from krun: the user's value"
+        );
+        assert_eq!(out["PILOT_CERT_PROVIDER"], "system");
+    }
+}

@@ -403,3 +403,116 @@ pub fn set_up(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        pairs.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    fn workload(pairs: &[(&str, &str)], inputs: &AgentInputs, hostname: Option<&str>) -> Workload {
+        let env = env(pairs);
+        let config = Config::from_env(&env).expect("valid env");
+        Workload::resolve(
+            &config,
+            inputs,
+            &env,
+            hostname.map(str::to_owned),
+            1700000000,
+        )
+    }
+
+    #[test]
+    fn pod_name_follows_the_reference_order_and_uses_the_real_hostname() {
+        let with_id = AgentInputs {
+            instance_id: Some("0123456789abcdef".into()),
+            ..AgentInputs::default()
+        };
+        let rev = [("K_SERVICE", "fortio"), ("K_REVISION", "fortio-001")];
+        assert_eq!(
+            workload(&rev, &with_id, None).pod_name,
+            "fortio-001-01234567"
+        );
+        let none = AgentInputs::default();
+        assert_eq!(
+            workload(&rev, &none, None).pod_name,
+            "fortio-001-1700000000"
+        );
+        let svc = [("K_SERVICE", "fortio"), ("HOSTNAME", "from-env")];
+        assert_eq!(workload(&svc, &none, Some("host")).pod_name, "from-env");
+        // HOSTNAME unset: the machine's host name, not an empty string (§13.1.9).
+        assert_eq!(workload(&svc[..1], &none, Some("host")).pod_name, "host");
+        assert_eq!(
+            workload(&svc[..1], &none, None).pod_name,
+            "fortio--1700000000"
+        );
+        assert_eq!(workload(&svc[..1], &none, None).revision, "v1");
+    }
+
+    #[test]
+    fn environment_wins_over_discovered_and_mesh_env_values() {
+        let inputs = AgentInputs {
+            project_number: Some("111".into()),
+            project_id: Some("discovered".into()),
+            mesh_env: [("MESH_TENANT".to_owned(), "t1".to_owned())].into(),
+            ..AgentInputs::default()
+        };
+        let w = workload(&[("PROJECT_NUMBER", "222")], &inputs, None);
+        assert_eq!(w.project_number.as_deref(), Some("222"));
+        assert_eq!(w.project_id.as_deref(), Some("discovered"));
+        assert_eq!(w.trust_domain.as_deref(), Some("discovered.svc.id.goog"));
+        assert!(w.has_tenant());
+        assert!(!workload(&[("MESH_TENANT", "-")], &inputs, None).has_tenant());
+    }
+
+    /// Traffic Director with zone and node id as the metadata layer hands them over.
+    #[test]
+    fn traffic_director_bootstrap_uses_the_given_zone_and_node_id() {
+        let dir = std::env::temp_dir().join(format!("krun-td-{}", std::process::id()));
+        let base = dir.display().to_string();
+        let env = env(&[
+            ("MESH", "td:project=42&mesh_name=prod"),
+            ("MESH_BASE_DIR", &base),
+            ("KRUN_ENVOY_PATH", "/bin/sh"),
+        ]);
+        let config = Config::from_env(&env).expect("valid env");
+        let inputs = AgentInputs {
+            zone: Some("europe-west1-b".into()),
+            node_id: Some("8f0c~10.8.0.3".into()),
+            ..AgentInputs::default()
+        };
+        let mut plan = ProcessPlan::default();
+        let app_env = set_up(&config, &inputs, &env, &mut plan).expect("set up");
+        assert!(app_env.is_empty());
+        assert_eq!(plan.processes[0].name, td::ENVOY_PROCESS);
+        assert_eq!(plan.app_depends_on, vec![0]);
+        let rendered = std::fs::read_to_string(dir.join("etc/istio/proxy/td_bootstrap.yaml"))
+            .expect("bootstrap written");
+        assert!(rendered.contains("id: \"projects/42/networks/mesh:prod/nodes/8f0c~10.8.0.3\""));
+        assert!(rendered.contains("zone: \"europe-west1-b\""));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn traffic_director_without_a_project_number_is_an_error_naming_mesh() {
+        let env = env(&[
+            ("MESH", "td:mesh_name=prod"),
+            ("KRUN_ENVOY_PATH", "/bin/sh"),
+        ]);
+        let config = Config::from_env(&env).expect("valid env");
+        let err = set_up(
+            &config,
+            &AgentInputs::default(),
+            &env,
+            &mut ProcessPlan::default(),
+        )
+        .expect_err("no project number")
+        .to_string();
+        assert!(
+            err.starts_with("MESH=td:mesh_name=prod: Traffic Director needs the project number"),
+            "{err}"
+        );
+    }
+}
