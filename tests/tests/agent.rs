@@ -140,6 +140,14 @@ impl Record {
     }
 }
 
+/// The `PROXY_CONFIG` krun generates for the stand-in Envoy.
+fn proxy_config(xds: &str) -> String {
+    format!(
+        r#"{{"binaryPath":"{}","discoveryAddress":"{xds}"}}"#,
+        binary("envoy").display()
+    )
+}
+
 fn assert_env(env: &BTreeMap<String, String>, expected: &[(&str, &str)]) {
     for (name, value) in expected {
         assert_eq!(
@@ -225,7 +233,8 @@ fn sidecar_gets_the_reference_command_environment_identity_and_files() {
     assert_env(
         &env,
         &[
-            ("PROXY_CONFIG", r#"{"discoveryAddress":"10.128.0.5:15012"}"#),
+            // The stand-in Envoy is not at pilot-agent's default path: krun says where it is.
+            ("PROXY_CONFIG", &proxy_config("10.128.0.5:15012")),
             ("ISTIOD_SAN", "istiod.istio-system.svc"),
             ("POD_NAMESPACE", "fortio"),
             ("ISTIO_META_WORKLOAD_NAME", "fortio"),
@@ -464,7 +473,7 @@ fn a_managed_control_plane_tenant_selects_mcp_and_its_variables() {
         &[
             (
                 "PROXY_CONFIG",
-                r#"{"discoveryAddress":"meshconfig.googleapis.com:443"}"#,
+                &proxy_config("meshconfig.googleapis.com:443"),
             ),
             ("XDS_ROOT_CA", "SYSTEM"),
             ("CA_ROOT_CA", "SYSTEM"),

@@ -32,6 +32,9 @@ pub struct AgentSetup {
     pub workload_cert: bool,
     /// Envoy's bootstrap template, `None` when Envoy or its template is missing (grpc-agent).
     pub envoy_template: Option<PathBuf>,
+    /// Envoy's binary when `KRUN_ENVOY_PATH` moved it from pilot-agent's default (passed as
+    /// ProxyConfig `binaryPath`).
+    pub envoy_binary: Option<PathBuf>,
     /// `XDS_AGENT_DEBUG`.
     pub xds_agent_debug: Option<String>,
     /// `ENVOY_LOG_LEVEL`.
@@ -76,10 +79,11 @@ impl AgentSetup {
                 out.insert(name.to_owned(), value);
             }
         };
-        add(
-            "PROXY_CONFIG",
-            serde_json::json!({ "discoveryAddress": self.xds }).to_string(),
-        );
+        let mut proxy_config = serde_json::json!({ "discoveryAddress": self.xds });
+        if let Some(envoy) = &self.envoy_binary {
+            proxy_config["binaryPath"] = serde_json::json!(envoy.display().to_string());
+        }
+        add("PROXY_CONFIG", proxy_config.to_string());
         if xds::is_istiod(&self.xds) {
             add("ISTIOD_SAN", "istiod.istio-system.svc".to_owned());
         } else {
@@ -240,6 +244,7 @@ mod tests {
             interception,
             workload_cert: true,
             envoy_template: None,
+            envoy_binary: None,
             xds_agent_debug: None,
             envoy_log_level: None,
         }

@@ -5,11 +5,15 @@
 //! The certificate provider is a `file_watcher` on the identity layer's files, which are
 //! rotated atomically, so gRPC picks up new certificates without a restart.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use super::Workload;
+use super::layout::Layout;
+use super::{AgentInputs, DataPlaneError, Workload};
+use crate::config::{Config, Env};
+use crate::files::write_atomic;
 
 /// How often gRPC re-reads the certificate files.
 pub const REFRESH_INTERVAL: &str = "900s";
@@ -117,4 +121,39 @@ pub fn render(
         },
         "server_listener_resource_name_template": SERVER_LISTENER_TEMPLATE,
     })
+}
+
+/// Writes the bootstrap (0644) for an XDS address without an agent and returns the app's
+/// additions (`GRPC_XDS_BOOTSTRAP` and the experimental flags).
+pub fn write(
+    config: &Config,
+    inputs: &AgentInputs,
+    env: &Env,
+    workload: &Workload,
+    xds: &str,
+    layout: &Layout,
+) -> Result<BTreeMap<String, String>, DataPlaneError> {
+    let path = super::env::grpc_bootstrap_path(
+        config.grpc_xds_bootstrap.as_ref().map(|s| s.value.as_str()),
+        layout,
+    )
+    .map_err(DataPlaneError::write(config))?;
+    let cert_dir = inputs
+        .cert_dir
+        .clone()
+        .unwrap_or_else(|| layout.output_certs());
+    let certs = CertFiles::in_dir(&cert_dir);
+    let missing = certs.missing();
+    if !missing.is_empty() {
+        tracing::warn!(
+            ?missing,
+            "the gRPC bootstrap points at certificate files that do not exist yet; proxyless mTLS fails until the identity layer writes them"
+        );
+    }
+    let ip = inputs.instance_ip.as_deref().unwrap_or("127.0.0.1");
+    let json = render(xds, workload, &certs, ip, inputs.zone.as_deref());
+    let text = serde_json::to_string_pretty(&json).unwrap_or_default();
+    write_atomic(&path, text.as_bytes(), 0o644).map_err(DataPlaneError::write(config))?;
+    tracing::info!(path = %path.display(), %xds, "proxyless gRPC bootstrap written");
+    Ok(super::env::app_env(env, &path, false))
 }

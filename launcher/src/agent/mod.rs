@@ -15,16 +15,17 @@ pub mod layout;
 pub mod mode;
 pub mod pilot;
 pub mod td;
+pub mod workload;
 pub mod xds;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::config::{Config, Env};
-use crate::files::write_atomic;
 use crate::processes::ProcessPlan;
 use layout::Layout;
 use mode::Plan;
+pub use workload::Workload;
 
 /// The pilot-agent readiness endpoint (`/healthz/ready` on the status port).
 pub const AGENT_READY_URL: &str = "http://127.0.0.1:15021/healthz/ready";
@@ -85,102 +86,6 @@ pub struct AgentInputs {
     pub workload_cert: bool,
     /// How traffic is captured.
     pub interception: Interception,
-}
-
-/// A value from the environment first, then the given fallback.
-fn pick(env: Option<&crate::config::Setting<String>>, fallback: &Option<String>) -> Option<String> {
-    env.map(|s| s.value.clone())
-        .or_else(|| fallback.clone())
-        .filter(|v| !v.is_empty())
-}
-
-/// The workload as the agent sees it: every identity value resolved once, env first.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Workload {
-    /// K8s namespace.
-    pub namespace: String,
-    /// Canonical service name.
-    pub name: String,
-    /// Canonical revision (`K_REVISION`, else `v1`).
-    pub revision: String,
-    /// Pod name as Istio sees it.
-    pub pod_name: String,
-    /// KSA.
-    pub service_account: String,
-    /// Gateway name (`router` mode).
-    pub gateway: Option<String>,
-    /// MCP tenant, `-` for in-cluster istiod.
-    pub tenant: Option<String>,
-    /// Project id.
-    pub project_id: Option<String>,
-    /// Project number.
-    pub project_number: Option<String>,
-    /// Cluster name.
-    pub cluster_name: Option<String>,
-    /// Cluster location.
-    pub cluster_location: Option<String>,
-    /// Trust domain.
-    pub trust_domain: Option<String>,
-}
-
-impl Workload {
-    /// Resolves the workload from the configuration and the discovered inputs. `hostname` is
-    /// the machine's host name (POD_NAME fallback when `HOSTNAME` is unset, §13.1.9) and
-    /// `now_secs` the current Unix time (last-resort pod name suffix).
-    pub fn resolve(
-        config: &Config,
-        inputs: &AgentInputs,
-        env: &Env,
-        hostname: Option<String>,
-        now_secs: u64,
-    ) -> Workload {
-        let mesh_env = |key: &str| inputs.mesh_env.get(key).cloned();
-        let namespace = config
-            .workload_namespace
-            .as_ref()
-            .map_or_else(|| "default".to_owned(), |s| s.value.clone());
-        let name = config
-            .workload_name
-            .as_ref()
-            .map_or_else(|| namespace.clone(), |s| s.value.clone());
-        let revision = config.k_revision.as_ref().map(|s| s.value.clone());
-        let pod_name = match (&revision, &inputs.instance_id) {
-            (Some(rev), Some(id)) => format!("{rev}-{}", id.chars().take(8).collect::<String>()),
-            (Some(rev), None) => format!("{rev}-{now_secs}"),
-            (None, _) => env
-                .get("HOSTNAME")
-                .map(str::to_owned)
-                .or(hostname)
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| format!("{name}--{now_secs}")),
-        };
-        let project_id =
-            pick(config.project_id.as_ref(), &inputs.project_id).or_else(|| mesh_env("PROJECT_ID"));
-        let trust_domain = pick(config.trust_domain.as_ref(), &inputs.trust_domain)
-            .or_else(|| project_id.as_ref().map(|p| format!("{p}.svc.id.goog")));
-        Workload {
-            revision: revision.unwrap_or_else(|| "v1".to_owned()),
-            pod_name,
-            service_account: config.workload_service_account.value.clone(),
-            gateway: config.gateway_name.as_ref().map(|s| s.value.clone()),
-            tenant: pick(config.mesh_tenant.as_ref(), &mesh_env("MESH_TENANT")),
-            project_number: pick(config.project_number.as_ref(), &inputs.project_number)
-                .or_else(|| mesh_env("PROJECT_NUMBER")),
-            cluster_name: pick(config.cluster_name.as_ref(), &inputs.cluster_name)
-                .or_else(|| mesh_env("CLUSTER_NAME")),
-            cluster_location: pick(config.cluster_location.as_ref(), &inputs.cluster_location)
-                .or_else(|| mesh_env("CLUSTER_LOCATION")),
-            project_id,
-            trust_domain,
-            namespace,
-            name,
-        }
-    }
-
-    /// True when a managed control plane tenant is configured (not empty, not `-`).
-    pub fn has_tenant(&self) -> bool {
-        self.tenant.as_deref().is_some_and(|t| t != "-")
-    }
 }
 
 /// Envoy's `config_dump` on the admin port, saved when the proxy is never ready so the operator
@@ -249,6 +154,16 @@ pub enum DataPlaneError {
     Conflict(String),
 }
 
+impl DataPlaneError {
+    /// Maps an I/O error on the mesh files (it names the path) to [`DataPlaneError::Write`].
+    pub fn write(config: &Config) -> impl Fn(std::io::Error) -> DataPlaneError + '_ {
+        |cause| DataPlaneError::Write {
+            base: config.mesh_base_dir.value.display().to_string(),
+            cause,
+        }
+    }
+}
+
 /// Decides the data plane, prepares its files and adds its process to `processes` (the app
 /// depends on it). Returns what the app's environment gains (gRPC bootstrap, proxy settings).
 pub fn set_up(
@@ -278,129 +193,26 @@ pub fn set_up(
         &config.pilot_agent_path.value,
         &config.envoy_path.value,
     )?;
-    let base = config.mesh_base_dir.value.display().to_string();
-    let write_err = |cause| DataPlaneError::Write {
-        base: base.clone(),
-        cause,
+    let dataplane = match choice.plan {
+        Plan::Agent { .. } | Plan::TrafficDirector(_) => "envoy",
+        Plan::Builtin { .. } => "builtin",
+        Plan::None => "none",
     };
-    let layout = Layout::new(&config.mesh_base_dir.value).map_err(write_err)?;
-    let root = nix::unistd::geteuid().is_root();
-    let budget = config.agent_ready_timeout.value;
+    tracing::info!(dataplane, "data plane: {}", choice.why);
+    let layout = Layout::new(&config.mesh_base_dir.value).map_err(DataPlaneError::write(config))?;
     match choice.plan {
-        Plan::Agent { xds } => {
-            tracing::info!(dataplane = "envoy", "data plane: {}", choice.why);
-            let setup = pilot::setup(config, inputs, workload, xds, root).map_err(write_err)?;
-            pilot::prepare(&setup).map_err(write_err)?;
-            tracing::info!(
-                command = ?setup.argv(&config.pilot_agent_path.value),
-                interception = ?setup.interception,
-                grpc_bootstrap = %setup.grpc_bootstrap.display(),
-                envoy = setup.envoy_template.is_some(),
-                "pilot-agent prepared; the app starts once it is ready"
-            );
-            processes
-                .add_app_dependency(pilot::process(
-                    &setup,
-                    &config.pilot_agent_path.value,
-                    env,
-                    budget,
-                ))
-                .map_err(DataPlaneError::Conflict)?;
-            let whitebox =
-                setup.interception == Interception::Whitebox && setup.envoy_template.is_some();
-            Ok(env::app_env(env, &setup.grpc_bootstrap, whitebox))
-        }
+        Plan::Agent { xds } => pilot::start(config, inputs, env, workload, xds, processes),
         Plan::TrafficDirector(mesh) => {
-            tracing::info!(dataplane = "envoy", "data plane: {}", choice.why);
-            let project_number = mesh
-                .project_number
-                .clone()
-                .or_else(|| workload.project_number.clone())
-                .ok_or_else(|| {
-                    DataPlaneError::TdProjectNumber(
-                        config
-                            .mesh
-                            .as_ref()
-                            .map(|s| s.value.clone())
-                            .unwrap_or_default(),
-                    )
-                })?;
-            let bootstrap = td::TdBootstrap {
-                project_number,
-                network: mesh.network,
-                node_id: inputs
-                    .node_id
-                    .clone()
-                    .unwrap_or_else(|| td::node_id(inputs.instance_ip.as_deref())),
-                zone: inputs
-                    .zone
-                    .clone()
-                    .unwrap_or_else(|| td::DEFAULT_ZONE.to_owned()),
-                envoy_port: ENVOY_OUTBOUND_PORT,
-                admin_port: ENVOY_ADMIN_PORT,
-            };
-            let path = layout.td_bootstrap();
-            layout.prepare(root).map_err(write_err)?;
-            write_atomic(&path, bootstrap.render()?.as_bytes(), 0o644).map_err(write_err)?;
-            tracing::info!(
-                node_id = %bootstrap.node_id, zone = %bootstrap.zone,
-                bootstrap = %path.display(), "Traffic Director bootstrap written"
-            );
-            processes
-                .add_app_dependency(td::envoy_process(
-                    &config.envoy_path.value,
-                    path,
-                    &layout,
-                    root,
-                    budget,
-                ))
-                .map_err(DataPlaneError::Conflict)?;
+            td::start(config, inputs, &workload, mesh, &layout, processes)?;
             Ok(BTreeMap::new())
         }
         Plan::Builtin {
             proxyless_xds: Some(xds),
-        } => {
-            tracing::info!(dataplane = "builtin", "data plane: {}", choice.why);
-            let path = env::grpc_bootstrap_path(
-                config.grpc_xds_bootstrap.as_ref().map(|s| s.value.as_str()),
-                &layout,
-            )
-            .map_err(write_err)?;
-            let certs = grpc_bootstrap::CertFiles::in_dir(
-                &inputs
-                    .cert_dir
-                    .clone()
-                    .unwrap_or_else(|| layout.output_certs()),
-            );
-            let missing = certs.missing();
-            if !missing.is_empty() {
-                tracing::warn!(
-                    ?missing,
-                    "gRPC bootstrap points at certificate files that do not exist yet; proxyless mTLS fails until the identity layer writes them"
-                );
-            }
-            let json = grpc_bootstrap::render(
-                &xds,
-                &workload,
-                &certs,
-                inputs.instance_ip.as_deref().unwrap_or("127.0.0.1"),
-                inputs.zone.as_deref(),
-            );
-            let text = serde_json::to_string_pretty(&json).unwrap_or_default();
-            write_atomic(&path, text.as_bytes(), 0o644).map_err(write_err)?;
-            tracing::info!(path = %path.display(), %xds, "proxyless gRPC bootstrap written");
-            Ok(env::app_env(env, &path, false))
-        }
+        } => grpc_bootstrap::write(config, inputs, env, &workload, &xds, &layout),
         Plan::Builtin {
             proxyless_xds: None,
-        } => {
-            tracing::info!(dataplane = "builtin", "data plane: {}", choice.why);
-            Ok(BTreeMap::new())
         }
-        Plan::None => {
-            tracing::info!(dataplane = "none", "data plane: {}", choice.why);
-            Ok(BTreeMap::new())
-        }
+        | Plan::None => Ok(BTreeMap::new()),
     }
 }
 
@@ -410,61 +222,6 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Env {
         pairs.iter().map(|(k, v)| (*k, *v)).collect()
-    }
-
-    fn workload(pairs: &[(&str, &str)], inputs: &AgentInputs, hostname: Option<&str>) -> Workload {
-        let env = env(pairs);
-        let config = Config::from_env(&env).expect("valid env");
-        Workload::resolve(
-            &config,
-            inputs,
-            &env,
-            hostname.map(str::to_owned),
-            1700000000,
-        )
-    }
-
-    #[test]
-    fn pod_name_follows_the_reference_order_and_uses_the_real_hostname() {
-        let with_id = AgentInputs {
-            instance_id: Some("0123456789abcdef".into()),
-            ..AgentInputs::default()
-        };
-        let rev = [("K_SERVICE", "fortio"), ("K_REVISION", "fortio-001")];
-        assert_eq!(
-            workload(&rev, &with_id, None).pod_name,
-            "fortio-001-01234567"
-        );
-        let none = AgentInputs::default();
-        assert_eq!(
-            workload(&rev, &none, None).pod_name,
-            "fortio-001-1700000000"
-        );
-        let svc = [("K_SERVICE", "fortio"), ("HOSTNAME", "from-env")];
-        assert_eq!(workload(&svc, &none, Some("host")).pod_name, "from-env");
-        // HOSTNAME unset: the machine's host name, not an empty string (§13.1.9).
-        assert_eq!(workload(&svc[..1], &none, Some("host")).pod_name, "host");
-        assert_eq!(
-            workload(&svc[..1], &none, None).pod_name,
-            "fortio--1700000000"
-        );
-        assert_eq!(workload(&svc[..1], &none, None).revision, "v1");
-    }
-
-    #[test]
-    fn environment_wins_over_discovered_and_mesh_env_values() {
-        let inputs = AgentInputs {
-            project_number: Some("111".into()),
-            project_id: Some("discovered".into()),
-            mesh_env: [("MESH_TENANT".to_owned(), "t1".to_owned())].into(),
-            ..AgentInputs::default()
-        };
-        let w = workload(&[("PROJECT_NUMBER", "222")], &inputs, None);
-        assert_eq!(w.project_number.as_deref(), Some("222"));
-        assert_eq!(w.project_id.as_deref(), Some("discovered"));
-        assert_eq!(w.trust_domain.as_deref(), Some("discovered.svc.id.goog"));
-        assert!(w.has_tenant());
-        assert!(!workload(&[("MESH_TENANT", "-")], &inputs, None).has_tenant());
     }
 
     /// Traffic Director with zone and node id as the metadata layer hands them over.

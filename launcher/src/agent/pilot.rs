@@ -3,6 +3,7 @@
 //! pilot-agent and Envoy already write their own structured lines, and a prefix would break
 //! Cloud Logging's parsing of them.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,13 +12,13 @@ use nix::unistd::{Gid, Uid};
 use super::env::{AgentSetup, grpc_bootstrap_path};
 use super::layout::Layout;
 use super::{
-    AGENT_READY_URL, AgentInputs, Interception, PROXY_GID, Workload, config_dump_evidence,
-    envoy_graceful_stop, is_executable,
+    AGENT_READY_URL, AgentInputs, DataPlaneError, Interception, PROXY_GID, Workload,
+    config_dump_evidence, envoy_graceful_stop, is_executable,
 };
 use crate::config::{Config, Env, names};
 use crate::files::write_atomic;
 use crate::probe::{Check, Probe};
-use crate::processes::{ProcessSpec, ReadyBudget, RestartPolicy};
+use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy};
 use crate::supervisor::RunAs;
 
 /// Process name in logs and messages.
@@ -55,6 +56,9 @@ pub fn setup(
             .find(|p| p.is_file())
         })
         .flatten();
+    let envoy_binary = (envoy_template.is_some()
+        && config.envoy_path.value != Path::new(crate::config::DEFAULT_ENVOY_PATH))
+    .then(|| config.envoy_path.value.clone());
     let grpc_bootstrap = grpc_bootstrap_path(
         config.grpc_xds_bootstrap.as_ref().map(|s| s.value.as_str()),
         &layout,
@@ -69,6 +73,7 @@ pub fn setup(
         interception,
         workload_cert: inputs.workload_cert,
         envoy_template,
+        envoy_binary,
         xds_agent_debug: config.xds_agent_debug.as_ref().map(|s| s.value.clone()),
         envoy_log_level: config.envoy_log_level.as_ref().map(|s| s.value.clone()),
     })
@@ -128,4 +133,34 @@ pub fn process(setup: &AgentSetup, pilot_agent: &Path, env: &Env, budget: Durati
         // Without Envoy (grpc-agent) there is nothing to drain: SIGTERM at once.
         graceful_stop: setup.envoy_template.is_some().then(envoy_graceful_stop),
     }
+}
+
+/// Prepares pilot-agent's files, adds it to `processes` and returns the app's additions.
+pub fn start(
+    config: &Config,
+    inputs: &AgentInputs,
+    env: &Env,
+    workload: Workload,
+    xds: String,
+    processes: &mut ProcessPlan,
+) -> Result<BTreeMap<String, String>, DataPlaneError> {
+    let root = nix::unistd::geteuid().is_root();
+    let setup =
+        setup(config, inputs, workload, xds, root).map_err(DataPlaneError::write(config))?;
+    prepare(&setup).map_err(DataPlaneError::write(config))?;
+    let pilot_agent = &config.pilot_agent_path.value;
+    tracing::info!(
+        command = ?setup.argv(pilot_agent),
+        interception = ?setup.interception,
+        grpc_bootstrap = %setup.grpc_bootstrap.display(),
+        envoy = setup.envoy_template.is_some(),
+        "pilot-agent prepared; the app starts once it is ready"
+    );
+    let budget = config.agent_ready_timeout.value;
+    processes
+        .add_app_dependency(process(&setup, pilot_agent, env, budget))
+        .map_err(DataPlaneError::Conflict)?;
+    // Envoy's HTTP proxy on 15007 exists only with Envoy and without capture.
+    let http_proxy = setup.interception == Interception::Whitebox && setup.envoy_template.is_some();
+    Ok(super::env::app_env(env, &setup.grpc_bootstrap, http_proxy))
 }

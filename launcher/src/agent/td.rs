@@ -8,9 +8,14 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{Gid, Uid};
 
 use super::layout::Layout;
-use super::{ENVOY_ADMIN_PORT, PROXY_GID, PROXY_UID, config_dump_evidence, envoy_graceful_stop};
+use super::{
+    AgentInputs, DataPlaneError, ENVOY_ADMIN_PORT, ENVOY_OUTBOUND_PORT, PROXY_GID, PROXY_UID,
+    Workload, config_dump_evidence, envoy_graceful_stop,
+};
+use crate::config::Config;
+use crate::files::write_atomic;
 use crate::probe::{Check, Probe};
-use crate::processes::{ProcessSpec, ReadyBudget, RestartPolicy};
+use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy};
 use crate::supervisor::RunAs;
 
 /// The bootstrap template, with `{{NAME}}` placeholders.
@@ -192,6 +197,64 @@ pub fn envoy_process(
         }),
         graceful_stop: Some(envoy_graceful_stop()),
     }
+}
+
+/// Renders and writes the bootstrap and adds Envoy to `processes`. The project number comes
+/// from `MESH`, else the workload's (env, metadata, mesh-env); zone and node id from `inputs`.
+pub fn start(
+    config: &Config,
+    inputs: &AgentInputs,
+    workload: &Workload,
+    mesh: TdMesh,
+    layout: &Layout,
+    processes: &mut ProcessPlan,
+) -> Result<(), DataPlaneError> {
+    let mesh_value = || {
+        config
+            .mesh
+            .as_ref()
+            .map(|s| s.value.clone())
+            .unwrap_or_default()
+    };
+    let project_number = mesh
+        .project_number
+        .or_else(|| workload.project_number.clone())
+        .ok_or_else(|| DataPlaneError::TdProjectNumber(mesh_value()))?;
+    let bootstrap = TdBootstrap {
+        project_number,
+        network: mesh.network,
+        node_id: inputs
+            .node_id
+            .clone()
+            .unwrap_or_else(|| node_id(inputs.instance_ip.as_deref())),
+        zone: inputs
+            .zone
+            .clone()
+            .unwrap_or_else(|| DEFAULT_ZONE.to_owned()),
+        envoy_port: ENVOY_OUTBOUND_PORT,
+        admin_port: ENVOY_ADMIN_PORT,
+    };
+    let root = nix::unistd::geteuid().is_root();
+    let path = layout.td_bootstrap();
+    layout
+        .prepare(root)
+        .map_err(DataPlaneError::write(config))?;
+    write_atomic(&path, bootstrap.render()?.as_bytes(), 0o644)
+        .map_err(DataPlaneError::write(config))?;
+    tracing::info!(
+        node_id = %bootstrap.node_id, zone = %bootstrap.zone,
+        bootstrap = %path.display(), "Traffic Director bootstrap written"
+    );
+    let envoy = envoy_process(
+        &config.envoy_path.value,
+        path,
+        layout,
+        root,
+        config.agent_ready_timeout.value,
+    );
+    processes
+        .add_app_dependency(envoy)
+        .map_err(DataPlaneError::Conflict)
 }
 
 #[cfg(test)]
