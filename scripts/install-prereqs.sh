@@ -5,6 +5,8 @@ set -euo pipefail
 
 need_apt=()
 command -v unshare >/dev/null || need_apt+=(util-linux)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
+command -v ip >/dev/null || need_apt+=(iproute2)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v sha256sum >/dev/null || need_apt+=(coreutils)
 command -v tini >/dev/null || [ -x /usr/bin/tini ] || need_apt+=(tini)

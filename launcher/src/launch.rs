@@ -4,10 +4,13 @@
 
 use std::time::Instant;
 
+use std::collections::BTreeMap;
+
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, StartupProbe};
-use crate::dataplane::{self, MeshSide};
+use crate::agent::AgentInputs;
+use crate::config::{Config, Env, StartupProbe};
+use crate::dataplane::MeshSide;
 use crate::probe::{Check, Probe};
 use crate::processes::ProcessPlan;
 use crate::startup::PhaseClock;
@@ -16,13 +19,19 @@ use crate::supervisor::{AppSpec, Phase, RunAs, Supervisor, Timeouts};
 /// Runs the workload to completion and returns krun's exit code.
 pub async fn run(
     config: Config,
-    plan: ProcessPlan,
+    env: &Env,
+    mut plan: ProcessPlan,
     argv: Vec<String>,
     started: Instant,
 ) -> anyhow::Result<u8> {
     let mut clock = PhaseClock::new(started);
     clock.mark("config");
-    let app = (!argv.is_empty()).then(|| app_spec(&config, argv));
+    // Discovery (metadata, mesh-env) and identity (token, certificates) fill these in once
+    // they are wired before this point; with none of them the data plane choice sees only
+    // the environment.
+    let inputs = AgentInputs::default();
+    let dataplane = crate::agent::set_up(&config, &inputs, env, &mut plan)?;
+    let app = (!argv.is_empty()).then(|| app_spec(&config, argv, dataplane.app_env));
     if app.is_none() {
         tracing::info!(
             "no app given: sidecar mode, krun runs only the mesh side and declared processes"
@@ -35,9 +44,8 @@ pub async fn run(
     // The supervisor first: it installs the signal handlers, so a SIGTERM during the rest of
     // startup drains instead of killing krun.
     let mut supervisor = Supervisor::new(plan, app, timeouts, clock)?;
-    let mode = dataplane::choose(&config);
     let drain = CancellationToken::new();
-    let mut mesh = MeshSide::start(&config, mode, drain.clone()).await?;
+    let mut mesh = MeshSide::start(&config, dataplane.mode, drain.clone()).await?;
     supervisor.clock().mark("dataplane");
     mesh.open_tunnel_when_ready(&config, supervisor.phase(), supervisor.fail_handle());
     let mut phase = supervisor.phase();
@@ -54,8 +62,9 @@ pub async fn run(
 }
 
 /// How the app is started and when it counts as ready.
-fn app_spec(config: &Config, argv: Vec<String>) -> AppSpec {
+fn app_spec(config: &Config, argv: Vec<String>, env: BTreeMap<String, String>) -> AppSpec {
     AppSpec {
+        env,
         argv,
         port: config.app_port(),
         run_as: RunAs::resolve(

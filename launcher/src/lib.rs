@@ -4,8 +4,10 @@
 //!
 //! [`launch::run`] is the startup graph; each module below owns one job.
 
+pub mod agent;
 pub mod config;
 pub mod dataplane;
+pub mod files;
 pub mod launch;
 pub mod logging;
 pub mod probe;

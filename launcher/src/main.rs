@@ -41,7 +41,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli, started: Instant) -> anyhow::Result<u8> {
-    let config = Config::from_env(&Env::from_process())?;
+    let env = Env::from_process();
+    let config = Config::from_env(&env)?;
     krun::logging::init(config.log_format.value, config.mesh_debug.value);
     for name in &config.unknown_vars {
         tracing::warn!(variable = %name, "unknown KRUN_ variable ignored; check its spelling against docs/configuration.md");
@@ -59,5 +60,5 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<u8> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(krun::launch::run(config, plan, cli.app, started))
+    runtime.block_on(krun::launch::run(config, &env, plan, cli.app, started))
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -27,6 +27,9 @@ pub enum Check {
     Tcp(String),
     /// An HTTP/1.1 GET answers 200-399 (Cloud Run's rule).
     Http(String),
+    /// An HTTP/1.1 GET answers 200 with a body holding each of these lines (Envoy's admin
+    /// `/stats`: `server.state: 0` means LIVE).
+    HttpLines(String, Vec<String>),
     /// A command exits 0.
     Exec(Vec<String>),
 }
@@ -36,6 +39,7 @@ impl std::fmt::Display for Check {
         match self {
             Check::Tcp(addr) => write!(f, "tcp {addr}"),
             Check::Http(url) => write!(f, "http {url}"),
+            Check::HttpLines(url, lines) => write!(f, "http {url} with {}", lines.join(", ")),
             Check::Exec(cmd) => write!(f, "exec {}", cmd.join(" ")),
         }
     }
@@ -91,13 +95,53 @@ impl Probe {
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
-            Check::Http(url) => http_get(url).await,
+            Check::Http(url) => {
+                let (status, _) = http_get(url, 0).await?;
+                if (200..400).contains(&status) {
+                    Ok(())
+                } else {
+                    Err(format!("HTTP {status}"))
+                }
+            }
+            Check::HttpLines(url, expected) => {
+                let (status, body) = http_get(url, MAX_BODY).await?;
+                let body = String::from_utf8_lossy(&body);
+                let missing: Vec<&String> = expected
+                    .iter()
+                    .filter(|want| !body.lines().any(|line| line.trim() == want.as_str()))
+                    .collect();
+                match (status, missing.is_empty()) {
+                    (200, true) => Ok(()),
+                    (200, false) => Err(format!("no line {missing:?} in {:?}", body.trim())),
+                    _ => Err(format!("HTTP {status}")),
+                }
+            }
             Check::Exec(argv) => exec(reaper, argv, self.timeout).await,
         }
     }
 }
 
-async fn http_get(url: &str) -> Result<(), String> {
+/// Largest body a probe or [`http_get`] reads; Envoy's config_dump of a big mesh fits.
+const MAX_BODY: usize = 64 << 20;
+
+/// GETs `url` over HTTP/1.1 and returns the status and up to `limit` bytes of the body.
+pub async fn http_get(url: &str, limit: usize) -> Result<(u16, Bytes), String> {
+    http_request(hyper::Method::GET, url, limit).await
+}
+
+/// POSTs an empty body to `url` (Envoy admin commands such as `/drain_listeners`) and returns
+/// the status.
+pub async fn http_post(url: &str) -> Result<u16, String> {
+    http_request(hyper::Method::POST, url, 0)
+        .await
+        .map(|(status, _)| status)
+}
+
+async fn http_request(
+    method: hyper::Method,
+    url: &str,
+    limit: usize,
+) -> Result<(u16, Bytes), String> {
     let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
     let authority = uri.authority().ok_or("URL has no host")?.clone();
     let port = authority.port_u16().unwrap_or(80);
@@ -108,22 +152,31 @@ async fn http_get(url: &str) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let connection = tokio::spawn(conn);
-    let request = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(hyper::header::HOST, authority.as_str())
         .header(hyper::header::USER_AGENT, "krun-probe")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let result = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string());
-    connection.abort();
-    let status = result?.status();
-    if (200..400).contains(&status.as_u16()) {
-        Ok(())
-    } else {
-        Err(format!("HTTP {status}"))
+    let result = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        if limit == 0 {
+            return Ok((status, Bytes::new()));
+        }
+        let body = Limited::new(response.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the body: {e}"))?;
+        Ok((status, body.to_bytes()))
     }
+    .await;
+    connection.abort();
+    result
 }
 
 async fn exec(reaper: &Reaper, argv: &[String], limit: Duration) -> Result<(), String> {

@@ -21,13 +21,14 @@
 //! dependencies and cycles are startup errors that name the culprit.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::config::values;
 use crate::probe::{Check, Probe};
+use crate::supervisor::RunAs;
 
 /// Name under which the app appears in messages; no process may take it.
 pub const APP_NAME: &str = "app";
@@ -60,6 +61,70 @@ pub struct ProcessSpec {
     pub restart: RestartPolicy,
     /// Whether its final exit stops the whole container.
     pub required: bool,
+    /// Another identity (krun must be root): the mesh agent runs as uid 0 / gid 1337, the gid
+    /// that exempts it from traffic capture. Not settable from the file.
+    pub run_as: Option<RunAs>,
+    /// Working directory; `None` keeps krun's. The agent resolves its relative paths here.
+    pub cwd: Option<PathBuf>,
+    /// Its own readiness budget; `None` uses `KRUN_APP_READY_TIMEOUT`.
+    pub ready_budget: Option<ReadyBudget>,
+    /// How to stop it without cutting its connections; `None`: SIGTERM.
+    pub graceful_stop: Option<GracefulStop>,
+}
+
+/// How a proxy is stopped during the drain without cutting the connections it still carries
+/// (peers-and-users.md §7.2): drain its listeners, wait until its connections are gone, then
+/// SIGTERM it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GracefulStop {
+    /// Start stopping it this long before the drain deadline even while dependents still run,
+    /// so it finishes before the SIGKILL.
+    pub lead: Duration,
+    /// POSTed first (Envoy's `/drain_listeners?graceful`).
+    pub drain_url: String,
+    /// Passes once its connections are gone (Envoy's `server.total_connections: 0`); krun
+    /// SIGTERMs it then, or at the drain deadline.
+    pub idle: Probe,
+}
+
+/// How long a process may take to become ready, and what krun saves when it does not, so the
+/// operator has something to debug after the container is gone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadyBudget {
+    /// The budget.
+    pub timeout: Duration,
+    /// The variable that sets it, named in the error.
+    pub variable: &'static str,
+    /// Fetched and saved when the budget is spent (Envoy's `config_dump`).
+    pub evidence: Option<Evidence>,
+}
+
+/// A diagnostic document krun saves when a process is never ready.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evidence {
+    /// What it is, for the error message (e.g. `Envoy's config_dump`).
+    pub what: &'static str,
+    /// Where to GET it.
+    pub url: String,
+    /// Where to write it.
+    pub path: PathBuf,
+}
+
+impl ProcessPlan {
+    /// Adds a process the app depends on (the mesh agent): it starts first, the app waits for
+    /// its readiness, and the drain stops it only after the app has exited.
+    /// Fails when `KRUN_PROCESSES` already declares a process of that name.
+    pub fn add_app_dependency(&mut self, spec: ProcessSpec) -> Result<(), String> {
+        if self.processes.iter().any(|p| p.name == spec.name) {
+            return Err(format!(
+                "KRUN_PROCESSES declares a process named {:?}, which krun needs for the mesh agent; rename it",
+                spec.name
+            ));
+        }
+        self.app_depends_on.push(self.processes.len());
+        self.processes.push(spec);
+        Ok(())
+    }
 }
 
 /// What krun does when a process exits.
@@ -213,6 +278,10 @@ impl ProcessPlan {
                     .transpose()?,
                 restart: restart(p)?,
                 required: p.required.unwrap_or(true),
+                run_as: None,
+                cwd: None,
+                ready_budget: None,
+                graceful_stop: None,
             });
         }
         let app_depends_on = match &raw.app.depends_on {

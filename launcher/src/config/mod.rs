@@ -71,6 +71,7 @@ pub mod names {
     pub const KRUN_LOG_FORMAT: &str = "KRUN_LOG_FORMAT";
     pub const KRUN_PROCESSES: &str = "KRUN_PROCESSES";
     pub const KRUN_APP_READY_TIMEOUT: &str = "KRUN_APP_READY_TIMEOUT";
+    pub const KRUN_AGENT_READY_TIMEOUT: &str = "KRUN_AGENT_READY_TIMEOUT";
     pub const KRUN_PILOT_AGENT_PATH: &str = "KRUN_PILOT_AGENT_PATH";
     pub const KRUN_ENVOY_PATH: &str = "KRUN_ENVOY_PATH";
     pub const KRUN_FORWARD: &str = "KRUN_FORWARD";
@@ -90,6 +91,10 @@ pub const DEFAULT_HBONE_PORT: u16 = 15008;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 /// Default app readiness budget: Cloud Run's 240 s startup window.
 pub const DEFAULT_APP_READY_TIMEOUT: Duration = Duration::from_secs(240);
+/// Default mesh agent (pilot-agent or Envoy) readiness budget: generous, because the first
+/// XDS push of a large mesh over a cold connection can take minutes (the reference's fatal
+/// 10 s broke such starts, peers-and-users.md §7.1).
+pub const DEFAULT_AGENT_READY_TIMEOUT: Duration = Duration::from_secs(240);
 /// Default admin listener: loopback only, on a port Istio does not use.
 pub const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15030));
@@ -472,6 +477,8 @@ pub struct Config {
     pub processes: Option<Setting<PathBuf>>,
     /// App readiness budget.
     pub app_ready_timeout: Setting<Duration>,
+    /// pilot-agent / Envoy readiness budget.
+    pub agent_ready_timeout: Setting<Duration>,
     /// pilot-agent binary.
     pub pilot_agent_path: Setting<PathBuf>,
     /// Envoy binary.
@@ -500,6 +507,7 @@ const KNOWN_KRUN_VARS: &[&str] = &[
     KRUN_LOG_FORMAT,
     KRUN_PROCESSES,
     KRUN_APP_READY_TIMEOUT,
+    KRUN_AGENT_READY_TIMEOUT,
     KRUN_PILOT_AGENT_PATH,
     KRUN_ENVOY_PATH,
     KRUN_FORWARD,
@@ -620,6 +628,11 @@ impl Config {
                 values::duration,
                 DEFAULT_APP_READY_TIMEOUT,
             )?,
+            agent_ready_timeout: env.parsed_or(
+                KRUN_AGENT_READY_TIMEOUT,
+                values::duration,
+                DEFAULT_AGENT_READY_TIMEOUT,
+            )?,
             pilot_agent_path: env.parsed_or(
                 KRUN_PILOT_AGENT_PATH,
                 |v| Ok(PathBuf::from(v)),
@@ -738,6 +751,11 @@ impl Config {
             KRUN_APP_READY_TIMEOUT,
             json!(humantime::format_duration(self.app_ready_timeout.value).to_string()),
             self.app_ready_timeout.source,
+        );
+        out.value(
+            KRUN_AGENT_READY_TIMEOUT,
+            json!(humantime::format_duration(self.agent_ready_timeout.value).to_string()),
+            self.agent_ready_timeout.source,
         );
         out.one(KRUN_PILOT_AGENT_PATH, &self.pilot_agent_path);
         out.one(KRUN_ENVOY_PATH, &self.envoy_path);

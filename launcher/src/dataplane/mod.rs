@@ -36,22 +36,6 @@ pub struct MeshSide {
     ports: DeclaredPorts,
 }
 
-/// Which data plane runs, with the reason logged.
-pub fn choose(config: &Config) -> DataPlane {
-    let (mode, why) = match config.dataplane.value {
-        DataPlane::Auto if config.pilot_agent_path.value.exists() => {
-            (DataPlane::Envoy, "pilot-agent is installed")
-        }
-        DataPlane::Auto => (
-            DataPlane::Builtin,
-            "no pilot-agent at KRUN_PILOT_AGENT_PATH",
-        ),
-        explicit => (explicit, "KRUN_DATAPLANE"),
-    };
-    tracing::info!(dataplane = ?mode, reason = why, "data plane chosen");
-    mode
-}
-
 impl MeshSide {
     /// Starts the mesh listeners that must be up before the app: HBONE and, for the builtin
     /// data plane, the mTLS terminator and the outbound proxy.

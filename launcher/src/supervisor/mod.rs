@@ -8,7 +8,9 @@
 //! 1. mark krun not ready (the [`Phase`] watch; the tunnel and data plane stop accepting);
 //! 2. SIGTERM the app;
 //! 3. stop each extra process once nothing that depends on it is running (reverse order:
-//!    a proxy outlives the app that talks through it);
+//!    a proxy outlives the app that talks through it); a process with a graceful stop (Envoy)
+//!    has its listeners drained first, and is stopped at its lead time before the deadline
+//!    even if dependents still run;
 //! 4. at `KRUN_DRAIN_TIMEOUT`, SIGKILL every process group that is left;
 //! 5. exit with the app's status (1 when krun itself decided to fail).
 
@@ -31,7 +33,9 @@ pub use reaper::{Child, Reaper, signal_group};
 pub use signals::{FORWARDED, ForwardedSignals};
 
 use crate::probe::Probe;
-use crate::processes::{APP_NAME, MAX_RESTART_BACKOFF, ProcessPlan, RestartPolicy};
+use crate::processes::{
+    APP_NAME, Evidence, MAX_RESTART_BACKOFF, ProcessPlan, ReadyBudget, RestartPolicy,
+};
 use crate::startup::PhaseClock;
 
 /// Where the workload is in its life; other components watch it to know when to accept work.
@@ -56,6 +60,8 @@ pub struct AppSpec {
     pub run_as: Option<RunAs>,
     /// All must pass before the app counts as ready.
     pub readiness: Vec<Probe>,
+    /// Added to krun's environment (e.g. `GRPC_XDS_BOOTSTRAP` from the data plane).
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// Budgets of the supervisor.
@@ -102,6 +108,14 @@ enum Event {
         why: String,
     },
     RestartDue(usize),
+    /// A graceful stop has drained the process: SIGTERM it now.
+    StopNow {
+        unit: UnitId,
+        pid: Pid,
+    },
+    /// The drain deadline is near: stop a proxy even if dependents still run.
+    StopEarly(usize),
+    /// Another component stops the workload with an error.
     Fail(String),
 }
 
@@ -254,6 +268,12 @@ impl Supervisor {
             return;
         };
         command.envs(&spec.env);
+        if let Some(dir) = &spec.cwd {
+            command.current_dir(dir);
+        }
+        if let Some(run_as) = &spec.run_as {
+            run_as.apply(&mut command);
+        }
         let probe = spec.readiness.clone();
         self.launch(
             UnitId::Process(i),
@@ -273,6 +293,7 @@ impl Supervisor {
         let Some(mut command) = command::command(&spec.argv) else {
             return;
         };
+        command.envs(&spec.env);
         match spec.port {
             Some(port) => command.env("PORT", port.to_string()),
             None => command.env_remove("PORT"),
@@ -316,15 +337,17 @@ impl Supervisor {
         }
         let reaper = self.reaper.clone();
         let events = self.events.clone();
-        let deadline = Instant::now() + self.timeouts.ready;
+        let (budget, _) = self.ready_budget(id);
+        let evidence = self.evidence(id);
+        let deadline = Instant::now() + budget;
         let task = tokio::spawn(async move {
             for probe in &probes {
                 if let Err(why) = probe.wait(&reaper, deadline).await {
-                    let _ = events.send(Event::NotReady {
-                        unit: id,
-                        pid,
-                        why: format!("{}: {why}", probe.check),
-                    });
+                    let mut why = format!("{}: {why}", probe.check);
+                    if let Some(evidence) = evidence {
+                        why = format!("{why}; {}", save_evidence(&evidence).await);
+                    }
+                    let _ = events.send(Event::NotReady { unit: id, pid, why });
                     return;
                 }
             }
@@ -338,16 +361,46 @@ impl Supervisor {
             Event::Ready { unit, pid } if self.unit(unit).pid == Some(pid) => self.on_ready(unit),
             Event::NotReady { unit, pid, why } if self.unit(unit).pid == Some(pid) => {
                 let name = self.unit(unit).name.clone();
-                let budget = humantime::format_duration(self.timeouts.ready);
-                self.fail(format!("{name} not ready after {budget}: {why}; check that it listens there, or raise KRUN_APP_READY_TIMEOUT"));
+                let (budget, variable) = self.ready_budget(unit);
+                let budget = humantime::format_duration(budget);
+                self.fail(format!("{name} not ready after {budget}: {why}; check that it listens there, or raise {variable}"));
             }
             Event::Exited { unit, pid, status } if self.unit(unit).pid == Some(pid) => {
                 self.on_exit(unit, status)
             }
             Event::RestartDue(i) if self.drain.is_none() => self.start_process(i),
             Event::Fail(why) => self.fail(why),
+            Event::StopNow { unit, pid } if self.unit(unit).pid == Some(pid) => {
+                tracing::info!(process = %self.unit(unit).name, pid = pid.as_raw(), "drained; stopping");
+                send(pid, Signal::SIGTERM);
+            }
+            Event::StopEarly(i)
+                if self.processes[i].pid.is_some() && !self.processes[i].stop_sent =>
+            {
+                tracing::warn!(process = %self.processes[i].name, "drain deadline near: stopping it while what depends on it still runs");
+                self.stop_process(i);
+            }
             _ => {} // stale: about an earlier incarnation, or a restart cancelled by the drain
         }
+    }
+
+    fn ready_budget_spec(&self, id: UnitId) -> Option<&ReadyBudget> {
+        match id {
+            UnitId::App => None,
+            UnitId::Process(i) => self.plan.processes[i].ready_budget.as_ref(),
+        }
+    }
+
+    /// The readiness budget of a unit and the variable that sets it.
+    fn ready_budget(&self, id: UnitId) -> (Duration, &'static str) {
+        match self.ready_budget_spec(id) {
+            Some(b) => (b.timeout, b.variable),
+            None => (self.timeouts.ready, "KRUN_APP_READY_TIMEOUT"),
+        }
+    }
+
+    fn evidence(&self, id: UnitId) -> Option<Evidence> {
+        self.ready_budget_spec(id)?.evidence.clone()
     }
 
     fn on_ready(&mut self, id: UnitId) {
@@ -479,7 +532,58 @@ impl Supervisor {
             self.app.stop_sent = true;
             send(pid, Signal::SIGTERM);
         }
+        let deadline = Instant::now() + budget;
+        for (i, spec) in self.plan.processes.iter().enumerate() {
+            if let Some(graceful) = &spec.graceful_stop {
+                let events = self.events.clone();
+                let at = deadline
+                    .checked_sub(graceful.lead)
+                    .unwrap_or_else(Instant::now);
+                tokio::spawn(async move {
+                    sleep_until(at).await;
+                    let _ = events.send(Event::StopEarly(i));
+                });
+            }
+        }
         self.stop_what_is_unneeded();
+    }
+
+    /// Stops a process: at once with SIGTERM, or through its graceful stop (drain, wait until
+    /// idle or the drain deadline, then SIGTERM).
+    fn stop_process(&mut self, i: usize) {
+        let Some(pid) = self.processes[i].pid else {
+            return;
+        };
+        self.processes[i].stop_sent = true;
+        tracing::info!(process = %self.processes[i].name, pid = pid.as_raw(), "stopping");
+        // A process that never became ready carries no connections worth draining.
+        let graceful = self.plan.processes[i].graceful_stop.clone();
+        let Some(graceful) = graceful.filter(|_| self.processes[i].ready) else {
+            return send(pid, Signal::SIGTERM);
+        };
+        let deadline = self
+            .drain
+            .as_ref()
+            .map_or_else(Instant::now, |d| d.deadline);
+        let (reaper, events) = (self.reaper.clone(), self.events.clone());
+        let name = self.processes[i].name.clone();
+        tokio::spawn(async move {
+            match crate::probe::http_post(&graceful.drain_url).await {
+                Ok(status) => {
+                    tracing::info!(process = %name, url = %graceful.drain_url, status, "draining listeners")
+                }
+                Err(e) => {
+                    tracing::warn!(process = %name, url = %graceful.drain_url, error = %e, "cannot drain listeners")
+                }
+            }
+            if let Err(why) = graceful.idle.wait(&reaper, deadline).await {
+                tracing::warn!(process = %name, %why, "connections still open at the drain deadline");
+            }
+            let _ = events.send(Event::StopNow {
+                unit: UnitId::Process(i),
+                pid,
+            });
+        });
     }
 
     /// During a drain, SIGTERMs each process once nothing running depends on it.
@@ -490,18 +594,16 @@ impl Supervisor {
         let app_running = self.app.pid.is_some();
         for i in 0..self.processes.len() {
             let unit = &self.processes[i];
-            let Some(pid) = unit.pid.filter(|_| !unit.stop_sent) else {
+            if unit.pid.is_none() || unit.stop_sent {
                 continue;
-            };
+            }
             let needed = (app_running && self.app.depends_on.contains(&i))
                 || self
                     .processes
                     .iter()
                     .any(|other| other.pid.is_some() && other.depends_on.contains(&i));
             if !needed {
-                tracing::info!(process = %unit.name, pid = pid.as_raw(), "stopping");
-                self.processes[i].stop_sent = true;
-                send(pid, Signal::SIGTERM);
+                self.stop_process(i);
             }
         }
     }
@@ -567,6 +669,27 @@ impl Supervisor {
             (None, Some(status)) => status.exit_code(),
             (None, None) => 0,
         }
+    }
+}
+
+/// Fetches and writes a never-ready process's diagnostics; returns the sentence for the error.
+async fn save_evidence(evidence: &Evidence) -> String {
+    let Evidence { what, url, path } = evidence;
+    let fetched = tokio::time::timeout(
+        Duration::from_secs(5),
+        crate::probe::http_get(url, 64 << 20),
+    )
+    .await
+    .unwrap_or_else(|_| Err("no answer within 5s".to_owned()));
+    let saved = match fetched {
+        Ok((200, body)) => crate::files::write_atomic(path, &body, 0o600)
+            .map_err(|e| format!("cannot write {}: {e}", path.display())),
+        Ok((status, _)) => Err(format!("{url} answered HTTP {status}")),
+        Err(e) => Err(format!("{url}: {e}")),
+    };
+    match saved {
+        Ok(()) => format!("{what} saved to {}", path.display()),
+        Err(e) => format!("{what} not saved: {e}"),
     }
 }
 

@@ -1,0 +1,291 @@
+//! The agent's environment (reference §6.3). The agent inherits krun's environment; these are
+//! the additions. Every addition is "add if missing": a variable the user set wins. Three are
+//! facts krun established and always set: the whitebox pair (`ISTIO_META_INTERCEPTION_MODE=NONE`,
+//! `HTTP_PROXY_PORT`, when there is no capture), `DISABLE_ENVOY` (Envoy cannot run), and
+//! `GRPC_XDS_BOOTSTRAP` (always the absolute path the app gets too, §13.1.9).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::layout::Layout;
+use super::{Interception, STS_PORT, WHITEBOX_PROXY_PORT, Workload, xds};
+use crate::config::Env;
+
+/// Everything the agent's environment and command line are derived from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentSetup {
+    /// The workload's identity.
+    pub workload: Workload,
+    /// The XDS address.
+    pub xds: String,
+    /// The user supplied `PROXY_CONFIG` (then krun adds no MCP variables).
+    pub user_proxy_config: bool,
+    /// File layout.
+    pub layout: Layout,
+    /// Absolute gRPC xDS bootstrap path, shared with the app.
+    pub grpc_bootstrap: PathBuf,
+    /// krun runs as root.
+    pub root: bool,
+    /// Effective interception (whitebox when not root, `NONE` or a gateway).
+    pub interception: Interception,
+    /// krun holds a GKE workload certificate.
+    pub workload_cert: bool,
+    /// Envoy's bootstrap template, `None` when Envoy or its template is missing (grpc-agent).
+    pub envoy_template: Option<PathBuf>,
+    /// Envoy's binary when `KRUN_ENVOY_PATH` moved it from pilot-agent's default (passed as
+    /// ProxyConfig `binaryPath`).
+    pub envoy_binary: Option<PathBuf>,
+    /// `XDS_AGENT_DEBUG`.
+    pub xds_agent_debug: Option<String>,
+    /// `ENVOY_LOG_LEVEL`.
+    pub envoy_log_level: Option<String>,
+}
+
+impl AgentSetup {
+    /// `pilot-agent proxy sidecar|router ...` (reference §6.2); `router` for a gateway.
+    pub fn argv(&self, pilot_agent: &std::path::Path) -> Vec<String> {
+        let w = &self.workload;
+        let role = if w.gateway.is_some() {
+            "router"
+        } else {
+            "sidecar"
+        };
+        let mut argv = vec![
+            pilot_agent.display().to_string(),
+            "proxy".to_owned(),
+            role.to_owned(),
+            "--domain".to_owned(),
+            format!("{}.svc.cluster.local", w.namespace),
+            "--serviceCluster".to_owned(),
+            format!("{}.{}", w.name, w.namespace),
+        ];
+        if let Some(level) = &self.xds_agent_debug {
+            argv.push(format!("--log_output_level={level}"));
+        }
+        if let Some(level) = &self.envoy_log_level {
+            argv.push(format!("--proxyLogLevel={level}"));
+        }
+        argv.push(format!("--stsPort={STS_PORT}"));
+        argv
+    }
+
+    /// The variables added to the agent's environment; names `env` already sets are left out
+    /// (except the three facts in the module docs).
+    pub fn agent_env(&self, env: &Env) -> BTreeMap<String, String> {
+        let w = &self.workload;
+        let mut out = BTreeMap::new();
+        let mut add = |name: &str, value: String| {
+            if env.get(name).is_none() {
+                out.insert(name.to_owned(), value);
+            }
+        };
+        let mut proxy_config = serde_json::json!({ "discoveryAddress": self.xds });
+        if let Some(envoy) = &self.envoy_binary {
+            proxy_config["binaryPath"] = serde_json::json!(envoy.display().to_string());
+        }
+        add("PROXY_CONFIG", proxy_config.to_string());
+        if xds::is_istiod(&self.xds) {
+            add("ISTIOD_SAN", "istiod.istio-system.svc".to_owned());
+        } else {
+            add("XDS_ROOT_CA", "SYSTEM".to_owned());
+            add("CA_ROOT_CA", "SYSTEM".to_owned());
+            add("PILOT_CERT_PROVIDER", "system".to_owned());
+        }
+        add("POD_NAMESPACE", w.namespace.clone());
+        add("POD_NAME", w.pod_name.clone());
+        add("ISTIO_META_WORKLOAD_NAME", w.name.clone());
+        add("CANONICAL_SERVICE", w.name.clone());
+        add("CANONICAL_REVISION", w.revision.clone());
+        add("SERVICE_ACCOUNT", w.service_account.clone());
+        if let Some(number) = &w.project_number {
+            add("ISTIO_META_MESH_ID", format!("proj-{number}"));
+        }
+        add(
+            "OUTPUT_CERTS",
+            format!("{}/", self.layout.output_certs().display()),
+        );
+        if self.interception == Interception::Iptables {
+            add("ISTIO_META_DNS_CAPTURE", "true".to_owned());
+            add("DNS_PROXY_ADDR", "localhost:53".to_owned());
+        }
+        if let (Some(p), Some(l), Some(c)) = (&w.project_id, &w.cluster_location, &w.cluster_name) {
+            add(
+                "GKE_CLUSTER_URL",
+                format!(
+                    "https://container.googleapis.com/v1/projects/{p}/locations/{l}/clusters/{c}"
+                ),
+            );
+        }
+        let part = |v: &Option<String>| v.clone().unwrap_or_default();
+        add(
+            "GCP_METADATA",
+            [
+                part(&w.project_id),
+                part(&w.project_number),
+                part(&w.cluster_name),
+                part(&w.cluster_location),
+            ]
+            .join("|"),
+        );
+        add("XDS_ADDR", self.xds.clone());
+        add("JWT_POLICY", "third-party-jwt".to_owned());
+        add("PROXY_CONFIG_XDS_AGENT", "true".to_owned());
+        if let Some(td) = &w.trust_domain {
+            add("TRUST_DOMAIN", td.clone());
+        }
+        add("ISTIO_META_APP_CONTAINERS", "cloudrun".to_owned());
+        if self.workload_cert {
+            add("CA_PROVIDER", "GoogleGkeWorkloadCertificate".to_owned());
+        }
+        if w.has_tenant() && !self.user_proxy_config {
+            add("CA_ADDR", "meshca.googleapis.com:443".to_owned());
+            add("XDS_AUTH_PROVIDER", "gcp".to_owned());
+            add("ISTIO_META_CLOUDRUN_ADDR", part(&w.tenant));
+            add(
+                "ISTIO_META_CLUSTER_ID",
+                format!(
+                    "cn-{}-{}-{}",
+                    part(&w.project_id),
+                    part(&w.cluster_location),
+                    part(&w.cluster_name)
+                ),
+            );
+        }
+        if let Some(template) = &self.envoy_template {
+            add("ISTIO_BOOTSTRAP", template.display().to_string());
+        }
+        if !self.root {
+            add("ISTIO_META_UNPRIVILEGED_POD", "true".to_owned());
+        }
+        // Facts krun established: always set.
+        if self.interception == Interception::Whitebox {
+            out.insert("ISTIO_META_INTERCEPTION_MODE".into(), "NONE".into());
+            out.insert("HTTP_PROXY_PORT".into(), WHITEBOX_PROXY_PORT.to_string());
+        }
+        if self.envoy_template.is_none() {
+            out.insert("DISABLE_ENVOY".into(), "true".into());
+        }
+        out.insert(
+            "GRPC_XDS_BOOTSTRAP".into(),
+            self.grpc_bootstrap.display().to_string(),
+        );
+        out
+    }
+}
+
+/// What the app gets for proxyless gRPC and, in whitebox mode, the HTTP proxy (reference §6.6,
+/// §7.3; `HTTP_PROXY` with a scheme, which the reference left out). User-set values win,
+/// except `GRPC_XDS_BOOTSTRAP`, which is made absolute so the app and the agent agree.
+pub fn app_env(
+    env: &Env,
+    grpc_bootstrap: &std::path::Path,
+    whitebox_proxy: bool,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut add = |name: &str, value: &str| {
+        if env.get(name).is_none() {
+            out.insert(name.to_owned(), value.to_owned());
+        }
+    };
+    add("GRPC_XDS_EXPERIMENTAL_RBAC", "true");
+    add("GRPC_XDS_EXPERIMENTAL_SECURITY_SUPPORT", "true");
+    if whitebox_proxy {
+        let proxy = format!("http://127.0.0.1:{WHITEBOX_PROXY_PORT}");
+        add("HTTP_PROXY", &proxy);
+        add("http_proxy", &proxy);
+        add(
+            "NO_PROXY",
+            "localhost,127.0.0.1,::1,169.254.169.254,metadata.google.internal",
+        );
+    }
+    out.insert(
+        "GRPC_XDS_BOOTSTRAP".into(),
+        grpc_bootstrap.display().to_string(),
+    );
+    out
+}
+
+/// The absolute gRPC bootstrap path: the user's `GRPC_XDS_BOOTSTRAP` resolved against krun's
+/// working directory, else the layout's.
+pub fn grpc_bootstrap_path(user: Option<&str>, layout: &Layout) -> std::io::Result<PathBuf> {
+    match user {
+        Some(path) if std::path::Path::new(path).is_absolute() => Ok(PathBuf::from(path)),
+        Some(path) => Ok(std::env::current_dir()?.join(path)),
+        None => Ok(layout.grpc_bootstrap()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(xds: &str, root: bool, interception: Interception) -> AgentSetup {
+        let layout = Layout::new(std::path::Path::new("/base")).expect("layout");
+        AgentSetup {
+            workload: Workload {
+                namespace: "ns".into(),
+                name: "svc".into(),
+                revision: "v1".into(),
+                pod_name: "svc--1".into(),
+                service_account: "default".into(),
+                gateway: None,
+                tenant: None,
+                project_id: None,
+                project_number: None,
+                cluster_name: None,
+                cluster_location: None,
+                trust_domain: None,
+            },
+            xds: xds.into(),
+            user_proxy_config: false,
+            grpc_bootstrap: layout.grpc_bootstrap(),
+            layout,
+            root,
+            interception,
+            workload_cert: true,
+            envoy_template: None,
+            envoy_binary: None,
+            xds_agent_debug: None,
+            envoy_log_level: None,
+        }
+    }
+
+    #[test]
+    fn capture_and_privileges_decide_the_dns_and_whitebox_variables() {
+        let none = Env::default();
+        let captured = setup("10.0.0.1:15012", true, Interception::Iptables).agent_env(&none);
+        assert_eq!(captured["ISTIO_META_DNS_CAPTURE"], "true");
+        assert_eq!(captured["DNS_PROXY_ADDR"], "localhost:53");
+        assert!(!captured.contains_key("ISTIO_META_INTERCEPTION_MODE"));
+        assert!(!captured.contains_key("ISTIO_META_UNPRIVILEGED_POD"));
+        assert_eq!(captured["CA_PROVIDER"], "GoogleGkeWorkloadCertificate");
+        assert_eq!(captured["DISABLE_ENVOY"], "true");
+        assert_eq!(captured["GCP_METADATA"], "|||");
+        assert_eq!(
+            captured["GRPC_XDS_BOOTSTRAP"],
+            "/base/etc/istio/proxy/grpc_bootstrap.json"
+        );
+        let whitebox = setup("10.0.0.1:15012", false, Interception::Whitebox).agent_env(&none);
+        assert_eq!(whitebox["ISTIO_META_UNPRIVILEGED_POD"], "true");
+        assert!(!whitebox.contains_key("ISTIO_META_DNS_CAPTURE"));
+    }
+
+    #[test]
+    fn facts_krun_established_override_the_user_and_the_rest_yields() {
+        let user: Env = [
+            ("ISTIO_META_INTERCEPTION_MODE", "REDIRECT"),
+            ("DISABLE_ENVOY", "false"),
+            ("POD_NAME", "mine"),
+        ]
+        .into_iter()
+        .collect();
+        let out = setup("a:443", true, Interception::Whitebox).agent_env(&user);
+        assert_eq!(out["ISTIO_META_INTERCEPTION_MODE"], "NONE");
+        assert_eq!(out["DISABLE_ENVOY"], "true");
+        assert!(
+            !out.contains_key("POD_NAME"),
+            "inherited from krun: the user's value"
+        );
+        assert_eq!(out["PILOT_CERT_PROVIDER"], "system");
+    }
+}

@@ -1,0 +1,166 @@
+//! The workload as the agent sees it: namespace, name, revision, pod name and mesh coordinates,
+//! each resolved once with the environment first, then discovery, then mesh-env.
+
+use crate::config::{Config, Env, Setting};
+
+use super::AgentInputs;
+
+/// A value from the environment first, then the given fallback.
+fn pick(env: Option<&Setting<String>>, fallback: &Option<String>) -> Option<String> {
+    env.map(|s| s.value.clone())
+        .or_else(|| fallback.clone())
+        .filter(|v| !v.is_empty())
+}
+
+/// The workload as the agent sees it: every identity value resolved once, env first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Workload {
+    /// K8s namespace.
+    pub namespace: String,
+    /// Canonical service name.
+    pub name: String,
+    /// Canonical revision (`K_REVISION`, else `v1`).
+    pub revision: String,
+    /// Pod name as Istio sees it.
+    pub pod_name: String,
+    /// KSA.
+    pub service_account: String,
+    /// Gateway name (`router` mode).
+    pub gateway: Option<String>,
+    /// MCP tenant, `-` for in-cluster istiod.
+    pub tenant: Option<String>,
+    /// Project id.
+    pub project_id: Option<String>,
+    /// Project number.
+    pub project_number: Option<String>,
+    /// Cluster name.
+    pub cluster_name: Option<String>,
+    /// Cluster location.
+    pub cluster_location: Option<String>,
+    /// Trust domain.
+    pub trust_domain: Option<String>,
+}
+
+impl Workload {
+    /// Resolves the workload from the configuration and the discovered inputs. `hostname` is
+    /// the machine's host name (POD_NAME fallback when `HOSTNAME` is unset, §13.1.9) and
+    /// `now_secs` the current Unix time (last-resort pod name suffix).
+    pub fn resolve(
+        config: &Config,
+        inputs: &AgentInputs,
+        env: &Env,
+        hostname: Option<String>,
+        now_secs: u64,
+    ) -> Workload {
+        let mesh_env = |key: &str| inputs.mesh_env.get(key).cloned();
+        let namespace = config
+            .workload_namespace
+            .as_ref()
+            .map_or_else(|| "default".to_owned(), |s| s.value.clone());
+        let name = config
+            .workload_name
+            .as_ref()
+            .map_or_else(|| namespace.clone(), |s| s.value.clone());
+        let revision = config.k_revision.as_ref().map(|s| s.value.clone());
+        let pod_name = match (&revision, &inputs.instance_id) {
+            (Some(rev), Some(id)) => format!("{rev}-{}", id.chars().take(8).collect::<String>()),
+            (Some(rev), None) => format!("{rev}-{now_secs}"),
+            (None, _) => env
+                .get("HOSTNAME")
+                .map(str::to_owned)
+                .or(hostname)
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| format!("{name}--{now_secs}")),
+        };
+        let project_id =
+            pick(config.project_id.as_ref(), &inputs.project_id).or_else(|| mesh_env("PROJECT_ID"));
+        let trust_domain = pick(config.trust_domain.as_ref(), &inputs.trust_domain)
+            .or_else(|| project_id.as_ref().map(|p| format!("{p}.svc.id.goog")));
+        Workload {
+            revision: revision.unwrap_or_else(|| "v1".to_owned()),
+            pod_name,
+            service_account: config.workload_service_account.value.clone(),
+            gateway: config.gateway_name.as_ref().map(|s| s.value.clone()),
+            tenant: pick(config.mesh_tenant.as_ref(), &mesh_env("MESH_TENANT")),
+            project_number: pick(config.project_number.as_ref(), &inputs.project_number)
+                .or_else(|| mesh_env("PROJECT_NUMBER")),
+            cluster_name: pick(config.cluster_name.as_ref(), &inputs.cluster_name)
+                .or_else(|| mesh_env("CLUSTER_NAME")),
+            cluster_location: pick(config.cluster_location.as_ref(), &inputs.cluster_location)
+                .or_else(|| mesh_env("CLUSTER_LOCATION")),
+            project_id,
+            trust_domain,
+            namespace,
+            name,
+        }
+    }
+
+    /// True when a managed control plane tenant is configured (not empty, not `-`).
+    pub fn has_tenant(&self) -> bool {
+        self.tenant.as_deref().is_some_and(|t| t != "-")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        pairs.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    fn workload(pairs: &[(&str, &str)], inputs: &AgentInputs, hostname: Option<&str>) -> Workload {
+        let env = env(pairs);
+        let config = Config::from_env(&env).expect("valid env");
+        Workload::resolve(
+            &config,
+            inputs,
+            &env,
+            hostname.map(str::to_owned),
+            1700000000,
+        )
+    }
+
+    #[test]
+    fn pod_name_follows_the_reference_order_and_uses_the_real_hostname() {
+        let with_id = AgentInputs {
+            instance_id: Some("0123456789abcdef".into()),
+            ..AgentInputs::default()
+        };
+        let rev = [("K_SERVICE", "fortio"), ("K_REVISION", "fortio-001")];
+        assert_eq!(
+            workload(&rev, &with_id, None).pod_name,
+            "fortio-001-01234567"
+        );
+        let none = AgentInputs::default();
+        assert_eq!(
+            workload(&rev, &none, None).pod_name,
+            "fortio-001-1700000000"
+        );
+        let svc = [("K_SERVICE", "fortio"), ("HOSTNAME", "from-env")];
+        assert_eq!(workload(&svc, &none, Some("host")).pod_name, "from-env");
+        // HOSTNAME unset: the machine's host name, not an empty string (§13.1.9).
+        assert_eq!(workload(&svc[..1], &none, Some("host")).pod_name, "host");
+        assert_eq!(
+            workload(&svc[..1], &none, None).pod_name,
+            "fortio--1700000000"
+        );
+        assert_eq!(workload(&svc[..1], &none, None).revision, "v1");
+    }
+
+    #[test]
+    fn environment_wins_over_discovered_and_mesh_env_values() {
+        let inputs = AgentInputs {
+            project_number: Some("111".into()),
+            project_id: Some("discovered".into()),
+            mesh_env: [("MESH_TENANT".to_owned(), "t1".to_owned())].into(),
+            ..AgentInputs::default()
+        };
+        let w = workload(&[("PROJECT_NUMBER", "222")], &inputs, None);
+        assert_eq!(w.project_number.as_deref(), Some("222"));
+        assert_eq!(w.project_id.as_deref(), Some("discovered"));
+        assert_eq!(w.trust_domain.as_deref(), Some("discovered.svc.id.goog"));
+        assert!(w.has_tenant());
+        assert!(!workload(&[("MESH_TENANT", "-")], &inputs, None).has_tenant());
+    }
+}

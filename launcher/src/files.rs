@@ -1,0 +1,76 @@
+//! Files and directories krun writes for the mesh side: always with explicit octal modes (the
+//! reference wrote `777` and `755` as decimal, §13.1.8) and atomically, so a reader (pilot-agent,
+//! a gRPC `file_watcher`) never sees a half-written file.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+
+use nix::unistd::{Gid, Uid};
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, with
+/// `mode` set before the rename. Creates missing parent directories (0755).
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+    })
+}
+
+/// Creates `path` (and its parents) and sets exactly `mode` on it, whatever the umask; when
+/// `owner` is given (krun is root) the directory is chowned to it. A directory that exists
+/// and belongs to someone else (an image's, as non-root) is left as it is. Errors name the path.
+pub fn ensure_dir(path: &Path, mode: u32, owner: Option<(Uid, Gid)>) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let named =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(named)?;
+    let mine = std::fs::metadata(path).map_err(named)?.uid() == nix::unistd::geteuid().as_raw();
+    if !mine && owner.is_none() {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(named)?;
+    if let Some((uid, gid)) = owner {
+        nix::unistd::chown(path, Some(uid), Some(gid)).map_err(|e| named(e.into()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_are_octal_and_exact() {
+        let dir = std::env::temp_dir().join(format!("krun-files-{}", std::process::id()));
+        let file = dir.join("a/b/secret.pem");
+        write_atomic(&file, b"x", 0o600).expect("write");
+        assert_eq!(std::fs::read(&file).expect("read"), b"x");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode(&file), 0o600);
+        ensure_dir(&dir.join("c"), 0o700, None).expect("dir");
+        assert_eq!(mode(&dir.join("c")), 0o700);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,3 @@
+//! Stand-ins for external programs and services, each speaking the real interface strictly.
+
+pub mod proxy;

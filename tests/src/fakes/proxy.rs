@@ -1,0 +1,250 @@
+//! Stand-in `pilot-agent` and `envoy` executables (`tests/src/bin/{pilot-agent,envoy}.rs`).
+//!
+//! They record what krun gave them (argv, environment, uid/gid/groups, working directory, and
+//! the files named in `STANDIN_FILES` with their modes and contents) into
+//! `$STANDIN_RECORD_DIR/<name>.json`, written atomically, then print `standin <name> recorded`.
+//! They serve the endpoints krun uses: pilot-agent's `/healthz/ready` (port
+//! `STANDIN_READY_PORT`, default 15021) and Envoy's admin `/config_dump`, `/stats`, `/ready`
+//! (port `STANDIN_ADMIN_PORT`, default 15000), and `POST /drain_listeners` (appends
+//! `<name> drain_listeners` to the events). Unknown paths are 404, other methods 405, like the
+//! real servers.
+//!
+//! `STANDIN_MODE` says how they behave (no timers: tests drive them with signals):
+//! - `ready` (default): ready at once;
+//! - `slow`: ready once it receives SIGUSR1 (prints `standin <name> answered 503 to a
+//!   readiness probe` the first time it is probed before that);
+//! - `never`: never ready (`/healthz/ready` 503, `server.state: 2`);
+//! - `crash`: ready; exits with code 3 on SIGUSR2.
+//!
+//! Life events (`<name> start`, `<name> ready`, `<name> stop`) are appended to `STANDIN_EVENTS`
+//! when set, the same log `krun-testapp serve` writes, so a test can assert the order of the
+//! agent's and the app's events. SIGTERM: append `stop`, exit 0.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::signal::{SigSet, Signal};
+use serde_json::{Value, json};
+
+/// Which program the stand-in plays.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `pilot-agent`: readiness on 15021 and Envoy's admin on 15000.
+    PilotAgent,
+    /// `envoy`: admin on 15000 only.
+    Envoy,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::PilotAgent => "pilot-agent",
+            Role::Envoy => "envoy",
+        }
+    }
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn append(line: &str) {
+    if let Some(path) = var("STANDIN_EVENTS") {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path);
+        if let Ok(mut file) = file {
+            let _ = writeln!(file, "{line}");
+        }
+    }
+}
+
+fn file_entry(path: &str) -> Value {
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            let mode = format!("{:04o}", meta.permissions().mode() & 0o7777);
+            let content = meta
+                .is_file()
+                .then(|| std::fs::read_to_string(path).unwrap_or_default());
+            json!({ "mode": mode, "dir": meta.is_dir(), "content": content })
+        }
+        Err(_) => Value::Null,
+    }
+}
+
+fn record(role: Role) {
+    let Some(dir) = var("STANDIN_RECORD_DIR") else {
+        return;
+    };
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let files: BTreeMap<String, Value> = var("STANDIN_FILES")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| (p.to_owned(), file_entry(p)))
+        .collect();
+    let groups: Vec<u32> = nix::unistd::getgroups()
+        .unwrap_or_default()
+        .iter()
+        .map(|g| g.as_raw())
+        .collect();
+    let doc = json!({
+        "argv": std::env::args().collect::<Vec<_>>(),
+        "env": env,
+        "uid": nix::unistd::getuid().as_raw(),
+        "gid": nix::unistd::getgid().as_raw(),
+        "groups": groups,
+        "cwd": std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default(),
+        "pid": std::process::id(),
+        "files": files,
+    });
+    let path = format!("{dir}/{}.json", role.name());
+    let tmp = format!("{path}.tmp");
+    let written = std::fs::write(&tmp, doc.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
+    match written {
+        Ok(()) => println!("standin {} recorded", role.name()),
+        Err(e) => eprintln!("standin {}: cannot write {path}: {e}", role.name()),
+    }
+}
+
+/// Whether the stand-in has told a prober it is not ready (printed once, for tests to wait on).
+static ANSWERED_NOT_READY: AtomicBool = AtomicBool::new(false);
+
+fn respond(mut stream: TcpStream, role: Role, ready: &AtomicBool) {
+    let mut reader = BufReader::new(match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    });
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    // Read the headers to the blank line; requests krun sends have no body.
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+        line.clear();
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let is_ready = ready.load(Ordering::SeqCst);
+    let (status, body) = match (method, path) {
+        ("GET", "/healthz/ready") if role == Role::PilotAgent => {
+            if is_ready {
+                (200, String::new())
+            } else {
+                if !ANSWERED_NOT_READY.swap(true, Ordering::SeqCst) {
+                    println!("standin {} answered 503 to a readiness probe", role.name());
+                }
+                (503, "not ready\n".to_owned())
+            }
+        }
+        ("GET", "/config_dump") => (
+            200,
+            json!({ "configs": [{ "standin": role.name(), "ready": is_ready }] }).to_string(),
+        ),
+        ("GET", "/stats") => (
+            200,
+            if is_ready {
+                "server.state: 0\nlistener_manager.workers_started: 1\nserver.total_connections: 0\n".to_owned()
+            } else {
+                "server.state: 2\nlistener_manager.workers_started: 0\nserver.total_connections: 0\n".to_owned()
+            },
+        ),
+        ("GET", "/ready") => {
+            if is_ready {
+                (200, "LIVE\n".to_owned())
+            } else {
+                (503, "PRE_INITIALIZING\n".to_owned())
+            }
+        }
+        ("POST", "/drain_listeners") => {
+            append(&format!("{} drain_listeners", role.name()));
+            (200, "OK\n".to_owned())
+        }
+        ("GET", _) | ("POST", _) => (404, "not found\n".to_owned()),
+        _ => (405, "method not allowed\n".to_owned()),
+    };
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+fn serve(port: u16, role: Role, ready: Arc<AtomicBool>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            respond(stream, role, &ready);
+        }
+    });
+    Ok(())
+}
+
+fn port(name: &str, default: u16) -> u16 {
+    var(name).and_then(|p| p.parse().ok()).unwrap_or(default)
+}
+
+/// Runs the stand-in; see the module docs.
+pub fn run(role: Role) -> ExitCode {
+    let name = role.name();
+    // Block the signals before any thread starts, so only `wait` below receives them.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGUSR2] {
+        signals.add(s);
+    }
+    if signals.thread_block().is_err() {
+        return ExitCode::from(2);
+    }
+    append(&format!("{name} start"));
+    record(role);
+    let mode = var("STANDIN_MODE").unwrap_or_else(|| "ready".to_owned());
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut ports = vec![port("STANDIN_ADMIN_PORT", 15000)];
+    if role == Role::PilotAgent {
+        ports.push(port("STANDIN_READY_PORT", 15021));
+    }
+    for p in ports {
+        if let Err(e) = serve(p, role, ready.clone()) {
+            eprintln!("standin {name}: cannot listen on 127.0.0.1:{p}: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let become_ready = || {
+        append(&format!("{name} ready"));
+        ready.store(true, Ordering::SeqCst);
+        println!("standin {name} ready");
+    };
+    if mode == "ready" || mode == "crash" {
+        become_ready();
+    }
+    loop {
+        match signals.wait() {
+            Ok(Signal::SIGTERM) => {
+                append(&format!("{name} stop"));
+                println!("standin {name} got SIGTERM");
+                return ExitCode::SUCCESS;
+            }
+            Ok(Signal::SIGUSR1) if mode == "slow" => become_ready(),
+            Ok(Signal::SIGUSR2) if mode == "crash" => {
+                append(&format!("{name} crash"));
+                println!("standin {name} crashing with exit code 3");
+                return ExitCode::from(3);
+            }
+            _ => {}
+        }
+    }
+}
