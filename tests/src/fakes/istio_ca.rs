@@ -1,0 +1,220 @@
+//! A fake Istio CA: gRPC `istio.v1.auth.IstioCertificateService/CreateCertificate` over TLS
+//! with istiod's serving certificate. Like istiod it authenticates the bearer token (audience,
+//! and a subject that must match the CSR's SPIFFE SAN) and signs with the mesh root. Tests can
+//! make it sign another identity, reject every token, or go down and come back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use krun::identity::istio_ca::proto::{
+    CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse, SERVICE,
+};
+use krun::identity::jwt::Claims;
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use super::pki::TestCa;
+
+/// What the fake CA does with the next requests.
+#[derive(Default)]
+struct Behaviour {
+    issue_for: Option<String>,
+    reject_all: bool,
+}
+
+struct State {
+    ca: TestCa,
+    audience: String,
+    behaviour: Mutex<Behaviour>,
+    down: AtomicBool,
+    signed: AtomicUsize,
+    delay: Duration,
+}
+
+/// The running fake.
+pub struct FakeIstioCa {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeIstioCa {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeIstioCa {
+    /// Starts a CA signing with `ca` and accepting tokens for `audience`; each answer is
+    /// delayed by `delay` (a network round trip).
+    pub async fn start(ca: TestCa, audience: &str, delay: Duration) -> FakeIstioCa {
+        let (cert, key) = ca.server_cert(krun::identity::istio_ca::ISTIOD_SERVER_NAME);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind CA");
+        let addr = listener.local_addr().expect("CA addr");
+        let state = Arc::new(State {
+            ca,
+            audience: audience.to_owned(),
+            behaviour: Mutex::default(),
+            down: AtomicBool::new(false),
+            signed: AtomicUsize::new(0),
+            delay,
+        });
+        let service = CaService(state.clone());
+        let server = Server::builder()
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .expect("server TLS");
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let task = tokio::spawn(async move {
+            let _ = server
+                .serve_with_incoming_shutdown(service, incoming, std::future::pending::<()>())
+                .await;
+        });
+        FakeIstioCa { addr, state, task }
+    }
+
+    /// The root that signs leaves and istiod's serving certificate (`CAROOT_ISTIOD`).
+    pub fn root_pem(&self) -> String {
+        self.state.ca.root_pem.clone()
+    }
+
+    /// Certificates signed so far.
+    pub fn signed(&self) -> usize {
+        self.state.signed.load(Ordering::SeqCst)
+    }
+
+    /// From now on, sign leaves for `uri` whatever the CSR asks (a misbehaving CA).
+    pub fn issue_for(&self, uri: &str) {
+        self.lock().issue_for = Some(uri.to_owned());
+    }
+
+    /// From now on, answer UNAUTHENTICATED to everything.
+    pub fn reject_all_tokens(&self) {
+        self.lock().reject_all = true;
+    }
+
+    /// Outage: every call fails with UNAVAILABLE until [`FakeIstioCa::up`].
+    pub fn down(&self) {
+        self.state.down.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends the outage.
+    pub fn up(&self) {
+        self.state.down.store(false, Ordering::SeqCst);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Behaviour> {
+        self.state.behaviour.lock().expect("behaviour lock")
+    }
+}
+
+impl State {
+    fn create(
+        &self,
+        request: tonic::Request<IstioCertificateRequest>,
+    ) -> Result<IstioCertificateResponse, tonic::Status> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(tonic::Status::unavailable("fake CA is down"));
+        }
+        let behaviour = self.behaviour.lock().expect("behaviour lock");
+        if behaviour.reject_all {
+            return Err(tonic::Status::unauthenticated(
+                "authenticate failed: token audience mismatch",
+            ));
+        }
+        let bearer = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| tonic::Status::unauthenticated("no bearer token"))?;
+        if request.metadata().get("clusterid").is_none() {
+            return Err(tonic::Status::invalid_argument("no ClusterID metadata"));
+        }
+        let claims =
+            Claims::decode(bearer).map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
+        if !claims.aud.contains(&self.audience) {
+            return Err(tonic::Status::unauthenticated(format!(
+                "token audience is not {}",
+                self.audience
+            )));
+        }
+        let msg = request.into_inner();
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(&msg.csr)
+            .map_err(|e| tonic::Status::invalid_argument(format!("bad CSR: {e}")))?;
+        let san = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .find_map(|s| match s {
+                rcgen::SanType::URI(uri) => Some(uri.as_str().to_owned()),
+                _ => None,
+            })
+            .ok_or_else(|| tonic::Status::invalid_argument("CSR has no URI SAN"))?;
+        let mut parts = san.rsplit('/');
+        let (sa, ns) = (parts.next().unwrap_or(""), parts.nth(1).unwrap_or(""));
+        if claims.sub != format!("system:serviceaccount:{ns}:{sa}") {
+            return Err(tonic::Status::unauthenticated(format!(
+                "token subject {} cannot request {san}",
+                claims.sub
+            )));
+        }
+        let ttl = Duration::from_secs(u64::try_from(msg.validity_duration).unwrap_or(3600));
+        let leaf = self
+            .ca
+            .sign_csr(&msg.csr, ttl, behaviour.issue_for.as_deref());
+        self.signed.fetch_add(1, Ordering::SeqCst);
+        Ok(IstioCertificateResponse {
+            cert_chain: vec![leaf, self.ca.root_pem.clone()],
+        })
+    }
+}
+
+#[derive(Clone)]
+struct CaService(Arc<State>);
+
+impl tonic::server::NamedService for CaService {
+    const NAME: &'static str = SERVICE;
+}
+
+struct Create(Arc<State>);
+
+impl tonic::server::UnaryService<IstioCertificateRequest> for Create {
+    type Response = IstioCertificateResponse;
+    type Future = BoxFuture<tonic::Response<IstioCertificateResponse>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<IstioCertificateRequest>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            tokio::time::sleep(state.delay).await;
+            state.create(request).map(tonic::Response::new)
+        })
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for CaService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            if request.uri().path() != CREATE_CERTIFICATE {
+                return Ok(tonic::Status::unimplemented("unknown method").into_http());
+            }
+            let codec = tonic_prost::ProstCodec::<IstioCertificateResponse, IstioCertificateRequest>::default();
+            let mut grpc = tonic::server::Grpc::new(codec);
+            Ok(grpc.unary(Create(state), request).await)
+        })
+    }
+}
