@@ -211,7 +211,7 @@ async fn ca_unauthenticated_names_the_token_audience_to_check() {
 
 #[tokio::test]
 async fn a_ca_outage_during_rotation_keeps_the_old_certificate_and_recovers() {
-    let world = World::new(Duration::ZERO).await;
+    let mut world = World::new(Duration::ZERO).await;
     let policy = RotationPolicy {
         ttl: Duration::from_secs(4),
         initial_backoff: Duration::from_millis(100),
@@ -224,7 +224,7 @@ async fn a_ca_outage_during_rotation_keeps_the_old_certificate_and_recovers() {
     let mut certs = store.subscribe();
     certs.borrow_and_update();
 
-    world.ca.down();
+    world.ca.down().await;
     wait_until(&mut health, "a failed rotation", |h| {
         h.consecutive_failures >= 2
     })
@@ -235,9 +235,12 @@ async fn a_ca_outage_during_rotation_keeps_the_old_certificate_and_recovers() {
         "the old certificate is kept during the outage"
     );
     let error = health.borrow().last_error.clone().unwrap_or_default();
-    assert!(error.contains("fake CA is down"), "{error}");
+    assert!(
+        error.contains(&format!("Istio CA {}: Unavailable", world.ca.addr)),
+        "{error}"
+    );
 
-    world.ca.up();
+    world.ca.up().await;
     wait_until(&mut certs, "the rotated certificate", |c| {
         c.as_ref().is_some_and(|c| !Arc::ptr_eq(c, &first))
     })

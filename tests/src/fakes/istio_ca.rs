@@ -1,10 +1,11 @@
 //! A fake Istio CA: gRPC `istio.v1.auth.IstioCertificateService/CreateCertificate` over TLS
 //! with istiod's serving certificate. Like istiod it authenticates the bearer token (audience,
 //! and a subject that must match the CSR's SPIFFE SAN) and signs with the mesh root. Tests can
-//! make it sign another identity, reject every token, or go down and come back.
+//! make it sign another identity, reject every token, or go down (the listener and every
+//! connection close) and come back on the same address.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,9 +30,14 @@ struct State {
     ca: TestCa,
     audience: String,
     behaviour: Mutex<Behaviour>,
-    down: AtomicBool,
     signed: AtomicUsize,
     delay: Duration,
+}
+
+/// A serving instance: its shutdown trigger and task.
+struct Serving {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The running fake.
@@ -39,12 +45,15 @@ pub struct FakeIstioCa {
     /// Where it listens.
     pub addr: SocketAddr,
     state: Arc<State>,
-    task: tokio::task::JoinHandle<()>,
+    tls: (String, String),
+    serving: Option<Serving>,
 }
 
 impl Drop for FakeIstioCa {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(serving) = self.serving.take() {
+            serving.task.abort();
+        }
     }
 }
 
@@ -52,7 +61,7 @@ impl FakeIstioCa {
     /// Starts a CA signing with `ca` and accepting tokens for `audience`; each answer is
     /// delayed by `delay` (a network round trip).
     pub async fn start(ca: TestCa, audience: &str, delay: Duration) -> FakeIstioCa {
-        let (cert, key) = ca.server_cert(krun::identity::istio_ca::ISTIOD_SERVER_NAME);
+        let tls = ca.server_cert(krun::identity::istio_ca::ISTIOD_SERVER_NAME);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind CA");
@@ -61,21 +70,16 @@ impl FakeIstioCa {
             ca,
             audience: audience.to_owned(),
             behaviour: Mutex::default(),
-            down: AtomicBool::new(false),
             signed: AtomicUsize::new(0),
             delay,
         });
-        let service = CaService(state.clone());
-        let server = Server::builder()
-            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
-            .expect("server TLS");
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        let task = tokio::spawn(async move {
-            let _ = server
-                .serve_with_incoming_shutdown(service, incoming, std::future::pending::<()>())
-                .await;
-        });
-        FakeIstioCa { addr, state, task }
+        let serving = Some(serve(listener, state.clone(), &tls));
+        FakeIstioCa {
+            addr,
+            state,
+            tls,
+            serving,
+        }
     }
 
     /// The root that signs leaves and istiod's serving certificate (`CAROOT_ISTIOD`).
@@ -98,14 +102,24 @@ impl FakeIstioCa {
         self.lock().reject_all = true;
     }
 
-    /// Outage: every call fails with UNAVAILABLE until [`FakeIstioCa::up`].
-    pub fn down(&self) {
-        self.state.down.store(true, Ordering::SeqCst);
+    /// Outage: stops listening and closes every connection (gracefully, as a restarting
+    /// istiod does); returns once the server is gone.
+    pub async fn down(&mut self) {
+        if let Some(serving) = self.serving.take() {
+            let _ = serving.stop.send(());
+            tokio::time::timeout(crate::HANG_GUARD, serving.task)
+                .await
+                .expect("CA shut down in time")
+                .expect("CA task");
+        }
     }
 
-    /// Ends the outage.
-    pub fn up(&self) {
-        self.state.down.store(false, Ordering::SeqCst);
+    /// Ends the outage: serves again on the same address.
+    pub async fn up(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .expect("rebind CA");
+        self.serving = Some(serve(listener, self.state.clone(), &self.tls));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Behaviour> {
@@ -118,9 +132,6 @@ impl State {
         &self,
         request: tonic::Request<IstioCertificateRequest>,
     ) -> Result<IstioCertificateResponse, tonic::Status> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(tonic::Status::unavailable("fake CA is down"));
-        }
         let behaviour = self.behaviour.lock().expect("behaviour lock");
         if behaviour.reject_all {
             return Err(tonic::Status::unauthenticated(
@@ -173,6 +184,23 @@ impl State {
             cert_chain: vec![leaf, self.ca.root_pem.clone()],
         })
     }
+}
+
+fn serve(listener: tokio::net::TcpListener, state: Arc<State>, tls: &(String, String)) -> Serving {
+    let identity = Identity::from_pem(&tls.0, &tls.1);
+    let server = Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(identity))
+        .expect("server TLS");
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = server
+            .serve_with_incoming_shutdown(CaService(state), incoming, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Serving { stop, task }
 }
 
 #[derive(Clone)]
