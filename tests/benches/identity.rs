@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use krun::identity::istio_ca::{ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
+use krun::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
 use krun::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
 use krun::identity::local_ca::LocalCa;
 use krun::identity::{Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
@@ -28,6 +28,12 @@ async fn cold_mint(rtt: Duration) -> (Duration, usize) {
     let ca = FakeIstioCa::start(TestCa::new("root"), TRUST_DOMAIN, rtt).await;
     let base = TempDir::new("bench");
     let client = k8s.client();
+    let config = IstioCaConfig {
+        addr: ca.addr.to_string(),
+        root_pem: ca.root_pem(),
+        server_name: ISTIOD_SERVER_NAME.to_owned(),
+        cluster_id: "cluster-1".to_owned(),
+    };
     let started = Instant::now();
     let source = K8sTokenSource::new(
         client,
@@ -36,16 +42,21 @@ async fn cold_mint(rtt: Duration) -> (Duration, usize) {
         TRUST_DOMAIN,
         Duration::from_secs(3600),
     );
-    let tokens = TokenFile::start(source, istio_token_path(&base.join("")))
-        .await
-        .expect("token");
-    let config = IstioCaConfig {
-        addr: ca.addr.to_string(),
-        root_pem: ca.root_pem(),
-        server_name: ISTIOD_SERVER_NAME.to_owned(),
-        cluster_id: "cluster-1".to_owned(),
-    };
-    let signer = Signer::IstioCa(IstioCaClient::new(config, tokens.subscribe()).expect("client"));
+    // The CA handshake runs while the token is requested, as the launcher should wire it.
+    let (tokens, connection) = tokio::try_join!(
+        async {
+            TokenFile::start(source, istio_token_path(&base.join("")))
+                .await
+                .map_err(anyhow::Error::from)
+        },
+        async {
+            istio_ca::connect(&config)
+                .await
+                .map_err(anyhow::Error::from)
+        },
+    )
+    .expect("token and CA connection");
+    let signer = Signer::IstioCa(IstioCaClient::new(config, connection, tokens.subscribe()));
     let _identity = Identity::start(IdentityInputs {
         identity: me(),
         signer,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use krun::identity::google_tokens::GoogleTokens;
 use krun::identity::http::HttpClient;
-use krun::identity::istio_ca::{ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
+use krun::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
 use krun::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
 use krun::identity::local_ca::LocalCa;
 use krun::identity::token::Token;
@@ -51,37 +51,41 @@ impl World {
         self.base.join("")
     }
 
-    async fn token_file(&self) -> TokenFile {
-        let source = K8sTokenSource::new(
+    fn ca_config(&self) -> IstioCaConfig {
+        IstioCaConfig {
+            addr: self.ca.addr.to_string(),
+            root_pem: self.ca.root_pem(),
+            server_name: ISTIOD_SERVER_NAME.to_owned(),
+            cluster_id: "cluster-1".to_owned(),
+        }
+    }
+
+    fn token_source(&self) -> K8sTokenSource {
+        K8sTokenSource::new(
             self.k8s.client(),
             NAMESPACE,
             KSA,
             TRUST_DOMAIN,
             Duration::from_secs(3600),
-        );
-        TokenFile::start(source, istio_token_path(&self.base()))
-            .await
-            .expect("istio-token")
+        )
     }
 
-    fn signer(&self, token: watch::Receiver<Token>) -> Signer {
-        let config = IstioCaConfig {
-            addr: self.ca.addr.to_string(),
-            root_pem: self.ca.root_pem(),
-            server_name: ISTIOD_SERVER_NAME.to_owned(),
-            cluster_id: "cluster-1".to_owned(),
-        };
-        Signer::IstioCa(IstioCaClient::new(config, token).expect("CA client"))
-    }
-
+    /// The launcher's wiring: the istio-token request and the CA handshake run concurrently,
+    /// then the first certificate is minted.
     async fn start_identity(
         &self,
         policy: RotationPolicy,
     ) -> Result<(Identity, TokenFile), IdentityError> {
-        let tokens = self.token_file().await;
+        let config = self.ca_config();
+        let (tokens, connection) = tokio::join!(
+            TokenFile::start(self.token_source(), istio_token_path(&self.base())),
+            istio_ca::connect(&config),
+        );
+        let tokens = tokens.expect("istio-token");
+        let connection = connection.expect("CA connection");
         let identity = Identity::start(IdentityInputs {
             identity: me(),
-            signer: self.signer(tokens.subscribe()),
+            signer: Signer::IstioCa(IstioCaClient::new(config, connection, tokens.subscribe())),
             base_dir: self.base(),
             policy,
         })
@@ -373,13 +377,7 @@ async fn an_unwritable_token_file_names_the_path() {
     // A regular file where the directory should be: unwritable even for root.
     let base = world.base.join("not-a-dir");
     std::fs::write(&base, "x").expect("file");
-    let source = K8sTokenSource::new(
-        world.k8s.client(),
-        NAMESPACE,
-        KSA,
-        TRUST_DOMAIN,
-        Duration::from_secs(3600),
-    );
+    let source = world.token_source();
     let path = istio_token_path(&base);
     let err = TokenFile::start(source, path.clone())
         .await

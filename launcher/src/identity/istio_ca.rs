@@ -106,33 +106,61 @@ pub struct IstioCaClient {
     token: watch::Receiver<Token>,
 }
 
-impl IstioCaClient {
-    /// Prepares the (lazy) TLS channel; `token` always holds the current istio-token.
-    pub fn new(config: IstioCaConfig, token: watch::Receiver<Token>) -> Result<Self, CaError> {
+impl IstioCaConfig {
+    fn endpoint(&self) -> Result<Endpoint, CaError> {
         let cfg_err = |detail: String| CaError::Config {
-            addr: config.addr.clone(),
+            addr: self.addr.clone(),
             detail,
         };
-        let url = if config.addr.contains("://") {
-            config.addr.clone()
+        let url = if self.addr.contains("://") {
+            self.addr.clone()
         } else {
-            format!("https://{}", config.addr)
+            format!("https://{}", self.addr)
         };
         let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&config.root_pem))
-            .domain_name(config.server_name.clone());
-        let channel = Endpoint::from_shared(url)
+            .ca_certificate(Certificate::from_pem(&self.root_pem))
+            .domain_name(self.server_name.clone());
+        Endpoint::from_shared(url)
             .map_err(|e| cfg_err(format!("not a valid address: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(15))
             .tls_config(tls)
-            .map_err(|e| cfg_err(format!("TLS setup: {e}")))?
-            .connect_lazy();
-        Ok(IstioCaClient {
-            channel,
+            .map_err(|e| cfg_err(format!("TLS setup: {e}")))
+    }
+}
+
+/// An established connection to the CA (TCP, TLS and HTTP/2 done). Connecting needs no token,
+/// so it can run while the istio-token is being requested: the handshakes then leave the
+/// critical path, which is just the token and the CSR round trips.
+pub struct CaConnection(Channel);
+
+/// Connects to the CA now, verifying its certificate against the configured root.
+pub async fn connect(config: &IstioCaConfig) -> Result<CaConnection, CaError> {
+    let channel = config
+        .endpoint()?
+        .connect()
+        .await
+        .map_err(|e| CaError::Rpc {
+            addr: config.addr.clone(),
+            code: tonic::Code::Unavailable,
+            message: format!("cannot connect: {e:?}"),
+        })?;
+    Ok(CaConnection(channel))
+}
+
+impl IstioCaClient {
+    /// A client over a connection made by [`connect`]; `token` always holds the current
+    /// istio-token. The channel reconnects by itself if the connection drops.
+    pub fn new(
+        config: IstioCaConfig,
+        connection: CaConnection,
+        token: watch::Receiver<Token>,
+    ) -> Self {
+        IstioCaClient {
+            channel: connection.0,
             config,
             token,
-        })
+        }
     }
 
     /// The configured CA root, the trust anchor for the returned chains.
