@@ -33,6 +33,10 @@ pub struct HttpClient {
 impl HttpClient {
     /// A client trusting the system roots.
     pub fn new() -> Result<Self, HttpError> {
+        // Requests are small and latency-bound: no Nagle delay.
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(std::sync::Arc::new(
                 rustls::crypto::ring::default_provider(),
@@ -43,7 +47,7 @@ impl HttpClient {
             })?
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(tcp);
         Ok(HttpClient {
             inner: Client::builder(TokioExecutor::new()).build(connector),
         })

@@ -83,6 +83,8 @@ impl HttpServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                // As Go's net/http (the K8s API server) does: no Nagle delay on replies.
+                let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {

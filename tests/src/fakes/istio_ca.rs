@@ -191,7 +191,8 @@ fn serve(listener: tokio::net::TcpListener, state: Arc<State>, tls: &(String, St
     let server = Server::builder()
         .tls_config(ServerTlsConfig::new().identity(identity))
         .expect("server TLS");
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    // Go servers (istiod) set TCP_NODELAY; without it Nagle and delayed ACKs add ~40 ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let _ = server
