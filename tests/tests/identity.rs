@@ -391,6 +391,44 @@ async fn an_unwritable_token_file_names_the_path() {
     assert!(msg.contains("MESH_BASE_DIR"), "{msg}");
 }
 
+#[tokio::test]
+async fn the_istio_token_is_refreshed_before_expiry_and_retried_while_the_old_one_is_valid() {
+    let world = World::new(Duration::ZERO).await;
+    let source = K8sTokenSource::new(
+        world.k8s.client(),
+        NAMESPACE,
+        KSA,
+        TRUST_DOMAIN,
+        Duration::from_secs(3),
+    );
+    let path = istio_token_path(&world.base());
+    let tokens = TokenFile::start(source, path.clone())
+        .await
+        .expect("first token");
+    let mut rx = tokens.subscribe();
+    let first = rx.borrow_and_update().clone();
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("file"),
+        first.secret()
+    );
+
+    // The API server is briefly unavailable when the refresh (at ~80 % of 3 s) comes due.
+    world.k8s.fail_next(2);
+    wait_until(&mut rx, "the refreshed token", |t| *t != first).await;
+    let second = rx.borrow().clone();
+    assert!(second.expires_at > first.expires_at);
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("file"),
+        second.secret()
+    );
+    assert_eq!(
+        world.k8s.requests(),
+        2,
+        "two tokens issued, the failures in between retried"
+    );
+    assert_secret_mode(&path);
+}
+
 fn google(fake: &FakeGoogle) -> GoogleTokens {
     let subject = jwt(
         "system:serviceaccount:prod:reviews",

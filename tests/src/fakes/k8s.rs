@@ -16,16 +16,27 @@ use super::pki::jwt;
 pub struct FakeK8s {
     server: HttpServer,
     requests: Arc<AtomicUsize>,
+    failures: Arc<AtomicUsize>,
 }
 
 impl FakeK8s {
     /// Starts it; each answer is delayed by `delay`.
     pub async fn start(delay: Duration) -> FakeK8s {
         let requests = Arc::new(AtomicUsize::new(0));
-        let counter = requests.clone();
+        let failures = Arc::new(AtomicUsize::new(0));
+        let (counter, to_fail) = (requests.clone(), failures.clone());
         let server = HttpServer::start(delay, move |call| {
-            let counter = counter.clone();
+            let (counter, to_fail) = (counter.clone(), to_fail.clone());
             async move {
+                if to_fail
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"kind": "Status", "code": 503, "message": "the server is currently unable to handle the request"}),
+                    );
+                }
                 let path = call.path.split('?').next().unwrap_or_default().to_owned();
                 let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
                 let ["api", "v1", "namespaces", ns, "serviceaccounts", sa, "token"] = parts[..]
@@ -55,7 +66,11 @@ impl FakeK8s {
             }
         })
         .await;
-        FakeK8s { server, requests }
+        FakeK8s {
+            server,
+            requests,
+            failures,
+        }
     }
 
     /// A kube client pointed at this fake.
@@ -64,6 +79,16 @@ impl FakeK8s {
         let mut config = kube::Config::new(url);
         config.auth_info.token = Some("admin-token".to_owned().into());
         kube::Client::try_from(config).expect("kube client")
+    }
+
+    /// The next `n` requests fail with 503, as an API server that is restarting.
+    pub fn fail_next(&self, n: usize) {
+        self.failures.store(n, Ordering::SeqCst);
+    }
+
+    /// Injected failures not yet answered.
+    pub fn pending_failures(&self) -> usize {
+        self.failures.load(Ordering::SeqCst)
     }
 
     /// TokenRequests served.
