@@ -517,6 +517,73 @@ async fn iam_403_carries_googles_message() {
         .expect("lifetime accepted as \"3600s\"");
 }
 
+#[tokio::test]
+async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
+    use krun::identity::metadata_token::MetadataIdTokens;
+    use krun_tests::fakes::http::{HttpServer, json};
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    // Strict like the metadata server: the flavor header, an audience, format=full.
+    let metadata = HttpServer::start(Duration::ZERO, move |call| {
+        let counter = counter.clone();
+        async move {
+            let path = call.path.clone();
+            let audience = path
+                .strip_prefix(
+                    "/computeMetadata/v1/instance/service-accounts/default/identity?audience=",
+                )
+                .and_then(|rest| rest.strip_suffix("&format=full"));
+            match (call.header("metadata-flavor"), audience) {
+                ("Google", Some(aud)) => {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let aud = aud.replace("%3A", ":").replace("%2F", "/");
+                    let token = jwt(
+                        "sa@p.iam.gserviceaccount.com",
+                        &aud,
+                        Duration::from_secs(3600),
+                    );
+                    hyper::Response::new(http_body_util::Full::new(token.into()))
+                }
+                _ => json(
+                    hyper::StatusCode::FORBIDDEN,
+                    serde_json::json!({"error": "Missing Metadata-Flavor:Google header."}),
+                ),
+            }
+        }
+    })
+    .await;
+    let host = metadata.addr.to_string();
+    let cache = TokenCache::new(
+        MetadataIdTokens::new(HttpClient::new().expect("http"), &host),
+        CachePolicy::default(),
+    );
+    let key = |aud: &str| CacheKey {
+        kind: TokenKind::Id,
+        audience: aud.to_owned(),
+    };
+    let a = cache
+        .get(&key("https://a.a.run.app"))
+        .await
+        .expect("token a");
+    let again = cache
+        .get(&key("https://a.a.run.app"))
+        .await
+        .expect("cached a");
+    let b = cache
+        .get(&key("https://b.a.run.app"))
+        .await
+        .expect("token b");
+    assert_eq!(a, again);
+    assert_ne!(a, b);
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one call per audience"
+    );
+    let claims = krun::identity::jwt::Claims::decode(b.secret()).expect("JWT");
+    assert!(claims.aud.contains("https://b.a.run.app"));
+}
+
 #[test]
 fn local_ca_mode_works_with_networking_unavailable() {
     let (dir, cacerts) = local_ca_dir("nonet");
