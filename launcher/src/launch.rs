@@ -58,6 +58,7 @@ async fn start_identity(config: &Config) -> anyhow::Result<Option<Identity>> {
         signer: Signer::Local(Box::new(ca)),
         base_dir: config.mesh_base_dir.value.clone(),
         policy: RotationPolicy::default(),
+        trust_bundle: Vec::new(),
     })
     .await?;
     Ok(Some(identity))

@@ -62,6 +62,7 @@ async fn cold_mint(rtt: Duration) -> (Duration, usize) {
         signer,
         base_dir: base.join(""),
         policy: RotationPolicy::default(),
+        trust_bundle: Vec::new(),
     })
     .await
     .expect("identity");
@@ -78,6 +79,7 @@ async fn local_mint() -> Duration {
         signer: Signer::Local(Box::new(ca)),
         base_dir: dir.join("base"),
         policy: RotationPolicy::default(),
+        trust_bundle: Vec::new(),
     })
     .await
     .expect("identity");

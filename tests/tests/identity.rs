@@ -11,6 +11,7 @@ use krun::identity::http::HttpClient;
 use krun::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
 use krun::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
 use krun::identity::local_ca::LocalCa;
+use krun::identity::roots::mesh_env_roots;
 use krun::identity::token::Token;
 use krun::identity::token_cache::{CacheKey, CachePolicy, TokenCache, TokenKind};
 use krun::identity::{
@@ -36,6 +37,8 @@ struct World {
     k8s: FakeK8s,
     ca: FakeIstioCa,
     base: TempDir,
+    /// Another mesh root published in mesh-env (`CAROOT_CAS`), trusted for peers.
+    other_root: String,
 }
 
 impl World {
@@ -44,6 +47,7 @@ impl World {
             k8s: FakeK8s::start(rtt).await,
             ca: FakeIstioCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, rtt).await,
             base: TempDir::new("identity"),
+            other_root: TestCa::new("CAS root").root_pem,
         }
     }
 
@@ -88,6 +92,8 @@ impl World {
             signer: Signer::IstioCa(IstioCaClient::new(config, connection, tokens.subscribe())),
             base_dir: self.base(),
             policy,
+            trust_bundle: mesh_env_roots([("CAROOT_CAS", self.other_root.as_str())])
+                .expect("mesh-env roots"),
         })
         .await?;
         Ok((identity, tokens))
@@ -160,12 +166,13 @@ async fn config_to_token_to_csr_to_verified_chain_written_with_the_stated_modes(
         2,
         "leaf and root"
     );
+    let bundle = std::fs::read_to_string(out.join("root-cert.pem")).expect("root");
     assert_eq!(
-        std::fs::read_to_string(out.join("root-cert.pem"))
-            .expect("root")
-            .trim(),
-        world.ca.root_pem().trim()
+        bundle,
+        format!("{}{}", world.ca.root_pem(), world.other_root),
+        "one trust bundle: the CA root, then the mesh-env roots"
     );
+    assert_eq!(cert.roots.len(), 2);
 }
 
 #[tokio::test]
@@ -272,6 +279,7 @@ async fn rotation_happens_at_half_life() {
             ttl,
             ..RotationPolicy::default()
         },
+        trust_bundle: Vec::new(),
     })
     .await
     .expect("identity");
@@ -332,6 +340,7 @@ async fn the_local_ca_accepts_an_rsa_4096_root_and_intermediate() {
         )),
         base_dir: dir.join("base"),
         policy: RotationPolicy::default(),
+        trust_bundle: Vec::new(),
     })
     .await
     .expect("RSA-signed chain verifies");

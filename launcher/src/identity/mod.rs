@@ -17,6 +17,7 @@ pub mod k8s_token;
 mod keys;
 pub mod local_ca;
 pub mod metadata_token;
+pub mod roots;
 pub mod signer;
 mod spiffe;
 pub mod token;
@@ -84,6 +85,9 @@ pub struct IdentityInputs {
     pub base_dir: PathBuf,
     /// Lifetime and retries.
     pub policy: RotationPolicy,
+    /// Roots peers may chain to beyond the signer's own (mesh-env `CAROOT_*`, see
+    /// [`roots::mesh_env_roots`]); published with the certificate and in `root-cert.pem`.
+    pub trust_bundle: Vec<CertificateDer<'static>>,
 }
 
 /// Minting failed; each variant's message names the step and the input at fault.
@@ -123,9 +127,11 @@ impl Drop for Identity {
 impl Identity {
     /// Mints the first certificate (an error here is a startup failure) and starts rotation.
     pub async fn start(inputs: IdentityInputs) -> Result<Identity, IdentityError> {
+        let anchors = inputs.signer.roots();
         let minter = Minter {
             identity: inputs.identity,
-            roots: inputs.signer.roots(),
+            bundle: roots::bundle(&anchors, &inputs.trust_bundle),
+            anchors,
             signer: inputs.signer,
             out_dir: istio_output_dir(&inputs.base_dir),
             ttl: inputs.policy.ttl,
@@ -153,7 +159,10 @@ impl Identity {
 struct Minter {
     identity: SpiffeId,
     signer: Signer,
-    roots: Vec<CertificateDer<'static>>,
+    /// What the signer's chains must lead to.
+    anchors: Vec<CertificateDer<'static>>,
+    /// What peers may lead to: the anchors and the mesh-env roots.
+    bundle: Vec<CertificateDer<'static>>,
     out_dir: PathBuf,
     ttl: Duration,
 }
@@ -165,7 +174,7 @@ impl Minter {
         let chain = verify::parse_pem_chain(&chain_pem)?;
         let verified = verify::verify_chain(
             chain,
-            &self.roots,
+            &self.anchors,
             &self.identity,
             &request.key.subject_public_key_info(),
             SystemTime::now(),
@@ -174,7 +183,7 @@ impl Minter {
             self.identity.clone(),
             verified.chain,
             request.key.serialize_der(),
-            self.roots.clone(),
+            self.bundle.clone(),
             (verified.not_before, verified.not_after),
         );
         self.write(&cert, &request.key.serialize_pem())?;
