@@ -214,10 +214,13 @@ async fn ca_unauthenticated_names_the_token_audience_to_check() {
         .expect("rejected");
     let msg = err.to_string();
     assert!(
-        msg.contains("rejected the istio-token (UNAUTHENTICATED: authenticate failed"),
+        msg.contains(&format!(
+            "Istio CA {} rejected the token (UNAUTHENTICATED: authenticate failed",
+            world.ca.addr
+        )),
         "{msg}"
     );
-    assert!(msg.contains("check the token audience"), "{msg}");
+    assert!(msg.contains("check the istio-token audience"), "{msg}");
 }
 
 #[tokio::test]
@@ -524,6 +527,50 @@ async fn iam_403_carries_googles_message() {
         .access_token(&fed)
         .await
         .expect("lifetime accepted as \"3600s\"");
+}
+
+#[tokio::test]
+async fn meshca_signs_with_the_federated_token_and_the_location() {
+    use krun::identity::meshca::{MeshCaClient, MeshCaConfig};
+    let google_fake = FakeGoogle::start(Duration::ZERO).await;
+    let ca = FakeIstioCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, Duration::ZERO).await;
+    ca.serve_meshca("federated-token");
+    let base = TempDir::new("meshca");
+    let tokens = Arc::new(TokenCache::new(
+        google(&google_fake),
+        CachePolicy::default(),
+    ));
+    let config = MeshCaConfig {
+        addr: ca.addr.to_string(),
+        root_pem: Some(ca.root_pem()),
+        server_name: Some(ISTIOD_SERVER_NAME.to_owned()),
+        location: Some("us-central1".to_owned()),
+        mesh_root_pem: ca.root_pem(),
+    };
+    let client = MeshCaClient::connect(config, tokens).await.expect("MeshCA");
+    let identity = Identity::start(IdentityInputs {
+        identity: me(),
+        signer: Signer::MeshCa(client),
+        base_dir: base.join(""),
+        policy: RotationPolicy::default(),
+        trust_bundle: Vec::new(),
+    })
+    .await
+    .expect("MeshCA certificate");
+    assert_eq!(
+        leaf_uri(&identity.store().current().expect("cert")),
+        me().to_string()
+    );
+    assert_eq!(
+        ca.meshca_request_params().as_deref(),
+        Some("location=locations/us-central1")
+    );
+    assert_eq!(
+        google_fake.sts_calls(),
+        1,
+        "the federated token, no IAM call"
+    );
+    assert_eq!(google_fake.iam_calls(), 0);
 }
 
 #[tokio::test]

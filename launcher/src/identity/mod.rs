@@ -6,6 +6,7 @@
 //! `CA_ADDR=file:///dir`, or Istio's CA with a token source (`k8s_token`).
 
 mod backoff;
+pub mod ca_grpc;
 pub mod cert_store;
 pub mod csr;
 pub mod files;
@@ -16,6 +17,7 @@ pub mod jwt;
 pub mod k8s_token;
 mod keys;
 pub mod local_ca;
+pub mod meshca;
 pub mod metadata_token;
 pub mod roots;
 pub mod signer;

@@ -5,8 +5,10 @@ use std::time::Duration;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use super::istio_ca::{CaError, IstioCaClient};
+use super::ca_grpc::CaError;
+use super::istio_ca::IstioCaClient;
 use super::local_ca::{LocalCa, LocalCaError};
+use super::meshca::MeshCaClient;
 
 /// A CA krun can get certificates from.
 pub enum Signer {
@@ -14,6 +16,8 @@ pub enum Signer {
     Local(Box<LocalCa>),
     /// `CA_ADDR=host:port`: istiod (or any Istio CA) over gRPC.
     IstioCa(IstioCaClient),
+    /// Google's MeshCA with the STS federated token.
+    MeshCa(MeshCaClient),
 }
 
 /// The signer failed.
@@ -22,9 +26,9 @@ pub enum SignError {
     /// Local CA failure.
     #[error(transparent)]
     Local(#[from] LocalCaError),
-    /// Istio CA failure.
+    /// Istio CA or MeshCA failure.
     #[error(transparent)]
-    IstioCa(#[from] CaError),
+    Grpc(#[from] CaError),
 }
 
 impl Signer {
@@ -33,6 +37,7 @@ impl Signer {
         match self {
             Signer::Local(ca) => Ok(ca.sign(csr_pem, ttl)?),
             Signer::IstioCa(ca) => Ok(ca.sign(csr_pem, ttl).await?),
+            Signer::MeshCa(ca) => Ok(ca.sign(csr_pem, ttl).await?),
         }
     }
 
@@ -40,9 +45,8 @@ impl Signer {
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {
         match self {
             Signer::Local(ca) => ca.roots().to_vec(),
-            Signer::IstioCa(ca) => CertificateDer::pem_slice_iter(ca.root_pem().as_bytes())
-                .filter_map(Result::ok)
-                .collect(),
+            Signer::IstioCa(ca) => parse_pems(ca.root_pem()),
+            Signer::MeshCa(ca) => parse_pems(ca.mesh_root_pem()),
         }
     }
 
@@ -51,6 +55,13 @@ impl Signer {
         match self {
             Signer::Local(ca) => format!("local CA in {}", ca.dir().display()),
             Signer::IstioCa(ca) => format!("Istio CA at {}", ca.addr()),
+            Signer::MeshCa(ca) => format!("MeshCA at {}", ca.addr()),
         }
     }
+}
+
+fn parse_pems(pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect()
 }

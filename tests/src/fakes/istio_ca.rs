@@ -1,5 +1,7 @@
 //! A fake Istio CA: gRPC `istio.v1.auth.IstioCertificateService/CreateCertificate` over TLS
-//! with istiod's serving certificate. Like istiod it authenticates the bearer token (audience,
+//! with istiod's serving certificate. The same server also answers MeshCA's
+//! `google.security.meshca.v1.MeshCertificateService/CreateCertificate`, which authenticates
+//! the STS federated token instead. Like istiod it authenticates the bearer token (audience,
 //! and a subject that must match the CSR's SPIFFE SAN) and signs with the mesh root. Tests can
 //! make it sign another identity, reject every token, or go down (the listener and every
 //! connection close) and come back on the same address.
@@ -14,6 +16,9 @@ use krun::identity::istio_ca::proto::{
     CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse, SERVICE,
 };
 use krun::identity::jwt::Claims;
+use krun::identity::meshca::proto::{
+    self as meshca, MeshCertificateRequest, MeshCertificateResponse,
+};
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
@@ -28,6 +33,10 @@ struct Behaviour {
 
 struct State {
     ca: TestCa,
+    /// The federated token MeshCA calls must carry.
+    meshca_bearer: Mutex<Option<String>>,
+    /// `x-goog-request-params` of the last MeshCA call.
+    meshca_params: Mutex<Option<String>>,
     audience: String,
     behaviour: Mutex<Behaviour>,
     signed: AtomicUsize,
@@ -68,6 +77,8 @@ impl FakeIstioCa {
         let addr = listener.local_addr().expect("CA addr");
         let state = Arc::new(State {
             ca,
+            meshca_bearer: Mutex::default(),
+            meshca_params: Mutex::default(),
             audience: audience.to_owned(),
             behaviour: Mutex::default(),
             signed: AtomicUsize::new(0),
@@ -120,6 +131,16 @@ impl FakeIstioCa {
             .await
             .expect("rebind CA");
         self.serving = Some(serve(listener, self.state.clone(), &self.tls));
+    }
+
+    /// Also serve MeshCA, accepting `bearer` (the federated token) as its credential.
+    pub fn serve_meshca(&self, bearer: &str) {
+        *self.state.meshca_bearer.lock().expect("lock") = Some(bearer.to_owned());
+    }
+
+    /// `x-goog-request-params` of the last MeshCA call.
+    pub fn meshca_request_params(&self) -> Option<String> {
+        self.state.meshca_params.lock().expect("lock").clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Behaviour> {
@@ -204,6 +225,41 @@ fn serve(listener: tokio::net::TcpListener, state: Arc<State>, tls: &(String, St
     Serving { stop, task }
 }
 
+impl State {
+    fn create_meshca(
+        &self,
+        request: tonic::Request<MeshCertificateRequest>,
+    ) -> Result<MeshCertificateResponse, tonic::Status> {
+        let expected = self.meshca_bearer.lock().expect("lock").clone();
+        let bearer = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if expected.is_none() || bearer != expected.as_deref() {
+            return Err(tonic::Status::unauthenticated("invalid federated token"));
+        }
+        *self.meshca_params.lock().expect("lock") = request
+            .metadata()
+            .get("x-goog-request-params")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let msg = request.into_inner();
+        if msg.request_id.len() != 36 {
+            return Err(tonic::Status::invalid_argument("request_id must be a UUID"));
+        }
+        let ttl = msg
+            .validity
+            .and_then(|v| u64::try_from(v.seconds).ok())
+            .ok_or_else(|| tonic::Status::invalid_argument("validity required"))?;
+        let leaf = self.ca.sign_csr(&msg.csr, Duration::from_secs(ttl), None);
+        self.signed.fetch_add(1, Ordering::SeqCst);
+        Ok(MeshCertificateResponse {
+            cert_chain: vec![leaf, self.ca.root_pem.clone()],
+        })
+    }
+}
+
 #[derive(Clone)]
 struct CaService(Arc<State>);
 
@@ -212,6 +268,20 @@ impl tonic::server::NamedService for CaService {
 }
 
 struct Create(Arc<State>);
+struct MeshCreate(Arc<State>);
+
+impl tonic::server::UnaryService<MeshCertificateRequest> for MeshCreate {
+    type Response = MeshCertificateResponse;
+    type Future = BoxFuture<tonic::Response<MeshCertificateResponse>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<MeshCertificateRequest>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            tokio::time::sleep(state.delay).await;
+            state.create_meshca(request).map(tonic::Response::new)
+        })
+    }
+}
 
 impl tonic::server::UnaryService<IstioCertificateRequest> for Create {
     type Response = IstioCertificateResponse;
@@ -238,6 +308,14 @@ impl Service<http::Request<tonic::body::Body>> for CaService {
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let state = self.0.clone();
         Box::pin(async move {
+            if request.uri().path() == meshca::CREATE_CERTIFICATE {
+                let codec = tonic_prost::ProstCodec::<
+                    MeshCertificateResponse,
+                    MeshCertificateRequest,
+                >::default();
+                let mut grpc = tonic::server::Grpc::new(codec);
+                return Ok(grpc.unary(MeshCreate(state), request).await);
+            }
             if request.uri().path() != CREATE_CERTIFICATE {
                 return Ok(tonic::Status::unimplemented("unknown method").into_http());
             }
