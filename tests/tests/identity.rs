@@ -15,13 +15,15 @@ use krun::identity::roots::mesh_env_roots;
 use krun::identity::token::Token;
 use krun::identity::token_cache::{CacheKey, CachePolicy, TokenCache, TokenKind};
 use krun::identity::{
-    Identity, IdentityError, IdentityInputs, RotationPolicy, Signer, SpiffeId, WorkloadCert,
+    CertResolver, Identity, IdentityError, IdentityInputs, RotationPolicy, Signer, SpiffeId,
+    WorkloadCert,
 };
 use krun_tests::fakes::google::FakeGoogle;
 use krun_tests::fakes::istio_ca::FakeIstioCa;
 use krun_tests::fakes::k8s::FakeK8s;
 use krun_tests::fakes::pki::{TestCa, jwt};
 use krun_tests::{HANG_GUARD, Krun, TempDir};
+use rustls::client::ResolvesClientCert;
 use tokio::sync::watch;
 
 const TRUST_DOMAIN: &str = "proj.svc.id.goog";
@@ -293,10 +295,25 @@ async fn rotation_happens_at_half_life() {
         .expect("validity");
     let mut certs = identity.store().subscribe();
     certs.borrow_and_update();
+    // What the data plane's TLS configs use: it follows the store without a restart.
+    let resolver = CertResolver::new(identity.store());
+    let handshake_chain = || {
+        let key = ResolvesClientCert::resolve(&resolver, &[], &[]).expect("a certificate");
+        key.keys_match().expect("the signing key matches the leaf");
+        key.cert.clone()
+    };
+    assert_eq!(handshake_chain(), first.chain);
     let started = tokio::time::Instant::now();
 
     certs.changed().await.expect("rotated");
     let elapsed = started.elapsed();
+    let second = identity.store().current().expect("second");
+    assert_ne!(second.chain, first.chain);
+    assert_eq!(
+        handshake_chain(),
+        second.chain,
+        "new handshakes use the new certificate"
+    );
     let half = first
         .half_life()
         .duration_since(std::time::SystemTime::now())

@@ -4,6 +4,10 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use rustls::SignatureScheme;
+use rustls::client::ResolvesClientCert;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 
@@ -23,6 +27,8 @@ pub struct WorkloadCert {
     pub not_before: SystemTime,
     /// End of the leaf's validity.
     pub not_after: SystemTime,
+    /// The chain and a signing key, ready for rustls handshakes.
+    certified: Arc<CertifiedKey>,
 }
 
 impl std::fmt::Debug for WorkloadCert {
@@ -38,21 +44,31 @@ impl std::fmt::Debug for WorkloadCert {
 
 impl WorkloadCert {
     /// Assembles a certificate from verified parts; `key_pkcs8` is the leaf's private key.
+    /// Fails only when rustls cannot sign with the key.
     pub fn new(
         identity: SpiffeId,
         chain: Vec<CertificateDer<'static>>,
         key_pkcs8: Vec<u8>,
         roots: Vec<CertificateDer<'static>>,
         validity: (SystemTime, SystemTime),
-    ) -> Self {
-        WorkloadCert {
+    ) -> Result<Self, rustls::Error> {
+        let key = PrivatePkcs8KeyDer::from(key_pkcs8);
+        let signing_key =
+            rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(key.clone_key()))?;
+        Ok(WorkloadCert {
             identity,
+            certified: Arc::new(CertifiedKey::new(chain.clone(), signing_key)),
             chain,
-            key: PrivatePkcs8KeyDer::from(key_pkcs8),
+            key,
             roots,
             not_before: validity.0,
             not_after: validity.1,
-        }
+        })
+    }
+
+    /// The chain and signing key for rustls (what [`CertResolver`] hands out).
+    pub fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.certified.clone()
     }
 
     /// The private key, for `with_single_cert`.
@@ -89,6 +105,47 @@ pub struct RotationHealth {
     pub consecutive_failures: u32,
     /// The last failure's message.
     pub last_error: Option<String>,
+}
+
+/// A rustls certificate resolver over the store: every handshake (server or client side) uses
+/// the certificate current at that moment, so rotation needs no listener restart and open
+/// connections are not dropped. Use with `with_cert_resolver` / `with_client_cert_resolver`.
+#[derive(Debug)]
+pub struct CertResolver {
+    certs: watch::Receiver<Option<Arc<WorkloadCert>>>,
+}
+
+impl CertResolver {
+    /// A resolver following `store`.
+    pub fn new(store: &CertStore) -> Self {
+        CertResolver {
+            certs: store.subscribe(),
+        }
+    }
+
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.certs.borrow().as_ref().map(|c| c.certified_key())
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+}
+
+impl ResolvesClientCert for CertResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.certs.borrow().is_some()
+    }
 }
 
 /// Publishes the current certificate to every subscriber.

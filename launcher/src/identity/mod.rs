@@ -34,7 +34,7 @@ use rcgen::PublicKeyData;
 use rustls_pki_types::CertificateDer;
 
 pub use backoff::Backoff;
-pub use cert_store::{CertStore, RotationHealth, WorkloadCert};
+pub use cert_store::{CertResolver, CertStore, RotationHealth, WorkloadCert};
 pub use signer::{SignError, Signer};
 pub use spiffe::SpiffeId;
 
@@ -107,6 +107,9 @@ pub enum IdentityError {
     /// Writing the files.
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// rustls cannot use the key with the chain.
+    #[error("the new workload key cannot be used for TLS: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 /// Where Istio's agent and Envoy expect the workload certificate (pilot-agent `OUTPUT_CERTS`).
@@ -187,7 +190,7 @@ impl Minter {
             request.key.serialize_der(),
             self.bundle.clone(),
             (verified.not_before, verified.not_after),
-        );
+        )?;
         self.write(&cert, &request.key.serialize_pem())?;
         Ok(cert)
     }
