@@ -373,31 +373,74 @@ async fn the_local_ca_accepts_an_rsa_4096_root_and_intermediate() {
 /// PKCS#1 (`RSA PRIVATE KEY`) when `traditional`; `<name>.pem` always holds PKCS#8.
 fn openssl_rsa_key(dir: &TempDir, name: &str, traditional: bool) -> String {
     let pkcs8 = dir.join(&format!("{name}.pem"));
-    let status = std::process::Command::new("openssl")
-        .args([
+    openssl(
+        &[
             "genpkey",
             "-algorithm",
             "RSA",
             "-pkeyopt",
             "rsa_keygen_bits:4096",
             "-out",
-        ])
-        .arg(&pkcs8)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(status.success());
+        ],
+        &pkcs8,
+    );
     if !traditional {
         return std::fs::read_to_string(&pkcs8).expect("key");
     }
-    let out = std::process::Command::new("openssl")
-        .args(["rsa", "-traditional", "-in"])
-        .arg(&pkcs8)
-        .output()
-        .expect("openssl rsa");
-    let pem = String::from_utf8(out.stdout).expect("pem");
+    let pem = openssl(&["rsa", "-traditional", "-in"], &pkcs8);
     assert!(pem.contains("BEGIN RSA PRIVATE KEY"), "{pem}");
     pem
+}
+
+/// Runs openssl with `args` then `path`; returns its stdout.
+fn openssl(args: &[&str], path: &Path) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .arg(path)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl {args:?} failed");
+    String::from_utf8(out.stdout).expect("PEM output")
+}
+
+#[tokio::test]
+async fn the_local_ca_accepts_an_ec_p256_key_in_openssl_sec1_form() {
+    let dir = TempDir::new("sec1");
+    let sec1_path = dir.join("ca-key-sec1.pem");
+    let sec1 = openssl(
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+        ],
+        &sec1_path,
+    );
+    assert!(sec1.is_empty());
+    let sec1 = std::fs::read_to_string(&sec1_path).expect("SEC1 key");
+    assert!(sec1.contains("BEGIN EC PRIVATE KEY"), "{sec1}");
+    let pkcs8 = openssl(&["pkcs8", "-topk8", "-nocrypt", "-in"], &sec1_path);
+    let root = TestCa::with_key("ec root", rcgen::KeyPair::from_pem(&pkcs8).expect("PKCS#8"));
+    let cacerts = dir.join("cacerts");
+    root.write_cacerts(&cacerts);
+    std::fs::write(cacerts.join("ca-key.pem"), sec1).expect("SEC1 ca-key.pem");
+
+    let identity = Identity::start(IdentityInputs {
+        identity: me(),
+        signer: Signer::Local(Box::new(
+            LocalCa::load(&cacerts).expect("SEC1 CA key loads"),
+        )),
+        base_dir: dir.join("base"),
+        policy: RotationPolicy::default(),
+        trust_bundle: Vec::new(),
+    })
+    .await
+    .expect("chain verifies");
+    let cert = identity.store().current().expect("cert");
+    assert_eq!(leaf_uri(&cert), me().to_string());
 }
 
 #[tokio::test]
