@@ -6,6 +6,8 @@ set -euo pipefail
 need_apt=()
 command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v curl >/dev/null || need_apt+=(curl)
+# The identity tests make CA keys the way Istio's tooling does (RSA 4096, SEC1 EC).
+command -v openssl >/dev/null || need_apt+=(openssl)
 command -v tini >/dev/null || [ -x /usr/bin/tini ] || need_apt+=(tini)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
