@@ -11,7 +11,7 @@ use krun::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
 use krun::identity::local_ca::LocalCa;
 use krun::identity::{Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 use krun_tests::TempDir;
-use krun_tests::fakes::istio_ca::FakeIstioCa;
+use krun_tests::fakes::ca::FakeCa;
 use krun_tests::fakes::k8s::FakeK8s;
 use krun_tests::fakes::pki::TestCa;
 
@@ -25,7 +25,7 @@ fn me() -> SpiffeId {
 /// One cold mint through K8s and the Istio CA; returns (elapsed, round trips).
 async fn cold_mint(rtt: Duration) -> (Duration, usize) {
     let k8s = FakeK8s::start(rtt).await;
-    let ca = FakeIstioCa::start(TestCa::new("root"), TRUST_DOMAIN, rtt).await;
+    let ca = FakeCa::start(TestCa::new("root"), TRUST_DOMAIN, rtt).await;
     let base = TempDir::new("bench");
     let client = k8s.client();
     let config = IstioCaConfig {

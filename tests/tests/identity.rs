@@ -18,8 +18,8 @@ use krun::identity::{
     CertResolver, Identity, IdentityError, IdentityInputs, RotationPolicy, Signer, SpiffeId,
     WorkloadCert,
 };
+use krun_tests::fakes::ca::FakeCa;
 use krun_tests::fakes::google::FakeGoogle;
-use krun_tests::fakes::istio_ca::FakeIstioCa;
 use krun_tests::fakes::k8s::FakeK8s;
 use krun_tests::fakes::pki::{TestCa, jwt};
 use krun_tests::{HANG_GUARD, Krun, TempDir};
@@ -37,7 +37,7 @@ fn me() -> SpiffeId {
 /// A fake cluster (K8s API + Istio CA) and a base dir, as krun would see them.
 struct World {
     k8s: FakeK8s,
-    ca: FakeIstioCa,
+    ca: FakeCa,
     base: TempDir,
     /// Another mesh root published in mesh-env (`CAROOT_CAS`), trusted for peers.
     other_root: String,
@@ -47,7 +47,7 @@ impl World {
     async fn new(rtt: Duration) -> World {
         World {
             k8s: FakeK8s::start(rtt).await,
-            ca: FakeIstioCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, rtt).await,
+            ca: FakeCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, rtt).await,
             base: TempDir::new("identity"),
             other_root: TestCa::new("CAS root").root_pem,
         }
@@ -593,7 +593,7 @@ async fn iam_403_carries_googles_message() {
 async fn meshca_signs_with_the_federated_token_and_the_location() {
     use krun::identity::meshca::{MeshCaClient, MeshCaConfig};
     let google_fake = FakeGoogle::start(Duration::ZERO).await;
-    let ca = FakeIstioCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, Duration::ZERO).await;
+    let ca = FakeCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, Duration::ZERO).await;
     ca.serve_meshca("federated-token");
     let base = TempDir::new("meshca");
     let tokens = Arc::new(TokenCache::new(
@@ -631,6 +631,52 @@ async fn meshca_signs_with_the_federated_token_and_the_location() {
         "the federated token, no IAM call"
     );
     assert_eq!(google_fake.iam_calls(), 0);
+}
+
+#[tokio::test]
+async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
+    use krun::identity::cas::{CasClient, CasConfig};
+    const POOL: &str = "projects/p/locations/us-central1/caPools/mesh";
+    let google_fake = FakeGoogle::start(Duration::ZERO).await;
+    let ca = FakeCa::start(TestCa::new("CAS root"), TRUST_DOMAIN, Duration::ZERO).await;
+    ca.serve_cas("federated-token", POOL, &me().to_string());
+    let base = TempDir::new("cas");
+    let tokens = Arc::new(TokenCache::new(
+        google(&google_fake),
+        CachePolicy::default(),
+    ));
+    let config = CasConfig {
+        addr: ca.addr.to_string(),
+        root_pem: Some(ca.root_pem()),
+        server_name: Some(ISTIOD_SERVER_NAME.to_owned()),
+        pool: POOL.to_owned(),
+        pool_root_pem: ca.root_pem(),
+    };
+    let client = CasClient::connect(config, tokens).await.expect("CAS");
+    let identity = Identity::start(IdentityInputs {
+        identity: me(),
+        signer: Signer::Cas(client),
+        base_dir: base.join(""),
+        policy: RotationPolicy::default(),
+        trust_bundle: Vec::new(),
+    })
+    .await
+    .expect("CAS certificate");
+    assert_eq!(
+        leaf_uri(&identity.store().current().expect("cert")),
+        me().to_string()
+    );
+    let gke = krun::identity::workload_spiffe_dir(&base.join(""));
+    assert_secret_mode(&gke.join("private_key.pem"));
+    let istio = base.join("var/run/secrets/istio.io");
+    assert_eq!(
+        std::fs::read(gke.join("certificates.pem")).expect("GKE chain"),
+        std::fs::read(istio.join("cert-chain.pem")).expect("Istio chain")
+    );
+    assert_eq!(
+        std::fs::read(gke.join("ca_certificates.pem")).expect("GKE roots"),
+        std::fs::read(istio.join("root-cert.pem")).expect("Istio roots")
+    );
 }
 
 #[tokio::test]

@@ -14,6 +14,8 @@ pub enum CaKind {
     Istio,
     /// Google's MeshCA.
     MeshCa,
+    /// Google Certificate Authority Service.
+    Cas,
 }
 
 impl CaKind {
@@ -21,6 +23,7 @@ impl CaKind {
         match self {
             CaKind::Istio => "Istio CA",
             CaKind::MeshCa => "MeshCA",
+            CaKind::Cas => "CAS",
         }
     }
 
@@ -31,6 +34,9 @@ impl CaKind {
             }
             CaKind::MeshCa => {
                 "check the STS federated token (TRUST_DOMAIN and the cluster's workload identity pool)"
+            }
+            CaKind::Cas => {
+                "check the STS federated token and that the pool grants roles/privateca.workloadCertificateRequester to the workload identity pool"
             }
         }
     }

@@ -143,8 +143,8 @@ impl MeshCaClient {
     }
 }
 
-/// A random UUID v4, MeshCA's idempotency key.
-fn request_id() -> String {
+/// A random UUID v4: MeshCA's and CAS's idempotency key.
+pub(super) fn request_id() -> String {
     let mut b = [0u8; 16];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     b[6] = (b[6] & 0x0f) | 0x40;

@@ -7,6 +7,7 @@
 
 mod backoff;
 pub mod ca_grpc;
+pub mod cas;
 pub mod cert_store;
 pub mod csr;
 pub mod files;
@@ -117,6 +118,20 @@ pub fn istio_output_dir(base_dir: &Path) -> PathBuf {
     base_dir.join("var/run/secrets/istio.io")
 }
 
+/// GKE's workload certificate directory (reference §5.1), written too for CAS: pilot-agent
+/// reads it with `CA_PROVIDER=GoogleGkeWorkloadCertificate`.
+pub fn workload_spiffe_dir(base_dir: &Path) -> PathBuf {
+    base_dir.join("var/run/secrets/workload-spiffe-credentials")
+}
+
+/// File names of one certificate layout: (chain, key, roots).
+struct Layout {
+    dir: PathBuf,
+    chain: &'static str,
+    key: &'static str,
+    roots: &'static str,
+}
+
 /// The running identity: the store with the current certificate and the rotation task.
 pub struct Identity {
     store: Arc<CertStore>,
@@ -133,12 +148,26 @@ impl Identity {
     /// Mints the first certificate (an error here is a startup failure) and starts rotation.
     pub async fn start(inputs: IdentityInputs) -> Result<Identity, IdentityError> {
         let anchors = inputs.signer.roots();
+        let mut layouts = vec![Layout {
+            dir: istio_output_dir(&inputs.base_dir),
+            chain: "cert-chain.pem",
+            key: "key.pem",
+            roots: "root-cert.pem",
+        }];
+        if matches!(inputs.signer, Signer::Cas(_)) {
+            layouts.push(Layout {
+                dir: workload_spiffe_dir(&inputs.base_dir),
+                chain: "certificates.pem",
+                key: "private_key.pem",
+                roots: "ca_certificates.pem",
+            });
+        }
         let minter = Minter {
             identity: inputs.identity,
             bundle: roots::bundle(&anchors, &inputs.trust_bundle),
             anchors,
             signer: inputs.signer,
-            out_dir: istio_output_dir(&inputs.base_dir),
+            layouts,
             ttl: inputs.policy.ttl,
         };
         let store = Arc::new(CertStore::default());
@@ -146,7 +175,7 @@ impl Identity {
         tracing::info!(
             identity = %minter.identity,
             ca = minter.signer.describe(),
-            dir = %minter.out_dir.display(),
+            dir = %minter.layouts[0].dir.display(),
             "workload certificate minted and written"
         );
         store.publish(Arc::new(cert));
@@ -168,7 +197,8 @@ struct Minter {
     anchors: Vec<CertificateDer<'static>>,
     /// What peers may lead to: the anchors and the mesh-env roots.
     bundle: Vec<CertificateDer<'static>>,
-    out_dir: PathBuf,
+    /// Where the files go (Istio's layout, and GKE's for CAS).
+    layouts: Vec<Layout>,
     ttl: Duration,
 }
 
@@ -195,24 +225,18 @@ impl Minter {
         Ok(cert)
     }
 
-    /// Writes the chain, the key and the roots; each file is replaced atomically.
+    /// Writes the chain, the key and the roots in every layout; each file is replaced
+    /// atomically.
     fn write(&self, cert: &WorkloadCert, key_pem: &str) -> Result<(), WriteError> {
         let pems = |certs: &[CertificateDer<'_>]| certs.iter().map(to_pem).collect::<String>();
-        write_atomic(
-            &self.out_dir.join("key.pem"),
-            key_pem.as_bytes(),
-            Access::Secret,
-        )?;
-        write_atomic(
-            &self.out_dir.join("cert-chain.pem"),
-            pems(&cert.chain).as_bytes(),
-            Access::Public,
-        )?;
-        write_atomic(
-            &self.out_dir.join("root-cert.pem"),
-            pems(&cert.roots).as_bytes(),
-            Access::Public,
-        )
+        let (chain, roots) = (pems(&cert.chain), pems(&cert.roots));
+        for layout in &self.layouts {
+            let file = |name: &str| layout.dir.join(name);
+            write_atomic(&file(layout.key), key_pem.as_bytes(), Access::Secret)?;
+            write_atomic(&file(layout.chain), chain.as_bytes(), Access::Public)?;
+            write_atomic(&file(layout.roots), roots.as_bytes(), Access::Public)?;
+        }
+        Ok(())
     }
 }
 

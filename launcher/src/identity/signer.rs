@@ -6,6 +6,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use super::ca_grpc::CaError;
+use super::cas::CasClient;
 use super::istio_ca::IstioCaClient;
 use super::local_ca::{LocalCa, LocalCaError};
 use super::meshca::MeshCaClient;
@@ -18,6 +19,8 @@ pub enum Signer {
     IstioCa(IstioCaClient),
     /// Google's MeshCA with the STS federated token.
     MeshCa(MeshCaClient),
+    /// `CA_POOL`: Google CAS with the STS federated token (reflected SPIFFE identity).
+    Cas(CasClient),
 }
 
 /// The signer failed.
@@ -38,6 +41,7 @@ impl Signer {
             Signer::Local(ca) => Ok(ca.sign(csr_pem, ttl)?),
             Signer::IstioCa(ca) => Ok(ca.sign(csr_pem, ttl).await?),
             Signer::MeshCa(ca) => Ok(ca.sign(csr_pem, ttl).await?),
+            Signer::Cas(ca) => Ok(ca.sign(csr_pem, ttl).await?),
         }
     }
 
@@ -47,6 +51,7 @@ impl Signer {
             Signer::Local(ca) => ca.roots().to_vec(),
             Signer::IstioCa(ca) => parse_pems(ca.root_pem()),
             Signer::MeshCa(ca) => parse_pems(ca.mesh_root_pem()),
+            Signer::Cas(ca) => parse_pems(ca.pool_root_pem()),
         }
     }
 
@@ -56,6 +61,7 @@ impl Signer {
             Signer::Local(ca) => format!("local CA in {}", ca.dir().display()),
             Signer::IstioCa(ca) => format!("Istio CA at {}", ca.addr()),
             Signer::MeshCa(ca) => format!("MeshCA at {}", ca.addr()),
+            Signer::Cas(ca) => format!("CAS pool {}", ca.pool()),
         }
     }
 }

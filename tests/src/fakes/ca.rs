@@ -1,10 +1,14 @@
-//! A fake Istio CA: gRPC `istio.v1.auth.IstioCertificateService/CreateCertificate` over TLS
-//! with istiod's serving certificate. The same server also answers MeshCA's
-//! `google.security.meshca.v1.MeshCertificateService/CreateCertificate`, which authenticates
-//! the STS federated token instead. Like istiod it authenticates the bearer token (audience,
-//! and a subject that must match the CSR's SPIFFE SAN) and signs with the mesh root. Tests can
-//! make it sign another identity, reject every token, or go down (the listener and every
-//! connection close) and come back on the same address.
+//! A fake CA server for every gRPC CA krun speaks, over TLS with istiod's serving certificate:
+//! - Istio CA (`istio.v1.auth.IstioCertificateService/CreateCertificate`): like istiod it
+//!   authenticates the bearer token (audience, and a subject that must match the CSR's SPIFFE
+//!   SAN) and signs with the mesh root;
+//! - MeshCA (`google.security.meshca.v1.MeshCertificateService/CreateCertificate`): the STS
+//!   federated token is the credential;
+//! - CAS (`google.cloud.security.privateca.v1.CertificateAuthorityService/CreateCertificate`):
+//!   reflects the caller's SPIFFE identity into the leaf.
+//!
+//! Tests can make it sign another identity, reject every token, or go down (the listener and
+//! every connection close) and come back on the same address.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use krun::identity::cas::proto as cas;
 use krun::identity::istio_ca::proto::{
     CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse, SERVICE,
 };
@@ -37,6 +42,8 @@ struct State {
     meshca_bearer: Mutex<Option<String>>,
     /// `x-goog-request-params` of the last MeshCA call.
     meshca_params: Mutex<Option<String>>,
+    /// CAS: (federated token, pool, the SPIFFE identity that token stands for).
+    cas: Mutex<Option<(String, String, String)>>,
     audience: String,
     behaviour: Mutex<Behaviour>,
     signed: AtomicUsize,
@@ -50,7 +57,7 @@ struct Serving {
 }
 
 /// The running fake.
-pub struct FakeIstioCa {
+pub struct FakeCa {
     /// Where it listens.
     pub addr: SocketAddr,
     state: Arc<State>,
@@ -58,7 +65,7 @@ pub struct FakeIstioCa {
     serving: Option<Serving>,
 }
 
-impl Drop for FakeIstioCa {
+impl Drop for FakeCa {
     fn drop(&mut self) {
         if let Some(serving) = self.serving.take() {
             serving.task.abort();
@@ -66,10 +73,10 @@ impl Drop for FakeIstioCa {
     }
 }
 
-impl FakeIstioCa {
+impl FakeCa {
     /// Starts a CA signing with `ca` and accepting tokens for `audience`; each answer is
     /// delayed by `delay` (a network round trip).
-    pub async fn start(ca: TestCa, audience: &str, delay: Duration) -> FakeIstioCa {
+    pub async fn start(ca: TestCa, audience: &str, delay: Duration) -> FakeCa {
         let tls = ca.server_cert(krun::identity::istio_ca::ISTIOD_SERVER_NAME);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -79,13 +86,14 @@ impl FakeIstioCa {
             ca,
             meshca_bearer: Mutex::default(),
             meshca_params: Mutex::default(),
+            cas: Mutex::default(),
             audience: audience.to_owned(),
             behaviour: Mutex::default(),
             signed: AtomicUsize::new(0),
             delay,
         });
         let serving = Some(serve(listener, state.clone(), &tls));
-        FakeIstioCa {
+        FakeCa {
             addr,
             state,
             tls,
@@ -136,6 +144,13 @@ impl FakeIstioCa {
     /// Also serve MeshCA, accepting `bearer` (the federated token) as its credential.
     pub fn serve_meshca(&self, bearer: &str) {
         *self.state.meshca_bearer.lock().expect("lock") = Some(bearer.to_owned());
+    }
+
+    /// Also serve CAS for `pool`: callers presenting `bearer` are `identity` (what CAS
+    /// reflects into the leaf).
+    pub fn serve_cas(&self, bearer: &str, pool: &str, identity: &str) {
+        *self.state.cas.lock().expect("lock") =
+            Some((bearer.to_owned(), pool.to_owned(), identity.to_owned()));
     }
 
     /// `x-goog-request-params` of the last MeshCA call.
@@ -260,6 +275,65 @@ impl State {
     }
 }
 
+impl State {
+    fn create_cas(
+        &self,
+        request: tonic::Request<cas::CreateCertificateRequest>,
+    ) -> Result<cas::Certificate, tonic::Status> {
+        let Some((token, pool, identity)) = self.cas.lock().expect("lock").clone() else {
+            return Err(tonic::Status::unimplemented("CAS not served"));
+        };
+        let header = |name: &str| {
+            request
+                .metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        if header("authorization") != Some(format!("Bearer {token}")) {
+            return Err(tonic::Status::unauthenticated("invalid federated token"));
+        }
+        if header("x-goog-request-params") != Some(format!("parent={pool}")) {
+            return Err(tonic::Status::invalid_argument("missing routing header"));
+        }
+        let msg = request.into_inner();
+        if msg.parent != pool {
+            return Err(tonic::Status::not_found(format!(
+                "pool {} not found",
+                msg.parent
+            )));
+        }
+        let cert = msg
+            .certificate
+            .ok_or_else(|| tonic::Status::invalid_argument("certificate required"))?;
+        if cert.subject_mode != cas::REFLECTED_SPIFFE {
+            return Err(tonic::Status::invalid_argument(
+                "subject_mode must be REFLECTED_SPIFFE",
+            ));
+        }
+        let key = cert
+            .config
+            .and_then(|c| c.public_key)
+            .filter(|k| k.format == cas::KEY_FORMAT_PEM)
+            .ok_or_else(|| tonic::Status::invalid_argument("a PEM public key is required"))?;
+        let csr = String::from_utf8(key.key)
+            .map_err(|_| tonic::Status::invalid_argument("public key is not PEM"))?;
+        let ttl = cert
+            .lifetime
+            .and_then(|l| u64::try_from(l.seconds).ok())
+            .ok_or_else(|| tonic::Status::invalid_argument("lifetime required"))?;
+        let leaf = self
+            .ca
+            .sign_csr(&csr, Duration::from_secs(ttl), Some(&identity));
+        self.signed.fetch_add(1, Ordering::SeqCst);
+        Ok(cas::Certificate {
+            pem_certificate: leaf,
+            pem_certificate_chain: vec![self.ca.root_pem.clone()],
+            ..Default::default()
+        })
+    }
+}
+
 #[derive(Clone)]
 struct CaService(Arc<State>);
 
@@ -269,6 +343,20 @@ impl tonic::server::NamedService for CaService {
 
 struct Create(Arc<State>);
 struct MeshCreate(Arc<State>);
+struct CasCreate(Arc<State>);
+
+impl tonic::server::UnaryService<cas::CreateCertificateRequest> for CasCreate {
+    type Response = cas::Certificate;
+    type Future = BoxFuture<tonic::Response<cas::Certificate>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<cas::CreateCertificateRequest>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            tokio::time::sleep(state.delay).await;
+            state.create_cas(request).map(tonic::Response::new)
+        })
+    }
+}
 
 impl tonic::server::UnaryService<MeshCertificateRequest> for MeshCreate {
     type Response = MeshCertificateResponse;
@@ -308,6 +396,14 @@ impl Service<http::Request<tonic::body::Body>> for CaService {
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let state = self.0.clone();
         Box::pin(async move {
+            if request.uri().path() == cas::CREATE_CERTIFICATE {
+                let codec = tonic_prost::ProstCodec::<
+                    cas::Certificate,
+                    cas::CreateCertificateRequest,
+                >::default();
+                let mut grpc = tonic::server::Grpc::new(codec);
+                return Ok(grpc.unary(CasCreate(state), request).await);
+            }
             if request.uri().path() == meshca::CREATE_CERTIFICATE {
                 let codec = tonic_prost::ProstCodec::<
                     MeshCertificateResponse,
