@@ -173,3 +173,22 @@ pub fn to_pem(cert: &CertificateDer<'_>) -> String {
     out.push_str("-----END CERTIFICATE-----\n");
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_cacerts_file_names_the_path_and_the_layout() {
+        let dir = std::env::temp_dir().join(format!("krun-empty-cacerts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let err = LocalCa::load(&dir).err().expect("nothing to load");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&dir.join("ca-cert.pem").display().to_string()),
+            "{msg}"
+        );
+        assert!(msg.contains("Istio's cacerts layout"), "{msg}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

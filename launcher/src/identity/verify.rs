@@ -169,3 +169,101 @@ pub fn verify_chain(
 fn to_system_time(unix: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).unwrap_or(0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        PublicKeyData, SanType,
+    };
+
+    struct Ca {
+        params: CertificateParams,
+        key: KeyPair,
+        root: CertificateDer<'static>,
+    }
+
+    fn ca() -> Ca {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = params.self_signed(&key).expect("root").der().clone();
+        Ca { params, key, root }
+    }
+
+    fn id() -> SpiffeId {
+        SpiffeId::new("td", "ns", "sa")
+    }
+
+    /// A leaf for `id()` with `key`, valid `from`..`to` seconds around now.
+    fn leaf(ca: &Ca, key: &KeyPair, from: i64, to: i64) -> CertificateDer<'static> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id().to_string().try_into().expect("URI"))];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = at(from).into();
+        params.not_after = at(to).into();
+        let issuer = Issuer::from_params(&ca.params, &ca.key);
+        params.signed_by(key, &issuer).expect("leaf").der().clone()
+    }
+
+    /// Now plus `secs` (negative: in the past).
+    fn at(secs: i64) -> SystemTime {
+        let offset = Duration::from_secs(secs.unsigned_abs());
+        if secs < 0 {
+            SystemTime::now() - offset
+        } else {
+            SystemTime::now() + offset
+        }
+    }
+
+    fn verify(
+        ca: &Ca,
+        trusted: &Ca,
+        leaf: CertificateDer<'static>,
+        key: &KeyPair,
+    ) -> Result<VerifiedChain, VerifyError> {
+        verify_chain(
+            vec![leaf, ca.root.clone()],
+            std::slice::from_ref(&trusted.root),
+            &id(),
+            &key.subject_public_key_info(),
+            SystemTime::now(),
+        )
+    }
+
+    #[test]
+    fn a_good_chain_passes_and_reports_its_validity() {
+        let (ca, key) = (ca(), KeyPair::generate().expect("key"));
+        let ok = verify(&ca, &ca, leaf(&ca, &key, -60, 3600), &key).expect("valid");
+        assert!(ok.not_after > SystemTime::now());
+    }
+
+    #[test]
+    fn an_untrusted_root_is_rejected() {
+        let (ca, other, key) = (ca(), ca(), KeyPair::generate().expect("key"));
+        let err = verify(&ca, &other, leaf(&ca, &key, -60, 3600), &key).expect_err("untrusted");
+        assert!(matches!(err, VerifyError::Untrusted { .. }), "{err}");
+        assert!(err.to_string().contains("spiffe://td/ns/ns/sa/sa"), "{err}");
+    }
+
+    #[test]
+    fn a_leaf_for_another_key_is_rejected() {
+        let (ca, key, ours) = (
+            ca(),
+            KeyPair::generate().expect("key"),
+            KeyPair::generate().expect("key"),
+        );
+        let err = verify(&ca, &ca, leaf(&ca, &key, -60, 3600), &ours).expect_err("wrong key");
+        assert!(matches!(err, VerifyError::WrongKey(_)), "{err}");
+    }
+
+    #[test]
+    fn expired_and_future_leaves_are_rejected() {
+        let (ca, key) = (ca(), KeyPair::generate().expect("key"));
+        let err = verify(&ca, &ca, leaf(&ca, &key, -7200, -3600), &key).expect_err("expired");
+        assert!(err.to_string().contains("already expired"), "{err}");
+        let err = verify(&ca, &ca, leaf(&ca, &key, 3600, 7200), &key).expect_err("future");
+        assert!(err.to_string().contains("not valid yet"), "{err}");
+    }
+}
