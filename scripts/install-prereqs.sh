@@ -9,6 +9,8 @@ command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v sha256sum >/dev/null || need_apt+=(coreutils)
+# The identity tests make CA keys the way Istio's tooling does (RSA 4096, SEC1 EC).
+command -v openssl >/dev/null || need_apt+=(openssl)
 command -v tini >/dev/null || [ -x /usr/bin/tini ] || need_apt+=(tini)
 
 if [ ${#need_apt[@]} -gt 0 ]; then

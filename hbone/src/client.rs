@@ -15,6 +15,7 @@ use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::settings::H2Settings;
 use crate::tls::{self, ExpectedPeer, WorkloadCert};
@@ -85,7 +86,7 @@ struct Pooled {
 /// Opens tunnels, reusing connections.
 pub struct HboneClient {
     settings: H2Settings,
-    cert: Option<WorkloadCert>,
+    cert: Option<watch::Receiver<Arc<WorkloadCert>>>,
     pool: Mutex<HashMap<Peer, Vec<Pooled>>>,
 }
 
@@ -99,8 +100,9 @@ impl Drop for StreamGuard {
 }
 
 impl HboneClient {
-    /// A client presenting `cert` on mTLS connections (`None`: h2c only).
-    pub fn new(settings: H2Settings, cert: Option<WorkloadCert>) -> Self {
+    /// A client presenting the current certificate of `cert` on new mTLS connections (`None`:
+    /// h2c only); pooled connections keep the certificate they were opened with.
+    pub fn new(settings: H2Settings, cert: Option<watch::Receiver<Arc<WorkloadCert>>>) -> Self {
         HboneClient {
             settings,
             cert,
@@ -203,7 +205,8 @@ impl HboneClient {
         let _ = tcp.set_nodelay(true);
         match (expected, &self.cert) {
             (Some(expected), Some(cert)) => {
-                let config = tls::client_config(cert, expected.clone(), &[tls::ALPN_H2])?;
+                let current = cert.borrow().clone();
+                let config = tls::client_config(&current, expected.clone(), &[tls::ALPN_H2])?;
                 let tls_stream = tokio_rustls::TlsConnector::from(config)
                     .connect(tls::unused_server_name(), tcp)
                     .await

@@ -25,6 +25,17 @@ pub struct SpiffeId {
 )]
 pub struct BadSpiffeId(pub String);
 
+impl SpiffeId {
+    /// The identity of `service_account` in `namespace` of `trust_domain`.
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
+        SpiffeId {
+            trust_domain: trust_domain.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        }
+    }
+}
+
 impl FromStr for SpiffeId {
     type Err = BadSpiffeId;
 

@@ -1,6 +1,6 @@
 //! The startup graph, in one place: configuration is already resolved; here the app's
 //! readiness and identity are derived and the supervisor takes over. Later phases (discover,
-//! identity, capture, data plane, tunnel) plug in here.
+//! capture, data plane, tunnel) plug in here.
 
 use std::time::Instant;
 
@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::AgentInputs;
 use crate::config::{Config, Env, StartupProbe};
 use crate::dataplane::MeshSide;
+use crate::identity::{self, Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 use crate::probe::{Check, Probe};
 use crate::processes::ProcessPlan;
 use crate::startup::PhaseClock;
@@ -26,9 +27,13 @@ pub async fn run(
 ) -> anyhow::Result<u8> {
     let mut clock = PhaseClock::new(started);
     clock.mark("config");
-    // Discovery (metadata, mesh-env) and identity (token, certificates) fill these in once
-    // they are wired before this point; with none of them the data plane choice sees only
-    // the environment.
+    // Held for the whole run: dropping it stops certificate rotation.
+    let identity = start_identity(&config).await?;
+    if identity.is_some() {
+        clock.mark("identity");
+    }
+    // Discovery (metadata, mesh-env) fills these in once it is wired before this point; until
+    // then the data plane choice sees only the environment.
     let inputs = AgentInputs::default();
     let dataplane = crate::agent::set_up(&config, &inputs, env, &mut plan)?;
     let app = (!argv.is_empty()).then(|| app_spec(&config, argv, dataplane.app_env));
@@ -45,7 +50,10 @@ pub async fn run(
     // startup drains instead of killing krun.
     let mut supervisor = Supervisor::new(plan, app, timeouts, clock)?;
     let drain = CancellationToken::new();
-    let mut mesh = MeshSide::start(&config, dataplane.mode, drain.clone()).await?;
+    let minted = identity
+        .as_ref()
+        .and_then(|id| crate::dataplane::follow_identity(id.store()));
+    let mut mesh = MeshSide::start(&config, dataplane.mode, minted, drain.clone()).await?;
     supervisor.clock().mark("dataplane");
     mesh.open_tunnel_when_ready(&config, supervisor.phase(), supervisor.fail_handle());
     let mut phase = supervisor.phase();
@@ -59,6 +67,44 @@ pub async fn run(
     // Open tunnels had the drain budget alongside the app; give them what is left of it.
     mesh.drain(config.drain_timeout.value).await;
     Ok(code)
+}
+
+/// The identity phase. Only the local CA (`CA_ADDR=file:///dir`) is wired here: it needs no
+/// network. Istio CA and Google CAs need the discovered cluster and a kube client, and start
+/// from the same [`Identity::start`] seam with an `IstioCaClient` over a `k8s_token::TokenFile`.
+async fn start_identity(config: &Config) -> anyhow::Result<Option<Identity>> {
+    let Some(dir) = config
+        .ca_addr
+        .as_ref()
+        .and_then(|ca| identity::local_ca_dir(&ca.value))
+    else {
+        return Ok(None);
+    };
+    let ca = identity::local_ca::LocalCa::load(&dir)?;
+    let id = workload_identity(config);
+    tracing::info!(identity = %id, ca_dir = %dir.display(), "identity: local CA signs in-process (CA_ADDR=file://)");
+    let identity = Identity::start(IdentityInputs {
+        identity: id,
+        signer: Signer::Local(Box::new(ca)),
+        base_dir: config.mesh_base_dir.value.clone(),
+        policy: RotationPolicy::default(),
+        trust_bundle: Vec::new(),
+    })
+    .await?;
+    Ok(Some(identity))
+}
+
+/// The SPIFFE identity from TRUST_DOMAIN, WORKLOAD_NAMESPACE and WORKLOAD_SERVICE_ACCOUNT, with
+/// Istio's defaults (`cluster.local`, `default`) for what is not known yet.
+fn workload_identity(config: &Config) -> SpiffeId {
+    let value = |s: &Option<crate::config::Setting<String>>, default: &str| {
+        s.as_ref().map_or(default.to_owned(), |s| s.value.clone())
+    };
+    SpiffeId::new(
+        &value(&config.trust_domain, identity::DEFAULT_TRUST_DOMAIN),
+        &value(&config.workload_namespace, "default"),
+        &config.workload_service_account.value,
+    )
 }
 
 /// How the app is started and when it counts as ready.

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod files;
+pub mod identity;
 pub mod launch;
 pub mod logging;
 pub mod probe;

@@ -184,6 +184,16 @@ pub struct Running {
 }
 
 impl Running {
+    /// Reads output until every needle has appeared in some line, in any order, counting
+    /// lines already read: for events of two processes that race each other.
+    pub fn wait_for_all(&mut self, needles: &[&str]) {
+        for needle in needles {
+            if !self.seen.iter().any(|l| l.contains(needle)) {
+                self.wait_for_line(needle);
+            }
+        }
+    }
+
     /// Reads output until a line contains `needle`; returns that line.
     pub fn wait_for_line(&mut self, needle: &str) -> String {
         loop {

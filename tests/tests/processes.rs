@@ -183,7 +183,8 @@ fn an_optional_process_may_die_without_stopping_the_app() {
         .env("KRUN_PROCESSES", &path)
         .args(testapp(&["wait-term"]))
         .start();
-    krun.wait_for_line("not required, continuing");
+    // The app must have its SIGTERM handler (READY) before it is asked to stop.
+    krun.wait_for_all(&["not required, continuing", "READY"]);
     krun.signal(Signal::SIGTERM);
     assert_eq!(krun.finish().code, 0);
 }

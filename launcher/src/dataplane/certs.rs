@@ -65,6 +65,31 @@ pub fn load(base_dir: &Path) -> Result<WorkloadCert, CertError> {
     Ok(cert)
 }
 
+/// Follows the identity store: every certificate it mints or rotates is published in the
+/// form the data plane uses.
+pub fn follow_identity(
+    store: &crate::identity::CertStore,
+) -> Option<watch::Receiver<Arc<WorkloadCert>>> {
+    let convert = |cert: &crate::identity::WorkloadCert| {
+        Arc::new(WorkloadCert {
+            chain: cert.chain.clone(),
+            key: cert.key(),
+            roots: cert.roots.clone(),
+        })
+    };
+    let mut updates = store.subscribe();
+    let first = updates.borrow_and_update().as_deref().map(convert)?;
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        while updates.changed().await.is_ok() {
+            if let Some(cert) = updates.borrow_and_update().as_deref() {
+                tx.send_replace(convert(cert));
+            }
+        }
+    });
+    Some(rx)
+}
+
 /// Builds the server config of a listener from each certificate the store publishes.
 pub fn server_configs(
     certs: &watch::Receiver<Arc<WorkloadCert>>,

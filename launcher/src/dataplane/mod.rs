@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use certs::{WORKLOAD_CERT_DIR, load as load_workload_cert};
+pub use certs::{WORKLOAD_CERT_DIR, follow_identity, load as load_workload_cert};
 pub use routes::{DeclaredPorts, HboneRouter, MESH_INBOUND_PORT, TunnelRouter};
 
 use crate::config::{Config, DataPlane};
@@ -39,26 +39,31 @@ pub struct MeshSide {
 impl MeshSide {
     /// Starts the mesh listeners that must be up before the app: HBONE and, for the builtin
     /// data plane, the mTLS terminator and the outbound proxy.
+    /// `minted` is the identity step's certificate feed; without one, a certificate mounted
+    /// in Istio's file layout is used as it is.
     pub async fn start(
         config: &Config,
         mode: DataPlane,
+        minted: Option<watch::Receiver<Arc<WorkloadCert>>>,
         drain: CancellationToken,
     ) -> anyhow::Result<MeshSide> {
         let settings = H2Settings::default();
         let mut tasks = JoinSet::new();
-        let cert = match (mode, certs::load(&config.mesh_base_dir.value)) {
-            (_, Ok(cert)) => Some(cert),
-            (DataPlane::Builtin, Err(e)) if config.dataplane.value == DataPlane::Builtin => {
+        let certs = match (minted, certs::load(&config.mesh_base_dir.value)) {
+            (Some(minted), _) => Some(minted),
+            (None, Ok(mounted)) => Some(watch::channel(Arc::new(mounted)).1),
+            (None, Err(e)) if config.dataplane.value == DataPlane::Builtin => {
                 return Err(e).context("KRUN_DATAPLANE=builtin needs a workload certificate");
             }
-            (_, Err(e)) => {
+            (None, Err(e)) => {
                 tracing::warn!(error = %e, "no workload certificate: mesh mTLS listeners (15003, 15008) are off");
                 None
             }
         };
         let mut mesh_inbound = None;
-        if let Some(cert) = cert {
-            let trust_domain = cert
+        if let Some(certs) = certs {
+            let trust_domain = certs
+                .borrow()
                 .identity()
                 .map(|id| id.trust_domain)
                 .unwrap_or_default();
@@ -66,7 +71,6 @@ impl MeshSide {
                 trust_domain.clone(),
                 config.allowed_principals.value.clone(),
             );
-            let (_cert_tx, certs) = watch::channel(Arc::new(cert.clone()));
             if mode == DataPlane::Builtin {
                 mesh_inbound = start_inbound(
                     config,
@@ -78,7 +82,8 @@ impl MeshSide {
                     &mut tasks,
                 )
                 .await?;
-                start_outbound(config, &cert, &trust_domain, &settings, &drain, &mut tasks).await?;
+                start_outbound(config, &certs, &trust_domain, &settings, &drain, &mut tasks)
+                    .await?;
             }
             let ports = DeclaredPorts::new(config, mesh_inbound);
             if config.hbone_port.value != 0 {
@@ -212,7 +217,7 @@ async fn start_inbound(
 
 async fn start_outbound(
     config: &Config,
-    cert: &WorkloadCert,
+    certs: &watch::Receiver<Arc<WorkloadCert>>,
     trust_domain: &str,
     settings: &H2Settings,
     drain: &CancellationToken,
@@ -226,7 +231,7 @@ async fn start_outbound(
     let outbound = outbound::Outbound {
         client: Arc::new(hbone::client::HboneClient::new(
             *settings,
-            Some(cert.clone()),
+            Some(certs.clone()),
         )),
         expected: ExpectedPeer::TrustDomain(trust_domain.to_owned()),
         peer_port: config.hbone_peer_port.value,

@@ -148,8 +148,6 @@ pub struct Supervisor {
     inbox: mpsc::UnboundedReceiver<Event>,
     processes: Vec<Unit>,
     app: Unit,
-    /// Process groups krun created, killed at the end whatever their leaders did.
-    groups: Vec<Pid>,
     app_status: Option<ExitStatus>,
     /// Why krun fails (exit 1) rather than passing on the app's status.
     failure: Option<String>,
@@ -192,7 +190,6 @@ impl Supervisor {
             inbox,
             processes,
             app,
-            groups: Vec::new(),
             app_status: None,
             failure: None,
             drain: None,
@@ -317,7 +314,6 @@ impl Supervisor {
         };
         let pid = child.pid;
         tracing::info!(process = %name, pid = pid.as_raw(), "started");
-        self.groups.push(pid);
         let unit = self.unit(id);
         unit.started = true;
         unit.pid = Some(pid);
@@ -476,6 +472,10 @@ impl Supervisor {
             self.fail(format!("{how}; it is required, so krun stops"));
         } else {
             tracing::warn!("{how}; not required, continuing without it");
+            // What waits for it must not wait forever: a dependency that is gone for good
+            // counts as settled.
+            self.processes[i].ready = true;
+            self.start_what_is_due();
         }
     }
 
@@ -618,8 +618,12 @@ impl Supervisor {
             .map(|u| u.name.as_str())
             .collect();
         tracing::warn!(?running, "drain timeout; killing what is left");
-        for &group in &self.groups {
-            signal_group(group, Signal::SIGKILL);
+        // Each unit leads its own process group; a group whose leader is still running cannot
+        // have been recycled, so this reaches exactly what the unit started.
+        for unit in self.processes.iter().chain([&self.app]) {
+            if let Some(pid) = unit.pid {
+                signal_group(pid, Signal::SIGKILL);
+            }
         }
         if let Some(drain) = &mut self.drain {
             drain.killed = true;
@@ -635,13 +639,11 @@ impl Supervisor {
                 .all(|u| u.pid.is_none())
     }
 
-    /// Kills whatever the children left behind (their process groups, then any orphan still
-    /// parented to krun) and waits until all of it is reaped, so krun never exits with a zombie
-    /// or a stray process behind it.
+    /// Kills whatever the children left behind and waits until it is reaped, so krun never
+    /// exits with a zombie or a stray process behind it. As subreaper (or PID 1) krun inherits
+    /// every orphaned descendant, so killing its own children until none are left reaches all
+    /// of them, and never a recycled process group id of an unrelated process.
     async fn reap_leftovers(&mut self) {
-        for &group in &self.groups {
-            signal_group(group, Signal::SIGKILL);
-        }
         let grace = self.drain.as_ref().map_or(Duration::ZERO, |d| {
             d.deadline.saturating_duration_since(Instant::now())
         });

@@ -1,0 +1,284 @@
+//! Google token exchange (reference §4.3): the K8s token becomes an STS federated token, which
+//! IAM Credentials turns into an access token or an ID token of the mesh data plane service
+//! account. Fixes §13.1.15: Content-Type is set, HTTP statuses are checked, `lifetime` is a
+//! duration string, and Google's error message is carried in the error.
+
+use std::time::{Duration, SystemTime};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode, header};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::http::HttpClient;
+use super::jwt::Claims;
+use super::token::Token;
+use super::token_cache::{CacheKey, Mint, MintFuture, TokenKind};
+
+/// The scope of access tokens krun asks for.
+pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+/// Lifetime of access tokens.
+const ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// The ASM mesh data plane P4SA of a project (§4.3 step 4).
+pub fn mesh_dataplane_gsa(project_number: &str) -> String {
+    format!("service-{project_number}@gcp-sa-meshdataplane.iam.gserviceaccount.com")
+}
+
+/// The STS audience for a workload identity pool: `identitynamespace:<TD>:<cluster URL>`.
+pub fn sts_audience(trust_domain: &str, cluster_url: &str) -> String {
+    format!("identitynamespace:{trust_domain}:{cluster_url}")
+}
+
+/// An exchange failed; the message names the API, the status and Google's own message.
+#[derive(Debug, thiserror::Error)]
+pub enum GoogleTokenError {
+    /// The API answered with an error status.
+    #[error("{api} {url}: HTTP {status}: {message}")]
+    Status {
+        /// Which call.
+        api: &'static str,
+        /// The URL.
+        url: String,
+        /// HTTP status.
+        status: StatusCode,
+        /// Google's message.
+        message: String,
+    },
+    /// No answer.
+    #[error("{api}: {source}")]
+    Transport {
+        /// Which call.
+        api: &'static str,
+        /// The transport error.
+        #[source]
+        source: super::http::HttpError,
+    },
+    /// A 2xx answer krun cannot use.
+    #[error("{api} {url}: unexpected response: {detail}")]
+    Response {
+        /// Which call.
+        api: &'static str,
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// Exchanges the workload's K8s token for Google tokens.
+#[derive(Clone)]
+pub struct GoogleTokens {
+    http: HttpClient,
+    sts_endpoint: String,
+    iam_endpoint: String,
+    subject: watch::Receiver<Token>,
+    sts_audience: String,
+    gsa: String,
+}
+
+impl GoogleTokens {
+    /// `subject` holds the current K8s token (audience: the trust domain); `gsa` is the
+    /// service account whose tokens IAM mints; endpoints are base URLs.
+    pub fn new(
+        http: HttpClient,
+        sts_endpoint: &str,
+        iam_endpoint: &str,
+        subject: watch::Receiver<Token>,
+        sts_audience: String,
+        gsa: String,
+    ) -> Self {
+        GoogleTokens {
+            http,
+            sts_endpoint: sts_endpoint.trim_end_matches('/').to_owned(),
+            iam_endpoint: iam_endpoint.trim_end_matches('/').to_owned(),
+            subject,
+            sts_audience,
+            gsa,
+        }
+    }
+
+    /// STS: K8s token → federated access token.
+    pub async fn federated(&self) -> Result<Token, GoogleTokenError> {
+        let url = format!("{}/v1/token", self.sts_endpoint);
+        let subject = self.subject.borrow().secret().to_owned();
+        let body = json!({
+            "grantType": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subjectTokenType": "urn:ietf:params:oauth:token-type:jwt",
+            "requestedTokenType": "urn:ietf:params:oauth:token-type:access_token",
+            "audience": self.sts_audience,
+            "subjectToken": subject,
+            "scope": CLOUD_PLATFORM_SCOPE,
+        });
+        let reply = self.post("STS token exchange", &url, None, &body).await?;
+        let token = string_field(&reply, "access_token", "STS token exchange", &url)?;
+        let expires_in = reply["expires_in"].as_u64().unwrap_or(3600);
+        Ok(Token::new(
+            token,
+            SystemTime::now() + Duration::from_secs(expires_in),
+        ))
+    }
+
+    /// IAM `generateAccessToken` for the GSA.
+    pub async fn access_token(&self, federated: &Token) -> Result<Token, GoogleTokenError> {
+        const API: &str = "IAM generateAccessToken";
+        let url = self.iam_url("generateAccessToken");
+        let body = json!({
+            "scope": [CLOUD_PLATFORM_SCOPE],
+            "lifetime": format!("{}s", ACCESS_TOKEN_LIFETIME.as_secs()),
+        });
+        let reply = self.post(API, &url, Some(federated), &body).await?;
+        let token = string_field(&reply, "accessToken", API, &url)?;
+        let expires_at = reply["expireTime"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+            .ok_or_else(|| GoogleTokenError::Response {
+                api: API,
+                url: url.clone(),
+                detail: "no RFC 3339 expireTime".into(),
+            })?;
+        Ok(Token::new(token, expires_at))
+    }
+
+    /// IAM `generateIdToken` for the GSA and `audience`.
+    pub async fn id_token(
+        &self,
+        federated: &Token,
+        audience: &str,
+    ) -> Result<Token, GoogleTokenError> {
+        const API: &str = "IAM generateIdToken";
+        let url = self.iam_url("generateIdToken");
+        let body = json!({ "audience": audience, "includeEmail": true });
+        let reply = self.post(API, &url, Some(federated), &body).await?;
+        let token = string_field(&reply, "token", API, &url)?;
+        let claims = Claims::decode(&token).map_err(|e| GoogleTokenError::Response {
+            api: API,
+            url,
+            detail: e.to_string(),
+        })?;
+        Ok(Token::new(token, claims.expires_at()))
+    }
+
+    fn iam_url(&self, method: &str) -> String {
+        format!(
+            "{}/v1/projects/-/serviceAccounts/{}:{method}",
+            self.iam_endpoint, self.gsa
+        )
+    }
+
+    async fn post(
+        &self,
+        api: &'static str,
+        url: &str,
+        bearer: Option<&Token>,
+        body: &Value,
+    ) -> Result<Value, GoogleTokenError> {
+        let response_err = |detail: String| GoogleTokenError::Response {
+            api,
+            url: url.to_owned(),
+            detail,
+        };
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json");
+        if let Some(token) = bearer {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.secret()));
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| response_err(format!("cannot build the request: {e}")))?;
+        let (status, bytes) = self
+            .http
+            .send(request)
+            .await
+            .map_err(|source| GoogleTokenError::Transport { api, source })?;
+        if !status.is_success() {
+            return Err(GoogleTokenError::Status {
+                api,
+                url: url.to_owned(),
+                status,
+                message: google_error_message(&bytes),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| response_err(format!("not JSON: {e}")))
+    }
+}
+
+fn string_field(
+    reply: &Value,
+    field: &str,
+    api: &'static str,
+    url: &str,
+) -> Result<String, GoogleTokenError> {
+    reply[field]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| GoogleTokenError::Response {
+            api,
+            url: url.to_owned(),
+            detail: format!("no {field}"),
+        })
+}
+
+/// Google's error text: OAuth style (`error`, `error_description`, STS) or API style
+/// (`error.message`, IAM); the raw body when it is neither.
+pub fn google_error_message(body: &[u8]) -> String {
+    let raw = || String::from_utf8_lossy(body).chars().take(300).collect();
+    let Ok(json) = serde_json::from_slice::<Value>(body) else {
+        return raw();
+    };
+    match &json["error"] {
+        Value::String(code) => match json["error_description"].as_str() {
+            Some(desc) => format!("{code}: {desc}"),
+            None => code.clone(),
+        },
+        Value::Object(e) => match (
+            e.get("status").and_then(Value::as_str),
+            e.get("message").and_then(Value::as_str),
+        ) {
+            (Some(status), Some(msg)) => format!("{status}: {msg}"),
+            (None, Some(msg)) => msg.to_owned(),
+            _ => raw(),
+        },
+        _ => raw(),
+    }
+}
+
+impl Mint for GoogleTokens {
+    type Error = GoogleTokenError;
+
+    fn mint<'a>(&'a self, key: &'a CacheKey) -> MintFuture<'a, GoogleTokenError> {
+        Box::pin(async move {
+            let federated = self.federated().await?;
+            match key.kind {
+                TokenKind::Federated => Ok(federated),
+                TokenKind::Access => self.access_token(&federated).await,
+                TokenKind::Id => self.id_token(&federated, &key.audience).await,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_google_error_shapes_are_read() {
+        let sts = br#"{"error":"invalid_grant","error_description":"The audience is invalid."}"#;
+        assert_eq!(
+            google_error_message(sts),
+            "invalid_grant: The audience is invalid."
+        );
+        let iam = br#"{"error":{"code":403,"message":"Permission 'iam.serviceAccounts.getOpenIdToken' denied","status":"PERMISSION_DENIED"}}"#;
+        assert_eq!(
+            google_error_message(iam),
+            "PERMISSION_DENIED: Permission 'iam.serviceAccounts.getOpenIdToken' denied"
+        );
+        assert_eq!(google_error_message(b"upstream down"), "upstream down");
+    }
+}

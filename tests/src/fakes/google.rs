@@ -1,0 +1,105 @@
+//! Fakes of Google STS (`POST /v1/token`) and IAM Credentials (`generateAccessToken`,
+//! `generateIdToken`), on one server. Strict like the real ones: JSON content type, the
+//! token-exchange grant, a bearer federated token for IAM, `lifetime` as a duration string.
+//! Failures use Google's error shapes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::StatusCode;
+use serde_json::json;
+
+use super::http::{HttpServer, json};
+use super::pki::jwt;
+
+#[derive(Default)]
+struct State {
+    sts_calls: AtomicUsize,
+    iam_calls: AtomicUsize,
+    sts_fails: AtomicBool,
+    iam_denies: AtomicBool,
+}
+
+/// The running fake.
+pub struct FakeGoogle {
+    server: HttpServer,
+    state: Arc<State>,
+}
+
+impl FakeGoogle {
+    /// Starts it; each answer is delayed by `delay`.
+    pub async fn start(delay: Duration) -> FakeGoogle {
+        let state = Arc::new(State::default());
+        let s = state.clone();
+        let server = HttpServer::start(delay, move |call| {
+            let s = s.clone();
+            async move {
+                if call.header("content-type") != "application/json" {
+                    return json(StatusCode::BAD_REQUEST, json!({"error": "invalid_request", "error_description": "Content-Type must be application/json"}));
+                }
+                let body = call.json();
+                if call.path == "/v1/token" {
+                    s.sts_calls.fetch_add(1, Ordering::SeqCst);
+                    if s.sts_fails.load(Ordering::SeqCst) {
+                        return json(StatusCode::BAD_REQUEST, json!({"error": "invalid_grant", "error_description": "The audience in ID Token does not match the expected audience."}));
+                    }
+                    if body["grantType"] != "urn:ietf:params:oauth:grant-type:token-exchange"
+                        || body["subjectToken"].as_str().is_none_or(str::is_empty)
+                    {
+                        return json(StatusCode::BAD_REQUEST, json!({"error": "invalid_request", "error_description": "bad grant"}));
+                    }
+                    return json(StatusCode::OK, json!({"access_token": "federated-token", "issued_token_type": "urn:ietf:params:oauth:token-type:access_token", "token_type": "Bearer", "expires_in": 3600}));
+                }
+                if call.path.starts_with("/v1/projects/-/serviceAccounts/") {
+                    s.iam_calls.fetch_add(1, Ordering::SeqCst);
+                    if call.header("authorization") != "Bearer federated-token" {
+                        return json(StatusCode::UNAUTHORIZED, json!({"error": {"code": 401, "message": "Request had invalid authentication credentials.", "status": "UNAUTHENTICATED"}}));
+                    }
+                    if s.iam_denies.load(Ordering::SeqCst) {
+                        return json(StatusCode::FORBIDDEN, json!({"error": {"code": 403, "message": "Permission 'iam.serviceAccounts.getOpenIdToken' denied on resource (or it may not exist).", "status": "PERMISSION_DENIED"}}));
+                    }
+                    if call.path.ends_with(":generateIdToken") {
+                        let aud = body["audience"].as_str().unwrap_or("");
+                        return json(StatusCode::OK, json!({"token": jwt("gsa", aud, Duration::from_secs(3600))}));
+                    }
+                    if call.path.ends_with(":generateAccessToken") {
+                        let lifetime = body["lifetime"].as_str().unwrap_or("");
+                        if !lifetime.ends_with('s') {
+                            return json(StatusCode::BAD_REQUEST, json!({"error": {"code": 400, "message": "Invalid value at 'lifetime'", "status": "INVALID_ARGUMENT"}}));
+                        }
+                        return json(StatusCode::OK, json!({"accessToken": "access-token", "expireTime": "2099-01-01T00:00:00Z"}));
+                    }
+                }
+                json(StatusCode::NOT_FOUND, json!({"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}))
+            }
+        })
+        .await;
+        FakeGoogle { server, state }
+    }
+
+    /// Base URL for both `STS_ENDPOINT` and `IAM_CREDENTIALS_ENDPOINT`.
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// STS calls so far.
+    pub fn sts_calls(&self) -> usize {
+        self.state.sts_calls.load(Ordering::SeqCst)
+    }
+
+    /// IAM calls so far.
+    pub fn iam_calls(&self) -> usize {
+        self.state.iam_calls.load(Ordering::SeqCst)
+    }
+
+    /// STS answers 400 invalid_grant from now on.
+    pub fn fail_sts(&self) {
+        self.state.sts_fails.store(true, Ordering::SeqCst);
+    }
+
+    /// IAM answers 403 PERMISSION_DENIED from now on.
+    pub fn deny_iam(&self) {
+        self.state.iam_denies.store(true, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,136 @@
+//! A test PKI: a mesh root, istiod's serving certificate, leaves signed from CSRs (optionally
+//! for another identity), Istio `cacerts` directories, and JWT-shaped tokens.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// A root CA that can sign intermediates, servers and workload leaves.
+pub struct TestCa {
+    /// Root certificate PEM.
+    pub root_pem: String,
+    params: CertificateParams,
+    key: KeyPair,
+}
+
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "krun-test");
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+impl TestCa {
+    /// A self-signed EC P-256 root.
+    pub fn new(cn: &str) -> TestCa {
+        TestCa::with_key(cn, KeyPair::generate().expect("root key"))
+    }
+
+    /// A self-signed root with `key` (e.g. RSA 4096 made by the test).
+    pub fn with_key(cn: &str, key: KeyPair) -> TestCa {
+        let params = ca_params(cn);
+        let root = params.self_signed(&key).expect("self-sign root");
+        TestCa {
+            root_pem: root.pem(),
+            params,
+            key,
+        }
+    }
+
+    /// An intermediate CA signed by this root: (cert PEM, key).
+    pub fn intermediate(&self, cn: &str, key: KeyPair) -> String {
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        ca_params(cn)
+            .signed_by(&key, &issuer)
+            .expect("sign intermediate")
+            .pem()
+    }
+
+    /// A TLS server certificate for `dns_name` (istiod's): (cert PEM, key PEM).
+    pub fn server_cert(&self, dns_name: &str) -> (String, String) {
+        let key = KeyPair::generate().expect("server key");
+        let mut params = CertificateParams::new(vec![dns_name.to_owned()]).expect("params");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).expect("sign server");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Signs `csr_pem` for `ttl`; `uri_override` replaces the CSR's SAN (a misbehaving CA).
+    pub fn sign_csr(&self, csr_pem: &str, ttl: Duration, uri_override: Option<&str>) -> String {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).expect("valid CSR");
+        if let Some(uri) = uri_override {
+            csr.params.subject_alt_names =
+                vec![SanType::URI(uri.to_owned().try_into().expect("URI"))];
+        }
+        let now = SystemTime::now();
+        csr.params.not_before = now.into();
+        csr.params.not_after = (now + ttl).into();
+        csr.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        csr.signed_by(&issuer).expect("sign leaf").pem()
+    }
+
+    /// Writes this root as an Istio `cacerts` directory where the root itself signs.
+    pub fn write_cacerts(&self, dir: &Path) {
+        std::fs::create_dir_all(dir).expect("cacerts dir");
+        std::fs::write(dir.join("ca-cert.pem"), &self.root_pem).expect("ca-cert");
+        std::fs::write(dir.join("ca-key.pem"), self.key.serialize_pem()).expect("ca-key");
+        std::fs::write(dir.join("root-cert.pem"), &self.root_pem).expect("root-cert");
+        std::fs::write(dir.join("cert-chain.pem"), &self.root_pem).expect("cert-chain");
+    }
+}
+
+/// A JWT-shaped token with these claims (signature not verifiable: krun never verifies).
+pub fn jwt(sub: &str, aud: &str, lifetime: Duration) -> String {
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let exp = (SystemTime::now() + lifetime)
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    format!(
+        "{}.{}.c2ln",
+        b64(serde_json::json!({"alg": "RS256", "typ": "JWT"})),
+        b64(
+            serde_json::json!({"sub": sub, "aud": [aud], "exp": exp, "iss": "https://kubernetes.default.svc"})
+        )
+    )
+}
+
+/// The URI SANs of a DER certificate.
+pub fn leaf_uris(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).expect("parse cert");
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(uri) => Some((*uri).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,778 @@
+//! Workload identity scenarios (issue 4): K8s token → CSR → Istio CA → verified chain on disk,
+//! misbehaving and unavailable CAs, rotation, Google token exchange, and the local CA.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use krun::identity::google_tokens::GoogleTokens;
+use krun::identity::http::HttpClient;
+use krun::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
+use krun::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
+use krun::identity::local_ca::LocalCa;
+use krun::identity::roots::mesh_env_roots;
+use krun::identity::token::Token;
+use krun::identity::token_cache::{CacheKey, CachePolicy, TokenCache, TokenKind};
+use krun::identity::{
+    CertResolver, Identity, IdentityError, IdentityInputs, RotationPolicy, Signer, SpiffeId,
+    WorkloadCert,
+};
+use krun_tests::fakes::ca::FakeCa;
+use krun_tests::fakes::google::FakeGoogle;
+use krun_tests::fakes::k8s::FakeK8s;
+use krun_tests::fakes::pki::{TestCa, jwt};
+use krun_tests::{HANG_GUARD, Krun, TempDir};
+use rustls::client::ResolvesClientCert;
+use tokio::sync::watch;
+
+const TRUST_DOMAIN: &str = "proj.svc.id.goog";
+const NAMESPACE: &str = "prod";
+const KSA: &str = "reviews";
+
+fn me() -> SpiffeId {
+    SpiffeId::new(TRUST_DOMAIN, NAMESPACE, KSA)
+}
+
+/// A fake cluster (K8s API + Istio CA) and a base dir, as krun would see them.
+struct World {
+    k8s: FakeK8s,
+    ca: FakeCa,
+    base: TempDir,
+    /// Another mesh root published in mesh-env (`CAROOT_CAS`), trusted for peers.
+    other_root: String,
+}
+
+impl World {
+    async fn new(rtt: Duration) -> World {
+        World {
+            k8s: FakeK8s::start(rtt).await,
+            ca: FakeCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, rtt).await,
+            base: TempDir::new("identity"),
+            other_root: TestCa::new("CAS root").root_pem,
+        }
+    }
+
+    fn base(&self) -> PathBuf {
+        self.base.join("")
+    }
+
+    fn ca_config(&self) -> IstioCaConfig {
+        IstioCaConfig {
+            addr: self.ca.addr.to_string(),
+            root_pem: self.ca.root_pem(),
+            server_name: ISTIOD_SERVER_NAME.to_owned(),
+            cluster_id: "cluster-1".to_owned(),
+        }
+    }
+
+    fn token_source(&self) -> K8sTokenSource {
+        K8sTokenSource::new(
+            self.k8s.client(),
+            NAMESPACE,
+            KSA,
+            TRUST_DOMAIN,
+            Duration::from_secs(3600),
+        )
+    }
+
+    /// The launcher's wiring: the istio-token request and the CA handshake run concurrently,
+    /// then the first certificate is minted.
+    async fn start_identity(
+        &self,
+        policy: RotationPolicy,
+    ) -> Result<(Identity, TokenFile), IdentityError> {
+        let config = self.ca_config();
+        let (tokens, connection) = tokio::join!(
+            TokenFile::start(self.token_source(), istio_token_path(&self.base())),
+            istio_ca::connect(&config),
+        );
+        let tokens = tokens.expect("istio-token");
+        let connection = connection.expect("CA connection");
+        let identity = Identity::start(IdentityInputs {
+            identity: me(),
+            signer: Signer::IstioCa(IstioCaClient::new(config, connection, tokens.subscribe())),
+            base_dir: self.base(),
+            policy,
+            trust_bundle: mesh_env_roots([("CAROOT_CAS", self.other_root.as_str())])
+                .expect("mesh-env roots"),
+        })
+        .await?;
+        Ok((identity, tokens))
+    }
+}
+
+fn leaf_uri(cert: &WorkloadCert) -> String {
+    use krun_tests::fakes::pki::leaf_uris;
+    leaf_uris(cert.chain[0].as_ref()).join(",")
+}
+
+/// Mode and group a secret must have: 0640 group 1337 as root, 0600 otherwise.
+fn assert_secret_mode(path: &Path) {
+    let meta = std::fs::metadata(path).expect("secret file exists");
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o640,
+            "{}",
+            path.display()
+        );
+        assert_eq!(meta.gid(), 1337, "{}", path.display());
+    } else {
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            path.display()
+        );
+    }
+}
+
+async fn wait_until<T>(rx: &mut watch::Receiver<T>, what: &str, mut done: impl FnMut(&T) -> bool) {
+    tokio::time::timeout(HANG_GUARD, rx.wait_for(|v| done(v)))
+        .await
+        .unwrap_or_else(|_| panic!("hung waiting for {what}"))
+        .expect("sender alive");
+}
+
+#[tokio::test]
+async fn config_to_token_to_csr_to_verified_chain_written_with_the_stated_modes() {
+    let world = World::new(Duration::ZERO).await;
+    let (identity, _tokens) = world
+        .start_identity(RotationPolicy::default())
+        .await
+        .expect("identity");
+
+    let cert = identity.store().current().expect("a certificate");
+    assert_eq!(
+        leaf_uri(&cert),
+        "spiffe://proj.svc.id.goog/ns/prod/sa/reviews"
+    );
+    assert_eq!(world.k8s.requests(), 1);
+    assert_eq!(world.ca.signed(), 1);
+
+    let token = istio_token_path(&world.base());
+    assert_secret_mode(&token);
+    let out = world.base().join("var/run/secrets/istio.io");
+    assert_secret_mode(&out.join("key.pem"));
+    for public in ["cert-chain.pem", "root-cert.pem"] {
+        let mode = std::fs::metadata(out.join(public))
+            .expect(public)
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644, "{public}");
+    }
+    let chain = std::fs::read_to_string(out.join("cert-chain.pem")).expect("chain");
+    assert_eq!(
+        chain.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "leaf and root"
+    );
+    let bundle = std::fs::read_to_string(out.join("root-cert.pem")).expect("root");
+    assert_eq!(
+        bundle,
+        format!("{}{}", world.ca.root_pem(), world.other_root),
+        "one trust bundle: the CA root, then the mesh-env roots"
+    );
+    assert_eq!(cert.roots.len(), 2);
+}
+
+#[tokio::test]
+async fn a_ca_that_signs_another_identity_is_rejected_with_both_names() {
+    let world = World::new(Duration::ZERO).await;
+    world
+        .ca
+        .issue_for("spiffe://proj.svc.id.goog/ns/prod/sa/admin");
+    let err = world
+        .start_identity(RotationPolicy::default())
+        .await
+        .err()
+        .expect("rejected");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("spiffe://proj.svc.id.goog/ns/prod/sa/admin"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("requested spiffe://proj.svc.id.goog/ns/prod/sa/reviews"),
+        "{msg}"
+    );
+    assert!(
+        !world
+            .base()
+            .join("var/run/secrets/istio.io/key.pem")
+            .exists()
+    );
+}
+
+#[tokio::test]
+async fn ca_unauthenticated_names_the_token_audience_to_check() {
+    let world = World::new(Duration::ZERO).await;
+    world.ca.reject_all_tokens();
+    let err = world
+        .start_identity(RotationPolicy::default())
+        .await
+        .err()
+        .expect("rejected");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!(
+            "Istio CA {} rejected the token (UNAUTHENTICATED: authenticate failed",
+            world.ca.addr
+        )),
+        "{msg}"
+    );
+    assert!(msg.contains("check the istio-token audience"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_ca_outage_during_rotation_keeps_the_old_certificate_and_recovers() {
+    let mut world = World::new(Duration::ZERO).await;
+    let policy = RotationPolicy {
+        ttl: Duration::from_secs(4),
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(200),
+    };
+    let (identity, _tokens) = world.start_identity(policy).await.expect("identity");
+    let store = identity.store().clone();
+    let first = store.current().expect("first certificate");
+    let mut health = store.health();
+    let mut certs = store.subscribe();
+    certs.borrow_and_update();
+
+    world.ca.down().await;
+    wait_until(&mut health, "a failed rotation", |h| {
+        h.consecutive_failures >= 2
+    })
+    .await;
+    let during = store.current().expect("still a certificate");
+    assert!(
+        Arc::ptr_eq(&first, &during),
+        "the old certificate is kept during the outage"
+    );
+    let error = health.borrow().last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains(&format!("Istio CA {}: Unavailable", world.ca.addr)),
+        "{error}"
+    );
+
+    world.ca.up().await;
+    wait_until(&mut certs, "the rotated certificate", |c| {
+        c.as_ref().is_some_and(|c| !Arc::ptr_eq(c, &first))
+    })
+    .await;
+    assert_eq!(store.health().borrow().consecutive_failures, 0);
+    assert_eq!(leaf_uri(&store.current().expect("new")), me().to_string());
+}
+
+fn local_ca_dir(tag: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new(tag);
+    let cacerts = dir.join("cacerts");
+    TestCa::new("local root").write_cacerts(&cacerts);
+    (dir, cacerts)
+}
+
+#[tokio::test(start_paused = true)]
+async fn rotation_happens_at_half_life() {
+    let (dir, cacerts) = local_ca_dir("rotate");
+    let ttl = Duration::from_secs(3600);
+    let identity = Identity::start(IdentityInputs {
+        identity: me(),
+        signer: Signer::Local(Box::new(LocalCa::load(&cacerts).expect("local CA"))),
+        base_dir: dir.join("base"),
+        policy: RotationPolicy {
+            ttl,
+            ..RotationPolicy::default()
+        },
+        trust_bundle: Vec::new(),
+    })
+    .await
+    .expect("identity");
+    let first = identity.store().current().expect("first");
+    let lifetime = first
+        .not_after
+        .duration_since(first.not_before)
+        .expect("validity");
+    let mut certs = identity.store().subscribe();
+    certs.borrow_and_update();
+    // What the data plane's TLS configs use: it follows the store without a restart.
+    let resolver = CertResolver::new(identity.store());
+    let handshake_chain = || {
+        let key = ResolvesClientCert::resolve(&resolver, &[], &[]).expect("a certificate");
+        key.keys_match().expect("the signing key matches the leaf");
+        key.cert.clone()
+    };
+    assert_eq!(handshake_chain(), first.chain);
+    let started = tokio::time::Instant::now();
+
+    certs.changed().await.expect("rotated");
+    let elapsed = started.elapsed();
+    let second = identity.store().current().expect("second");
+    assert_ne!(second.chain, first.chain);
+    assert_eq!(
+        handshake_chain(),
+        second.chain,
+        "new handshakes use the new certificate"
+    );
+    let half = first
+        .half_life()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    // Rotation is at half-life minus up to 5 % of the lifetime of jitter, never later.
+    assert!(
+        elapsed <= half + Duration::from_secs(1),
+        "{elapsed:?} > {half:?}"
+    );
+    assert!(
+        elapsed + lifetime / 20 + Duration::from_secs(1) >= half,
+        "{elapsed:?} too early for {half:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_local_ca_accepts_an_rsa_4096_root_and_intermediate() {
+    let dir = TempDir::new("rsa");
+    let root_key = openssl_rsa_key(&dir, "root", false);
+    let inter_key_pem = openssl_rsa_key(&dir, "inter", true);
+    let root = TestCa::with_key(
+        "rsa root",
+        rcgen::KeyPair::from_pem(&root_key).expect("root key"),
+    );
+    let inter_pkcs8 = dir.join("inter.pem");
+    let inter_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(inter_pkcs8).expect("pkcs8"))
+        .expect("inter key");
+    let inter = root.intermediate("rsa intermediate", inter_key);
+    let cacerts = dir.join("cacerts");
+    std::fs::create_dir_all(&cacerts).expect("dir");
+    std::fs::write(cacerts.join("ca-cert.pem"), &inter).expect("ca-cert");
+    std::fs::write(cacerts.join("ca-key.pem"), inter_key_pem).expect("ca-key (PKCS#1)");
+    std::fs::write(cacerts.join("root-cert.pem"), &root.root_pem).expect("root");
+    std::fs::write(
+        cacerts.join("cert-chain.pem"),
+        format!("{inter}{}", root.root_pem),
+    )
+    .expect("chain");
+
+    let identity = Identity::start(IdentityInputs {
+        identity: me(),
+        signer: Signer::Local(Box::new(
+            LocalCa::load(&cacerts).expect("RSA local CA loads"),
+        )),
+        base_dir: dir.join("base"),
+        policy: RotationPolicy::default(),
+        trust_bundle: Vec::new(),
+    })
+    .await
+    .expect("RSA-signed chain verifies");
+    let cert = identity.store().current().expect("cert");
+    assert_eq!(cert.chain.len(), 3, "leaf, intermediate, root");
+    assert_eq!(leaf_uri(&cert), me().to_string());
+}
+
+/// An RSA 4096 key made by openssl, as Istio's Makefile.selfsigned.mk does. Returns the PEM,
+/// PKCS#1 (`RSA PRIVATE KEY`) when `traditional`; `<name>.pem` always holds PKCS#8.
+fn openssl_rsa_key(dir: &TempDir, name: &str, traditional: bool) -> String {
+    let pkcs8 = dir.join(&format!("{name}.pem"));
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:4096",
+            "-out",
+        ],
+        &pkcs8,
+    );
+    if !traditional {
+        return std::fs::read_to_string(&pkcs8).expect("key");
+    }
+    let pem = openssl(&["rsa", "-traditional", "-in"], &pkcs8);
+    assert!(pem.contains("BEGIN RSA PRIVATE KEY"), "{pem}");
+    pem
+}
+
+/// Runs openssl with `args` then `path`; returns its stdout.
+fn openssl(args: &[&str], path: &Path) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .arg(path)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl {args:?} failed");
+    String::from_utf8(out.stdout).expect("PEM output")
+}
+
+#[tokio::test]
+async fn the_local_ca_accepts_an_ec_p256_key_in_openssl_sec1_form() {
+    let dir = TempDir::new("sec1");
+    let sec1_path = dir.join("ca-key-sec1.pem");
+    let sec1 = openssl(
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+        ],
+        &sec1_path,
+    );
+    assert!(sec1.is_empty());
+    let sec1 = std::fs::read_to_string(&sec1_path).expect("SEC1 key");
+    assert!(sec1.contains("BEGIN EC PRIVATE KEY"), "{sec1}");
+    let pkcs8 = openssl(&["pkcs8", "-topk8", "-nocrypt", "-in"], &sec1_path);
+    let root = TestCa::with_key("ec root", rcgen::KeyPair::from_pem(&pkcs8).expect("PKCS#8"));
+    let cacerts = dir.join("cacerts");
+    root.write_cacerts(&cacerts);
+    std::fs::write(cacerts.join("ca-key.pem"), sec1).expect("SEC1 ca-key.pem");
+
+    let identity = Identity::start(IdentityInputs {
+        identity: me(),
+        signer: Signer::Local(Box::new(
+            LocalCa::load(&cacerts).expect("SEC1 CA key loads"),
+        )),
+        base_dir: dir.join("base"),
+        policy: RotationPolicy::default(),
+        trust_bundle: Vec::new(),
+    })
+    .await
+    .expect("chain verifies");
+    let cert = identity.store().current().expect("cert");
+    assert_eq!(leaf_uri(&cert), me().to_string());
+}
+
+#[tokio::test]
+async fn an_unwritable_token_file_names_the_path() {
+    let world = World::new(Duration::ZERO).await;
+    // A regular file where the directory should be: unwritable even for root.
+    let base = world.base.join("not-a-dir");
+    std::fs::write(&base, "x").expect("file");
+    let source = world.token_source();
+    let path = istio_token_path(&base);
+    let err = TokenFile::start(source, path.clone())
+        .await
+        .err()
+        .expect("unwritable");
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with(&format!("cannot write {}", path.display())),
+        "{msg}"
+    );
+    assert!(msg.contains("MESH_BASE_DIR"), "{msg}");
+}
+
+#[tokio::test]
+async fn the_istio_token_is_refreshed_before_expiry_and_retried_while_the_old_one_is_valid() {
+    let world = World::new(Duration::ZERO).await;
+    let source = K8sTokenSource::new(
+        world.k8s.client(),
+        NAMESPACE,
+        KSA,
+        TRUST_DOMAIN,
+        Duration::from_secs(3),
+    );
+    let path = istio_token_path(&world.base());
+    let tokens = TokenFile::start(source, path.clone())
+        .await
+        .expect("first token");
+    let mut rx = tokens.subscribe();
+    let first = rx.borrow_and_update().clone();
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("file"),
+        first.secret()
+    );
+
+    // The API server is briefly unavailable when the refresh (at ~80 % of 3 s) comes due.
+    world.k8s.fail_next(2);
+    wait_until(&mut rx, "the refreshed token", |t| *t != first).await;
+    let second = rx.borrow().clone();
+    assert!(second.expires_at > first.expires_at);
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("file"),
+        second.secret()
+    );
+    assert_eq!(
+        world.k8s.requests(),
+        2,
+        "two tokens issued, the failures in between retried"
+    );
+    assert_secret_mode(&path);
+}
+
+fn google(fake: &FakeGoogle) -> GoogleTokens {
+    let subject = jwt(
+        "system:serviceaccount:prod:reviews",
+        TRUST_DOMAIN,
+        Duration::from_secs(3600),
+    );
+    let (_, rx) = watch::channel(Token::new(
+        subject,
+        std::time::SystemTime::now() + Duration::from_secs(3600),
+    ));
+    GoogleTokens::new(
+        HttpClient::new().expect("http"),
+        &fake.url(),
+        &fake.url(),
+        rx,
+        krun::identity::google_tokens::sts_audience(
+            TRUST_DOMAIN,
+            "https://container.googleapis.com/v1/projects/p/locations/l/clusters/c",
+        ),
+        krun::identity::google_tokens::mesh_dataplane_gsa("123"),
+    )
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_id_token_requests_cause_one_exchange() {
+    let fake = FakeGoogle::start(Duration::from_millis(20)).await;
+    let cache = Arc::new(TokenCache::new(google(&fake), CachePolicy::default()));
+    let key = CacheKey {
+        kind: TokenKind::Id,
+        audience: "https://svc.a.run.app".into(),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let (cache, key) = (cache.clone(), key.clone());
+        tasks.spawn(async move { cache.get(&key).await.map(|t| t.secret().to_owned()) });
+    }
+    let tokens: Vec<String> = tasks
+        .join_all()
+        .await
+        .into_iter()
+        .map(|r| r.expect("token"))
+        .collect();
+    assert!(tokens.iter().all(|t| *t == tokens[0]));
+    assert_eq!(
+        (fake.sts_calls(), fake.iam_calls()),
+        (1, 1),
+        "one STS and one IAM call"
+    );
+}
+
+#[tokio::test]
+async fn sts_400_carries_googles_message() {
+    let fake = FakeGoogle::start(Duration::ZERO).await;
+    fake.fail_sts();
+    let err = google(&fake).federated().await.expect_err("STS fails");
+    let msg = err.to_string();
+    assert!(msg.starts_with("STS token exchange"), "{msg}");
+    assert!(
+        msg.contains(
+            "HTTP 400 Bad Request: invalid_grant: The audience in ID Token does not match"
+        ),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn iam_403_carries_googles_message() {
+    let fake = FakeGoogle::start(Duration::ZERO).await;
+    fake.deny_iam();
+    let tokens = google(&fake);
+    let fed = tokens.federated().await.expect("federated");
+    let err = tokens
+        .id_token(&fed, "https://svc.a.run.app")
+        .await
+        .expect_err("denied");
+    let msg = err.to_string();
+    assert!(msg.starts_with("IAM generateIdToken"), "{msg}");
+    assert!(msg.contains("HTTP 403 Forbidden: PERMISSION_DENIED: Permission 'iam.serviceAccounts.getOpenIdToken' denied"), "{msg}");
+    // The access-token path sends lifetime as a duration string, which the strict fake checks.
+    let fake_ok = FakeGoogle::start(Duration::ZERO).await;
+    let tokens = google(&fake_ok);
+    let fed = tokens.federated().await.expect("federated");
+    tokens
+        .access_token(&fed)
+        .await
+        .expect("lifetime accepted as \"3600s\"");
+}
+
+#[tokio::test]
+async fn meshca_signs_with_the_federated_token_and_the_location() {
+    use krun::identity::meshca::{MeshCaClient, MeshCaConfig};
+    let google_fake = FakeGoogle::start(Duration::ZERO).await;
+    let ca = FakeCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, Duration::ZERO).await;
+    ca.serve_meshca("federated-token");
+    let base = TempDir::new("meshca");
+    let tokens = Arc::new(TokenCache::new(
+        google(&google_fake),
+        CachePolicy::default(),
+    ));
+    let config = MeshCaConfig {
+        addr: ca.addr.to_string(),
+        root_pem: Some(ca.root_pem()),
+        server_name: Some(ISTIOD_SERVER_NAME.to_owned()),
+        location: Some("us-central1".to_owned()),
+        mesh_root_pem: ca.root_pem(),
+    };
+    let client = MeshCaClient::connect(config, tokens).await.expect("MeshCA");
+    let identity = Identity::start(IdentityInputs {
+        identity: me(),
+        signer: Signer::MeshCa(client),
+        base_dir: base.join(""),
+        policy: RotationPolicy::default(),
+        trust_bundle: Vec::new(),
+    })
+    .await
+    .expect("MeshCA certificate");
+    assert_eq!(
+        leaf_uri(&identity.store().current().expect("cert")),
+        me().to_string()
+    );
+    assert_eq!(
+        ca.meshca_request_params().as_deref(),
+        Some("location=locations/us-central1")
+    );
+    assert_eq!(
+        google_fake.sts_calls(),
+        1,
+        "the federated token, no IAM call"
+    );
+    assert_eq!(google_fake.iam_calls(), 0);
+}
+
+#[tokio::test]
+async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
+    use krun::identity::cas::{CasClient, CasConfig};
+    const POOL: &str = "projects/p/locations/us-central1/caPools/mesh";
+    let google_fake = FakeGoogle::start(Duration::ZERO).await;
+    let ca = FakeCa::start(TestCa::new("CAS root"), TRUST_DOMAIN, Duration::ZERO).await;
+    ca.serve_cas("federated-token", POOL, &me().to_string());
+    let base = TempDir::new("cas");
+    let tokens = Arc::new(TokenCache::new(
+        google(&google_fake),
+        CachePolicy::default(),
+    ));
+    let config = CasConfig {
+        addr: ca.addr.to_string(),
+        root_pem: Some(ca.root_pem()),
+        server_name: Some(ISTIOD_SERVER_NAME.to_owned()),
+        pool: POOL.to_owned(),
+        pool_root_pem: ca.root_pem(),
+    };
+    let client = CasClient::connect(config, tokens).await.expect("CAS");
+    let identity = Identity::start(IdentityInputs {
+        identity: me(),
+        signer: Signer::Cas(client),
+        base_dir: base.join(""),
+        policy: RotationPolicy::default(),
+        trust_bundle: Vec::new(),
+    })
+    .await
+    .expect("CAS certificate");
+    assert_eq!(
+        leaf_uri(&identity.store().current().expect("cert")),
+        me().to_string()
+    );
+    let gke = krun::identity::workload_spiffe_dir(&base.join(""));
+    assert_secret_mode(&gke.join("private_key.pem"));
+    let istio = base.join("var/run/secrets/istio.io");
+    assert_eq!(
+        std::fs::read(gke.join("certificates.pem")).expect("GKE chain"),
+        std::fs::read(istio.join("cert-chain.pem")).expect("Istio chain")
+    );
+    assert_eq!(
+        std::fs::read(gke.join("ca_certificates.pem")).expect("GKE roots"),
+        std::fs::read(istio.join("root-cert.pem")).expect("Istio roots")
+    );
+}
+
+#[tokio::test]
+async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
+    use krun::identity::metadata_token::MetadataIdTokens;
+    use krun_tests::fakes::http::{HttpServer, json};
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    // Strict like the metadata server: the flavor header, an audience, format=full.
+    let metadata = HttpServer::start(Duration::ZERO, move |call| {
+        let counter = counter.clone();
+        async move {
+            let path = call.path.clone();
+            let audience = path
+                .strip_prefix(
+                    "/computeMetadata/v1/instance/service-accounts/default/identity?audience=",
+                )
+                .and_then(|rest| rest.strip_suffix("&format=full"));
+            match (call.header("metadata-flavor"), audience) {
+                ("Google", Some(aud)) => {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let aud = aud.replace("%3A", ":").replace("%2F", "/");
+                    let token = jwt(
+                        "sa@p.iam.gserviceaccount.com",
+                        &aud,
+                        Duration::from_secs(3600),
+                    );
+                    hyper::Response::new(http_body_util::Full::new(token.into()))
+                }
+                _ => json(
+                    hyper::StatusCode::FORBIDDEN,
+                    serde_json::json!({"error": "Missing Metadata-Flavor:Google header."}),
+                ),
+            }
+        }
+    })
+    .await;
+    let host = metadata.addr.to_string();
+    let cache = TokenCache::new(
+        MetadataIdTokens::new(HttpClient::new().expect("http"), &host),
+        CachePolicy::default(),
+    );
+    let key = |aud: &str| CacheKey {
+        kind: TokenKind::Id,
+        audience: aud.to_owned(),
+    };
+    let a = cache
+        .get(&key("https://a.a.run.app"))
+        .await
+        .expect("token a");
+    let again = cache
+        .get(&key("https://a.a.run.app"))
+        .await
+        .expect("cached a");
+    let b = cache
+        .get(&key("https://b.a.run.app"))
+        .await
+        .expect("token b");
+    assert_eq!(a, again);
+    assert_ne!(a, b);
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one call per audience"
+    );
+    let claims = krun::identity::jwt::Claims::decode(b.secret()).expect("JWT");
+    assert!(claims.aud.contains("https://b.a.run.app"));
+}
+
+#[test]
+fn local_ca_mode_works_with_networking_unavailable() {
+    let (dir, cacerts) = local_ca_dir("nonet");
+    let base = dir.join("base");
+    let finished = Krun::wrapped(&["unshare", "--net"])
+        .env("CA_ADDR", format!("file://{}", cacerts.display()))
+        .env("MESH_BASE_DIR", &base)
+        .env("WORKLOAD_NAMESPACE", NAMESPACE)
+        .env("WORKLOAD_SERVICE_ACCOUNT", KSA)
+        .env("TRUST_DOMAIN", TRUST_DOMAIN)
+        .env("PORT_http", "-")
+        .args(["/bin/true"])
+        .run();
+    let output = finished.output.join("\n");
+    assert_eq!(finished.code, 0, "{output}");
+    assert!(
+        output.contains("workload certificate minted and written"),
+        "{output}"
+    );
+    let chain =
+        std::fs::read(base.join("var/run/secrets/istio.io/cert-chain.pem")).expect("chain written");
+    let first = rustls_pki_types::pem::PemObject::pem_slice_iter(&chain)
+        .next()
+        .and_then(Result::ok)
+        .map(|c: rustls_pki_types::CertificateDer<'static>| {
+            krun_tests::fakes::pki::leaf_uris(c.as_ref())
+        })
+        .expect("a certificate");
+    assert_eq!(first, vec![me().to_string()]);
+}
