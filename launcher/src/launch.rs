@@ -1,10 +1,12 @@
-//! The startup graph, in one place: configuration is already resolved; here the app's
-//! readiness and identity are derived and the supervisor takes over. Later phases (discover,
-//! identity, capture, data plane, tunnel) plug in here.
+//! The startup graph, in one place: configuration is already resolved from the environment;
+//! discovery fills in what the mesh says, then the app's readiness and identity are derived
+//! and the supervisor takes over. Later phases (identity, capture, data plane, tunnel) plug
+//! in here.
 
 use std::time::Instant;
 
 use crate::config::{Config, StartupProbe};
+use crate::discovery;
 use crate::probe::{Check, Probe};
 use crate::processes::ProcessPlan;
 use crate::startup::PhaseClock;
@@ -12,13 +14,30 @@ use crate::supervisor::{AppSpec, RunAs, Supervisor, Timeouts};
 
 /// Runs the workload to completion and returns krun's exit code.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     plan: ProcessPlan,
     argv: Vec<String>,
     started: Instant,
 ) -> anyhow::Result<u8> {
     let mut clock = PhaseClock::new(started);
     clock.mark("config");
+    let found = discovery::discover(&config).await?;
+    discovery::apply(&mut config, &found)?;
+    if found.mesh {
+        let value = |s: Option<&crate::config::Setting<String>>| {
+            s.map_or("-".to_owned(), |s| format!("{} ({:?})", s.value, s.source))
+        };
+        tracing::info!(
+            project = %value(config.project_id.as_ref()),
+            cluster = %value(config.cluster_name.as_ref()),
+            location = %value(config.cluster_location.as_ref()),
+            namespace = %value(Some(&config.workload_namespace)),
+            trust_domain = %value(config.trust_domain.as_ref()),
+            mesh_env_keys = found.mesh_env.len(),
+            "mesh discovered"
+        );
+    }
+    clock.mark("discover");
     let app = (!argv.is_empty()).then(|| app_spec(&config, argv));
     if app.is_none() {
         tracing::info!(

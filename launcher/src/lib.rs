@@ -5,6 +5,7 @@
 //! [`launch::run`] is the startup graph; each module below owns one job.
 
 pub mod config;
+pub mod discovery;
 pub mod launch;
 pub mod logging;
 pub mod probe;

@@ -50,14 +50,20 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<u8> {
         Some(path) => ProcessPlan::load(&path.value)?,
         None => ProcessPlan::default(),
     };
-    if cli.print_config {
-        println!("{}", serde_json::to_string_pretty(&config.printable())?);
-        return Ok(0);
-    }
     // One thread: the supervisor is event-driven and light; a second thread would only add
     // memory and startup time to every container.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if cli.print_config {
+        let mut config = config;
+        if !cli.offline {
+            // Read-only discovery: GETs to metadata, GKE and mesh-env; nothing written.
+            let found = runtime.block_on(krun::discovery::discover(&config))?;
+            krun::discovery::apply(&mut config, &found)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&config.printable())?);
+        return Ok(0);
+    }
     runtime.block_on(krun::launch::run(config, plan, cli.app, started))
 }

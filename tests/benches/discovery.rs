@@ -1,0 +1,3 @@
+//! Discovery round-trip benchmark: written with the fakes in the next commit.
+
+fn main() {}
