@@ -259,3 +259,5 @@ impl Finished {
         self.output.join("\n")
     }
 }
+
+pub mod fakes;
