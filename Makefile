@@ -20,3 +20,4 @@ lint:
 bench: prereqs
 	cargo build --release -p krun -p krun-tests
 	cargo bench -p krun-tests --bench startup
+	cargo bench -p krun-tests --bench discovery

@@ -457,3 +457,37 @@ fn off_gcp_without_mesh_the_app_runs_as_a_plain_supervisor() {
     assert!(done.has_line("no mesh configured: running as a plain supervisor"));
     assert!(done.has_line("app-ran"));
 }
+
+#[test]
+fn without_mesh_a_kubeconfig_reads_mesh_env_with_no_gcp() {
+    let world = mesh_world().start();
+    let dir = TempDir::new("kubeconfig");
+    let kubeconfig = dir.join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters:\n- name: fake\n  cluster:\n    server: https://{}\n    certificate-authority-data: {}\n\
+             users:\n- name: fake\n  user:\n    token: {}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n",
+            world.kube.server.addr(),
+            world.kube.ca_base64(),
+            krun_tests::fakes::metadata::ACCESS_TOKEN,
+        ),
+    )
+    .expect("write kubeconfig");
+    // No GCE_METADATA_HOST: this machine has no metadata server, and none is needed.
+    let done = Krun::new()
+        .env("KUBECONFIG", &kubeconfig)
+        .args(["--print-config"])
+        .run();
+    let config = printed(&done);
+    assert!(done.has_line("config cluster from KUBECONFIG"));
+    assert_eq!(
+        config["XDS_ADDR"],
+        setting("meshcon.example:15012", "mesh-env")
+    );
+    assert_eq!(config["WORKLOAD_NAMESPACE"], setting("default", "default"));
+    assert_eq!(world.kube.server.seen().len(), 1);
+    assert!(world.gke.seen().is_empty() && world.metadata.seen().is_empty());
+}

@@ -17,6 +17,9 @@ use super::metadata::MetadataError;
 use super::retry::Backoff;
 use super::tokens::AccessTokens;
 
+/// Per-attempt budget of a Google API call.
+pub const API_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The header that bills a call to another project (multi-project meshes, reference PR #21).
 pub const QUOTA_PROJECT_HEADER: &str = "x-goog-user-project";
 
@@ -109,12 +112,9 @@ pub struct GoogleApi {
 }
 
 impl GoogleApi {
-    /// A client that authenticates with `tokens` and gives each attempt `timeout`.
-    pub fn new(
-        tokens: Arc<dyn AccessTokens>,
-        timeout: Duration,
-        backoff: Backoff,
-    ) -> Result<Self, ApiError> {
+    /// A client that authenticates with `tokens` and gives each attempt [`API_TIMEOUT`].
+    /// Loads the system trust store: a blocking call.
+    pub fn new(tokens: Arc<dyn AccessTokens>, backoff: Backoff) -> Result<Self, ApiError> {
         // kube's connector: rustls with ring and the platform's roots, http or https.
         let config = kube::Config::new(http::Uri::from_static("https://googleapis.com"));
         let connector = config
@@ -123,7 +123,7 @@ impl GoogleApi {
         Ok(GoogleApi {
             client: Client::builder(TokioExecutor::new()).build(connector),
             tokens,
-            timeout,
+            timeout: API_TIMEOUT,
             backoff,
         })
     }

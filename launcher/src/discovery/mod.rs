@@ -126,7 +126,7 @@ pub fn apply(config: &mut Config, discovery: &Discovery) -> Result<(), ConfigErr
 pub async fn phase<T>(name: &str, fut: impl Future<Output = T>) -> T {
     let start = Instant::now();
     let out = fut.await;
-    tracing::debug!(
+    tracing::info!(
         step = name,
         step_ms = start.elapsed().as_secs_f64() * 1000.0,
         "discovery step done"
@@ -248,7 +248,20 @@ impl<'a> Discoverer<'a> {
                 KubeSource::Gke | KubeSource::None => Ok::<_, DiscoveryError>(None),
             }
         };
-        let (facts, early_mesh_env) = tokio::join!(self.metadata_facts(), early_mesh_env);
+        // Loading the system trust store takes milliseconds: do it while metadata answers.
+        let tokens: Arc<dyn tokens::AccessTokens> = self.metadata.clone();
+        let api = tokio::task::spawn_blocking(move || GoogleApi::new(tokens, Backoff::DISCOVERY));
+        let api = async {
+            api.await
+                .map_err(|e| ApiError::Tls(e.to_string()))
+                .and_then(|built| built)
+                .map_err(|source| DiscoveryError::Api {
+                    what: "Google API client".into(),
+                    source: Box::new(source),
+                })
+        };
+        let (facts, early_mesh_env) =
+            tokio::join!(phase("metadata", self.metadata_facts()), early_mesh_env);
         let early_mesh_env = early_mesh_env?;
         let facts = match facts? {
             Some(facts) => facts,
@@ -283,18 +296,7 @@ impl<'a> Discoverer<'a> {
             .env_value(Some(&self.config.workload_namespace))
             .is_some()
             || namespace_from_email.is_some();
-        let api = GoogleApi::new(
-            self.metadata.clone(),
-            self.config
-                .metadata_timeout
-                .value
-                .max(Duration::from_secs(10)),
-            Backoff::DISCOVERY,
-        )
-        .map_err(|source| DiscoveryError::Api {
-            source: Box::new(source),
-            what: "Google API client".into(),
-        })?;
+        let api = api.await?;
         let project_lookup = async {
             match &config_project {
                 Some(project) if !(number_known && namespace_known) => {
@@ -399,6 +401,12 @@ impl<'a> Discoverer<'a> {
             Some(MeshUrl::Gke(_) | MeshUrl::TrafficDirector(_))
         );
         let wants_gke = matches!(self.kube, KubeSource::Gke);
+        // My region only matters when a cluster is picked from a list.
+        let cluster_named = self.gke_target().is_some_and(|t| t.cluster.is_some())
+            || (self.env_value(self.config.cluster_name.as_ref()).is_some()
+                && self
+                    .env_value(self.config.cluster_location.as_ref())
+                    .is_some());
         let in_cluster = self.config.kubernetes_service_host.is_some();
         let optional = |wanted: bool, path: &'static str| async move {
             if wanted { md.get(path).await } else { Ok(None) }
@@ -415,7 +423,7 @@ impl<'a> Discoverer<'a> {
                         .is_none(),
                     paths::EMAIL
                 ),
-                optional(wants_gke, paths::REGION),
+                optional(wants_gke && !cluster_named, paths::REGION),
                 optional(in_cluster, paths::CLUSTER_NAME),
                 optional(in_cluster, paths::CLUSTER_LOCATION),
                 // Warm the token cache while the other answers are in flight: the GKE and

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -39,6 +39,8 @@ pub struct Seen {
     pub headers: BTreeMap<String, String>,
     /// The status the fake answered.
     pub status: u16,
+    /// When the request arrived (before any injected latency).
+    pub arrived: Instant,
 }
 
 impl Seen {
@@ -228,6 +230,7 @@ async fn serve(
     seen: Arc<Mutex<Vec<Seen>>>,
     faults: Arc<Mutex<Faults>>,
 ) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     let _ = body.collect().await;
     let headers: BTreeMap<String, String> = parts
@@ -268,6 +271,7 @@ async fn serve(
             .map_or(request.path.clone(), |p| p.to_string()),
         headers,
         status: reply.status,
+        arrived,
     });
     let mut response = hyper::Response::builder().status(reply.status);
     for (k, v) in &reply.headers {
