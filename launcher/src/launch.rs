@@ -25,7 +25,7 @@ pub async fn run(
     discovery::apply(&mut config, &found)?;
     if found.mesh {
         let value = |s: Option<&crate::config::Setting<String>>| {
-            s.map_or("-".to_owned(), |s| format!("{} ({:?})", s.value, s.source))
+            s.map_or("-".to_owned(), |s| format!("{} ({})", s.value, s.source))
         };
         tracing::info!(
             project = %value(config.project_id.as_ref()),

@@ -33,7 +33,11 @@ fn mesh_world() -> TestWorldBuilder {
 /// The JSON object `--print-config` printed (logs go to stderr, in the same stream).
 fn printed(done: &Finished) -> Value {
     assert_eq!(done.code, 0, "{}", done.text());
-    let start = done.line_index("{");
+    let start = done
+        .output
+        .iter()
+        .position(|l| l == "{")
+        .unwrap_or_else(|| panic!("no JSON object in:\n{}", done.text()));
     let end = start
         + done.output[start..]
             .iter()
@@ -466,10 +470,10 @@ fn without_mesh_a_kubeconfig_reads_mesh_env_with_no_gcp() {
     std::fs::write(
         &kubeconfig,
         format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+            "apiVersion: v1\nkind: Config\ncurrent-context: gke_ctx-project_us-east1_istio\n\
              clusters:\n- name: fake\n  cluster:\n    server: https://{}\n    certificate-authority-data: {}\n\
              users:\n- name: fake\n  user:\n    token: {}\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n",
+             contexts:\n- name: gke_ctx-project_us-east1_istio\n  context:\n    cluster: fake\n    user: fake\n",
             world.kube.server.addr(),
             world.kube.ca_base64(),
             krun_tests::fakes::metadata::ACCESS_TOKEN,
@@ -487,7 +491,37 @@ fn without_mesh_a_kubeconfig_reads_mesh_env_with_no_gcp() {
         config["XDS_ADDR"],
         setting("meshcon.example:15012", "mesh-env")
     );
+    assert_eq!(config["PROJECT_ID"], setting("ctx-project", "discovered"));
+    assert_eq!(config["CLUSTER_NAME"], setting("istio", "discovered"));
+    assert_eq!(
+        config["CLUSTER_LOCATION"],
+        setting("us-east1", "discovered")
+    );
     assert_eq!(config["WORKLOAD_NAMESPACE"], setting("default", "default"));
     assert_eq!(world.kube.server.seen().len(), 1);
     assert!(world.gke.seen().is_empty() && world.metadata.seen().is_empty());
+}
+
+#[test]
+fn a_token_close_to_expiry_is_replaced_before_use() {
+    // Five minutes is the refresh margin: a 4-minute token is renewed on every use.
+    let world = TestWorld::builder()
+        .instance(|i| i.token_lifetime = 240)
+        .start();
+    let client = MetadataClient::with_backoff(
+        &world.metadata.addr().to_string(),
+        Duration::from_secs(5),
+        fast(),
+    );
+    server::runtime().block_on(async {
+        client.access_token().await.expect("first token");
+        client.access_token().await.expect("second token");
+    });
+    let token_requests = world
+        .metadata
+        .seen()
+        .iter()
+        .filter(|s| s.path.ends_with("/token"))
+        .count();
+    assert_eq!(token_requests, 2);
 }

@@ -140,6 +140,20 @@ pub enum Source {
     Default,
 }
 
+impl std::fmt::Display for Source {
+    /// The name `--print-config` uses.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Env => "env",
+            Source::MeshEnv => "mesh-env",
+            Source::Metadata => "metadata",
+            Source::Discovered => "discovered",
+            Source::Derived => "derived",
+            Source::Default => "default",
+        })
+    }
+}
+
 /// A value and its source.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Setting<T> {

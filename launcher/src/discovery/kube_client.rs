@@ -107,18 +107,62 @@ pub fn for_gke_cluster(
     Ok(ClientBuilder::new(service, config.default_namespace).build())
 }
 
-/// A client from a kubeconfig file (its current context and its own auth).
-pub async fn from_kubeconfig(path: &str) -> Result<kube::Client, KubeClientError> {
+/// A cluster named by a kubeconfig context in gcloud's conventions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContextCluster {
+    /// Project id.
+    pub project: String,
+    /// Location (absent for Connect gateway contexts).
+    pub location: Option<String>,
+    /// Cluster name.
+    pub name: String,
+}
+
+impl ContextCluster {
+    /// `gke_PROJECT_LOCATION_NAME` (gcloud container clusters get-credentials) or
+    /// `connectgateway_PROJECT_NAME` (fleet Connect gateway), as the reference read them.
+    pub fn parse(context: &str) -> Option<Self> {
+        if let Some(rest) = context.strip_prefix("gke_") {
+            let mut parts = rest.splitn(3, '_');
+            let (project, location, name) = (parts.next()?, parts.next()?, parts.next()?);
+            return [project, location, name]
+                .iter()
+                .all(|p| !p.is_empty())
+                .then(|| ContextCluster {
+                    project: project.to_owned(),
+                    location: Some(location.to_owned()),
+                    name: name.to_owned(),
+                });
+        }
+        let (project, name) = context.strip_prefix("connectgateway_")?.split_once('_')?;
+        (!project.is_empty() && !name.is_empty()).then(|| ContextCluster {
+            project: project.to_owned(),
+            location: None,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// A client from a kubeconfig file (its current context and its own auth), and the GKE
+/// cluster that context names, if it follows gcloud's naming.
+pub async fn from_kubeconfig(
+    path: &str,
+) -> Result<(kube::Client, Option<ContextCluster>), KubeClientError> {
     let fail = |source| KubeClientError::Kubeconfig {
         path: path.to_owned(),
         source,
     };
     let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(fail)?;
+    let context = kubeconfig
+        .current_context
+        .as_deref()
+        .and_then(ContextCluster::parse);
     let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .map_err(fail)?;
     with_timeouts(&mut config);
-    kube::Client::try_from(config).map_err(KubeClientError::Client)
+    let client = kube::Client::try_from(config).map_err(KubeClientError::Client)?;
+    Ok((client, context))
 }
 
 /// The in-cluster client (service account token and CA of the pod).
@@ -133,4 +177,31 @@ fn with_timeouts(config: &mut kube::Config) {
     config.connect_timeout = Some(CONNECT_TIMEOUT);
     config.read_timeout = Some(READ_TIMEOUT);
     config.default_retry = false;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcloud_context_names_give_the_cluster() {
+        assert_eq!(
+            ContextCluster::parse("gke_my-proj_us-central1_istio_main"),
+            Some(ContextCluster {
+                project: "my-proj".into(),
+                location: Some("us-central1".into()),
+                name: "istio_main".into(),
+            })
+        );
+        assert_eq!(
+            ContextCluster::parse("connectgateway_my-proj_istio"),
+            Some(ContextCluster {
+                project: "my-proj".into(),
+                location: None,
+                name: "istio".into(),
+            })
+        );
+        assert_eq!(ContextCluster::parse("gke_p_l"), None);
+        assert_eq!(ContextCluster::parse("kind-kind"), None);
+    }
 }

@@ -232,18 +232,23 @@ impl<'a> Discoverer<'a> {
         let early_mesh_env = async {
             match &self.kube {
                 KubeSource::Kubeconfig(path) => {
-                    let client = kube_client::from_kubeconfig(path).await?;
-                    tracing::info!(kubeconfig = %path, "config cluster from KUBECONFIG");
-                    Ok(Some(
-                        phase("mesh-env", mesh_env::from_cluster(client, path)).await?,
-                    ))
+                    let (client, context) = kube_client::from_kubeconfig(path).await?;
+                    tracing::info!(
+                        kubeconfig = %path,
+                        context_names = %context.as_ref().map_or("no GKE cluster".to_owned(), |c| {
+                            format!("{}/{}/{}", c.project, c.location.as_deref().unwrap_or("-"), c.name)
+                        }),
+                        "config cluster from KUBECONFIG"
+                    );
+                    let env = phase("mesh-env", mesh_env::from_cluster(client, path)).await?;
+                    Ok(Some((env, context)))
                 }
                 KubeSource::InCluster => {
                     let client = kube_client::in_cluster()?;
                     tracing::info!("config cluster: this cluster (in-cluster service account)");
-                    Ok(Some(
-                        phase("mesh-env", mesh_env::from_cluster(client, "in-cluster")).await?,
-                    ))
+                    let env =
+                        phase("mesh-env", mesh_env::from_cluster(client, "in-cluster")).await?;
+                    Ok(Some((env, None)))
                 }
                 KubeSource::Gke | KubeSource::None => Ok::<_, DiscoveryError>(None),
             }
@@ -262,18 +267,29 @@ impl<'a> Discoverer<'a> {
         };
         let (facts, early_mesh_env) =
             tokio::join!(phase("metadata", self.metadata_facts()), early_mesh_env);
-        let early_mesh_env = early_mesh_env?;
+        let (early_mesh_env, context) = match early_mesh_env? {
+            Some((env, context)) => (Some(env), context),
+            None => (None, None),
+        };
+        let mut discovered = Layer::default();
+        if let Some(context) = context {
+            // The kubeconfig context names the cluster (reference §3.4).
+            discovered.set_if_unset(names::PROJECT_ID, &context.project, Source::Discovered);
+            discovered.set_if_unset(names::CLUSTER_NAME, &context.name, Source::Discovered);
+            if let Some(location) = &context.location {
+                discovered.set_if_unset(names::CLUSTER_LOCATION, location, Source::Discovered);
+            }
+        }
         let facts = match facts? {
             Some(facts) => facts,
             None => {
                 return Ok(Discovery {
                     mesh: early_mesh_env.is_some(),
                     mesh_env: early_mesh_env.unwrap_or_default(),
-                    ..Discovery::default()
+                    discovered,
                 });
             }
         };
-        let mut discovered = Layer::default();
         let config_project = self.config_project(&facts, &mut discovered)?;
         let quota_project = match (&config_project, &facts.project_id) {
             (Some(config), Some(workload)) if config != workload => {
@@ -504,8 +520,8 @@ impl<'a> Discoverer<'a> {
         }
     }
 
-    /// The config project: MESH's, else `PROJECT_ID`, else the metadata project; recorded in
-    /// `discovered` with its source.
+    /// The config project: MESH's, else `PROJECT_ID`, else the kubeconfig context's, else the
+    /// metadata project; recorded in `discovered` with its source.
     fn config_project(
         &self,
         facts: &Facts,
@@ -532,6 +548,9 @@ impl<'a> Discoverer<'a> {
         }
         if let Some(project) = env_project {
             return Ok(Some(project));
+        }
+        if let Some(from_context) = discovered.get(names::PROJECT_ID) {
+            return Ok(Some(from_context.value.clone()));
         }
         if let Some(project) = &facts.project_id {
             discovered.set_if_unset(names::PROJECT_ID, project, Source::Metadata);

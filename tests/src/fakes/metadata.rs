@@ -22,6 +22,8 @@ pub struct Instance {
     pub region: String,
     /// Extra paths (e.g. `instance/attributes/cluster-name`).
     pub extra: BTreeMap<String, String>,
+    /// `expires_in` of the access tokens handed out, in seconds.
+    pub token_lifetime: u64,
 }
 
 impl Default for Instance {
@@ -32,6 +34,7 @@ impl Default for Instance {
             email: "k8s-fortio@wl-project.iam.gserviceaccount.com".into(),
             region: "us-central1".into(),
             extra: BTreeMap::new(),
+            token_lifetime: 3599,
         }
     }
 }
@@ -76,7 +79,7 @@ fn answer(instance: &Instance, req: &Request) -> Reply {
         )),
         "instance/service-accounts/default/token" => flavored(Reply::json(serde_json::json!({
             "access_token": ACCESS_TOKEN,
-            "expires_in": 3599,
+            "expires_in": instance.token_lifetime,
             "token_type": "Bearer",
         }))),
         other => match instance.extra.get(other) {
