@@ -98,6 +98,15 @@ fn without_mesh_unlabelled_clusters_mean_no_mesh_and_the_app_runs() {
 }
 
 #[test]
+fn without_mesh_no_permission_to_list_clusters_means_no_mesh() {
+    let world = TestWorld::builder().start();
+    let done = world.krun().args(["--", "sh", "-c", "echo app-ran"]).run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(done.has_line("may not list GKE clusters"));
+    assert!(done.has_line("app-ran"));
+}
+
+#[test]
 fn gke_project_form_picks_the_first_istio_cluster_in_my_region_and_bills_the_config_project() {
     let world = mesh_world().start();
     let done = world

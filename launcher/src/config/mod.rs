@@ -401,11 +401,6 @@ impl Layer {
     pub fn get(&self, name: &str) -> Option<&Setting<String>> {
         self.0.get(name)
     }
-
-    /// True when the layer holds nothing.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// Names only: layer values may be secrets (mesh-env carries CA roots, debug flags).

@@ -27,12 +27,12 @@ pub const QUOTA_PROJECT_HEADER: &str = "x-goog-user-project";
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// No token to call with.
-    #[error("no access token for {url}: {source}")]
+    #[error("no access token for {url}: {cause}")]
     Token {
         /// The URL.
         url: String,
         /// Why.
-        source: MetadataError,
+        cause: MetadataError,
     },
     /// An error status (after retries for 429/5xx).
     #[error("{url} answered HTTP {status} after {attempts} attempts: {message}")]
@@ -139,9 +139,9 @@ impl GoogleApi {
             .retry(url, Attempt::retryable, || self.attempt(url, quota_project))
             .await
             .map_err(|(e, attempts)| match e {
-                Attempt::Token(source) => ApiError::Token {
+                Attempt::Token(cause) => ApiError::Token {
                     url: url.to_owned(),
-                    source,
+                    cause,
                 },
                 Attempt::Status(status, message) => ApiError::Status {
                     url: url.to_owned(),

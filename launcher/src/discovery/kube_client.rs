@@ -29,12 +29,12 @@ pub enum KubeClientError {
         problem: String,
     },
     /// The kubeconfig file could not be used.
-    #[error("KUBECONFIG={path}: {source}")]
+    #[error("KUBECONFIG={path}: {cause}")]
     Kubeconfig {
         /// The path.
         path: String,
         /// Why.
-        source: kube::config::KubeconfigError,
+        cause: kube::config::KubeconfigError,
     },
     /// The in-cluster configuration could not be used.
     #[error(
@@ -148,9 +148,9 @@ impl ContextCluster {
 pub async fn from_kubeconfig(
     path: &str,
 ) -> Result<(kube::Client, Option<ContextCluster>), KubeClientError> {
-    let fail = |source| KubeClientError::Kubeconfig {
+    let fail = |cause| KubeClientError::Kubeconfig {
         path: path.to_owned(),
-        source,
+        cause,
     };
     let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(fail)?;
     let context = kubeconfig

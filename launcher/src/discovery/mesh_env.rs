@@ -30,7 +30,7 @@ pub enum MeshEnvError {
     },
     /// The K8s API failed after retries.
     #[error(
-        "reading ConfigMap {NAMESPACE}/{NAME} from {cluster} failed after {attempts} attempts: {source}; check that the cluster is reachable and the workload's identity may get ConfigMaps in {NAMESPACE}"
+        "reading ConfigMap {NAMESPACE}/{NAME} from {cluster} failed after {attempts} attempts: {cause}; check that the cluster is reachable and the workload's identity may get ConfigMaps in {NAMESPACE}"
     )]
     Kube {
         /// Which cluster.
@@ -38,7 +38,7 @@ pub enum MeshEnvError {
         /// Attempts made.
         attempts: u32,
         /// The last error.
-        source: kube::Error,
+        cause: kube::Error,
     },
 }
 
@@ -81,10 +81,10 @@ pub async fn from_cluster(client: kube::Client, cluster: &str) -> Result<MeshEnv
     let found = Backoff::DISCOVERY
         .retry("mesh-env", retryable, || api.get_opt(NAME))
         .await
-        .map_err(|(source, attempts)| MeshEnvError::Kube {
+        .map_err(|(cause, attempts)| MeshEnvError::Kube {
             cluster: cluster.to_owned(),
             attempts,
-            source,
+            cause,
         })?;
     match found {
         Some(map) => Ok(map.data.unwrap_or_default()),

@@ -253,16 +253,6 @@ impl MetadataClient {
         Ok(value)
     }
 
-    /// The value at `path`, which must exist.
-    pub async fn require(&self, path: &str) -> Result<String, MetadataError> {
-        self.get(path).await?.ok_or_else(|| MetadataError::Status {
-            host: self.host.clone(),
-            path: path.to_owned(),
-            status: 404,
-            attempts: 1,
-        })
-    }
-
     /// An access token of the instance's service account, fetched once and reused until
     /// five minutes before it expires.
     pub async fn access_token(&self) -> Result<AccessToken, MetadataError> {

@@ -74,12 +74,12 @@ pub enum DiscoveryError {
         mesh: String,
     },
     /// A Google API call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Api {
         /// Which lookup.
         what: String,
         /// Why.
-        source: Box<ApiError>,
+        cause: Box<ApiError>,
     },
     /// `MESH` names a project with no usable cluster.
     #[error("no GKE cluster {filter} in project {project}; {fix}")]
@@ -262,7 +262,7 @@ impl<'a> Discoverer<'a> {
                 .and_then(|built| built)
                 .map_err(|source| DiscoveryError::Api {
                     what: "Google API client".into(),
-                    source: Box::new(source),
+                    cause: Box::new(source),
                 })
         };
         let (facts, early_mesh_env) =
@@ -578,7 +578,7 @@ impl<'a> Discoverer<'a> {
                 .get(project, location, name)
                 .await
                 .map_err(|source| DiscoveryError::Api {
-                    source: Box::new(source),
+                    cause: Box::new(source),
                     what: format!(
                         "GKE cluster projects/{project}/locations/{location}/clusters/{name}"
                     ),
@@ -594,13 +594,24 @@ impl<'a> Discoverer<'a> {
         // the clusters that declare a mesh.
         let labelled = target.is_none();
         let list_location = target.and_then(|t| t.location.as_deref());
-        let clusters = container
-            .list(project, list_location, labelled)
-            .await
-            .map_err(|source| DiscoveryError::Api {
-                source: Box::new(source),
-                what: format!("listing GKE clusters of project {project}"),
-            })?;
+        let clusters = match container.list(project, list_location, labelled).await {
+            Ok(clusters) => clusters,
+            // Without MESH, a service that may not list clusters is simply not in a mesh.
+            Err(e) if labelled && e.status() == Some(403) => {
+                tracing::warn!(
+                    project,
+                    error = %e,
+                    "no mesh configured: running as a plain supervisor (no MESH, and the service account may not list GKE clusters; grant roles/container.clusterViewer to join a mesh)"
+                );
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(DiscoveryError::Api {
+                    what: format!("listing GKE clusters of project {project}"),
+                    cause: Box::new(source),
+                });
+            }
+        };
         let selector = ClusterSelector {
             name,
             region: facts.region.clone().or(location),

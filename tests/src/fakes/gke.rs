@@ -1,5 +1,6 @@
 //! Fake GKE Container API v1: `GET v1/projects/P/locations/L/clusters[/C]`, bearer token
-//! required, `-` lists every location, the singular `cluster/` path of the reference is a 404.
+//! required, `-` lists every location, the singular `cluster/` path of the reference is a 404,
+//! a project without clusters is a 403 (what a caller without permission sees).
 //! Every cluster's endpoint and CA point at the fake K8s API.
 
 use std::collections::BTreeMap;
@@ -82,6 +83,17 @@ fn answer(clusters: &[FakeCluster], endpoint: &Endpoint, req: &Request) -> Reply
         return error(405, "method not allowed");
     }
     let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    // Like GKE, a project the caller has no clusters in (no permission) is a 403.
+    if let ["v1", "projects", project, ..] = parts.as_slice()
+        && !clusters.iter().any(|c| c.project == *project)
+    {
+        return error(
+            403,
+            &format!(
+                "Required \"container.clusters.list\" permission(s) for \"projects/{project}\"."
+            ),
+        );
+    }
     match parts.as_slice() {
         ["v1", "projects", project, "locations", location, "clusters"] => {
             let listed: Vec<_> = clusters

@@ -3,7 +3,7 @@
 //! `Status` 404 when no mesh-env is set).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use base64::Engine;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
@@ -18,18 +18,12 @@ pub struct FakeKube {
     pub server: FakeServer,
     /// The CA certificate, PEM.
     pub ca_pem: String,
-    mesh_env: Arc<Mutex<Option<BTreeMap<String, String>>>>,
 }
 
 impl FakeKube {
     /// Base64 of the CA PEM, as GKE's `masterAuth.clusterCaCertificate`.
     pub fn ca_base64(&self) -> String {
         base64::engine::general_purpose::STANDARD.encode(&self.ca_pem)
-    }
-
-    /// Replaces mesh-env (`None`: the ConfigMap does not exist).
-    pub fn set_mesh_env(&self, data: Option<BTreeMap<String, String>>) {
-        *self.mesh_env.lock().expect("mesh-env") = data;
     }
 }
 
@@ -64,17 +58,8 @@ fn tls_config() -> (Arc<rustls::ServerConfig>, String) {
 /// Starts the fake with `mesh_env` (`None`: no ConfigMap).
 pub fn start(mesh_env: Option<BTreeMap<String, String>>) -> FakeKube {
     let (tls, ca_pem) = tls_config();
-    let mesh_env = Arc::new(Mutex::new(mesh_env));
-    let data = mesh_env.clone();
-    let server = FakeServer::https(
-        Arc::new(move |req: &Request| answer(&data.lock().expect("mesh-env"), req)),
-        tls,
-    );
-    FakeKube {
-        server,
-        ca_pem,
-        mesh_env,
-    }
+    let server = FakeServer::https(Arc::new(move |req: &Request| answer(&mesh_env, req)), tls);
+    FakeKube { server, ca_pem }
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Reply {
