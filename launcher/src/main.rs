@@ -55,15 +55,28 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<u8> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    if cli.print_config {
-        let mut config = config;
-        if !cli.offline {
-            // Read-only discovery: GETs to metadata, GKE and mesh-env; nothing written.
-            let found = runtime.block_on(krun::discovery::discover(&config))?;
-            krun::discovery::apply(&mut config, &found)?;
-        }
-        println!("{}", serde_json::to_string_pretty(&config.printable())?);
-        return Ok(0);
+    let result = if cli.print_config {
+        print_config(&runtime, config, cli.offline)
+    } else {
+        runtime.block_on(krun::launch::run(config, plan, cli.app, started))
+    };
+    // Everything that matters is done (children reaped, output written). Do not wait for a
+    // leftover blocking lookup, such as the losing side of the "on GCP?" DNS race.
+    runtime.shutdown_background();
+    result
+}
+
+/// `--print-config`: the configuration after read-only discovery (GETs to metadata, GKE and
+/// mesh-env; nothing written, nothing started), or from the environment only with `--offline`.
+fn print_config(
+    runtime: &tokio::runtime::Runtime,
+    mut config: Config,
+    offline: bool,
+) -> anyhow::Result<u8> {
+    if !offline {
+        let found = runtime.block_on(krun::discovery::discover(&config))?;
+        krun::discovery::apply(&mut config, &found)?;
     }
-    runtime.block_on(krun::launch::run(config, plan, cli.app, started))
+    println!("{}", serde_json::to_string_pretty(&config.printable())?);
+    Ok(0)
 }

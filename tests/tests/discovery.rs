@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use krun::discovery::metadata::{MetadataClient, NotGcp, Platform};
+use krun::discovery::metadata::{MetadataClient, NotGcp, Platform, ProbeOptions};
 use krun::discovery::retry::Backoff;
 use krun_tests::fakes::gke::FakeCluster;
 use krun_tests::fakes::server::{FakeServer, Reply};
@@ -403,12 +403,38 @@ fn fast() -> Backoff {
     }
 }
 
+fn http_only() -> ProbeOptions {
+    ProbeOptions {
+        timeout: Duration::from_secs(5),
+        dns_name: None,
+        wait_for_both: false,
+    }
+}
+
+#[test]
+fn a_name_that_does_not_resolve_to_the_metadata_ip_wins_over_a_silent_address() {
+    // Packets to the address vanish (a listener that never answers); the DNS answer decides
+    // long before the probe's 60 s budget.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let client = MetadataClient::with_backoff(
+        &silent.local_addr().expect("addr").to_string(),
+        Duration::from_secs(60),
+        fast(),
+    );
+    let platform = server::runtime().block_on(client.probe(&ProbeOptions {
+        timeout: Duration::from_secs(60),
+        dns_name: Some("localhost.".into()),
+        wait_for_both: false,
+    }));
+    assert_eq!(platform, Platform::NotGcp(NotGcp::NoMetadataDns));
+}
+
 #[test]
 fn a_refused_connection_means_not_on_gcp_without_retries() {
     let port = free_port();
     let client =
         MetadataClient::with_backoff(&format!("127.0.0.1:{port}"), Duration::from_secs(5), fast());
-    let platform = server::runtime().block_on(client.probe(Duration::from_secs(5)));
+    let platform = server::runtime().block_on(client.probe(&http_only()));
     assert_eq!(platform, Platform::NotGcp(NotGcp::Refused));
 }
 
@@ -419,7 +445,7 @@ fn an_answer_without_the_flavor_header_means_not_on_gcp_after_one_request() {
     }));
     let client =
         MetadataClient::with_backoff(&portal.addr().to_string(), Duration::from_secs(5), fast());
-    let platform = server::runtime().block_on(client.probe(Duration::from_secs(5)));
+    let platform = server::runtime().block_on(client.probe(&http_only()));
     assert_eq!(platform, Platform::NotGcp(NotGcp::NotMetadataServer));
     assert_eq!(portal.seen().len(), 1, "the probe is a single request");
 }
@@ -433,7 +459,7 @@ fn a_metadata_server_is_recognised_and_values_are_cached() {
         fast(),
     );
     server::runtime().block_on(async {
-        assert_eq!(client.probe(Duration::from_secs(5)).await, Platform::Gcp);
+        assert_eq!(client.probe(&http_only()).await, Platform::Gcp);
         for _ in 0..3 {
             assert_eq!(
                 client.get("project/project-id").await.expect("project id"),

@@ -102,6 +102,8 @@ pub enum NotGcp {
     NoAnswer,
     /// Something answered, but not a metadata server (no `Metadata-Flavor: Google`).
     NotMetadataServer,
+    /// `metadata.google.internal` does not resolve to the metadata IP.
+    NoMetadataDns,
 }
 
 impl std::fmt::Display for NotGcp {
@@ -111,6 +113,7 @@ impl std::fmt::Display for NotGcp {
             NotGcp::Unreachable => "address unreachable",
             NotGcp::NoAnswer => "no answer within the probe timeout",
             NotGcp::NotMetadataServer => "the answer lacked Metadata-Flavor: Google",
+            NotGcp::NoMetadataDns => "metadata.google.internal does not resolve to 169.254.169.254",
         })
     }
 }
@@ -122,6 +125,36 @@ pub enum Platform {
     Gcp,
     /// No metadata server, and why.
     NotGcp(NotGcp),
+}
+
+/// The DNS name of the metadata server on GCP (fully qualified, no search domains).
+pub const METADATA_DNS_NAME: &str = "metadata.google.internal.";
+/// The metadata server's link-local address.
+pub const METADATA_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 169, 254);
+
+/// How [`MetadataClient::probe`] decides.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Budget of each probe.
+    pub timeout: Duration,
+    /// Name to resolve in the race (`metadata.google.internal.`); `None` probes HTTP only.
+    pub dns_name: Option<String>,
+    /// Wait for both probes and take any positive answer (when GCP is likely).
+    pub wait_for_both: bool,
+}
+
+async fn resolves_to_metadata_ip(name: &str) -> Platform {
+    let metadata_ip = std::net::IpAddr::V4(METADATA_IP);
+    match tokio::net::lookup_host((name, 80)).await {
+        Ok(mut addrs) => {
+            if addrs.any(|a| a.ip() == metadata_ip) {
+                Platform::Gcp
+            } else {
+                Platform::NotGcp(NotGcp::NoMetadataDns)
+            }
+        }
+        Err(_) => Platform::NotGcp(NotGcp::NoMetadataDns),
+    }
 }
 
 /// An OAuth access token from the metadata server.
@@ -214,18 +247,42 @@ impl MetadataClient {
         &self.host
     }
 
-    /// One quick attempt at the server root, as Google's client libraries do before trusting
-    /// the link-local address: a refused or unreachable connection, silence until `timeout`,
-    /// or an answer without the flavor header all mean "not on GCP", decided without retries.
-    pub async fn probe(&self, timeout: Duration) -> Platform {
-        match self.attempt("/", timeout.min(self.timeout)).await {
-            Ok(_) => Platform::Gcp,
-            Err(Attempt::Connect(why, _)) => Platform::NotGcp(why),
-            Err(Attempt::Timeout(_)) => Platform::NotGcp(NotGcp::NoAnswer),
-            Err(Attempt::NoFlavor) => Platform::NotGcp(NotGcp::NotMetadataServer),
-            // It speaks the metadata protocol but is unhappy: treat as GCP, the real calls
-            // will retry and report.
-            Err(Attempt::Status(_) | Attempt::Other(_)) => Platform::Gcp,
+    /// Decides whether krun runs on GCP the way Google's client libraries do (Go's
+    /// `metadata.OnGCE`): one quick request to the server root races a DNS lookup of
+    /// `metadata.google.internal`, and the first answer wins. A refused or unreachable
+    /// connection, silence until the timeout, an answer without the flavor header, or a name
+    /// that does not resolve to the metadata IP all mean "not on GCP", with no retries; so a
+    /// laptop or plain docker run where packets to the link-local IP are dropped still learns
+    /// it at once from DNS. With `wait_for_both` (Cloud Run's env is present) either positive
+    /// answer wins.
+    pub async fn probe(&self, options: &ProbeOptions) -> Platform {
+        let timeout = options.timeout.min(self.timeout);
+        let http = async {
+            match self.attempt("/", timeout).await {
+                Ok(_) => Platform::Gcp,
+                Err(Attempt::Connect(why, _)) => Platform::NotGcp(why),
+                Err(Attempt::Timeout(_)) => Platform::NotGcp(NotGcp::NoAnswer),
+                Err(Attempt::NoFlavor) => Platform::NotGcp(NotGcp::NotMetadataServer),
+                // It speaks the metadata protocol but is unhappy: treat as GCP, the real
+                // calls will retry and report.
+                Err(Attempt::Status(_) | Attempt::Other(_)) => Platform::Gcp,
+            }
+        };
+        let dns = async {
+            match &options.dns_name {
+                Some(name) => tokio::time::timeout(timeout, resolves_to_metadata_ip(name))
+                    .await
+                    .unwrap_or(Platform::NotGcp(NotGcp::NoAnswer)),
+                None => std::future::pending().await,
+            }
+        };
+        if options.wait_for_both && options.dns_name.is_some() {
+            let (http, dns) = tokio::join!(http, dns);
+            return if dns == Platform::Gcp { dns } else { http };
+        }
+        tokio::select! {
+            platform = http => platform,
+            platform = dns => platform,
         }
     }
 

@@ -34,7 +34,7 @@ use google_api::{ApiError, GoogleApi};
 use kube_client::KubeClientError;
 use mesh_env::{MeshEnv, MeshEnvError};
 use mesh_url::{GkeTarget, MeshUrl, MeshUrlError};
-use metadata::{MetadataClient, MetadataError, NotGcp, Platform, paths};
+use metadata::{MetadataClient, MetadataError, NotGcp, Platform, ProbeOptions, paths};
 use retry::Backoff;
 
 /// Discovery failed; each message names the input at fault and what to do.
@@ -227,6 +227,12 @@ impl<'a> Discoverer<'a> {
         }
     }
 
+    /// Builds the Google API client on a blocking thread (it reads the system trust store).
+    fn build_api(&self) -> tokio::task::JoinHandle<Result<GoogleApi, ApiError>> {
+        let tokens: Arc<dyn tokens::AccessTokens> = self.metadata.clone();
+        tokio::task::spawn_blocking(move || GoogleApi::new(tokens, Backoff::DISCOVERY))
+    }
+
     async fn run(self) -> Result<Discovery, DiscoveryError> {
         // A kubeconfig or in-cluster client needs nothing from GCP: read mesh-env at once.
         let early_mesh_env = async {
@@ -253,18 +259,17 @@ impl<'a> Discoverer<'a> {
                 KubeSource::Gke | KubeSource::None => Ok::<_, DiscoveryError>(None),
             }
         };
-        // Loading the system trust store takes milliseconds: do it while metadata answers.
-        let tokens: Arc<dyn tokens::AccessTokens> = self.metadata.clone();
-        let api = tokio::task::spawn_blocking(move || GoogleApi::new(tokens, Backoff::DISCOVERY));
-        let api = async {
-            api.await
-                .map_err(|e| ApiError::Tls(e.to_string()))
-                .and_then(|built| built)
-                .map_err(|source| DiscoveryError::Api {
-                    what: "Google API client".into(),
-                    cause: Box::new(source),
-                })
-        };
+        // Loading the system trust store for Google APIs takes milliseconds: when GCP is
+        // expected (Cloud Run, an explicit metadata host, a GKE or TD mesh), do it while the
+        // metadata answers are in flight; elsewhere (a laptop, plain docker) only once the
+        // metadata server has answered, so a plain supervisor never pays for it.
+        let expect_gcp = self.config.gce_metadata_host.source == Source::Env
+            || self.config.k_service.is_some()
+            || matches!(
+                self.mesh,
+                Some(MeshUrl::Gke(_) | MeshUrl::TrafficDirector(_))
+            );
+        let early_api = expect_gcp.then(|| self.build_api());
         let (facts, early_mesh_env) =
             tokio::join!(phase("metadata", self.metadata_facts()), early_mesh_env);
         let (early_mesh_env, context) = match early_mesh_env? {
@@ -312,7 +317,17 @@ impl<'a> Discoverer<'a> {
             .env_value(Some(&self.config.workload_namespace))
             .is_some()
             || namespace_from_email.is_some();
-        let api = api.await?;
+        let api = match early_api {
+            Some(building) => building,
+            None => self.build_api(),
+        }
+        .await
+        .map_err(|e| ApiError::Tls(e.to_string()))
+        .and_then(|built| built)
+        .map_err(|cause| DiscoveryError::Api {
+            what: "Google API client".into(),
+            cause: Box::new(cause),
+        })?;
         let project_lookup = async {
             match &config_project {
                 Some(project) if !(number_known && namespace_known) => {
@@ -465,7 +480,13 @@ impl<'a> Discoverer<'a> {
                 // its failures are errors rather than "not on GCP".
                 Platform::Gcp
             } else {
-                md.probe(self.config.metadata_probe_timeout.value).await
+                md.probe(&ProbeOptions {
+                    timeout: self.config.metadata_probe_timeout.value,
+                    // Only the default host has a well-known name to race against.
+                    dns_name: Some(metadata::METADATA_DNS_NAME.to_owned()),
+                    wait_for_both: self.config.k_service.is_some(),
+                })
+                .await
             }
         };
         tokio::pin!(lookups, probe);
