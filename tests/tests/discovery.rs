@@ -560,3 +560,27 @@ fn a_token_close_to_expiry_is_replaced_before_use() {
         .count();
     assert_eq!(token_requests, 2);
 }
+
+#[test]
+fn off_gcp_a_gke_mesh_is_a_clear_error() {
+    // No GCE_METADATA_HOST, and this machine has no metadata server.
+    let done = Krun::new().env("MESH", "gke://p").args(["true"]).run();
+    assert_eq!(done.code, 1, "{}", done.text());
+    let last = done.output.last().expect("an error line");
+    assert!(
+        last.starts_with(
+            "krun: MESH=gke://p needs Google credentials, but there is no metadata server at 169.254.169.254"
+        ),
+        "{last}"
+    );
+}
+
+#[test]
+fn traffic_director_mesh_reads_metadata_only() {
+    let world = mesh_world().start();
+    let config = print_config(world.krun().env("MESH", "td:projects=1234567890"));
+    assert_eq!(config["MESH"], setting("td:projects=1234567890", "env"));
+    assert_eq!(config["PROJECT_ID"], setting("wl-project", "metadata"));
+    assert_eq!(config["PROJECT_NUMBER"], setting("1234567890", "metadata"));
+    assert!(world.gke.seen().is_empty() && world.kube.server.seen().is_empty());
+}
