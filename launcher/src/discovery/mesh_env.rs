@@ -14,6 +14,9 @@ pub const NAMESPACE: &str = "istio-system";
 /// Name of the ConfigMap.
 pub const NAME: &str = "mesh-env";
 
+/// Budget of one GET of the ConfigMap (connect, TLS, answer).
+const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The mesh-env map: setting name to value.
 pub type MeshEnv = BTreeMap<String, String>;
 
@@ -78,8 +81,17 @@ pub async fn from_cluster(client: kube::Client, cluster: &str) -> Result<MeshEnv
         kube::Error::Api(status) => status.code == 429 || status.code >= 500,
         _ => true,
     };
+    let attempt = || async {
+        tokio::time::timeout(ATTEMPT_TIMEOUT, api.get_opt(NAME))
+            .await
+            .unwrap_or_else(|_| {
+                Err(kube::Error::Service(
+                    format!("no answer within {ATTEMPT_TIMEOUT:?}").into(),
+                ))
+            })
+    };
     let found = Backoff::DISCOVERY
-        .retry("mesh-env", retryable, || api.get_opt(NAME))
+        .retry("mesh-env", retryable, attempt)
         .await
         .map_err(|(cause, attempts)| MeshEnvError::Kube {
             cluster: cluster.to_owned(),
