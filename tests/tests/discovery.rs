@@ -584,3 +584,33 @@ fn traffic_director_mesh_reads_metadata_only() {
     assert_eq!(config["PROJECT_NUMBER"], setting("1234567890", "metadata"));
     assert!(world.gke.seen().is_empty() && world.kube.server.seen().is_empty());
 }
+
+#[test]
+fn mesh_env_errors_are_retried_then_reported() {
+    let world = mesh_world().start();
+    world.kube.server.fail("/configmaps/mesh-env", 2, 500, &[]);
+    let config = print_config(
+        world
+            .krun()
+            .env("MESH", format!("gke://{CFG}/us-central1/apps")),
+    );
+    assert_eq!(
+        config["XDS_ADDR"],
+        setting("meshcon.example:15012", "mesh-env")
+    );
+
+    world.kube.server.fail("/configmaps/mesh-env", 5, 500, &[]);
+    let done = world
+        .krun()
+        .env("MESH", format!("gke://{CFG}/us-central1/apps"))
+        .args(["--print-config"])
+        .run();
+    assert_eq!(done.code, 1, "{}", done.text());
+    let last = done.output.last().expect("an error line");
+    assert!(
+        last.starts_with(
+            "krun: reading ConfigMap istio-system/mesh-env from us-central1/apps failed after 5 attempts"
+        ),
+        "{last}"
+    );
+}
