@@ -614,3 +614,18 @@ fn mesh_env_errors_are_retried_then_reported() {
         "{last}"
     );
 }
+
+#[test]
+fn print_config_offline_makes_no_call() {
+    let world = mesh_world().start();
+    let config = printed(
+        &world
+            .krun()
+            .env("MESH", format!("gke://{CFG}"))
+            .args(["--print-config", "--offline"])
+            .run(),
+    );
+    assert_eq!(config["MESH"], setting(&format!("gke://{CFG}"), "env"));
+    assert_eq!(config["PROJECT_ID"]["value"], Value::Null);
+    assert_eq!(world.calls(), 0);
+}
