@@ -21,3 +21,4 @@ bench: prereqs
 	cargo build --release -p krun -p krun-tests
 	cargo bench -p krun-tests --bench startup
 	cargo bench -p krun-tests --bench identity
+	cargo bench -p krun-tests --bench discovery

@@ -1,16 +1,17 @@
-//! The startup graph, in one place: configuration is already resolved; here the app's
-//! readiness and identity are derived and the supervisor takes over. Later phases (discover,
-//! capture, data plane, tunnel) plug in here.
-
-use std::time::Instant;
+//! The startup graph, in one place: configuration is already resolved from the environment;
+//! discovery fills in what the mesh says, identity mints the certificate, the data plane is
+//! chosen and set up, the supervisor starts the app, and the tunnel opens once it is ready.
+//! Capture plugs in here next.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::AgentInputs;
 use crate::config::{Config, Env, StartupProbe};
 use crate::dataplane::MeshSide;
+use crate::discovery;
 use crate::identity::{self, Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 use crate::probe::{Check, Probe};
 use crate::processes::ProcessPlan;
@@ -19,7 +20,7 @@ use crate::supervisor::{AppSpec, Phase, RunAs, Supervisor, Timeouts};
 
 /// Runs the workload to completion and returns krun's exit code.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     env: &Env,
     mut plan: ProcessPlan,
     argv: Vec<String>,
@@ -27,14 +28,38 @@ pub async fn run(
 ) -> anyhow::Result<u8> {
     let mut clock = PhaseClock::new(started);
     clock.mark("config");
+    let found = discovery::discover(&config).await?;
+    discovery::apply(&mut config, &found)?;
+    if found.mesh {
+        let value = |s: Option<&crate::config::Setting<String>>| {
+            s.map_or("-".to_owned(), |s| format!("{} ({})", s.value, s.source))
+        };
+        tracing::info!(
+            project = %value(config.project_id.as_ref()),
+            cluster = %value(config.cluster_name.as_ref()),
+            location = %value(config.cluster_location.as_ref()),
+            namespace = %value(Some(&config.workload_namespace)),
+            trust_domain = %value(config.trust_domain.as_ref()),
+            mesh_env_keys = found.mesh_env.len(),
+            "mesh discovered"
+        );
+    }
+    clock.mark("discover");
     // Held for the whole run: dropping it stops certificate rotation.
     let identity = start_identity(&config).await?;
     if identity.is_some() {
         clock.mark("identity");
     }
-    // Discovery (metadata, mesh-env) fills these in once it is wired before this point; until
-    // then the data plane choice sees only the environment.
-    let inputs = AgentInputs::default();
+    let value = |s: Option<&crate::config::Setting<String>>| s.map(|s| s.value.clone());
+    let inputs = AgentInputs {
+        mesh_env: found.mesh_env.clone(),
+        trust_domain: value(config.trust_domain.as_ref()),
+        project_number: value(config.project_number.as_ref()),
+        project_id: value(config.project_id.as_ref()),
+        cluster_name: value(config.cluster_name.as_ref()),
+        cluster_location: value(config.cluster_location.as_ref()),
+        ..AgentInputs::default()
+    };
     let dataplane = crate::agent::set_up(&config, &inputs, env, &mut plan)?;
     let app = (!argv.is_empty()).then(|| app_spec(&config, argv, dataplane.app_env));
     if app.is_none() {
@@ -95,14 +120,14 @@ async fn start_identity(config: &Config) -> anyhow::Result<Option<Identity>> {
 }
 
 /// The SPIFFE identity from TRUST_DOMAIN, WORKLOAD_NAMESPACE and WORKLOAD_SERVICE_ACCOUNT, with
-/// Istio's defaults (`cluster.local`, `default`) for what is not known yet.
+/// Istio's default trust domain (`cluster.local`) when none is known.
 fn workload_identity(config: &Config) -> SpiffeId {
     let value = |s: &Option<crate::config::Setting<String>>, default: &str| {
         s.as_ref().map_or(default.to_owned(), |s| s.value.clone())
     };
     SpiffeId::new(
         &value(&config.trust_domain, identity::DEFAULT_TRUST_DOMAIN),
-        &value(&config.workload_namespace, "default"),
+        &config.workload_namespace.value,
         &config.workload_service_account.value,
     )
 }

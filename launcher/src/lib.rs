@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod config;
 pub mod dataplane;
+pub mod discovery;
 pub mod files;
 pub mod identity;
 pub mod launch;

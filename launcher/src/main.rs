@@ -51,14 +51,33 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<u8> {
         Some(path) => ProcessPlan::load(&path.value)?,
         None => ProcessPlan::default(),
     };
-    if cli.print_config {
-        println!("{}", serde_json::to_string_pretty(&config.printable())?);
-        return Ok(0);
-    }
     // One thread: the supervisor is event-driven and light; a second thread would only add
     // memory and startup time to every container.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(krun::launch::run(config, &env, plan, cli.app, started))
+    let result = if cli.print_config {
+        print_config(&runtime, config, cli.offline)
+    } else {
+        runtime.block_on(krun::launch::run(config, &env, plan, cli.app, started))
+    };
+    // Everything that matters is done (children reaped, output written). Do not wait for a
+    // leftover blocking lookup, such as the losing side of the "on GCP?" DNS race.
+    runtime.shutdown_background();
+    result
+}
+
+/// `--print-config`: the configuration after read-only discovery (GETs to metadata, GKE and
+/// mesh-env; nothing written, nothing started), or from the environment only with `--offline`.
+fn print_config(
+    runtime: &tokio::runtime::Runtime,
+    mut config: Config,
+    offline: bool,
+) -> anyhow::Result<u8> {
+    if !offline {
+        let found = runtime.block_on(krun::discovery::discover(&config))?;
+        krun::discovery::apply(&mut config, &found)?;
+    }
+    println!("{}", serde_json::to_string_pretty(&config.printable())?);
+    Ok(0)
 }

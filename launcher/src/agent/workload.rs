@@ -53,10 +53,7 @@ impl Workload {
         now_secs: u64,
     ) -> Workload {
         let mesh_env = |key: &str| inputs.mesh_env.get(key).cloned();
-        let namespace = config
-            .workload_namespace
-            .as_ref()
-            .map_or_else(|| "default".to_owned(), |s| s.value.clone());
+        let namespace = config.workload_namespace.value.clone();
         let name = config
             .workload_name
             .as_ref()

@@ -4,6 +4,8 @@
 //! Parsing is a pure function of an environment map ([`Config::from_env`]), so tests pass a
 //! `HashMap` instead of mutating the process environment. Later layers (mesh-env, metadata,
 //! discovery) fill in values that the environment left unset; the environment always wins.
+//! [`Config::merge`] adds such a [`Layer`] and resolves again, so every setting, including
+//! `PORT_*`, is parsed by the same code whichever layer it came from.
 
 mod redact;
 pub mod values;
@@ -53,6 +55,7 @@ pub mod names {
     pub const GATEWAY_NAME: &str = "GATEWAY_NAME";
     pub const MESH_BASE_DIR: &str = "MESH_BASE_DIR";
     pub const KUBECONFIG: &str = "KUBECONFIG";
+    pub const KUBERNETES_SERVICE_HOST: &str = "KUBERNETES_SERVICE_HOST";
     pub const GCE_METADATA_HOST: &str = "GCE_METADATA_HOST";
     pub const CONTAINER_API_ENDPOINT: &str = "CONTAINER_API_ENDPOINT";
     pub const STS_ENDPOINT: &str = "STS_ENDPOINT";
@@ -78,6 +81,9 @@ pub mod names {
     pub const KRUN_PUBLIC_HTTP: &str = "KRUN_PUBLIC_HTTP";
     pub const KRUN_OUTBOUND_ADDR: &str = "KRUN_OUTBOUND_ADDR";
     pub const KRUN_HBONE_PEER_PORT: &str = "KRUN_HBONE_PEER_PORT";
+    pub const KRUN_METADATA_TIMEOUT: &str = "KRUN_METADATA_TIMEOUT";
+    pub const KRUN_METADATA_PROBE_TIMEOUT: &str = "KRUN_METADATA_PROBE_TIMEOUT";
+    pub const KRUN_DISCOVERY_TIMEOUT: &str = "KRUN_DISCOVERY_TIMEOUT";
 }
 use names::*;
 
@@ -109,6 +115,14 @@ pub const DEFAULT_ENVOY_PATH: &str = "/usr/local/bin/envoy";
 pub const DEFAULT_OUTBOUND_IP_RANGES: &str = "10.0.0.0/8";
 /// Default metadata server: the link-local IP, so no DNS lookup is needed.
 pub const DEFAULT_METADATA_HOST: &str = "169.254.169.254";
+/// Default per-attempt budget of a metadata server request (connect and response); the Google
+/// client libraries use about 2 s.
+pub const DEFAULT_METADATA_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default budget of the "are we on GCP" probe when `GCE_METADATA_HOST` is not set: a real
+/// metadata server answers in milliseconds, and a laptop must not stall on the link-local IP.
+pub const DEFAULT_METADATA_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default budget of the whole discovery phase (metadata, GKE, mesh-env), retries included.
+pub const DEFAULT_DISCOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default Google API endpoints; each can be overridden for private endpoints and tests.
 pub const DEFAULT_CONTAINER_API: &str = "https://container.googleapis.com";
 #[allow(missing_docs)]
@@ -137,6 +151,20 @@ pub enum Source {
     Default,
 }
 
+impl std::fmt::Display for Source {
+    /// The name `--print-config` uses.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Env => "env",
+            Source::MeshEnv => "mesh-env",
+            Source::Metadata => "metadata",
+            Source::Discovered => "discovered",
+            Source::Derived => "derived",
+            Source::Default => "default",
+        })
+    }
+}
+
 /// A value and its source.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Setting<T> {
@@ -147,7 +175,8 @@ pub struct Setting<T> {
 }
 
 impl<T> Setting<T> {
-    fn new(value: T, source: Source) -> Self {
+    /// A value with its source.
+    pub fn new(value: T, source: Source) -> Self {
         Setting { value, source }
     }
 }
@@ -338,10 +367,102 @@ impl Env {
     fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Env {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Env(iter
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect())
+    }
+}
+
+/// Values of lower precedence than the environment (mesh-env, metadata, discovery), each with
+/// its own source. Empty values count as unset, as in the environment.
+#[derive(Clone, Default, PartialEq)]
+pub struct Layer(BTreeMap<String, Setting<String>>);
+
+impl Layer {
+    /// A layer whose values all come from `source` (e.g. the mesh-env map).
+    pub fn from_map<'a>(
+        source: Source,
+        map: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Self {
+        Layer(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k.clone(), Setting::new(v.clone(), source)))
+                .collect(),
+        )
+    }
+
+    /// Sets `name` unless this layer already has it: the first value set wins, so callers
+    /// write a precedence chain in order.
+    pub fn set_if_unset(&mut self, name: &str, value: impl Into<String>, source: Source) {
+        let value = value.into();
+        if !value.is_empty() {
+            self.0
+                .entry(name.to_owned())
+                .or_insert(Setting::new(value, source));
+        }
+    }
+
+    /// The value of `name` in this layer.
+    pub fn get(&self, name: &str) -> Option<&Setting<String>> {
+        self.0.get(name)
+    }
+}
+
+/// Names only: layer values may be secrets (mesh-env carries CA roots, debug flags).
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+/// What a [`Config`] is resolved from: the environment first, then each layer in order.
+#[derive(Clone, Default)]
+struct Inputs {
+    env: Env,
+    layers: Vec<Layer>,
+}
+
+/// Names only, so a debug print of the config never dumps the environment.
+impl std::fmt::Debug for Inputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inputs")
+            .field("env", &self.env.0.keys().collect::<Vec<_>>())
+            .field("layers", &self.layers)
+            .finish()
+    }
+}
+
+impl Inputs {
+    fn lookup(&self, name: &str) -> Option<(&str, Source)> {
+        self.env.get(name).map(|v| (v, Source::Env)).or_else(|| {
+            self.layers
+                .iter()
+                .find_map(|l| l.get(name).map(|s| (s.value.as_str(), s.source)))
+        })
+    }
+
+    /// Every name set anywhere, with the value and source that win.
+    fn iter(&self) -> impl Iterator<Item = (&str, &str, Source)> {
+        let mut names: Vec<&str> = self.env.iter().map(|(k, _)| k).collect();
+        for layer in &self.layers {
+            names.extend(layer.0.keys().map(String::as_str));
+        }
+        names.sort_unstable();
+        names.dedup();
+        names
+            .into_iter()
+            .filter_map(|name| self.lookup(name).map(|(v, source)| (name, v, source)))
+    }
 
     fn string(&self, name: &str) -> Option<Setting<String>> {
-        self.get(name)
-            .map(|v| Setting::new(v.to_owned(), Source::Env))
+        self.lookup(name)
+            .map(|(v, source)| Setting::new(v.to_owned(), source))
     }
 
     fn string_or(&self, name: &str, default: &str) -> Setting<String> {
@@ -354,10 +475,10 @@ impl Env {
         name: &str,
         parse: impl Fn(&str) -> Result<T, &'static str>,
     ) -> Result<Option<Setting<T>>, ConfigError> {
-        self.get(name)
-            .map(|raw| {
+        self.lookup(name)
+            .map(|(raw, source)| {
                 parse(raw)
-                    .map(|v| Setting::new(v, Source::Env))
+                    .map(|v| Setting::new(v, source))
                     .map_err(|form| ConfigError::invalid(name, raw, form))
             })
             .transpose()
@@ -375,22 +496,14 @@ impl Env {
     }
 }
 
-impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Env {
-    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        Env(iter
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect())
-    }
-}
-
 /// Everything krun is configured with.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Mesh locator (`gke://`, `//container.googleapis.com/...`, `td:`, `file://`).
     pub mesh: Option<Setting<String>>,
-    /// K8s namespace of the workload.
-    pub workload_namespace: Option<Setting<String>>,
+    /// K8s namespace of the workload: env, metadata (GSA `k8s-<ns>@`), project label, the
+    /// project id rule, then `default`.
+    pub workload_namespace: Setting<String>,
     /// Canonical service name.
     pub workload_name: Option<Setting<String>>,
     /// KSA whose token and identity the workload uses.
@@ -447,6 +560,8 @@ pub struct Config {
     pub mesh_base_dir: Setting<PathBuf>,
     /// kubeconfig path.
     pub kubeconfig: Option<Setting<String>>,
+    /// Set by Kubernetes in a pod: krun runs in-cluster.
+    pub kubernetes_service_host: Option<Setting<String>>,
     /// Metadata server `host[:port]`.
     pub gce_metadata_host: Setting<String>,
     /// GKE Container API base URL.
@@ -457,6 +572,12 @@ pub struct Config {
     pub iam_credentials_endpoint: Setting<String>,
     /// Cloud Resource Manager base URL.
     pub resource_manager_endpoint: Setting<String>,
+    /// Per-attempt budget of a metadata server request.
+    pub metadata_timeout: Setting<Duration>,
+    /// Budget of the "are we on GCP" probe.
+    pub metadata_probe_timeout: Setting<Duration>,
+    /// Budget of the whole discovery phase.
+    pub discovery_timeout: Setting<Duration>,
     /// Explicit app startup probe (replaces the port wait).
     pub startup_probe: Option<(&'static str, Setting<StartupProbe>)>,
     /// h2c tunnel port.
@@ -493,6 +614,8 @@ pub struct Config {
     pub hbone_peer_port: Setting<u16>,
     /// Unknown `KRUN_*` variables: probably typos, logged as warnings once logging is up.
     pub unknown_vars: Vec<String>,
+    /// The environment and layers this was resolved from, for [`Config::merge`].
+    inputs: Inputs,
 }
 
 /// Every `KRUN_*` name krun reads, to warn about typos such as `KRUN_DRAIN_TIMOUT`.
@@ -514,24 +637,64 @@ const KNOWN_KRUN_VARS: &[&str] = &[
     KRUN_PUBLIC_HTTP,
     KRUN_OUTBOUND_ADDR,
     KRUN_HBONE_PEER_PORT,
+    KRUN_METADATA_TIMEOUT,
+    KRUN_METADATA_PROBE_TIMEOUT,
+    KRUN_DISCOVERY_TIMEOUT,
 ];
 
 impl Config {
     /// Parses the environment layer. Pure: no I/O beyond asking whether we run as root.
     pub fn from_env(env: &Env) -> Result<Config, ConfigError> {
+        Self::resolve(Inputs {
+            env: env.clone(),
+            layers: Vec::new(),
+        })
+    }
+
+    /// Adds a layer below the environment and the layers merged before it, and resolves
+    /// again: the layer fills in only what is still unset (env `PORT_*` entries survive a
+    /// mesh-env that declares ports too), and its values keep their own sources.
+    pub fn merge(&mut self, layer: Layer) -> Result<(), ConfigError> {
+        let mut inputs = self.inputs.clone();
+        inputs.layers.push(layer);
+        *self = Self::resolve(inputs)?;
+        Ok(())
+    }
+
+    /// The value of any variable as krun sees it: the environment, then the merged layers
+    /// (mesh-env keys such as `CAROOT_ISTIOD` that have no typed setting).
+    pub fn lookup(&self, name: &str) -> Option<Setting<String>> {
+        self.inputs.string(name)
+    }
+
+    fn resolve(inputs: Inputs) -> Result<Config, ConfigError> {
+        let env = &inputs;
         let k_service = env.string(K_SERVICE);
-        let on_cloud_run = env.get(K_SERVICE).is_some() || env.get(CLOUD_RUN_JOB).is_some();
+        let on_cloud_run =
+            inputs.env.get(K_SERVICE).is_some() || inputs.env.get(CLOUD_RUN_JOB).is_some();
         let ports = parse_ports(env)?;
+        let project_id = env.string(PROJECT_ID);
         Ok(Config {
             mesh: env.string(MESH),
-            workload_namespace: env.string(WORKLOAD_NAMESPACE),
+            workload_namespace: env
+                .string(WORKLOAD_NAMESPACE)
+                .or_else(|| namespace_from_project(project_id.as_ref()?))
+                .unwrap_or_else(|| Setting::new("default".to_owned(), Source::Default)),
             workload_name: env
                 .string(WORKLOAD_NAME)
                 .or_else(|| derive_workload_name(k_service.as_ref())),
             workload_service_account: env.string_or(WORKLOAD_SERVICE_ACCOUNT, "default"),
             k_service,
             k_revision: env.string(K_REVISION),
-            project_id: env.string(PROJECT_ID),
+            trust_domain: env.string(TRUST_DOMAIN).or_else(|| {
+                // The GKE workload identity pool of the config project.
+                let project = project_id.as_ref()?;
+                Some(Setting::new(
+                    format!("{}.svc.id.goog", project.value),
+                    Source::Derived,
+                ))
+            }),
+            project_id,
             project_number: env.parsed(PROJECT_NUMBER, |v| {
                 v.bytes()
                     .all(|b| b.is_ascii_digit())
@@ -542,7 +705,6 @@ impl Config {
             cluster_location: env.string(CLUSTER_LOCATION),
             xds_addr: env.string(XDS_ADDR),
             mesh_tenant: env.string(MESH_TENANT),
-            trust_domain: env.string(TRUST_DOMAIN),
             proxy_config: env.string(PROXY_CONFIG),
             ca_addr: env.string(CA_ADDR),
             ca_pool: env.string(CA_POOL),
@@ -582,6 +744,7 @@ impl Config {
                     Setting::new(PathBuf::from(base), Source::Derived)
                 }),
             kubeconfig: env.string(KUBECONFIG),
+            kubernetes_service_host: env.string(KUBERNETES_SERVICE_HOST),
             gce_metadata_host: env.string_or(GCE_METADATA_HOST, DEFAULT_METADATA_HOST),
             container_api_endpoint: endpoint(env, CONTAINER_API_ENDPOINT, DEFAULT_CONTAINER_API)?,
             sts_endpoint: endpoint(env, STS_ENDPOINT, DEFAULT_STS)?,
@@ -594,6 +757,21 @@ impl Config {
                 env,
                 RESOURCE_MANAGER_ENDPOINT,
                 DEFAULT_RESOURCE_MANAGER,
+            )?,
+            metadata_timeout: env.parsed_or(
+                KRUN_METADATA_TIMEOUT,
+                values::duration,
+                DEFAULT_METADATA_TIMEOUT,
+            )?,
+            metadata_probe_timeout: env.parsed_or(
+                KRUN_METADATA_PROBE_TIMEOUT,
+                values::duration,
+                DEFAULT_METADATA_PROBE_TIMEOUT,
+            )?,
+            discovery_timeout: env.parsed_or(
+                KRUN_DISCOVERY_TIMEOUT,
+                values::duration,
+                DEFAULT_DISCOVERY_TIMEOUT,
             )?,
             startup_probe: parse_startup_probe(env)?,
             tunnel_port: env.parsed_or(KRUN_TUNNEL_PORT, values::port, DEFAULT_TUNNEL_PORT)?,
@@ -655,7 +833,8 @@ impl Config {
                 values::port,
                 DEFAULT_HBONE_PORT,
             )?,
-            unknown_vars: unknown_krun_vars(env),
+            unknown_vars: unknown_krun_vars(&inputs.env),
+            inputs,
         })
     }
 
@@ -687,7 +866,7 @@ impl Config {
     pub fn printable(&self) -> BTreeMap<String, Value> {
         let mut out = Printer::default();
         out.opt(MESH, &self.mesh);
-        out.opt(WORKLOAD_NAMESPACE, &self.workload_namespace);
+        out.one(WORKLOAD_NAMESPACE, &self.workload_namespace);
         out.opt(WORKLOAD_NAME, &self.workload_name);
         out.one(WORKLOAD_SERVICE_ACCOUNT, &self.workload_service_account);
         out.opt(K_SERVICE, &self.k_service);
@@ -722,11 +901,19 @@ impl Config {
         out.opt(GATEWAY_NAME, &self.gateway_name);
         out.one(MESH_BASE_DIR, &self.mesh_base_dir);
         out.opt(KUBECONFIG, &self.kubeconfig);
+        out.opt(KUBERNETES_SERVICE_HOST, &self.kubernetes_service_host);
         out.one(GCE_METADATA_HOST, &self.gce_metadata_host);
         out.one(CONTAINER_API_ENDPOINT, &self.container_api_endpoint);
         out.one(STS_ENDPOINT, &self.sts_endpoint);
         out.one(IAM_CREDENTIALS_ENDPOINT, &self.iam_credentials_endpoint);
         out.one(RESOURCE_MANAGER_ENDPOINT, &self.resource_manager_endpoint);
+        for (name, setting) in [
+            (KRUN_METADATA_TIMEOUT, &self.metadata_timeout),
+            (KRUN_METADATA_PROBE_TIMEOUT, &self.metadata_probe_timeout),
+            (KRUN_DISCOVERY_TIMEOUT, &self.discovery_timeout),
+        ] {
+            out.duration(name, setting);
+        }
         for name in [STARTUP_PROBE_HTTP, STARTUP_PROBE_TCP, KRUN_STARTUP_PROBE] {
             match &self.startup_probe {
                 Some((from, probe)) if *from == name => {
@@ -738,25 +925,13 @@ impl Config {
         out.one(KRUN_TUNNEL_PORT, &self.tunnel_port);
         out.one(KRUN_HBONE_PORT, &self.hbone_port);
         out.one(KRUN_DATAPLANE, &self.dataplane);
-        out.value(
-            KRUN_DRAIN_TIMEOUT,
-            json!(humantime::format_duration(self.drain_timeout.value).to_string()),
-            self.drain_timeout.source,
-        );
+        out.duration(KRUN_DRAIN_TIMEOUT, &self.drain_timeout);
         out.one(KRUN_ADMIN_ADDR, &self.admin_addr);
         out.one(KRUN_ALLOWED_PRINCIPALS, &self.allowed_principals);
         out.one(KRUN_LOG_FORMAT, &self.log_format);
         out.opt(KRUN_PROCESSES, &self.processes);
-        out.value(
-            KRUN_APP_READY_TIMEOUT,
-            json!(humantime::format_duration(self.app_ready_timeout.value).to_string()),
-            self.app_ready_timeout.source,
-        );
-        out.value(
-            KRUN_AGENT_READY_TIMEOUT,
-            json!(humantime::format_duration(self.agent_ready_timeout.value).to_string()),
-            self.agent_ready_timeout.source,
-        );
+        out.duration(KRUN_APP_READY_TIMEOUT, &self.app_ready_timeout);
+        out.duration(KRUN_AGENT_READY_TIMEOUT, &self.agent_ready_timeout);
         out.one(KRUN_PILOT_AGENT_PATH, &self.pilot_agent_path);
         out.one(KRUN_ENVOY_PATH, &self.envoy_path);
         let forwards: Vec<String> = self
@@ -788,6 +963,11 @@ impl Printer {
         self.value(name, json!(setting.value), setting.source);
     }
 
+    fn duration(&mut self, name: &str, setting: &Setting<Duration>) {
+        let text = humantime::format_duration(setting.value).to_string();
+        self.value(name, json!(text), setting.source);
+    }
+
     fn opt<T: Serialize>(&mut self, name: &str, setting: &Option<Setting<T>>) {
         match setting {
             Some(s) => self.one(name, s),
@@ -815,9 +995,16 @@ fn derive_workload_name(k_service: Option<&Setting<String>>) -> Option<Setting<S
     Some(Setting::new(name.to_owned(), Source::Derived))
 }
 
-fn parse_ports(env: &Env) -> Result<BTreeMap<String, Setting<PortTarget>>, ConfigError> {
+/// The reference's last guess before `default`: project `acme-fortio-prod` serves namespace
+/// `fortio` (the second-to-last of three or more dash-separated parts).
+fn namespace_from_project(project: &Setting<String>) -> Option<Setting<String>> {
+    let parts: Vec<&str> = project.value.split('-').collect();
+    (parts.len() > 2).then(|| Setting::new(parts[parts.len() - 2].to_owned(), Source::Derived))
+}
+
+fn parse_ports(env: &Inputs) -> Result<BTreeMap<String, Setting<PortTarget>>, ConfigError> {
     let mut ports = BTreeMap::new();
-    for (name, raw) in env.iter() {
+    for (name, raw, source) in env.iter() {
         let Some(port_name) = name.strip_prefix(PORT_PREFIX) else {
             continue;
         };
@@ -826,7 +1013,7 @@ fn parse_ports(env: &Env) -> Result<BTreeMap<String, Setting<PortTarget>>, Confi
         }
         let target =
             PortTarget::parse(raw).map_err(|form| ConfigError::invalid(name, raw, form))?;
-        ports.insert(port_name.to_owned(), Setting::new(target, Source::Env));
+        ports.insert(port_name.to_owned(), Setting::new(target, source));
     }
     ports.entry("http".to_owned()).or_insert(Setting::new(
         PortTarget::Local(DEFAULT_APP_PORT),
@@ -836,7 +1023,7 @@ fn parse_ports(env: &Env) -> Result<BTreeMap<String, Setting<PortTarget>>, Confi
 }
 
 fn parse_startup_probe(
-    env: &Env,
+    env: &Inputs,
 ) -> Result<Option<(&'static str, Setting<StartupProbe>)>, ConfigError> {
     if let Some(probe) = env.parsed(KRUN_STARTUP_PROBE, StartupProbe::parse_url)? {
         return Ok(Some((KRUN_STARTUP_PROBE, probe)));
@@ -888,7 +1075,7 @@ fn parse_principals(raw: &str) -> Result<Vec<String>, &'static str> {
     }
 }
 
-fn endpoint(env: &Env, name: &str, default: &str) -> Result<Setting<String>, ConfigError> {
+fn endpoint(env: &Inputs, name: &str, default: &str) -> Result<Setting<String>, ConfigError> {
     env.parsed_or(
         name,
         |v| {

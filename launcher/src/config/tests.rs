@@ -266,3 +266,103 @@ fn every_setting_is_documented() {
         "add these to docs/configuration.md: {missing:?}"
     );
 }
+
+fn layer(source: Source, pairs: &[(&str, &str)]) -> Layer {
+    let map: BTreeMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    Layer::from_map(source, &map)
+}
+
+#[test]
+fn merged_layers_fill_only_what_env_left_unset() {
+    let mut config = Config::from_env(&env(&[
+        ("PORT_grpc", "7070"),
+        ("XDS_ADDR", "istiod.env:15012"),
+    ]))
+    .expect("valid");
+    let mut discovered = Layer::default();
+    discovered.set_if_unset(PROJECT_ID, "cfg", Source::Derived);
+    discovered.set_if_unset(PROJECT_ID, "ignored", Source::Metadata);
+    discovered.set_if_unset(WORKLOAD_NAMESPACE, "fortio", Source::Metadata);
+    config.merge(discovered).expect("valid layer");
+    config
+        .merge(layer(
+            Source::MeshEnv,
+            &[
+                ("XDS_ADDR", "istiod.mesh:15012"),
+                ("PORT_grpc", "9090"),
+                ("PORT_admin", "9901"),
+                ("PROJECT_ID", "from-mesh-env"),
+                ("CAROOT_ISTIOD", "-----BEGIN CERTIFICATE-----"),
+            ],
+        ))
+        .expect("valid layer");
+    assert_eq!(
+        config.xds_addr,
+        Some(Setting::new("istiod.env:15012".into(), Source::Env))
+    );
+    assert_eq!(
+        config.ports["grpc"],
+        Setting::new(PortTarget::Local(7070), Source::Env)
+    );
+    assert_eq!(
+        config.ports["admin"],
+        Setting::new(PortTarget::Local(9901), Source::MeshEnv)
+    );
+    assert_eq!(
+        config.project_id,
+        Some(Setting::new("cfg".into(), Source::Derived))
+    );
+    assert_eq!(
+        config.workload_namespace,
+        Setting::new("fortio".into(), Source::Metadata)
+    );
+    assert_eq!(
+        config.trust_domain,
+        Some(Setting::new("cfg.svc.id.goog".into(), Source::Derived))
+    );
+    assert_eq!(
+        config.lookup("CAROOT_ISTIOD").map(|s| s.source),
+        Some(Source::MeshEnv)
+    );
+}
+
+#[test]
+fn an_explicit_trust_domain_is_never_replaced() {
+    let mut config = Config::from_env(&env(&[("TRUST_DOMAIN", "mesh.example")])).expect("valid");
+    config
+        .merge(layer(Source::Metadata, &[("PROJECT_ID", "p")]))
+        .expect("valid layer");
+    assert_eq!(
+        config.trust_domain,
+        Some(Setting::new("mesh.example".into(), Source::Env))
+    );
+}
+
+#[test]
+fn namespace_falls_back_to_the_project_id_rule_then_default() {
+    let ruled = Config::from_env(&env(&[("PROJECT_ID", "acme-shop-prod")])).expect("valid");
+    assert_eq!(
+        ruled.workload_namespace,
+        Setting::new("shop".into(), Source::Derived)
+    );
+    let short = Config::from_env(&env(&[("PROJECT_ID", "acme-prod")])).expect("valid");
+    assert_eq!(
+        short.workload_namespace,
+        Setting::new("default".into(), Source::Default)
+    );
+}
+
+#[test]
+fn a_bad_mesh_env_value_is_reported_like_an_env_value() {
+    let mut config = Config::from_env(&Env::default()).expect("valid");
+    let e = config
+        .merge(layer(Source::MeshEnv, &[("PORT_grpc", "grpc")]))
+        .expect_err("not a port");
+    assert_eq!(
+        e.to_string(),
+        "PORT_grpc=grpc: expected a port number, host:port, or - to disable"
+    );
+}

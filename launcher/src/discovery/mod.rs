@@ -1,0 +1,704 @@
+//! Mesh discovery: where is the mesh, which cluster holds its configuration, and what does
+//! `istio-system/mesh-env` say (reference §1-§3, with §13.1 items 1, 2, 11-14 fixed).
+//!
+//! The reference makes about nine calls one after another. Here the calls form a graph and
+//! each runs as soon as its inputs exist:
+//!
+//! ```text
+//! metadata: probe | project | number | email | region | token      (all at once)
+//!                    \-> Resource Manager (only when namespace or number is still unknown)
+//!                    \-> GKE get or list+select -> K8s client -> mesh-env
+//! kubeconfig / in-cluster client -> mesh-env                        (at once, MESH unset)
+//! ```
+//!
+//! The result is two [`Layer`]s (discovered values with their sources, then mesh-env) that
+//! [`apply`] merges below the environment: the environment always wins.
+
+pub mod gke;
+pub mod google_api;
+pub mod kube_client;
+pub mod mesh_env;
+pub mod mesh_url;
+pub mod metadata;
+pub mod resource_manager;
+pub mod retry;
+pub mod tokens;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, ConfigError, Layer, Setting, Source, names};
+use gke::{Cluster, ClusterSelector, ContainerApi};
+use google_api::{ApiError, GoogleApi};
+use kube_client::KubeClientError;
+use mesh_env::{MeshEnv, MeshEnvError};
+use mesh_url::{GkeTarget, MeshUrl, MeshUrlError};
+use metadata::{MetadataClient, MetadataError, NotGcp, Platform, ProbeOptions, paths};
+use retry::Backoff;
+
+/// Discovery failed; each message names the input at fault and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// `MESH` does not parse.
+    #[error(transparent)]
+    Mesh(#[from] MeshUrlError),
+    /// A metadata lookup failed.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// The mesh needs GCP, and there is no metadata server.
+    #[error(
+        "MESH={mesh} needs Google credentials, but there is no metadata server at {host} ({why}); run on GCP or set GCE_METADATA_HOST"
+    )]
+    NotOnGcp {
+        /// The `MESH` value.
+        mesh: String,
+        /// The metadata host probed.
+        host: String,
+        /// What the probe saw.
+        why: NotGcp,
+    },
+    /// No project to look for clusters in.
+    #[error(
+        "no config project: MESH names none, PROJECT_ID is unset and the metadata server has no project/project-id"
+    )]
+    NoProject,
+    /// `PROJECT_ID` and `MESH` disagree on the config project.
+    #[error(
+        "PROJECT_ID={env} but MESH names project {mesh}: the config project is the cluster's; unset PROJECT_ID or make them agree"
+    )]
+    ProjectConflict {
+        /// `PROJECT_ID`.
+        env: String,
+        /// The project in `MESH`.
+        mesh: String,
+    },
+    /// A Google API call failed.
+    #[error("{what}: {cause}")]
+    Api {
+        /// Which lookup.
+        what: String,
+        /// Why.
+        cause: Box<ApiError>,
+    },
+    /// `MESH` names a project with no usable cluster.
+    #[error("no GKE cluster {filter} in project {project}; {fix}")]
+    NoCluster {
+        /// The project listed.
+        project: String,
+        /// What was looked for.
+        filter: String,
+        /// What to do.
+        fix: String,
+    },
+    /// The K8s client could not be built.
+    #[error(transparent)]
+    KubeClient(#[from] KubeClientError),
+    /// mesh-env could not be read.
+    #[error(transparent)]
+    MeshEnv(#[from] MeshEnvError),
+    /// The whole discovery took longer than its budget.
+    #[error(
+        "mesh discovery did not finish within KRUN_DISCOVERY_TIMEOUT={0:?}; the log shows the last step that started"
+    )]
+    Timeout(Duration),
+}
+
+/// What discovery found.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    /// Values from metadata, MESH, GKE and Resource Manager, each with its source.
+    pub discovered: Layer,
+    /// The mesh-env map (cluster ConfigMap or `MESH=file://`).
+    pub mesh_env: MeshEnv,
+    /// Whether a mesh was found: `false` means krun runs as a plain supervisor.
+    pub mesh: bool,
+}
+
+/// Merges what discovery found below the environment: discovered values first, then
+/// mesh-env. Values the environment set, `PORT_*` included, are kept.
+pub fn apply(config: &mut Config, discovery: &Discovery) -> Result<(), ConfigError> {
+    config.merge(discovery.discovered.clone())?;
+    config.merge(Layer::from_map(Source::MeshEnv, &discovery.mesh_env))
+}
+
+/// Runs `fut` as a named discovery step and logs how long it took.
+pub async fn phase<T>(name: &str, fut: impl Future<Output = T>) -> T {
+    let start = Instant::now();
+    let out = fut.await;
+    tracing::info!(
+        step = name,
+        step_ms = start.elapsed().as_secs_f64() * 1000.0,
+        "discovery step done"
+    );
+    out
+}
+
+/// Discovers the mesh for `config`, within `KRUN_DISCOVERY_TIMEOUT`. Read-only: GETs only,
+/// nothing written, so `--print-config` runs it too.
+pub async fn discover(config: &Config) -> Result<Discovery, DiscoveryError> {
+    let budget = config.discovery_timeout.value;
+    let mesh = config
+        .mesh
+        .as_ref()
+        .map(|m| MeshUrl::parse(&m.value))
+        .transpose()?;
+    if let Some(MeshUrl::File(path)) = &mesh {
+        let mesh_env = mesh_env::from_file(path)?;
+        tracing::info!(
+            path = %path.display(),
+            keys = mesh_env.len(),
+            "mesh-env from MESH=file://: no GCP and no K8s calls"
+        );
+        return Ok(Discovery {
+            mesh_env,
+            mesh: true,
+            ..Discovery::default()
+        });
+    }
+    tokio::time::timeout(budget, Discoverer::new(config, mesh)?.run())
+        .await
+        .map_err(|_| DiscoveryError::Timeout(budget))?
+}
+
+/// What the metadata server told us.
+#[derive(Debug, Default)]
+struct Facts {
+    project_id: Option<String>,
+    project_number: Option<String>,
+    email: Option<String>,
+    region: Option<String>,
+    cluster_name: Option<String>,
+    cluster_location: Option<String>,
+}
+
+/// Where the config cluster's K8s client comes from.
+enum KubeSource {
+    /// GKE discovery (MESH names a project or cluster, or MESH is unset on GCP).
+    Gke,
+    /// `KUBECONFIG` (MESH unset).
+    Kubeconfig(String),
+    /// The pod's service account (MESH unset, `KUBERNETES_SERVICE_HOST` set).
+    InCluster,
+    /// Traffic Director: no K8s.
+    None,
+}
+
+/// One discovery run: the inputs it needs, shared by its steps.
+struct Discoverer<'a> {
+    config: &'a Config,
+    mesh: Option<MeshUrl>,
+    metadata: Arc<MetadataClient>,
+    kube: KubeSource,
+}
+
+impl<'a> Discoverer<'a> {
+    fn new(config: &'a Config, mesh: Option<MeshUrl>) -> Result<Self, DiscoveryError> {
+        let kube = match &mesh {
+            Some(MeshUrl::TrafficDirector(_)) => KubeSource::None,
+            Some(_) => KubeSource::Gke,
+            None => match (&config.kubeconfig, &config.kubernetes_service_host) {
+                (Some(path), _) => KubeSource::Kubeconfig(path.value.clone()),
+                (None, Some(_)) => KubeSource::InCluster,
+                (None, None) => KubeSource::Gke,
+            },
+        };
+        Ok(Discoverer {
+            metadata: Arc::new(MetadataClient::new(
+                &config.gce_metadata_host.value,
+                config.metadata_timeout.value,
+            )),
+            config,
+            mesh,
+            kube,
+        })
+    }
+
+    fn env_value(&self, setting: Option<&Setting<String>>) -> Option<String> {
+        setting
+            .filter(|s| s.source == Source::Env)
+            .map(|s| s.value.clone())
+    }
+
+    fn gke_target(&self) -> Option<&GkeTarget> {
+        match &self.mesh {
+            Some(MeshUrl::Gke(target)) => Some(target),
+            _ => None,
+        }
+    }
+
+    /// Builds the Google API client on a blocking thread (it reads the system trust store).
+    fn build_api(&self) -> tokio::task::JoinHandle<Result<GoogleApi, ApiError>> {
+        let tokens: Arc<dyn tokens::AccessTokens> = self.metadata.clone();
+        tokio::task::spawn_blocking(move || GoogleApi::new(tokens, Backoff::DISCOVERY))
+    }
+
+    async fn run(self) -> Result<Discovery, DiscoveryError> {
+        // A kubeconfig or in-cluster client needs nothing from GCP: read mesh-env at once.
+        let early_mesh_env = async {
+            match &self.kube {
+                KubeSource::Kubeconfig(path) => {
+                    let (client, context) = kube_client::from_kubeconfig(path).await?;
+                    tracing::info!(
+                        kubeconfig = %path,
+                        context_names = %context.as_ref().map_or("no GKE cluster".to_owned(), |c| {
+                            format!("{}/{}/{}", c.project, c.location.as_deref().unwrap_or("-"), c.name)
+                        }),
+                        "config cluster from KUBECONFIG"
+                    );
+                    let env = phase("mesh-env", mesh_env::from_cluster(client, path)).await?;
+                    Ok(Some((env, context)))
+                }
+                KubeSource::InCluster => {
+                    let client = kube_client::in_cluster()?;
+                    tracing::info!("config cluster: this cluster (in-cluster service account)");
+                    let env =
+                        phase("mesh-env", mesh_env::from_cluster(client, "in-cluster")).await?;
+                    Ok(Some((env, None)))
+                }
+                KubeSource::Gke | KubeSource::None => Ok::<_, DiscoveryError>(None),
+            }
+        };
+        // Loading the system trust store for Google APIs takes milliseconds: when GCP is
+        // expected (Cloud Run, an explicit metadata host, a GKE or TD mesh), do it while the
+        // metadata answers are in flight; elsewhere (a laptop, plain docker) only once the
+        // metadata server has answered, so a plain supervisor never pays for it.
+        let expect_gcp = self.config.gce_metadata_host.source == Source::Env
+            || self.config.k_service.is_some()
+            || matches!(
+                self.mesh,
+                Some(MeshUrl::Gke(_) | MeshUrl::TrafficDirector(_))
+            );
+        let early_api = expect_gcp.then(|| self.build_api());
+        let (facts, early_mesh_env) =
+            tokio::join!(phase("metadata", self.metadata_facts()), early_mesh_env);
+        let (early_mesh_env, context) = match early_mesh_env? {
+            Some((env, context)) => (Some(env), context),
+            None => (None, None),
+        };
+        let mut discovered = Layer::default();
+        if let Some(context) = context {
+            // The kubeconfig context names the cluster (reference §3.4).
+            discovered.set_if_unset(names::PROJECT_ID, &context.project, Source::Discovered);
+            discovered.set_if_unset(names::CLUSTER_NAME, &context.name, Source::Discovered);
+            if let Some(location) = &context.location {
+                discovered.set_if_unset(names::CLUSTER_LOCATION, location, Source::Discovered);
+            }
+        }
+        let facts = match facts? {
+            Some(facts) => facts,
+            None => {
+                return Ok(Discovery {
+                    mesh: early_mesh_env.is_some(),
+                    mesh_env: early_mesh_env.unwrap_or_default(),
+                    discovered,
+                });
+            }
+        };
+        let config_project = self.config_project(&facts, &mut discovered)?;
+        let quota_project = match (&config_project, &facts.project_id) {
+            (Some(config), Some(workload)) if config != workload => {
+                tracing::info!(
+                    config_project = %config,
+                    workload_project = %workload,
+                    "multi-project mesh: Google API calls bill the config project (x-goog-user-project)"
+                );
+                Some(config.clone())
+            }
+            _ => None,
+        };
+        let namespace_from_email = facts.email.as_deref().and_then(namespace_from_email);
+        let same_project = quota_project.is_none();
+        let number_known = self
+            .env_value(self.config.project_number.as_ref())
+            .is_some()
+            || (same_project && facts.project_number.is_some());
+        let namespace_known = self
+            .env_value(Some(&self.config.workload_namespace))
+            .is_some()
+            || namespace_from_email.is_some();
+        let api = match early_api {
+            Some(building) => building,
+            None => self.build_api(),
+        }
+        .await
+        .map_err(|e| ApiError::Tls(e.to_string()))
+        .and_then(|built| built)
+        .map_err(|cause| DiscoveryError::Api {
+            what: "Google API client".into(),
+            cause: Box::new(cause),
+        })?;
+        let project_lookup = async {
+            match &config_project {
+                Some(project) if !(number_known && namespace_known) => {
+                    phase(
+                        "resource-manager",
+                        resource_manager::get_project(
+                            &api,
+                            &self.config.resource_manager_endpoint.value,
+                            project,
+                            quota_project.as_deref(),
+                        ),
+                    )
+                    .await
+                    .map(Some)
+                    .or_else(|e| {
+                        // Fix of §13.1.13: a failed lookup skips only this step.
+                        tracing::warn!(project = %project, error = %e, "project lookup failed: namespace falls back to the project id rule");
+                        Ok::<_, DiscoveryError>(None)
+                    })
+                }
+                _ => Ok(None),
+            }
+        };
+        let cluster_and_mesh_env = async {
+            if !matches!(self.kube, KubeSource::Gke) {
+                return Ok(None);
+            }
+            let Some(project) = &config_project else {
+                return Err(DiscoveryError::NoProject);
+            };
+            let container = ContainerApi {
+                api: &api,
+                endpoint: &self.config.container_api_endpoint.value,
+                quota_project: quota_project.as_deref(),
+            };
+            let Some(cluster) =
+                phase("gke", self.find_cluster(&container, project, &facts)).await?
+            else {
+                return Ok(None);
+            };
+            let client = kube_client::for_gke_cluster(&cluster, self.metadata.clone())?;
+            let name = format!("{}/{}", cluster.location, cluster.name);
+            let mesh_env = phase("mesh-env", mesh_env::from_cluster(client, &name)).await?;
+            Ok::<_, DiscoveryError>(Some((cluster, mesh_env)))
+        };
+        let (project, cluster) = tokio::join!(project_lookup, cluster_and_mesh_env);
+        let (project, cluster) = (project?, cluster?);
+
+        // Precedence chains, highest first (the environment is above all of them).
+        if let Some(ns) = namespace_from_email {
+            discovered.set_if_unset(names::WORKLOAD_NAMESPACE, ns, Source::Metadata);
+        }
+        if let Some(project) = &project {
+            if let Some(ns) = project.labels.get(resource_manager::NAMESPACE_LABEL) {
+                discovered.set_if_unset(names::WORKLOAD_NAMESPACE, ns, Source::Discovered);
+            }
+            discovered.set_if_unset(
+                names::PROJECT_NUMBER,
+                &project.project_number,
+                Source::Discovered,
+            );
+        }
+        if same_project && let Some(number) = &facts.project_number {
+            discovered.set_if_unset(names::PROJECT_NUMBER, number, Source::Metadata);
+        }
+        let mesh = match &cluster {
+            Some((cluster, _)) => {
+                discovered.set_if_unset(names::CLUSTER_NAME, &cluster.name, Source::Discovered);
+                discovered.set_if_unset(
+                    names::CLUSTER_LOCATION,
+                    &cluster.location,
+                    Source::Discovered,
+                );
+                true
+            }
+            None => early_mesh_env.is_some() || self.mesh.is_some(),
+        };
+        if let Some(name) = &facts.cluster_name {
+            discovered.set_if_unset(names::CLUSTER_NAME, name, Source::Metadata);
+        }
+        if let Some(location) = &facts.cluster_location {
+            discovered.set_if_unset(names::CLUSTER_LOCATION, location, Source::Metadata);
+        }
+        let mesh_env = cluster
+            .map(|(_, env)| env)
+            .or(early_mesh_env)
+            .unwrap_or_default();
+        Ok(Discovery {
+            discovered,
+            mesh_env,
+            mesh,
+        })
+    }
+
+    /// All metadata lookups at once, raced against the platform probe. `None`: not on GCP,
+    /// and nothing here needs GCP.
+    async fn metadata_facts(&self) -> Result<Option<Facts>, DiscoveryError> {
+        let md = &self.metadata;
+        let explicit_host = self.config.gce_metadata_host.source == Source::Env;
+        // Traffic Director takes its project from MESH; the metadata facts (zone, instance)
+        // only refine its bootstrap, so their absence is not fatal.
+        let needs_gcp = matches!(self.mesh, Some(MeshUrl::Gke(_)));
+        let wants_gke = matches!(self.kube, KubeSource::Gke);
+        // My region only matters when a cluster is picked from a list.
+        let cluster_named = self.gke_target().is_some_and(|t| t.cluster.is_some())
+            || (self.env_value(self.config.cluster_name.as_ref()).is_some()
+                && self
+                    .env_value(self.config.cluster_location.as_ref())
+                    .is_some());
+        let in_cluster = self.config.kubernetes_service_host.is_some();
+        let optional = |wanted: bool, path: &'static str| async move {
+            if wanted { md.get(path).await } else { Ok(None) }
+        };
+        let lookups = async {
+            let (project_id, project_number, email, region, cluster_name, cluster_location, _) = tokio::join!(
+                md.get(paths::PROJECT_ID),
+                optional(
+                    self.config.project_number.is_none(),
+                    paths::NUMERIC_PROJECT_ID
+                ),
+                optional(
+                    self.env_value(Some(&self.config.workload_namespace))
+                        .is_none(),
+                    paths::EMAIL
+                ),
+                optional(wants_gke && !cluster_named, paths::REGION),
+                optional(in_cluster, paths::CLUSTER_NAME),
+                optional(in_cluster, paths::CLUSTER_LOCATION),
+                // Warm the token cache while the other answers are in flight: the GKE and
+                // Resource Manager calls need it next.
+                async {
+                    if wants_gke && let Err(e) = md.access_token().await {
+                        tracing::debug!(error = %e, "token prefetch failed; the API call will retry");
+                    }
+                },
+            );
+            Ok::<_, MetadataError>(Facts {
+                project_id: project_id?,
+                project_number: project_number?,
+                email: email?,
+                region: region?.map(|r| last_segment(&r)),
+                cluster_name: cluster_name?,
+                cluster_location: cluster_location?,
+            })
+        };
+        let probe = async {
+            if explicit_host {
+                // The Google client convention: an explicit GCE_METADATA_HOST is trusted, and
+                // its failures are errors rather than "not on GCP".
+                Platform::Gcp
+            } else {
+                md.probe(&ProbeOptions {
+                    timeout: self.config.metadata_probe_timeout.value,
+                    // Only the default host has a well-known name to race against.
+                    dns_name: Some(metadata::METADATA_DNS_NAME.to_owned()),
+                    wait_for_both: self.config.k_service.is_some(),
+                })
+                .await
+            }
+        };
+        tokio::pin!(lookups, probe);
+        let platform_and_facts = tokio::select! {
+            biased;
+            platform = &mut probe => match platform {
+                Platform::Gcp => (Platform::Gcp, Some(lookups.await)),
+                not_gcp => (not_gcp, None),
+            },
+            facts = &mut lookups => match facts {
+                Ok(facts) => (Platform::Gcp, Some(Ok(facts))),
+                Err(e) => match probe.await {
+                    Platform::Gcp => (Platform::Gcp, Some(Err(e))),
+                    not_gcp => (not_gcp, None),
+                },
+            },
+        };
+        match platform_and_facts {
+            (_, Some(facts)) => {
+                let facts = facts?;
+                tracing::info!(
+                    host = md.host(),
+                    project = facts.project_id.as_deref().unwrap_or("-"),
+                    region = facts.region.as_deref().unwrap_or("-"),
+                    "metadata server answered: running on GCP"
+                );
+                Ok(Some(facts))
+            }
+            (Platform::NotGcp(why), None) if needs_gcp => Err(DiscoveryError::NotOnGcp {
+                mesh: self
+                    .config
+                    .mesh
+                    .as_ref()
+                    .map(|m| m.value.clone())
+                    .unwrap_or_default(),
+                host: md.host().to_owned(),
+                why,
+            }),
+            (Platform::NotGcp(why), None) => {
+                if matches!(self.kube, KubeSource::Gke) {
+                    tracing::info!(
+                        metadata = md.host(),
+                        %why,
+                        "no mesh configured: running as a plain supervisor (no MESH, not on GCP, no KUBECONFIG)"
+                    );
+                } else {
+                    tracing::info!(metadata = md.host(), %why, "not on GCP: no metadata values");
+                }
+                Ok(None)
+            }
+            (Platform::Gcp, None) => Ok(None),
+        }
+    }
+
+    /// The config project: MESH's, else `PROJECT_ID`, else the kubeconfig context's, else the
+    /// metadata project; recorded in `discovered` with its source.
+    fn config_project(
+        &self,
+        facts: &Facts,
+        discovered: &mut Layer,
+    ) -> Result<Option<String>, DiscoveryError> {
+        let env_project = self.env_value(self.config.project_id.as_ref());
+        if let Some(target) = self.gke_target() {
+            if let Some(env) = &env_project
+                && env != &target.project
+            {
+                return Err(DiscoveryError::ProjectConflict {
+                    env: env.clone(),
+                    mesh: target.project.clone(),
+                });
+            }
+            discovered.set_if_unset(names::PROJECT_ID, &target.project, Source::Derived);
+            if let Some(location) = &target.location {
+                discovered.set_if_unset(names::CLUSTER_LOCATION, location, Source::Derived);
+            }
+            if let Some(cluster) = &target.cluster {
+                discovered.set_if_unset(names::CLUSTER_NAME, cluster, Source::Derived);
+            }
+            return Ok(Some(target.project.clone()));
+        }
+        if let Some(project) = env_project {
+            return Ok(Some(project));
+        }
+        if let Some(from_context) = discovered.get(names::PROJECT_ID) {
+            return Ok(Some(from_context.value.clone()));
+        }
+        if let Some(project) = &facts.project_id {
+            discovered.set_if_unset(names::PROJECT_ID, project, Source::Metadata);
+        }
+        Ok(facts.project_id.clone())
+    }
+
+    /// Gets the explicit cluster, or lists and selects one. `None`: MESH is unset and the
+    /// project has no cluster labelled `mesh_id`, so there is no mesh.
+    async fn find_cluster(
+        &self,
+        container: &ContainerApi<'_>,
+        project: &str,
+        facts: &Facts,
+    ) -> Result<Option<Cluster>, DiscoveryError> {
+        let target = self.gke_target();
+        let name = target
+            .and_then(|t| t.cluster.clone())
+            .or_else(|| self.env_value(self.config.cluster_name.as_ref()));
+        let location = target
+            .and_then(|t| t.location.clone())
+            .or_else(|| self.env_value(self.config.cluster_location.as_ref()));
+        if let (Some(name), Some(location)) = (&name, &location) {
+            let cluster = container
+                .get(project, location, name)
+                .await
+                .map_err(|source| DiscoveryError::Api {
+                    cause: Box::new(source),
+                    what: format!(
+                        "GKE cluster projects/{project}/locations/{location}/clusters/{name}"
+                    ),
+                })?;
+            tracing::info!(
+                cluster = %format!("{}/{}", cluster.location, cluster.name),
+                project,
+                "config cluster: named by MESH or CLUSTER_NAME/CLUSTER_LOCATION"
+            );
+            return Ok(Some(cluster));
+        }
+        // gke://PROJECT lists every cluster (the user named the project); no MESH lists only
+        // the clusters that declare a mesh.
+        let labelled = target.is_none();
+        let list_location = target.and_then(|t| t.location.as_deref());
+        let clusters = match container.list(project, list_location, labelled).await {
+            Ok(clusters) => clusters,
+            // Without MESH, a service that may not list clusters is simply not in a mesh.
+            Err(e) if labelled && e.status() == Some(403) => {
+                tracing::warn!(
+                    project,
+                    error = %e,
+                    "no mesh configured: running as a plain supervisor (no MESH, and the service account may not list GKE clusters; grant roles/container.clusterViewer to join a mesh)"
+                );
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(DiscoveryError::Api {
+                    what: format!("listing GKE clusters of project {project}"),
+                    cause: Box::new(source),
+                });
+            }
+        };
+        let selector = ClusterSelector {
+            name,
+            region: facts.region.clone().or(location),
+        };
+        match selector.select(&clusters) {
+            Some(selection) => {
+                tracing::info!(
+                    cluster = %format!("{}/{}", selection.cluster.location, selection.cluster.name),
+                    project,
+                    candidates = clusters.len(),
+                    reason = %selection.reason,
+                    "config cluster chosen"
+                );
+                Ok(Some(selection.cluster))
+            }
+            None if labelled => {
+                tracing::info!(
+                    project,
+                    "no mesh configured: running as a plain supervisor (no MESH, and no GKE cluster labelled {} in the project)",
+                    gke::MESH_LABEL
+                );
+                Ok(None)
+            }
+            None => Err(DiscoveryError::NoCluster {
+                project: project.to_owned(),
+                filter: match &selector.name {
+                    Some(name) => format!("named {name}"),
+                    None => format!("in {}", list_location.unwrap_or("any location")),
+                },
+                fix: "check MESH and CLUSTER_NAME, and that the service account may list clusters (roles/container.clusterViewer)".into(),
+            }),
+        }
+    }
+}
+
+/// `k8s-<ns>@<project>.iam.gserviceaccount.com` names namespace `<ns>` (reference §2.1).
+fn namespace_from_email(email: &str) -> Option<String> {
+    let local = email.split_once('@')?.0;
+    local
+        .strip_prefix("k8s-")
+        .filter(|ns| !ns.is_empty())
+        .map(str::to_owned)
+}
+
+/// `projects/123/regions/us-central1` is `us-central1`.
+fn last_segment(value: &str) -> String {
+    value.rsplit('/').next().unwrap_or(value).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_comes_from_a_k8s_prefixed_service_account() {
+        assert_eq!(
+            namespace_from_email("k8s-fortio@p.iam.gserviceaccount.com"),
+            Some("fortio".into())
+        );
+        assert_eq!(namespace_from_email("k8s-@p.iam.gserviceaccount.com"), None);
+        assert_eq!(
+            namespace_from_email("123-compute@developer.gserviceaccount.com"),
+            None
+        );
+        assert_eq!(
+            last_segment("projects/1/regions/us-central1"),
+            "us-central1"
+        );
+    }
+}

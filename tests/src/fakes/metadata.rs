@@ -1,0 +1,90 @@
+//! Fake GCE / Cloud Run metadata server: plain HTTP, `/computeMetadata/v1/...`, strict about
+//! `Metadata-Flavor: Google` (403 without it, as the real one) and answering with it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::server::{FakeServer, Reply, Request};
+
+/// The bearer token the fake hands out; the other fakes require it.
+pub const ACCESS_TOKEN: &str = "ya29.fake-metadata-token";
+
+/// What the instance looks like.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    /// `project/project-id`.
+    pub project_id: String,
+    /// `project/numeric-project-id`.
+    pub project_number: String,
+    /// `instance/service-accounts/default/email`.
+    pub email: String,
+    /// Region name; served as `projects/N/regions/REGION`.
+    pub region: String,
+    /// Extra paths (e.g. `instance/attributes/cluster-name`).
+    pub extra: BTreeMap<String, String>,
+    /// `expires_in` of the access tokens handed out, in seconds.
+    pub token_lifetime: u64,
+}
+
+impl Default for Instance {
+    fn default() -> Self {
+        Instance {
+            project_id: "wl-project".into(),
+            project_number: "1234567890".into(),
+            email: "k8s-fortio@wl-project.iam.gserviceaccount.com".into(),
+            region: "us-central1".into(),
+            extra: BTreeMap::new(),
+            token_lifetime: 3599,
+        }
+    }
+}
+
+/// Starts the fake.
+pub fn start(instance: Instance) -> FakeServer {
+    let instance = Arc::new(instance);
+    FakeServer::http(Arc::new(move |req: &Request| answer(&instance, req)))
+}
+
+fn flavored(reply: Reply) -> Reply {
+    reply.with_header("metadata-flavor", "Google")
+}
+
+fn answer(instance: &Instance, req: &Request) -> Reply {
+    if req.header("metadata-flavor") != Some("Google") {
+        return flavored(Reply::status(
+            403,
+            "Missing Metadata-Flavor:Google header.\n",
+        ));
+    }
+    if req.header("x-forwarded-for").is_some() {
+        return flavored(Reply::status(403, "X-Forwarded-For is not allowed\n"));
+    }
+    if req.method != "GET" {
+        return flavored(Reply::status(405, "method not allowed\n"));
+    }
+    if req.path == "/" {
+        return flavored(Reply::status(200, "computeMetadata/\n"));
+    }
+    let Some(path) = req.path.strip_prefix("/computeMetadata/v1/") else {
+        return flavored(Reply::status(404, "not found\n"));
+    };
+    let text = |s: &str| flavored(Reply::status(200, s));
+    match path {
+        "project/project-id" => text(&instance.project_id),
+        "project/numeric-project-id" => text(&instance.project_number),
+        "instance/service-accounts/default/email" => text(&instance.email),
+        "instance/region" => text(&format!(
+            "projects/{}/regions/{}",
+            instance.project_number, instance.region
+        )),
+        "instance/service-accounts/default/token" => flavored(Reply::json(serde_json::json!({
+            "access_token": ACCESS_TOKEN,
+            "expires_in": instance.token_lifetime,
+            "token_type": "Bearer",
+        }))),
+        other => match instance.extra.get(other) {
+            Some(value) => text(value),
+            None => flavored(Reply::status(404, "not found\n")),
+        },
+    }
+}

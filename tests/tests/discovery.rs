@@ -1,0 +1,631 @@
+//! Mesh discovery against fakes of the metadata server, the GKE Container API, Cloud
+//! Resource Manager and a K8s API (HTTPS, its CA handed out by the GKE fake). Most scenarios
+//! run `krun --print-config`, which performs the same read-only discovery as startup and
+//! shows each value with its source.
+
+use std::time::Duration;
+
+use krun::discovery::metadata::{MetadataClient, NotGcp, Platform, ProbeOptions};
+use krun::discovery::retry::Backoff;
+use krun_tests::fakes::gke::FakeCluster;
+use krun_tests::fakes::server::{FakeServer, Reply};
+use krun_tests::fakes::{TestWorld, TestWorldBuilder, server};
+use krun_tests::{Finished, Krun, TempDir, free_port};
+use serde_json::{Value, json};
+
+/// The config project of most scenarios; the workload runs in `wl-project`.
+const CFG: &str = "cfg-project";
+
+fn mesh_world() -> TestWorldBuilder {
+    TestWorld::builder()
+        .cluster(FakeCluster::new(CFG, "europe-west1", "istio-far").mesh())
+        .cluster(FakeCluster::new(CFG, "us-central1", "apps"))
+        .cluster(FakeCluster::new(CFG, "us-central1-c", "istio-main").mesh())
+        .cluster(FakeCluster::new("wl-project", "us-central1", "istio-local").mesh())
+        .mesh_env(&[
+            ("XDS_ADDR", "meshcon.example:15012"),
+            ("MESH_TENANT", "-"),
+            ("PORT_grpc", "9090"),
+            ("PORT_admin", "9901"),
+        ])
+}
+
+/// The JSON object `--print-config` printed (logs go to stderr, in the same stream).
+fn printed(done: &Finished) -> Value {
+    assert_eq!(done.code, 0, "{}", done.text());
+    let start = done
+        .output
+        .iter()
+        .position(|l| l == "{")
+        .unwrap_or_else(|| panic!("no JSON object in:\n{}", done.text()));
+    let end = start
+        + done.output[start..]
+            .iter()
+            .position(|l| l == "}")
+            .expect("end of the JSON object");
+    serde_json::from_str(&done.output[start..=end].join("\n")).expect("print-config JSON")
+}
+
+fn print_config(krun: Krun) -> Value {
+    printed(&krun.args(["--print-config"]).run())
+}
+
+fn setting(value: &str, source: &str) -> Value {
+    json!({"value": value, "source": source})
+}
+
+#[test]
+fn without_mesh_on_gcp_the_labelled_cluster_of_the_workload_project_is_used() {
+    let world = mesh_world().start();
+    let config = print_config(world.krun().env("XDS_ADDR", "istiod.local:15012"));
+    assert_eq!(config["PROJECT_ID"], setting("wl-project", "metadata"));
+    assert_eq!(config["WORKLOAD_NAMESPACE"], setting("fortio", "metadata"));
+    assert_eq!(config["PROJECT_NUMBER"], setting("1234567890", "metadata"));
+    assert_eq!(config["CLUSTER_NAME"], setting("istio-local", "discovered"));
+    assert_eq!(
+        config["CLUSTER_LOCATION"],
+        setting("us-central1", "discovered")
+    );
+    assert_eq!(
+        config["TRUST_DOMAIN"],
+        setting("wl-project.svc.id.goog", "derived")
+    );
+    assert_eq!(config["XDS_ADDR"], setting("istiod.local:15012", "env"));
+    assert_eq!(config["MESH_TENANT"], setting("-", "mesh-env"));
+    let list = &world.gke.seen()[0];
+    assert_eq!(list.path, "/v1/projects/wl-project/locations/-/clusters");
+    assert_eq!(list.header("x-goog-user-project"), None, "same project");
+    assert!(
+        world.resource_manager.seen().is_empty(),
+        "namespace and number were known from metadata"
+    );
+}
+
+#[test]
+fn without_mesh_unlabelled_clusters_mean_no_mesh_and_the_app_runs() {
+    let world = TestWorld::builder()
+        .cluster(FakeCluster::new(
+            "wl-project",
+            "us-central1",
+            "istio-unlabelled",
+        ))
+        .start();
+    let done = world.krun().args(["--", "sh", "-c", "echo app-ran"]).run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(done.has_line("no mesh configured: running as a plain supervisor"));
+    assert!(done.has_line("app-ran"));
+    assert!(world.kube.server.seen().is_empty());
+}
+
+#[test]
+fn without_mesh_no_permission_to_list_clusters_means_no_mesh() {
+    let world = TestWorld::builder().start();
+    let done = world.krun().args(["--", "sh", "-c", "echo app-ran"]).run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(done.has_line("may not list GKE clusters"));
+    assert!(done.has_line("app-ran"));
+}
+
+#[test]
+fn gke_project_form_picks_the_first_istio_cluster_in_my_region_and_bills_the_config_project() {
+    let world = mesh_world().start();
+    let done = world
+        .krun()
+        .env("MESH", format!("gke://{CFG}"))
+        .args(["--print-config"])
+        .run();
+    let config = printed(&done);
+    assert_eq!(config["PROJECT_ID"], setting(CFG, "derived"));
+    assert_eq!(config["CLUSTER_NAME"], setting("istio-main", "discovered"));
+    assert_eq!(
+        config["CLUSTER_LOCATION"],
+        setting("us-central1-c", "discovered")
+    );
+    assert_eq!(config["WORKLOAD_NAMESPACE"], setting("fortio", "metadata"));
+    assert_eq!(
+        config["TRUST_DOMAIN"],
+        setting("cfg-project.svc.id.goog", "derived")
+    );
+    assert!(done.has_line("first istio* cluster in my region us-central1"));
+    for call in world.gke.seen() {
+        assert_eq!(
+            call.path,
+            format!("/v1/projects/{CFG}/locations/-/clusters")
+        );
+        assert_eq!(
+            call.header("x-goog-user-project"),
+            Some(CFG),
+            "multi-project"
+        );
+    }
+}
+
+#[test]
+fn gke_location_form_lists_only_that_location() {
+    let world = mesh_world().start();
+    let config = print_config(
+        world
+            .krun()
+            .env("MESH", format!("gke://{CFG}/europe-west1")),
+    );
+    assert_eq!(config["CLUSTER_NAME"], setting("istio-far", "discovered"));
+    assert_eq!(
+        config["CLUSTER_LOCATION"],
+        setting("europe-west1", "derived")
+    );
+    assert_eq!(
+        world.gke.seen()[0].path,
+        format!("/v1/projects/{CFG}/locations/europe-west1/clusters")
+    );
+}
+
+#[test]
+fn every_explicit_cluster_form_gets_that_cluster() {
+    let forms = [
+        format!("gke://{CFG}/us-central1/apps"),
+        format!("//container.googleapis.com/projects/{CFG}/locations/us-central1/clusters/apps"),
+        format!(
+            "https://container.googleapis.com/projects/{CFG}/locations/us-central1/clusters/apps"
+        ),
+        format!(
+            "https://container.googleapis.com/v1/projects/{CFG}/locations/us-central1/clusters/apps"
+        ),
+    ];
+    for mesh in forms {
+        let world = mesh_world().start();
+        let config = print_config(world.krun().env("MESH", &mesh));
+        assert_eq!(config["PROJECT_ID"], setting(CFG, "derived"), "{mesh}");
+        assert_eq!(config["CLUSTER_NAME"], setting("apps", "derived"), "{mesh}");
+        assert_eq!(
+            config["CLUSTER_LOCATION"],
+            setting("us-central1", "derived")
+        );
+        assert_eq!(config["WORKLOAD_NAMESPACE"], setting("fortio", "metadata"));
+        assert_eq!(
+            config["TRUST_DOMAIN"],
+            setting("cfg-project.svc.id.goog", "derived")
+        );
+        assert_eq!(
+            config["XDS_ADDR"],
+            setting("meshcon.example:15012", "mesh-env")
+        );
+        let paths: Vec<String> = world.gke.seen().into_iter().map(|s| s.path).collect();
+        assert_eq!(
+            paths,
+            [format!(
+                "/v1/projects/{CFG}/locations/us-central1/clusters/apps"
+            )],
+            "{mesh}"
+        );
+    }
+}
+
+#[test]
+fn cluster_name_from_env_selects_among_listed_clusters() {
+    let world = mesh_world().start();
+    let done = world
+        .krun()
+        .env("MESH", format!("gke://{CFG}"))
+        .env("CLUSTER_NAME", "apps")
+        .args(["--print-config"])
+        .run();
+    let config = printed(&done);
+    assert_eq!(config["CLUSTER_NAME"], setting("apps", "env"));
+    assert_eq!(
+        config["CLUSTER_LOCATION"],
+        setting("us-central1", "discovered")
+    );
+    assert!(done.has_line("CLUSTER_NAME=apps in my region us-central1"));
+}
+
+#[test]
+fn get_cluster_is_retried_on_server_errors() {
+    let world = mesh_world().start();
+    world.gke.fail("/clusters/apps", 2, 503, &[]);
+    let config = print_config(
+        world
+            .krun()
+            .env("MESH", format!("gke://{CFG}/us-central1/apps")),
+    );
+    assert_eq!(config["CLUSTER_NAME"]["value"], "apps");
+    let statuses: Vec<u16> = world.gke.seen().iter().map(|s| s.status).collect();
+    assert_eq!(statuses, [503, 503, 200]);
+}
+
+#[test]
+fn mesh_env_fills_only_what_env_left_unset_and_env_ports_survive() {
+    let world = mesh_world().start();
+    let config = print_config(
+        world
+            .krun()
+            .env("MESH", format!("gke://{CFG}/us-central1/apps"))
+            .env("PORT_grpc", "7070")
+            .env("TRUST_DOMAIN", "explicit.example")
+            .env("MESH_TENANT", "tenant-from-env"),
+    );
+    assert_eq!(config["PORT_grpc"], json!({"value": 7070, "source": "env"}));
+    assert_eq!(
+        config["PORT_admin"],
+        json!({"value": 9901, "source": "mesh-env"})
+    );
+    assert_eq!(config["MESH_TENANT"], setting("tenant-from-env", "env"));
+    assert_eq!(config["TRUST_DOMAIN"], setting("explicit.example", "env"));
+    assert_eq!(
+        config["XDS_ADDR"],
+        setting("meshcon.example:15012", "mesh-env")
+    );
+}
+
+#[test]
+fn a_missing_mesh_env_is_a_warning_not_a_failure() {
+    let world = TestWorld::builder()
+        .cluster(FakeCluster::new(CFG, "us-central1", "istio"))
+        .start();
+    let done = world
+        .krun()
+        .env("MESH", format!("gke://{CFG}"))
+        .args(["--print-config"])
+        .run();
+    let config = printed(&done);
+    assert!(done.has_line("ConfigMap istio-system/mesh-env not found"));
+    assert_eq!(config["CLUSTER_NAME"]["value"], "istio");
+    assert_eq!(config["XDS_ADDR"]["value"], Value::Null);
+    let kube = world.kube.server.seen();
+    assert_eq!(kube.len(), 1, "a 404 is not retried");
+    assert_eq!(kube[0].status, 404);
+}
+
+#[test]
+fn namespace_falls_back_to_the_project_label_then_the_project_id_rule() {
+    let world = TestWorld::builder()
+        .instance(|i| i.email = "runner@wl-project.iam.gserviceaccount.com".into())
+        .cluster(FakeCluster::new("acme-shop-prod", "us-central1", "istio"))
+        .cluster(FakeCluster::new(CFG, "us-central1", "istio"))
+        .project(CFG, "42", &[("mesh-namespace", "payments")])
+        .start();
+    let labelled = print_config(world.krun().env("MESH", format!("gke://{CFG}")));
+    assert_eq!(
+        labelled["WORKLOAD_NAMESPACE"],
+        setting("payments", "discovered")
+    );
+    assert_eq!(labelled["PROJECT_NUMBER"], setting("42", "discovered"));
+    // Resource Manager refuses this project: the id rule still applies (reference bug
+    // §13.1.13 skipped it).
+    let ruled = print_config(world.krun().env("MESH", "gke://acme-shop-prod"));
+    assert_eq!(ruled["WORKLOAD_NAMESPACE"], setting("shop", "derived"));
+}
+
+#[test]
+fn metadata_503_twice_then_ok_succeeds() {
+    let world = mesh_world().start();
+    world.metadata.fail(
+        "project/project-id",
+        2,
+        503,
+        &[("metadata-flavor", "Google")],
+    );
+    let config = print_config(world.krun());
+    assert_eq!(config["PROJECT_ID"], setting("wl-project", "metadata"));
+    let statuses: Vec<u16> = world
+        .metadata
+        .seen()
+        .into_iter()
+        .filter(|s| s.path.ends_with("project/project-id"))
+        .map(|s| s.status)
+        .collect();
+    assert_eq!(statuses, [503, 503, 200]);
+}
+
+#[test]
+fn metadata_down_is_a_clear_error() {
+    let port = free_port();
+    let done = Krun::new()
+        .env("GCE_METADATA_HOST", format!("127.0.0.1:{port}"))
+        .env("MESH", "gke://p")
+        .env("KRUN_METADATA_TIMEOUT", "200ms")
+        .args(["--", "true"])
+        .run();
+    assert_eq!(done.code, 1, "{}", done.text());
+    let last = done.output.last().expect("an error line");
+    assert!(
+        last.starts_with(&format!(
+            "krun: metadata server 127.0.0.1:{port} unreachable for project/project-id after 5 attempts"
+        )),
+        "{last}"
+    );
+    assert!(last.contains("GCE_METADATA_HOST"), "{last}");
+}
+
+#[test]
+fn a_malformed_mesh_stops_krun_with_the_accepted_forms() {
+    let done = Krun::new().env("MESH", "gke://").args(["true"]).run();
+    assert_eq!(done.code, 1);
+    let last = done.output.last().expect("an error line");
+    assert!(last.starts_with("krun: MESH=gke://: "), "{last}");
+    assert!(last.contains("file:///path/mesh-env.yaml"), "{last}");
+}
+
+#[test]
+fn mesh_file_needs_no_network() {
+    let world = mesh_world().start();
+    let dir = TempDir::new("mesh-file");
+    let file = dir.join("mesh-env.yaml");
+    std::fs::write(
+        &file,
+        "XDS_ADDR: istiod.local:15012\nPROJECT_ID: file-project\nPORT_grpc: 9090\nMESH_DEBUG: false\n",
+    )
+    .expect("write mesh-env");
+    let config = print_config(
+        world
+            .krun()
+            .env("MESH", format!("file://{}", file.display()))
+            .env("WORKLOAD_NAMESPACE", "local"),
+    );
+    assert_eq!(
+        config["XDS_ADDR"],
+        setting("istiod.local:15012", "mesh-env")
+    );
+    assert_eq!(config["PROJECT_ID"], setting("file-project", "mesh-env"));
+    assert_eq!(
+        config["PORT_grpc"],
+        json!({"value": 9090, "source": "mesh-env"})
+    );
+    assert_eq!(config["WORKLOAD_NAMESPACE"], setting("local", "env"));
+    assert_eq!(
+        config["TRUST_DOMAIN"],
+        setting("file-project.svc.id.goog", "derived")
+    );
+    assert_eq!(world.calls(), 0, "MESH=file:// must not touch the network");
+}
+
+#[test]
+fn discovered_values_reach_startup() {
+    let world = mesh_world().start();
+    let done = world
+        .krun()
+        .env("MESH", format!("gke://{CFG}/us-central1/apps"))
+        .args(["--", "true"])
+        .run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    let line = &done.output[done.line_index("mesh discovered")];
+    assert!(line.contains("cluster=apps"), "{line}");
+    assert!(line.contains("namespace=fortio"), "{line}");
+    assert!(done.line_index("phase=\"discover\"") < done.line_index("started process=app"));
+}
+
+// Not-on-GCP detection, by the code path it takes (no timing).
+
+fn fast() -> Backoff {
+    Backoff {
+        attempts: 3,
+        base: Duration::ZERO,
+        max: Duration::ZERO,
+    }
+}
+
+fn http_only() -> ProbeOptions {
+    ProbeOptions {
+        timeout: Duration::from_secs(5),
+        dns_name: None,
+        wait_for_both: false,
+    }
+}
+
+#[test]
+fn a_name_that_does_not_resolve_to_the_metadata_ip_wins_over_a_silent_address() {
+    // Packets to the address vanish (a listener that never answers); the DNS answer decides
+    // long before the probe's 60 s budget.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let client = MetadataClient::with_backoff(
+        &silent.local_addr().expect("addr").to_string(),
+        Duration::from_secs(60),
+        fast(),
+    );
+    let platform = server::runtime().block_on(client.probe(&ProbeOptions {
+        timeout: Duration::from_secs(60),
+        dns_name: Some("localhost.".into()),
+        wait_for_both: false,
+    }));
+    assert_eq!(platform, Platform::NotGcp(NotGcp::NoMetadataDns));
+}
+
+#[test]
+fn a_refused_connection_means_not_on_gcp_without_retries() {
+    let port = free_port();
+    let client =
+        MetadataClient::with_backoff(&format!("127.0.0.1:{port}"), Duration::from_secs(5), fast());
+    let platform = server::runtime().block_on(client.probe(&http_only()));
+    assert_eq!(platform, Platform::NotGcp(NotGcp::Refused));
+}
+
+#[test]
+fn an_answer_without_the_flavor_header_means_not_on_gcp_after_one_request() {
+    let portal = FakeServer::http(std::sync::Arc::new(|_req: &server::Request| {
+        Reply::status(200, "captive portal")
+    }));
+    let client =
+        MetadataClient::with_backoff(&portal.addr().to_string(), Duration::from_secs(5), fast());
+    let platform = server::runtime().block_on(client.probe(&http_only()));
+    assert_eq!(platform, Platform::NotGcp(NotGcp::NotMetadataServer));
+    assert_eq!(portal.seen().len(), 1, "the probe is a single request");
+}
+
+#[test]
+fn a_metadata_server_is_recognised_and_values_are_cached() {
+    let world = TestWorld::builder().start();
+    let client = MetadataClient::with_backoff(
+        &world.metadata.addr().to_string(),
+        Duration::from_secs(5),
+        fast(),
+    );
+    server::runtime().block_on(async {
+        assert_eq!(client.probe(&http_only()).await, Platform::Gcp);
+        for _ in 0..3 {
+            assert_eq!(
+                client.get("project/project-id").await.expect("project id"),
+                Some("wl-project".into())
+            );
+            client.access_token().await.expect("token");
+        }
+        assert_eq!(
+            client
+                .get("instance/attributes/absent")
+                .await
+                .expect("404 is None"),
+            None
+        );
+    });
+    let paths: Vec<String> = world.metadata.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(
+        paths,
+        [
+            "/",
+            "/computeMetadata/v1/project/project-id",
+            "/computeMetadata/v1/instance/service-accounts/default/token",
+            "/computeMetadata/v1/instance/attributes/absent"
+        ]
+    );
+}
+
+#[test]
+fn off_gcp_without_mesh_the_app_runs_as_a_plain_supervisor() {
+    // No GCE_METADATA_HOST: the probe goes to the link-local address, where this machine
+    // has no metadata server.
+    let done = Krun::new().args(["--", "sh", "-c", "echo app-ran"]).run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(done.has_line("no mesh configured: running as a plain supervisor"));
+    assert!(done.has_line("app-ran"));
+}
+
+#[test]
+fn without_mesh_a_kubeconfig_reads_mesh_env_with_no_gcp() {
+    let world = mesh_world().start();
+    let dir = TempDir::new("kubeconfig");
+    let kubeconfig = dir.join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: gke_ctx-project_us-east1_istio\n\
+             clusters:\n- name: fake\n  cluster:\n    server: https://{}\n    certificate-authority-data: {}\n\
+             users:\n- name: fake\n  user:\n    token: {}\n\
+             contexts:\n- name: gke_ctx-project_us-east1_istio\n  context:\n    cluster: fake\n    user: fake\n",
+            world.kube.server.addr(),
+            world.kube.ca_base64(),
+            krun_tests::fakes::metadata::ACCESS_TOKEN,
+        ),
+    )
+    .expect("write kubeconfig");
+    // No GCE_METADATA_HOST: this machine has no metadata server, and none is needed.
+    let done = Krun::new()
+        .env("KUBECONFIG", &kubeconfig)
+        .args(["--print-config"])
+        .run();
+    let config = printed(&done);
+    assert!(done.has_line("config cluster from KUBECONFIG"));
+    assert_eq!(
+        config["XDS_ADDR"],
+        setting("meshcon.example:15012", "mesh-env")
+    );
+    assert_eq!(config["PROJECT_ID"], setting("ctx-project", "discovered"));
+    assert_eq!(config["CLUSTER_NAME"], setting("istio", "discovered"));
+    assert_eq!(
+        config["CLUSTER_LOCATION"],
+        setting("us-east1", "discovered")
+    );
+    assert_eq!(config["WORKLOAD_NAMESPACE"], setting("default", "default"));
+    assert_eq!(world.kube.server.seen().len(), 1);
+    assert!(world.gke.seen().is_empty() && world.metadata.seen().is_empty());
+}
+
+#[test]
+fn a_token_close_to_expiry_is_replaced_before_use() {
+    // Five minutes is the refresh margin: a 4-minute token is renewed on every use.
+    let world = TestWorld::builder()
+        .instance(|i| i.token_lifetime = 240)
+        .start();
+    let client = MetadataClient::with_backoff(
+        &world.metadata.addr().to_string(),
+        Duration::from_secs(5),
+        fast(),
+    );
+    server::runtime().block_on(async {
+        client.access_token().await.expect("first token");
+        client.access_token().await.expect("second token");
+    });
+    let token_requests = world
+        .metadata
+        .seen()
+        .iter()
+        .filter(|s| s.path.ends_with("/token"))
+        .count();
+    assert_eq!(token_requests, 2);
+}
+
+#[test]
+fn off_gcp_a_gke_mesh_is_a_clear_error() {
+    // No GCE_METADATA_HOST, and this machine has no metadata server.
+    let done = Krun::new().env("MESH", "gke://p").args(["true"]).run();
+    assert_eq!(done.code, 1, "{}", done.text());
+    let last = done.output.last().expect("an error line");
+    assert!(
+        last.starts_with(
+            "krun: MESH=gke://p needs Google credentials, but there is no metadata server at 169.254.169.254"
+        ),
+        "{last}"
+    );
+}
+
+#[test]
+fn traffic_director_mesh_reads_metadata_only() {
+    let world = mesh_world().start();
+    let config = print_config(world.krun().env("MESH", "td:projects=1234567890"));
+    assert_eq!(config["MESH"], setting("td:projects=1234567890", "env"));
+    assert_eq!(config["PROJECT_ID"], setting("wl-project", "metadata"));
+    assert_eq!(config["PROJECT_NUMBER"], setting("1234567890", "metadata"));
+    assert!(world.gke.seen().is_empty() && world.kube.server.seen().is_empty());
+}
+
+#[test]
+fn mesh_env_errors_are_retried_then_reported() {
+    let world = mesh_world().start();
+    world.kube.server.fail("/configmaps/mesh-env", 2, 500, &[]);
+    let config = print_config(
+        world
+            .krun()
+            .env("MESH", format!("gke://{CFG}/us-central1/apps")),
+    );
+    assert_eq!(
+        config["XDS_ADDR"],
+        setting("meshcon.example:15012", "mesh-env")
+    );
+
+    world.kube.server.fail("/configmaps/mesh-env", 5, 500, &[]);
+    let done = world
+        .krun()
+        .env("MESH", format!("gke://{CFG}/us-central1/apps"))
+        .args(["--print-config"])
+        .run();
+    assert_eq!(done.code, 1, "{}", done.text());
+    let last = done.output.last().expect("an error line");
+    assert!(
+        last.starts_with(
+            "krun: reading ConfigMap istio-system/mesh-env from us-central1/apps failed after 5 attempts"
+        ),
+        "{last}"
+    );
+}
+
+#[test]
+fn print_config_offline_makes_no_call() {
+    let world = mesh_world().start();
+    let config = printed(
+        &world
+            .krun()
+            .env("MESH", format!("gke://{CFG}"))
+            .args(["--print-config", "--offline"])
+            .run(),
+    );
+    assert_eq!(config["MESH"], setting(&format!("gke://{CFG}"), "env"));
+    assert_eq!(config["PROJECT_ID"]["value"], Value::Null);
+    assert_eq!(world.calls(), 0);
+}
