@@ -15,8 +15,6 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-pub mod mesh_ca;
-
 /// How long any single wait may take before the test is declared hung.
 pub const HANG_GUARD: Duration = Duration::from_secs(60);
 

@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use krun_tests::mesh_ca::MeshCa;
+use krun_tests::fakes::pki::{ClientFiles, TestCa};
 use krun_tests::{Krun, Running, TempDir, free_port, testapp};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -202,7 +202,7 @@ struct MeshWorkload {
     _dir: TempDir,
 }
 
-fn mesh_workload(ca: &MeshCa, id: &str, extra: &[(&str, &str)]) -> MeshWorkload {
+fn mesh_workload(ca: &TestCa, id: &str, extra: &[(&str, &str)]) -> MeshWorkload {
     let dir = TempDir::new("mesh");
     ca.install_workload(&dir.join(""), id);
     let (app, hbone, tunnel) = (free_port(), free_port(), free_port());
@@ -228,7 +228,7 @@ fn mesh_workload(ca: &MeshCa, id: &str, extra: &[(&str, &str)]) -> MeshWorkload 
 
 #[test]
 fn python_h2_connects_over_mtls_to_hbone_and_policy_is_enforced() {
-    let ca = MeshCa::new(TD);
+    let ca = TestCa::new(TD);
     let server = mesh_workload(&ca, "spiffe://cluster.local/ns/default/sa/echo", &[]);
     let dir = TempDir::new("clients");
     let good = ca.install_client(
@@ -242,7 +242,7 @@ fn python_h2_connects_over_mtls_to_hbone_and_policy_is_enforced() {
         "spiffe://other.domain/ns/default/sa/client",
     );
     let (hbone, app) = (server.hbone.to_string(), server.app);
-    let connect = |files: &krun_tests::mesh_ca::ClientFiles, authority: &str| {
+    let connect = |files: &ClientFiles, authority: &str| {
         python(&[
             "connect-mtls",
             "127.0.0.1",
@@ -315,7 +315,7 @@ fn python_h2_connects_over_mtls_to_hbone_and_policy_is_enforced() {
 
 #[test]
 fn builtin_plane_terminates_mesh_mtls_inside_the_tunnel() {
-    let ca = MeshCa::new(TD);
+    let ca = TestCa::new(TD);
     let server = mesh_workload(&ca, "spiffe://cluster.local/ns/default/sa/echo", &[]);
     let dir = TempDir::new("mesh-client");
     let client = ca.install_client(
@@ -323,14 +323,14 @@ fn builtin_plane_terminates_mesh_mtls_inside_the_tunnel() {
         "client",
         "spiffe://cluster.local/ns/default/sa/client",
     );
-    let outsider_ca = MeshCa::new("not the mesh");
+    let outsider_ca = TestCa::new("not the mesh");
     let outsider = outsider_ca.install_client(
         &dir.join(""),
         "outsider",
         "spiffe://cluster.local/ns/default/sa/client",
     );
     let tunnel = server.tunnel.to_string();
-    let through = |files: &krun_tests::mesh_ca::ClientFiles, ca: &Path| {
+    let through = |files: &ClientFiles, ca: &Path| {
         python(&[
             "post-tls",
             "127.0.0.1",
@@ -363,7 +363,7 @@ fn builtin_plane_terminates_mesh_mtls_inside_the_tunnel() {
 
 #[test]
 fn krun_reaches_another_krun_over_hbone_through_the_outbound_proxy() {
-    let ca = MeshCa::new(TD);
+    let ca = TestCa::new(TD);
     let server = mesh_workload(&ca, "spiffe://cluster.local/ns/default/sa/echo", &[]);
     let dir = TempDir::new("outbound");
     ca.install_workload(&dir.join(""), "spiffe://cluster.local/ns/default/sa/caller");

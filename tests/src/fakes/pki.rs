@@ -87,6 +87,54 @@ impl TestCa {
         csr.signed_by(&issuer).expect("sign leaf").pem()
     }
 
+    /// A workload certificate for `spiffe_id` (e.g. `spiffe://cluster.local/ns/default/sa/web`)
+    /// as istiod issues them: EC P-256 leaf, URI SAN, server and client auth.
+    pub fn workload_cert(&self, spiffe_id: &str) -> Issued {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().expect("URI SAN"))];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let key = KeyPair::generate().expect("leaf key");
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).expect("sign leaf");
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// Installs a workload identity where krun reads a mounted one:
+    /// `<base>/var/run/secrets/istio.io/{cert-chain.pem,key.pem,root-cert.pem}`.
+    pub fn install_workload(&self, base: &Path, spiffe_id: &str) {
+        let dir = base.join("var/run/secrets/istio.io");
+        std::fs::create_dir_all(&dir).expect("cert dir");
+        let issued = self.workload_cert(spiffe_id);
+        std::fs::write(dir.join("cert-chain.pem"), issued.cert_pem).expect("write chain");
+        std::fs::write(dir.join("key.pem"), issued.key_pem).expect("write key");
+        std::fs::write(dir.join("root-cert.pem"), &self.root_pem).expect("write root");
+    }
+
+    /// Writes a client identity for an external client (openssl, Python) as
+    /// `<dir>/<name>.crt`, `<name>.key` and `<name>-ca.crt`.
+    pub fn install_client(&self, dir: &Path, name: &str, spiffe_id: &str) -> ClientFiles {
+        let issued = self.workload_cert(spiffe_id);
+        let files = ClientFiles {
+            cert: dir.join(format!("{name}.crt")),
+            key: dir.join(format!("{name}.key")),
+            ca: dir.join(format!("{name}-ca.crt")),
+        };
+        std::fs::write(&files.cert, issued.cert_pem).expect("write cert");
+        std::fs::write(&files.key, issued.key_pem).expect("write key");
+        std::fs::write(&files.ca, &self.root_pem).expect("write ca");
+        files
+    }
+
     /// Writes this root as an Istio `cacerts` directory where the root itself signs.
     pub fn write_cacerts(&self, dir: &Path) {
         std::fs::create_dir_all(dir).expect("cacerts dir");
@@ -95,6 +143,24 @@ impl TestCa {
         std::fs::write(dir.join("root-cert.pem"), &self.root_pem).expect("root-cert");
         std::fs::write(dir.join("cert-chain.pem"), &self.root_pem).expect("cert-chain");
     }
+}
+
+/// A certificate and its key, as PEM.
+pub struct Issued {
+    /// Leaf certificate.
+    pub cert_pem: String,
+    /// PKCS#8 private key.
+    pub key_pem: String,
+}
+
+/// File paths of a client identity.
+pub struct ClientFiles {
+    /// Certificate PEM.
+    pub cert: std::path::PathBuf,
+    /// Key PEM.
+    pub key: std::path::PathBuf,
+    /// Trusted root PEM.
+    pub ca: std::path::PathBuf,
 }
 
 /// A JWT-shaped token with these claims (signature not verifiable: krun never verifies).
