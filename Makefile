@@ -18,7 +18,5 @@ lint:
 
 # Benchmarks (not tests): figures against baselines measured in the same run.
 bench: prereqs
-	cargo build --release -p krun -p krun-tests
-	cargo bench -p krun-tests --bench startup
-	cargo bench -p krun-tests --bench identity
-	cargo bench -p krun-tests --bench discovery
+	cargo build --profile perf -p krun -p krun-tests --bins
+	cargo bench --profile perf -p krun-tests

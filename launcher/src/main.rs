@@ -51,9 +51,10 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<u8> {
         Some(path) => ProcessPlan::load(&path.value)?,
         None => ProcessPlan::default(),
     };
-    // One thread: the supervisor is event-driven and light; a second thread would only add
-    // memory and startup time to every container.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // Two workers: the supervisor alone would be fine on one, but a tunnel's TLS and HTTP/2
+    // work (one task) and its copy to the app (another) then run in parallel.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
     let result = if cli.print_config {

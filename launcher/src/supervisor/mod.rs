@@ -649,7 +649,7 @@ impl Supervisor {
         });
         let give_up = Instant::now() + grace.max(Duration::from_secs(1));
         // A killed orphan's own children are re-parented to krun in turn: repeat until none.
-        while self.reaper.kill_children() > 0 && Instant::now() < give_up {
+        while self.reaper.has_children() && self.reaper.kill_children() > 0 && Instant::now() < give_up {
             let round = (Instant::now() + Duration::from_millis(50)).min(give_up);
             let _ = tokio::time::timeout_at(round, self.reaper.all_reaped()).await;
         }

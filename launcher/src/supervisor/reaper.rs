@@ -103,6 +103,11 @@ impl Reaper {
         let _ = no_children.wait_for(|none| *none).await;
     }
 
+    /// False once `waitpid` has reported that krun has no children at all.
+    pub fn has_children(&self) -> bool {
+        !*self.no_children.borrow()
+    }
+
     /// SIGKILLs every living child of krun, including orphans it inherited and never spawned
     /// (e.g. a daemon that escaped into its own session). Returns how many it found.
     pub fn kill_children(&self) -> usize {
@@ -114,8 +119,23 @@ impl Reaper {
     }
 }
 
-/// Pids whose parent is krun, read from /proc (works for PID 1 and for a subreaper alike).
+/// Pids whose parent is krun: from each thread's `/proc/self/task/<tid>/children` when the
+/// kernel offers it (cheap), else by scanning every process's stat. Works for PID 1 and for a
+/// subreaper alike.
 fn living_children() -> Vec<Pid> {
+    children_by_task().unwrap_or_else(children_by_scan)
+}
+
+fn children_by_task() -> Option<Vec<Pid>> {
+    let mut children = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let list = std::fs::read_to_string(task.ok()?.path().join("children")).ok()?;
+        children.extend(list.split_whitespace().filter_map(|p| p.parse().ok()).map(Pid::from_raw));
+    }
+    Some(children)
+}
+
+fn children_by_scan() -> Vec<Pid> {
     let me = nix::unistd::getpid().as_raw();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
