@@ -190,13 +190,10 @@ pub fn app_env(
     add("GRPC_XDS_EXPERIMENTAL_RBAC", "true");
     add("GRPC_XDS_EXPERIMENTAL_SECURITY_SUPPORT", "true");
     if whitebox_proxy {
-        let proxy = format!("http://127.0.0.1:{WHITEBOX_PROXY_PORT}");
-        add("HTTP_PROXY", &proxy);
-        add("http_proxy", &proxy);
-        add(
-            "NO_PROXY",
-            "localhost,127.0.0.1,::1,169.254.169.254,metadata.google.internal",
-        );
+        let proxy = std::net::SocketAddr::from(([127, 0, 0, 1], WHITEBOX_PROXY_PORT));
+        for (name, value) in crate::capture::whitebox::proxy_env(proxy) {
+            add(name, &value);
+        }
     }
     out.insert(
         "GRPC_XDS_BOOTSTRAP".into(),

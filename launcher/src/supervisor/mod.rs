@@ -196,6 +196,12 @@ impl Supervisor {
         })
     }
 
+    /// The reaper, for work that must spawn processes after [`Supervisor::run`] (e.g. removing
+    /// the capture rules).
+    pub fn reaper(&self) -> Reaper {
+        self.reaper.clone()
+    }
+
     /// Watches the workload's phase: the hook the tunnel and data plane use to stop accepting.
     pub fn phase(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()
