@@ -93,7 +93,14 @@ pub async fn run(
     let minted = identity
         .as_ref()
         .and_then(|id| crate::dataplane::follow_identity(id.store()));
-    let mut mesh = MeshSide::start(&config, dataplane.mode, minted, drain.clone()).await?;
+    let mut mesh = MeshSide::start(
+        &config,
+        dataplane.mode,
+        capture.interception,
+        minted,
+        drain.clone(),
+    )
+    .await?;
     supervisor.clock().mark("dataplane");
     mesh.open_tunnel_when_ready(&config, supervisor.phase(), supervisor.fail_handle());
     let mut phase = supervisor.phase();
