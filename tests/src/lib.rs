@@ -16,6 +16,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 pub mod mesh_ca;
+pub mod netns;
 
 /// How long any single wait may take before the test is declared hung.
 pub const HANG_GUARD: Duration = Duration::from_secs(60);
