@@ -8,6 +8,11 @@ use krun_tests::Krun;
 use krun_tests::netns::Netns;
 use nix::sys::signal::Signal;
 
+/// krun inside `ns` with capture allowed (the harness turns it off for the host's namespace).
+fn krun_in(ns: &Netns) -> Krun {
+    Krun::wrapped(&ns.wrapper()).env("ISTIO_META_INTERCEPTION_MODE", "REDIRECT")
+}
+
 /// `python3 capture_app.py <args>` as the app's argv.
 fn app(args: &[&str]) -> Vec<String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/capture_app.py");
@@ -24,7 +29,7 @@ fn app(args: &[&str]) -> Vec<String> {
 #[test]
 fn app_connections_in_range_land_on_15001_and_the_rest_do_not() {
     let ns = Netns::new("cap");
-    let mut krun = Krun::wrapped(&ns.wrapper())
+    let mut krun = krun_in(&ns)
         .env("OUTBOUND_PORTS_EXCLUDE", "5432")
         .env("OUTBOUND_IP_RANGES_INCLUDE", "10.0.0.0/8,169.254.0.0/16")
         .args(app(&[
@@ -83,7 +88,7 @@ fn applying_twice_is_idempotent_and_cleanup_removes_exactly_ours() {
     ]);
     let before = ns.nat();
     let run = |cleanup: &str| {
-        let done = Krun::wrapped(&ns.wrapper())
+        let done = krun_in(&ns)
             .env("KRUN_CAPTURE_DNS", "true")
             .env("KRUN_CAPTURE_CLEANUP", cleanup)
             .args(["--", "true"])
@@ -114,7 +119,7 @@ fn applying_twice_is_idempotent_and_cleanup_removes_exactly_ours() {
 #[test]
 fn dns_queries_reach_15053_when_dns_capture_is_on() {
     let ns = Netns::new("dns");
-    let done = Krun::wrapped(&ns.wrapper())
+    let done = krun_in(&ns)
         .env("KRUN_CAPTURE_DNS", "true")
         .args(app(&["dns"]))
         .run();
@@ -134,6 +139,7 @@ fn without_net_admin_krun_chooses_whitebox_and_the_app_gets_the_proxy() {
         "--bounding-set=-net_admin",
     ]);
     let done = Krun::wrapped(&wrapper)
+        .env("ISTIO_META_INTERCEPTION_MODE", "REDIRECT")
         .env("KRUN_OUTBOUND_ADDR", "127.0.0.1:15007")
         .args(app(&["env", "HTTP_PROXY", "http_proxy", "NO_PROXY"]))
         .run();
@@ -153,7 +159,7 @@ fn without_net_admin_krun_chooses_whitebox_and_the_app_gets_the_proxy() {
 #[test]
 fn a_port_forward_carries_a_tcp_session() {
     let ns = Netns::new("fwd");
-    let done = Krun::wrapped(&ns.wrapper())
+    let done = krun_in(&ns)
         .env("ISTIO_META_INTERCEPTION_MODE", "NONE")
         .env("KRUN_FORWARD", "127.0.0.1:6000=127.0.0.1:7000")
         .args(app(&["forward", "127.0.0.1:6000", "127.0.0.1:7000"]))
@@ -167,7 +173,7 @@ fn a_port_forward_carries_a_tcp_session() {
 #[test]
 fn the_http_proxy_carries_a_request_and_a_connect_tunnel() {
     let ns = Netns::new("proxy");
-    let done = Krun::wrapped(&ns.wrapper())
+    let done = krun_in(&ns)
         .env("ISTIO_META_INTERCEPTION_MODE", "NONE")
         .env("KRUN_OUTBOUND_ADDR", "127.0.0.1:15007")
         .args(app(&["proxy", "127.0.0.1:15007", "127.0.0.1:7001"]))
