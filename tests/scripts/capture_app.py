@@ -6,6 +6,7 @@ connections a scenario needs, printing one line per observation for the test to 
                      last one; prints "connected LAST" and waits to be stopped
   dns                listens on udp 127.0.0.1:15053, sends a query to 192.0.2.53:53 and prints
                      "dns query reached 15053 from PORT" when it arrives there
+  echo DST MESSAGE   sends MESSAGE to DST, half-closes, prints "echoed REPLY"
   env NAME...        prints NAME=value for each variable
   forward LISTEN UP  echo server on UP; sends "ping" through LISTEN and prints "forward got ..."
   proxy PROXY UP     HTTP server on UP; GET http://UP/hello through PROXY (absolute URI) and a
@@ -93,6 +94,12 @@ def main():
         connect(args)
     elif command == "dns":
         dns()
+    elif command == "echo":
+        target, message = args
+        s = socket.create_connection(addr(target))
+        s.sendall(message.encode())
+        s.shutdown(socket.SHUT_WR)
+        print("echoed", read_response(s), flush=True)
     elif command == "env":
         for name in args:
             print(f"{name}={os.environ.get(name, '')}", flush=True)

@@ -11,8 +11,42 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates `krun-<tag>-<pid>-<n>` with `lo` up and a default route via `v0`.
+    /// Creates `krun-<tag>-<pid>-<n>` with `lo` up and a default route via `v0` (whose peer
+    /// `v1` stays inside, so nothing answers there).
     pub fn new(tag: &str) -> Netns {
+        let netns = Netns::bare(tag);
+        netns.run("ip link add v0 type veth peer name v1");
+        netns.run("ip link set v1 up");
+        netns.client_side();
+        netns
+    }
+
+    /// Two namespaces joined by a veth pair: the first routes everything to the second, which
+    /// answers as 192.0.2.2 and as `server_ip` (e.g. a mesh workload at 10.1.2.3).
+    pub fn pair(tag: &str, server_ip: &str) -> (Netns, Netns) {
+        let client = Netns::bare(tag);
+        let server = Netns::bare(tag);
+        client.exec(&[
+            "ip",
+            "link",
+            "add",
+            "v0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "v1",
+            "netns",
+            &server.name,
+        ]);
+        client.client_side();
+        server.run("ip link set v1 up");
+        server.run("ip addr add 192.0.2.2/24 dev v1");
+        server.exec(&["ip", "addr", "add", &format!("{server_ip}/32"), "dev", "lo"]);
+        (client, server)
+    }
+
+    fn bare(tag: &str) -> Netns {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
             "krun-{tag}-{}-{}",
@@ -21,17 +55,22 @@ impl Netns {
         );
         ip(&["netns", "add", &name]);
         let netns = Netns { name };
+        netns.run("ip link set lo up");
+        netns
+    }
+
+    fn client_side(&self) {
         for step in [
-            "ip link set lo up",
-            "ip link add v0 type veth peer name v1",
             "ip link set v0 up",
-            "ip link set v1 up",
             "ip addr add 192.0.2.1/24 dev v0",
             "ip route add default via 192.0.2.2 dev v0",
         ] {
-            netns.exec(&step.split(' ').collect::<Vec<_>>());
+            self.run(step);
         }
-        netns
+    }
+
+    fn run(&self, command: &str) {
+        self.exec(&command.split(' ').collect::<Vec<_>>());
     }
 
     /// The argv prefix that runs a command inside.

@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
-use krun_tests::Krun;
+use krun_tests::mesh_ca::MeshCa;
 use krun_tests::netns::Netns;
+use krun_tests::{Krun, TempDir, testapp};
 use nix::sys::signal::Signal;
 
 /// krun inside `ns` with capture allowed (the harness turns it off for the host's namespace).
@@ -189,4 +190,46 @@ fn the_http_proxy_carries_a_request_and_a_connect_tunnel() {
         "{}",
         done.text()
     );
+}
+
+/// A captured connection to a mesh destination (inside OUTBOUND_IP_RANGES_INCLUDE) goes over
+/// HBONE to the peer's 15008: the peer's app listens on loopback only, so nothing but the
+/// peer's krun could have delivered the bytes.
+#[test]
+fn a_captured_mesh_destination_goes_over_hbone() {
+    let (client_ns, server_ns) = Netns::pair("mesh", "10.1.2.3");
+    let ca = MeshCa::new("cluster.local");
+    let server_dir = TempDir::new("mesh-server");
+    ca.install_workload(
+        &server_dir.join(""),
+        "spiffe://cluster.local/ns/default/sa/echo",
+    );
+    let mut server = Krun::wrapped(&server_ns.wrapper())
+        .env("MESH_BASE_DIR", server_dir.join(""))
+        .env("KRUN_DATAPLANE", "builtin")
+        .env("PORT_http", "8080")
+        .env("KRUN_HBONE_PORT", "15008")
+        .env("KRUN_TUNNEL_PORT", "15009")
+        .args(testapp(&["echo", "8080"]))
+        .start();
+    server.wait_for_line("tunnel port open");
+    let client_dir = TempDir::new("mesh-client");
+    ca.install_workload(
+        &client_dir.join(""),
+        "spiffe://cluster.local/ns/default/sa/caller",
+    );
+    let done = krun_in(&client_ns)
+        .env("MESH_BASE_DIR", client_dir.join(""))
+        .env("KRUN_DATAPLANE", "builtin")
+        .args(app(&["echo", "10.1.2.3:8080", "over the mesh"]))
+        .run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(
+        done.has_line("original_dst=10.1.2.3:8080 route=\"hbone\""),
+        "{}",
+        done.text()
+    );
+    assert!(done.has_line("echoed over the mesh"), "{}", done.text());
+    server.signal(Signal::SIGTERM);
+    server.finish();
 }
