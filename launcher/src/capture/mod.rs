@@ -141,3 +141,45 @@ pub fn decide(config: &Config) -> Capture {
         cleanup: config.capture_cleanup.value,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Env;
+
+    fn config(pairs: &[(&str, &str)]) -> Config {
+        let env: Env = pairs.iter().map(|(k, v)| (*k, *v)).collect();
+        Config::from_env(&env).expect("valid config")
+    }
+
+    /// The configured tunnel and HBONE ports are never captured, the REDIRECT goes to the
+    /// capture listener's port, and the inbound ports and DNS switch come from the config.
+    #[test]
+    fn rules_follow_the_config() {
+        let rules = rules_for(&config(&[
+            ("KRUN_TUNNEL_PORT", "8443"),
+            ("KRUN_HBONE_PORT", "0"),
+            ("KRUN_CAPTURE_ADDR", "127.0.0.1:16001"),
+            ("KRUN_CAPTURE_DNS", "true"),
+            ("KRUN_CAPTURE_INBOUND_PORTS", "8080"),
+            ("OUTBOUND_PORTS_EXCLUDE", "5432"),
+            ("OUTBOUND_IP_RANGES_INCLUDE", "10.0.0.0/8,172.16.0.0/12"),
+        ]));
+        assert_eq!(rules.proxy_port, 16001);
+        assert!(rules.exclude_ports.contains(&8443) && rules.exclude_ports.contains(&5432));
+        assert!(!rules.exclude_ports.contains(&0));
+        assert_eq!(rules.include, ["10.0.0.0/8", "172.16.0.0/12"]);
+        assert_eq!(rules.inbound_ports, [8080]);
+        assert_eq!(rules.dns_port, Some(rules::DNS_PORT));
+        assert_eq!(rules.proxy_gid, Some(crate::agent::PROXY_GID));
+    }
+
+    /// MESH=td: selects the Traffic Director script's semantics.
+    #[test]
+    fn traffic_director_mesh_uses_the_td_rules() {
+        let rules = rules_for(&config(&[("MESH", "td:projects/p/networks/default")]));
+        assert_eq!(rules.proxy_gid, None);
+        assert_eq!(rules.include, ["*"]);
+        assert_eq!(rules.dns_port, Some(rules::DNS_PORT));
+    }
+}
