@@ -7,6 +7,9 @@ need_apt=()
 command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v ip >/dev/null || need_apt+=(iproute2)
+# The capture tests install real rules in network namespaces.
+command -v iptables-restore >/dev/null || need_apt+=(iptables)
+command -v python3 >/dev/null || need_apt+=(python3)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v sha256sum >/dev/null || need_apt+=(coreutils)
 # The identity tests make CA keys the way Istio's tooling does (RSA 4096, SEC1 EC).

@@ -14,17 +14,28 @@ const INITIAL_BUFFER: usize = 1024;
 
 /// Copies both ways until both directions are done; returns the bytes sent each way
 /// (`a` to `b`, then `b` to `a`). `max_buffer` bounds each direction's buffer.
-pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B, max_buffer: usize) -> std::io::Result<(u64, u64)>
+pub async fn copy_bidirectional<A, B>(
+    a: &mut A,
+    b: &mut B,
+    max_buffer: usize,
+) -> std::io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let (mut a_read, mut a_write) = tokio::io::split(a);
     let (mut b_read, mut b_write) = tokio::io::split(b);
-    tokio::try_join!(copy_one_way(&mut a_read, &mut b_write, max_buffer), copy_one_way(&mut b_read, &mut a_write, max_buffer))
+    tokio::try_join!(
+        copy_one_way(&mut a_read, &mut b_write, max_buffer),
+        copy_one_way(&mut b_read, &mut a_write, max_buffer)
+    )
 }
 
-async fn copy_one_way<R, W>(reader: &mut R, writer: &mut W, max_buffer: usize) -> std::io::Result<u64>
+async fn copy_one_way<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    max_buffer: usize,
+) -> std::io::Result<u64>
 where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
@@ -57,7 +68,8 @@ mod tests {
     async fn copies_both_ways_with_half_close() {
         let (mut client, mut near) = tokio::io::duplex(64);
         let (mut far, mut server) = tokio::io::duplex(64);
-        let relay = tokio::spawn(async move { copy_bidirectional(&mut near, &mut far, 4096).await });
+        let relay =
+            tokio::spawn(async move { copy_bidirectional(&mut near, &mut far, 4096).await });
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let expected = payload.clone();
         let echo = tokio::spawn(async move {
@@ -73,6 +85,9 @@ mod tests {
         client.read_to_end(&mut back).await.expect("read back");
         assert_eq!(back, expected);
         assert_eq!(echo.await.expect("echo task"), 100_000);
-        assert_eq!(relay.await.expect("relay").expect("copy"), (100_000, 100_000));
+        assert_eq!(
+            relay.await.expect("relay").expect("copy"),
+            (100_000, 100_000)
+        );
     }
 }

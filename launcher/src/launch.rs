@@ -1,15 +1,15 @@
 //! The startup graph, in one place: configuration is already resolved from the environment;
 //! discovery fills in what the mesh says, identity mints the certificate, the data plane is
 //! chosen and set up, the supervisor starts the app, and the tunnel opens once it is ready.
-//! Capture plugs in here next.
+//! Traffic capture is decided (and iptables installed) before the supervisor starts.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::AgentInputs;
-use crate::config::{Config, Env, StartupProbe};
+use crate::agent::{AgentInputs, Interception};
+use crate::config::{Config, DataPlane, Env, StartupProbe};
 use crate::dataplane::MeshSide;
 use crate::discovery;
 use crate::identity::{self, Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
@@ -50,6 +50,8 @@ pub async fn run(
     if identity.is_some() {
         clock.mark("identity");
     }
+    // Before the supervisor: installing the rules waits for iptables-restore itself.
+    let capture = crate::capture::decide(&config);
     let value = |s: Option<&crate::config::Setting<String>>| s.map(|s| s.value.clone());
     let inputs = AgentInputs {
         mesh_env: found.mesh_env.clone(),
@@ -58,9 +60,22 @@ pub async fn run(
         project_id: value(config.project_id.as_ref()),
         cluster_name: value(config.cluster_name.as_ref()),
         cluster_location: value(config.cluster_location.as_ref()),
+        interception: capture.interception,
         ..AgentInputs::default()
     };
-    let dataplane = crate::agent::set_up(&config, &inputs, env, &mut plan)?;
+    let mut dataplane = crate::agent::set_up(&config, &inputs, env, &mut plan)?;
+    // Envoy's whitebox proxy variables come from the agent layer; the builtin one's from here.
+    let outbound = config.outbound_addr.value;
+    if capture.interception == Interception::Whitebox
+        && dataplane.mode == DataPlane::Builtin
+        && outbound.port() != 0
+    {
+        for (name, value) in crate::capture::whitebox::proxy_env(outbound) {
+            if env.get(name).is_none() {
+                dataplane.app_env.insert(name.to_owned(), value);
+            }
+        }
+    }
     let app = (!argv.is_empty()).then(|| app_spec(&config, argv, dataplane.app_env));
     if app.is_none() {
         tracing::info!(
@@ -78,7 +93,14 @@ pub async fn run(
     let minted = identity
         .as_ref()
         .and_then(|id| crate::dataplane::follow_identity(id.store()));
-    let mut mesh = MeshSide::start(&config, dataplane.mode, minted, drain.clone()).await?;
+    let mut mesh = MeshSide::start(
+        &config,
+        dataplane.mode,
+        capture.interception,
+        minted,
+        drain.clone(),
+    )
+    .await?;
     supervisor.clock().mark("dataplane");
     mesh.open_tunnel_when_ready(&config, supervisor.phase(), supervisor.fail_handle());
     let mut phase = supervisor.phase();
@@ -88,7 +110,9 @@ pub async fn run(
             stop_listeners.cancel();
         }
     });
+    let reaper = supervisor.reaper();
     let code = supervisor.run().await;
+    capture.cleanup(&reaper).await;
     // Open tunnels had the drain budget alongside the app; give them what is left of it.
     mesh.drain(config.drain_timeout.value).await;
     Ok(code)

@@ -5,6 +5,7 @@
 //! [`launch::run`] is the startup graph; each module below owns one job.
 
 pub mod agent;
+pub mod capture;
 pub mod config;
 pub mod dataplane;
 pub mod discovery;

@@ -64,7 +64,9 @@ async fn bulk<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut strea
     BULK as f64 / start.elapsed().as_secs_f64() / (1 << 20) as f64
 }
 
-async fn ping_pong<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut stream: S) -> (Duration, Duration) {
+async fn ping_pong<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+) -> (Duration, Duration) {
     let mut samples = Vec::with_capacity(PINGS);
     let mut byte = [0u8; 1];
     for _ in 0..PINGS {
@@ -80,7 +82,11 @@ async fn ping_pong<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut 
 
 fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).expect("VmRSS")
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
 }
 
 fn krun_pid(krun: &krun_tests::Running) -> i32 {
@@ -88,11 +94,19 @@ fn krun_pid(krun: &krun_tests::Running) -> i32 {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let ca = TestCa::new("cluster.local");
     let dir = TempDir::new("bench-hbone");
     ca.install_workload(&dir.join(""), "spiffe://cluster.local/ns/default/sa/server");
-    let client_files = ca.install_client(&dir.join(""), "client", "spiffe://cluster.local/ns/default/sa/client");
+    let client_files = ca.install_client(
+        &dir.join(""),
+        "client",
+        "spiffe://cluster.local/ns/default/sa/client",
+    );
     let client_cert = WorkloadCert::from_pem(
         &std::fs::read(&client_files.cert).expect("cert"),
         &std::fs::read(&client_files.key).expect("key"),
@@ -102,7 +116,10 @@ fn main() {
     let (sink_addr, echo_addr) = runtime.block_on(async {
         let sink_listener = TcpListener::bind("127.0.0.1:0").await.expect("sink");
         let echo_listener = TcpListener::bind("127.0.0.1:0").await.expect("echo");
-        let addrs = (sink_listener.local_addr().expect("addr"), echo_listener.local_addr().expect("addr"));
+        let addrs = (
+            sink_listener.local_addr().expect("addr"),
+            echo_listener.local_addr().expect("addr"),
+        );
         tokio::spawn(sink(sink_listener));
         tokio::spawn(echo(echo_listener));
         addrs

@@ -15,6 +15,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+pub mod netns;
 /// How long any single wait may take before the test is declared hung.
 pub const HANG_GUARD: Duration = Duration::from_secs(60);
 
@@ -111,7 +112,10 @@ impl Krun {
             .env("PORT_http", "-")
             .env("KRUN_TUNNEL_PORT", "0")
             .env("KRUN_HBONE_PORT", "0")
-            .env("KRUN_OUTBOUND_ADDR", "127.0.0.1:0");
+            .env("KRUN_OUTBOUND_ADDR", "127.0.0.1:0")
+            // Tests run as root on the host's network namespace: no iptables capture there.
+            // The capture tests turn it back on inside a namespace of their own.
+            .env("ISTIO_META_INTERCEPTION_MODE", "NONE");
         Krun { command }
     }
 

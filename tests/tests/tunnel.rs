@@ -373,9 +373,13 @@ fn krun_reaches_another_krun_over_hbone_through_the_outbound_proxy() {
         .env("KRUN_DATAPLANE", "builtin")
         .env("KRUN_OUTBOUND_ADDR", format!("127.0.0.1:{outbound}"))
         .env("KRUN_HBONE_PEER_PORT", server.hbone.to_string())
+        // The peer is on loopback here: make that a mesh range, so the proxy uses HBONE.
+        .env("OUTBOUND_IP_RANGES_INCLUDE", "127.0.0.0/8")
         .args(testapp(&["wait-term"]))
         .start();
-    caller.wait_for_line("outbound HBONE proxy");
+    let listening =
+        caller.wait_for_line("outbound HTTP proxy (CONNECT and absolute URIs) listening");
+    assert!(listening.contains("hbone=true"), "{listening}");
     caller.wait_for_line("READY");
     let mut conn =
         TcpStream::connect(("127.0.0.1", outbound)).expect("connect to the outbound proxy");

@@ -106,7 +106,12 @@ impl AgentSetup {
         );
         if self.interception == Interception::Iptables {
             add("ISTIO_META_DNS_CAPTURE", "true".to_owned());
-            add("DNS_PROXY_ADDR", "localhost:53".to_owned());
+            // Where the capture rules send DNS (KRUN_CAPTURE_DNS); krun never points
+            // /etc/resolv.conf at :53 as the reference did.
+            add(
+                "DNS_PROXY_ADDR",
+                format!("localhost:{}", crate::capture::rules::DNS_PORT),
+            );
         }
         if let (Some(p), Some(l), Some(c)) = (&w.project_id, &w.cluster_location, &w.cluster_name) {
             add(
@@ -190,13 +195,10 @@ pub fn app_env(
     add("GRPC_XDS_EXPERIMENTAL_RBAC", "true");
     add("GRPC_XDS_EXPERIMENTAL_SECURITY_SUPPORT", "true");
     if whitebox_proxy {
-        let proxy = format!("http://127.0.0.1:{WHITEBOX_PROXY_PORT}");
-        add("HTTP_PROXY", &proxy);
-        add("http_proxy", &proxy);
-        add(
-            "NO_PROXY",
-            "localhost,127.0.0.1,::1,169.254.169.254,metadata.google.internal",
-        );
+        let proxy = std::net::SocketAddr::from(([127, 0, 0, 1], WHITEBOX_PROXY_PORT));
+        for (name, value) in crate::capture::whitebox::proxy_env(proxy) {
+            add(name, &value);
+        }
     }
     out.insert(
         "GRPC_XDS_BOOTSTRAP".into(),
@@ -255,7 +257,7 @@ mod tests {
         let none = Env::default();
         let captured = setup("10.0.0.1:15012", true, Interception::Iptables).agent_env(&none);
         assert_eq!(captured["ISTIO_META_DNS_CAPTURE"], "true");
-        assert_eq!(captured["DNS_PROXY_ADDR"], "localhost:53");
+        assert_eq!(captured["DNS_PROXY_ADDR"], "localhost:15053");
         assert!(!captured.contains_key("ISTIO_META_INTERCEPTION_MODE"));
         assert!(!captured.contains_key("ISTIO_META_UNPRIVILEGED_POD"));
         assert_eq!(captured["CA_PROVIDER"], "GoogleGkeWorkloadCertificate");

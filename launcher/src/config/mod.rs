@@ -81,6 +81,10 @@ pub mod names {
     pub const KRUN_PUBLIC_HTTP: &str = "KRUN_PUBLIC_HTTP";
     pub const KRUN_OUTBOUND_ADDR: &str = "KRUN_OUTBOUND_ADDR";
     pub const KRUN_HBONE_PEER_PORT: &str = "KRUN_HBONE_PEER_PORT";
+    pub const KRUN_CAPTURE_ADDR: &str = "KRUN_CAPTURE_ADDR";
+    pub const KRUN_CAPTURE_DNS: &str = "KRUN_CAPTURE_DNS";
+    pub const KRUN_CAPTURE_CLEANUP: &str = "KRUN_CAPTURE_CLEANUP";
+    pub const KRUN_CAPTURE_INBOUND_PORTS: &str = "KRUN_CAPTURE_INBOUND_PORTS";
     pub const KRUN_METADATA_TIMEOUT: &str = "KRUN_METADATA_TIMEOUT";
     pub const KRUN_METADATA_PROBE_TIMEOUT: &str = "KRUN_METADATA_PROBE_TIMEOUT";
     pub const KRUN_DISCOVERY_TIMEOUT: &str = "KRUN_DISCOVERY_TIMEOUT";
@@ -107,6 +111,10 @@ pub const DEFAULT_ADMIN_ADDR: SocketAddr =
 /// Default outbound HTTP CONNECT proxy of the builtin data plane (the whitebox proxy port).
 pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15007));
+/// Default outbound capture listener: iptables REDIRECT of locally generated traffic lands
+/// on 127.0.0.1, so loopback is enough and nothing outside the container can reach it.
+pub const DEFAULT_CAPTURE_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001));
 /// Default path of pilot-agent in the golden image.
 pub const DEFAULT_PILOT_AGENT_PATH: &str = "/usr/local/bin/pilot-agent";
 /// Default path of Envoy in the golden image.
@@ -306,6 +314,15 @@ impl StartupProbe {
             StartupProbe::Tcp(addr) => format!("tcp://{addr}"),
         }
     }
+}
+
+/// A comma-separated port list (`OUTBOUND_PORTS_EXCLUDE`, `KRUN_CAPTURE_INBOUND_PORTS`).
+fn port_list(v: &str) -> Result<Vec<u16>, &'static str> {
+    values::list(v)
+        .iter()
+        .map(|p| values::port(p))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "a comma-separated list of port numbers")
 }
 
 /// A localhost port forward for clients that cannot use `HTTP_PROXY` (whitebox mode).
@@ -612,6 +629,15 @@ pub struct Config {
     pub outbound_addr: Setting<SocketAddr>,
     /// HBONE port of mesh peers reached through the outbound proxy.
     pub hbone_peer_port: Setting<u16>,
+    /// Where the builtin data plane accepts captured outbound connections; its port is the
+    /// iptables REDIRECT target.
+    pub capture_addr: Setting<SocketAddr>,
+    /// Whether DNS (udp and tcp 53) is redirected to 15053 when capturing.
+    pub capture_dns: Setting<bool>,
+    /// Whether krun removes its iptables rules on exit.
+    pub capture_cleanup: Setting<bool>,
+    /// Inbound ports redirected to 15006 (none by default).
+    pub capture_inbound_ports: Setting<Vec<u16>>,
     /// Unknown `KRUN_*` variables: probably typos, logged as warnings once logging is up.
     pub unknown_vars: Vec<String>,
     /// The environment and layers this was resolved from, for [`Config::merge`].
@@ -637,6 +663,10 @@ const KNOWN_KRUN_VARS: &[&str] = &[
     KRUN_PUBLIC_HTTP,
     KRUN_OUTBOUND_ADDR,
     KRUN_HBONE_PEER_PORT,
+    KRUN_CAPTURE_ADDR,
+    KRUN_CAPTURE_DNS,
+    KRUN_CAPTURE_CLEANUP,
+    KRUN_CAPTURE_INBOUND_PORTS,
     KRUN_METADATA_TIMEOUT,
     KRUN_METADATA_PROBE_TIMEOUT,
     KRUN_DISCOVERY_TIMEOUT,
@@ -711,17 +741,7 @@ impl Config {
             oss_istio: env.parsed_or(OSS_ISTIO, values::boolean, false)?,
             outbound_ip_ranges_include: env
                 .string_or(OUTBOUND_IP_RANGES_INCLUDE, DEFAULT_OUTBOUND_IP_RANGES),
-            outbound_ports_exclude: env.parsed_or(
-                OUTBOUND_PORTS_EXCLUDE,
-                |v| {
-                    values::list(v)
-                        .iter()
-                        .map(|p| values::port(p))
-                        .collect::<Result<_, _>>()
-                        .map_err(|_| "a comma-separated list of port numbers")
-                },
-                Vec::new(),
-            )?,
+            outbound_ports_exclude: env.parsed_or(OUTBOUND_PORTS_EXCLUDE, port_list, Vec::new())?,
             interception_mode: env.string(ISTIO_META_INTERCEPTION_MODE),
             ports,
             k8s_uid: env.parsed(K8S_UID, |v| v.parse::<u32>().map_err(|_| "a numeric uid"))?,
@@ -832,6 +852,18 @@ impl Config {
                 KRUN_HBONE_PEER_PORT,
                 values::port,
                 DEFAULT_HBONE_PORT,
+            )?,
+            capture_addr: env.parsed_or(
+                KRUN_CAPTURE_ADDR,
+                |v| v.parse().map_err(|_| "an address such as 127.0.0.1:15001"),
+                DEFAULT_CAPTURE_ADDR,
+            )?,
+            capture_dns: env.parsed_or(KRUN_CAPTURE_DNS, values::boolean, false)?,
+            capture_cleanup: env.parsed_or(KRUN_CAPTURE_CLEANUP, values::boolean, false)?,
+            capture_inbound_ports: env.parsed_or(
+                KRUN_CAPTURE_INBOUND_PORTS,
+                port_list,
+                Vec::new(),
             )?,
             unknown_vars: unknown_krun_vars(&inputs.env),
             inputs,
@@ -944,6 +976,10 @@ impl Config {
         out.one(KRUN_PUBLIC_HTTP, &self.public_http);
         out.one(KRUN_OUTBOUND_ADDR, &self.outbound_addr);
         out.one(KRUN_HBONE_PEER_PORT, &self.hbone_peer_port);
+        out.one(KRUN_CAPTURE_ADDR, &self.capture_addr);
+        out.one(KRUN_CAPTURE_DNS, &self.capture_dns);
+        out.one(KRUN_CAPTURE_CLEANUP, &self.capture_cleanup);
+        out.one(KRUN_CAPTURE_INBOUND_PORTS, &self.capture_inbound_ports);
         out.0
     }
 }

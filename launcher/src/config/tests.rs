@@ -26,6 +26,9 @@ fn defaults_without_any_environment() {
     assert_eq!(config.app_port(), Some(8080));
     assert_eq!(config.app_ready_ports(), vec![8080]);
     assert_eq!(config.workload_service_account.value, "default");
+    assert_eq!(config.capture_addr.value, DEFAULT_CAPTURE_ADDR);
+    assert!(!config.capture_dns.value && !config.capture_cleanup.value);
+    assert!(config.capture_inbound_ports.value.is_empty());
 }
 
 #[test]
@@ -127,6 +130,14 @@ fn every_bad_value_names_variable_value_and_form() {
         (
             &[("KRUN_LOG_FORMAT", "xml")],
             "KRUN_LOG_FORMAT=xml: expected json or text",
+        ),
+        (
+            &[("KRUN_CAPTURE_ADDR", "15001")],
+            "KRUN_CAPTURE_ADDR=15001: expected an address such as 127.0.0.1:15001",
+        ),
+        (
+            &[("KRUN_CAPTURE_INBOUND_PORTS", "8080,http")],
+            "KRUN_CAPTURE_INBOUND_PORTS=8080,http: expected a comma-separated list of port numbers",
         ),
         (
             &[("KRUN_ADMIN_ADDR", "localhost")],

@@ -6,8 +6,11 @@
 //! drain every listener stops accepting and open streams get the drain budget to finish.
 
 mod certs;
+mod forward;
 mod inbound;
 mod outbound;
+pub mod redirect;
+pub mod route;
 mod routes;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -26,8 +29,11 @@ use tokio_util::sync::CancellationToken;
 pub use certs::{WORKLOAD_CERT_DIR, follow_identity, load as load_workload_cert};
 pub use routes::{DeclaredPorts, HboneRouter, MESH_INBOUND_PORT, TunnelRouter};
 
+use crate::agent::Interception;
 use crate::config::{Config, DataPlane};
 use crate::supervisor::{FailHandle, Phase};
+use hbone::client::HboneClient;
+use route::{Cidr, MeshHop, Router};
 
 /// The running mesh listeners.
 pub struct MeshSide {
@@ -37,13 +43,15 @@ pub struct MeshSide {
 }
 
 impl MeshSide {
-    /// Starts the mesh listeners that must be up before the app: HBONE and, for the builtin
-    /// data plane, the mTLS terminator and the outbound proxy.
+    /// Starts the mesh listeners that must be up before the app: HBONE, the `KRUN_FORWARD`
+    /// listeners and, for the builtin data plane, the mTLS terminator, the outbound proxy and
+    /// (with iptables capture) the capture listener.
     /// `minted` is the identity step's certificate feed; without one, a certificate mounted
     /// in Istio's file layout is used as it is.
     pub async fn start(
         config: &Config,
         mode: DataPlane,
+        interception: Interception,
         minted: Option<watch::Receiver<Arc<WorkloadCert>>>,
         drain: CancellationToken,
     ) -> anyhow::Result<MeshSide> {
@@ -61,6 +69,7 @@ impl MeshSide {
             }
         };
         let mut mesh_inbound = None;
+        let mut hop = None;
         if let Some(certs) = certs {
             let trust_domain = certs
                 .borrow()
@@ -82,8 +91,11 @@ impl MeshSide {
                     &mut tasks,
                 )
                 .await?;
-                start_outbound(config, &certs, &trust_domain, &settings, &drain, &mut tasks)
-                    .await?;
+                hop = Some(MeshHop {
+                    client: Arc::new(HboneClient::new(settings, Some(certs.clone()))),
+                    expected: ExpectedPeer::TrustDomain(trust_domain.clone()),
+                    peer_port: config.hbone_peer_port.value,
+                });
             }
             let ports = DeclaredPorts::new(config, mesh_inbound);
             if config.hbone_port.value != 0 {
@@ -108,6 +120,24 @@ impl MeshSide {
                     .with_tls(tls);
                 tasks.spawn(server.serve(listener, drain.clone(), config.drain_timeout.value));
             }
+        }
+        let router = Arc::new(Router {
+            mesh: hop,
+            ranges: Cidr::parse_list(&config.outbound_ip_ranges_include.value),
+        });
+        if mode == DataPlane::Builtin {
+            start_outbound(config, interception, &router, &settings, &drain, &mut tasks).await?;
+        }
+        for fwd in &config.forwards.value {
+            let listener = bind(fwd.listen, "KRUN_FORWARD").await?;
+            tracing::info!(listen = %fwd.listen, target = %fwd.target, "port forward listening");
+            tasks.spawn(forward::serve(
+                listener,
+                fwd.target.clone(),
+                router.clone(),
+                settings.copy_buffer,
+                drain.clone(),
+            ));
         }
         Ok(MeshSide {
             tasks,
@@ -217,27 +247,32 @@ async fn start_inbound(
 
 async fn start_outbound(
     config: &Config,
-    certs: &watch::Receiver<Arc<WorkloadCert>>,
-    trust_domain: &str,
+    interception: Interception,
+    router: &Arc<Router>,
     settings: &H2Settings,
     drain: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<()> {
     let addr = config.outbound_addr.value;
-    if addr.port() == 0 {
-        return Ok(());
+    if addr.port() != 0 {
+        let listener = bind(addr, "KRUN_OUTBOUND_ADDR").await?;
+        let outbound = outbound::Outbound {
+            router: router.clone(),
+            copy_buffer: settings.copy_buffer,
+        };
+        tasks.spawn(outbound::serve(listener, outbound, drain.clone()));
+        tracing::info!(%addr, hbone = router.mesh.is_some(), "outbound HTTP proxy (CONNECT and absolute URIs) listening");
     }
-    let listener = bind(addr, "KRUN_OUTBOUND_ADDR").await?;
-    let outbound = outbound::Outbound {
-        client: Arc::new(hbone::client::HboneClient::new(
-            *settings,
-            Some(certs.clone()),
-        )),
-        expected: ExpectedPeer::TrustDomain(trust_domain.to_owned()),
-        peer_port: config.hbone_peer_port.value,
-        copy_buffer: settings.copy_buffer,
-    };
-    tasks.spawn(outbound::serve(listener, outbound, drain.clone()));
-    tracing::info!(%addr, "outbound HBONE proxy (HTTP CONNECT) listening");
+    let addr = config.capture_addr.value;
+    if interception == Interception::Iptables && addr.port() != 0 {
+        let listener = bind(addr, "KRUN_CAPTURE_ADDR").await?;
+        tasks.spawn(redirect::serve(
+            listener,
+            router.clone(),
+            settings.copy_buffer,
+            drain.clone(),
+        ));
+        tracing::info!(%addr, hbone = router.mesh.is_some(), "capture listener (iptables REDIRECT target) listening");
+    }
     Ok(())
 }

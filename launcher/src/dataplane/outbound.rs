@@ -1,30 +1,29 @@
-//! The builtin data plane's outbound: an HTTP CONNECT proxy on loopback through which the app
-//! (or a port forward) reaches `ip:port` of a mesh workload over HBONE on the peer's 15008,
-//! verifying that the peer belongs to the mesh trust domain. This is how a builtin-mode app
-//! calls ambient (ztunnel) workloads or another krun.
+//! The builtin data plane's HTTP proxy (the whitebox proxy, `KRUN_OUTBOUND_ADDR`, 15007): the
+//! app reaches mesh workloads and anything else through it, by `CONNECT host:port` (any TCP,
+//! e.g. TLS) or by absolute-URI requests (`GET http://host:port/path`, what `HTTP_PROXY`
+//! clients send for plain HTTP). Both are routed by [`Router`]: mesh destinations over HBONE
+//! to the peer's 15008 (peer verified to be in the trust domain), others directly.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hbone::client::HboneClient;
-use hbone::tls::ExpectedPeer;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::route::Router;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
 /// Outbound proxy settings.
 pub struct Outbound {
-    /// Pooled HBONE client with the workload certificate.
-    pub client: Arc<HboneClient>,
-    /// Which peers are acceptable.
-    pub expected: ExpectedPeer,
-    /// The peers' HBONE port.
-    pub peer_port: u16,
+    /// Where connections go.
+    pub router: Arc<Router>,
     /// Copy buffer per direction.
     pub copy_buffer: usize,
 }
@@ -50,6 +49,7 @@ pub async fn serve(listener: TcpListener, outbound: Outbound, drain: Cancellatio
                 async move { Ok::<_, Infallible>(outbound.handle(req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .preserve_header_case(true)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()
                 .await;
@@ -58,33 +58,28 @@ pub async fn serve(listener: TcpListener, outbound: Outbound, drain: Cancellatio
 }
 
 impl Outbound {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if req.method() != Method::CONNECT {
-            return answer(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "only CONNECT ip:port is supported",
-            );
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        if req.method() == Method::CONNECT {
+            return self.tunnel(req).await;
         }
-        let Some(target) = req.uri().authority().and_then(|a| {
-            Some(SocketAddr::new(
-                a.host().trim_matches(['[', ']']).parse().ok()?,
-                a.port_u16()?,
-            ))
-        }) else {
-            return answer(
+        match authority(req.uri()) {
+            Some(target) => self.forward(target, req).await,
+            None => answer(
                 StatusCode::BAD_REQUEST,
-                "CONNECT needs ip:port of a mesh workload",
-            );
+                "send CONNECT host:port or an absolute URI (http://host/path)",
+            ),
+        }
+    }
+
+    /// `CONNECT host:port`: a byte tunnel.
+    async fn tunnel(&self, req: Request<Incoming>) -> Response<Body> {
+        let Some(target) = req.uri().authority().map(|a| a.to_string()) else {
+            return answer(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
         };
-        let peer = SocketAddr::new(target.ip(), self.peer_port);
-        let (mut tunnel, guard) = match self
-            .client
-            .connect(peer, Some(&self.expected), &target.to_string())
-            .await
-        {
-            Ok(tunnel) => tunnel,
+        let upstream = match self.router.connect_host(&target).await {
+            Ok(upstream) => upstream,
             Err(e) => {
-                tracing::warn!(%target, error = %e, "outbound HBONE tunnel failed");
+                tracing::warn!(%target, error = %e, "outbound tunnel failed");
                 return answer(StatusCode::BAD_GATEWAY, &e.to_string());
             }
         };
@@ -92,16 +87,73 @@ impl Outbound {
         tokio::spawn(async move {
             if let Ok(upgraded) = hyper::upgrade::on(req).await {
                 let mut app = TokioIo::new(upgraded);
-                let _ = hbone::copy::copy_bidirectional(&mut app, &mut tunnel, buffer).await;
+                let mut io = upstream.io;
+                let _ = hbone::copy::copy_bidirectional(&mut app, &mut io, buffer).await;
             }
-            drop(guard);
+            drop(upstream.guard);
         });
         answer(StatusCode::OK, "")
     }
+
+    /// An absolute-URI request: sent on a fresh upstream connection in origin form.
+    async fn forward(&self, target: String, mut req: Request<Incoming>) -> Response<Body> {
+        let upstream = match self.router.connect_host(&target).await {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                tracing::warn!(%target, error = %e, "outbound request failed");
+                return answer(StatusCode::BAD_GATEWAY, &e.to_string());
+            }
+        };
+        let (mut sender, connection) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(upstream.io)).await {
+                Ok(pair) => pair,
+                Err(e) => return answer(StatusCode::BAD_GATEWAY, &e.to_string()),
+            };
+        let guard = upstream.guard;
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(guard);
+        });
+        let origin = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse::<Uri>()
+            .unwrap_or_default();
+        *req.uri_mut() = origin;
+        let headers = req.headers_mut();
+        headers.remove("proxy-connection");
+        headers.remove(header::PROXY_AUTHORIZATION);
+        if !headers.contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(&target)
+        {
+            headers.insert(header::HOST, host);
+        }
+        match sender.send_request(req).await {
+            Ok(response) => response.map(BodyExt::boxed),
+            Err(e) => answer(StatusCode::BAD_GATEWAY, &e.to_string()),
+        }
+    }
 }
 
-fn answer(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+/// `host:port` of an absolute `http://` URI (port 80 when not given).
+fn authority(uri: &Uri) -> Option<String> {
+    if uri.scheme_str() != Some("http") {
+        return None;
+    }
+    let authority = uri.authority()?;
+    Some(format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    ))
+}
+
+fn answer(status: StatusCode, body: &str) -> Response<Body> {
+    let body = Full::new(Bytes::from(body.to_owned()))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     response
 }

@@ -196,6 +196,12 @@ impl Supervisor {
         })
     }
 
+    /// The reaper, for work that must spawn processes after [`Supervisor::run`] (e.g. removing
+    /// the capture rules).
+    pub fn reaper(&self) -> Reaper {
+        self.reaper.clone()
+    }
+
     /// Watches the workload's phase: the hook the tunnel and data plane use to stop accepting.
     pub fn phase(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()
@@ -649,7 +655,10 @@ impl Supervisor {
         });
         let give_up = Instant::now() + grace.max(Duration::from_secs(1));
         // A killed orphan's own children are re-parented to krun in turn: repeat until none.
-        while self.reaper.has_children() && self.reaper.kill_children() > 0 && Instant::now() < give_up {
+        while self.reaper.has_children()
+            && self.reaper.kill_children() > 0
+            && Instant::now() < give_up
+        {
             let round = (Instant::now() + Duration::from_millis(50)).min(give_up);
             let _ = tokio::time::timeout_at(round, self.reaper.all_reaped()).await;
         }

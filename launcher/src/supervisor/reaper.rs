@@ -130,7 +130,11 @@ fn children_by_task() -> Option<Vec<Pid>> {
     let mut children = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").ok()? {
         let list = std::fs::read_to_string(task.ok()?.path().join("children")).ok()?;
-        children.extend(list.split_whitespace().filter_map(|p| p.parse().ok()).map(Pid::from_raw));
+        children.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .map(Pid::from_raw),
+        );
     }
     Some(children)
 }

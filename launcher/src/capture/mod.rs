@@ -1,0 +1,185 @@
+//! Traffic capture: how the app's outbound traffic reaches the data plane without the app
+//! knowing about the mesh.
+//!
+//! [`decide`] walks the ladder ([`ladder`]): with root, CAP_NET_ADMIN and working iptables it
+//! installs Istio-compatible rules ([`rules`], [`apply`]) once, atomically; otherwise the app
+//! runs in whitebox mode with `HTTP_PROXY` and port forwards ([`whitebox`]). It logs one line
+//! saying what was chosen and why. `/etc/resolv.conf` is never touched: with DNS capture the
+//! rules redirect port 53 to the DNS proxy.
+
+pub mod apply;
+pub mod ladder;
+pub mod rules;
+pub mod whitebox;
+
+use crate::agent::{ENVOY_OUTBOUND_PORT, Interception};
+use crate::config::Config;
+use crate::supervisor::Reaper;
+use apply::{Backend, Tools};
+use ladder::{HostFacts, Rung};
+use rules::{Family, Rules};
+
+/// What [`decide`] chose, and what to undo on exit.
+#[derive(Debug)]
+pub struct Capture {
+    /// Feeds `AgentInputs::interception`.
+    pub interception: Interception,
+    /// Rulesets installed, removed by [`Capture::cleanup`] when asked.
+    installed: Vec<Tools>,
+    cleanup: bool,
+}
+
+impl Capture {
+    /// Removes the installed rules when `KRUN_CAPTURE_CLEANUP` asked for it.
+    pub async fn cleanup(self, reaper: &Reaper) {
+        if !self.cleanup || self.installed.is_empty() {
+            return;
+        }
+        for tools in &self.installed {
+            match apply::cleanup(reaper, tools).await {
+                Ok(()) => {
+                    tracing::info!(family = ?tools.family(), "capture rules removed (KRUN_CAPTURE_CLEANUP=true)")
+                }
+                Err(e) => tracing::warn!(error = %e, "capture rules could not be removed"),
+            }
+        }
+    }
+}
+
+/// The rules for this configuration: Traffic Director's script semantics with `MESH=td:`,
+/// istio-iptables' otherwise; REDIRECT to the capture listener's port.
+pub fn rules_for(config: &Config) -> Rules {
+    let port = match config.capture_addr.value.port() {
+        0 => ENVOY_OUTBOUND_PORT,
+        port => port,
+    };
+    let excluded = &config.outbound_ports_exclude.value;
+    let td = config
+        .mesh
+        .as_ref()
+        .is_some_and(|m| m.value.starts_with("td:"));
+    let mut rules = if td {
+        Rules::traffic_director(excluded, port)
+    } else {
+        Rules::istio(
+            &config.outbound_ip_ranges_include.value,
+            excluded,
+            port,
+            config.capture_dns.value,
+        )
+    };
+    rules.exclude_ports.extend([
+        config.tunnel_port.value,
+        config.hbone_port.value,
+        config.hbone_peer_port.value,
+    ]);
+    rules.exclude_ports.retain(|p| *p != 0);
+    rules.exclude_ports.sort_unstable();
+    rules.exclude_ports.dedup();
+    rules.inbound_ports = config.capture_inbound_ports.value.clone();
+    rules
+}
+
+/// Walks the ladder, installs the rules when capture is possible, and logs the choice.
+/// Runs before the supervisor starts (see [`apply`] on why that matters).
+pub fn decide(config: &Config) -> Capture {
+    let facts = HostFacts::probe();
+    let none = config
+        .interception_mode
+        .as_ref()
+        .is_some_and(|m| m.value.eq_ignore_ascii_case("NONE"));
+    let gateway = config.gateway_name.is_some();
+    let whitebox = |why: &str| {
+        tracing::info!(
+            interception = "whitebox",
+            "traffic capture: whitebox (HTTP_PROXY and KRUN_FORWARD), because {why}"
+        );
+        Capture {
+            interception: Interception::Whitebox,
+            installed: Vec::new(),
+            cleanup: false,
+        }
+    };
+    if let Rung::Whitebox(why) = ladder::choose(&facts, none, gateway, config.dataplane.value) {
+        return whitebox(why);
+    }
+    let backend = match apply::detect_backend() {
+        Ok(backend) => backend,
+        Err(e) => return whitebox(&format!("iptables is not usable: {e}")),
+    };
+    let rules = rules_for(config);
+    let v4 = Tools::new(backend, Family::V4);
+    if let Err(e) = apply::apply(&v4, &rules) {
+        return whitebox(&format!("the iptables rules could not be installed: {e}"));
+    }
+    let mut installed = vec![v4];
+    let ipv6 = apply::has_ipv6();
+    if ipv6 {
+        let v6 = Tools::new(backend, Family::V6);
+        match apply::apply(&v6, &rules) {
+            Ok(()) => installed.push(v6),
+            Err(e) => {
+                tracing::warn!(error = %e, "IPv6 capture rules could not be installed; IPv6 traffic is not captured")
+            }
+        }
+    }
+    tracing::info!(
+        interception = "iptables",
+        backend = match backend {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        },
+        ipv6 = installed.len() > 1,
+        redirect_port = rules.proxy_port,
+        include = %config.outbound_ip_ranges_include.value,
+        dns = rules.dns_port.is_some(),
+        "traffic capture: iptables, because krun is root with CAP_NET_ADMIN and iptables-restore worked"
+    );
+    Capture {
+        interception: Interception::Iptables,
+        installed,
+        cleanup: config.capture_cleanup.value,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Env;
+
+    fn config(pairs: &[(&str, &str)]) -> Config {
+        let env: Env = pairs.iter().map(|(k, v)| (*k, *v)).collect();
+        Config::from_env(&env).expect("valid config")
+    }
+
+    /// The configured tunnel and HBONE ports are never captured, the REDIRECT goes to the
+    /// capture listener's port, and the inbound ports and DNS switch come from the config.
+    #[test]
+    fn rules_follow_the_config() {
+        let rules = rules_for(&config(&[
+            ("KRUN_TUNNEL_PORT", "8443"),
+            ("KRUN_HBONE_PORT", "0"),
+            ("KRUN_CAPTURE_ADDR", "127.0.0.1:16001"),
+            ("KRUN_CAPTURE_DNS", "true"),
+            ("KRUN_CAPTURE_INBOUND_PORTS", "8080"),
+            ("OUTBOUND_PORTS_EXCLUDE", "5432"),
+            ("OUTBOUND_IP_RANGES_INCLUDE", "10.0.0.0/8,172.16.0.0/12"),
+        ]));
+        assert_eq!(rules.proxy_port, 16001);
+        assert!(rules.exclude_ports.contains(&8443) && rules.exclude_ports.contains(&5432));
+        assert!(!rules.exclude_ports.contains(&0));
+        assert_eq!(rules.include, ["10.0.0.0/8", "172.16.0.0/12"]);
+        assert_eq!(rules.inbound_ports, [8080]);
+        assert_eq!(rules.dns_port, Some(rules::DNS_PORT));
+        assert_eq!(rules.proxy_gid, Some(crate::agent::PROXY_GID));
+    }
+
+    /// MESH=td: selects the Traffic Director script's semantics.
+    #[test]
+    fn traffic_director_mesh_uses_the_td_rules() {
+        let rules = rules_for(&config(&[("MESH", "td:projects/p/networks/default")]));
+        assert_eq!(rules.proxy_gid, None);
+        assert_eq!(rules.include, ["*"]);
+        assert_eq!(rules.dns_port, Some(rules::DNS_PORT));
+    }
+}

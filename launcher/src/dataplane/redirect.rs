@@ -1,0 +1,80 @@
+//! The capture listener (`KRUN_CAPTURE_ADDR`, 15001): iptables REDIRECTs the app's outbound TCP
+//! here; the original destination comes back from the socket (`SO_ORIGINAL_DST`) and the
+//! connection is routed like any other outbound one ([`Router`]).
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use nix::sys::socket::{getsockopt, sockopt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::route::Router;
+
+/// Serves captured connections on `listener` until `drain`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Arc<Router>,
+    copy_buffer: usize,
+    drain: CancellationToken,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let (mut stream, peer) = tokio::select! {
+            () = drain.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "capture accept failed");
+                    continue;
+                }
+            },
+        };
+        let target = match original_dst(&stream) {
+            // A direct connection to the listener, not a redirected one: routing it would loop.
+            Ok(target) if Some(target) == local => continue,
+            Ok(target) => target,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "captured connection without an original destination");
+                continue;
+            }
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let mesh = router.is_mesh(target.ip());
+            tracing::info!(%peer, original_dst = %target, route = if mesh { "hbone" } else { "passthrough" }, "captured connection");
+            match router.connect(target).await {
+                Ok(upstream) => {
+                    let mut io = upstream.io;
+                    let _ =
+                        hbone::copy::copy_bidirectional(&mut stream, &mut io, copy_buffer).await;
+                    drop(upstream.guard);
+                }
+                Err(e) => {
+                    tracing::warn!(original_dst = %target, error = %e, "captured connection: upstream failed")
+                }
+            }
+        });
+    }
+}
+
+/// The destination the app dialled before iptables redirected it.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    match stream.local_addr()? {
+        SocketAddr::V4(_) => {
+            let addr = getsockopt(stream, sockopt::OriginalDst)?;
+            Ok(SocketAddr::from((
+                Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+                u16::from_be(addr.sin_port),
+            )))
+        }
+        SocketAddr::V6(_) => {
+            let addr = getsockopt(stream, sockopt::Ip6tOriginalDst)?;
+            Ok(SocketAddr::from((
+                Ipv6Addr::from(addr.sin6_addr.s6_addr),
+                u16::from_be(addr.sin6_port),
+            )))
+        }
+    }
+}
