@@ -10,6 +10,7 @@ pub mod identity;
 pub mod metrics;
 pub mod server;
 pub mod settings;
+pub mod sni;
 pub mod tls;
 
 pub use identity::{AllowedPeers, SpiffeId};
