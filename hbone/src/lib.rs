@@ -8,6 +8,7 @@ pub mod client;
 pub mod copy;
 pub mod identity;
 pub mod metrics;
+pub mod post;
 pub mod server;
 pub mod settings;
 pub mod sni;
