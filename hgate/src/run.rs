@@ -96,6 +96,11 @@ pub async fn run(config: HgateConfig) -> anyhow::Result<()> {
     for task in tasks {
         let _ = task.await;
     }
+    tracing::info!(
+        open_sni = sni_limit.open(),
+        open_istiod = istiod_limit.open(),
+        "listeners closed; waiting for open connections"
+    );
     let timeout = config.drain_timeout.value;
     let (sni_left, istiod_left) =
         tokio::join!(sni_limit.drained(timeout), istiod_limit.drained(timeout));

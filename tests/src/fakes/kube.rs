@@ -27,7 +27,8 @@ impl FakeKube {
     }
 }
 
-fn tls_config() -> (Arc<rustls::ServerConfig>, String) {
+/// A server config for `localhost` and 127.0.0.1 signed by a fresh CA; returns it and the CA PEM.
+pub(crate) fn tls_config() -> (Arc<rustls::ServerConfig>, String) {
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -1,0 +1,272 @@
+//! hgate end to end: a mesh client's mTLS, routed by SNI, through a pooled HBONE POST tunnel
+//! to krun's builtin data plane behind a Cloud Run-like TLS front; istiod forwarding; the
+//! ClientHello timeout and the connection limit.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use krun_tests::fakes::{front, metadata};
+use krun_tests::mesh_ca::MeshCa;
+use krun_tests::{Krun, Running, TempDir, free_port, testapp};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const MESH_SNI: &str = "outbound_.8080_._.echo.default.svc.cluster.local";
+
+/// The address in a "... ready addr=IP:PORT" log line.
+fn ready_addr(gate: &mut Running, what: &str) -> SocketAddr {
+    let line = gate.wait_for_line(what);
+    line.split("addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no addr= in {line:?}"))
+}
+
+/// A real ClientHello (openssl s_client) from the SNI parser's corpus.
+fn client_hello() -> Vec<u8> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../hbone/tests/corpus/openssl-s_client.bin");
+    std::fs::read(path).expect("corpus ClientHello")
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sni_client.py")
+}
+
+#[test]
+fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
+    // The Cloud Run side: krun with a mesh identity, builtin data plane, echo app.
+    let ca = MeshCa::new("cluster.local");
+    let dir = TempDir::new("hgate-e2e");
+    ca.install_workload(&dir.join(""), "spiffe://cluster.local/ns/default/sa/echo");
+    let (app, tunnel) = (free_port(), free_port());
+    let mut krun = Krun::new()
+        .env("MESH_BASE_DIR", dir.join(""))
+        .env("KRUN_DATAPLANE", "builtin")
+        .env("PORT_http", app.to_string())
+        .env("KRUN_TUNNEL_PORT", tunnel.to_string())
+        .args(testapp(&["echo", &app.to_string()]))
+        .start();
+    krun.wait_for_line("tunnel port open");
+    // Cloud Run's front end: TLS h2 in, h2c to the instance, headers recorded.
+    let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
+    let front_ca = dir.join("front-ca.pem");
+    std::fs::write(&front_ca, &front.ca_pem).expect("write front CA");
+    let service_url = format!("https://localhost:{}", front.addr.port());
+    let routes = dir.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!("echo.default: {service_url}/_hbone/15003\n"),
+    )
+    .expect("write routes");
+    let md = metadata::start(metadata::Instance::default());
+
+    let mut gate = Krun::hgate()
+        .env("HGATE_ROUTES", &routes)
+        .env("HGATE_ID_TOKENS", "metadata")
+        .env("GCE_METADATA_HOST", md.addr().to_string())
+        .env("SSL_CERT_FILE", &front_ca)
+        .start();
+    let sni_addr = ready_addr(&mut gate, "SNI listener ready");
+
+    let client_dir = TempDir::new("hgate-client");
+    let client = ca.install_client(
+        &client_dir.join(""),
+        "client",
+        "spiffe://cluster.local/ns/default/sa/client",
+    );
+    let run_client = |payload: &str| -> Value {
+        let out = Command::new("python3")
+            .arg(script())
+            .args([
+                "127.0.0.1",
+                &sni_addr.port().to_string(),
+                MESH_SNI,
+                &client.cert.to_string_lossy(),
+                &client.key.to_string_lossy(),
+                &client.ca.to_string_lossy(),
+                payload,
+            ])
+            .output()
+            .expect("run python3");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("JSON line")
+    };
+    assert_eq!(run_client("hello mesh")["data"], "hello mesh");
+    assert_eq!(
+        run_client("second, same pooled connection")["data"],
+        "second, same pooled connection"
+    );
+
+    let seen = front.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for request in &seen {
+        assert_eq!(
+            (request.method.as_str(), request.path.as_str()),
+            ("POST", "/_hbone/15003")
+        );
+        let token = request
+            .authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .expect("a bearer token");
+        assert_eq!(
+            metadata::id_token_audience(token).as_deref(),
+            Some(service_url.as_str())
+        );
+    }
+    let line = gate.wait_for_line("connection finished");
+    assert!(
+        line.contains(MESH_SNI) && line.contains("outcome=\"ok\""),
+        "{line}"
+    );
+    assert!(line.contains("(Static)"), "{line}");
+
+    gate.signal(Signal::SIGTERM);
+    let done = gate.finish();
+    assert_eq!(done.code, 0, "{}", done.text());
+    krun.signal(Signal::SIGTERM);
+    let krun_done = krun.finish();
+    assert_eq!(krun_done.code, 0, "{}", krun_done.text());
+}
+
+#[test]
+fn an_unknown_sni_is_closed_logged_and_counted() {
+    let mut gate = Krun::hgate()
+        .env("HGATE_ROUTE_TEMPLATE", "http://127.0.0.1:1/{service}")
+        .start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    let mut hello = client_hello();
+    // Same ClientHello, but as if its SNI were a public name: reuse the corpus sample with
+    // echo.default.svc.cluster.local replaced by a name of equal length that is no mesh name.
+    let from = b"outbound_.8080_._.echo.default.svc.cluster.local";
+    let to = b"www.example.com.not-a-mesh-name.example.invalid.";
+    let at = hello
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("SNI in sample");
+    hello[at..at + to.len()].copy_from_slice(to);
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(&hello).expect("send hello");
+    let line = gate.wait_for_line("connection finished");
+    assert!(line.contains("no route"), "{line}");
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "hgate answered a connection it could not route"
+    );
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+#[test]
+fn a_client_that_never_finishes_its_client_hello_is_dropped_at_the_timeout() {
+    let mut gate = Krun::hgate().env("HGATE_HELLO_TIMEOUT", "300ms").start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    let mut slow = TcpStream::connect(addr).expect("connect");
+    slow.write_all(&client_hello()[..20])
+        .expect("send part of a hello");
+    let line = gate.wait_for_line("connection finished");
+    assert!(
+        line.contains("ClientHello not complete within 300ms"),
+        "{line}"
+    );
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        slow.read(&mut buf).expect("read"),
+        0,
+        "hgate closed the connection"
+    );
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+#[test]
+fn the_connection_limit_refuses_the_extra_connection_with_a_log_line() {
+    let mut gate = Krun::hgate()
+        .env("HGATE_MAX_CONNECTIONS", "1")
+        .env("HGATE_HELLO_TIMEOUT", "60s")
+        .start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    let mut first = TcpStream::connect(addr).expect("connect first");
+    first
+        .write_all(&client_hello()[..20])
+        .expect("partial hello");
+    let mut second = TcpStream::connect(addr).expect("connect second");
+    let line = gate.wait_for_line("connection limit reached");
+    assert!(line.contains("max=1"), "{line}");
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        second.read(&mut buf).expect("read"),
+        0,
+        "the extra connection is closed"
+    );
+    drop(first);
+    gate.wait_for_line("client closed before its ClientHello was complete");
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+/// An upstream that echoes each connection until EOF, then closes it.
+fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn istiod_forwarding_carries_bytes_both_ways_and_drains() {
+    let upstream = echo_upstream();
+    let mut gate = Krun::hgate()
+        .env("HGATE_ISTIOD_ADDR", "127.0.0.1:0")
+        .env("HGATE_ISTIOD_UPSTREAM", upstream.to_string())
+        .start();
+    let addr = ready_addr(&mut gate, "istiod forwarding ready");
+    gate.wait_for_line("hgate ready");
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    let mut round_trip = |msg: &[u8]| {
+        conn.write_all(msg).expect("write");
+        let mut back = vec![0u8; msg.len()];
+        conn.read_exact(&mut back).expect("read");
+        assert_eq!(back, msg);
+    };
+    round_trip(b"xds request 1");
+
+    gate.signal(Signal::SIGTERM);
+    gate.wait_for_line("listeners closed");
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "no new connections while draining"
+    );
+    round_trip(b"xds request 2 while draining");
+    conn.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).expect("read to EOF");
+    assert!(rest.is_empty());
+
+    let done = gate.finish();
+    assert_eq!(done.code, 0, "{}", done.text());
+    let finished = &done.output[done.line_index("istiod connection finished")];
+    assert!(
+        finished.contains("sent=41") && finished.contains("received=41"),
+        "{finished}"
+    );
+    assert!(done.has_line("open_istiod=0"), "{}", done.text());
+}
