@@ -176,7 +176,11 @@ async fn kube_loop(
     let tenant = config.mesh_tenant.map(|s| s.value);
     loop {
         match services::refresh(&client, &annotations).await {
-            Ok(count) => tracing::debug!(count, "Service annotation routes refreshed"),
+            Ok(Some(count)) => tracing::info!(
+                count,
+                "Service annotation routes changed (krun.dev/tunnel-url)"
+            ),
+            Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "list Services for krun.dev/tunnel-url failed; keeping the previous routes")
             }

@@ -10,11 +10,12 @@ use kube::api::{Api, ListParams};
 
 use crate::route::{AnnotationRoutes, TUNNEL_URL_ANNOTATION};
 
-/// Lists Services once and replaces `routes` with their annotations; returns the count.
+/// Lists Services once and replaces `routes` with their annotations; returns the new count
+/// when the routes changed.
 pub async fn refresh(
     client: &kube::Client,
     routes: &AnnotationRoutes,
-) -> Result<usize, kube::Error> {
+) -> Result<Option<usize>, kube::Error> {
     let services: Api<Service> = Api::all(client.clone());
     let list = services.list(&ListParams::default()).await?;
     let found: HashMap<String, String> = list
@@ -32,6 +33,10 @@ pub async fn refresh(
         })
         .collect();
     let count = found.len();
-    *routes.write().unwrap_or_else(|p| p.into_inner()) = found;
-    Ok(count)
+    let mut current = routes.write().unwrap_or_else(|p| p.into_inner());
+    if *current == found {
+        return Ok(None);
+    }
+    *current = found;
+    Ok(Some(count))
 }

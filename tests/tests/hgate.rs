@@ -270,3 +270,109 @@ fn istiod_forwarding_carries_bytes_both_ways_and_drains() {
     );
     assert!(done.has_line("open_istiod=0"), "{}", done.text());
 }
+
+#[test]
+fn mesh_env_is_published_kept_current_and_operator_keys_survive() {
+    use krun_tests::fakes::kube::{self, ClusterState, SharedCluster};
+    let state = SharedCluster::default();
+    {
+        let mut s = state.lock().expect("state");
+        s.put_service(
+            "istio-system",
+            "hgate",
+            Some(serde_json::json!({"ip": "34.1.1.1"})),
+            &[],
+        );
+        s.put_service(
+            "istio-system",
+            "internal-hgate",
+            Some(serde_json::json!({"hostname": "ilb.example.internal"})),
+            &[],
+        );
+        s.put_configmap(
+            "istio-system",
+            "istio-ca-root-cert",
+            &[("root-cert.pem", "ROOT-1")],
+        );
+        // An operator pinned the tenant before hgate ever ran.
+        s.put_configmap("istio-system", "mesh-env", &[("MESH_TENANT", "-")]);
+        s.put_service(
+            "shop",
+            "echo",
+            None,
+            &[("krun.dev/tunnel-url", "http://127.0.0.1:1/_hbone/15003")],
+        );
+    }
+    let api = kube::start_cluster(state.clone());
+    let dir = TempDir::new("hgate-kube");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("write kubeconfig");
+    let mut gate = Krun::hgate()
+        .env("HGATE_KUBE", "auto")
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HGATE_ROUTE_REFRESH", "50ms")
+        .env("PROJECT_NUMBER", "1234567890")
+        .env("MESH_TENANT", "tenant-from-hgate")
+        .start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    gate.wait_for_all(&["mesh-env published", "Service annotation routes changed"]);
+    let data = |s: &SharedCluster| {
+        s.lock()
+            .expect("state")
+            .configmap_data("istio-system", "mesh-env")
+    };
+    let first = data(&state).expect("mesh-env");
+    assert_eq!(first["MCON_ADDR"], "34.1.1.1");
+    assert_eq!(first["IMCON_ADDR"], "ilb.example.internal");
+    assert_eq!(first["CAROOT_ISTIOD"], "ROOT-1");
+    assert_eq!(first["PROJECT_NUMBER"], "1234567890");
+    assert_eq!(first["MESH_TENANT"], "-", "operator-set key survives");
+    let owned = state
+        .lock()
+        .expect("state")
+        .configmap_annotation("istio-system", "mesh-env", "krun.dev/hgate-owned-keys")
+        .expect("owned keys annotation");
+    assert_eq!(owned, "CAROOT_ISTIOD,IMCON_ADDR,MCON_ADDR,PROJECT_NUMBER");
+
+    // The LB gets a new address and istiod's root rotates: hgate's keys follow.
+    {
+        let mut s = state.lock().expect("state");
+        s.put_service(
+            "istio-system",
+            "hgate",
+            Some(serde_json::json!({"ip": "34.2.2.2"})),
+            &[],
+        );
+        s.put_configmap(
+            "istio-system",
+            "istio-ca-root-cert",
+            &[("root-cert.pem", "ROOT-2")],
+        );
+    }
+    gate.wait_for_line("mesh-env published");
+    let second = data(&state).expect("mesh-env");
+    assert_eq!(second["MCON_ADDR"], "34.2.2.2");
+    assert_eq!(second["CAROOT_ISTIOD"], "ROOT-2");
+    assert_eq!(second["MESH_TENANT"], "-");
+
+    // The annotated Service is routed by its annotation (the URL leads nowhere: the log line
+    // shows the choice).
+    let mut hello = client_hello();
+    let from = b"outbound_.8080_._.echo.default.svc";
+    let to = b"outbound_.8080_._.echo.shop.svc.xx";
+    let at = hello
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("SNI in sample");
+    hello[at..at + to.len()].copy_from_slice(to);
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(&hello).expect("send hello");
+    let line = gate.wait_for_line("connection finished");
+    assert!(
+        line.contains("http://127.0.0.1:1/_hbone/15003 (Annotation)"),
+        "{line}"
+    );
+
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
