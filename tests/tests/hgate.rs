@@ -273,7 +273,7 @@ fn istiod_forwarding_carries_bytes_both_ways_and_drains() {
 
 #[test]
 fn mesh_env_is_published_kept_current_and_operator_keys_survive() {
-    use krun_tests::fakes::kube::{self, ClusterState, SharedCluster};
+    use krun_tests::fakes::kube::{self, SharedCluster};
     let state = SharedCluster::default();
     {
         let mut s = state.lock().expect("state");
