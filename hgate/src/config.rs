@@ -279,4 +279,18 @@ mod tests {
             .to_string();
         assert!(e.contains("{service}"), "{e}");
     }
+
+    /// docs/hgate.md is the operator's reference: every variable hgate prints must be there.
+    #[test]
+    fn every_printed_variable_is_documented() {
+        let doc_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/hgate.md");
+        let doc = std::fs::read_to_string(doc_path).expect("docs/hgate.md exists");
+        let config = HgateConfig::from_env(&env(&[])).expect("config");
+        let missing: Vec<String> = config
+            .printable()
+            .into_keys()
+            .filter(|name| !doc.contains(&format!("`{name}`")))
+            .collect();
+        assert!(missing.is_empty(), "add these to docs/hgate.md: {missing:?}");
+    }
 }
