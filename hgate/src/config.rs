@@ -291,6 +291,9 @@ mod tests {
             .into_keys()
             .filter(|name| !doc.contains(&format!("`{name}`")))
             .collect();
-        assert!(missing.is_empty(), "add these to docs/hgate.md: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "add these to docs/hgate.md: {missing:?}"
+        );
     }
 }

@@ -103,6 +103,11 @@ fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
 
     let seen = front.seen();
     assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        front.connections(),
+        1,
+        "both tunnels share one pooled TLS connection"
+    );
     for request in &seen {
         assert_eq!(
             (request.method.as_str(), request.path.as_str()),

@@ -3,6 +3,7 @@
 //! forwards the request to the instance (a krun tunnel port) over h2c, streaming both bodies.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hyper::body::Incoming;
@@ -31,9 +32,15 @@ pub struct FakeFront {
     /// The CA that signed its certificate (PEM), for the client's trust store.
     pub ca_pem: String,
     seen: Arc<Mutex<Vec<FrontRequest>>>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl FakeFront {
+    /// TLS connections accepted so far (a pooling client opens one for many tunnels).
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
     /// Requests seen so far.
     pub fn seen(&self) -> Vec<FrontRequest> {
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()
@@ -52,8 +59,11 @@ pub fn start(instance: SocketAddr) -> FakeFront {
     let addr = listener.local_addr().expect("front addr");
     let seen: Arc<Mutex<Vec<FrontRequest>>> = Arc::default();
     let record = seen.clone();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
     runtime().spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
             let acceptor = acceptor.clone();
             let record = record.clone();
             tokio::spawn(async move {
@@ -103,5 +113,10 @@ pub fn start(instance: SocketAddr) -> FakeFront {
             });
         }
     });
-    FakeFront { addr, ca_pem, seen }
+    FakeFront {
+        addr,
+        ca_pem,
+        seen,
+        connections,
+    }
 }
