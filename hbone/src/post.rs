@@ -157,6 +157,9 @@ pub struct PostClient {
     settings: H2Settings,
     tls: Arc<rustls::ClientConfig>,
     pool: Mutex<HashMap<(Scheme, String, u16), Vec<Pooled>>>,
+    /// One dial at a time per origin: a burst of tunnels to a new origin waits for the first
+    /// connection and shares it, instead of each dialing its own.
+    dialing: Mutex<HashMap<(Scheme, String, u16), Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// An open POST tunnel: call [`PostTunnel::pipe`] to move bytes.
@@ -175,6 +178,7 @@ impl PostClient {
             settings,
             tls: Arc::new(tls),
             pool: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -187,9 +191,9 @@ impl PostClient {
         first: Bytes,
     ) -> Result<PostTunnel, PostError> {
         let key = (url.scheme, url.host.clone(), url.port);
-        let (mut sender, streams) = match self.pooled(&key) {
-            Some(found) => found,
-            None => {
+        let (mut sender, streams) = match self.pooled_or_dial_lock(&key).await {
+            Ok(found) => found,
+            Err(_dialing) => {
                 let sender = self.dial(url).await?;
                 let streams = Arc::new(AtomicUsize::new(0));
                 self.pool
@@ -242,6 +246,26 @@ impl PostClient {
             downstream: response.into_body(),
             _guard: guard,
         })
+    }
+
+    /// A pooled connection, or the origin's dial lock (held until the new connection is in
+    /// the pool, so waiters find it).
+    async fn pooled_or_dial_lock(
+        &self,
+        key: &(Scheme, String, u16),
+    ) -> Result<(SendRequest<ReqBody>, Arc<AtomicUsize>), tokio::sync::OwnedMutexGuard<()>> {
+        if let Some(found) = self.pooled(key) {
+            return Ok(found);
+        }
+        let lock = self
+            .dialing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let guard = lock.lock_owned().await;
+        self.pooled(key).ok_or(guard)
     }
 
     fn pooled(
