@@ -145,6 +145,9 @@ impl PostUrl {
     }
 }
 
+/// Pool key: one origin.
+type OriginKey = (Scheme, String, u16);
+
 type ReqBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
 
 struct Pooled {
@@ -156,10 +159,10 @@ struct Pooled {
 pub struct PostClient {
     settings: H2Settings,
     tls: Arc<rustls::ClientConfig>,
-    pool: Mutex<HashMap<(Scheme, String, u16), Vec<Pooled>>>,
+    pool: Mutex<HashMap<OriginKey, Vec<Pooled>>>,
     /// One dial at a time per origin: a burst of tunnels to a new origin waits for the first
     /// connection and shares it, instead of each dialing its own.
-    dialing: Mutex<HashMap<(Scheme, String, u16), Arc<tokio::sync::Mutex<()>>>>,
+    dialing: Mutex<HashMap<OriginKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// An open POST tunnel: call [`PostTunnel::pipe`] to move bytes.
@@ -252,7 +255,7 @@ impl PostClient {
     /// the pool, so waiters find it).
     async fn pooled_or_dial_lock(
         &self,
-        key: &(Scheme, String, u16),
+        key: &OriginKey,
     ) -> Result<(SendRequest<ReqBody>, Arc<AtomicUsize>), tokio::sync::OwnedMutexGuard<()>> {
         if let Some(found) = self.pooled(key) {
             return Ok(found);
@@ -268,10 +271,7 @@ impl PostClient {
         self.pooled(key).ok_or(guard)
     }
 
-    fn pooled(
-        &self,
-        key: &(Scheme, String, u16),
-    ) -> Option<(SendRequest<ReqBody>, Arc<AtomicUsize>)> {
+    fn pooled(&self, key: &OriginKey) -> Option<(SendRequest<ReqBody>, Arc<AtomicUsize>)> {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
         let connections = pool.get_mut(key)?;
         connections.retain(|c| !c.sender.is_closed());
@@ -335,6 +335,9 @@ impl PostClient {
     }
 }
 
+/// First read size of a tunnel's upstream direction.
+const MIN_READ: usize = 4 << 10;
+
 impl PostTunnel {
     /// Pipes `io` through the tunnel until both directions end: `io` EOF ends the request
     /// body (half-close upstream); the end of the response body shuts down `io`'s write side.
@@ -351,9 +354,17 @@ impl PostTunnel {
         } = self;
         let up = async move {
             let mut sent = 0u64;
+            // Start small and grow while reads fill the buffer: an idle tunnel holds 4 KiB,
+            // a busy one reads up to `buffer` (at most 256 KiB) at a time.
+            let mut capacity = MIN_READ;
             loop {
-                let mut chunk = bytes::BytesMut::with_capacity(buffer.min(64 << 10));
+                let mut chunk = bytes::BytesMut::with_capacity(capacity);
                 let n = reader.read_buf(&mut chunk).await?;
+                capacity = if n == capacity {
+                    (capacity * 2).min(buffer.clamp(MIN_READ, 256 << 10))
+                } else {
+                    capacity
+                };
                 if n == 0 {
                     break; // dropping the sender ends the request body
                 }
