@@ -22,3 +22,5 @@ bench: prereqs
 	cargo bench -p krun-tests --bench startup
 	cargo bench -p krun-tests --bench identity
 	cargo bench -p krun-tests --bench discovery
+	cargo build --release -p hgate
+	cargo bench -p krun-tests --bench hgate
