@@ -55,6 +55,7 @@ pub async fn run(config: HgateConfig) -> anyhow::Result<()> {
     let istiod_limit = Arc::new(ConnectionLimit::new(config.max_connections.value));
 
     let admin_listener = bind(config.admin_addr.value, "HGATE_ADMIN_ADDR").await?;
+    tracing::info!(addr = %local(&admin_listener), "admin endpoint ready");
     tokio::spawn(admin::serve(admin_listener, ready_rx, sni_limit.clone()));
     let sni_listener = bind(config.sni_addr.value, "HGATE_SNI_ADDR").await?;
     let mut tasks = Vec::new();

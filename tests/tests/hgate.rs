@@ -381,3 +381,83 @@ fn mesh_env_is_published_kept_current_and_operator_keys_survive() {
     gate.signal(Signal::SIGTERM);
     assert_eq!(gate.finish().code, 0);
 }
+
+/// One HTTP/1.1 GET; returns the status line.
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut conn = TcpStream::connect(addr).expect("connect admin");
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: hgate\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut text = String::new();
+    conn.read_to_string(&mut text).expect("read");
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn admin_reports_readiness_liveness_and_counters() {
+    let mut gate = Krun::hgate().start();
+    let admin = ready_addr(&mut gate, "admin endpoint ready");
+    gate.wait_for_line("hgate ready");
+    assert_eq!(http_get(admin, "/healthz/ready"), "HTTP/1.1 200 OK");
+    assert_eq!(http_get(admin, "/healthz/live"), "HTTP/1.1 200 OK");
+    let mut conn = TcpStream::connect(admin).expect("connect");
+    conn.write_all(b"GET /stats HTTP/1.1\r\nHost: hgate\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut stats = String::new();
+    conn.read_to_string(&mut stats).expect("read");
+    assert!(stats.contains("hgate_no_route_total 0"), "{stats}");
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+#[test]
+fn an_idle_forwarded_connection_is_closed_at_the_idle_timeout() {
+    let upstream = echo_upstream();
+    let mut gate = Krun::hgate()
+        .env("HGATE_ISTIOD_ADDR", "127.0.0.1:0")
+        .env("HGATE_ISTIOD_UPSTREAM", upstream.to_string())
+        .env("HGATE_IDLE_TIMEOUT", "300ms")
+        .start();
+    let addr = ready_addr(&mut gate, "istiod forwarding ready");
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(b"one").expect("write");
+    let line = gate.wait_for_line("istiod connection finished");
+    assert!(line.contains("idle (HGATE_IDLE_TIMEOUT)"), "{line}");
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    assert_eq!(
+        rest, b"one",
+        "bytes before the timeout were delivered, then EOF"
+    );
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+#[test]
+fn print_config_shows_values_and_sources_and_bad_values_name_the_variable() {
+    let done = Krun::hgate()
+        .env("HGATE_HELLO_TIMEOUT", "2s")
+        .args(["--print-config"])
+        .run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    let config: Value = serde_json::from_str(&done.text()).expect("JSON");
+    assert_eq!(config["HGATE_HELLO_TIMEOUT"]["value"], "2s");
+    assert_eq!(config["HGATE_HELLO_TIMEOUT"]["source"], "env");
+    assert_eq!(
+        config["HGATE_ROUTE_TEMPLATE"]["value"],
+        "https://{service}.a.run.app/_hbone/15003"
+    );
+    assert_eq!(config["HGATE_ROUTE_TEMPLATE"]["source"], "default");
+
+    let bad = Krun::hgate().env("HGATE_MAX_CONNECTIONS", "lots").run();
+    assert_eq!(bad.code, 2);
+    assert!(
+        bad.has_line("HGATE_MAX_CONNECTIONS=lots: expected"),
+        "{}",
+        bad.text()
+    );
+    let version = Krun::hgate().args(["--version"]).run();
+    assert!(version.has_line("hgate "), "{}", version.text());
+}
