@@ -243,6 +243,7 @@ fn istiod_forwarding_carries_bytes_both_ways_and_drains() {
         .env("HGATE_ISTIOD_ADDR", "127.0.0.1:0")
         .env("HGATE_ISTIOD_UPSTREAM", upstream.to_string())
         .start();
+    let admin = ready_addr(&mut gate, "admin endpoint ready");
     let addr = ready_addr(&mut gate, "istiod forwarding ready");
     gate.wait_for_line("hgate ready");
     let mut conn = TcpStream::connect(addr).expect("connect");
