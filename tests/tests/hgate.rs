@@ -261,6 +261,11 @@ fn istiod_forwarding_carries_bytes_both_ways_and_drains() {
         TcpStream::connect(addr).is_err(),
         "no new connections while draining"
     );
+    assert_eq!(
+        http_get(admin, "/healthz/ready"),
+        "HTTP/1.1 503 Service Unavailable",
+        "the load balancer is told to stop sending"
+    );
     round_trip(b"xds request 2 while draining");
     conn.shutdown(Shutdown::Write).expect("half-close");
     let mut rest = Vec::new();
