@@ -467,3 +467,56 @@ fn print_config_shows_values_and_sources_and_bad_values_name_the_variable() {
     let version = Krun::hgate().args(["--version"]).run();
     assert!(version.has_line("hgate "), "{}", version.text());
 }
+
+#[test]
+fn an_open_tunnel_keeps_flowing_while_hgate_drains_and_the_client_hello_is_replayed_first() {
+    // krun's tunnel port leads to an echo upstream (`/_hbone/echo` → PORT_echo), so whatever
+    // hgate sends upstream comes back: first the replayed ClientHello, then the data.
+    let upstream = echo_upstream();
+    let tunnel = free_port();
+    let mut krun = Krun::new()
+        .env("PORT_echo", upstream.to_string())
+        .env("KRUN_TUNNEL_PORT", tunnel.to_string())
+        .args(testapp(&["wait-term"]))
+        .start();
+    krun.wait_for_line("tunnel port open");
+    let dir = TempDir::new("hgate-drain");
+    let routes = dir.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!("echo: http://127.0.0.1:{tunnel}/_hbone/echo\n"),
+    )
+    .expect("write routes");
+    let mut gate = Krun::hgate().env("HGATE_ROUTES", &routes).start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    gate.wait_for_line("hgate ready");
+
+    let hello = client_hello();
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(&hello).expect("hello");
+    let mut back = vec![0u8; hello.len()];
+    conn.read_exact(&mut back).expect("replayed hello");
+    assert_eq!(
+        back, hello,
+        "the peeked ClientHello went upstream first, byte for byte"
+    );
+
+    gate.signal(Signal::SIGTERM);
+    gate.wait_for_line("listeners closed");
+    conn.write_all(b"after SIGTERM")
+        .expect("write while draining");
+    let mut more = [0u8; 13];
+    conn.read_exact(&mut more).expect("read while draining");
+    assert_eq!(&more, b"after SIGTERM");
+    conn.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest)
+        .expect("EOF follows the half-close");
+    assert!(rest.is_empty());
+
+    let done = gate.finish();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(done.has_line("open_sni=0"), "{}", done.text());
+    krun.signal(Signal::SIGTERM);
+    assert_eq!(krun.finish().code, 0);
+}
