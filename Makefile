@@ -18,5 +18,5 @@ lint:
 
 # Benchmarks (not tests): figures against baselines measured in the same run.
 bench: prereqs
-	cargo build --profile perf -p krun -p krun-tests --bins
+	cargo build --profile perf -p krun -p hgate -p krun-tests --bins
 	cargo bench --profile perf -p krun-tests

@@ -93,6 +93,13 @@ pub struct HboneClient {
 /// Keeps a pooled connection's stream count right while a tunnel is open.
 pub struct StreamGuard(Arc<AtomicUsize>);
 
+impl StreamGuard {
+    /// Counts one more stream on a pooled connection until dropped.
+    pub(crate) fn new(streams: Arc<AtomicUsize>) -> Self {
+        StreamGuard(streams)
+    }
+}
+
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
@@ -225,23 +232,37 @@ impl HboneClient {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let s = &self.settings;
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(s.stream_window)
-            .initial_connection_window_size(s.connection_window)
-            .max_frame_size(s.max_frame_size)
-            .max_send_buf_size(s.stream_window as usize)
-            .keep_alive_interval(s.keepalive_interval)
-            .keep_alive_timeout(s.keepalive_timeout)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .handshake(TokioIo::new(io))
+        h2_handshake(&self.settings, io)
             .await
-            .map_err(|source| ClientError::H2 { peer, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "HBONE connection closed");
-            }
-        });
-        Ok(sender)
+            .map_err(|source| ClientError::H2 { peer, source })
     }
+}
+
+/// An HTTP/2 client handshake with `settings` over `io`; the connection is driven by a task.
+pub(crate) async fn h2_handshake<IO, B>(
+    s: &H2Settings,
+    io: IO,
+) -> Result<SendRequest<B>, hyper::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(s.stream_window)
+        .initial_connection_window_size(s.connection_window)
+        .max_frame_size(s.max_frame_size)
+        .max_send_buf_size(s.stream_window as usize)
+        .keep_alive_interval(s.keepalive_interval)
+        .keep_alive_timeout(s.keepalive_timeout)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .handshake(TokioIo::new(io))
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "HBONE connection closed");
+        }
+    });
+    Ok(sender)
 }

@@ -8,8 +8,10 @@ pub mod client;
 pub mod copy;
 pub mod identity;
 pub mod metrics;
+pub mod post;
 pub mod server;
 pub mod settings;
+pub mod sni;
 pub mod tls;
 
 pub use identity::{AllowedPeers, SpiffeId};

@@ -1,15 +1,50 @@
-//! hgate: the in-cluster gateway. It reads the SNI of mesh mTLS connections without
-//! terminating them and tunnels them over HBONE to the right Cloud Run service.
+//! The `hgate` binary: parses the CLI and the environment, then hands over to [`hgate::run`].
 
 use clap::Parser;
+use hgate::config::HgateConfig;
+use krun::config::Env;
 
 /// SNI gateway from the Istio mesh to Cloud Run over HBONE.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    /// Print the effective configuration as JSON (value and source per variable) and exit.
+    #[arg(long)]
+    print_config: bool,
+}
 
 fn main() {
-    Cli::parse();
-    eprintln!("hgate: the gateway is not implemented yet; see the hgate issue");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    let config = match HgateConfig::from_env(&Env::from_process()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("hgate: {e}");
+            std::process::exit(2);
+        }
+    };
+    if cli.print_config {
+        match serde_json::to_string_pretty(&config.printable()) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("hgate: print config: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    krun::logging::init(config.log_format.value, config.mesh_debug.value);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("hgate: start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(hgate::run(config)) {
+        tracing::error!(error = format!("{e:#}"), "hgate stopped");
+        std::process::exit(1);
+    }
 }

@@ -119,6 +119,23 @@ impl Krun {
         Krun { command }
     }
 
+    /// `hgate` with a clean environment: text logs, every listener on an ephemeral loopback
+    /// port (read the chosen address from its "ready" log lines), no Kubernetes, no ID tokens,
+    /// no istiod forwarding unless the scenario sets them.
+    pub fn hgate() -> Self {
+        let mut command = Command::new(binary("hgate"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HGATE_LOG_FORMAT", "text")
+            .env("HGATE_SNI_ADDR", "127.0.0.1:0")
+            .env("HGATE_ADMIN_ADDR", "127.0.0.1:0")
+            .env("HGATE_ISTIOD_ADDR", "off")
+            .env("HGATE_KUBE", "off")
+            .env("HGATE_ID_TOKENS", "none");
+        Krun { command }
+    }
+
     /// Sets an environment variable.
     pub fn env(mut self, name: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
         self.command.env(name, value);

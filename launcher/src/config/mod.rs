@@ -205,7 +205,8 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(name: &str, value: &str, expected: impl Into<String>) -> Self {
+    /// The error for `name=value` (redacted when secret) not being of the `expected` form.
+    pub fn invalid(name: &str, value: &str, expected: impl Into<String>) -> Self {
         ConfigError::Invalid {
             name: name.to_owned(),
             value: redact(name, value).to_owned(),
@@ -980,31 +981,41 @@ impl Config {
         out.one(KRUN_CAPTURE_DNS, &self.capture_dns);
         out.one(KRUN_CAPTURE_CLEANUP, &self.capture_cleanup);
         out.one(KRUN_CAPTURE_INBOUND_PORTS, &self.capture_inbound_ports);
-        out.0
+        out.finish()
     }
 }
 
-/// Collects `--print-config` entries, redacting secrets in every string it is given.
+/// Collects `--print-config` entries, redacting secrets in every string it is given; hgate
+/// prints its settings with it too, so both binaries show the same shape.
 #[derive(Default)]
-struct Printer(BTreeMap<String, Value>);
+pub struct Printer(BTreeMap<String, Value>);
 
 impl Printer {
-    fn value(&mut self, name: &str, value: Value, source: Source) {
+    /// The entries, keyed by variable name.
+    pub fn finish(self) -> BTreeMap<String, Value> {
+        self.0
+    }
+
+    /// Adds `name` with a JSON value.
+    pub fn value(&mut self, name: &str, value: Value, source: Source) {
         let value = redact_json(name, value);
         self.0
             .insert(name.to_owned(), json!({ "value": value, "source": source }));
     }
 
-    fn one<T: Serialize>(&mut self, name: &str, setting: &Setting<T>) {
+    /// Adds a setting.
+    pub fn one<T: Serialize>(&mut self, name: &str, setting: &Setting<T>) {
         self.value(name, json!(setting.value), setting.source);
     }
 
-    fn duration(&mut self, name: &str, setting: &Setting<Duration>) {
+    /// Adds a duration setting in humantime form.
+    pub fn duration(&mut self, name: &str, setting: &Setting<Duration>) {
         let text = humantime::format_duration(setting.value).to_string();
         self.value(name, json!(text), setting.source);
     }
 
-    fn opt<T: Serialize>(&mut self, name: &str, setting: &Option<Setting<T>>) {
+    /// Adds an optional setting (`null` when unset).
+    pub fn opt<T: Serialize>(&mut self, name: &str, setting: &Option<Setting<T>>) {
         match setting {
             Some(s) => self.one(name, s),
             None => self.value(name, Value::Null, Source::Default),

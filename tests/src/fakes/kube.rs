@@ -27,7 +27,8 @@ impl FakeKube {
     }
 }
 
-fn tls_config() -> (Arc<rustls::ServerConfig>, String) {
+/// A server config for `localhost` and 127.0.0.1 signed by a fresh CA; returns it and the CA PEM.
+pub(crate) fn tls_config() -> (Arc<rustls::ServerConfig>, String) {
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -92,5 +93,172 @@ fn answer(mesh_env: &Option<BTreeMap<String, String>>, req: &Request) -> Reply {
             "data": data,
         })),
         None => status(404, "NotFound", "configmaps \"mesh-env\" not found"),
+    }
+}
+
+/// Objects of a fake cluster, shared between the test and the API server: ConfigMaps and
+/// Services keyed by (namespace, name), as the JSON the API server stores.
+#[derive(Default)]
+pub struct ClusterState {
+    /// ConfigMaps.
+    pub configmaps: BTreeMap<(String, String), serde_json::Value>,
+    /// Services.
+    pub services: BTreeMap<(String, String), serde_json::Value>,
+    /// Last resourceVersion handed out.
+    revision: u64,
+}
+
+impl ClusterState {
+    /// Stores a ConfigMap with `data` (as an operator's `kubectl apply` would).
+    pub fn put_configmap(&mut self, ns: &str, name: &str, data: &[(&str, &str)]) {
+        self.revision += 1;
+        let data: BTreeMap<&str, &str> = data.iter().copied().collect();
+        self.configmaps.insert(
+            (ns.into(), name.into()),
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": name, "namespace": ns, "resourceVersion": self.revision.to_string()},
+                   "data": data}),
+        );
+    }
+
+    /// Stores a Service; `lb` is its load balancer ingress (`{"ip": ..}` or `{"hostname": ..}`)
+    /// and `annotations` its annotations.
+    pub fn put_service(
+        &mut self,
+        ns: &str,
+        name: &str,
+        lb: Option<serde_json::Value>,
+        annotations: &[(&str, &str)],
+    ) {
+        self.revision += 1;
+        let annotations: BTreeMap<&str, &str> = annotations.iter().copied().collect();
+        let ingress: Vec<serde_json::Value> = lb.into_iter().collect();
+        self.services.insert(
+            (ns.into(), name.into()),
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": name, "namespace": ns, "annotations": annotations,
+                                "resourceVersion": self.revision.to_string()},
+                   "spec": {"type": "LoadBalancer"},
+                   "status": {"loadBalancer": {"ingress": ingress}}}),
+        );
+    }
+
+    /// A ConfigMap's data.
+    pub fn configmap_data(&self, ns: &str, name: &str) -> Option<BTreeMap<String, String>> {
+        let cm = self.configmaps.get(&(ns.into(), name.into()))?;
+        serde_json::from_value(cm["data"].clone()).ok()
+    }
+
+    /// A ConfigMap's annotation.
+    pub fn configmap_annotation(&self, ns: &str, name: &str, key: &str) -> Option<String> {
+        let cm = self.configmaps.get(&(ns.into(), name.into()))?;
+        cm["metadata"]["annotations"][key]
+            .as_str()
+            .map(str::to_owned)
+    }
+}
+
+/// Shared cluster state.
+pub type SharedCluster = Arc<std::sync::Mutex<ClusterState>>;
+
+/// Starts a stateful API server over `state`: GET/POST/PUT ConfigMaps (PUT requires the
+/// current resourceVersion, as the real one), GET Services, and the cluster-wide Service list.
+pub fn start_cluster(state: SharedCluster) -> FakeKube {
+    let (tls, ca_pem) = tls_config();
+    let server = FakeServer::https(
+        Arc::new(move |req: &Request| answer_cluster(&state, req)),
+        tls,
+    );
+    FakeKube { server, ca_pem }
+}
+
+fn not_found(what: &str, name: &str) -> Reply {
+    status(404, "NotFound", &format!("{what} \"{name}\" not found"))
+}
+
+fn answer_cluster(state: &SharedCluster, req: &Request) -> Reply {
+    if req.header("authorization") != Some(&format!("Bearer {ACCESS_TOKEN}")) {
+        return status(401, "Unauthorized", "Unauthorized");
+    }
+    let Ok(mut state) = state.lock() else {
+        return status(500, "InternalError", "state poisoned");
+    };
+    let parts: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    match (req.method.as_str(), parts.as_slice()) {
+        ("GET", ["api", "v1", "services"]) => {
+            let items: Vec<serde_json::Value> = state.services.values().cloned().collect();
+            Reply::json(json!({"apiVersion": "v1", "kind": "ServiceList",
+                               "metadata": {"resourceVersion": state.revision.to_string()}, "items": items}))
+        }
+        ("GET", ["api", "v1", "namespaces", ns, "services", name]) => {
+            match state.services.get(&((*ns).into(), (*name).into())) {
+                Some(s) => Reply::json(s.clone()),
+                None => not_found("services", name),
+            }
+        }
+        ("GET", ["api", "v1", "namespaces", ns, "configmaps", name]) => {
+            match state.configmaps.get(&((*ns).into(), (*name).into())) {
+                Some(cm) => Reply::json(cm.clone()),
+                None => not_found("configmaps", name),
+            }
+        }
+        ("POST", ["api", "v1", "namespaces", ns, "configmaps"]) => {
+            let Ok(mut cm) = serde_json::from_slice::<serde_json::Value>(&req.body) else {
+                return status(400, "BadRequest", "body is not a ConfigMap");
+            };
+            let Some(name) = cm["metadata"]["name"].as_str().map(str::to_owned) else {
+                return status(422, "Invalid", "metadata.name: Required value");
+            };
+            let key = ((*ns).to_owned(), name.clone());
+            if state.configmaps.contains_key(&key) {
+                return status(
+                    409,
+                    "AlreadyExists",
+                    &format!("configmaps \"{name}\" already exists"),
+                );
+            }
+            state.revision += 1;
+            cm["metadata"]["resourceVersion"] = json!(state.revision.to_string());
+            state.configmaps.insert(key, cm.clone());
+            let mut reply = Reply::json(cm);
+            reply.status = 201;
+            reply
+        }
+        ("PUT", ["api", "v1", "namespaces", ns, "configmaps", name]) => {
+            let Ok(mut cm) = serde_json::from_slice::<serde_json::Value>(&req.body) else {
+                return status(400, "BadRequest", "body is not a ConfigMap");
+            };
+            let key = ((*ns).to_owned(), (*name).to_owned());
+            let Some(current) = state.configmaps.get(&key) else {
+                return not_found("configmaps", name);
+            };
+            if cm["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+                return status(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                );
+            }
+            state.revision += 1;
+            cm["metadata"]["resourceVersion"] = json!(state.revision.to_string());
+            state.configmaps.insert(key, cm.clone());
+            Reply::json(cm)
+        }
+        _ => status(
+            404,
+            "NotFound",
+            &format!("the server could not find {} {}", req.method, req.path),
+        ),
+    }
+}
+
+impl FakeKube {
+    /// A kubeconfig for this server, authenticating with the fake metadata token.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\nclusters:\n- name: fake\n  cluster:\n    server: {}\n    certificate-authority-data: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\nusers:\n- name: fake\n  user:\n    token: {ACCESS_TOKEN}\n",
+            self.server.url("https"),
+            self.ca_base64()
+        )
     }
 }

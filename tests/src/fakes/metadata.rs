@@ -82,9 +82,78 @@ fn answer(instance: &Instance, req: &Request) -> Reply {
             "expires_in": instance.token_lifetime,
             "token_type": "Bearer",
         }))),
+        "instance/service-accounts/default/identity" => {
+            let audience = query_param(req.query.as_deref(), "audience");
+            match audience {
+                Some(aud) if !aud.is_empty() => text(&id_token(&instance.email, &aud)),
+                _ => flavored(Reply::status(
+                    400,
+                    "non-empty audience parameter required\n",
+                )),
+            }
+        }
         other => match instance.extra.get(other) {
             Some(value) => text(value),
             None => flavored(Reply::status(404, "not found\n")),
         },
     }
+}
+
+/// A Google-style ID token (unsigned: the fake's callers only decode it) for `audience`.
+pub fn id_token(email: &str, audience: &str) -> String {
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{}.{}.fake-signature",
+        b64(serde_json::json!({"alg": "RS256", "typ": "JWT"})),
+        b64(
+            serde_json::json!({"aud": audience, "email": email, "iss": "https://accounts.google.com", "exp": now + 3600, "iat": now, "sub": "1"})
+        )
+    )
+}
+
+/// The audience a fake ID token was minted for.
+pub fn id_token_audience(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims["aud"].as_str().map(str::to_owned)
+}
+
+/// The percent-decoded value of `name` in a query string.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

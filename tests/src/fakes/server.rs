@@ -97,6 +97,8 @@ pub struct Request {
     pub query: Option<String>,
     /// Headers, lower-case names.
     pub headers: BTreeMap<String, String>,
+    /// The request body.
+    pub body: Bytes,
 }
 
 impl Request {
@@ -232,7 +234,11 @@ async fn serve(
 ) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
-    let _ = body.collect().await;
+    let body = body
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .unwrap_or_default();
     let headers: BTreeMap<String, String> = parts
         .headers
         .iter()
@@ -248,6 +254,7 @@ async fn serve(
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
         headers: headers.clone(),
+        body,
     };
     let (latency, injected) = {
         let mut f = faults.lock().expect("faults");

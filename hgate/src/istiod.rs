@@ -1,0 +1,80 @@
+//! istiod forwarding: plain TCP passthrough from hgate's 15012 to the in-cluster istiod, so
+//! Cloud Run workloads reach the control plane through the gateway's address without Envoy
+//! (the reference ran a whole Envoy for this one forward).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::limits::{Activity, ConnectionLimit, idle};
+
+/// Forwards each accepted connection to `upstream` until `drain` is cancelled; open
+/// connections keep flowing until they end (the caller bounds the wait).
+pub async fn serve(
+    listener: TcpListener,
+    upstream: String,
+    limit: Arc<ConnectionLimit>,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+    drain: CancellationToken,
+) {
+    let upstream = Arc::new(upstream);
+    loop {
+        let accepted = tokio::select! {
+            _ = drain.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (client, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "istiod listener accept failed");
+                continue;
+            }
+        };
+        let Some(permit) = limit.try_acquire() else {
+            tracing::warn!(%peer, max = limit.max(), "connection limit reached (HGATE_MAX_CONNECTIONS) on istiod forwarding; closing the new connection");
+            continue;
+        };
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let result = forward(client, &upstream, idle_timeout, connect_timeout).await;
+            match result {
+                Ok((up, down)) => {
+                    tracing::info!(%peer, upstream = %upstream, sent = up, received = down, outcome = "ok", "istiod connection finished");
+                }
+                Err(reason) => {
+                    tracing::info!(%peer, upstream = %upstream, outcome = %reason, "istiod connection finished");
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn forward(
+    client: TcpStream,
+    upstream: &str,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+) -> Result<(u64, u64), String> {
+    let mut server = match tokio::time::timeout(connect_timeout, TcpStream::connect(upstream)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("connect {upstream} (HGATE_ISTIOD_UPSTREAM): {e}")),
+        Err(_) => {
+            return Err(format!(
+                "connect {upstream} (HGATE_ISTIOD_UPSTREAM): timed out"
+            ));
+        }
+    };
+    let _ = server.set_nodelay(true);
+    let (mut client, clock) = Activity::new(client);
+    tokio::select! {
+        copied = hbone::copy::copy_bidirectional(&mut client, &mut server, 64 << 10) => {
+            copied.map_err(|e| format!("forwarding broke: {e}"))
+        }
+        () = idle(clock, idle_timeout) => Err("idle (HGATE_IDLE_TIMEOUT); closed".into()),
+    }
+}

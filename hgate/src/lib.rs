@@ -1,0 +1,17 @@
+//! hgate: the in-cluster gateway. It reads the SNI of mesh mTLS connections without
+//! terminating them and tunnels them over HBONE to the right Cloud Run service; it also
+//! forwards istiod and publishes `istio-system/mesh-env`. One module per job; [`run`] wires
+//! them together.
+
+pub mod admin;
+pub mod config;
+pub mod gate;
+pub mod istiod;
+pub mod limits;
+pub mod mesh_env;
+pub mod route;
+pub mod services;
+
+mod run;
+
+pub use run::run;

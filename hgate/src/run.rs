@@ -1,0 +1,203 @@
+//! Wires hgate's parts: listeners, routes, tokens, the Kubernetes loops, and drain on SIGTERM.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use hbone::H2Settings;
+use hbone::post::PostClient;
+use krun::identity::http::HttpClient;
+use krun::identity::metadata_token::MetadataIdTokens;
+use krun::identity::token_cache::{CachePolicy, TokenCache};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{HgateConfig, IdTokens, KubeMode};
+use crate::gate::Gate;
+use crate::limits::ConnectionLimit;
+use crate::route::{AnnotationRoutes, Routes, load_routes};
+use crate::{admin, istiod, mesh_env, services};
+
+/// Runs hgate until SIGTERM/SIGINT, then drains.
+pub async fn run(config: HgateConfig) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let static_routes = match &config.routes {
+        Some(path) => load_routes(&path.value)?,
+        None => HashMap::new(),
+    };
+    tracing::info!(count = static_routes.len(), template = %config.route_template.value, "routes loaded");
+    let annotations = AnnotationRoutes::default();
+    let tokens = match config.id_tokens.value {
+        IdTokens::None => None,
+        IdTokens::Metadata => Some(TokenCache::new(
+            MetadataIdTokens::new(HttpClient::new()?, &config.metadata_host.value),
+            CachePolicy::default(),
+        )),
+    };
+    let settings = H2Settings::default();
+    let gate = Arc::new(Gate {
+        routes: Routes::new(
+            static_routes,
+            annotations.clone(),
+            config.route_template.value.clone(),
+        ),
+        client: PostClient::new(settings, &web_tls()?),
+        tokens,
+        hello_timeout: config.hello_timeout.value,
+        idle_timeout: config.idle_timeout.value,
+        buffer: settings.copy_buffer,
+    });
+    let drain = CancellationToken::new();
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let sni_limit = Arc::new(ConnectionLimit::new(config.max_connections.value));
+    let istiod_limit = Arc::new(ConnectionLimit::new(config.max_connections.value));
+
+    let admin_listener = bind(config.admin_addr.value, "HGATE_ADMIN_ADDR").await?;
+    tracing::info!(addr = %local(&admin_listener), "admin endpoint ready");
+    tokio::spawn(admin::serve(admin_listener, ready_rx, sni_limit.clone()));
+    let sni_listener = bind(config.sni_addr.value, "HGATE_SNI_ADDR").await?;
+    let mut tasks = Vec::new();
+    tracing::info!(addr = %local(&sni_listener), "SNI listener ready");
+    tasks.push(tokio::spawn(gate.serve(
+        sni_listener,
+        sni_limit.clone(),
+        drain.clone(),
+    )));
+    if let Some(addr) = &config.istiod_addr {
+        let listener = bind(addr.value, "HGATE_ISTIOD_ADDR").await?;
+        tracing::info!(addr = %local(&listener), upstream = %config.istiod_upstream.value, "istiod forwarding ready");
+        tasks.push(tokio::spawn(istiod::serve(
+            listener,
+            config.istiod_upstream.value.clone(),
+            istiod_limit.clone(),
+            config.idle_timeout.value,
+            settings.connect_timeout,
+            drain.clone(),
+        )));
+    }
+    if let Some(client) = kube_client(&config).await {
+        tokio::spawn(kube_loop(
+            client,
+            config.clone(),
+            annotations,
+            drain.clone(),
+        ));
+    }
+    let _ = ready_tx.send(true);
+    tracing::info!("hgate ready");
+
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+    let _ = ready_tx.send(false);
+    drain.cancel();
+    for task in tasks {
+        let _ = task.await;
+    }
+    tracing::info!(
+        open_sni = sni_limit.open(),
+        open_istiod = istiod_limit.open(),
+        "listeners closed; waiting for open connections"
+    );
+    let timeout = config.drain_timeout.value;
+    let (sni_left, istiod_left) =
+        tokio::join!(sni_limit.drained(timeout), istiod_limit.drained(timeout));
+    tracing::info!(
+        open_sni = sni_left,
+        open_istiod = istiod_left,
+        "drained; exiting"
+    );
+    Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{name}={addr}: bind failed"))
+}
+
+fn local(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
+}
+
+/// TLS for `https://` tunnels: a normal web server identity (Cloud Run's front end) checked
+/// against the system roots (`SSL_CERT_FILE` / `SSL_CERT_DIR` override them).
+fn web_tls() -> anyhow::Result<rustls::ClientConfig> {
+    let loaded = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(loaded.certs);
+    if added == 0 {
+        tracing::warn!(errors = ?loaded.errors, "no system root certificates: https:// tunnels will fail");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The Kubernetes client, when hgate runs in a cluster or has a kubeconfig.
+async fn kube_client(config: &HgateConfig) -> Option<kube::Client> {
+    if config.kube.value == KubeMode::Off {
+        return None;
+    }
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        return match krun::discovery::kube_client::in_cluster() {
+            Ok(client) => Some(client),
+            Err(e) => {
+                tracing::warn!(error = %e, "no Kubernetes client: Service annotations and mesh-env are off");
+                None
+            }
+        };
+    }
+    let path = config.kubeconfig.as_ref()?;
+    match krun::discovery::kube_client::from_kubeconfig(&path.value).await {
+        Ok((client, _)) => Some(client),
+        Err(e) => {
+            tracing::warn!(error = %e, "no Kubernetes client: Service annotations and mesh-env are off");
+            None
+        }
+    }
+}
+
+/// Refreshes annotation routes and publishes mesh-env every `HGATE_ROUTE_REFRESH`.
+async fn kube_loop(
+    client: kube::Client,
+    config: HgateConfig,
+    annotations: AnnotationRoutes,
+    drain: CancellationToken,
+) {
+    let project = config.project_number.map(|s| s.value);
+    let tenant = config.mesh_tenant.map(|s| s.value);
+    loop {
+        match services::refresh(&client, &annotations).await {
+            Ok(Some(count)) => tracing::info!(
+                count,
+                "Service annotation routes changed (krun.dev/tunnel-url)"
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "list Services for krun.dev/tunnel-url failed; keeping the previous routes")
+            }
+        }
+        let published = match mesh_env::gather(&client, project.clone(), tenant.clone()).await {
+            Ok(facts) => mesh_env::publish(&client, &facts).await,
+            Err(e) => Err(e),
+        };
+        match published {
+            Ok(keys) if keys.is_empty() => {}
+            Ok(keys) => tracing::info!(keys = keys.join(","), "mesh-env published"),
+            Err(e) => tracing::warn!(error = %e, "mesh-env publish failed; retrying next refresh"),
+        }
+        tokio::select! {
+            _ = drain.cancelled() => return,
+            _ = tokio::time::sleep(config.route_refresh.value) => {}
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Routes from Service annotations: every Service with a `krun.dev/tunnel-url` annotation
+//! routes `<name>.<namespace>` to that URL. Refreshed by a periodic list (not a watch: a
+//! list every `HGATE_ROUTE_REFRESH` is simpler to bound and enough for routes that change
+//! on deploys).
+
+use std::collections::HashMap;
+
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, ListParams};
+
+use crate::route::{AnnotationRoutes, TUNNEL_URL_ANNOTATION};
+
+/// Lists Services once and replaces `routes` with their annotations; returns the new count
+/// when the routes changed.
+pub async fn refresh(
+    client: &kube::Client,
+    routes: &AnnotationRoutes,
+) -> Result<Option<usize>, kube::Error> {
+    let services: Api<Service> = Api::all(client.clone());
+    let list = services.list(&ListParams::default()).await?;
+    let found: HashMap<String, String> = list
+        .items
+        .iter()
+        .filter_map(|s| {
+            let url = s
+                .metadata
+                .annotations
+                .as_ref()?
+                .get(TUNNEL_URL_ANNOTATION)?;
+            let name = s.metadata.name.as_ref()?;
+            let namespace = s.metadata.namespace.as_deref().unwrap_or("default");
+            Some((format!("{name}.{namespace}"), url.clone()))
+        })
+        .collect();
+    let count = found.len();
+    let mut current = routes.write().unwrap_or_else(|p| p.into_inner());
+    if *current == found {
+        return Ok(None);
+    }
+    *current = found;
+    Ok(Some(count))
+}

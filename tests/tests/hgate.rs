@@ -1,0 +1,522 @@
+//! hgate end to end: a mesh client's mTLS, routed by SNI, through a pooled HBONE POST tunnel
+//! to krun's builtin data plane behind a Cloud Run-like TLS front; istiod forwarding; the
+//! ClientHello timeout and the connection limit.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use krun_tests::fakes::pki::TestCa;
+use krun_tests::fakes::{front, metadata};
+use krun_tests::{Krun, Running, TempDir, free_port, testapp};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const MESH_SNI: &str = "outbound_.8080_._.echo.default.svc.cluster.local";
+
+/// The address in a "... ready addr=IP:PORT" log line.
+fn ready_addr(gate: &mut Running, what: &str) -> SocketAddr {
+    let line = gate.wait_for_line(what);
+    line.split("addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no addr= in {line:?}"))
+}
+
+/// A real ClientHello (openssl s_client) from the SNI parser's corpus.
+fn client_hello() -> Vec<u8> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../hbone/tests/corpus/openssl-s_client.bin");
+    std::fs::read(path).expect("corpus ClientHello")
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sni_client.py")
+}
+
+#[test]
+fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
+    // The Cloud Run side: krun with a mesh identity, builtin data plane, echo app.
+    let ca = TestCa::new("cluster.local");
+    let dir = TempDir::new("hgate-e2e");
+    ca.install_workload(&dir.join(""), "spiffe://cluster.local/ns/default/sa/echo");
+    let (app, tunnel) = (free_port(), free_port());
+    let mut krun = Krun::new()
+        .env("MESH_BASE_DIR", dir.join(""))
+        .env("KRUN_DATAPLANE", "builtin")
+        .env("PORT_http", app.to_string())
+        .env("KRUN_TUNNEL_PORT", tunnel.to_string())
+        .args(testapp(&["echo", &app.to_string()]))
+        .start();
+    krun.wait_for_line("tunnel port open");
+    // Cloud Run's front end: TLS h2 in, h2c to the instance, headers recorded.
+    let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
+    let front_ca = dir.join("front-ca.pem");
+    std::fs::write(&front_ca, &front.ca_pem).expect("write front CA");
+    let service_url = format!("https://localhost:{}", front.addr.port());
+    let routes = dir.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!("echo.default: {service_url}/_hbone/15003\n"),
+    )
+    .expect("write routes");
+    let md = metadata::start(metadata::Instance::default());
+
+    let mut gate = Krun::hgate()
+        .env("HGATE_ROUTES", &routes)
+        .env("HGATE_ID_TOKENS", "metadata")
+        .env("GCE_METADATA_HOST", md.addr().to_string())
+        .env("SSL_CERT_FILE", &front_ca)
+        .start();
+    let sni_addr = ready_addr(&mut gate, "SNI listener ready");
+
+    let client_dir = TempDir::new("hgate-client");
+    let client = ca.install_client(
+        &client_dir.join(""),
+        "client",
+        "spiffe://cluster.local/ns/default/sa/client",
+    );
+    let run_client = |payload: &str| -> Value {
+        let out = Command::new("python3")
+            .arg(script())
+            .args([
+                "127.0.0.1",
+                &sni_addr.port().to_string(),
+                MESH_SNI,
+                &client.cert.to_string_lossy(),
+                &client.key.to_string_lossy(),
+                &client.ca.to_string_lossy(),
+                payload,
+            ])
+            .output()
+            .expect("run python3");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("JSON line")
+    };
+    assert_eq!(run_client("hello mesh")["data"], "hello mesh");
+    assert_eq!(
+        run_client("second, same pooled connection")["data"],
+        "second, same pooled connection"
+    );
+
+    let seen = front.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        front.connections(),
+        1,
+        "both tunnels share one pooled TLS connection"
+    );
+    for request in &seen {
+        assert_eq!(
+            (request.method.as_str(), request.path.as_str()),
+            ("POST", "/_hbone/15003")
+        );
+        let token = request
+            .authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .expect("a bearer token");
+        assert_eq!(
+            metadata::id_token_audience(token).as_deref(),
+            Some(service_url.as_str())
+        );
+    }
+    let line = gate.wait_for_line("connection finished");
+    assert!(
+        line.contains(MESH_SNI) && line.contains("outcome=\"ok\""),
+        "{line}"
+    );
+    assert!(line.contains("(Static)"), "{line}");
+
+    gate.signal(Signal::SIGTERM);
+    let done = gate.finish();
+    assert_eq!(done.code, 0, "{}", done.text());
+    krun.signal(Signal::SIGTERM);
+    let krun_done = krun.finish();
+    assert_eq!(krun_done.code, 0, "{}", krun_done.text());
+}
+
+#[test]
+fn an_unknown_sni_is_closed_logged_and_counted() {
+    let mut gate = Krun::hgate()
+        .env("HGATE_ROUTE_TEMPLATE", "http://127.0.0.1:1/{service}")
+        .start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    let mut hello = client_hello();
+    // Same ClientHello, but as if its SNI were a public name: reuse the corpus sample with
+    // echo.default.svc.cluster.local replaced by a name of equal length that is no mesh name.
+    let from = b"outbound_.8080_._.echo.default.svc.cluster.local";
+    let to = b"www.example.com.not-a-mesh-name.example.invalid.";
+    let at = hello
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("SNI in sample");
+    hello[at..at + to.len()].copy_from_slice(to);
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(&hello).expect("send hello");
+    let line = gate.wait_for_line("connection finished");
+    assert!(line.contains("no route"), "{line}");
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "hgate answered a connection it could not route"
+    );
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+#[test]
+fn a_client_that_never_finishes_its_client_hello_is_dropped_at_the_timeout() {
+    let mut gate = Krun::hgate().env("HGATE_HELLO_TIMEOUT", "300ms").start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    let mut slow = TcpStream::connect(addr).expect("connect");
+    slow.write_all(&client_hello()[..20])
+        .expect("send part of a hello");
+    let line = gate.wait_for_line("connection finished");
+    assert!(
+        line.contains("ClientHello not complete within 300ms"),
+        "{line}"
+    );
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        slow.read(&mut buf).expect("read"),
+        0,
+        "hgate closed the connection"
+    );
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+#[test]
+fn the_connection_limit_refuses_the_extra_connection_with_a_log_line() {
+    let mut gate = Krun::hgate()
+        .env("HGATE_MAX_CONNECTIONS", "1")
+        .env("HGATE_HELLO_TIMEOUT", "60s")
+        .start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    let mut first = TcpStream::connect(addr).expect("connect first");
+    first
+        .write_all(&client_hello()[..20])
+        .expect("partial hello");
+    let mut second = TcpStream::connect(addr).expect("connect second");
+    let line = gate.wait_for_line("connection limit reached");
+    assert!(line.contains("max=1"), "{line}");
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        second.read(&mut buf).expect("read"),
+        0,
+        "the extra connection is closed"
+    );
+    drop(first);
+    gate.wait_for_line("client closed before its ClientHello was complete");
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+/// An upstream that echoes each connection until EOF, then closes it.
+fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn istiod_forwarding_carries_bytes_both_ways_and_drains() {
+    let upstream = echo_upstream();
+    let mut gate = Krun::hgate()
+        .env("HGATE_ISTIOD_ADDR", "127.0.0.1:0")
+        .env("HGATE_ISTIOD_UPSTREAM", upstream.to_string())
+        .start();
+    let admin = ready_addr(&mut gate, "admin endpoint ready");
+    let addr = ready_addr(&mut gate, "istiod forwarding ready");
+    gate.wait_for_line("hgate ready");
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    let mut round_trip = |msg: &[u8]| {
+        conn.write_all(msg).expect("write");
+        let mut back = vec![0u8; msg.len()];
+        conn.read_exact(&mut back).expect("read");
+        assert_eq!(back, msg);
+    };
+    round_trip(b"xds request 1");
+
+    gate.signal(Signal::SIGTERM);
+    gate.wait_for_line("listeners closed");
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "no new connections while draining"
+    );
+    assert_eq!(
+        http_get(admin, "/healthz/ready"),
+        "HTTP/1.1 503 Service Unavailable",
+        "the load balancer is told to stop sending"
+    );
+    round_trip(b"xds request 2 while draining");
+    conn.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).expect("read to EOF");
+    assert!(rest.is_empty());
+
+    let done = gate.finish();
+    assert_eq!(done.code, 0, "{}", done.text());
+    let finished = &done.output[done.line_index("istiod connection finished")];
+    assert!(
+        finished.contains("sent=41") && finished.contains("received=41"),
+        "{finished}"
+    );
+    assert!(done.has_line("open_istiod=0"), "{}", done.text());
+}
+
+#[test]
+fn mesh_env_is_published_kept_current_and_operator_keys_survive() {
+    use krun_tests::fakes::kube::{self, SharedCluster};
+    let state = SharedCluster::default();
+    {
+        let mut s = state.lock().expect("state");
+        s.put_service(
+            "istio-system",
+            "hgate",
+            Some(serde_json::json!({"ip": "34.1.1.1"})),
+            &[],
+        );
+        s.put_service(
+            "istio-system",
+            "internal-hgate",
+            Some(serde_json::json!({"hostname": "ilb.example.internal"})),
+            &[],
+        );
+        s.put_configmap(
+            "istio-system",
+            "istio-ca-root-cert",
+            &[("root-cert.pem", "ROOT-1")],
+        );
+        // An operator pinned the tenant before hgate ever ran.
+        s.put_configmap("istio-system", "mesh-env", &[("MESH_TENANT", "-")]);
+        s.put_service(
+            "shop",
+            "echo",
+            None,
+            &[("krun.dev/tunnel-url", "http://127.0.0.1:1/_hbone/15003")],
+        );
+    }
+    let api = kube::start_cluster(state.clone());
+    let dir = TempDir::new("hgate-kube");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("write kubeconfig");
+    let mut gate = Krun::hgate()
+        .env("HGATE_KUBE", "auto")
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HGATE_ROUTE_REFRESH", "50ms")
+        .env("PROJECT_NUMBER", "1234567890")
+        .env("MESH_TENANT", "tenant-from-hgate")
+        .start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    gate.wait_for_all(&["mesh-env published", "Service annotation routes changed"]);
+    let data = |s: &SharedCluster| {
+        s.lock()
+            .expect("state")
+            .configmap_data("istio-system", "mesh-env")
+    };
+    let first = data(&state).expect("mesh-env");
+    assert_eq!(first["MCON_ADDR"], "34.1.1.1");
+    assert_eq!(first["IMCON_ADDR"], "ilb.example.internal");
+    assert_eq!(first["CAROOT_ISTIOD"], "ROOT-1");
+    assert_eq!(first["PROJECT_NUMBER"], "1234567890");
+    assert_eq!(first["MESH_TENANT"], "-", "operator-set key survives");
+    let owned = state
+        .lock()
+        .expect("state")
+        .configmap_annotation("istio-system", "mesh-env", "krun.dev/hgate-owned-keys")
+        .expect("owned keys annotation");
+    assert_eq!(owned, "CAROOT_ISTIOD,IMCON_ADDR,MCON_ADDR,PROJECT_NUMBER");
+
+    // The LB gets a new address and istiod's root rotates: hgate's keys follow.
+    {
+        let mut s = state.lock().expect("state");
+        s.put_service(
+            "istio-system",
+            "hgate",
+            Some(serde_json::json!({"ip": "34.2.2.2"})),
+            &[],
+        );
+        s.put_configmap(
+            "istio-system",
+            "istio-ca-root-cert",
+            &[("root-cert.pem", "ROOT-2")],
+        );
+    }
+    gate.wait_for_line("mesh-env published");
+    let second = data(&state).expect("mesh-env");
+    assert_eq!(second["MCON_ADDR"], "34.2.2.2");
+    assert_eq!(second["CAROOT_ISTIOD"], "ROOT-2");
+    assert_eq!(second["MESH_TENANT"], "-");
+
+    // The annotated Service is routed by its annotation (the URL leads nowhere: the log line
+    // shows the choice).
+    let mut hello = client_hello();
+    let from = b"outbound_.8080_._.echo.default.svc";
+    let to = b"outbound_.8080_._.echo.shop.svc.xx";
+    let at = hello
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("SNI in sample");
+    hello[at..at + to.len()].copy_from_slice(to);
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(&hello).expect("send hello");
+    let line = gate.wait_for_line("connection finished");
+    assert!(
+        line.contains("http://127.0.0.1:1/_hbone/15003 (Annotation)"),
+        "{line}"
+    );
+
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+/// One HTTP/1.1 GET; returns the status line.
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut conn = TcpStream::connect(addr).expect("connect admin");
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: hgate\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut text = String::new();
+    conn.read_to_string(&mut text).expect("read");
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn admin_reports_readiness_liveness_and_counters() {
+    let mut gate = Krun::hgate().start();
+    let admin = ready_addr(&mut gate, "admin endpoint ready");
+    gate.wait_for_line("hgate ready");
+    assert_eq!(http_get(admin, "/healthz/ready"), "HTTP/1.1 200 OK");
+    assert_eq!(http_get(admin, "/healthz/live"), "HTTP/1.1 200 OK");
+    let mut conn = TcpStream::connect(admin).expect("connect");
+    conn.write_all(b"GET /stats HTTP/1.1\r\nHost: hgate\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut stats = String::new();
+    conn.read_to_string(&mut stats).expect("read");
+    assert!(stats.contains("hgate_no_route_total 0"), "{stats}");
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+#[test]
+fn an_idle_forwarded_connection_is_closed_at_the_idle_timeout() {
+    let upstream = echo_upstream();
+    let mut gate = Krun::hgate()
+        .env("HGATE_ISTIOD_ADDR", "127.0.0.1:0")
+        .env("HGATE_ISTIOD_UPSTREAM", upstream.to_string())
+        .env("HGATE_IDLE_TIMEOUT", "300ms")
+        .start();
+    let addr = ready_addr(&mut gate, "istiod forwarding ready");
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(b"one").expect("write");
+    let line = gate.wait_for_line("istiod connection finished");
+    assert!(line.contains("idle (HGATE_IDLE_TIMEOUT)"), "{line}");
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    assert_eq!(
+        rest, b"one",
+        "bytes before the timeout were delivered, then EOF"
+    );
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+#[test]
+fn print_config_shows_values_and_sources_and_bad_values_name_the_variable() {
+    let done = Krun::hgate()
+        .env("HGATE_HELLO_TIMEOUT", "2s")
+        .args(["--print-config"])
+        .run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    let config: Value = serde_json::from_str(&done.text()).expect("JSON");
+    assert_eq!(config["HGATE_HELLO_TIMEOUT"]["value"], "2s");
+    assert_eq!(config["HGATE_HELLO_TIMEOUT"]["source"], "env");
+    assert_eq!(
+        config["HGATE_ROUTE_TEMPLATE"]["value"],
+        "https://{service}.a.run.app/_hbone/15003"
+    );
+    assert_eq!(config["HGATE_ROUTE_TEMPLATE"]["source"], "default");
+
+    let bad = Krun::hgate().env("HGATE_MAX_CONNECTIONS", "lots").run();
+    assert_eq!(bad.code, 2);
+    assert!(
+        bad.has_line("HGATE_MAX_CONNECTIONS=lots: expected"),
+        "{}",
+        bad.text()
+    );
+    let version = Krun::hgate().args(["--version"]).run();
+    assert!(version.has_line("hgate "), "{}", version.text());
+}
+
+#[test]
+fn an_open_tunnel_keeps_flowing_while_hgate_drains_and_the_client_hello_is_replayed_first() {
+    // krun's tunnel port leads to an echo upstream (`/_hbone/echo` → PORT_echo), so whatever
+    // hgate sends upstream comes back: first the replayed ClientHello, then the data.
+    let upstream = echo_upstream();
+    let tunnel = free_port();
+    let mut krun = Krun::new()
+        .env("PORT_echo", upstream.to_string())
+        .env("KRUN_TUNNEL_PORT", tunnel.to_string())
+        .args(testapp(&["wait-term"]))
+        .start();
+    krun.wait_for_line("tunnel port open");
+    let dir = TempDir::new("hgate-drain");
+    let routes = dir.join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!("echo: http://127.0.0.1:{tunnel}/_hbone/echo\n"),
+    )
+    .expect("write routes");
+    let mut gate = Krun::hgate().env("HGATE_ROUTES", &routes).start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    gate.wait_for_line("hgate ready");
+
+    let hello = client_hello();
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(&hello).expect("hello");
+    let mut back = vec![0u8; hello.len()];
+    conn.read_exact(&mut back).expect("replayed hello");
+    assert_eq!(
+        back, hello,
+        "the peeked ClientHello went upstream first, byte for byte"
+    );
+
+    gate.signal(Signal::SIGTERM);
+    gate.wait_for_line("listeners closed");
+    conn.write_all(b"after SIGTERM")
+        .expect("write while draining");
+    let mut more = [0u8; 13];
+    conn.read_exact(&mut more).expect("read while draining");
+    assert_eq!(&more, b"after SIGTERM");
+    conn.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest)
+        .expect("EOF follows the half-close");
+    assert!(rest.is_empty());
+
+    let done = gate.finish();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(done.has_line("open_sni=0"), "{}", done.text());
+    krun.signal(Signal::SIGTERM);
+    assert_eq!(krun.finish().code, 0);
+}
