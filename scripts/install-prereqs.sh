@@ -24,7 +24,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # The independent HTTP/2 implementation the HBONE tests talk to.
-python3 -c 'import h2' 2>/dev/null || python3 -m pip install --quiet --root-user-action=ignore h2
+# (pip where Python has it; Debian's package where Python is Debian's own.)
+python3 -c 'import h2' 2>/dev/null \
+  || python3 -m pip install --quiet --root-user-action=ignore h2 \
+  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-h2; }
 
 for component in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
