@@ -14,7 +14,6 @@ use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::settings::H2Settings;
@@ -192,24 +191,9 @@ impl HboneClient {
         peer: SocketAddr,
         expected: Option<&ExpectedPeer>,
     ) -> Result<SendRequest<Empty<Bytes>>, ClientError> {
-        let connect =
-            tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(peer)).await;
-        let tcp = match connect {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => {
-                return Err(ClientError::Connect {
-                    peer,
-                    detail: e.to_string(),
-                });
-            }
-            Err(_) => {
-                return Err(ClientError::Connect {
-                    peer,
-                    detail: "timed out (a firewall or NetworkPolicy may drop it)".into(),
-                });
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp = crate::dial::connect(peer, self.settings.connect_timeout)
+            .await
+            .map_err(|detail| ClientError::Connect { peer, detail })?;
         match (expected, &self.cert) {
             (Some(expected), Some(cert)) => {
                 let current = cert.borrow().clone();

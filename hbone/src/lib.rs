@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod copy;
+pub mod dial;
 pub mod identity;
 pub mod metrics;
 pub mod post;

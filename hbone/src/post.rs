@@ -17,7 +17,6 @@ use hyper::body::{Frame, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -286,27 +285,13 @@ impl PostClient {
 
     async fn dial(&self, url: &PostUrl) -> Result<SendRequest<ReqBody>, PostError> {
         let origin = url.origin();
-        let connect = tokio::time::timeout(
-            self.settings.connect_timeout,
-            TcpStream::connect((url.host.as_str(), url.port)),
-        )
-        .await;
-        let tcp = match connect {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => {
-                return Err(PostError::Connect {
-                    origin,
-                    detail: e.to_string(),
-                });
-            }
-            Err(_) => {
-                return Err(PostError::Connect {
-                    origin,
-                    detail: "timed out".into(),
-                });
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp =
+            crate::dial::connect((url.host.as_str(), url.port), self.settings.connect_timeout)
+                .await
+                .map_err(|detail| PostError::Connect {
+                    origin: origin.clone(),
+                    detail,
+                })?;
         let h2 = |source| PostError::H2 {
             origin: origin.clone(),
             source,

@@ -97,15 +97,6 @@ impl std::fmt::Display for Upstream {
     }
 }
 
-impl Upstream {
-    async fn dial(&self) -> std::io::Result<TcpStream> {
-        match self {
-            Upstream::Addr(addr) => TcpStream::connect(addr).await,
-            Upstream::Host(host) => TcpStream::connect(host.as_str()).await,
-        }
-    }
-}
-
 /// Decides where each tunnel goes: the policy of the process embedding the server.
 pub trait Router: Send + Sync + 'static {
     /// The upstream for `target`, or why not.
@@ -312,14 +303,12 @@ impl TunnelServer {
                 format!("dial {upstream}: {why}"),
             )
         };
-        let stream =
-            match tokio::time::timeout(self.settings.connect_timeout, upstream.dial()).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(unavailable(e.to_string())),
-                Err(_) => return Err(unavailable("timed out".into())),
-            };
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+        let timeout = self.settings.connect_timeout;
+        match &upstream {
+            Upstream::Addr(addr) => crate::dial::connect(*addr, timeout).await,
+            Upstream::Host(host) => crate::dial::connect(host.as_str(), timeout).await,
+        }
+        .map_err(unavailable)
     }
 
     async fn forward_to_app(&self, mut req: Request<Incoming>) -> Response<Body> {
