@@ -30,6 +30,20 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// No capture at all, for a krun that is not in a mesh: a plain `krun -- app` as root must
+    /// not touch the host's iptables or route the app's traffic through a proxy.
+    pub fn off() -> Capture {
+        tracing::info!(
+            interception = "off",
+            "traffic capture: off, because no mesh is configured (no MESH, mesh-env, XDS address or workload certificate); set ISTIO_META_INTERCEPTION_MODE to capture anyway"
+        );
+        Capture {
+            interception: Interception::Whitebox,
+            installed: Vec::new(),
+            cleanup: false,
+        }
+    }
+
     /// Removes the installed rules when `KRUN_CAPTURE_CLEANUP` asked for it.
     pub async fn cleanup(self, reaper: &Reaper) {
         if !self.cleanup || self.installed.is_empty() {
