@@ -50,8 +50,19 @@ pub async fn run(
     if identity.is_some() {
         clock.mark("identity");
     }
+    // Outside a mesh krun is only a supervisor: no rules, no proxy for the app, unless the
+    // operator asks for interception explicitly.
+    let in_mesh = found.mesh
+        || identity.is_some()
+        || config.xds_addr.is_some()
+        || crate::dataplane::load_workload_cert(&config.mesh_base_dir.value).is_ok();
+    let capture_wanted = in_mesh || config.interception_mode.is_some();
     // Before the supervisor: installing the rules waits for iptables-restore itself.
-    let capture = crate::capture::decide(&config);
+    let capture = if capture_wanted {
+        crate::capture::decide(&config)
+    } else {
+        crate::capture::Capture::off()
+    };
     let value = |s: Option<&crate::config::Setting<String>>| s.map(|s| s.value.clone());
     let inputs = AgentInputs {
         mesh_env: found.mesh_env.clone(),
@@ -66,7 +77,8 @@ pub async fn run(
     let mut dataplane = crate::agent::set_up(&config, &inputs, env, &mut plan)?;
     // Envoy's whitebox proxy variables come from the agent layer; the builtin one's from here.
     let outbound = config.outbound_addr.value;
-    if capture.interception == Interception::Whitebox
+    if capture_wanted
+        && capture.interception == Interception::Whitebox
         && dataplane.mode == DataPlane::Builtin
         && outbound.port() != 0
     {

@@ -142,6 +142,12 @@ impl Krun {
         self
     }
 
+    /// Removes a variable the harness sets by default.
+    pub fn env_remove(mut self, name: &str) -> Self {
+        self.command.env_remove(name);
+        self
+    }
+
     /// Appends arguments.
     pub fn args<S: AsRef<std::ffi::OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
         self.command.args(args);

@@ -233,3 +233,25 @@ fn a_captured_mesh_destination_goes_over_hbone() {
     server.signal(Signal::SIGTERM);
     server.finish();
 }
+
+/// A plain `krun -- app` (no mesh, no interception asked for) is only a supervisor, even as
+/// root: no rules, no proxy variables for the app. Run in a private network namespace so a
+/// regression cannot touch the host's rules.
+#[test]
+fn without_a_mesh_krun_captures_nothing_and_sets_no_proxy() {
+    let done = Krun::wrapped(&["unshare", "--net"])
+        .env_remove("ISTIO_META_INTERCEPTION_MODE")
+        .args(testapp(&["env", "HTTP_PROXY"]))
+        .run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(
+        done.has_line("traffic capture: off, because no mesh is configured"),
+        "{}",
+        done.text()
+    );
+    assert!(
+        done.has_line("<unset>"),
+        "the app must not get a proxy: {}",
+        done.text()
+    );
+}
