@@ -4,10 +4,8 @@
 //! by up to `max_streams_per_connection` tunnels, so a burst of tunnels to one peer costs one
 //! TLS handshake, not one each (the reference dialed per tunnel).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -16,6 +14,8 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::watch;
 
+pub use crate::pool::StreamGuard;
+use crate::pool::{ConnectionPool, Lease};
 use crate::settings::H2Settings;
 use crate::tls::{self, ExpectedPeer, WorkloadCert};
 
@@ -77,32 +77,11 @@ pub struct ExpectedPeerKey(pub String);
 /// A tunnel: bytes written reach the target, bytes read come from it.
 pub type Tunnel = TokioIo<hyper::upgrade::Upgraded>;
 
-struct Pooled {
-    sender: SendRequest<Empty<Bytes>>,
-    streams: Arc<AtomicUsize>,
-}
-
 /// Opens tunnels, reusing connections.
 pub struct HboneClient {
     settings: H2Settings,
     cert: Option<watch::Receiver<Arc<WorkloadCert>>>,
-    pool: Mutex<HashMap<Peer, Vec<Pooled>>>,
-}
-
-/// Keeps a pooled connection's stream count right while a tunnel is open.
-pub struct StreamGuard(Arc<AtomicUsize>);
-
-impl StreamGuard {
-    /// Counts one more stream on a pooled connection until dropped.
-    pub(crate) fn new(streams: Arc<AtomicUsize>) -> Self {
-        StreamGuard(streams)
-    }
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+    pool: ConnectionPool<Peer, Empty<Bytes>>,
 }
 
 impl HboneClient {
@@ -112,7 +91,7 @@ impl HboneClient {
         HboneClient {
             settings,
             cert,
-            pool: Mutex::new(HashMap::new()),
+            pool: ConnectionPool::new(settings.max_streams_per_connection),
         }
     }
 
@@ -127,25 +106,13 @@ impl HboneClient {
             addr: peer,
             expected: expected.map(|e| ExpectedPeerKey(e.to_string())),
         };
-        let (mut sender, streams) = match self.pooled(&key) {
-            Some(found) => found,
-            None => {
+        let Lease { mut sender, guard } = match self.pool.checkout(&key).await {
+            Ok(lease) => lease,
+            Err(permit) => {
                 let sender = self.dial(peer, expected).await?;
-                let streams = Arc::new(AtomicUsize::new(0));
-                self.pool
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .entry(key)
-                    .or_default()
-                    .push(Pooled {
-                        sender: sender.clone(),
-                        streams: streams.clone(),
-                    });
-                (sender, streams)
+                self.pool.insert(key, sender, permit)
             }
         };
-        streams.fetch_add(1, Ordering::Relaxed);
-        let guard = StreamGuard(streams);
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(authority)
@@ -170,20 +137,6 @@ impl HboneClient {
             .await
             .map_err(|source| ClientError::H2 { peer, source })?;
         Ok((TokioIo::new(upgraded), guard))
-    }
-
-    /// A live pooled connection with room for one more stream.
-    fn pooled(&self, key: &Peer) -> Option<(SendRequest<Empty<Bytes>>, Arc<AtomicUsize>)> {
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        let connections = pool.get_mut(key)?;
-        connections.retain(|c| !c.sender.is_closed());
-        connections
-            .iter()
-            .find(|c| {
-                c.sender.is_ready()
-                    && c.streams.load(Ordering::Relaxed) < self.settings.max_streams_per_connection
-            })
-            .map(|c| (c.sender.clone(), c.streams.clone()))
     }
 
     async fn dial(

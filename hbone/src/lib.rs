@@ -9,6 +9,7 @@ pub mod copy;
 pub mod dial;
 pub mod identity;
 pub mod metrics;
+pub mod pool;
 pub mod post;
 pub mod server;
 pub mod settings;

@@ -6,9 +6,7 @@
 //! Connections are pooled per origin and shared by up to `max_streams_per_connection`
 //! tunnels (the reference opened one TLS connection per inbound connection).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
@@ -20,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::pool::{ConnectionPool, Lease, StreamGuard};
 use crate::settings::H2Settings;
 
 /// A failed POST tunnel, naming the URL and the step.
@@ -149,26 +148,20 @@ type OriginKey = (Scheme, String, u16);
 
 type ReqBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
 
-struct Pooled {
-    sender: SendRequest<ReqBody>,
-    streams: Arc<AtomicUsize>,
-}
-
 /// Opens POST tunnels, reusing HTTP/2 connections per origin.
 pub struct PostClient {
     settings: H2Settings,
     tls: Arc<rustls::ClientConfig>,
-    pool: Mutex<HashMap<OriginKey, Vec<Pooled>>>,
-    /// One dial at a time per origin: a burst of tunnels to a new origin waits for the first
-    /// connection and shares it, instead of each dialing its own.
-    dialing: Mutex<HashMap<OriginKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per origin; a burst of tunnels to a new origin waits for the first connection and
+    /// shares it, instead of each dialing its own.
+    pool: ConnectionPool<OriginKey, ReqBody>,
 }
 
 /// An open POST tunnel: call [`PostTunnel::pipe`] to move bytes.
 pub struct PostTunnel {
     upstream: mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
     downstream: Incoming,
-    _guard: crate::client::StreamGuard,
+    _guard: StreamGuard,
 }
 
 impl PostClient {
@@ -179,8 +172,7 @@ impl PostClient {
         PostClient {
             settings,
             tls: Arc::new(tls),
-            pool: Mutex::new(HashMap::new()),
-            dialing: Mutex::new(HashMap::new()),
+            pool: ConnectionPool::new(settings.max_streams_per_connection),
         }
     }
 
@@ -193,25 +185,13 @@ impl PostClient {
         first: Bytes,
     ) -> Result<PostTunnel, PostError> {
         let key = (url.scheme, url.host.clone(), url.port);
-        let (mut sender, streams) = match self.pooled_or_dial_lock(&key).await {
-            Ok(found) => found,
-            Err(_dialing) => {
+        let Lease { mut sender, guard } = match self.pool.checkout(&key).await {
+            Ok(lease) => lease,
+            Err(permit) => {
                 let sender = self.dial(url).await?;
-                let streams = Arc::new(AtomicUsize::new(0));
-                self.pool
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .entry(key)
-                    .or_default()
-                    .push(Pooled {
-                        sender: sender.clone(),
-                        streams: streams.clone(),
-                    });
-                (sender, streams)
+                self.pool.insert(key, sender, permit)
             }
         };
-        streams.fetch_add(1, Ordering::Relaxed);
-        let guard = crate::client::StreamGuard::new(streams);
         let (tx, rx) = mpsc::channel(8);
         if !first.is_empty() {
             // The channel is empty, so this cannot wait.
@@ -248,39 +228,6 @@ impl PostClient {
             downstream: response.into_body(),
             _guard: guard,
         })
-    }
-
-    /// A pooled connection, or the origin's dial lock (held until the new connection is in
-    /// the pool, so waiters find it).
-    async fn pooled_or_dial_lock(
-        &self,
-        key: &OriginKey,
-    ) -> Result<(SendRequest<ReqBody>, Arc<AtomicUsize>), tokio::sync::OwnedMutexGuard<()>> {
-        if let Some(found) = self.pooled(key) {
-            return Ok(found);
-        }
-        let lock = self
-            .dialing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let guard = lock.lock_owned().await;
-        self.pooled(key).ok_or(guard)
-    }
-
-    fn pooled(&self, key: &OriginKey) -> Option<(SendRequest<ReqBody>, Arc<AtomicUsize>)> {
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        let connections = pool.get_mut(key)?;
-        connections.retain(|c| !c.sender.is_closed());
-        connections
-            .iter()
-            .find(|c| {
-                c.sender.is_ready()
-                    && c.streams.load(Ordering::Relaxed) < self.settings.max_streams_per_connection
-            })
-            .map(|c| (c.sender.clone(), c.streams.clone()))
     }
 
     async fn dial(&self, url: &PostUrl) -> Result<SendRequest<ReqBody>, PostError> {
