@@ -1,5 +1,5 @@
 # The two commands of the README. Everything else is a building block of these.
-.PHONY: demo test prereqs lint bench
+.PHONY: demo test prereqs lint fuzz bench
 
 demo:
 	samples/local/demo.sh
@@ -8,9 +8,14 @@ demo:
 test: prereqs lint
 	cargo build --workspace --all-targets
 	cargo test --workspace --no-fail-fast
+	$(MAKE) fuzz
 
 prereqs:
 	scripts/install-prereqs.sh
+
+# The SNI parser's fuzz target, bounded (FUZZ_SECONDS, default 60); installs cargo-fuzz if missing.
+fuzz:
+	scripts/fuzz.sh
 
 lint:
 	cargo fmt --all -- --check

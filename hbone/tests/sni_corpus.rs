@@ -3,8 +3,9 @@
 //! test time. Every one must parse; every truncation and corruption must be rejected (or at
 //! least never yield the original name from broken bytes) without panicking.
 //!
-//! cargo-fuzz is not installed on the build machines, so the fuzz target is a bounded,
-//! deterministic mutation run over the corpus (`mutations_never_panic`).
+//! `mutations_never_panic` is a deterministic mutation run over the corpus that every `cargo
+//! test` repeats; the coverage-guided fuzz target with the same seeds is `hbone/fuzz`
+//! (`scripts/fuzz.sh`, part of `make test`).
 
 use std::sync::Arc;
 
