@@ -901,3 +901,20 @@ fn the_krun_binary_mints_its_certificate_from_the_cluster_and_serves_hbone_with_
         done.text()
     );
 }
+
+#[test]
+fn an_istio_ca_without_a_cluster_to_mint_the_token_fails_in_one_line() {
+    // No MESH, no KUBECONFIG: nothing can mint the istio-token the CA wants.
+    let done = Krun::new()
+        .env("CA_ADDR", "127.0.0.1:15012")
+        .args(["true"])
+        .run();
+    assert_ne!(done.code, 0, "{}", done.text());
+    assert!(
+        done.has_line(
+            "CA_ADDR=127.0.0.1:15012: the Istio CA needs an istio-token from the config cluster"
+        ),
+        "{}",
+        done.text()
+    );
+}
