@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentInputs, Interception};
-use crate::config::{Config, DataPlane, Env, StartupProbe};
+use crate::config::{Config, DataPlane, Env, Source, StartupProbe};
 use crate::dataplane::MeshSide;
 use crate::discovery;
 use crate::identity::{self, Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
@@ -46,7 +46,7 @@ pub async fn run(
     }
     clock.mark("discover");
     // Held for the whole run: dropping it stops certificate rotation.
-    let identity = start_identity(&config).await?;
+    let identity = start_identity(&config, &found).await?;
     if identity.is_some() {
         clock.mark("identity");
     }
@@ -71,6 +71,9 @@ pub async fn run(
         project_id: value(config.project_id.as_ref()),
         cluster_name: value(config.cluster_name.as_ref()),
         cluster_location: value(config.cluster_location.as_ref()),
+        zone: found.instance.zone.clone(),
+        instance_id: found.instance.id.clone(),
+        instance_ip: found.instance.ip.clone(),
         interception: capture.interception,
         ..AgentInputs::default()
     };
@@ -104,7 +107,7 @@ pub async fn run(
     let drain = CancellationToken::new();
     let minted = identity
         .as_ref()
-        .and_then(|id| crate::dataplane::follow_identity(id.store()));
+        .and_then(|minted| crate::dataplane::follow_identity(minted.identity.store()));
     let mut mesh = MeshSide::start(
         &config,
         dataplane.mode,
@@ -130,39 +133,167 @@ pub async fn run(
     Ok(code)
 }
 
-/// The identity phase. Only the local CA (`CA_ADDR=file:///dir`) is wired here: it needs no
-/// network. Istio CA and Google CAs need the discovered cluster and a kube client, and start
-/// from the same [`Identity::start`] seam with an `IstioCaClient` over a `k8s_token::TokenFile`.
-async fn start_identity(config: &Config) -> anyhow::Result<Option<Identity>> {
-    let Some(dir) = config
-        .ca_addr
-        .as_ref()
-        .and_then(|ca| identity::local_ca_dir(&ca.value))
-    else {
+/// The identity phase: the local CA (`CA_ADDR=file:///dir`) signs in-process; an Istio CA
+/// (`CA_ADDR=host:port`, or istiod on the §6.1 XDS address) signs with an istio-token minted
+/// through the discovered kube client. Nothing configured: no identity, quietly.
+async fn start_identity(
+    config: &Config,
+    found: &discovery::Discovery,
+) -> anyhow::Result<Option<Minted>> {
+    let ca_addr = config.ca_addr.as_ref();
+    if let Some(dir) = ca_addr.and_then(|ca| identity::local_ca_dir(&ca.value)) {
+        let ca = identity::local_ca::LocalCa::load(&dir)?;
+        let id = workload_identity(config);
+        tracing::info!(identity = %id, ca_dir = %dir.display(), "identity: local CA signs in-process (CA_ADDR=file://)");
+        let identity = Identity::start(IdentityInputs {
+            identity: id,
+            signer: Signer::Local(Box::new(ca)),
+            base_dir: config.mesh_base_dir.value.clone(),
+            policy: RotationPolicy::default(),
+            trust_bundle: Vec::new(),
+        })
+        .await?;
+        return Ok(Some(Minted {
+            identity,
+            _tokens: None,
+        }));
+    }
+    let google_ca = config.ca_pool.is_some()
+        || ca_addr.is_some_and(|ca| ca.value.contains("meshca.googleapis.com"));
+    if google_ca {
+        tracing::warn!(
+            "identity: CA_POOL (CAS) and MeshCA are not wired into krun's startup; krun mints no certificate and leaves the CA to the agent"
+        );
+        return Ok(None);
+    }
+    let Some((addr, from)) = istio_ca_addr(config, found) else {
         return Ok(None);
     };
-    let ca = identity::local_ca::LocalCa::load(&dir)?;
-    let id = workload_identity(config);
-    tracing::info!(identity = %id, ca_dir = %dir.display(), "identity: local CA signs in-process (CA_ADDR=file://)");
-    let identity = Identity::start(IdentityInputs {
-        identity: id,
-        signer: Signer::Local(Box::new(ca)),
-        base_dir: config.mesh_base_dir.value.clone(),
-        policy: RotationPolicy::default(),
-        trust_bundle: Vec::new(),
-    })
-    .await?;
-    Ok(Some(identity))
+    // An explicit CA_ADDR that cannot be used is a startup error; an istiod address derived
+    // from XDS only means krun leaves the certificate to the agent.
+    let explicit = from == "CA_ADDR" && ca_addr.is_some_and(|ca| ca.source == Source::Env);
+    let Some(client) = found.kube.clone() else {
+        anyhow::ensure!(
+            !explicit,
+            "CA_ADDR={addr}: the Istio CA needs an istio-token from the config cluster, and discovery built no K8s client; set KUBECONFIG, run in a cluster, or point MESH at a GKE cluster"
+        );
+        tracing::info!(ca = %addr, from, "identity: no K8s client for an istio-token (MESH=file:// or Traffic Director): krun mints no certificate");
+        return Ok(None);
+    };
+    let Some(root_pem) = found
+        .mesh_env
+        .get("CAROOT_ISTIOD")
+        .filter(|pem| !pem.trim().is_empty())
+        .cloned()
+    else {
+        anyhow::ensure!(
+            !explicit,
+            "CA_ADDR={addr}: mesh-env has no CAROOT_ISTIOD to verify the Istio CA; publish istiod's root in istio-system/mesh-env (hgate does) or use CA_ADDR=file:// for a local CA"
+        );
+        tracing::info!(ca = %addr, from, "identity: mesh-env has no CAROOT_ISTIOD to verify istiod: krun mints no certificate");
+        return Ok(None);
+    };
+    istio_ca_identity(config, found, client, addr, root_pem)
+        .await
+        .map(Some)
 }
 
-/// The SPIFFE identity from TRUST_DOMAIN, WORKLOAD_NAMESPACE and WORKLOAD_SERVICE_ACCOUNT, with
-/// Istio's default trust domain (`cluster.local`) when none is known.
-fn workload_identity(config: &Config) -> SpiffeId {
-    let value = |s: &Option<crate::config::Setting<String>>, default: &str| {
-        s.as_ref().map_or(default.to_owned(), |s| s.value.clone())
+/// The Istio CA address: `CA_ADDR` (host:port), else istiod's XDS address (§6.1) when it is
+/// istiod's port. `None`: no Istio CA is known.
+fn istio_ca_addr(config: &Config, found: &discovery::Discovery) -> Option<(String, &'static str)> {
+    if let Some(ca) = &config.ca_addr {
+        return Some((ca.value.clone(), "CA_ADDR"));
+    }
+    let xds = crate::agent::xds::select(
+        None,
+        config.xds_addr.as_ref().map(|s| s.value.as_str()),
+        None,
+        &found.mesh_env,
+        None,
+    )
+    .ok()?;
+    match xds {
+        crate::agent::xds::Xds::Address { addr, from } if crate::agent::xds::is_istiod(&addr) => {
+            Some((addr, from))
+        }
+        _ => None,
+    }
+}
+
+/// Istio CA wiring (docs/identity.md §"Wiring the cluster signers"): the istio-token request
+/// and the CA handshake run together; then the first CSR.
+async fn istio_ca_identity(
+    config: &Config,
+    found: &discovery::Discovery,
+    client: kube::Client,
+    addr: String,
+    root_pem: String,
+) -> anyhow::Result<Minted> {
+    use identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
+    use identity::k8s_token::{self, K8sTokenSource, TokenFile};
+    let id = workload_identity(config);
+    let ca = IstioCaConfig {
+        addr: addr.clone(),
+        root_pem,
+        server_name: ISTIOD_SERVER_NAME.to_owned(),
+        cluster_id: config
+            .cluster_name
+            .as_ref()
+            .map_or("Kubernetes".to_owned(), |s| s.value.clone()),
     };
+    let audience = k8s_token::istio_token_audience(&trust_domain(config), config.oss_istio.value);
+    let base = config.mesh_base_dir.value.clone();
+    let source = K8sTokenSource::new(
+        client,
+        &config.workload_namespace.value,
+        &config.workload_service_account.value,
+        &audience,
+        k8s_token::DEFAULT_TOKEN_LIFETIME,
+    );
+    tracing::info!(identity = %id, ca = %addr, %audience, "identity: Istio CA signs with an istio-token from the config cluster");
+    // The CA handshake overlaps the token request: the critical path is token, then CSR.
+    let (tokens, connection) = tokio::join!(
+        TokenFile::start(source, k8s_token::istio_token_path(&base)),
+        istio_ca::connect(&ca),
+    );
+    let (tokens, connection) = (tokens?, connection?);
+    let identity = Identity::start(IdentityInputs {
+        identity: id,
+        signer: Signer::IstioCa(IstioCaClient::new(ca, connection, tokens.subscribe())),
+        base_dir: base,
+        policy: RotationPolicy::default(),
+        trust_bundle: identity::roots::mesh_env_roots(
+            found.mesh_env.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )?,
+    })
+    .await?;
+    Ok(Minted {
+        identity,
+        _tokens: Some(tokens),
+    })
+}
+
+/// A running identity and what keeps it fed: dropping it stops rotation and token refresh.
+struct Minted {
+    identity: Identity,
+    /// The istio-token refresher (Istio CA only).
+    _tokens: Option<identity::k8s_token::TokenFile>,
+}
+
+/// TRUST_DOMAIN, or Istio's default (`cluster.local`) when none is known.
+fn trust_domain(config: &Config) -> String {
+    config
+        .trust_domain
+        .as_ref()
+        .map_or(identity::DEFAULT_TRUST_DOMAIN.to_owned(), |s| {
+            s.value.clone()
+        })
+}
+
+/// The SPIFFE identity from TRUST_DOMAIN, WORKLOAD_NAMESPACE and WORKLOAD_SERVICE_ACCOUNT.
+fn workload_identity(config: &Config) -> SpiffeId {
     SpiffeId::new(
-        &value(&config.trust_domain, identity::DEFAULT_TRUST_DOMAIN),
+        &trust_domain(config),
         &config.workload_namespace.value,
         &config.workload_service_account.value,
     )

@@ -824,3 +824,67 @@ fn without_pilot_agent_or_xds_nothing_is_started_or_written() {
     );
     assert!(!world.path("etc").exists(), "no mesh files written");
 }
+
+/// Runs `scenario` on a thread of its own that first moves into a fresh network namespace with
+/// loopback up. Everything the thread then creates lives there: the fakes' listening sockets
+/// (bound on this thread) and krun (forked from it), so krun reaches the fakes on 127.0.0.1
+/// while the proxy's fixed ports stay private, as with `unshare --net`.
+fn in_private_netns<T: Send + 'static>(scenario: impl FnOnce() -> T + Send + 'static) -> T {
+    // The fakes' runtime threads stay in the host namespace; sockets keep the one they were
+    // made in, so they serve from there.
+    let _ = krun_tests::fakes::server::runtime();
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare --net");
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("run ip");
+        assert!(up.success(), "ip link set lo up");
+        scenario()
+    })
+    .join()
+    .expect("scenario thread")
+}
+
+#[test]
+fn traffic_director_takes_zone_and_node_id_from_the_metadata_server() {
+    use krun_tests::fakes::metadata::{self, Instance};
+    let (done, rendered) = in_private_netns(|| {
+        let mut instance = Instance::default();
+        instance.extra.extend(
+            [
+                ("instance/zone", "projects/1234567890/zones/us-central1-a"),
+                ("instance/id", "4471892301765243"),
+                ("instance/network-interfaces/0/ip", "10.128.0.7"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        let metadata = metadata::start(instance);
+        let world = World::new("td-metadata");
+        let bootstrap = world.path("etc/istio/proxy/td_bootstrap.yaml");
+        let done = run_to_sigterm(
+            &world,
+            world
+                .krun(&[])
+                .env("MESH", "td:projects=987&scopes=edge")
+                .env("GCE_METADATA_HOST", metadata.addr().to_string())
+                .env("KRUN_PILOT_AGENT_PATH", "/nonexistent/pilot-agent")
+                .env("STANDIN_FILES", bootstrap.display().to_string()),
+        );
+        let rendered = world.record("envoy").file(&bootstrap)["content"]
+            .as_str()
+            .expect("Envoy could read its bootstrap")
+            .to_owned();
+        (done, rendered)
+    });
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(
+        rendered.contains("zone: \"us-central1-a\""),
+        "zone is the last segment of instance/zone: {rendered}"
+    );
+    assert!(
+        rendered
+            .contains("id: \"projects/987/networks/scope:edge/nodes/4471892301765243~10.128.0.7\""),
+        "node id <instance id>~<instance ip>: {rendered}"
+    );
+}

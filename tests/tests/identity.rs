@@ -776,3 +776,145 @@ fn local_ca_mode_works_with_networking_unavailable() {
         .expect("a certificate");
     assert_eq!(first, vec![me().to_string()]);
 }
+
+/// The Python h2 HBONE client (tests/scripts/hbone_client.py); returns its last JSON line.
+fn hbone_client(args: &[&str]) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hbone_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_else(|| {
+        panic!(
+            "no output; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    serde_json::from_str(last).expect("JSON line")
+}
+
+#[test]
+fn the_krun_binary_mints_its_certificate_from_the_cluster_and_serves_hbone_with_it() {
+    use krun_tests::fakes::TestWorld;
+    use krun_tests::fakes::server::runtime;
+    use krun_tests::{free_port, testapp};
+    use rustls_pki_types::pem::PemObject;
+
+    // The cluster: mesh-env publishes istiod's root and a second mesh root that peers use;
+    // the K8s API mints istio-tokens; istiod's CA signs with the published root.
+    let ca = runtime().block_on(FakeCa::start(
+        TestCa::new("mesh root"),
+        TRUST_DOMAIN,
+        Duration::ZERO,
+    ));
+    let peers = TestCa::new("peer root");
+    let world = TestWorld::builder()
+        .mesh_env(&[
+            ("CAROOT_ISTIOD", &ca.root_pem()),
+            ("CAROOT_PEERS", &peers.root_pem),
+        ])
+        .start();
+    let dir = TempDir::new("krun-identity");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, world.kube.kubeconfig()).expect("write kubeconfig");
+    let base = dir.join("base");
+    let (app, hbone, tunnel) = (free_port(), free_port(), free_port());
+    let mut krun = Krun::new()
+        .env("KUBECONFIG", &kubeconfig)
+        .env("CA_ADDR", ca.addr.to_string())
+        .env("TRUST_DOMAIN", TRUST_DOMAIN)
+        .env("WORKLOAD_NAMESPACE", NAMESPACE)
+        .env("WORKLOAD_SERVICE_ACCOUNT", KSA)
+        .env("MESH_BASE_DIR", &base)
+        .env("KRUN_DATAPLANE", "builtin")
+        .env("PORT_http", app.to_string())
+        .env("KRUN_HBONE_PORT", hbone.to_string())
+        .env("KRUN_TUNNEL_PORT", tunnel.to_string())
+        .args(testapp(&["echo", &app.to_string()]))
+        .start();
+    krun.wait_for_line("tunnel port open");
+
+    // The token went to the TokenRequest API with the trust domain as audience, then the CSR.
+    assert_eq!(ca.signed(), 1);
+    let token_requests = world
+        .kube
+        .server
+        .seen()
+        .into_iter()
+        .filter(|s| {
+            s.method == "POST"
+                && s.path
+                    .contains("/namespaces/prod/serviceaccounts/reviews/token")
+        })
+        .count();
+    assert_eq!(token_requests, 1);
+    assert_secret_mode(&istio_token_path(&base));
+    let out = base.join("var/run/secrets/istio.io");
+    assert_secret_mode(&out.join("key.pem"));
+    for public in ["cert-chain.pem", "root-cert.pem"] {
+        let mode = std::fs::metadata(out.join(public))
+            .expect(public)
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644, "{public}");
+    }
+    let chain = std::fs::read_to_string(out.join("cert-chain.pem")).expect("chain");
+    let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+        .next()
+        .expect("a leaf")
+        .expect("PEM");
+    assert_eq!(
+        krun_tests::fakes::pki::leaf_uris(leaf.as_ref()),
+        ["spiffe://proj.svc.id.goog/ns/prod/sa/reviews"]
+    );
+    let bundle = std::fs::read_to_string(out.join("root-cert.pem")).expect("root");
+    assert_eq!(bundle, format!("{}{}", ca.root_pem(), peers.root_pem));
+
+    // A peer of the other mesh root reaches the app over HBONE, verifying krun's new leaf
+    // against istiod's root.
+    let clients = TempDir::new("krun-identity-peer");
+    let peer = peers.install_client(
+        &clients.join(""),
+        "peer",
+        "spiffe://proj.svc.id.goog/ns/prod/sa/ratings",
+    );
+    std::fs::write(&peer.ca, ca.root_pem()).expect("trust istiod's root");
+    let reply = hbone_client(&[
+        "connect-mtls",
+        "127.0.0.1",
+        &hbone.to_string(),
+        &format!("127.0.0.1:{app}"),
+        &peer.cert.to_string_lossy(),
+        &peer.key.to_string_lossy(),
+        &peer.ca.to_string_lossy(),
+        "ping with a cluster-minted certificate",
+    ]);
+    assert_eq!(reply["status"], 200, "{reply}");
+    assert_eq!(reply["data"], "ping with a cluster-minted certificate");
+    krun.signal(nix::sys::signal::Signal::SIGTERM);
+    let done = krun.finish();
+    assert!(
+        done.has_line("identity: Istio CA signs with an istio-token from the config cluster"),
+        "{}",
+        done.text()
+    );
+}
+
+#[test]
+fn an_istio_ca_without_a_cluster_to_mint_the_token_fails_in_one_line() {
+    // No MESH, no KUBECONFIG: nothing can mint the istio-token the CA wants.
+    let done = Krun::new()
+        .env("CA_ADDR", "127.0.0.1:15012")
+        .args(["true"])
+        .run();
+    assert_ne!(done.code, 0, "{}", done.text());
+    assert!(
+        done.has_line(
+            "CA_ADDR=127.0.0.1:15012: the Istio CA needs an istio-token from the config cluster"
+        ),
+        "{}",
+        done.text()
+    );
+}

@@ -139,12 +139,16 @@ impl TdBootstrap {
     }
 }
 
-/// A fresh Traffic Director node id: `<random uuid>~<ip>` (the reference's form).
-pub fn node_id(ip: Option<&str>) -> String {
-    let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
-        .map(|u| u.trim().to_owned())
-        .unwrap_or_else(|_| format!("{:x}", std::process::id()));
-    format!("{uuid}~{}", ip.unwrap_or("127.0.0.1"))
+/// A Traffic Director node id in the reference's `<id>~<ip>` form: the instance id from the
+/// metadata server when known (one node per instance, recognisable in TD's console), else a
+/// random uuid; the instance IP, else loopback.
+pub fn node_id(instance_id: Option<&str>, ip: Option<&str>) -> String {
+    let id = instance_id.map(str::to_owned).unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+            .map(|u| u.trim().to_owned())
+            .unwrap_or_else(|_| format!("{:x}", std::process::id()))
+    });
+    format!("{id}~{}", ip.unwrap_or("127.0.0.1"))
 }
 
 /// Envoy's readiness from its admin stats: LIVE (`server.state: 0`) with workers started.
@@ -223,10 +227,9 @@ pub fn start(
     let bootstrap = TdBootstrap {
         project_number,
         network: mesh.network,
-        node_id: inputs
-            .node_id
-            .clone()
-            .unwrap_or_else(|| node_id(inputs.instance_ip.as_deref())),
+        node_id: inputs.node_id.clone().unwrap_or_else(|| {
+            node_id(inputs.instance_id.as_deref(), inputs.instance_ip.as_deref())
+        }),
         zone: inputs
             .zone
             .clone()
@@ -325,6 +328,7 @@ mod tests {
             panic!("stats check expected");
         };
         url.parse::<hyper::Uri>().expect("valid URI");
-        assert!(node_id(Some("10.0.0.9")).ends_with("~10.0.0.9"));
+        assert!(node_id(None, Some("10.0.0.9")).ends_with("~10.0.0.9"));
+        assert_eq!(node_id(Some("4711"), Some("10.0.0.9")), "4711~10.0.0.9");
     }
 }

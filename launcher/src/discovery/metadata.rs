@@ -38,6 +38,9 @@ pub mod paths {
     pub const REGION: &str = "instance/region";
     pub const CLUSTER_NAME: &str = "instance/attributes/cluster-name";
     pub const CLUSTER_LOCATION: &str = "instance/attributes/cluster-location";
+    pub const ZONE: &str = "instance/zone";
+    pub const INSTANCE_ID: &str = "instance/id";
+    pub const INSTANCE_IP: &str = "instance/network-interfaces/0/ip";
 }
 
 /// A metadata request that failed; each message names the server and what to check.

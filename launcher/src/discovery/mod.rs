@@ -105,7 +105,7 @@ pub enum DiscoveryError {
 }
 
 /// What discovery found.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Discovery {
     /// Values from metadata, MESH, GKE and Resource Manager, each with its source.
     pub discovered: Layer,
@@ -113,6 +113,35 @@ pub struct Discovery {
     pub mesh_env: MeshEnv,
     /// Whether a mesh was found: `false` means krun runs as a plain supervisor.
     pub mesh: bool,
+    /// The config cluster's K8s client, when discovery built one: the identity phase mints
+    /// the istio-token with it.
+    pub kube: Option<kube::Client>,
+    /// Where this instance runs (metadata `instance/*`), for the Traffic Director bootstrap.
+    pub instance: InstanceFacts,
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery")
+            .field("discovered", &self.discovered)
+            .field("mesh_env", &self.mesh_env)
+            .field("mesh", &self.mesh)
+            .field("kube", &self.kube.as_ref().map(|_| "kube::Client"))
+            .field("instance", &self.instance)
+            .finish()
+    }
+}
+
+/// The instance's zone, id and IP from the metadata server; read only for Traffic Director,
+/// whose bootstrap names the node and its locality.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstanceFacts {
+    /// Last path segment of `instance/zone` (`us-central1-a`).
+    pub zone: Option<String>,
+    /// `instance/id`.
+    pub id: Option<String>,
+    /// `instance/network-interfaces/0/ip`.
+    pub ip: Option<String>,
 }
 
 /// Merges what discovery found below the environment: discovered values first, then
@@ -170,6 +199,7 @@ struct Facts {
     region: Option<String>,
     cluster_name: Option<String>,
     cluster_location: Option<String>,
+    instance: InstanceFacts,
 }
 
 /// Where the config cluster's K8s client comes from.
@@ -246,15 +276,19 @@ impl<'a> Discoverer<'a> {
                         }),
                         "config cluster from KUBECONFIG"
                     );
-                    let env = phase("mesh-env", mesh_env::from_cluster(client, path)).await?;
-                    Ok(Some((env, context)))
+                    let env =
+                        phase("mesh-env", mesh_env::from_cluster(client.clone(), path)).await?;
+                    Ok(Some((env, context, client)))
                 }
                 KubeSource::InCluster => {
                     let client = kube_client::in_cluster()?;
                     tracing::info!("config cluster: this cluster (in-cluster service account)");
-                    let env =
-                        phase("mesh-env", mesh_env::from_cluster(client, "in-cluster")).await?;
-                    Ok(Some((env, None)))
+                    let env = phase(
+                        "mesh-env",
+                        mesh_env::from_cluster(client.clone(), "in-cluster"),
+                    )
+                    .await?;
+                    Ok(Some((env, None, client)))
                 }
                 KubeSource::Gke | KubeSource::None => Ok::<_, DiscoveryError>(None),
             }
@@ -272,9 +306,9 @@ impl<'a> Discoverer<'a> {
         let early_api = expect_gcp.then(|| self.build_api());
         let (facts, early_mesh_env) =
             tokio::join!(phase("metadata", self.metadata_facts()), early_mesh_env);
-        let (early_mesh_env, context) = match early_mesh_env? {
-            Some((env, context)) => (Some(env), context),
-            None => (None, None),
+        let (early_mesh_env, context, early_kube) = match early_mesh_env? {
+            Some((env, context, client)) => (Some(env), context, Some(client)),
+            None => (None, None, None),
         };
         let mut discovered = Layer::default();
         if let Some(context) = context {
@@ -292,6 +326,8 @@ impl<'a> Discoverer<'a> {
                     mesh: early_mesh_env.is_some(),
                     mesh_env: early_mesh_env.unwrap_or_default(),
                     discovered,
+                    kube: early_kube,
+                    instance: InstanceFacts::default(),
                 });
             }
         };
@@ -370,8 +406,8 @@ impl<'a> Discoverer<'a> {
             };
             let client = kube_client::for_gke_cluster(&cluster, self.metadata.clone())?;
             let name = format!("{}/{}", cluster.location, cluster.name);
-            let mesh_env = phase("mesh-env", mesh_env::from_cluster(client, &name)).await?;
-            Ok::<_, DiscoveryError>(Some((cluster, mesh_env)))
+            let mesh_env = phase("mesh-env", mesh_env::from_cluster(client.clone(), &name)).await?;
+            Ok::<_, DiscoveryError>(Some((cluster, mesh_env, client)))
         };
         let (project, cluster) = tokio::join!(project_lookup, cluster_and_mesh_env);
         let (project, cluster) = (project?, cluster?);
@@ -394,7 +430,7 @@ impl<'a> Discoverer<'a> {
             discovered.set_if_unset(names::PROJECT_NUMBER, number, Source::Metadata);
         }
         let mesh = match &cluster {
-            Some((cluster, _)) => {
+            Some((cluster, _, _)) => {
                 discovered.set_if_unset(names::CLUSTER_NAME, &cluster.name, Source::Discovered);
                 discovered.set_if_unset(
                     names::CLUSTER_LOCATION,
@@ -411,14 +447,16 @@ impl<'a> Discoverer<'a> {
         if let Some(location) = &facts.cluster_location {
             discovered.set_if_unset(names::CLUSTER_LOCATION, location, Source::Metadata);
         }
-        let mesh_env = cluster
-            .map(|(_, env)| env)
-            .or(early_mesh_env)
-            .unwrap_or_default();
+        let (mesh_env, kube) = match cluster {
+            Some((_, env, client)) => (Some(env), Some(client)),
+            None => (None, None),
+        };
         Ok(Discovery {
             discovered,
-            mesh_env,
+            mesh_env: mesh_env.or(early_mesh_env).unwrap_or_default(),
             mesh,
+            kube: kube.or(early_kube),
+            instance: facts.instance,
         })
     }
 
@@ -438,11 +476,33 @@ impl<'a> Discoverer<'a> {
                     .env_value(self.config.cluster_location.as_ref())
                     .is_some());
         let in_cluster = self.config.kubernetes_service_host.is_some();
+        let td = matches!(self.mesh, Some(MeshUrl::TrafficDirector(_)));
         let optional = |wanted: bool, path: &'static str| async move {
             if wanted { md.get(path).await } else { Ok(None) }
         };
         let lookups = async {
-            let (project_id, project_number, email, region, cluster_name, cluster_location, _) = tokio::join!(
+            let instance = async {
+                let (zone, id, ip) = tokio::join!(
+                    optional(td, paths::ZONE),
+                    optional(td, paths::INSTANCE_ID),
+                    optional(td, paths::INSTANCE_IP),
+                );
+                Ok::<_, MetadataError>(InstanceFacts {
+                    zone: zone?.map(|z| last_segment(&z)),
+                    id: id?,
+                    ip: ip?,
+                })
+            };
+            let (
+                project_id,
+                project_number,
+                email,
+                region,
+                cluster_name,
+                cluster_location,
+                instance,
+                _,
+            ) = tokio::join!(
                 md.get(paths::PROJECT_ID),
                 optional(
                     self.config.project_number.is_none(),
@@ -456,6 +516,7 @@ impl<'a> Discoverer<'a> {
                 optional(wants_gke && !cluster_named, paths::REGION),
                 optional(in_cluster, paths::CLUSTER_NAME),
                 optional(in_cluster, paths::CLUSTER_LOCATION),
+                instance,
                 // Warm the token cache while the other answers are in flight: the GKE and
                 // Resource Manager calls need it next.
                 async {
@@ -471,6 +532,7 @@ impl<'a> Discoverer<'a> {
                 region: region?.map(|r| last_segment(&r)),
                 cluster_name: cluster_name?,
                 cluster_location: cluster_location?,
+                instance: instance?,
             })
         };
         let probe = async {

@@ -1,6 +1,7 @@
 //! Fake Kubernetes API server: HTTPS with its own CA (made with rcgen), bearer token
 //! required, serving `GET /api/v1/namespaces/istio-system/configmaps/mesh-env` (or a K8s
-//! `Status` 404 when no mesh-env is set).
+//! `Status` 404 when no mesh-env is set) and TokenRequest
+//! (`POST /api/v1/namespaces/NS/serviceaccounts/KSA/token`, for krun's istio-token).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -76,6 +77,19 @@ fn answer(mesh_env: &Option<BTreeMap<String, String>>, req: &Request) -> Reply {
     if req.header("authorization") != Some(&format!("Bearer {ACCESS_TOKEN}")) {
         return status(401, "Unauthorized", "Unauthorized");
     }
+    let parts: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    if let [
+        "api",
+        "v1",
+        "namespaces",
+        ns,
+        "serviceaccounts",
+        sa,
+        "token",
+    ] = parts[..]
+    {
+        return token_request(ns, sa, req);
+    }
     if req.method != "GET" {
         return status(405, "MethodNotAllowed", "method not allowed");
     }
@@ -94,6 +108,40 @@ fn answer(mesh_env: &Option<BTreeMap<String, String>>, req: &Request) -> Reply {
         })),
         None => status(404, "NotFound", "configmaps \"mesh-env\" not found"),
     }
+}
+
+/// A TokenRequest, strict like the API server: POST, `spec.audiences` and
+/// `spec.expirationSeconds`; the token's `sub` and `aud` are the real ones.
+fn token_request(ns: &str, sa: &str, req: &Request) -> Reply {
+    if req.method != "POST" {
+        return status(405, "MethodNotAllowed", "method not allowed");
+    }
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(&req.body) else {
+        return status(400, "BadRequest", "body is not a TokenRequest");
+    };
+    let Some(audience) = body["spec"]["audiences"][0].as_str() else {
+        return status(422, "Invalid", "spec.audiences: Required value");
+    };
+    let Some(expiration) = body["spec"]["expirationSeconds"].as_u64() else {
+        return status(
+            422,
+            "Invalid",
+            "spec.expirationSeconds: required by this fake",
+        );
+    };
+    let token = super::pki::jwt(
+        &format!("system:serviceaccount:{ns}:{sa}"),
+        audience,
+        std::time::Duration::from_secs(expiration),
+    );
+    let mut reply = Reply::json(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "metadata": {"name": sa, "namespace": ns},
+        "spec": body["spec"],
+        "status": {"token": token, "expirationTimestamp": "2030-01-01T00:00:00Z"},
+    }));
+    reply.status = 201;
+    reply
 }
 
 /// Objects of a fake cluster, shared between the test and the API server: ConfigMaps and
