@@ -172,6 +172,15 @@ async fn start_identity(
     // An explicit CA_ADDR that cannot be used is a startup error; an istiod address derived
     // from XDS only means krun leaves the certificate to the agent.
     let explicit = from == "CA_ADDR" && ca_addr.is_some_and(|ca| ca.source == Source::Env);
+    // With pilot-agent installed and not overridden, the agent requests Envoy's certificate
+    // from istiod itself; krun minting a second one for the same identity would only double
+    // the CA's load.
+    let agent_mints =
+        config.dataplane.value != DataPlane::Builtin && config.pilot_agent_path.value.exists();
+    if !explicit && agent_mints {
+        tracing::info!(ca = %addr, from, "identity: pilot-agent requests the certificate from istiod; krun mints none");
+        return Ok(None);
+    }
     let Some(client) = found.kube.clone() else {
         anyhow::ensure!(
             !explicit,
