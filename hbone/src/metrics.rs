@@ -11,14 +11,10 @@ impl Counter {
         Counter(AtomicU64::new(0))
     }
 
-    /// Adds one.
-    pub fn increment(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The current value.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+    /// Adds one and returns the new total (logged with each event, so the count is visible
+    /// without a metrics endpoint).
+    pub fn increment(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
 

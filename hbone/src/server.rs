@@ -223,8 +223,8 @@ impl TunnelServer {
                     Some(id) if mesh.allowed.allows(id) => {}
                     _ => {
                         let who = peer.map_or_else(|| "no SPIFFE ID".to_owned(), |p| p.to_string());
-                        crate::metrics::DENIED.increment();
-                        return tracing::warn!(%remote, peer = %who, "peer not allowed; connection closed");
+                        let denied_total = crate::metrics::DENIED.increment();
+                        return tracing::warn!(%remote, peer = %who, denied_total, "peer not allowed; connection closed");
                     }
                 }
                 self.serve_h2(tls_stream, StreamContext { peer, local }, drain)

@@ -305,6 +305,11 @@ fn python_h2_connects_over_mtls_to_hbone_and_policy_is_enforced() {
     strict.krun.signal(Signal::SIGTERM);
     let done = strict.krun.finish();
     assert!(done.has_line("peer not allowed"), "{}", done.text());
+    assert!(
+        done.has_line("denied_total=1"),
+        "the denial is counted: {}",
+        done.text()
+    );
     // Only krun's readiness probe reached the app.
     assert!(
         done.has_line("echo served 1 connections"),

@@ -56,9 +56,9 @@ async fn terminate(
     match &peer {
         Some(id) if allowed.allows(id) => {}
         _ => {
-            hbone::metrics::DENIED.increment();
+            let denied_total = hbone::metrics::DENIED.increment();
             let who = peer.map_or_else(|| "no SPIFFE ID".to_owned(), |p| p.to_string());
-            return tracing::warn!(peer = %who, "peer not allowed by KRUN_ALLOWED_PRINCIPALS; connection closed");
+            return tracing::warn!(peer = %who, denied_total, "peer not allowed by KRUN_ALLOWED_PRINCIPALS; connection closed");
         }
     }
     let mut upstream = match TcpStream::connect(app).await {
