@@ -52,10 +52,11 @@ pub async fn run(
     }
     // Outside a mesh krun is only a supervisor: no rules, no proxy for the app, unless the
     // operator asks for interception explicitly.
-    let in_mesh = found.mesh
-        || identity.is_some()
-        || config.xds_addr.is_some()
-        || crate::dataplane::load_workload_cert(&config.mesh_base_dir.value).is_ok();
+    let minted = identity
+        .as_ref()
+        .and_then(|minted| crate::dataplane::follow_identity(minted.identity.store()));
+    let certs = crate::dataplane::workload_certs(minted, &config.mesh_base_dir.value);
+    let in_mesh = found.mesh || identity.is_some() || config.xds_addr.is_some() || certs.is_ok();
     let capture_wanted = in_mesh || config.interception_mode.is_some();
     // Before the supervisor: installing the rules waits for iptables-restore itself.
     let capture = if capture_wanted {
@@ -105,14 +106,11 @@ pub async fn run(
     // startup drains instead of killing krun.
     let mut supervisor = Supervisor::new(plan, app, timeouts, clock)?;
     let drain = CancellationToken::new();
-    let minted = identity
-        .as_ref()
-        .and_then(|minted| crate::dataplane::follow_identity(minted.identity.store()));
     let mut mesh = MeshSide::start(
         &config,
         dataplane.mode,
         capture.interception,
-        minted,
+        certs,
         drain.clone(),
     )
     .await?;

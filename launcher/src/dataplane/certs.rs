@@ -90,6 +90,18 @@ pub fn follow_identity(
     Some(rx)
 }
 
+/// The certificate feed the data plane uses: the identity step's when it minted one, else a
+/// certificate mounted in Istio's file layout under `base_dir`, read once.
+pub fn workload_certs(
+    minted: Option<watch::Receiver<Arc<WorkloadCert>>>,
+    base_dir: &Path,
+) -> Result<watch::Receiver<Arc<WorkloadCert>>, CertError> {
+    match minted {
+        Some(minted) => Ok(minted),
+        None => Ok(watch::channel(Arc::new(load(base_dir)?)).1),
+    }
+}
+
 /// Builds the server config of a listener from each certificate the store publishes.
 pub fn server_configs(
     certs: &watch::Receiver<Arc<WorkloadCert>>,

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use certs::{WORKLOAD_CERT_DIR, follow_identity, load as load_workload_cert};
+pub use certs::{CertError, WORKLOAD_CERT_DIR, follow_identity, workload_certs};
 pub use routes::{DeclaredPorts, HboneRouter, MESH_INBOUND_PORT, TunnelRouter};
 
 use crate::agent::Interception;
@@ -46,30 +46,29 @@ impl MeshSide {
     /// Starts the mesh listeners that must be up before the app: HBONE, the `KRUN_FORWARD`
     /// listeners and, for the builtin data plane, the mTLS terminator, the outbound proxy and
     /// (with iptables capture) the capture listener.
-    /// `minted` is the identity step's certificate feed; without one, a certificate mounted
-    /// in Istio's file layout is used as it is.
+    /// `certs` is the workload certificate feed ([`workload_certs`]), or why there is none.
     pub async fn start(
         config: &Config,
         mode: DataPlane,
         interception: Interception,
-        minted: Option<watch::Receiver<Arc<WorkloadCert>>>,
+        certs: Result<watch::Receiver<Arc<WorkloadCert>>, CertError>,
         drain: CancellationToken,
     ) -> anyhow::Result<MeshSide> {
         let settings = H2Settings::default();
         let mut tasks = JoinSet::new();
-        let certs = match (minted, certs::load(&config.mesh_base_dir.value)) {
-            (Some(minted), _) => Some(minted),
-            (None, Ok(mounted)) => Some(watch::channel(Arc::new(mounted)).1),
-            (None, Err(e)) if config.dataplane.value == DataPlane::Builtin => {
+        let certs = match certs {
+            Ok(certs) => Some(certs),
+            Err(e) if config.dataplane.value == DataPlane::Builtin => {
                 return Err(e).context("KRUN_DATAPLANE=builtin needs a workload certificate");
             }
-            (None, Err(e)) => {
+            Err(e) => {
                 tracing::warn!(error = %e, "no workload certificate: mesh mTLS listeners (15003, 15008) are off");
                 None
             }
         };
         let mut mesh_inbound = None;
         let mut hop = None;
+        let mut hbone_tls = None;
         if let Some(certs) = certs {
             let trust_domain = certs
                 .borrow()
@@ -97,29 +96,37 @@ impl MeshSide {
                     peer_port: config.hbone_peer_port.value,
                 });
             }
-            let ports = DeclaredPorts::new(config, mesh_inbound);
             if config.hbone_port.value != 0 {
                 let tls = MeshTls {
                     config: certs::server_configs(&certs, trust_domain, &[ALPN_H2])?,
                     allowed,
                 };
-                let listener = bind(
-                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.hbone_port.value)),
-                    "KRUN_HBONE_PORT",
-                )
-                .await?;
-                let illegal = vec![
-                    15001,
-                    15006,
-                    crate::config::DEFAULT_HBONE_PORT,
-                    config.hbone_port.value,
-                    config.tunnel_port.value,
-                    MESH_INBOUND_PORT,
-                ];
-                let server = TunnelServer::new(Arc::new(HboneRouter { ports, illegal }), settings)
-                    .with_tls(tls);
-                tasks.spawn(server.serve(listener, drain.clone(), config.drain_timeout.value));
+                hbone_tls = Some(tls);
             }
+        }
+        // `/_hbone/15003` leads to the builtin terminator when it runs, so the declared ports
+        // are known only now; both the HBONE listener and the tunnel port route with them.
+        let ports = DeclaredPorts::new(config, mesh_inbound);
+        if let Some(tls) = hbone_tls {
+            let listener = bind(
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.hbone_port.value)),
+                "KRUN_HBONE_PORT",
+            )
+            .await?;
+            let illegal = vec![
+                15001,
+                15006,
+                crate::config::DEFAULT_HBONE_PORT,
+                config.hbone_port.value,
+                config.tunnel_port.value,
+                MESH_INBOUND_PORT,
+            ];
+            let router = HboneRouter {
+                ports: ports.clone(),
+                illegal,
+            };
+            let server = TunnelServer::new(Arc::new(router), settings).with_tls(tls);
+            tasks.spawn(server.serve(listener, drain.clone(), config.drain_timeout.value));
         }
         let router = Arc::new(Router {
             mesh: hop,
@@ -142,7 +149,7 @@ impl MeshSide {
         Ok(MeshSide {
             tasks,
             drain,
-            ports: DeclaredPorts::new(config, mesh_inbound),
+            ports,
         })
     }
 
