@@ -62,14 +62,19 @@ fn processes_start_in_dependency_order_and_stop_in_reverse() {
     );
 }
 
-fn rejected(file: &str) -> krun_tests::Finished {
-    let dir = TempDir::new("bad-processes");
+/// A krun whose `KRUN_PROCESSES` file holds `yaml`; keep the directory until krun is done.
+fn with_processes(tag: &str, yaml: &str) -> (TempDir, Krun) {
+    let dir = TempDir::new(tag);
     let path = dir.join("processes.yaml");
-    std::fs::write(&path, file).expect("write processes");
-    let done = Krun::new()
-        .env("KRUN_PROCESSES", &path)
-        .args(["true"])
-        .run();
+    std::fs::write(&path, yaml).expect("write processes");
+    let krun = Krun::new().env("KRUN_PROCESSES", &path);
+    (dir, krun)
+}
+
+fn rejected(file: &str) -> krun_tests::Finished {
+    let (dir, krun) = with_processes("bad-processes", file);
+    let path = dir.join("processes.yaml");
+    let done = krun.args(["true"]).run();
     assert_eq!(done.code, 1, "{}", done.text());
     assert_eq!(done.output.len(), 1, "one line: {}", done.text());
     assert!(
@@ -121,17 +126,12 @@ fn a_missing_processes_file_is_named() {
 
 #[test]
 fn a_required_process_that_crashes_brings_krun_down() {
-    let dir = TempDir::new("crash");
-    let path = dir.join("processes.yaml");
     let file = format!(
         "app: {{dependsOn: []}}\nprocesses:\n  - name: crasher\n    command: {}\n",
         yaml_list(&testapp(&["exit", "3"]))
     );
-    std::fs::write(&path, file).expect("write");
-    let done = Krun::new()
-        .env("KRUN_PROCESSES", &path)
-        .args(testapp(&["wait-term"]))
-        .run();
+    let (_dir, krun) = with_processes("crash", &file);
+    let done = krun.args(testapp(&["wait-term"])).run();
     assert_eq!(done.code, 1, "{}", done.text());
     assert!(
         done.has_line("process crasher exited with exit code 3 (restart: never); it is required"),
@@ -142,17 +142,12 @@ fn a_required_process_that_crashes_brings_krun_down() {
 
 #[test]
 fn an_on_failure_process_is_restarted_then_gives_up() {
-    let dir = TempDir::new("restart");
-    let path = dir.join("processes.yaml");
     let file = format!(
         "app: {{dependsOn: []}}\nprocesses:\n  - name: flaky\n    command: {}\n    restart: on-failure\n    maxRestarts: 2\n    restartBackoff: 10ms\n",
         yaml_list(&testapp(&["exit", "4"]))
     );
-    std::fs::write(&path, file).expect("write");
-    let done = Krun::new()
-        .env("KRUN_PROCESSES", &path)
-        .args(testapp(&["wait-term"]))
-        .run();
+    let (_dir, krun) = with_processes("restart", &file);
+    let done = krun.args(testapp(&["wait-term"])).run();
     assert_eq!(done.code, 1, "{}", done.text());
     assert_eq!(
         done.output
@@ -172,17 +167,12 @@ fn an_on_failure_process_is_restarted_then_gives_up() {
 
 #[test]
 fn an_optional_process_may_die_without_stopping_the_app() {
-    let dir = TempDir::new("optional");
-    let path = dir.join("processes.yaml");
     let file = format!(
         "processes:\n  - name: helper\n    command: {}\n    required: false\n",
         yaml_list(&testapp(&["exit", "5"]))
     );
-    std::fs::write(&path, file).expect("write");
-    let mut krun = Krun::new()
-        .env("KRUN_PROCESSES", &path)
-        .args(testapp(&["wait-term"]))
-        .start();
+    let (_dir, krun) = with_processes("optional", &file);
+    let mut krun = krun.args(testapp(&["wait-term"])).start();
     // The app must have its SIGTERM handler (READY) before it is asked to stop.
     krun.wait_for_all(&["not required, continuing", "READY"]);
     krun.signal(Signal::SIGTERM);
