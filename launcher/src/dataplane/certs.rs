@@ -44,7 +44,7 @@ pub enum CertError {
 }
 
 /// Loads the certificate under `base_dir`.
-pub fn load(base_dir: &Path) -> Result<WorkloadCert, CertError> {
+fn load(base_dir: &Path) -> Result<WorkloadCert, CertError> {
     let dir = base_dir.join(WORKLOAD_CERT_DIR);
     let read = |name: &str| {
         let path = dir.join(name);
