@@ -1,4 +1,4 @@
-//! hgate's settings: parsed from an environment map like krun's ([`krun::config`]), each value
+//! hgate's settings: parsed from an environment map like krun's ([`mesh::config`]), each value
 //! remembering its source, printed by `--print-config` in the same shape.
 
 use std::collections::BTreeMap;
@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use krun::config::{ConfigError, Env, LogFormat, Printer, Setting, Source, values};
+use mesh::config::{ConfigError, Env, LogFormat, Printer, Setting, Source, values};
 use serde_json::Value;
 
 /// Env var names (design.md §hgate plus hgate's own knobs).

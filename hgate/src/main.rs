@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use hgate::config::HgateConfig;
-use krun::config::Env;
+use mesh::config::Env;
 
 /// SNI gateway from the Istio mesh to Cloud Run over HBONE.
 #[derive(Parser)]
@@ -32,7 +32,7 @@ fn main() {
         }
         return;
     }
-    krun::logging::init(config.log_format.value, config.mesh_debug.value);
+    mesh::logging::init(config.log_format.value, config.mesh_debug.value);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use hbone::H2Settings;
 use hbone::post::PostClient;
-use krun::identity::http::HttpClient;
-use krun::identity::metadata_token::MetadataIdTokens;
-use krun::identity::token_cache::{CachePolicy, TokenCache};
+use mesh::identity::http::HttpClient;
+use mesh::identity::metadata_token::MetadataIdTokens;
+use mesh::identity::token_cache::{CachePolicy, TokenCache};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -148,7 +148,7 @@ async fn kube_client(config: &HgateConfig) -> Option<kube::Client> {
         return None;
     }
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-        return match krun::discovery::kube_client::in_cluster() {
+        return match mesh::discovery::kube_client::in_cluster() {
             Ok(client) => Some(client),
             Err(e) => {
                 tracing::warn!(error = %e, "no Kubernetes client: Service annotations and mesh-env are off");
@@ -157,7 +157,7 @@ async fn kube_client(config: &HgateConfig) -> Option<kube::Client> {
         };
     }
     let path = config.kubeconfig.as_ref()?;
-    match krun::discovery::kube_client::from_kubeconfig(&path.value).await {
+    match mesh::discovery::kube_client::from_kubeconfig(&path.value).await {
         Ok((client, _)) => Some(client),
         Err(e) => {
             tracing::warn!(error = %e, "no Kubernetes client: Service annotations and mesh-env are off");

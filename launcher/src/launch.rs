@@ -9,10 +9,10 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentInputs, Interception};
-use crate::config::{Config, DataPlane, Env, Source, StartupProbe};
+use mesh::config::{Config, DataPlane, Env, Source, StartupProbe};
 use crate::dataplane::MeshSide;
-use crate::discovery;
-use crate::identity::{self, Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
+use mesh::discovery;
+use mesh::identity::{self, Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 use crate::probe::{Check, Probe};
 use crate::processes::ProcessPlan;
 use crate::startup::PhaseClock;
@@ -31,7 +31,7 @@ pub async fn run(
     let found = discovery::discover(&config).await?;
     discovery::apply(&mut config, &found)?;
     if found.mesh {
-        let value = |s: Option<&crate::config::Setting<String>>| {
+        let value = |s: Option<&mesh::config::Setting<String>>| {
             s.map_or("-".to_owned(), |s| format!("{} ({})", s.value, s.source))
         };
         tracing::info!(
@@ -64,7 +64,7 @@ pub async fn run(
     } else {
         crate::capture::Capture::off()
     };
-    let value = |s: Option<&crate::config::Setting<String>>| s.map(|s| s.value.clone());
+    let value = |s: Option<&mesh::config::Setting<String>>| s.map(|s| s.value.clone());
     let inputs = AgentInputs {
         mesh_env: found.mesh_env.clone(),
         trust_domain: value(config.trust_domain.as_ref()),

@@ -6,13 +6,8 @@
 
 pub mod agent;
 pub mod capture;
-pub mod config;
 pub mod dataplane;
-pub mod discovery;
-pub mod files;
-pub mod identity;
 pub mod launch;
-pub mod logging;
 pub mod probe;
 pub mod processes;
 pub mod startup;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use krun::config::{Config, Env};
+use mesh::config::{Config, Env};
 use krun::processes::ProcessPlan;
 
 /// Mesh launcher and PID-1 supervisor: runs APP inside an Istio mesh.
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli, started: Instant) -> anyhow::Result<u8> {
     let env = Env::from_process();
     let config = Config::from_env(&env)?;
-    krun::logging::init(config.log_format.value, config.mesh_debug.value);
+    mesh::logging::init(config.log_format.value, config.mesh_debug.value);
     for name in &config.unknown_vars {
         tracing::warn!(variable = %name, "unknown KRUN_ variable ignored; check its spelling against docs/configuration.md");
     }
@@ -76,8 +76,8 @@ fn print_config(
     offline: bool,
 ) -> anyhow::Result<u8> {
     if !offline {
-        let found = runtime.block_on(krun::discovery::discover(&config))?;
-        krun::discovery::apply(&mut config, &found)?;
+        let found = runtime.block_on(mesh::discovery::discover(&config))?;
+        mesh::discovery::apply(&mut config, &found)?;
     }
     println!("{}", serde_json::to_string_pretty(&config.printable())?);
     Ok(0)

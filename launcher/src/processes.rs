@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::values;
+use mesh::config::values;
 use crate::probe::{Check, Probe};
 use crate::supervisor::RunAs;
 

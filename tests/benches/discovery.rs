@@ -11,8 +11,8 @@
 
 use std::time::{Duration, Instant};
 
-use krun::config::{Config, Env};
-use krun::discovery::metadata::MetadataClient;
+use mesh::config::{Config, Env};
+use mesh::discovery::metadata::MetadataClient;
 use krun_tests::fakes::gke::FakeCluster;
 use krun_tests::fakes::{TestWorld, server};
 
@@ -59,7 +59,7 @@ fn measure(world: &TestWorld, extra: &[(&str, &str)]) -> Figures {
     for _ in 0..RUNS {
         let start = Instant::now();
         let found = server::runtime()
-            .block_on(krun::discovery::discover(&config))
+            .block_on(mesh::discovery::discover(&config))
             .expect("discovery");
         times.push(start.elapsed());
         assert!(found.mesh, "a mesh is found");

@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use krun::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
-use krun::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
-use krun::identity::local_ca::LocalCa;
-use krun::identity::{Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
+use mesh::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
+use mesh::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
+use mesh::identity::local_ca::LocalCa;
+use mesh::identity::{Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 use krun_tests::TempDir;
 use krun_tests::fakes::ca::FakeCa;
 use krun_tests::fakes::k8s::FakeK8s;

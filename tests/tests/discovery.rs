@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use krun::discovery::metadata::{MetadataClient, NotGcp, Platform, ProbeOptions};
-use krun::discovery::retry::Backoff;
+use mesh::discovery::metadata::{MetadataClient, NotGcp, Platform, ProbeOptions};
+use mesh::discovery::retry::Backoff;
 use krun_tests::fakes::gke::FakeCluster;
 use krun_tests::fakes::server::{FakeServer, Reply};
 use krun_tests::fakes::{TestWorld, TestWorldBuilder, server};

@@ -6,15 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use krun::identity::google_tokens::GoogleTokens;
-use krun::identity::http::HttpClient;
-use krun::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
-use krun::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
-use krun::identity::local_ca::LocalCa;
-use krun::identity::roots::mesh_env_roots;
-use krun::identity::token::Token;
-use krun::identity::token_cache::{CacheKey, CachePolicy, TokenCache, TokenKind};
-use krun::identity::{
+use mesh::identity::google_tokens::GoogleTokens;
+use mesh::identity::http::HttpClient;
+use mesh::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
+use mesh::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
+use mesh::identity::local_ca::LocalCa;
+use mesh::identity::roots::mesh_env_roots;
+use mesh::identity::token::Token;
+use mesh::identity::token_cache::{CacheKey, CachePolicy, TokenCache, TokenKind};
+use mesh::identity::{
     CertResolver, Identity, IdentityError, IdentityInputs, RotationPolicy, Signer, SpiffeId,
     WorkloadCert,
 };
@@ -516,11 +516,11 @@ fn google(fake: &FakeGoogle) -> GoogleTokens {
         &fake.url(),
         &fake.url(),
         rx,
-        krun::identity::google_tokens::sts_audience(
+        mesh::identity::google_tokens::sts_audience(
             TRUST_DOMAIN,
             "https://container.googleapis.com/v1/projects/p/locations/l/clusters/c",
         ),
-        krun::identity::google_tokens::mesh_dataplane_gsa("123"),
+        mesh::identity::google_tokens::mesh_dataplane_gsa("123"),
     )
 }
 
@@ -591,7 +591,7 @@ async fn iam_403_carries_googles_message() {
 
 #[tokio::test]
 async fn meshca_signs_with_the_federated_token_and_the_location() {
-    use krun::identity::meshca::{MeshCaClient, MeshCaConfig};
+    use mesh::identity::meshca::{MeshCaClient, MeshCaConfig};
     let google_fake = FakeGoogle::start(Duration::ZERO).await;
     let ca = FakeCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, Duration::ZERO).await;
     ca.serve_meshca("federated-token");
@@ -635,7 +635,7 @@ async fn meshca_signs_with_the_federated_token_and_the_location() {
 
 #[tokio::test]
 async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
-    use krun::identity::cas::{CasClient, CasConfig};
+    use mesh::identity::cas::{CasClient, CasConfig};
     const POOL: &str = "projects/p/locations/us-central1/caPools/mesh";
     let google_fake = FakeGoogle::start(Duration::ZERO).await;
     let ca = FakeCa::start(TestCa::new("CAS root"), TRUST_DOMAIN, Duration::ZERO).await;
@@ -666,7 +666,7 @@ async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
         leaf_uri(&identity.store().current().expect("cert")),
         me().to_string()
     );
-    let gke = krun::identity::workload_spiffe_dir(&base.join(""));
+    let gke = mesh::identity::workload_spiffe_dir(&base.join(""));
     assert_secret_mode(&gke.join("private_key.pem"));
     let istio = base.join("var/run/secrets/istio.io");
     assert_eq!(
@@ -681,7 +681,7 @@ async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
 
 #[tokio::test]
 async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
-    use krun::identity::metadata_token::MetadataIdTokens;
+    use mesh::identity::metadata_token::MetadataIdTokens;
     use krun_tests::fakes::http::{HttpServer, json};
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = calls.clone();
@@ -742,7 +742,7 @@ async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
         2,
         "one call per audience"
     );
-    let claims = krun::identity::jwt::Claims::decode(b.secret()).expect("JWT");
+    let claims = mesh::identity::jwt::Claims::decode(b.secret()).expect("JWT");
     assert!(claims.aud.contains("https://b.a.run.app"));
 }
 

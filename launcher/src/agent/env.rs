@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use super::layout::Layout;
 use super::{Interception, STS_PORT, WHITEBOX_PROXY_PORT, Workload, xds};
-use crate::config::Env;
+use mesh::config::Env;
 
 /// Everything the agent's environment and command line are derived from.
 #[derive(Clone, Debug, PartialEq)]

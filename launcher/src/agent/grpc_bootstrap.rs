@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use super::layout::Layout;
 use super::{AgentInputs, DataPlaneError, Workload};
-use crate::config::{Config, Env};
-use crate::files::write_atomic;
+use mesh::config::{Config, Env};
+use mesh::files::write_atomic;
 
 /// How often gRPC re-reads the certificate files.
 pub const REFRESH_INTERVAL: &str = "900s";

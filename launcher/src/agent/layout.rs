@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{Gid, Uid};
 
 use super::{PROXY_GID, PROXY_UID};
-use crate::files::ensure_dir;
+use mesh::files::ensure_dir;
 
 /// The absolute mesh file layout under one base directory.
 #[derive(Clone, Debug, PartialEq, Eq)]

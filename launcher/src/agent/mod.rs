@@ -21,7 +21,7 @@ pub mod xds;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::config::{Config, DataPlane, Env};
+use mesh::config::{Config, DataPlane, Env};
 use crate::processes::ProcessPlan;
 use layout::Layout;
 use mode::Plan;

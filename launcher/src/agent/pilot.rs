@@ -15,8 +15,8 @@ use super::{
     AGENT_READY_URL, AgentInputs, DataPlaneError, Interception, PROXY_GID, Workload,
     config_dump_evidence, envoy_graceful_stop, is_executable,
 };
-use crate::config::{Config, Env, names};
-use crate::files::write_atomic;
+use mesh::config::{Config, Env, names};
+use mesh::files::write_atomic;
 use crate::probe::{Check, Probe};
 use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy};
 use crate::supervisor::RunAs;
@@ -57,7 +57,7 @@ pub fn setup(
         })
         .flatten();
     let envoy_binary = (envoy_template.is_some()
-        && config.envoy_path.value != Path::new(crate::config::DEFAULT_ENVOY_PATH))
+        && config.envoy_path.value != Path::new(mesh::config::DEFAULT_ENVOY_PATH))
     .then(|| config.envoy_path.value.clone());
     let grpc_bootstrap = grpc_bootstrap_path(
         config.grpc_xds_bootstrap.as_ref().map(|s| s.value.as_str()),

@@ -12,8 +12,8 @@ use super::{
     AgentInputs, DataPlaneError, ENVOY_ADMIN_PORT, ENVOY_OUTBOUND_PORT, PROXY_GID, PROXY_UID,
     Workload, config_dump_evidence, envoy_graceful_stop,
 };
-use crate::config::Config;
-use crate::files::write_atomic;
+use mesh::config::Config;
+use mesh::files::write_atomic;
 use crate::probe::{Check, Probe};
 use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy};
 use crate::supervisor::RunAs;
@@ -196,7 +196,7 @@ pub fn envoy_process(
         cwd: Some(layout.base().to_path_buf()),
         ready_budget: Some(ReadyBudget {
             timeout: budget,
-            variable: crate::config::names::KRUN_AGENT_READY_TIMEOUT,
+            variable: mesh::config::names::KRUN_AGENT_READY_TIMEOUT,
             evidence: Some(config_dump_evidence(layout)),
         }),
         graceful_stop: Some(envoy_graceful_stop()),

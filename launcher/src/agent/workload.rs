@@ -1,7 +1,7 @@
 //! The workload as the agent sees it: namespace, name, revision, pod name and mesh coordinates,
 //! each resolved once with the environment first, then discovery, then mesh-env.
 
-use crate::config::{Config, Env, Setting};
+use mesh::config::{Config, Env, Setting};
 
 use super::AgentInputs;
 

@@ -13,7 +13,7 @@ pub mod rules;
 pub mod whitebox;
 
 use crate::agent::{ENVOY_OUTBOUND_PORT, Interception};
-use crate::config::Config;
+use mesh::config::Config;
 use crate::supervisor::Reaper;
 use apply::{Backend, Tools};
 use ladder::{HostFacts, Rung};
@@ -159,7 +159,7 @@ pub fn decide(config: &Config) -> Capture {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Env;
+    use mesh::config::Env;
 
     fn config(pairs: &[(&str, &str)]) -> Config {
         let env: Env = pairs.iter().map(|(k, v)| (*k, *v)).collect();

@@ -90,7 +90,7 @@ impl Rules {
             proxy_port,
             inbound_port: INBOUND_PORT,
             inbound_ports: Vec::new(),
-            include: crate::config::values::list(include),
+            include: mesh::config::values::list(include),
             exclude: vec![METADATA_CIDR.to_owned()],
             exclude_ports: ports,
             proxy_uid: Some(PROXY_UID),

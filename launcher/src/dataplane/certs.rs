@@ -68,9 +68,9 @@ fn load(base_dir: &Path) -> Result<WorkloadCert, CertError> {
 /// Follows the identity store: every certificate it mints or rotates is published in the
 /// form the data plane uses.
 pub fn follow_identity(
-    store: &crate::identity::CertStore,
+    store: &mesh::identity::CertStore,
 ) -> Option<watch::Receiver<Arc<WorkloadCert>>> {
-    let convert = |cert: &crate::identity::WorkloadCert| {
+    let convert = |cert: &mesh::identity::WorkloadCert| {
         Arc::new(WorkloadCert {
             chain: cert.chain.clone(),
             key: cert.key(),

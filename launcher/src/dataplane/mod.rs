@@ -30,7 +30,7 @@ pub use certs::{CertError, WORKLOAD_CERT_DIR, follow_identity, workload_certs};
 pub use routes::{DeclaredPorts, HboneRouter, MESH_INBOUND_PORT, TunnelRouter};
 
 use crate::agent::Interception;
-use crate::config::{Config, DataPlane};
+use mesh::config::{Config, DataPlane};
 use crate::supervisor::{FailHandle, Phase};
 use hbone::client::HboneClient;
 use route::{Cidr, MeshHop, Router};
@@ -116,7 +116,7 @@ impl MeshSide {
             let illegal = vec![
                 15001,
                 15006,
-                crate::config::DEFAULT_HBONE_PORT,
+                mesh::config::DEFAULT_HBONE_PORT,
                 config.hbone_port.value,
                 config.tunnel_port.value,
                 MESH_INBOUND_PORT,

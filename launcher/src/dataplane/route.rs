@@ -107,7 +107,7 @@ impl Cidr {
     /// Parses `OUTBOUND_IP_RANGES_INCLUDE`; entries that do not parse are skipped (the
     /// iptables rules would reject them first).
     pub fn parse_list(raw: &str) -> Vec<Cidr> {
-        crate::config::values::list(raw)
+        mesh::config::values::list(raw)
             .iter()
             .filter_map(|item| Cidr::parse(item))
             .collect()

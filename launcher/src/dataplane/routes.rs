@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use hbone::server::{Refusal, Router, StreamContext, Target, Upstream};
 use http::StatusCode;
 
-use crate::config::{Config, PortTarget};
+use mesh::config::{Config, PortTarget};
 
 /// The mesh inbound port: Envoy's, or the builtin data plane's mTLS terminator.
 pub const MESH_INBOUND_PORT: u16 = 15003;
@@ -137,7 +137,7 @@ fn describe(target: &Target) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Env;
+    use mesh::config::Env;
 
     fn ports(pairs: &[(&str, &str)], inbound: Option<SocketAddr>) -> DeclaredPorts {
         let env: Env = pairs.iter().map(|(k, v)| (*k, *v)).collect();

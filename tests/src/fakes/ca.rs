@@ -16,12 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use krun::identity::cas::proto as cas;
-use krun::identity::istio_ca::proto::{
+use mesh::identity::cas::proto as cas;
+use mesh::identity::istio_ca::proto::{
     CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse, SERVICE,
 };
-use krun::identity::jwt::Claims;
-use krun::identity::meshca::proto::{
+use mesh::identity::jwt::Claims;
+use mesh::identity::meshca::proto::{
     self as meshca, MeshCertificateRequest, MeshCertificateResponse,
 };
 use tonic::codegen::{BoxFuture, Service, http};
@@ -77,7 +77,7 @@ impl FakeCa {
     /// Starts a CA signing with `ca` and accepting tokens for `audience`; each answer is
     /// delayed by `delay` (a network round trip).
     pub async fn start(ca: TestCa, audience: &str, delay: Duration) -> FakeCa {
-        let tls = ca.server_cert(krun::identity::istio_ca::ISTIOD_SERVER_NAME);
+        let tls = ca.server_cert(mesh::identity::istio_ca::ISTIOD_SERVER_NAME);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind CA");

@@ -1,0 +1,17 @@
+//! mesh: what krun (the launcher) and hgate (the gateway) share.
+//!
+//! - [`config`]: typed settings, each value remembering its source, printed by
+//!   `--print-config` with secrets redacted;
+//! - [`logging`]: text or JSON logs (Cloud Logging's `severity`);
+//! - [`discovery`]: the metadata server, GKE, Resource Manager and the `mesh-env` ConfigMap,
+//!   and the Kubernetes client;
+//! - [`identity`]: token sources, certificate authorities and the workload certificate;
+//! - [`files`]: atomic writes with deliberate modes.
+//!
+//! It knows nothing of processes, iptables or the data plane: those are krun's.
+
+pub mod config;
+pub mod discovery;
+pub mod files;
+pub mod identity;
+pub mod logging;
