@@ -19,6 +19,7 @@ fuzz:
 
 lint:
 	cargo fmt --all -- --check
+	scripts/module-cycles.py
 	cargo clippy --workspace --all-targets -- -D warnings
 
 # Benchmarks (not tests): figures against baselines measured in the same run.

@@ -10,5 +10,6 @@ pub mod dataplane;
 pub mod launch;
 pub mod probe;
 pub mod processes;
+pub mod reaper;
 pub mod startup;
 pub mod supervisor;

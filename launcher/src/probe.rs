@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
-use crate::supervisor::Reaper;
+use crate::reaper::Reaper;
 
 /// First retry delay of a probe.
 const FIRST_RETRY: Duration = Duration::from_millis(5);

@@ -14,4 +14,5 @@ pub mod config;
 pub mod discovery;
 pub mod files;
 pub mod identity;
+pub mod istio;
 pub mod logging;

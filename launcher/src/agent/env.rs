@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::layout::Layout;
-use super::{Interception, STS_PORT, WHITEBOX_PROXY_PORT, Workload, xds};
+use super::{Workload, xds};
 use mesh::config::Env;
+use mesh::istio::{DNS_PORT, Interception, STS_PORT, WHITEBOX_PROXY_PORT};
 
 /// Everything the agent's environment and command line are derived from.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,10 +109,7 @@ impl AgentSetup {
             add("ISTIO_META_DNS_CAPTURE", "true".to_owned());
             // Where the capture rules send DNS (KRUN_CAPTURE_DNS); krun never points
             // /etc/resolv.conf at :53 as the reference did.
-            add(
-                "DNS_PROXY_ADDR",
-                format!("localhost:{}", crate::capture::rules::DNS_PORT),
-            );
+            add("DNS_PROXY_ADDR", format!("localhost:{}", DNS_PORT));
         }
         if let (Some(p), Some(l), Some(c)) = (&w.project_id, &w.cluster_location, &w.cluster_name) {
             add(

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Uid};
 
-use super::{PROXY_GID, PROXY_UID};
 use mesh::files::ensure_dir;
+use mesh::istio::{PROXY_GID, PROXY_UID};
 
 /// The absolute mesh file layout under one base directory.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -21,37 +21,16 @@ pub mod xds;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use mesh::config::{Config, DataPlane, Env};
 use crate::processes::ProcessPlan;
 use layout::Layout;
+use mesh::config::{Config, DataPlane, Env};
+use mesh::istio::ENVOY_ADMIN_PORT;
+pub use mesh::istio::Interception;
 use mode::Plan;
 pub use workload::Workload;
 
 /// The pilot-agent readiness endpoint (`/healthz/ready` on the status port).
 pub const AGENT_READY_URL: &str = "http://127.0.0.1:15021/healthz/ready";
-/// Envoy's admin port (config_dump on failure; Traffic Director readiness).
-pub const ENVOY_ADMIN_PORT: u16 = 15000;
-/// Envoy's outbound capture port (the Traffic Director interception port).
-pub const ENVOY_OUTBOUND_PORT: u16 = 15001;
-/// Envoy's whitebox HTTP proxy port.
-pub const WHITEBOX_PROXY_PORT: u16 = 15007;
-/// pilot-agent's STS port for Envoy.
-pub const STS_PORT: u16 = 15463;
-/// The group whose traffic iptables never captures: the proxy runs with it.
-pub const PROXY_GID: u32 = 1337;
-/// The proxy user of the Istio images (owner of the proxy's directories; Envoy's uid in TD).
-pub const PROXY_UID: u32 = 1337;
-
-/// How outbound traffic reaches the proxy, decided by the capture layer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Interception {
-    /// iptables redirects outbound TCP (and DNS) to the proxy.
-    Iptables,
-    /// No capture: the app uses `HTTP_PROXY` (Envoy listens on 15007).
-    #[default]
-    Whitebox,
-}
-
 /// What the discovery, identity and capture layers found, as plain values. Every field is
 /// optional: the environment (in [`Config`]) wins over these, and missing values leave the
 /// matching agent variable unset.
@@ -114,12 +93,6 @@ pub fn envoy_graceful_stop() -> crate::processes::GracefulStop {
             vec!["server.total_connections: 0".to_owned()],
         )),
     }
-}
-
-/// True when `path` is a regular file someone may execute.
-pub fn is_executable(path: &std::path::Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Why the data plane cannot be set up. Each message names the input at fault.

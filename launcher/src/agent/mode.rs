@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use super::is_executable;
 use super::td::{TdMesh, TdMeshError};
 use super::xds::Xds;
+use crate::processes::is_executable;
 use mesh::config::DataPlane;
 
 /// The data plane krun sets up.

@@ -12,14 +12,15 @@ use nix::unistd::{Gid, Uid};
 use super::env::{AgentSetup, grpc_bootstrap_path};
 use super::layout::Layout;
 use super::{
-    AGENT_READY_URL, AgentInputs, DataPlaneError, Interception, PROXY_GID, Workload,
-    config_dump_evidence, envoy_graceful_stop, is_executable,
+    AGENT_READY_URL, AgentInputs, DataPlaneError, Interception, Workload, config_dump_evidence,
+    envoy_graceful_stop,
 };
+use crate::probe::{Check, Probe};
+use crate::processes::RunAs;
+use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy, is_executable};
 use mesh::config::{Config, Env, names};
 use mesh::files::write_atomic;
-use crate::probe::{Check, Probe};
-use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy};
-use crate::supervisor::RunAs;
+use mesh::istio::PROXY_GID;
 
 /// Process name in logs and messages.
 pub const AGENT_PROCESS: &str = "pilot-agent";

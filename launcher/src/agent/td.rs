@@ -8,15 +8,13 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{Gid, Uid};
 
 use super::layout::Layout;
-use super::{
-    AgentInputs, DataPlaneError, ENVOY_ADMIN_PORT, ENVOY_OUTBOUND_PORT, PROXY_GID, PROXY_UID,
-    Workload, config_dump_evidence, envoy_graceful_stop,
-};
+use super::{AgentInputs, DataPlaneError, Workload, config_dump_evidence, envoy_graceful_stop};
+use crate::probe::{Check, Probe};
+use crate::processes::RunAs;
+use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy};
 use mesh::config::Config;
 use mesh::files::write_atomic;
-use crate::probe::{Check, Probe};
-use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy};
-use crate::supervisor::RunAs;
+use mesh::istio::{ENVOY_ADMIN_PORT, OUTBOUND_CAPTURE_PORT, PROXY_GID, PROXY_UID};
 
 /// The bootstrap template, with `{{NAME}}` placeholders.
 pub const TEMPLATE: &str = include_str!("td_bootstrap.yaml");
@@ -234,7 +232,7 @@ pub fn start(
             .zone
             .clone()
             .unwrap_or_else(|| DEFAULT_ZONE.to_owned()),
-        envoy_port: ENVOY_OUTBOUND_PORT,
+        envoy_port: OUTBOUND_CAPTURE_PORT,
         admin_port: ENVOY_ADMIN_PORT,
     };
     let root = nix::unistd::geteuid().is_root();

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use super::rules::{Family, Rules, cleanup_input};
-use crate::supervisor::Reaper;
+use crate::reaper::Reaper;
 
 /// Which netfilter backend `iptables` drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +119,7 @@ pub async fn cleanup(reaper: &Reaper, tools: &Tools) -> Result<(), ApplyError> {
 
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| crate::agent::is_executable(&dir.join(program)))
+        std::env::split_paths(&path).any(|dir| crate::processes::is_executable(&dir.join(program)))
     })
 }
 

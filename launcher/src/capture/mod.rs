@@ -12,11 +12,11 @@ pub mod ladder;
 pub mod rules;
 pub mod whitebox;
 
-use crate::agent::{ENVOY_OUTBOUND_PORT, Interception};
-use mesh::config::Config;
-use crate::supervisor::Reaper;
+use crate::reaper::Reaper;
 use apply::{Backend, Tools};
 use ladder::{HostFacts, Rung};
+use mesh::config::Config;
+use mesh::istio::{Interception, OUTBOUND_CAPTURE_PORT};
 use rules::{Family, Rules};
 
 /// What [`decide`] chose, and what to undo on exit.
@@ -64,7 +64,7 @@ impl Capture {
 /// istio-iptables' otherwise; REDIRECT to the capture listener's port.
 pub fn rules_for(config: &Config) -> Rules {
     let port = match config.capture_addr.value.port() {
-        0 => ENVOY_OUTBOUND_PORT,
+        0 => OUTBOUND_CAPTURE_PORT,
         port => port,
     };
     let excluded = &config.outbound_ports_exclude.value;
@@ -184,8 +184,8 @@ mod tests {
         assert!(!rules.exclude_ports.contains(&0));
         assert_eq!(rules.include, ["10.0.0.0/8", "172.16.0.0/12"]);
         assert_eq!(rules.inbound_ports, [8080]);
-        assert_eq!(rules.dns_port, Some(rules::DNS_PORT));
-        assert_eq!(rules.proxy_gid, Some(crate::agent::PROXY_GID));
+        assert_eq!(rules.dns_port, Some(mesh::istio::DNS_PORT));
+        assert_eq!(rules.proxy_gid, Some(mesh::istio::PROXY_GID));
     }
 
     /// MESH=td: selects the Traffic Director script's semantics.
@@ -194,6 +194,6 @@ mod tests {
         let rules = rules_for(&config(&[("MESH", "td:projects/p/networks/default")]));
         assert_eq!(rules.proxy_gid, None);
         assert_eq!(rules.include, ["*"]);
-        assert_eq!(rules.dns_port, Some(rules::DNS_PORT));
+        assert_eq!(rules.dns_port, Some(mesh::istio::DNS_PORT));
     }
 }

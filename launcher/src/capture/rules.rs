@@ -12,23 +12,14 @@
 
 use std::fmt::Write;
 
-use crate::agent::{PROXY_GID, PROXY_UID};
+use mesh::istio::{DNS_PORT, INBOUND_CAPTURE_PORT, PROXY_GID, PROXY_UID};
 
 /// Prefix of every chain krun owns (Istio's names, so a later `istio-iptables clean` works).
 pub const CHAIN_PREFIX: &str = "ISTIO_";
 /// The socket mark krun puts on its own outbound sockets; marked traffic is never captured.
 pub const KRUN_MARK: u32 = 0x539;
-/// Envoy's (and krun's) DNS proxy port.
-pub const DNS_PORT: u16 = 15053;
-/// Envoy's inbound capture port.
-pub const INBOUND_PORT: u16 = 15006;
 /// The GCE metadata server: credentials must never go through the mesh.
 pub const METADATA_CIDR: &str = "169.254.169.254/32";
-/// Ports of the mesh itself, never captured outbound: tunnel, HBONE, Envoy's outbound,
-/// inbound, whitebox proxy and DNS ports, pilot-agent's status and STS ports, krun's admin.
-pub const MESH_PORTS: &[u16] = &[
-    15001, 15006, 15007, 15008, 15009, 15021, 15030, 15053, 15463,
-];
 
 /// Address family of one ruleset: `iptables-restore` or `ip6tables-restore`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,12 +74,16 @@ impl Rules {
     /// The `istio-iptables -u 1337 -g 1337 -i <include> -o <exclude>` ruleset, plus the
     /// metadata exclusion and krun's mark.
     pub fn istio(include: &str, exclude_ports: &[u16], proxy_port: u16, dns: bool) -> Rules {
-        let mut ports: Vec<u16> = MESH_PORTS.iter().chain(exclude_ports).copied().collect();
+        let mut ports: Vec<u16> = mesh::istio::MESH_PORTS
+            .iter()
+            .chain(exclude_ports)
+            .copied()
+            .collect();
         ports.sort_unstable();
         ports.dedup();
         Rules {
             proxy_port,
-            inbound_port: INBOUND_PORT,
+            inbound_port: INBOUND_CAPTURE_PORT,
             inbound_ports: Vec::new(),
             include: mesh::config::values::list(include),
             exclude: vec![METADATA_CIDR.to_owned()],

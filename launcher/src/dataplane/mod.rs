@@ -29,10 +29,10 @@ use tokio_util::sync::CancellationToken;
 pub use certs::{CertError, WORKLOAD_CERT_DIR, follow_identity, workload_certs};
 pub use routes::{DeclaredPorts, HboneRouter, MESH_INBOUND_PORT, TunnelRouter};
 
-use crate::agent::Interception;
-use mesh::config::{Config, DataPlane};
 use crate::supervisor::{FailHandle, Phase};
 use hbone::client::HboneClient;
+use mesh::config::{Config, DataPlane};
+use mesh::istio::Interception;
 use route::{Cidr, MeshHop, Router};
 
 /// The running mesh listeners.

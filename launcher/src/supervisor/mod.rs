@@ -14,9 +14,6 @@
 //! 4. at `KRUN_DRAIN_TIMEOUT`, SIGKILL every process group that is left;
 //! 5. exit with the app's status (1 when krun itself decided to fail).
 
-mod command;
-mod exit;
-mod reaper;
 mod signals;
 
 use std::time::Duration;
@@ -27,15 +24,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, sleep_until};
 
-pub use command::RunAs;
-pub use exit::ExitStatus;
-pub use reaper::{Child, Reaper, signal_group};
 pub use signals::{FORWARDED, ForwardedSignals};
 
 use crate::probe::Probe;
 use crate::processes::{
-    APP_NAME, Evidence, MAX_RESTART_BACKOFF, ProcessPlan, ReadyBudget, RestartPolicy,
+    self, APP_NAME, Evidence, MAX_RESTART_BACKOFF, ProcessPlan, ReadyBudget, RestartPolicy, RunAs,
 };
+use crate::reaper::{ExitStatus, Reaper, signal_group};
 use crate::startup::PhaseClock;
 
 /// Where the workload is in its life; other components watch it to know when to accept work.
@@ -267,7 +262,7 @@ impl Supervisor {
 
     fn start_process(&mut self, i: usize) {
         let spec = &self.plan.processes[i];
-        let Some(mut command) = command::command(&spec.command) else {
+        let Some(mut command) = processes::command(&spec.command) else {
             return;
         };
         command.envs(&spec.env);
@@ -293,7 +288,7 @@ impl Supervisor {
             self.set_ready();
             return;
         };
-        let Some(mut command) = command::command(&spec.argv) else {
+        let Some(mut command) = processes::command(&spec.argv) else {
             return;
         };
         command.envs(&spec.env);

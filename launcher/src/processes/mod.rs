@@ -26,9 +26,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use mesh::config::values;
 use crate::probe::{Check, Probe};
-use crate::supervisor::RunAs;
+use mesh::config::values;
+
+mod command;
+
+pub use command::{RunAs, command, is_executable};
 
 /// Name under which the app appears in messages; no process may take it.
 pub const APP_NAME: &str = "app";

@@ -79,3 +79,10 @@ pub fn command(argv: &[String]) -> Option<Command> {
     command.args(args);
     Some(command)
 }
+
+/// True when `path` is a regular file someone may execute: the check before krun decides
+/// to start a program (pilot-agent, Envoy, iptables) rather than fail at spawn time.
+pub fn is_executable(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}

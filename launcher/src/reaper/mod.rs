@@ -19,7 +19,9 @@ use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{oneshot, watch};
 
-use super::ExitStatus;
+mod exit;
+
+pub use exit::ExitStatus;
 
 type Waiters = HashMap<Pid, oneshot::Sender<ExitStatus>>;
 
