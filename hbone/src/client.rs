@@ -2,7 +2,7 @@
 //!
 //! Connections are pooled per (peer address, expected peer identity, own identity) and shared
 //! by up to `max_streams_per_connection` tunnels, so a burst of tunnels to one peer costs one
-//! TLS handshake, not one each (the reference dialed per tunnel).
+//! TLS handshake, not one each (cloud-run-mesh dialed per tunnel).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

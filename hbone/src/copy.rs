@@ -2,7 +2,8 @@
 //! side finishes writing, the other side's write half is shut down and the reverse direction
 //! keeps flowing until it finishes too.
 //!
-//! Buffers adapt, as ztunnel's do: each direction starts at 1 KiB, so an idle tunnel costs
+//! Buffers adapt, as ztunnel's do (<https://github.com/istio/ztunnel/blob/master/src/copy.rs>):
+//! each direction starts at 1 KiB, so an idle tunnel costs
 //! little memory, and grows fourfold whenever a read fills the buffer, up to the configured
 //! maximum, so a bulk transfer moves large chunks (fewer, fuller HTTP/2 DATA frames). Writes are
 //! flushed only when the reader has nothing more at hand, not after every write.

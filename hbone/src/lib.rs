@@ -1,5 +1,8 @@
-//! HBONE: HTTP/2 CONNECT tunnels (Istio's HBONE) and the reference's `POST /_hbone/<target>`
-//! form, server and client, over mTLS with SPIFFE identities or over h2c.
+//! HBONE: HTTP/2 CONNECT tunnels (Istio's HBONE,
+//! <https://istio.io/latest/docs/ambient/architecture/hbone/>) and the `POST /_hbone/<target>`
+//! form of cloud-run-mesh (<https://github.com/GoogleCloudPlatform/cloud-run-mesh>), which
+//! Cloud Run's front end carries, server and client, over mTLS with SPIFFE identities or over
+//! h2c.
 //!
 //! This crate speaks the protocol and knows nothing of GCP or Kubernetes: where a tunnel may
 //! go is decided by the embedder's [`server::Router`].

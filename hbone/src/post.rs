@@ -4,7 +4,7 @@
 //! Cloud Run front end), h2c for `http://` URLs (a local krun, tests).
 //!
 //! Connections are pooled per origin and shared by up to `max_streams_per_connection`
-//! tunnels (the reference opened one TLS connection per inbound connection).
+//! tunnels (cloud-run-mesh's hgate opened one TLS connection per inbound connection).
 
 use std::sync::Arc;
 

@@ -1,6 +1,7 @@
 //! The tunnel server: HTTP/2 streams that become TCP connections.
 //!
-//! Two request forms open a tunnel: Istio's `CONNECT host:port` and the reference's
+//! Two request forms open a tunnel: Istio's `CONNECT host:port`
+//! (<https://istio.io/latest/docs/ambient/architecture/hbone/>) and cloud-run-mesh's
 //! `POST /_hbone/<target>` (request body upstream, response body downstream, as Cloud Run's
 //! front end only forwards ordinary requests). The server answers `200` only after the upstream
 //! dial succeeded, so a client learns about a refused or unknown target from the status
@@ -34,7 +35,7 @@ use crate::tls;
 /// Response and forwarded bodies.
 pub type Body = BoxBody<Bytes, Box<dyn StdError + Send + Sync>>;
 
-/// Path prefix of the reference's tunnel form.
+/// Path prefix of cloud-run-mesh's tunnel form (`POST /_hbone/<target>`).
 pub const HBONE_PATH: &str = "/_hbone/";
 
 /// What a tunnel request asks for.
@@ -112,7 +113,8 @@ pub struct MeshTls {
     pub allowed: AllowedPeers,
 }
 
-/// Where requests that are not tunnels go (the reference's public HTTP path to the app).
+/// Where requests that are not tunnels go (cloud-run-mesh's public HTTP path to the app, e.g.
+/// requests to the service's own Cloud Run URL).
 #[derive(Clone, Debug)]
 pub struct Fallback {
     /// The app's address.

@@ -1,4 +1,5 @@
-//! HTTP/2 settings for tunnels, stated explicitly (ztunnel's values): large windows so one
+//! HTTP/2 settings for tunnels, stated explicitly (ztunnel's values,
+//! <https://github.com/istio/ztunnel/tree/master/src/proxy/h2>): large windows so one
 //! stream can fill a fast link, and keepalive pings so dead peers are noticed.
 
 use std::time::Duration;

@@ -5,7 +5,8 @@
 //! several TLS records and several TCP segments, so [`parse`] answers
 //! [`Parsed::Incomplete`] until the whole handshake message is there. Every length is checked
 //! against the bytes it claims and against fixed bounds; malformed input is an error, never a
-//! panic (the reference's parser indexed slices unchecked).
+//! panic (cloud-run-mesh's parser checked an extension's bounds against the wrong offset, so a
+//! crafted ClientHello could crash its gateway).
 
 /// The largest ClientHello accepted (handshake bytes). Real ones are under 2 KiB; post-quantum
 /// key shares make them up to ~2.5 KiB. 16 KiB leaves room and bounds the peek buffer.

@@ -1,5 +1,7 @@
-//! mTLS for the mesh, as ztunnel does it: TLS 1.3, client certificates required and chained to
-//! the mesh roots, peers identified by the SPIFFE URI SAN (no DNS names, no SNI).
+//! mTLS for the mesh, as ztunnel does it
+//! (<https://github.com/istio/ztunnel/blob/master/src/tls/workload.rs>): TLS 1.3, client
+//! certificates required and chained to the mesh roots, peers identified by the SPIFFE URI SAN
+//! (no DNS names, no SNI).
 
 use std::fmt;
 use std::sync::Arc;
@@ -193,7 +195,7 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-/// The server name handed to rustls: ignored by [`SpiffeServerVerifier`], like ztunnel's.
+/// The server name handed to rustls: ignored by `SpiffeServerVerifier`, like ztunnel's.
 pub fn unused_server_name() -> ServerName<'static> {
     ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into())
 }

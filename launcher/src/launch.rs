@@ -134,8 +134,8 @@ pub async fn run(
 }
 
 /// The identity phase: the local CA (`CA_ADDR=file:///dir`) signs in-process; an Istio CA
-/// (`CA_ADDR=host:port`, or istiod on the §6.1 XDS address) signs with an istio-token minted
-/// through the discovered kube client. Nothing configured: no identity, quietly.
+/// (`CA_ADDR=host:port`, or istiod at the XDS address `agent::xds::select` picks) signs with an
+/// istio-token minted through the discovered kube client. Nothing configured: no identity, quietly.
 async fn start_identity(
     config: &Config,
     found: &discovery::Discovery,
@@ -207,8 +207,8 @@ async fn start_identity(
         .map(Some)
 }
 
-/// The Istio CA address: `CA_ADDR` (host:port), else istiod's XDS address (§6.1) when it is
-/// istiod's port. `None`: no Istio CA is known.
+/// The Istio CA address: `CA_ADDR` (host:port), else the XDS address `agent::xds::select` picks
+/// when it is istiod's port. `None`: no Istio CA is known.
 fn istio_ca_addr(config: &Config, found: &discovery::Discovery) -> Option<(String, &'static str)> {
     if let Some(ca) = &config.ca_addr {
         return Some((ca.value.clone(), "CA_ADDR"));

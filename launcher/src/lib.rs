@@ -1,8 +1,11 @@
 //! krun: the mesh launcher. It runs as the entrypoint (PID 1) of a container on Cloud Run,
-//! docker or a VM, supervises the app and its helper processes, and (in later layers) joins
-//! the workload to an Istio mesh.
+//! docker or a VM, supervises the app and its helper processes, and joins the workload to an
+//! Istio mesh: traffic capture, a data plane (pilot-agent with Envoy, Envoy for Traffic
+//! Director, or krun's builtin one) and the HBONE tunnel port.
 //!
-//! [`launch::run`] is the startup graph; each module below owns one job.
+//! [`launch::run`] is the startup graph; each module below owns one job. Configuration,
+//! discovery, identity, logging and Istio's port and uid constants live in the `mesh` crate,
+//! which hgate shares.
 
 pub mod agent;
 pub mod capture;

@@ -1,7 +1,7 @@
 //! Mesh discovery on its critical path: every fake (metadata, GKE, Resource Manager, K8s
 //! API) adds 20 ms to each answer, so discovery time / 20 ms is the number of round trips
 //! krun waits for one after another (plus its own CPU time: TLS handshakes, JSON). Printed
-//! next to the number of calls it made (what a fully sequential client such as the reference
+//! next to the number of calls it made (what a fully sequential client such as cloud-run-mesh
 //! waits for), against one metadata round trip measured in the same run, and with the
 //! "waves": groups of requests sent together, counted from the fakes' arrival times (a new
 //! wave starts when a request arrives at least 20 ms after the previous wave began).

@@ -57,7 +57,7 @@ impl World {
         World { dir, base }
     }
 
-    /// krun in a network namespace, with the workload of the reference's fortio sample.
+    /// krun in a network namespace, with the workload of cloud-run-mesh's fortio sample.
     fn krun(&self, wrapper: &[&str]) -> Krun {
         Krun::wrapped(wrapper)
             .env("MESH_BASE_DIR", &self.base)
@@ -546,7 +546,7 @@ fn user_set_variables_win_over_krun_defaults() {
             ("XDS_ADDR", "mine.example:15012"),
         ],
     );
-    // A user PROXY_CONFIG turns off the MCP additions, as in the reference.
+    // A user PROXY_CONFIG turns off the MCP additions, as in cloud-run-mesh.
     assert_unset(&env, &["CA_ADDR", "XDS_AUTH_PROVIDER"]);
 }
 
@@ -583,7 +583,7 @@ fn without_envoy_the_agent_runs_as_grpc_agent_and_app_and_agent_share_the_bootst
         .krun(NETNS)
         .env("XDS_ADDR", "10.128.0.5:15012")
         .env("KRUN_ENVOY_PATH", "/nonexistent/envoy")
-        // Relative, as the reference's agent saw it: krun makes it absolute for both.
+        // Relative, as cloud-run-mesh's agent saw it: krun makes it absolute for both.
         .env(
             "GRPC_XDS_BOOTSTRAP",
             "./etc/istio/proxy/grpc_bootstrap.json",

@@ -289,8 +289,8 @@ fn namespace_falls_back_to_the_project_label_then_the_project_id_rule() {
         setting("payments", "discovered")
     );
     assert_eq!(labelled["PROJECT_NUMBER"], setting("42", "discovered"));
-    // Resource Manager refuses this project: the id rule still applies (reference bug
-    // §13.1.13 skipped it).
+    // Resource Manager refuses this project: the project-id rule still applies
+    // (cloud-run-mesh returned early on that error and skipped it).
     let ruled = print_config(world.krun().env("MESH", "gke://acme-shop-prod"));
     assert_eq!(ruled["WORKLOAD_NAMESPACE"], setting("shop", "derived"));
 }

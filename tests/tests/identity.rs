@@ -1,4 +1,4 @@
-//! Workload identity scenarios (issue 4): K8s token → CSR → Istio CA → verified chain on disk,
+//! Workload identity scenarios: K8s token → CSR → Istio CA → verified chain on disk,
 //! misbehaving and unavailable CAs, rotation, Google token exchange, and the local CA.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

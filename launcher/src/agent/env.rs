@@ -1,8 +1,11 @@
-//! The agent's environment (reference §6.3). The agent inherits krun's environment; these are
-//! the additions. Every addition is "add if missing": a variable the user set wins. Three are
-//! facts krun established and always set: the whitebox pair (`ISTIO_META_INTERCEPTION_MODE=NONE`,
-//! `HTTP_PROXY_PORT`, when there is no capture), `DISABLE_ENVOY` (Envoy cannot run), and
-//! `GRPC_XDS_BOOTSTRAP` (always the absolute path the app gets too, §13.1.9).
+//! The agent's environment: the variables cloud-run-mesh gives pilot-agent, with the same names
+//! and values, so a cloud-run-mesh deployment keeps working. The agent inherits krun's
+//! environment; these are the additions. Every addition is "add if missing": a variable the
+//! user set wins. Three are facts krun established and always set: the whitebox pair
+//! (`ISTIO_META_INTERCEPTION_MODE=NONE`, `HTTP_PROXY_PORT`, when there is no capture),
+//! `DISABLE_ENVOY` (Envoy cannot run), and `GRPC_XDS_BOOTSTRAP` (always the absolute path the
+//! app gets too; cloud-run-mesh gave the agent a relative `./etc/...` path and the app an
+//! absolute one).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,7 +46,8 @@ pub struct AgentSetup {
 }
 
 impl AgentSetup {
-    /// `pilot-agent proxy sidecar|router ...` (reference §6.2); `router` for a gateway.
+    /// `pilot-agent proxy sidecar|router ...`, the command line cloud-run-mesh runs; `router`
+    /// for a gateway.
     pub fn argv(&self, pilot_agent: &std::path::Path) -> Vec<String> {
         let w = &self.workload;
         let role = if w.gateway.is_some() {
@@ -108,7 +112,7 @@ impl AgentSetup {
         if self.interception == Interception::Iptables {
             add("ISTIO_META_DNS_CAPTURE", "true".to_owned());
             // Where the capture rules send DNS (KRUN_CAPTURE_DNS); krun never points
-            // /etc/resolv.conf at :53 as the reference did.
+            // /etc/resolv.conf at :53 as cloud-run-mesh did (it rewrote the file as root).
             add("DNS_PROXY_ADDR", format!("localhost:{}", DNS_PORT));
         }
         if let (Some(p), Some(l), Some(c)) = (&w.project_id, &w.cluster_location, &w.cluster_name) {
@@ -176,9 +180,10 @@ impl AgentSetup {
     }
 }
 
-/// What the app gets for proxyless gRPC and, in whitebox mode, the HTTP proxy (reference §6.6,
-/// §7.3; `HTTP_PROXY` with a scheme, which the reference left out). User-set values win,
-/// except `GRPC_XDS_BOOTSTRAP`, which is made absolute so the app and the agent agree.
+/// What the app gets for proxyless gRPC and, in whitebox mode, the HTTP proxy, as in
+/// cloud-run-mesh, except that `HTTP_PROXY` is a URL with its scheme (cloud-run-mesh set a bare
+/// `127.0.0.1:15007`). User-set values win, except `GRPC_XDS_BOOTSTRAP`, which is made absolute
+/// so the app and the agent agree.
 pub fn app_env(
     env: &Env,
     grpc_bootstrap: &std::path::Path,

@@ -1,9 +1,12 @@
-//! The gRPC xDS bootstrap for proxyless gRPC apps (reference §6.6, the intended schema of the
-//! reference's dead `grpc_bootstrap.go`), written by krun when no agent runs but an XDS address
-//! is known. With an agent, pilot-agent writes it itself (grpc-agent mode) at the same path.
+//! The gRPC xDS bootstrap for proxyless gRPC apps
+//! (<https://github.com/grpc/proposal/blob/master/A27-xds-global-load-balancing.md>), in the
+//! schema cloud-run-mesh's `pkg/mesh/grpc_bootstrap.go` defines but never calls, written by
+//! krun when no agent runs but an XDS address is known. With an agent, pilot-agent writes it
+//! itself (grpc-agent mode) at the same path.
 //!
-//! The certificate provider is a `file_watcher` on the identity layer's files, which are
-//! rotated atomically, so gRPC picks up new certificates without a restart.
+//! The certificate provider is a `file_watcher` on the workload certificate files krun's
+//! identity phase writes, which are rotated atomically, so gRPC picks up new certificates
+//! without a restart.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

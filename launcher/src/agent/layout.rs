@@ -1,8 +1,9 @@
-//! Where the mesh files live: the reference's paths (`/etc/istio/proxy`, `/var/run/secrets/...`)
-//! under `MESH_BASE_DIR` (`/` as root). pilot-agent resolves its relative defaults
-//! (`./etc/istio/proxy`, `./var/run/secrets/tokens/istio-token`) against its working
-//! directory, which krun sets to the same base, so krun, the agent and the app agree on every
-//! path (the reference mixed `./etc/...` and `/etc/...`, §13.1.9).
+//! Where the mesh files live: Istio's paths (`/etc/istio/proxy`, `/var/run/secrets/...`), as
+//! cloud-run-mesh uses them, under `MESH_BASE_DIR` (`/` as root). pilot-agent resolves its
+//! relative defaults (`./etc/istio/proxy`, `./var/run/secrets/tokens/istio-token`) against its
+//! working directory, which krun sets to the same base, so krun, the agent and the app agree on
+//! every path (cloud-run-mesh mixed `./etc/...` and `/etc/...`, so when not root the agent and
+//! the app looked in different places).
 
 use std::path::{Path, PathBuf};
 
@@ -70,8 +71,9 @@ impl Layout {
         self.proxy_dir().join("td_bootstrap.yaml")
     }
 
-    /// Creates the directories the agent writes to, with octal modes (§13.1.8): 0755, Envoy's
-    /// state dir 0700, owned by the proxy user when krun is root.
+    /// Creates the directories the agent writes to, with octal modes (cloud-run-mesh passed
+    /// decimal literals such as `777` to `MkdirAll`): 0755, Envoy's state dir 0700, owned by the
+    /// proxy user when krun is root.
     pub fn prepare(&self, root: bool) -> std::io::Result<()> {
         let owner = root.then(|| (Uid::from_raw(PROXY_UID), Gid::from_raw(PROXY_GID)));
         for dir in [

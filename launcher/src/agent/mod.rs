@@ -1,6 +1,8 @@
-//! The Envoy data plane: which data plane runs ([`mode`]), and how krun starts pilot-agent
-//! ([`pilot`]), Envoy for Traffic Director ([`td`]) or only a gRPC xDS bootstrap for proxyless
-//! apps ([`grpc_bootstrap`]).
+//! The Istio agent side of the data plane: which data plane runs ([`mode`]), which XDS server
+//! it talks to ([`xds`]), the workload as Istio sees it ([`workload`]), and how krun starts
+//! pilot-agent ([`pilot`], with its environment [`env`](mod@env) and files [`layout`]),
+//! Envoy for Traffic Director ([`td`]) or only a gRPC xDS bootstrap for proxyless apps
+//! ([`grpc_bootstrap`]).
 //!
 //! The agent is an extra process of the supervisor that the app depends on, so the app starts
 //! only once the agent is ready, the drain SIGTERMs the app first and the agent only after the
@@ -78,7 +80,8 @@ pub fn config_dump_evidence(layout: &layout::Layout) -> crate::processes::Eviden
 }
 
 /// How long before the drain deadline krun starts draining Envoy even while the app still
-/// runs (peers-and-users.md §7.2: "T-2 s").
+/// runs: the last 2 s, so Envoy's own drain ends before the SIGKILL (Cloud Run sends SIGKILL
+/// 10 s after SIGTERM, <https://cloud.google.com/run/docs/container-contract>).
 pub const ENVOY_DRAIN_LEAD: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Envoy's graceful stop: `/drain_listeners?graceful` on the admin port, then wait until

@@ -1,5 +1,7 @@
-//! Which data plane runs (`KRUN_DATAPLANE`, reference §6.7), decided once, with one log line
-//! saying which and why.
+//! Which data plane runs (`KRUN_DATAPLANE`), decided once, with one log line saying which and
+//! why. `auto` makes cloud-run-mesh's choice: Envoy alone for a `MESH=td:` locator, pilot-agent
+//! when an XDS address is known and pilot-agent is installed (as a gRPC agent when Envoy is
+//! not); where cloud-run-mesh ran the app alone, krun runs its builtin data plane.
 
 use std::path::Path;
 

@@ -1,7 +1,8 @@
-//! pilot-agent as a supervised process (reference §6.2): its setup, directories, pod labels
-//! file and process spec. Its output is passed through unchanged (stdout and stderr inherited):
-//! pilot-agent and Envoy already write their own structured lines, and a prefix would break
-//! Cloud Logging's parsing of them.
+//! pilot-agent as a supervised process, started as cloud-run-mesh starts it (same command line,
+//! directories and pod labels file, so its images can switch to krun): its setup, directories,
+//! pod labels file and process spec. Its output is passed through unchanged (stdout and stderr
+//! inherited): pilot-agent and Envoy already write their own structured lines, and a prefix
+//! would break Cloud Logging's parsing of them.
 
 use std::collections::BTreeMap;
 use std::path::Path;

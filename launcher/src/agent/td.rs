@@ -1,7 +1,11 @@
-//! Traffic Director (`MESH=td:...`, reference §6.5 and appendix A): no pilot-agent; krun renders
-//! Envoy's bootstrap itself and starts Envoy directly. Unlike the reference, the admin port is
-//! a placeholder like every other value (§13.1.23), readiness is Envoy's own admin stats with
-//! krun's configurable budget, and the app and tunnel readiness gates apply as in every mode.
+//! Traffic Director (`MESH=td:...`): no pilot-agent; krun renders Envoy's bootstrap itself and
+//! starts Envoy directly, as cloud-run-mesh's `startTd` does
+//! (<https://github.com/GoogleCloudPlatform/cloud-run-mesh/blob/main/cmd/krun/krun.go>; the
+//! `td:mesh_name=` form comes from its later `dev` branch). Unlike cloud-run-mesh, whose
+//! template hard-codes Envoy's admin port to 15000, the admin port is a placeholder like every
+//! other value; readiness is Envoy's own admin stats with krun's configurable budget
+//! (cloud-run-mesh had a fixed, fatal 10 s); and the app and tunnel readiness gates apply as in
+//! every mode (cloud-run-mesh skipped both for Traffic Director).
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +24,7 @@ use mesh::istio::{ENVOY_ADMIN_PORT, OUTBOUND_CAPTURE_PORT, PROXY_GID, PROXY_UID}
 pub const TEMPLATE: &str = include_str!("td_bootstrap.yaml");
 /// The roots Envoy verifies Traffic Director with.
 pub const XDS_SERVER_CERT: &str = "/etc/ssl/certs/ca-certificates.crt";
-/// Zone when the metadata server gives none (the reference's default).
+/// Zone when the metadata server gives none (cloud-run-mesh's default).
 pub const DEFAULT_ZONE: &str = "cloud-run-cluster";
 /// Process name in logs.
 pub const ENVOY_PROCESS: &str = "envoy";
@@ -30,8 +34,8 @@ pub const ENVOY_PROCESS: &str = "envoy";
 pub struct TdMesh {
     /// `projects=` / `project=`: the project number, if given.
     pub project_number: Option<String>,
-    /// The bootstrap's network: `scope:<scopes>` (HEAD form, default `scope:default`) or
-    /// `mesh:<mesh_name>` (later form).
+    /// The bootstrap's network: `scope:<scopes>` (cloud-run-mesh's `main` branch form, default
+    /// `scope:default`) or `mesh:<mesh_name>` (the form of its later `dev` branch).
     pub network: String,
 }
 
@@ -137,7 +141,7 @@ impl TdBootstrap {
     }
 }
 
-/// A Traffic Director node id in the reference's `<id>~<ip>` form: the instance id from the
+/// A Traffic Director node id in cloud-run-mesh's `<id>~<ip>` form: the instance id from the
 /// metadata server when known (one node per instance, recognisable in TD's console), else a
 /// random uuid; the instance IP, else loopback.
 pub fn node_id(instance_id: Option<&str>, ip: Option<&str>) -> String {

@@ -43,8 +43,9 @@ pub struct Workload {
 
 impl Workload {
     /// Resolves the workload from the configuration and the discovered inputs. `hostname` is
-    /// the machine's host name (POD_NAME fallback when `HOSTNAME` is unset, §13.1.9) and
-    /// `now_secs` the current Unix time (last-resort pod name suffix).
+    /// the machine's host name (POD_NAME fallback when `HOSTNAME` is unset, where
+    /// cloud-run-mesh left POD_NAME empty) and `now_secs` the current Unix time (last-resort pod
+    /// name suffix).
     pub fn resolve(
         config: &Config,
         inputs: &AgentInputs,
@@ -136,7 +137,7 @@ mod tests {
         );
         let svc = [("K_SERVICE", "fortio"), ("HOSTNAME", "from-env")];
         assert_eq!(workload(&svc, &none, Some("host")).pod_name, "from-env");
-        // HOSTNAME unset: the machine's host name, not an empty string (§13.1.9).
+        // HOSTNAME unset: the machine's host name, not cloud-run-mesh's empty string.
         assert_eq!(workload(&svc[..1], &none, Some("host")).pod_name, "host");
         assert_eq!(
             workload(&svc[..1], &none, None).pod_name,

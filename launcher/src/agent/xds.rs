@@ -1,7 +1,7 @@
-//! Which XDS server the agent talks to (reference §6.1, §2.1 precedence): `PROXY_CONFIG`'s
-//! `discoveryAddress`, `XDS_ADDR`, the discovered address, mesh-env `XDS_ADDR`, then hgate's
-//! internal address (`IMCON_ADDR:15012`) for in-cluster istiod or `meshconfig.googleapis.com:443`
-//! for a managed control plane tenant.
+//! Which XDS server the agent talks to, in cloud-run-mesh's order (its `FindXDSAddr`):
+//! `PROXY_CONFIG`'s `discoveryAddress`, `XDS_ADDR`, the discovered address, mesh-env `XDS_ADDR`,
+//! then `meshconfig.googleapis.com:443` for a managed control plane tenant (`MESH_TENANT`) or
+//! hgate's internal address (`IMCON_ADDR:15012`) for in-cluster istiod.
 
 use std::collections::BTreeMap;
 
@@ -54,7 +54,7 @@ pub fn discovery_address(proxy_config: &str) -> Result<Option<String>, ProxyConf
     Ok(parsed.discovery_address.filter(|a| !a.trim().is_empty()))
 }
 
-/// Applies the §6.1 rules. `env_xds` is `XDS_ADDR` from the environment, `discovered` what
+/// Applies the order above. `env_xds` is `XDS_ADDR` from the environment, `discovered` what
 /// discovery found, `tenant` the MCP tenant (`-` = in-cluster istiod).
 pub fn select(
     proxy_config: Option<&str>,
@@ -162,7 +162,7 @@ mod tests {
             select(None, None, None, &none, None).expect("valid"),
             Xds::Unknown
         );
-        // An MCP address without a tenant is ignored (reference rule).
+        // An MCP address without a tenant is ignored, as cloud-run-mesh does.
         assert_eq!(
             select(None, Some(MCP_ADDR), None, &none, Some("-")).expect("valid"),
             Xds::Unknown

@@ -1,10 +1,12 @@
 //! The capture ruleset as data: a pure function from settings to `iptables-restore` input.
 //!
-//! The rules follow `istio-iptables` (cloud-run-mesh.md §7.1) so that Envoy, pilot-agent and
-//! krun's builtin data plane all see the traffic they expect: chains `ISTIO_OUTPUT`,
-//! `ISTIO_REDIRECT`, `ISTIO_INBOUND`, `ISTIO_IN_REDIRECT` (and `ISTIO_OUTPUT_DNS` for DNS
-//! capture) in the `nat` table. The Traffic Director variant (§7.2) comes from the same
-//! generator with other settings ([`Rules::traffic_director`]).
+//! The rules follow Istio's `istio-iptables`
+//! (<https://github.com/istio/istio/blob/master/tools/istio-iptables/pkg/capture/run.go>), with
+//! the settings cloud-run-mesh runs it with, so that Envoy, pilot-agent and krun's builtin data
+//! plane all see the traffic they expect: chains `ISTIO_OUTPUT`, `ISTIO_REDIRECT`,
+//! `ISTIO_INBOUND`, `ISTIO_IN_REDIRECT` (and `ISTIO_OUTPUT_DNS` for DNS capture) in the `nat`
+//! table. The Traffic Director variant, the rules of cloud-run-mesh's `scripts/iptables.sh`,
+//! comes from the same generator with other settings ([`Rules::traffic_director`]).
 //!
 //! Applying is idempotent because the input is computed against the current `iptables-save`:
 //! our jumps that exist are deleted and re-added, our chains are flushed (declared) and
@@ -96,9 +98,9 @@ impl Rules {
         }
     }
 
-    /// The Traffic Director script's ruleset (§7.2): Envoy runs as uid 1337 (no gid rule),
-    /// everything but the metadata server is captured, no loopback self-redirect, and DNS to
-    /// 15053.
+    /// The ruleset of cloud-run-mesh's Traffic Director script (`scripts/iptables.sh`, run with
+    /// the proxy uid only): Envoy runs as uid 1337 (no gid rule), everything but the metadata
+    /// server is captured, no loopback self-redirect, and DNS to 15053.
     pub fn traffic_director(exclude_ports: &[u16], proxy_port: u16) -> Rules {
         Rules {
             include: vec!["*".to_owned()],

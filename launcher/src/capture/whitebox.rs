@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 /// Never proxied: loopback and the metadata server (its tokens must not leave the host).
 pub const NO_PROXY: &str = "localhost,127.0.0.1,::1,169.254.169.254,metadata.google.internal";
 
-/// The proxy variables the app gets, as proper URLs (the reference left out the scheme).
+/// The proxy variables the app gets, as proper URLs (cloud-run-mesh left out the scheme).
 /// An unspecified listen address is reached on loopback.
 pub fn proxy_env(proxy: SocketAddr) -> [(&'static str, String); 4] {
     let host = if proxy.ip().is_unspecified() {

@@ -81,8 +81,9 @@ impl Router for TunnelRouter {
     }
 }
 
-/// Istio HBONE (15008), with ztunnel's checks: the authority must be `ip:port` naming this
-/// instance (its address or loopback), never one of the mesh's own ports.
+/// Istio HBONE (15008), with ztunnel's checks
+/// (<https://github.com/istio/ztunnel/blob/master/src/proxy/inbound.rs>): the authority must be
+/// `ip:port` naming this instance (its address or loopback), never one of the mesh's own ports.
 pub struct HboneRouter {
     /// Declared app ports.
     pub ports: DeclaredPorts,

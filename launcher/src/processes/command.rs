@@ -18,7 +18,8 @@ pub struct RunAs {
 
 impl RunAs {
     /// Decides the app's identity, or `None` to keep krun's. Never keeps root's supplementary
-    /// groups for a non-root app (reference gap §13.2.5: it only changed the uid).
+    /// groups for a non-root app (cloud-run-mesh changed only the uid for `K8S_UID`, so the app
+    /// kept root's gid and groups).
     pub fn resolve(uid: Option<u32>, gid: Option<u32>) -> Option<RunAs> {
         let uid = Uid::from_raw(uid?);
         if !nix::unistd::geteuid().is_root() {

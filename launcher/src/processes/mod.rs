@@ -19,6 +19,9 @@
 //!
 //! The file is validated as a whole before anything starts: unknown fields, unknown
 //! dependencies and cycles are startup errors that name the culprit.
+//!
+//! The `Command`s for the app and these processes, including the user the app runs as
+//! ([`RunAs`]), are built here too.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -75,9 +78,9 @@ pub struct ProcessSpec {
     pub graceful_stop: Option<GracefulStop>,
 }
 
-/// How a proxy is stopped during the drain without cutting the connections it still carries
-/// (peers-and-users.md §7.2): drain its listeners, wait until its connections are gone, then
-/// SIGTERM it.
+/// How a proxy is stopped during the drain without cutting the connections it still carries,
+/// with Envoy's admin API (<https://www.envoyproxy.io/docs/envoy/latest/operations/admin>): drain
+/// its listeners, wait until its connections are gone, then SIGTERM it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GracefulStop {
     /// Start stopping it this long before the drain deadline even while dependents still run,

@@ -113,7 +113,6 @@ fn wait_term(set: SigSet) {
     let _ = set.wait();
 }
 
-
 fn signals(times: usize) -> ExitCode {
     let mut set = SigSet::empty();
     for s in FORWARDED {
