@@ -18,17 +18,9 @@ pub async fn serve(
     drain: CancellationToken,
 ) {
     let target = Arc::new(target);
-    loop {
-        let mut stream = tokio::select! {
-            () = drain.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "forward accept failed");
-                    continue;
-                }
-            },
-        };
+    while let Some((mut stream, _)) =
+        hbone::listen::next_connection(&listener, &drain, "forward").await
+    {
         let (router, target) = (router.clone(), target.clone());
         tokio::spawn(async move {
             match router.connect_host(&target).await {

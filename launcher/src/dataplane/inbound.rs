@@ -20,17 +20,9 @@ pub async fn serve(
     drain: CancellationToken,
 ) {
     let allowed = Arc::new(allowed);
-    loop {
-        let (stream, remote) = tokio::select! {
-            () = drain.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "mesh inbound accept failed");
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, remote)) =
+        hbone::listen::next_connection(&listener, &drain, "mesh inbound").await
+    {
         let config = tls.borrow().clone();
         let allowed = allowed.clone();
         tokio::spawn(

@@ -31,17 +31,9 @@ pub struct Outbound {
 /// Serves the proxy on `listener` until `drain`.
 pub async fn serve(listener: TcpListener, outbound: Outbound, drain: CancellationToken) {
     let outbound = Arc::new(outbound);
-    loop {
-        let stream = tokio::select! {
-            () = drain.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, _)) =
+        hbone::listen::next_connection(&listener, &drain, "outbound proxy").await
+    {
         let outbound = outbound.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {

@@ -20,17 +20,9 @@ pub async fn serve(
     drain: CancellationToken,
 ) {
     let local = listener.local_addr().ok();
-    loop {
-        let (mut stream, peer) = tokio::select! {
-            () = drain.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "capture accept failed");
-                    continue;
-                }
-            },
-        };
+    while let Some((mut stream, peer)) =
+        hbone::listen::next_connection(&listener, &drain, "capture").await
+    {
         let target = match original_dst(&stream) {
             // A direct connection to the listener, not a redirected one: routing it would loop.
             Ok(target) if Some(target) == local => continue,
