@@ -6,6 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use krun_tests::fakes::ca::FakeCa;
+use krun_tests::fakes::google::FakeGoogle;
+use krun_tests::fakes::k8s::FakeK8s;
+use krun_tests::fakes::pki::{TestCa, jwt};
+use krun_tests::{HANG_GUARD, Krun, TempDir};
 use mesh::identity::google_tokens::GoogleTokens;
 use mesh::identity::http::HttpClient;
 use mesh::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
@@ -18,11 +23,6 @@ use mesh::identity::{
     CertResolver, Identity, IdentityError, IdentityInputs, RotationPolicy, Signer, SpiffeId,
     WorkloadCert,
 };
-use krun_tests::fakes::ca::FakeCa;
-use krun_tests::fakes::google::FakeGoogle;
-use krun_tests::fakes::k8s::FakeK8s;
-use krun_tests::fakes::pki::{TestCa, jwt};
-use krun_tests::{HANG_GUARD, Krun, TempDir};
 use rustls::client::ResolvesClientCert;
 use tokio::sync::watch;
 
@@ -681,8 +681,8 @@ async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
 
 #[tokio::test]
 async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
-    use mesh::identity::metadata_token::MetadataIdTokens;
     use krun_tests::fakes::http::{HttpServer, json};
+    use mesh::identity::metadata_token::MetadataIdTokens;
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = calls.clone();
     // Strict like the metadata server: the flavor header, an audience, format=full.
