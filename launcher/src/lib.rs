@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod capture;
+pub mod config;
 pub mod dataplane;
 pub mod launch;
 pub mod probe;

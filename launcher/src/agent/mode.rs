@@ -6,7 +6,7 @@ use std::path::Path;
 use super::is_executable;
 use super::td::{TdMesh, TdMeshError};
 use super::xds::Xds;
-use mesh::config::DataPlane;
+use crate::config::DataPlane;
 
 /// The data plane krun sets up.
 #[derive(Clone, Debug, PartialEq, Eq)]

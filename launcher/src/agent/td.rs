@@ -12,11 +12,11 @@ use super::{
     AgentInputs, DataPlaneError, ENVOY_ADMIN_PORT, ENVOY_OUTBOUND_PORT, PROXY_GID, PROXY_UID,
     Workload, config_dump_evidence, envoy_graceful_stop,
 };
-use mesh::config::Config;
-use mesh::files::write_atomic;
+use crate::config::Config;
 use crate::probe::{Check, Probe};
 use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy};
 use crate::supervisor::RunAs;
+use mesh::files::write_atomic;
 
 /// The bootstrap template, with `{{NAME}}` placeholders.
 pub const TEMPLATE: &str = include_str!("td_bootstrap.yaml");
@@ -196,7 +196,7 @@ pub fn envoy_process(
         cwd: Some(layout.base().to_path_buf()),
         ready_budget: Some(ReadyBudget {
             timeout: budget,
-            variable: mesh::config::names::KRUN_AGENT_READY_TIMEOUT,
+            variable: crate::config::names::KRUN_AGENT_READY_TIMEOUT,
             evidence: Some(config_dump_evidence(layout)),
         }),
         graceful_stop: Some(envoy_graceful_stop()),
@@ -249,11 +249,11 @@ pub fn start(
         bootstrap = %path.display(), "Traffic Director bootstrap written"
     );
     let envoy = envoy_process(
-        &config.envoy_path.value,
+        &config.launcher.envoy_path.value,
         path,
         layout,
         root,
-        config.agent_ready_timeout.value,
+        config.launcher.agent_ready_timeout.value,
     );
     processes
         .add_app_dependency(envoy)
