@@ -9,13 +9,14 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::AgentInputs;
+use crate::config::{Config, DataPlane, StartupProbe};
 use crate::dataplane::MeshSide;
 use crate::probe::{Check, Probe};
 use crate::processes::ProcessPlan;
 use crate::processes::RunAs;
 use crate::startup::PhaseClock;
 use crate::supervisor::{AppSpec, Phase, Supervisor, Timeouts};
-use mesh::config::{Config, DataPlane, Env, Source, StartupProbe};
+use mesh::config::{Env, Source};
 use mesh::discovery;
 use mesh::identity::{self, Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 use mesh::istio::Interception;
@@ -59,7 +60,7 @@ pub async fn run(
         .and_then(|minted| crate::dataplane::follow_identity(minted.identity.store()));
     let certs = crate::dataplane::workload_certs(minted, &config.mesh_base_dir.value);
     let in_mesh = found.mesh || identity.is_some() || config.xds_addr.is_some() || certs.is_ok();
-    let capture_wanted = in_mesh || config.interception_mode.is_some();
+    let capture_wanted = in_mesh || config.launcher.interception_mode.is_some();
     // Before the supervisor: installing the rules waits for iptables-restore itself.
     let capture = if capture_wanted {
         crate::capture::decide(&config)
@@ -82,7 +83,7 @@ pub async fn run(
     };
     let mut dataplane = crate::agent::set_up(&config, &inputs, env, &mut plan)?;
     // Envoy's whitebox proxy variables come from the agent layer; the builtin one's from here.
-    let outbound = config.outbound_addr.value;
+    let outbound = config.launcher.outbound_addr.value;
     if capture_wanted
         && capture.interception == Interception::Whitebox
         && dataplane.mode == DataPlane::Builtin
@@ -101,8 +102,8 @@ pub async fn run(
         );
     }
     let timeouts = Timeouts {
-        drain: config.drain_timeout.value,
-        ready: config.app_ready_timeout.value,
+        drain: config.launcher.drain_timeout.value,
+        ready: config.launcher.app_ready_timeout.value,
     };
     // The supervisor first: it installs the signal handlers, so a SIGTERM during the rest of
     // startup drains instead of killing krun.
@@ -129,7 +130,7 @@ pub async fn run(
     let code = supervisor.run().await;
     capture.cleanup(&reaper).await;
     // Open tunnels had the drain budget alongside the app; give them what is left of it.
-    mesh.drain(config.drain_timeout.value).await;
+    mesh.drain(config.launcher.drain_timeout.value).await;
     Ok(code)
 }
 
@@ -175,8 +176,8 @@ async fn start_identity(
     // With pilot-agent installed and not overridden, the agent requests Envoy's certificate
     // from istiod itself; krun minting a second one for the same identity would only double
     // the CA's load.
-    let agent_mints =
-        config.dataplane.value != DataPlane::Builtin && config.pilot_agent_path.value.exists();
+    let agent_mints = config.launcher.dataplane.value != DataPlane::Builtin
+        && config.launcher.pilot_agent_path.value.exists();
     if !explicit && agent_mints {
         tracing::info!(ca = %addr, from, "identity: pilot-agent requests the certificate from istiod; krun mints none");
         return Ok(None);
@@ -315,8 +316,8 @@ fn app_spec(config: &Config, argv: Vec<String>, env: BTreeMap<String, String>) -
         argv,
         port: config.app_port(),
         run_as: RunAs::resolve(
-            config.k8s_uid.as_ref().map(|s| s.value),
-            config.k8s_gid.as_ref().map(|s| s.value),
+            config.launcher.k8s_uid.as_ref().map(|s| s.value),
+            config.launcher.k8s_gid.as_ref().map(|s| s.value),
         ),
         readiness: app_readiness(config),
     }
@@ -324,7 +325,7 @@ fn app_spec(config: &Config, argv: Vec<String>, env: BTreeMap<String, String>) -
 
 /// An explicit startup probe wins; otherwise every declared app port must accept.
 fn app_readiness(config: &Config) -> Vec<Probe> {
-    let probes: Vec<Probe> = match &config.startup_probe {
+    let probes: Vec<Probe> = match &config.launcher.startup_probe {
         Some((_, probe)) => vec![Probe::new(match &probe.value {
             StartupProbe::Http(url) => Check::Http(url.clone()),
             StartupProbe::Tcp(addr) => Check::Tcp(addr.clone()),

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod capture;
+pub mod config;
 pub mod dataplane;
 pub mod launch;
 pub mod probe;

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use krun::config::Config;
 use krun::processes::ProcessPlan;
-use mesh::config::{Config, Env};
+use mesh::config::Env;
 
 /// Mesh launcher and PID-1 supervisor: runs APP inside an Istio mesh.
 #[derive(Parser)]
@@ -47,7 +48,7 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<u8> {
     for name in &config.unknown_vars {
         tracing::warn!(variable = %name, "unknown KRUN_ variable ignored; check its spelling against docs/configuration.md");
     }
-    let plan = match &config.processes {
+    let plan = match &config.launcher.processes {
         Some(path) => ProcessPlan::load(&path.value)?,
         None => ProcessPlan::default(),
     };

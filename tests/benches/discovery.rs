@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use krun_tests::fakes::gke::FakeCluster;
 use krun_tests::fakes::{TestWorld, server};
-use mesh::config::{Config, Env};
+use mesh::config::{Env, MeshConfig};
 use mesh::discovery::metadata::MetadataClient;
 
 const LATENCY: Duration = Duration::from_millis(20);
@@ -53,7 +53,7 @@ fn measure(world: &TestWorld, extra: &[(&str, &str)]) -> Figures {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
         )
         .collect();
-    let config = Config::from_env(&env).expect("valid env");
+    let config = MeshConfig::from_env(&env).expect("valid env");
     let mut times = Vec::with_capacity(RUNS);
     let (mut calls, mut waves) = (0, 0);
     for _ in 0..RUNS {

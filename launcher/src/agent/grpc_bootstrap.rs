@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 
 use super::layout::Layout;
 use super::{AgentInputs, DataPlaneError, Workload};
-use mesh::config::{Config, Env};
+use crate::config::Config;
+use mesh::config::Env;
 use mesh::files::write_atomic;
 
 /// How often gRPC re-reads the certificate files.
@@ -137,7 +138,11 @@ pub fn write(
     layout: &Layout,
 ) -> Result<BTreeMap<String, String>, DataPlaneError> {
     let path = super::env::grpc_bootstrap_path(
-        config.grpc_xds_bootstrap.as_ref().map(|s| s.value.as_str()),
+        config
+            .launcher
+            .grpc_xds_bootstrap
+            .as_ref()
+            .map(|s| s.value.as_str()),
         layout,
     )
     .map_err(DataPlaneError::write(config))?;

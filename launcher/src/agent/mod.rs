@@ -23,9 +23,10 @@ pub mod xds;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::config::{Config, DataPlane};
 use crate::processes::ProcessPlan;
 use layout::Layout;
-use mesh::config::{Config, DataPlane, Env};
+use mesh::config::Env;
 use mesh::istio::ENVOY_ADMIN_PORT;
 pub use mesh::istio::Interception;
 use mode::Plan;
@@ -172,11 +173,11 @@ pub fn set_up(
         workload.tenant.as_deref(),
     )?;
     let choice = mode::choose(
-        config.dataplane.value,
+        config.launcher.dataplane.value,
         config.mesh.as_ref().map(|s| s.value.as_str()),
         &xds,
-        &config.pilot_agent_path.value,
-        &config.envoy_path.value,
+        &config.launcher.pilot_agent_path.value,
+        &config.launcher.envoy_path.value,
     )?;
     let mode = match choice.plan {
         Plan::Agent { .. } | Plan::TrafficDirector(_) => DataPlane::Envoy,

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use super::td::{TdMesh, TdMeshError};
 use super::xds::Xds;
+use crate::config::DataPlane;
 use crate::processes::is_executable;
-use mesh::config::DataPlane;
 
 /// The data plane krun sets up.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,10 +16,12 @@ use super::{
     AGENT_READY_URL, AgentInputs, DataPlaneError, Interception, Workload, config_dump_evidence,
     envoy_graceful_stop,
 };
+use crate::config::{Config, names};
 use crate::probe::{Check, Probe};
-use crate::processes::RunAs;
-use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy, is_executable};
-use mesh::config::{Config, Env, names};
+use crate::processes::{
+    ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy, RunAs, is_executable,
+};
+use mesh::config::Env;
 use mesh::files::write_atomic;
 use mesh::istio::PROXY_GID;
 
@@ -40,6 +42,7 @@ pub fn setup(
     let forced_whitebox = !root
         || workload.gateway.is_some()
         || config
+            .launcher
             .interception_mode
             .as_ref()
             .is_some_and(|m| m.value.eq_ignore_ascii_case("NONE"));
@@ -48,7 +51,7 @@ pub fn setup(
     } else {
         inputs.interception
     };
-    let envoy_template = is_executable(&config.envoy_path.value)
+    let envoy_template = is_executable(&config.launcher.envoy_path.value)
         .then(|| {
             [
                 layout.base().join(ENVOY_TEMPLATE),
@@ -59,10 +62,14 @@ pub fn setup(
         })
         .flatten();
     let envoy_binary = (envoy_template.is_some()
-        && config.envoy_path.value != Path::new(mesh::config::DEFAULT_ENVOY_PATH))
-    .then(|| config.envoy_path.value.clone());
+        && config.launcher.envoy_path.value != Path::new(crate::config::DEFAULT_ENVOY_PATH))
+    .then(|| config.launcher.envoy_path.value.clone());
     let grpc_bootstrap = grpc_bootstrap_path(
-        config.grpc_xds_bootstrap.as_ref().map(|s| s.value.as_str()),
+        config
+            .launcher
+            .grpc_xds_bootstrap
+            .as_ref()
+            .map(|s| s.value.as_str()),
         &layout,
     )?;
     Ok(AgentSetup {
@@ -76,8 +83,16 @@ pub fn setup(
         workload_cert: inputs.workload_cert,
         envoy_template,
         envoy_binary,
-        xds_agent_debug: config.xds_agent_debug.as_ref().map(|s| s.value.clone()),
-        envoy_log_level: config.envoy_log_level.as_ref().map(|s| s.value.clone()),
+        xds_agent_debug: config
+            .launcher
+            .xds_agent_debug
+            .as_ref()
+            .map(|s| s.value.clone()),
+        envoy_log_level: config
+            .launcher
+            .envoy_log_level
+            .as_ref()
+            .map(|s| s.value.clone()),
     })
 }
 
@@ -150,7 +165,7 @@ pub fn start(
     let setup =
         setup(config, inputs, workload, xds, root).map_err(DataPlaneError::write(config))?;
     prepare(&setup).map_err(DataPlaneError::write(config))?;
-    let pilot_agent = &config.pilot_agent_path.value;
+    let pilot_agent = &config.launcher.pilot_agent_path.value;
     tracing::info!(
         command = ?setup.argv(pilot_agent),
         interception = ?setup.interception,
@@ -158,7 +173,7 @@ pub fn start(
         envoy = setup.envoy_template.is_some(),
         "pilot-agent prepared; the app starts once it is ready"
     );
-    let budget = config.agent_ready_timeout.value;
+    let budget = config.launcher.agent_ready_timeout.value;
     processes
         .add_app_dependency(process(&setup, pilot_agent, env, budget))
         .map_err(DataPlaneError::Conflict)?;

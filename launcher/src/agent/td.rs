@@ -13,10 +13,9 @@ use nix::unistd::{Gid, Uid};
 
 use super::layout::Layout;
 use super::{AgentInputs, DataPlaneError, Workload, config_dump_evidence, envoy_graceful_stop};
+use crate::config::Config;
 use crate::probe::{Check, Probe};
-use crate::processes::RunAs;
-use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy};
-use mesh::config::Config;
+use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy, RunAs};
 use mesh::files::write_atomic;
 use mesh::istio::{ENVOY_ADMIN_PORT, OUTBOUND_CAPTURE_PORT, PROXY_GID, PROXY_UID};
 
@@ -198,7 +197,7 @@ pub fn envoy_process(
         cwd: Some(layout.base().to_path_buf()),
         ready_budget: Some(ReadyBudget {
             timeout: budget,
-            variable: mesh::config::names::KRUN_AGENT_READY_TIMEOUT,
+            variable: crate::config::names::KRUN_AGENT_READY_TIMEOUT,
             evidence: Some(config_dump_evidence(layout)),
         }),
         graceful_stop: Some(envoy_graceful_stop()),
@@ -251,11 +250,11 @@ pub fn start(
         bootstrap = %path.display(), "Traffic Director bootstrap written"
     );
     let envoy = envoy_process(
-        &config.envoy_path.value,
+        &config.launcher.envoy_path.value,
         path,
         layout,
         root,
-        config.agent_ready_timeout.value,
+        config.launcher.agent_ready_timeout.value,
     );
     processes
         .add_app_dependency(envoy)

@@ -1,7 +1,8 @@
 //! The workload as the agent sees it: namespace, name, revision, pod name and mesh coordinates,
 //! each resolved once with the environment first, then discovery, then mesh-env.
 
-use mesh::config::{Config, Env, Setting};
+use crate::config::Config;
+use mesh::config::{Env, Setting};
 
 use super::AgentInputs;
 
@@ -78,7 +79,11 @@ impl Workload {
             revision: revision.unwrap_or_else(|| "v1".to_owned()),
             pod_name,
             service_account: config.workload_service_account.value.clone(),
-            gateway: config.gateway_name.as_ref().map(|s| s.value.clone()),
+            gateway: config
+                .launcher
+                .gateway_name
+                .as_ref()
+                .map(|s| s.value.clone()),
             tenant: pick(config.mesh_tenant.as_ref(), &mesh_env("MESH_TENANT")),
             project_number: pick(config.project_number.as_ref(), &inputs.project_number)
                 .or_else(|| mesh_env("PROJECT_NUMBER")),

@@ -2,7 +2,7 @@
 //! function of what was found about the host, so every rung is unit-tested; [`HostFacts::probe`]
 //! gathers the facts cheaply (files under `/proc`, no process).
 
-use mesh::config::DataPlane;
+use crate::config::DataPlane;
 
 /// What decides whether iptables capture is possible.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,10 +12,10 @@ pub mod ladder;
 pub mod rules;
 pub mod whitebox;
 
+use crate::config::Config;
 use crate::reaper::Reaper;
 use apply::{Backend, Tools};
 use ladder::{HostFacts, Rung};
-use mesh::config::Config;
 use mesh::istio::{Interception, OUTBOUND_CAPTURE_PORT};
 use rules::{Family, Rules};
 
@@ -63,11 +63,11 @@ impl Capture {
 /// The rules for this configuration: Traffic Director's script semantics with `MESH=td:`,
 /// istio-iptables' otherwise; REDIRECT to the capture listener's port.
 pub fn rules_for(config: &Config) -> Rules {
-    let port = match config.capture_addr.value.port() {
+    let port = match config.launcher.capture_addr.value.port() {
         0 => OUTBOUND_CAPTURE_PORT,
         port => port,
     };
-    let excluded = &config.outbound_ports_exclude.value;
+    let excluded = &config.launcher.outbound_ports_exclude.value;
     let td = config
         .mesh
         .as_ref()
@@ -76,21 +76,21 @@ pub fn rules_for(config: &Config) -> Rules {
         Rules::traffic_director(excluded, port)
     } else {
         Rules::istio(
-            &config.outbound_ip_ranges_include.value,
+            &config.launcher.outbound_ip_ranges_include.value,
             excluded,
             port,
-            config.capture_dns.value,
+            config.launcher.capture_dns.value,
         )
     };
     rules.exclude_ports.extend([
-        config.tunnel_port.value,
-        config.hbone_port.value,
-        config.hbone_peer_port.value,
+        config.launcher.tunnel_port.value,
+        config.launcher.hbone_port.value,
+        config.launcher.hbone_peer_port.value,
     ]);
     rules.exclude_ports.retain(|p| *p != 0);
     rules.exclude_ports.sort_unstable();
     rules.exclude_ports.dedup();
-    rules.inbound_ports = config.capture_inbound_ports.value.clone();
+    rules.inbound_ports = config.launcher.capture_inbound_ports.value.clone();
     rules
 }
 
@@ -99,10 +99,11 @@ pub fn rules_for(config: &Config) -> Rules {
 pub fn decide(config: &Config) -> Capture {
     let facts = HostFacts::probe();
     let none = config
+        .launcher
         .interception_mode
         .as_ref()
         .is_some_and(|m| m.value.eq_ignore_ascii_case("NONE"));
-    let gateway = config.gateway_name.is_some();
+    let gateway = config.launcher.gateway_name.is_some();
     let whitebox = |why: &str| {
         tracing::info!(
             interception = "whitebox",
@@ -114,7 +115,9 @@ pub fn decide(config: &Config) -> Capture {
             cleanup: false,
         }
     };
-    if let Rung::Whitebox(why) = ladder::choose(&facts, none, gateway, config.dataplane.value) {
+    if let Rung::Whitebox(why) =
+        ladder::choose(&facts, none, gateway, config.launcher.dataplane.value)
+    {
         return whitebox(why);
     }
     let backend = match apply::detect_backend() {
@@ -145,14 +148,14 @@ pub fn decide(config: &Config) -> Capture {
         },
         ipv6 = installed.len() > 1,
         redirect_port = rules.proxy_port,
-        include = %config.outbound_ip_ranges_include.value,
+        include = %config.launcher.outbound_ip_ranges_include.value,
         dns = rules.dns_port.is_some(),
         "traffic capture: iptables, because krun is root with CAP_NET_ADMIN and iptables-restore worked"
     );
     Capture {
         interception: Interception::Iptables,
         installed,
-        cleanup: config.capture_cleanup.value,
+        cleanup: config.launcher.capture_cleanup.value,
     }
 }
 

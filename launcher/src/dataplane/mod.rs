@@ -29,9 +29,9 @@ use tokio_util::sync::CancellationToken;
 pub use certs::{CertError, WORKLOAD_CERT_DIR, follow_identity, workload_certs};
 pub use routes::{DeclaredPorts, HboneRouter, MESH_INBOUND_PORT, TunnelRouter};
 
+use crate::config::{Config, DataPlane};
 use crate::supervisor::{FailHandle, Phase};
 use hbone::client::HboneClient;
-use mesh::config::{Config, DataPlane};
 use mesh::istio::Interception;
 use route::{Cidr, MeshHop, Router};
 
@@ -58,7 +58,7 @@ impl MeshSide {
         let mut tasks = JoinSet::new();
         let certs = match certs {
             Ok(certs) => Some(certs),
-            Err(e) if config.dataplane.value == DataPlane::Builtin => {
+            Err(e) if config.launcher.dataplane.value == DataPlane::Builtin => {
                 return Err(e).context("KRUN_DATAPLANE=builtin needs a workload certificate");
             }
             Err(e) => {
@@ -77,7 +77,7 @@ impl MeshSide {
                 .unwrap_or_default();
             let allowed = AllowedPeers::new(
                 trust_domain.clone(),
-                config.allowed_principals.value.clone(),
+                config.launcher.allowed_principals.value.clone(),
             );
             if mode == DataPlane::Builtin {
                 mesh_inbound = start_inbound(
@@ -93,10 +93,10 @@ impl MeshSide {
                 hop = Some(MeshHop {
                     client: Arc::new(HboneClient::new(settings, Some(certs.clone()))),
                     expected: ExpectedPeer::TrustDomain(trust_domain.clone()),
-                    peer_port: config.hbone_peer_port.value,
+                    peer_port: config.launcher.hbone_peer_port.value,
                 });
             }
-            if config.hbone_port.value != 0 {
+            if config.launcher.hbone_port.value != 0 {
                 let tls = MeshTls {
                     config: certs::server_configs(&certs, trust_domain, &[ALPN_H2])?,
                     allowed,
@@ -109,16 +109,16 @@ impl MeshSide {
         let ports = DeclaredPorts::new(config, mesh_inbound);
         if let Some(tls) = hbone_tls {
             let listener = bind(
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.hbone_port.value)),
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.launcher.hbone_port.value)),
                 "KRUN_HBONE_PORT",
             )
             .await?;
             let illegal = vec![
                 15001,
                 15006,
-                mesh::config::DEFAULT_HBONE_PORT,
-                config.hbone_port.value,
-                config.tunnel_port.value,
+                crate::config::DEFAULT_HBONE_PORT,
+                config.launcher.hbone_port.value,
+                config.launcher.tunnel_port.value,
                 MESH_INBOUND_PORT,
             ];
             let router = HboneRouter {
@@ -126,16 +126,16 @@ impl MeshSide {
                 illegal,
             };
             let server = TunnelServer::new(Arc::new(router), settings).with_tls(tls);
-            tasks.spawn(server.serve(listener, drain.clone(), config.drain_timeout.value));
+            tasks.spawn(server.serve(listener, drain.clone(), config.launcher.drain_timeout.value));
         }
         let router = Arc::new(Router {
             mesh: hop,
-            ranges: Cidr::parse_list(&config.outbound_ip_ranges_include.value),
+            ranges: Cidr::parse_list(&config.launcher.outbound_ip_ranges_include.value),
         });
         if mode == DataPlane::Builtin {
             start_outbound(config, interception, &router, &settings, &drain, &mut tasks).await?;
         }
-        for fwd in &config.forwards.value {
+        for fwd in &config.launcher.forwards.value {
             let listener = bind(fwd.listen, "KRUN_FORWARD").await?;
             tracing::info!(listen = %fwd.listen, target = %fwd.target, "port forward listening");
             tasks.spawn(forward::serve(
@@ -160,7 +160,7 @@ impl MeshSide {
         mut phase: watch::Receiver<Phase>,
         fail: FailHandle,
     ) {
-        let port = config.tunnel_port.value;
+        let port = config.launcher.tunnel_port.value;
         if port == 0 {
             return tracing::info!("tunnel port disabled (KRUN_TUNNEL_PORT=0)");
         }
@@ -168,7 +168,7 @@ impl MeshSide {
             Arc::new(TunnelRouter(self.ports.clone())),
             H2Settings::default(),
         );
-        match (config.public_http.value, config.app_port()) {
+        match (config.launcher.public_http.value, config.app_port()) {
             (true, Some(app)) => {
                 server = server.with_fallback(Fallback {
                     app: SocketAddr::from((Ipv4Addr::LOCALHOST, app)),
@@ -179,7 +179,7 @@ impl MeshSide {
             ),
         }
         let drain = self.drain.clone();
-        let grace = config.drain_timeout.value;
+        let grace = config.launcher.drain_timeout.value;
         self.tasks.spawn(async move {
             if !matches!(
                 phase.wait_for(|p| *p != Phase::Starting).await.map(|p| *p),
@@ -260,7 +260,7 @@ async fn start_outbound(
     drain: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<()> {
-    let addr = config.outbound_addr.value;
+    let addr = config.launcher.outbound_addr.value;
     if addr.port() != 0 {
         let listener = bind(addr, "KRUN_OUTBOUND_ADDR").await?;
         let outbound = outbound::Outbound {
@@ -270,7 +270,7 @@ async fn start_outbound(
         tasks.spawn(outbound::serve(listener, outbound, drain.clone()));
         tracing::info!(%addr, hbone = router.mesh.is_some(), "outbound HTTP proxy (CONNECT and absolute URIs) listening");
     }
-    let addr = config.capture_addr.value;
+    let addr = config.launcher.capture_addr.value;
     if interception == Interception::Iptables && addr.port() != 0 {
         let listener = bind(addr, "KRUN_CAPTURE_ADDR").await?;
         tasks.spawn(redirect::serve(

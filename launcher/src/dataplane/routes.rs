@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use hbone::server::{Refusal, Router, StreamContext, Target, Upstream};
 use http::StatusCode;
 
-use mesh::config::{Config, PortTarget};
+use crate::config::{Config, PortTarget};
 
 /// The mesh inbound port: Envoy's, or the builtin data plane's mTLS terminator.
 pub const MESH_INBOUND_PORT: u16 = 15003;
@@ -25,7 +25,7 @@ impl DeclaredPorts {
     /// (Envoy's port, the builtin terminator, or nowhere with no data plane).
     pub fn new(config: &Config, mesh_inbound: Option<SocketAddr>) -> Self {
         let mut ports = DeclaredPorts::default();
-        for (name, setting) in &config.ports {
+        for (name, setting) in &config.launcher.ports {
             let upstream = match &setting.value {
                 PortTarget::Local(port) => {
                     let upstream = Upstream::Addr(loopback(*port));

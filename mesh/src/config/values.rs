@@ -1,8 +1,9 @@
-//! Parsers for the value forms used by krun's settings: ports, durations, booleans, lists.
+//! Parsers for the value forms used by krun's and hgate's settings: ports, durations, booleans, lists.
 //!
 //! Each parser returns the accepted form on failure so the caller can build one error line
 //! that names the variable, the bad value and what would have been accepted.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The accepted form of a duration, quoted in error messages.
@@ -34,6 +35,11 @@ pub fn boolean(raw: &str) -> Result<bool, &'static str> {
         "0" | "false" | "no" | "off" => Ok(false),
         _ => Err(BOOL_FORM),
     }
+}
+
+/// Takes a path as given.
+pub fn path(raw: &str) -> Result<PathBuf, &'static str> {
+    Ok(PathBuf::from(raw))
 }
 
 /// Splits a comma-separated list, dropping blanks (`"a, b,,"` is `["a", "b"]`).

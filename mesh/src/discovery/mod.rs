@@ -28,7 +28,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, ConfigError, Layer, Setting, Source, names};
+use crate::config::{ConfigError, Layer, Merge, MeshConfig, Setting, Source, names};
 use gke::{Cluster, ClusterSelector, ContainerApi};
 use google_api::{ApiError, GoogleApi};
 use kube_client::KubeClientError;
@@ -146,7 +146,7 @@ pub struct InstanceFacts {
 
 /// Merges what discovery found below the environment: discovered values first, then
 /// mesh-env. Values the environment set, `PORT_*` included, are kept.
-pub fn apply(config: &mut Config, discovery: &Discovery) -> Result<(), ConfigError> {
+pub fn apply(config: &mut impl Merge, discovery: &Discovery) -> Result<(), ConfigError> {
     config.merge(discovery.discovered.clone())?;
     config.merge(Layer::from_map(Source::MeshEnv, &discovery.mesh_env))
 }
@@ -165,7 +165,7 @@ pub async fn phase<T>(name: &str, fut: impl Future<Output = T>) -> T {
 
 /// Discovers the mesh for `config`, within `KRUN_DISCOVERY_TIMEOUT`. Read-only: GETs only,
 /// nothing written, so `--print-config` runs it too.
-pub async fn discover(config: &Config) -> Result<Discovery, DiscoveryError> {
+pub async fn discover(config: &MeshConfig) -> Result<Discovery, DiscoveryError> {
     let budget = config.discovery_timeout.value;
     let mesh = config
         .mesh
@@ -216,14 +216,14 @@ enum KubeSource {
 
 /// One discovery run: the inputs it needs, shared by its steps.
 struct Discoverer<'a> {
-    config: &'a Config,
+    config: &'a MeshConfig,
     mesh: Option<MeshUrl>,
     metadata: Arc<MetadataClient>,
     kube: KubeSource,
 }
 
 impl<'a> Discoverer<'a> {
-    fn new(config: &'a Config, mesh: Option<MeshUrl>) -> Result<Self, DiscoveryError> {
+    fn new(config: &'a MeshConfig, mesh: Option<MeshUrl>) -> Result<Self, DiscoveryError> {
         let kube = match &mesh {
             Some(MeshUrl::TrafficDirector(_)) => KubeSource::None,
             Some(_) => KubeSource::Gke,

@@ -1,0 +1,448 @@
+//! krun's configuration: the mesh side ([`MeshConfig`], declared in the mesh crate because
+//! discovery, identity and logging read it) and the launcher's own settings, declared below
+//! in one table ([`mesh::settings!`]). Each value remembers where it came from.
+//!
+//! [`Config::merge`] adds a [`Layer`] (mesh-env, metadata, discovery) and resolves both tables
+//! again, so every setting, including `PORT_*`, is parsed by the same code whichever layer
+//! it came from; the environment always wins.
+
+mod rules;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh::config::table::{Show, parse, text};
+use mesh::config::{ConfigError, Env, Inputs, Layer, Merge, MeshConfig, Printer, Setting, values};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use rules::{Ports, StartupProbes};
+
+/// Prefix of krun's own variables: one that no table reads is probably a typo.
+pub const KRUN_PREFIX: &str = "KRUN_";
+/// Default app port (`PORT_http`): Cloud Run's default container port.
+pub const DEFAULT_APP_PORT: u16 = 8080;
+/// Default tunnel port: the Cloud Run container port of a meshed service.
+pub const DEFAULT_TUNNEL_PORT: u16 = 15009;
+/// Default Istio HBONE port.
+pub const DEFAULT_HBONE_PORT: u16 = 15008;
+/// Default drain budget: inside Cloud Run's 10 s between SIGTERM and SIGKILL.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
+/// Default app readiness budget: Cloud Run's 240 s startup window.
+pub const DEFAULT_APP_READY_TIMEOUT: Duration = Duration::from_secs(240);
+/// Default mesh agent (pilot-agent or Envoy) readiness budget: generous, because the first
+/// XDS push of a large mesh over a cold connection can take minutes (the reference's fatal
+/// 10 s broke such starts, peers-and-users.md §7.1).
+pub const DEFAULT_AGENT_READY_TIMEOUT: Duration = Duration::from_secs(240);
+/// Default admin listener: loopback only, on a port Istio does not use.
+pub const DEFAULT_ADMIN_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15030));
+/// Default outbound HTTP CONNECT proxy of the builtin data plane (the whitebox proxy port).
+pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15007));
+/// Default outbound capture listener: iptables REDIRECT of locally generated traffic lands
+/// on 127.0.0.1, so loopback is enough and nothing outside the container can reach it.
+pub const DEFAULT_CAPTURE_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001));
+/// Default path of pilot-agent in the golden image.
+pub const DEFAULT_PILOT_AGENT_PATH: &str = "/usr/local/bin/pilot-agent";
+/// Default path of Envoy in the golden image.
+pub const DEFAULT_ENVOY_PATH: &str = "/usr/local/bin/envoy";
+/// Default outbound capture range (the reference's).
+pub const DEFAULT_OUTBOUND_IP_RANGES: &str = "10.0.0.0/8";
+
+mesh::settings! {
+    /// The settings only the launcher reads: ports, processes, data plane, capture, agent.
+    #[derive(Clone, Debug)]
+    pub struct LauncherConfig {
+        /// CIDRs captured outbound.
+        outbound_ip_ranges_include: Setting<String> = OUTBOUND_IP_RANGES_INCLUDE =>
+            text().or_default(DEFAULT_OUTBOUND_IP_RANGES.to_owned()),
+        /// Ports never captured outbound.
+        outbound_ports_exclude: Setting<Vec<u16>> = OUTBOUND_PORTS_EXCLUDE =>
+            parse(port_list).or_default(Vec::new()),
+        /// `NONE` forces whitebox mode.
+        interception_mode: Option<Setting<String>> = ISTIO_META_INTERCEPTION_MODE => text(),
+        /// `PORT_<name>` declarations; `http` is the app port.
+        ports: BTreeMap<String, Setting<PortTarget>> = PORT_PREFIX("PORT_") => Ports,
+        /// uid the app runs as (when krun is root).
+        k8s_uid: Option<Setting<u32>> = K8S_UID =>
+            parse(|v| v.parse().map_err(|_| "a numeric uid")),
+        /// gid the app runs as (when krun is root).
+        k8s_gid: Option<Setting<u32>> = K8S_GID =>
+            parse(|v| v.parse().map_err(|_| "a numeric gid")),
+        /// gRPC xDS bootstrap path.
+        grpc_xds_bootstrap: Option<Setting<String>> = GRPC_XDS_BOOTSTRAP => text(),
+        /// pilot-agent `--log_output_level`.
+        xds_agent_debug: Option<Setting<String>> = XDS_AGENT_DEBUG => text(),
+        /// Envoy `--proxyLogLevel`.
+        envoy_log_level: Option<Setting<String>> = ENVOY_LOG_LEVEL => text(),
+        /// Run the agent as a gateway (`router`).
+        gateway_name: Option<Setting<String>> = GATEWAY_NAME => text(),
+        /// Explicit app startup probe (replaces the port wait), with the variable it came
+        /// from: `KRUN_STARTUP_PROBE`, `startupProbe.http` or `startupProbe.tcp`.
+        startup_probe: Option<(&'static str, Setting<StartupProbe>)> = KRUN_STARTUP_PROBE =>
+            StartupProbes,
+        /// h2c tunnel port.
+        tunnel_port: Setting<u16> = KRUN_TUNNEL_PORT =>
+            parse(values::port).or_default(DEFAULT_TUNNEL_PORT),
+        /// HBONE mTLS port; 0 disables.
+        hbone_port: Setting<u16> = KRUN_HBONE_PORT =>
+            parse(values::port).or_default(DEFAULT_HBONE_PORT),
+        /// Data plane choice.
+        dataplane: Setting<DataPlane> = KRUN_DATAPLANE =>
+            parse(DataPlane::parse).or_default(DataPlane::Auto),
+        /// Drain budget after SIGTERM.
+        drain_timeout: Setting<Duration> = KRUN_DRAIN_TIMEOUT =>
+            parse(values::duration).or_default(DEFAULT_DRAIN_TIMEOUT),
+        /// Admin listener.
+        admin_addr: Setting<SocketAddr> = KRUN_ADMIN_ADDR =>
+            parse(|v| v.parse().map_err(|_| "an address such as 127.0.0.1:15030"))
+                .or_default(DEFAULT_ADMIN_ADDR),
+        /// SPIFFE IDs allowed to reach the app; empty means the workload's own trust domain.
+        allowed_principals: Setting<Vec<String>> = KRUN_ALLOWED_PRINCIPALS =>
+            parse(principals).or_default(Vec::new()),
+        /// Extra processes file.
+        processes: Option<Setting<PathBuf>> = KRUN_PROCESSES => parse(values::path),
+        /// App readiness budget.
+        app_ready_timeout: Setting<Duration> = KRUN_APP_READY_TIMEOUT =>
+            parse(values::duration).or_default(DEFAULT_APP_READY_TIMEOUT),
+        /// pilot-agent / Envoy readiness budget.
+        agent_ready_timeout: Setting<Duration> = KRUN_AGENT_READY_TIMEOUT =>
+            parse(values::duration).or_default(DEFAULT_AGENT_READY_TIMEOUT),
+        /// pilot-agent binary.
+        pilot_agent_path: Setting<PathBuf> = KRUN_PILOT_AGENT_PATH =>
+            parse(values::path).or_default(PathBuf::from(DEFAULT_PILOT_AGENT_PATH)),
+        /// Envoy binary.
+        envoy_path: Setting<PathBuf> = KRUN_ENVOY_PATH =>
+            parse(values::path).or_default(PathBuf::from(DEFAULT_ENVOY_PATH)),
+        /// Localhost port forwards.
+        forwards: Setting<Vec<Forward>> = KRUN_FORWARD =>
+            parse(Forward::parse_list).or_default(Vec::new()),
+        /// Whether non-tunnel requests on the tunnel port reach the app as plain HTTP.
+        public_http: Setting<bool> = KRUN_PUBLIC_HTTP =>
+            parse(values::boolean).or_default(true),
+        /// Outbound HTTP CONNECT proxy of the builtin data plane; port 0 disables it.
+        outbound_addr: Setting<SocketAddr> = KRUN_OUTBOUND_ADDR =>
+            parse(|v| v.parse().map_err(|_| "an address such as 127.0.0.1:15007"))
+                .or_default(DEFAULT_OUTBOUND_ADDR),
+        /// HBONE port of mesh peers reached through the outbound proxy.
+        hbone_peer_port: Setting<u16> = KRUN_HBONE_PEER_PORT =>
+            parse(values::port).or_default(DEFAULT_HBONE_PORT),
+        /// Where the builtin data plane accepts captured outbound connections; its port is the
+        /// iptables REDIRECT target.
+        capture_addr: Setting<SocketAddr> = KRUN_CAPTURE_ADDR =>
+            parse(|v| v.parse().map_err(|_| "an address such as 127.0.0.1:15001"))
+                .or_default(DEFAULT_CAPTURE_ADDR),
+        /// Whether DNS (udp and tcp 53) is redirected to 15053 when capturing.
+        capture_dns: Setting<bool> = KRUN_CAPTURE_DNS => parse(values::boolean).or_default(false),
+        /// Whether krun removes its iptables rules on exit.
+        capture_cleanup: Setting<bool> = KRUN_CAPTURE_CLEANUP =>
+            parse(values::boolean).or_default(false),
+        /// Inbound ports redirected to 15006 (none by default).
+        capture_inbound_ports: Setting<Vec<u16>> = KRUN_CAPTURE_INBOUND_PORTS =>
+            parse(port_list).or_default(Vec::new()),
+    }
+    /// Env var names of [`LauncherConfig`]. Constants so a typo is a compile error.
+    pub mod names;
+}
+
+/// Everything krun is configured with: both tables, resolved from the same inputs.
+///
+/// It derefs to [`MeshConfig`] so launcher code reads `config.trust_domain` as it reads
+/// `config.launcher.tunnel_port`, and passes `&config` where mesh wants a `&MeshConfig`
+/// (discovery), without knowing which table declares a setting.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The mesh side: what discovery, identity and logging read.
+    pub shared: MeshConfig,
+    /// The launcher's own settings.
+    pub launcher: LauncherConfig,
+    /// Unknown `KRUN_*` variables: probably typos, logged as warnings once logging is up.
+    pub unknown_vars: Vec<String>,
+    /// The environment and layers this was resolved from, for [`Config::merge`].
+    inputs: Inputs,
+}
+
+impl Deref for Config {
+    type Target = MeshConfig;
+
+    fn deref(&self) -> &MeshConfig {
+        &self.shared
+    }
+}
+
+impl Config {
+    /// Parses the environment layer. Pure: no I/O beyond asking whether we run as root.
+    pub fn from_env(env: &Env) -> Result<Config, ConfigError> {
+        Self::resolve(Inputs::new(env))
+    }
+
+    /// Adds a layer below the environment and the layers merged before it, and resolves
+    /// again: the layer fills in only what is still unset (env `PORT_*` entries survive a
+    /// mesh-env that declares ports too), and its values keep their own sources.
+    pub fn merge(&mut self, layer: Layer) -> Result<(), ConfigError> {
+        let mut inputs = self.inputs.clone();
+        inputs.push(layer);
+        *self = Self::resolve(inputs)?;
+        Ok(())
+    }
+
+    /// The value of any variable as krun sees it: the environment, then the merged layers
+    /// (mesh-env keys such as `CAROOT_ISTIOD` that have no typed setting).
+    pub fn lookup(&self, name: &str) -> Option<Setting<String>> {
+        self.inputs.string(name)
+    }
+
+    /// Every variable krun reads, as documented (`PORT_<name>` for the port family).
+    pub fn names() -> Vec<&'static str> {
+        let mut names = MeshConfig::names();
+        names.extend(LauncherConfig::names());
+        names
+    }
+
+    fn resolve(inputs: Inputs) -> Result<Config, ConfigError> {
+        Ok(Config {
+            shared: MeshConfig::resolve(&inputs)?,
+            launcher: LauncherConfig::resolve(&inputs)?,
+            unknown_vars: inputs.env().unknown(KRUN_PREFIX, &Self::names()),
+            inputs,
+        })
+    }
+
+    /// The app port: where the app serves HTTP, and the `PORT` it is given.
+    pub fn app_port(&self) -> Option<u16> {
+        match self.launcher.ports.get("http").map(|s| &s.value) {
+            Some(PortTarget::Local(port)) => Some(*port),
+            _ => None,
+        }
+    }
+
+    /// Loopback ports the app must accept on before it counts as ready: `PORT_http` and every
+    /// numeric `PORT_<name>` (reference issue #2: one port is not enough).
+    pub fn app_ready_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .launcher
+            .ports
+            .values()
+            .filter_map(|s| match s.value {
+                PortTarget::Local(port) => Some(port),
+                _ => None,
+            })
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// The settings as `--print-config` shows them: keyed by env var name, secrets redacted.
+    pub fn printable(&self) -> BTreeMap<String, Value> {
+        let mut out = Printer::default();
+        self.shared.print(&mut out);
+        self.launcher.print(&mut out);
+        out.finish()
+    }
+}
+
+impl Merge for Config {
+    fn merge(&mut self, layer: Layer) -> Result<(), ConfigError> {
+        Config::merge(self, layer)
+    }
+}
+
+/// Which data plane serves the mesh side of the workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPlane {
+    /// Envoy when pilot-agent is installed and an XDS address is known, builtin otherwise.
+    Auto,
+    /// pilot-agent and Envoy.
+    Envoy,
+    /// krun's own L4 data plane.
+    Builtin,
+    /// App and tunnel only.
+    None,
+}
+
+impl DataPlane {
+    fn parse(raw: &str) -> Result<DataPlane, &'static str> {
+        match raw.trim() {
+            "auto" => Ok(DataPlane::Auto),
+            "envoy" => Ok(DataPlane::Envoy),
+            "builtin" => Ok(DataPlane::Builtin),
+            "none" => Ok(DataPlane::None),
+            _ => Err("one of auto, envoy, builtin, none"),
+        }
+    }
+}
+
+impl Show for DataPlane {
+    fn show(&self) -> Value {
+        json!(self)
+    }
+}
+
+/// Where a `PORT_<name>` points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortTarget {
+    /// A port of the app on loopback (`PORT_http=8080` means `127.0.0.1:8080`).
+    Local(u16),
+    /// Any `host:port` (a helper process, another container).
+    Remote(String),
+    /// `-`: declared but neither waited for nor tunnelled.
+    Disabled,
+}
+
+impl PortTarget {
+    fn parse(raw: &str) -> Result<Self, &'static str> {
+        const FORM: &str = "a port number, host:port, or - to disable";
+        let raw = raw.trim();
+        if raw == "-" {
+            return Ok(PortTarget::Disabled);
+        }
+        if let Ok(port) = raw.parse::<u16>() {
+            return Ok(PortTarget::Local(port));
+        }
+        if is_host_port(raw) {
+            Ok(PortTarget::Remote(raw.to_owned()))
+        } else {
+            Err(FORM)
+        }
+    }
+}
+
+impl Show for PortTarget {
+    fn show(&self) -> Value {
+        match self {
+            PortTarget::Local(port) => json!(port),
+            PortTarget::Remote(addr) => json!(addr),
+            PortTarget::Disabled => json!("-"),
+        }
+    }
+}
+
+/// How krun decides the app is ready, when the app's ports are not the right signal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartupProbe {
+    /// HTTP GET; 200-399 is ready (Cloud Run's rule).
+    Http(String),
+    /// TCP connect to `host:port`.
+    Tcp(String),
+}
+
+impl StartupProbe {
+    const FORM: &str = "http://HOST:PORT/PATH or tcp://HOST:PORT";
+
+    fn parse_url(raw: &str) -> Result<Self, &'static str> {
+        let raw = raw.trim();
+        if raw.starts_with("http://") {
+            Ok(StartupProbe::Http(raw.to_owned()))
+        } else if let Some(addr) = raw.strip_prefix("tcp://") {
+            Self::parse_tcp(addr)
+        } else {
+            Err(Self::FORM)
+        }
+    }
+
+    fn parse_http(raw: &str) -> Result<Self, &'static str> {
+        match Self::parse_url(raw) {
+            Ok(probe @ StartupProbe::Http(_)) => Ok(probe),
+            _ => Err("an http:// URL"),
+        }
+    }
+
+    fn parse_tcp(addr: &str) -> Result<Self, &'static str> {
+        if is_host_port(addr) {
+            Ok(StartupProbe::Tcp(addr.to_owned()))
+        } else {
+            Err("host:port")
+        }
+    }
+}
+
+impl Show for StartupProbe {
+    fn show(&self) -> Value {
+        match self {
+            StartupProbe::Http(url) => json!(url),
+            StartupProbe::Tcp(addr) => json!(format!("tcp://{addr}")),
+        }
+    }
+}
+
+/// A localhost port forward for clients that cannot use `HTTP_PROXY` (whitebox mode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    /// Where krun listens, e.g. `127.0.0.1:5432`.
+    pub listen: SocketAddr,
+    /// The mesh destination, e.g. `db.prod.svc.cluster.local:5432`.
+    pub target: String,
+}
+
+impl Forward {
+    const FORM: &str = "a comma-separated list of LISTEN=HOST:PORT, e.g. 127.0.0.1:5432=db.prod.svc.cluster.local:5432";
+
+    fn parse_list(raw: &str) -> Result<Vec<Forward>, &'static str> {
+        values::list(raw)
+            .iter()
+            .map(|item| {
+                let (listen, target) = item.split_once('=').ok_or(Self::FORM)?;
+                let listen = listen
+                    .trim()
+                    .parse::<SocketAddr>()
+                    .map_err(|_| Self::FORM)?;
+                let target = target.trim();
+                if is_host_port(target) {
+                    Ok(Forward {
+                        listen,
+                        target: target.to_owned(),
+                    })
+                } else {
+                    Err(Self::FORM)
+                }
+            })
+            .collect()
+    }
+}
+
+impl Show for Forward {
+    fn show(&self) -> Value {
+        json!(format!("{}={}", self.listen, self.target))
+    }
+}
+
+/// `host:port` with a non-empty host and a numeric port.
+fn is_host_port(raw: &str) -> bool {
+    matches!(raw.rsplit_once(':'), Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// A comma-separated port list (`OUTBOUND_PORTS_EXCLUDE`, `KRUN_CAPTURE_INBOUND_PORTS`).
+fn port_list(v: &str) -> Result<Vec<u16>, &'static str> {
+    values::list(v)
+        .iter()
+        .map(|p| values::port(p))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "a comma-separated list of port numbers")
+}
+
+fn principals(raw: &str) -> Result<Vec<String>, &'static str> {
+    const FORM: &str = "comma-separated SPIFFE IDs such as spiffe://TD/ns/NS/sa/SA or patterns spiffe://TD/ns/NS/*";
+    let principals = values::list(raw);
+    let valid = |p: &String| {
+        p.strip_prefix("spiffe://").is_some_and(|rest| {
+            let wildcard_ok =
+                !rest.contains('*') || (rest.ends_with("/*") && rest.matches('*').count() == 1);
+            rest.contains('/') && wildcard_ok
+        })
+    };
+    if principals.iter().all(valid) {
+        Ok(principals)
+    } else {
+        Err(FORM)
+    }
+}
+
+#[cfg(test)]
+mod tests;
