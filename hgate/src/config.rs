@@ -10,7 +10,7 @@ use mesh::config::table::{Rule, Show, parse, text};
 use mesh::config::{ConfigError, Env, Inputs, LogFormat, Printer, Setting, values};
 use serde_json::{Value, json};
 
-/// The Cloud Run URL form of the reference: service name as host, the mTLS terminator port.
+/// The Cloud Run URL form cloud-run-mesh used: service name as host, the mTLS terminator port.
 pub const DEFAULT_ROUTE_TEMPLATE: &str = "https://{service}.a.run.app/_hbone/15003";
 
 /// Where ID tokens for the tunnels come from.
@@ -89,7 +89,7 @@ mesh::settings! {
         /// Published into mesh-env when set.
         mesh_tenant: Option<Setting<String>> = MESH_TENANT => text(),
     }
-    /// Env var names (design.md §hgate plus hgate's own knobs).
+    /// Env var names: those hgate shares with krun, and hgate's own `HGATE_*` knobs.
     pub mod names;
 }
 

@@ -1,6 +1,6 @@
 //! istiod forwarding: plain TCP passthrough from hgate's 15012 to the in-cluster istiod, so
 //! Cloud Run workloads reach the control plane through the gateway's address without Envoy
-//! (the reference ran a whole Envoy for this one forward).
+//! (cloud-run-mesh's gateway ran a whole Envoy for this one forward).
 
 use std::sync::Arc;
 use std::time::Duration;

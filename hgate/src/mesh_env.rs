@@ -1,7 +1,8 @@
-//! The mesh-env publisher: keeps `istio-system/mesh-env` (reference §2.3) current with the
+//! The mesh-env publisher: keeps `istio-system/mesh-env` (the ConfigMap krun reads to find the
+//! mesh, as in cloud-run-mesh (<https://github.com/GoogleCloudPlatform/cloud-run-mesh>)) current with the
 //! gateway's load balancer addresses, istiod's root and the project number and tenant.
 //!
-//! Unlike the reference (set-if-empty, never updated), values hgate wrote are updated when
+//! Unlike cloud-run-mesh (set-if-empty, never updated), values hgate wrote are updated when
 //! they change (a rotated root, a new LB address). Keys an operator set are never touched:
 //! hgate records the keys it owns in the [`OWNED_KEYS_ANNOTATION`] annotation.
 

@@ -1,7 +1,7 @@
 //! Where a mesh connection goes: the destination named by its SNI, then a tunnel URL from, in
 //! order, the static routes file, the `krun.dev/tunnel-url` Service annotations, and the
-//! URL template. The SNI's port and namespace are part of the decision (the reference kept
-//! only the service name).
+//! URL template. The SNI's port and namespace are part of the decision (cloud-run-mesh's
+//! gateway kept only the service name, so two namespaces with one service name collided).
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -34,8 +34,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 /// Default app readiness budget: Cloud Run's 240 s startup window.
 pub const DEFAULT_APP_READY_TIMEOUT: Duration = Duration::from_secs(240);
 /// Default mesh agent (pilot-agent or Envoy) readiness budget: generous, because the first
-/// XDS push of a large mesh over a cold connection can take minutes (the reference's fatal
-/// 10 s broke such starts, peers-and-users.md §7.1).
+/// XDS push of a large mesh over a cold connection can take minutes (cloud-run-mesh gave up
+/// after a fixed 10 s, which broke such starts).
 pub const DEFAULT_AGENT_READY_TIMEOUT: Duration = Duration::from_secs(240);
 /// Default admin listener: loopback only, on a port Istio does not use.
 pub const DEFAULT_ADMIN_ADDR: SocketAddr =
@@ -51,7 +51,7 @@ pub const DEFAULT_CAPTURE_ADDR: SocketAddr =
 pub const DEFAULT_PILOT_AGENT_PATH: &str = "/usr/local/bin/pilot-agent";
 /// Default path of Envoy in the golden image.
 pub const DEFAULT_ENVOY_PATH: &str = "/usr/local/bin/envoy";
-/// Default outbound capture range (the reference's).
+/// Default outbound capture range (cloud-run-mesh's, so its deployments capture the same).
 pub const DEFAULT_OUTBOUND_IP_RANGES: &str = "10.0.0.0/8";
 
 mesh::settings! {
@@ -222,7 +222,7 @@ impl Config {
     }
 
     /// Loopback ports the app must accept on before it counts as ready: `PORT_http` and every
-    /// numeric `PORT_<name>` (reference issue #2: one port is not enough).
+    /// numeric `PORT_<name>`: an app that serves several ports is ready only when all accept.
     pub fn app_ready_ports(&self) -> Vec<u16> {
         let mut ports: Vec<u16> = self
             .launcher

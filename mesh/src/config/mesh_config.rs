@@ -121,7 +121,7 @@ impl MeshConfig {
     }
 }
 
-/// The reference's last guess before `default`: project `acme-fortio-prod` serves namespace
+/// cloud-run-mesh's last guess before `default`, kept so its deployments resolve the same: project `acme-fortio-prod` serves namespace
 /// `fortio` (the second-to-last of three or more dash-separated parts).
 fn namespace_from_project(inputs: &Inputs) -> Option<String> {
     let project = inputs.string(names::PROJECT_ID)?.value;
@@ -129,7 +129,8 @@ fn namespace_from_project(inputs: &Inputs) -> Option<String> {
     (parts.len() > 2).then(|| parts[parts.len() - 2].to_owned())
 }
 
-/// Fixes reference bug §13.1.1: `K_SERVICE=v2--reviews` is service `reviews`, version `v2`.
+/// `K_SERVICE=v2--reviews` is service `reviews`, version `v2`: cloud-run-mesh took the whole
+/// `v2--reviews` as the name, so such revisions joined the mesh under the wrong service.
 fn workload_name_from_k_service(inputs: &Inputs) -> Option<String> {
     let service = inputs.string(names::K_SERVICE)?.value;
     let name = service

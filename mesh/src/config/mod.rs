@@ -107,7 +107,8 @@ pub enum LogFormat {
     Text,
 }
 
-/// The environment krun reads. Empty values count as unset, as in the reference.
+/// The environment krun reads. Empty values count as unset, as in cloud-run-mesh, so
+/// `FOO=` in a deployment means "not set" rather than "set to nothing".
 #[derive(Clone, Debug, Default)]
 pub struct Env(HashMap<String, String>);
 
