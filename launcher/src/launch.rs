@@ -9,14 +9,14 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentInputs, Interception};
-use mesh::config::{Config, DataPlane, Env, Source, StartupProbe};
 use crate::dataplane::MeshSide;
-use mesh::discovery;
-use mesh::identity::{self, Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 use crate::probe::{Check, Probe};
 use crate::processes::ProcessPlan;
 use crate::startup::PhaseClock;
 use crate::supervisor::{AppSpec, Phase, RunAs, Supervisor, Timeouts};
+use mesh::config::{Config, DataPlane, Env, Source, StartupProbe};
+use mesh::discovery;
+use mesh::identity::{self, Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 
 /// Runs the workload to completion and returns krun's exit code.
 pub async fn run(

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use mesh::config::{Config, Env};
 use krun::processes::ProcessPlan;
+use mesh::config::{Config, Env};
 
 /// Mesh launcher and PID-1 supervisor: runs APP inside an Istio mesh.
 #[derive(Parser)]

@@ -26,9 +26,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use mesh::config::values;
 use crate::probe::{Check, Probe};
 use crate::supervisor::RunAs;
+use mesh::config::values;
 
 /// Name under which the app appears in messages; no process may take it.
 pub const APP_NAME: &str = "app";

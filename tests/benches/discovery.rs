@@ -11,10 +11,10 @@
 
 use std::time::{Duration, Instant};
 
-use mesh::config::{Config, Env};
-use mesh::discovery::metadata::MetadataClient;
 use krun_tests::fakes::gke::FakeCluster;
 use krun_tests::fakes::{TestWorld, server};
+use mesh::config::{Config, Env};
+use mesh::discovery::metadata::MetadataClient;
 
 const LATENCY: Duration = Duration::from_millis(20);
 const RUNS: usize = 11;

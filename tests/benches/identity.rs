@@ -6,14 +6,14 @@
 
 use std::time::{Duration, Instant};
 
-use mesh::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
-use mesh::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
-use mesh::identity::local_ca::LocalCa;
-use mesh::identity::{Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 use krun_tests::TempDir;
 use krun_tests::fakes::ca::FakeCa;
 use krun_tests::fakes::k8s::FakeK8s;
 use krun_tests::fakes::pki::TestCa;
+use mesh::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
+use mesh::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
+use mesh::identity::local_ca::LocalCa;
+use mesh::identity::{Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 
 const RUNS: usize = 20;
 const TRUST_DOMAIN: &str = "proj.svc.id.goog";

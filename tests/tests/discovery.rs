@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use mesh::discovery::metadata::{MetadataClient, NotGcp, Platform, ProbeOptions};
-use mesh::discovery::retry::Backoff;
 use krun_tests::fakes::gke::FakeCluster;
 use krun_tests::fakes::server::{FakeServer, Reply};
 use krun_tests::fakes::{TestWorld, TestWorldBuilder, server};
 use krun_tests::{Finished, Krun, TempDir, free_port};
+use mesh::discovery::metadata::{MetadataClient, NotGcp, Platform, ProbeOptions};
+use mesh::discovery::retry::Backoff;
 use serde_json::{Value, json};
 
 /// The config project of most scenarios; the workload runs in `wl-project`.

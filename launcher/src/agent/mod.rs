@@ -21,9 +21,9 @@ pub mod xds;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use mesh::config::{Config, DataPlane, Env};
 use crate::processes::ProcessPlan;
 use layout::Layout;
+use mesh::config::{Config, DataPlane, Env};
 use mode::Plan;
 pub use workload::Workload;
 

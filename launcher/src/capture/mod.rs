@@ -13,10 +13,10 @@ pub mod rules;
 pub mod whitebox;
 
 use crate::agent::{ENVOY_OUTBOUND_PORT, Interception};
-use mesh::config::Config;
 use crate::supervisor::Reaper;
 use apply::{Backend, Tools};
 use ladder::{HostFacts, Rung};
+use mesh::config::Config;
 use rules::{Family, Rules};
 
 /// What [`decide`] chose, and what to undo on exit.

@@ -30,9 +30,9 @@ pub use certs::{CertError, WORKLOAD_CERT_DIR, follow_identity, workload_certs};
 pub use routes::{DeclaredPorts, HboneRouter, MESH_INBOUND_PORT, TunnelRouter};
 
 use crate::agent::Interception;
-use mesh::config::{Config, DataPlane};
 use crate::supervisor::{FailHandle, Phase};
 use hbone::client::HboneClient;
+use mesh::config::{Config, DataPlane};
 use route::{Cidr, MeshHop, Router};
 
 /// The running mesh listeners.
