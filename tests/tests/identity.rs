@@ -6,6 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use krun_tests::fakes::ca::FakeCa;
+use krun_tests::fakes::google::FakeGoogle;
+use krun_tests::fakes::k8s::FakeK8s;
+use krun_tests::fakes::pki::{TestCa, jwt};
+use krun_tests::{HANG_GUARD, Krun, TempDir};
 use mesh::identity::google_tokens::GoogleTokens;
 use mesh::identity::http::HttpClient;
 use mesh::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
@@ -18,11 +23,6 @@ use mesh::identity::{
     CertResolver, Identity, IdentityError, IdentityInputs, RotationPolicy, Signer, SpiffeId,
     WorkloadCert,
 };
-use krun_tests::fakes::ca::FakeCa;
-use krun_tests::fakes::google::FakeGoogle;
-use krun_tests::fakes::k8s::FakeK8s;
-use krun_tests::fakes::pki::{TestCa, jwt};
-use krun_tests::{HANG_GUARD, Krun, TempDir};
 use rustls::client::ResolvesClientCert;
 use tokio::sync::watch;
 
@@ -103,8 +103,7 @@ impl World {
 }
 
 fn leaf_uri(cert: &WorkloadCert) -> String {
-    use krun_tests::fakes::pki::leaf_uris;
-    leaf_uris(cert.chain[0].as_ref()).join(",")
+    hbone::identity::uri_sans(cert.chain[0].as_ref()).join(",")
 }
 
 /// Mode and group a secret must have: 0640 group 1337 as root, 0600 otherwise.
@@ -681,8 +680,8 @@ async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
 
 #[tokio::test]
 async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
-    use mesh::identity::metadata_token::MetadataIdTokens;
     use krun_tests::fakes::http::{HttpServer, json};
+    use mesh::identity::metadata_token::MetadataIdTokens;
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = calls.clone();
     // Strict like the metadata server: the flavor header, an audience, format=full.
@@ -770,9 +769,7 @@ fn local_ca_mode_works_with_networking_unavailable() {
     let first = rustls_pki_types::pem::PemObject::pem_slice_iter(&chain)
         .next()
         .and_then(Result::ok)
-        .map(|c: rustls_pki_types::CertificateDer<'static>| {
-            krun_tests::fakes::pki::leaf_uris(c.as_ref())
-        })
+        .map(|c: rustls_pki_types::CertificateDer<'static>| hbone::identity::uri_sans(c.as_ref()))
         .expect("a certificate");
     assert_eq!(first, vec![me().to_string()]);
 }
@@ -866,7 +863,7 @@ fn the_krun_binary_mints_its_certificate_from_the_cluster_and_serves_hbone_with_
         .expect("a leaf")
         .expect("PEM");
     assert_eq!(
-        krun_tests::fakes::pki::leaf_uris(leaf.as_ref()),
+        hbone::identity::uri_sans(leaf.as_ref()),
         ["spiffe://proj.svc.id.goog/ns/prod/sa/reviews"]
     );
     let bundle = std::fs::read_to_string(out.join("root-cert.pem")).expect("root");
