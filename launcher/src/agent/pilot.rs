@@ -15,11 +15,11 @@ use super::{
     AGENT_READY_URL, AgentInputs, DataPlaneError, Interception, PROXY_GID, Workload,
     config_dump_evidence, envoy_graceful_stop, is_executable,
 };
-use mesh::config::{Config, Env, names};
-use mesh::files::write_atomic;
 use crate::probe::{Check, Probe};
 use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy};
 use crate::supervisor::RunAs;
+use mesh::config::{Config, Env, names};
+use mesh::files::{Access, write_atomic};
 
 /// Process name in logs and messages.
 pub const AGENT_PROCESS: &str = "pilot-agent";
@@ -102,8 +102,9 @@ pub fn prepare(setup: &AgentSetup) -> std::io::Result<()> {
     write_atomic(
         &setup.layout.pod_labels(),
         labels(&setup.workload).as_bytes(),
-        0o644,
+        Access::Public,
     )
+    .map_err(Into::into)
 }
 
 /// pilot-agent as a required process the app depends on: uid 0 / gid 1337 when root (the

@@ -12,11 +12,11 @@ use super::{
     AgentInputs, DataPlaneError, ENVOY_ADMIN_PORT, ENVOY_OUTBOUND_PORT, PROXY_GID, PROXY_UID,
     Workload, config_dump_evidence, envoy_graceful_stop,
 };
-use mesh::config::Config;
-use mesh::files::write_atomic;
 use crate::probe::{Check, Probe};
 use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy};
 use crate::supervisor::RunAs;
+use mesh::config::Config;
+use mesh::files::{Access, write_atomic};
 
 /// The bootstrap template, with `{{NAME}}` placeholders.
 pub const TEMPLATE: &str = include_str!("td_bootstrap.yaml");
@@ -242,8 +242,8 @@ pub fn start(
     layout
         .prepare(root)
         .map_err(DataPlaneError::write(config))?;
-    write_atomic(&path, bootstrap.render()?.as_bytes(), 0o644)
-        .map_err(DataPlaneError::write(config))?;
+    write_atomic(&path, bootstrap.render()?.as_bytes(), Access::Public)
+        .map_err(|e| DataPlaneError::write(config)(e.into()))?;
     tracing::info!(
         node_id = %bootstrap.node_id, zone = %bootstrap.zone,
         bootstrap = %path.display(), "Traffic Director bootstrap written"

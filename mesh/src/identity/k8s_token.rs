@@ -11,9 +11,9 @@ use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 
 use super::backoff::Backoff;
-use super::files::{Access, WriteError, write_atomic};
 use super::jwt::Claims;
 use super::token::Token;
+use crate::files::{Access, WriteError, write_atomic};
 
 /// Requested lifetime: one hour, the API server default, but explicit so the refresh
 /// schedule does not depend on the cluster's defaults.
@@ -64,7 +64,7 @@ pub enum K8sTokenError {
         source: super::jwt::NotAJwt,
     },
     /// The token file could not be written.
-    #[error(transparent)]
+    #[error("{0}; check that MESH_BASE_DIR points to a writable directory")]
     Write(#[from] WriteError),
 }
 

@@ -10,7 +10,6 @@ pub mod ca_grpc;
 pub mod cas;
 pub mod cert_store;
 pub mod csr;
-pub mod files;
 pub mod google_tokens;
 pub mod http;
 pub mod istio_ca;
@@ -38,7 +37,7 @@ pub use cert_store::{CertResolver, CertStore, RotationHealth, WorkloadCert};
 pub use hbone::SpiffeId;
 pub use signer::{SignError, Signer};
 
-use files::{Access, WriteError, write_atomic};
+use crate::files::{Access, WriteError, write_atomic};
 use local_ca::to_pem;
 
 /// Istio's default certificate lifetime (`SECRET_TTL`).
@@ -105,7 +104,7 @@ pub enum IdentityError {
     #[error(transparent)]
     Verify(#[from] verify::VerifyError),
     /// Writing the files.
-    #[error(transparent)]
+    #[error("{0}; check that MESH_BASE_DIR points to a writable directory")]
     Write(#[from] WriteError),
     /// rustls cannot use the key with the chain.
     #[error("the new workload key cannot be used for TLS: {0}")]
