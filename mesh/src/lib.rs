@@ -6,10 +6,12 @@
 //! - [`discovery`]: the metadata server, GKE, Resource Manager and the `mesh-env` ConfigMap,
 //!   and the Kubernetes client;
 //! - [`identity`]: token sources, certificate authorities and the workload certificate;
-//! - [`files`]: atomic writes with deliberate modes.
+//! - [`files`]: atomic writes with deliberate modes;
+//! - [`backoff`]: the jittered retry pacing of every call and refresh.
 //!
 //! It knows nothing of processes, iptables or the data plane: those are krun's.
 
+pub mod backoff;
 pub mod config;
 pub mod discovery;
 pub mod files;

@@ -14,8 +14,8 @@ use kube::client::ConfigExt;
 use serde::de::DeserializeOwned;
 
 use super::metadata::MetadataError;
-use super::retry::Backoff;
 use super::tokens::AccessTokens;
+use crate::backoff::Backoff;
 
 /// Per-attempt budget of a Google API call.
 pub const API_TIMEOUT: Duration = Duration::from_secs(10);

@@ -17,7 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
-use super::retry::Backoff;
+use crate::backoff::Backoff;
 
 /// The header a metadata server requires and answers with.
 pub const FLAVOR_HEADER: &str = "metadata-flavor";

@@ -21,13 +21,13 @@ pub mod mesh_env;
 pub mod mesh_url;
 pub mod metadata;
 pub mod resource_manager;
-pub mod retry;
 pub mod tokens;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::config::{Config, ConfigError, Layer, Setting, Source, names};
 use gke::{Cluster, ClusterSelector, ContainerApi};
 use google_api::{ApiError, GoogleApi};
@@ -35,7 +35,6 @@ use kube_client::KubeClientError;
 use mesh_env::{MeshEnv, MeshEnvError};
 use mesh_url::{GkeTarget, MeshUrl, MeshUrlError};
 use metadata::{MetadataClient, MetadataError, NotGcp, Platform, ProbeOptions, paths};
-use retry::Backoff;
 
 /// Discovery failed; each message names the input at fault and what to do.
 #[derive(Debug, thiserror::Error)]

@@ -10,9 +10,9 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 
-use super::backoff::Backoff;
 use super::jwt::Claims;
 use super::token::Token;
+use crate::backoff::Backoff;
 use crate::files::{Access, WriteError, write_atomic};
 
 /// Requested lifetime: one hour, the API server default, but explicit so the refresh
@@ -176,7 +176,8 @@ async fn refresh(
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         tokio::time::sleep(wait).await;
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut backoff =
+            Backoff::until_success(Duration::from_millis(500), Duration::from_secs(30)).delays();
         loop {
             let attempt = SystemTime::now();
             let result = match source.request().await {

@@ -5,7 +5,6 @@
 //! certificate when the CA is down. The signer is chosen by the caller: a local CA for
 //! `CA_ADDR=file:///dir`, or Istio's CA with a token source (`k8s_token`).
 
-mod backoff;
 pub mod ca_grpc;
 pub mod cas;
 pub mod cert_store;
@@ -32,7 +31,8 @@ use std::time::{Duration, SystemTime};
 use rcgen::PublicKeyData;
 use rustls_pki_types::CertificateDer;
 
-pub use backoff::Backoff;
+use crate::backoff::Backoff;
+
 pub use cert_store::{CertResolver, CertStore, RotationHealth, WorkloadCert};
 pub use hbone::SpiffeId;
 pub use signer::{SignError, Signer};
@@ -248,7 +248,7 @@ async fn rotate(minter: Minter, store: Arc<CertStore>, policy: RotationPolicy) {
             .duration_since(cert.not_before)
             .unwrap_or_default();
         // Up to 5 % early, so instances started together do not hit the CA together.
-        let due = cert.half_life() - lifetime.mul_f64(0.05 * backoff::unit_random());
+        let due = cert.half_life() - lifetime.mul_f64(0.05 * crate::backoff::unit_random());
         let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
         tracing::info!(
             identity = %minter.identity,
@@ -256,7 +256,8 @@ async fn rotate(minter: Minter, store: Arc<CertStore>, policy: RotationPolicy) {
             "certificate rotation scheduled at half-life"
         );
         tokio::time::sleep(wait).await;
-        let mut backoff = Backoff::new(policy.initial_backoff, policy.max_backoff);
+        let mut backoff =
+            Backoff::until_success(policy.initial_backoff, policy.max_backoff).delays();
         loop {
             match minter.mint().await {
                 Ok(new) => {
