@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use hbone::post::{PostClient, PostUrl};
 use hbone::sni::{self, MAX_CLIENT_HELLO, Parsed};
-use mesh::identity::metadata_token::MetadataIdTokens;
 use mesh::identity::token_cache::{CacheKey, TokenCache, TokenKind};
+use mesh::metadata::MetadataClient;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -34,7 +34,7 @@ pub struct Gate {
     /// Pooled HBONE POST client.
     pub client: PostClient,
     /// ID tokens (`None`: no Authorization header).
-    pub tokens: Option<TokenCache<MetadataIdTokens>>,
+    pub tokens: Option<TokenCache<MetadataClient>>,
     /// ClientHello deadline.
     pub hello_timeout: Duration,
     /// Idle timeout of tunnelled connections.

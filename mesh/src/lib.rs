@@ -7,7 +7,9 @@
 //!   and the Kubernetes client;
 //! - [`identity`]: token sources, certificate authorities and the workload certificate;
 //! - [`files`]: atomic writes with deliberate modes;
-//! - [`backoff`]: the jittered retry pacing of every call and refresh.
+//! - [`backoff`]: the jittered retry pacing of every call and refresh;
+//! - [`http`]: the HTTP client of Google APIs and the metadata server;
+//! - [`metadata`]: the metadata server's values, access and ID tokens, and the GCP probe.
 //!
 //! It knows nothing of processes, iptables or the data plane: those are krun's.
 
@@ -15,5 +17,7 @@ pub mod backoff;
 pub mod config;
 pub mod discovery;
 pub mod files;
+pub mod http;
 pub mod identity;
 pub mod logging;
+pub mod metadata;

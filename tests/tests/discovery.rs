@@ -10,7 +10,7 @@ use krun_tests::fakes::server::{FakeServer, Reply};
 use krun_tests::fakes::{TestWorld, TestWorldBuilder, server};
 use krun_tests::{Finished, Krun, TempDir, free_port};
 use mesh::backoff::{Backoff, Jitter};
-use mesh::discovery::metadata::{MetadataClient, NotGcp, Platform, ProbeOptions};
+use mesh::metadata::{MetadataClient, NotGcp, Platform, ProbeOptions};
 use serde_json::{Value, json};
 
 /// The config project of most scenarios; the workload runs in `wl-project`.

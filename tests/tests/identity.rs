@@ -11,8 +11,8 @@ use krun_tests::fakes::google::FakeGoogle;
 use krun_tests::fakes::k8s::FakeK8s;
 use krun_tests::fakes::pki::{TestCa, jwt};
 use krun_tests::{HANG_GUARD, Krun, TempDir};
+use mesh::http::HttpClient;
 use mesh::identity::google_tokens::GoogleTokens;
-use mesh::identity::http::HttpClient;
 use mesh::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
 use mesh::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
 use mesh::identity::local_ca::LocalCa;
@@ -511,7 +511,7 @@ fn google(fake: &FakeGoogle) -> GoogleTokens {
         std::time::SystemTime::now() + Duration::from_secs(3600),
     ));
     GoogleTokens::new(
-        HttpClient::new().expect("http"),
+        HttpClient::new(Duration::from_secs(10)).expect("http"),
         &fake.url(),
         &fake.url(),
         rx,
@@ -681,7 +681,7 @@ async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
 #[tokio::test]
 async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
     use krun_tests::fakes::http::{HttpServer, json};
-    use mesh::identity::metadata_token::MetadataIdTokens;
+    use mesh::metadata::MetadataClient;
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = calls.clone();
     // Strict like the metadata server: the flavor header, an audience, format=full.
@@ -715,7 +715,7 @@ async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
     .await;
     let host = metadata.addr.to_string();
     let cache = TokenCache::new(
-        MetadataIdTokens::new(HttpClient::new().expect("http"), &host),
+        MetadataClient::new(&host, Duration::from_secs(10)),
         CachePolicy::default(),
     );
     let key = |aud: &str| CacheKey {

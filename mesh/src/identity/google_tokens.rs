@@ -11,10 +11,10 @@ use hyper::{Method, Request, StatusCode, header};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::http::HttpClient;
 use super::jwt::Claims;
 use super::token::Token;
 use super::token_cache::{CacheKey, Mint, MintFuture, TokenKind};
+use crate::http::HttpClient;
 
 /// The scope of access tokens krun asks for.
 pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -53,7 +53,7 @@ pub enum GoogleTokenError {
         api: &'static str,
         /// The transport error.
         #[source]
-        source: super::http::HttpError,
+        source: crate::http::HttpError,
     },
     /// A 2xx answer krun cannot use.
     #[error("{api} {url}: unexpected response: {detail}")]
@@ -190,7 +190,11 @@ impl GoogleTokens {
         let request = request
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| response_err(format!("cannot build the request: {e}")))?;
-        let (status, bytes) = self
+        let crate::http::Response {
+            status,
+            body: bytes,
+            ..
+        } = self
             .http
             .send(request)
             .await
