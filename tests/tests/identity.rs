@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use krun_tests::fakes::ca::FakeCa;
 use krun_tests::fakes::google::FakeGoogle;
-use krun_tests::fakes::k8s::FakeK8s;
+use krun_tests::fakes::kube::{self, FakeKube};
 use krun_tests::fakes::pki::{TestCa, jwt};
 use krun_tests::{HANG_GUARD, Krun, TempDir};
 use mesh::http::HttpClient;
@@ -36,7 +36,7 @@ fn me() -> SpiffeId {
 
 /// A fake cluster (K8s API + Istio CA) and a base dir, as krun would see them.
 struct World {
-    k8s: FakeK8s,
+    k8s: FakeKube,
     ca: FakeCa,
     base: TempDir,
     /// Another mesh root published in mesh-env (`CAROOT_CAS`), trusted for peers.
@@ -46,7 +46,11 @@ struct World {
 impl World {
     async fn new(rtt: Duration) -> World {
         World {
-            k8s: FakeK8s::start(rtt).await,
+            k8s: {
+                let k8s = kube::start(None);
+                k8s.server.set_latency(rtt);
+                k8s
+            },
             ca: FakeCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, rtt).await,
             base: TempDir::new("identity"),
             other_root: TestCa::new("CAS root").root_pem,
@@ -147,7 +151,7 @@ async fn config_to_token_to_csr_to_verified_chain_written_with_the_stated_modes(
         leaf_uri(&cert),
         "spiffe://proj.svc.id.goog/ns/prod/sa/reviews"
     );
-    assert_eq!(world.k8s.requests(), 1);
+    assert_eq!(world.k8s.token_requests(), 1);
     assert_eq!(world.ca.signed(), 1);
 
     let token = istio_token_path(&world.base());
@@ -484,7 +488,7 @@ async fn the_istio_token_is_refreshed_before_expiry_and_retried_while_the_old_on
     );
 
     // The API server is briefly unavailable when the refresh (at ~80 % of 3 s) comes due.
-    world.k8s.fail_next(2);
+    world.k8s.fail_token_requests(2);
     wait_until(&mut rx, "the refreshed token", |t| *t != first).await;
     let second = rx.borrow().clone();
     assert!(second.expires_at > first.expires_at);
@@ -493,7 +497,7 @@ async fn the_istio_token_is_refreshed_before_expiry_and_retried_while_the_old_on
         second.secret()
     );
     assert_eq!(
-        world.k8s.requests(),
+        world.k8s.token_requests(),
         2,
         "two tokens issued, the failures in between retried"
     );
@@ -525,7 +529,7 @@ fn google(fake: &FakeGoogle) -> GoogleTokens {
 
 #[tokio::test]
 async fn a_hundred_concurrent_id_token_requests_cause_one_exchange() {
-    let fake = FakeGoogle::start(Duration::from_millis(20)).await;
+    let fake = FakeGoogle::start(Duration::from_millis(20));
     let cache = Arc::new(TokenCache::new(google(&fake), CachePolicy::default()));
     let key = CacheKey {
         kind: TokenKind::Id,
@@ -552,7 +556,7 @@ async fn a_hundred_concurrent_id_token_requests_cause_one_exchange() {
 
 #[tokio::test]
 async fn sts_400_carries_googles_message() {
-    let fake = FakeGoogle::start(Duration::ZERO).await;
+    let fake = FakeGoogle::start(Duration::ZERO);
     fake.fail_sts();
     let err = google(&fake).federated().await.expect_err("STS fails");
     let msg = err.to_string();
@@ -567,7 +571,7 @@ async fn sts_400_carries_googles_message() {
 
 #[tokio::test]
 async fn iam_403_carries_googles_message() {
-    let fake = FakeGoogle::start(Duration::ZERO).await;
+    let fake = FakeGoogle::start(Duration::ZERO);
     fake.deny_iam();
     let tokens = google(&fake);
     let fed = tokens.federated().await.expect("federated");
@@ -579,7 +583,7 @@ async fn iam_403_carries_googles_message() {
     assert!(msg.starts_with("IAM generateIdToken"), "{msg}");
     assert!(msg.contains("HTTP 403 Forbidden: PERMISSION_DENIED: Permission 'iam.serviceAccounts.getOpenIdToken' denied"), "{msg}");
     // The access-token path sends lifetime as a duration string, which the strict fake checks.
-    let fake_ok = FakeGoogle::start(Duration::ZERO).await;
+    let fake_ok = FakeGoogle::start(Duration::ZERO);
     let tokens = google(&fake_ok);
     let fed = tokens.federated().await.expect("federated");
     tokens
@@ -591,7 +595,7 @@ async fn iam_403_carries_googles_message() {
 #[tokio::test]
 async fn meshca_signs_with_the_federated_token_and_the_location() {
     use mesh::identity::meshca::{MeshCaClient, MeshCaConfig};
-    let google_fake = FakeGoogle::start(Duration::ZERO).await;
+    let google_fake = FakeGoogle::start(Duration::ZERO);
     let ca = FakeCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, Duration::ZERO).await;
     ca.serve_meshca("federated-token");
     let base = TempDir::new("meshca");
@@ -636,7 +640,7 @@ async fn meshca_signs_with_the_federated_token_and_the_location() {
 async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
     use mesh::identity::cas::{CasClient, CasConfig};
     const POOL: &str = "projects/p/locations/us-central1/caPools/mesh";
-    let google_fake = FakeGoogle::start(Duration::ZERO).await;
+    let google_fake = FakeGoogle::start(Duration::ZERO);
     let ca = FakeCa::start(TestCa::new("CAS root"), TRUST_DOMAIN, Duration::ZERO).await;
     ca.serve_cas("federated-token", POOL, &me().to_string());
     let base = TempDir::new("cas");
@@ -680,40 +684,38 @@ async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
 
 #[tokio::test]
 async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
-    use krun_tests::fakes::http::{HttpServer, json};
+    use krun_tests::fakes::server::{FakeServer, Reply, Request};
     use mesh::metadata::MetadataClient;
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = calls.clone();
     // Strict like the metadata server: the flavor header, an audience, format=full.
-    let metadata = HttpServer::start(Duration::ZERO, move |call| {
-        let counter = counter.clone();
-        async move {
-            let path = call.path.clone();
-            let audience = path
-                .strip_prefix(
-                    "/computeMetadata/v1/instance/service-accounts/default/identity?audience=",
-                )
-                .and_then(|rest| rest.strip_suffix("&format=full"));
-            match (call.header("metadata-flavor"), audience) {
-                ("Google", Some(aud)) => {
-                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let aud = aud.replace("%3A", ":").replace("%2F", "/");
-                    let token = jwt(
+    let metadata = FakeServer::http(Arc::new(move |req: &Request| {
+        let audience = (req.path
+            == "/computeMetadata/v1/instance/service-accounts/default/identity")
+            .then_some(req.query.as_deref())
+            .flatten()
+            .and_then(|q| q.strip_prefix("audience="))
+            .and_then(|rest| rest.strip_suffix("&format=full"));
+        match (req.header("metadata-flavor"), audience) {
+            (Some("Google"), Some(aud)) => {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let aud = aud.replace("%3A", ":").replace("%2F", "/");
+                Reply::status(
+                    200,
+                    jwt(
                         "sa@p.iam.gserviceaccount.com",
                         &aud,
                         Duration::from_secs(3600),
-                    );
-                    hyper::Response::new(http_body_util::Full::new(token.into()))
-                }
-                _ => json(
-                    hyper::StatusCode::FORBIDDEN,
-                    serde_json::json!({"error": "Missing Metadata-Flavor:Google header."}),
-                ),
+                    ),
+                )
             }
+            _ => Reply::json_status(
+                403,
+                serde_json::json!({"error": "Missing Metadata-Flavor:Google header."}),
+            ),
         }
-    })
-    .await;
-    let host = metadata.addr.to_string();
+    }));
+    let host = metadata.addr().to_string();
     let cache = TokenCache::new(
         MetadataClient::new(&host, Duration::from_secs(10)),
         CachePolicy::default(),
