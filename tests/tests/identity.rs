@@ -592,6 +592,15 @@ async fn iam_403_carries_googles_message() {
         .expect("lifetime accepted as \"3600s\"");
 }
 
+/// The fake CA's endpoint, verified with its own root.
+fn fake_ca_endpoint(ca: &FakeCa) -> mesh::identity::ca_grpc::CaEndpoint {
+    mesh::identity::ca_grpc::CaEndpoint {
+        addr: ca.addr.to_string(),
+        root_pem: Some(ca.root_pem()),
+        server_name: Some(ISTIOD_SERVER_NAME.to_owned()),
+    }
+}
+
 #[tokio::test]
 async fn meshca_signs_with_the_federated_token_and_the_location() {
     use mesh::identity::meshca::{MeshCaClient, MeshCaConfig};
@@ -604,9 +613,7 @@ async fn meshca_signs_with_the_federated_token_and_the_location() {
         CachePolicy::default(),
     ));
     let config = MeshCaConfig {
-        addr: ca.addr.to_string(),
-        root_pem: Some(ca.root_pem()),
-        server_name: Some(ISTIOD_SERVER_NAME.to_owned()),
+        endpoint: fake_ca_endpoint(&ca),
         location: Some("us-central1".to_owned()),
         mesh_root_pem: ca.root_pem(),
     };
@@ -649,9 +656,7 @@ async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
         CachePolicy::default(),
     ));
     let config = CasConfig {
-        addr: ca.addr.to_string(),
-        root_pem: Some(ca.root_pem()),
-        server_name: Some(ISTIOD_SERVER_NAME.to_owned()),
+        endpoint: fake_ca_endpoint(&ca),
         pool: POOL.to_owned(),
         pool_root_pem: ca.root_pem(),
     };
