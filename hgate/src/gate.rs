@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::limits::{Activity, ConnectionLimit, idle};
+use crate::limits::{Activity, ConnectionLimit, accept_loop, idle};
 use crate::route::{self, Routes};
 
 /// Connections closed because no route matched their SNI.
@@ -60,29 +60,18 @@ impl Gate {
         limit: Arc<ConnectionLimit>,
         drain: CancellationToken,
     ) {
-        loop {
-            let accepted = tokio::select! {
-                _ = drain.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "SNI listener accept failed");
-                    continue;
-                }
-            };
-            let Some(permit) = limit.try_acquire() else {
-                LIMITED.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, max = limit.max(), "connection limit reached (HGATE_MAX_CONNECTIONS); closing the new connection");
-                continue;
-            };
-            let gate = self.clone();
-            tokio::spawn(async move {
-                gate.handle(tcp, peer).await;
-                drop(permit);
-            });
-        }
+        accept_loop(
+            listener,
+            "SNI",
+            &limit,
+            Some(&LIMITED),
+            drain,
+            |tcp, peer| {
+                let gate = self.clone();
+                async move { gate.handle(tcp, peer).await }
+            },
+        )
+        .await;
     }
 
     async fn handle(&self, tcp: TcpStream, peer: SocketAddr) {
