@@ -10,7 +10,7 @@ use krun_tests::fakes::ca::FakeCa;
 use krun_tests::fakes::google::FakeGoogle;
 use krun_tests::fakes::kube::{self, FakeKube};
 use krun_tests::fakes::pki::{TestCa, jwt};
-use krun_tests::{HANG_GUARD, Krun, TempDir};
+use krun_tests::{HANG_GUARD, Krun, TempDir, hbone_client};
 use mesh::http::HttpClient;
 use mesh::identity::google_tokens::GoogleTokens;
 use mesh::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
@@ -779,24 +779,6 @@ fn local_ca_mode_works_with_networking_unavailable() {
         .map(|c: rustls_pki_types::CertificateDer<'static>| hbone::identity::uri_sans(c.as_ref()))
         .expect("a certificate");
     assert_eq!(first, vec![me().to_string()]);
-}
-
-/// The Python h2 HBONE client (tests/scripts/hbone_client.py); returns its last JSON line.
-fn hbone_client(args: &[&str]) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hbone_client.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_else(|| {
-        panic!(
-            "no output; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    serde_json::from_str(last).expect("JSON line")
 }
 
 #[test]
