@@ -14,6 +14,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
 
 /// The largest answer read; Google's JSON answers and tokens are a few kilobytes.
 pub const RESPONSE_LIMIT: usize = 16 << 20;
@@ -166,6 +167,31 @@ impl HttpClient {
     }
 }
 
+/// Google's error text: OAuth style (`error`, `error_description`, STS) or API style
+/// (`error.status`, `error.message`: IAM, Container, Resource Manager); the start of the raw
+/// body when it is neither. The one reader of Google's error answers.
+pub fn google_error_message(body: &[u8]) -> String {
+    let raw = || String::from_utf8_lossy(body).chars().take(300).collect();
+    let Ok(json) = serde_json::from_slice::<Value>(body) else {
+        return raw();
+    };
+    match &json["error"] {
+        Value::String(code) => match json["error_description"].as_str() {
+            Some(desc) => format!("{code}: {desc}"),
+            None => code.clone(),
+        },
+        Value::Object(e) => match (
+            e.get("status").and_then(Value::as_str),
+            e.get("message").and_then(Value::as_str),
+        ) {
+            (Some(status), Some(msg)) => format!("{status}: {msg}"),
+            (None, Some(msg)) => msg.to_owned(),
+            _ => raw(),
+        },
+        _ => raw(),
+    }
+}
+
 /// The kind of the first OS error in `e`'s chain.
 fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
     let mut source = Some(e);
@@ -188,4 +214,24 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::google_error_message;
+
+    #[test]
+    fn both_google_error_shapes_are_read() {
+        let sts = br#"{"error":"invalid_grant","error_description":"The audience is invalid."}"#;
+        assert_eq!(
+            google_error_message(sts),
+            "invalid_grant: The audience is invalid."
+        );
+        let iam = br#"{"error":{"code":403,"message":"Permission 'iam.serviceAccounts.getOpenIdToken' denied","status":"PERMISSION_DENIED"}}"#;
+        assert_eq!(
+            google_error_message(iam),
+            "PERMISSION_DENIED: Permission 'iam.serviceAccounts.getOpenIdToken' denied"
+        );
+        assert_eq!(google_error_message(b"upstream down"), "upstream down");
+    }
 }

@@ -168,15 +168,10 @@ impl GoogleApi {
         })?;
         match response.status.as_u16() {
             200 => Ok(response.body),
-            status => Err(Attempt::Status(status, google_message(&response.body))),
+            status => Err(Attempt::Status(
+                status,
+                crate::http::google_error_message(&response.body),
+            )),
         }
     }
-}
-
-/// Google's `{"error": {"message": ...}}`, or the start of whatever came back.
-fn google_message(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
 }
