@@ -69,7 +69,18 @@ impl fmt::Display for SpiffeId {
 /// The SPIFFE IDs among a certificate's URI SANs, in order (the first is "the" identity, as
 /// in ztunnel). Unparsable certificates and non-SPIFFE URIs give none.
 pub fn identities(cert: &CertificateDer<'_>) -> Vec<SpiffeId> {
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+    uri_sans(cert.as_ref())
+        .iter()
+        .filter_map(|uri| uri.parse().ok())
+        .collect()
+}
+
+/// Every URI SAN of a DER certificate, SPIFFE or not, in order; an unparsable certificate
+/// has none. The one SAN reader of the workspace: peer authorization ([`identities`]),
+/// krun's check of a CA's answer (which must name the whole list in its error) and the
+/// tests all read SANs through it, so they cannot disagree on what a certificate claims.
+pub fn uri_sans(der: &[u8]) -> Vec<String> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der) else {
         return Vec::new();
     };
     let Ok(Some(san)) = parsed.subject_alternative_name() else {
@@ -79,7 +90,7 @@ pub fn identities(cert: &CertificateDer<'_>) -> Vec<SpiffeId> {
         .general_names
         .iter()
         .filter_map(|name| match name {
-            GeneralName::URI(uri) => uri.parse().ok(),
+            GeneralName::URI(uri) => Some((*uri).to_owned()),
             _ => None,
         })
         .collect()

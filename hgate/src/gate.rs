@@ -10,14 +10,14 @@ use std::time::Duration;
 use bytes::BytesMut;
 use hbone::post::{PostClient, PostUrl};
 use hbone::sni::{self, MAX_CLIENT_HELLO, Parsed};
-use mesh::identity::metadata_token::MetadataIdTokens;
 use mesh::identity::token_cache::{CacheKey, TokenCache, TokenKind};
+use mesh::metadata::MetadataClient;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::limits::{Activity, ConnectionLimit, idle};
+use crate::limits::{Activity, ConnectionLimit, accept_loop, idle};
 use crate::route::{self, Routes};
 
 /// Connections closed because no route matched their SNI.
@@ -34,7 +34,7 @@ pub struct Gate {
     /// Pooled HBONE POST client.
     pub client: PostClient,
     /// ID tokens (`None`: no Authorization header).
-    pub tokens: Option<TokenCache<MetadataIdTokens>>,
+    pub tokens: Option<TokenCache<MetadataClient>>,
     /// ClientHello deadline.
     pub hello_timeout: Duration,
     /// Idle timeout of tunnelled connections.
@@ -60,29 +60,18 @@ impl Gate {
         limit: Arc<ConnectionLimit>,
         drain: CancellationToken,
     ) {
-        loop {
-            let accepted = tokio::select! {
-                _ = drain.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "SNI listener accept failed");
-                    continue;
-                }
-            };
-            let Some(permit) = limit.try_acquire() else {
-                LIMITED.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, max = limit.max(), "connection limit reached (HGATE_MAX_CONNECTIONS); closing the new connection");
-                continue;
-            };
-            let gate = self.clone();
-            tokio::spawn(async move {
-                gate.handle(tcp, peer).await;
-                drop(permit);
-            });
-        }
+        accept_loop(
+            listener,
+            "SNI",
+            &limit,
+            Some(&LIMITED),
+            drain,
+            |tcp, peer| {
+                let gate = self.clone();
+                async move { gate.handle(tcp, peer).await }
+            },
+        )
+        .await;
     }
 
     async fn handle(&self, tcp: TcpStream, peer: SocketAddr) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::limits::{Activity, ConnectionLimit, idle};
+use crate::limits::{Activity, ConnectionLimit, accept_loop, idle};
 
 /// Forwards each accepted connection to `upstream` until `drain` is cancelled; open
 /// connections keep flowing until they end (the caller bounds the wait).
@@ -21,26 +21,10 @@ pub async fn serve(
     drain: CancellationToken,
 ) {
     let upstream = Arc::new(upstream);
-    loop {
-        let accepted = tokio::select! {
-            _ = drain.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (client, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::warn!(error = %e, "istiod listener accept failed");
-                continue;
-            }
-        };
-        let Some(permit) = limit.try_acquire() else {
-            tracing::warn!(%peer, max = limit.max(), "connection limit reached (HGATE_MAX_CONNECTIONS) on istiod forwarding; closing the new connection");
-            continue;
-        };
+    accept_loop(listener, "istiod", &limit, None, drain, |client, peer| {
         let upstream = upstream.clone();
-        tokio::spawn(async move {
-            let result = forward(client, &upstream, idle_timeout, connect_timeout).await;
-            match result {
+        async move {
+            match forward(client, &upstream, idle_timeout, connect_timeout).await {
                 Ok((up, down)) => {
                     tracing::info!(%peer, upstream = %upstream, sent = up, received = down, outcome = "ok", "istiod connection finished");
                 }
@@ -48,9 +32,9 @@ pub async fn serve(
                     tracing::info!(%peer, upstream = %upstream, outcome = %reason, "istiod connection finished");
                 }
             }
-            drop(permit);
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn forward(

@@ -1,7 +1,9 @@
-//! Connection limits shared by hgate's listeners: a cap on concurrent connections (refusing
-//! beyond it instead of exhausting memory or file descriptors), an idle timeout, and the wait
-//! for open connections during drain.
+//! Connection limits shared by hgate's listeners: the one accept loop, a cap on concurrent
+//! connections (refusing beyond it instead of exhausting memory or file descriptors), an idle
+//! timeout, and the wait for open connections during drain.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,8 +11,52 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The accept loop of the SNI and istiod listeners: accepts on `listener` until `drain` is
+/// cancelled and runs `handle` for each connection on its own task, holding a slot of `limit`
+/// until it ends. A connection beyond the limit is closed at once, logged and counted in
+/// `refused`; `name` says which listener in the logs.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    name: &'static str,
+    limit: &ConnectionLimit,
+    refused: Option<&AtomicU64>,
+    drain: CancellationToken,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = drain.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "{name} listener accept failed");
+                continue;
+            }
+        };
+        let Some(permit) = limit.try_acquire() else {
+            if let Some(refused) = refused {
+                refused.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::warn!(%peer, listener = name, max = limit.max(), "connection limit reached (HGATE_MAX_CONNECTIONS); closing the new connection");
+            continue;
+        };
+        let connection = handle(tcp, peer);
+        tokio::spawn(async move {
+            connection.await;
+            drop(permit);
+        });
+    }
+}
 
 /// At most `max` connections at once.
 pub struct ConnectionLimit {

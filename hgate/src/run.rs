@@ -2,13 +2,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use hbone::H2Settings;
 use hbone::post::PostClient;
-use mesh::identity::http::HttpClient;
-use mesh::identity::metadata_token::MetadataIdTokens;
 use mesh::identity::token_cache::{CachePolicy, TokenCache};
+use mesh::metadata::MetadataClient;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -19,6 +19,9 @@ use crate::gate::Gate;
 use crate::limits::ConnectionLimit;
 use crate::route::{AnnotationRoutes, Routes, load_routes};
 use crate::{admin, istiod, mesh_env, services};
+
+/// Deadline of one ID token request to the metadata server (connect and answer).
+const ID_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs hgate until SIGTERM/SIGINT, then drains.
 pub async fn run(config: HgateConfig) -> anyhow::Result<()> {
@@ -32,7 +35,7 @@ pub async fn run(config: HgateConfig) -> anyhow::Result<()> {
     let tokens = match config.id_tokens.value {
         IdTokens::None => None,
         IdTokens::Metadata => Some(TokenCache::new(
-            MetadataIdTokens::new(HttpClient::new()?, &config.metadata_host.value),
+            MetadataClient::new(&config.metadata_host.value, ID_TOKEN_TIMEOUT),
             CachePolicy::default(),
         )),
     };

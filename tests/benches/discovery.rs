@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use krun_tests::fakes::gke::FakeCluster;
 use krun_tests::fakes::{TestWorld, server};
 use mesh::config::{Env, MeshConfig};
-use mesh::discovery::metadata::MetadataClient;
+use mesh::metadata::MetadataClient;
 
 const LATENCY: Duration = Duration::from_millis(20);
 const RUNS: usize = 11;

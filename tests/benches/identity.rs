@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use krun_tests::TempDir;
 use krun_tests::fakes::ca::FakeCa;
-use krun_tests::fakes::k8s::FakeK8s;
+use krun_tests::fakes::kube;
 use krun_tests::fakes::pki::TestCa;
 use mesh::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
 use mesh::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
@@ -24,7 +24,8 @@ fn me() -> SpiffeId {
 
 /// One cold mint through K8s and the Istio CA; returns (elapsed, round trips).
 async fn cold_mint(rtt: Duration) -> (Duration, usize) {
-    let k8s = FakeK8s::start(rtt).await;
+    let k8s = kube::start(None);
+    k8s.server.set_latency(rtt);
     let ca = FakeCa::start(TestCa::new("root"), TRUST_DOMAIN, rtt).await;
     let base = TempDir::new("bench");
     let client = k8s.client();
@@ -66,7 +67,7 @@ async fn cold_mint(rtt: Duration) -> (Duration, usize) {
     })
     .await
     .expect("identity");
-    (started.elapsed(), k8s.requests() + ca.signed())
+    (started.elapsed(), k8s.token_requests() + ca.signed())
 }
 
 async fn local_mint() -> Duration {

@@ -48,6 +48,26 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// Runs the Python h2 HBONE client (`tests/scripts/hbone_client.py`, needs the `h2` module)
+/// to completion and returns its last output line as JSON: the one driver of the HBONE
+/// interop tests.
+pub fn hbone_client(args: &[&str]) -> serde_json::Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hbone_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_else(|| {
+        panic!(
+            "no output; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    serde_json::from_str(last).expect("JSON line")
+}
+
 /// A fresh temporary directory, removed on drop.
 pub struct TempDir(PathBuf);
 

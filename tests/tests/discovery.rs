@@ -9,8 +9,8 @@ use krun_tests::fakes::gke::FakeCluster;
 use krun_tests::fakes::server::{FakeServer, Reply};
 use krun_tests::fakes::{TestWorld, TestWorldBuilder, server};
 use krun_tests::{Finished, Krun, TempDir, free_port};
-use mesh::discovery::metadata::{MetadataClient, NotGcp, Platform, ProbeOptions};
-use mesh::discovery::retry::Backoff;
+use mesh::backoff::{Backoff, Jitter};
+use mesh::metadata::{MetadataClient, NotGcp, Platform, ProbeOptions};
 use serde_json::{Value, json};
 
 /// The config project of most scenarios; the workload runs in `wl-project`.
@@ -400,6 +400,7 @@ fn fast() -> Backoff {
         attempts: 3,
         base: Duration::ZERO,
         max: Duration::ZERO,
+        jitter: Jitter::Full,
     }
 }
 

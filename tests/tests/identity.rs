@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use krun_tests::fakes::ca::FakeCa;
 use krun_tests::fakes::google::FakeGoogle;
-use krun_tests::fakes::k8s::FakeK8s;
+use krun_tests::fakes::kube::{self, FakeKube};
 use krun_tests::fakes::pki::{TestCa, jwt};
-use krun_tests::{HANG_GUARD, Krun, TempDir};
+use krun_tests::{HANG_GUARD, Krun, TempDir, hbone_client};
+use mesh::http::HttpClient;
 use mesh::identity::google_tokens::GoogleTokens;
-use mesh::identity::http::HttpClient;
 use mesh::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
 use mesh::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
 use mesh::identity::local_ca::LocalCa;
@@ -36,7 +36,7 @@ fn me() -> SpiffeId {
 
 /// A fake cluster (K8s API + Istio CA) and a base dir, as krun would see them.
 struct World {
-    k8s: FakeK8s,
+    k8s: FakeKube,
     ca: FakeCa,
     base: TempDir,
     /// Another mesh root published in mesh-env (`CAROOT_CAS`), trusted for peers.
@@ -46,7 +46,11 @@ struct World {
 impl World {
     async fn new(rtt: Duration) -> World {
         World {
-            k8s: FakeK8s::start(rtt).await,
+            k8s: {
+                let k8s = kube::start(None);
+                k8s.server.set_latency(rtt);
+                k8s
+            },
             ca: FakeCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, rtt).await,
             base: TempDir::new("identity"),
             other_root: TestCa::new("CAS root").root_pem,
@@ -103,8 +107,7 @@ impl World {
 }
 
 fn leaf_uri(cert: &WorkloadCert) -> String {
-    use krun_tests::fakes::pki::leaf_uris;
-    leaf_uris(cert.chain[0].as_ref()).join(",")
+    hbone::identity::uri_sans(cert.chain[0].as_ref()).join(",")
 }
 
 /// Mode and group a secret must have: 0640 group 1337 as root, 0600 otherwise.
@@ -148,7 +151,7 @@ async fn config_to_token_to_csr_to_verified_chain_written_with_the_stated_modes(
         leaf_uri(&cert),
         "spiffe://proj.svc.id.goog/ns/prod/sa/reviews"
     );
-    assert_eq!(world.k8s.requests(), 1);
+    assert_eq!(world.k8s.token_requests(), 1);
     assert_eq!(world.ca.signed(), 1);
 
     let token = istio_token_path(&world.base());
@@ -485,7 +488,7 @@ async fn the_istio_token_is_refreshed_before_expiry_and_retried_while_the_old_on
     );
 
     // The API server is briefly unavailable when the refresh (at ~80 % of 3 s) comes due.
-    world.k8s.fail_next(2);
+    world.k8s.fail_token_requests(2);
     wait_until(&mut rx, "the refreshed token", |t| *t != first).await;
     let second = rx.borrow().clone();
     assert!(second.expires_at > first.expires_at);
@@ -494,7 +497,7 @@ async fn the_istio_token_is_refreshed_before_expiry_and_retried_while_the_old_on
         second.secret()
     );
     assert_eq!(
-        world.k8s.requests(),
+        world.k8s.token_requests(),
         2,
         "two tokens issued, the failures in between retried"
     );
@@ -512,7 +515,7 @@ fn google(fake: &FakeGoogle) -> GoogleTokens {
         std::time::SystemTime::now() + Duration::from_secs(3600),
     ));
     GoogleTokens::new(
-        HttpClient::new().expect("http"),
+        HttpClient::new(Duration::from_secs(10)).expect("http"),
         &fake.url(),
         &fake.url(),
         rx,
@@ -526,7 +529,7 @@ fn google(fake: &FakeGoogle) -> GoogleTokens {
 
 #[tokio::test]
 async fn a_hundred_concurrent_id_token_requests_cause_one_exchange() {
-    let fake = FakeGoogle::start(Duration::from_millis(20)).await;
+    let fake = FakeGoogle::start(Duration::from_millis(20));
     let cache = Arc::new(TokenCache::new(google(&fake), CachePolicy::default()));
     let key = CacheKey {
         kind: TokenKind::Id,
@@ -553,7 +556,7 @@ async fn a_hundred_concurrent_id_token_requests_cause_one_exchange() {
 
 #[tokio::test]
 async fn sts_400_carries_googles_message() {
-    let fake = FakeGoogle::start(Duration::ZERO).await;
+    let fake = FakeGoogle::start(Duration::ZERO);
     fake.fail_sts();
     let err = google(&fake).federated().await.expect_err("STS fails");
     let msg = err.to_string();
@@ -568,7 +571,7 @@ async fn sts_400_carries_googles_message() {
 
 #[tokio::test]
 async fn iam_403_carries_googles_message() {
-    let fake = FakeGoogle::start(Duration::ZERO).await;
+    let fake = FakeGoogle::start(Duration::ZERO);
     fake.deny_iam();
     let tokens = google(&fake);
     let fed = tokens.federated().await.expect("federated");
@@ -580,7 +583,7 @@ async fn iam_403_carries_googles_message() {
     assert!(msg.starts_with("IAM generateIdToken"), "{msg}");
     assert!(msg.contains("HTTP 403 Forbidden: PERMISSION_DENIED: Permission 'iam.serviceAccounts.getOpenIdToken' denied"), "{msg}");
     // The access-token path sends lifetime as a duration string, which the strict fake checks.
-    let fake_ok = FakeGoogle::start(Duration::ZERO).await;
+    let fake_ok = FakeGoogle::start(Duration::ZERO);
     let tokens = google(&fake_ok);
     let fed = tokens.federated().await.expect("federated");
     tokens
@@ -589,10 +592,19 @@ async fn iam_403_carries_googles_message() {
         .expect("lifetime accepted as \"3600s\"");
 }
 
+/// The fake CA's endpoint, verified with its own root.
+fn fake_ca_endpoint(ca: &FakeCa) -> mesh::identity::ca_grpc::CaEndpoint {
+    mesh::identity::ca_grpc::CaEndpoint {
+        addr: ca.addr.to_string(),
+        root_pem: Some(ca.root_pem()),
+        server_name: Some(ISTIOD_SERVER_NAME.to_owned()),
+    }
+}
+
 #[tokio::test]
 async fn meshca_signs_with_the_federated_token_and_the_location() {
     use mesh::identity::meshca::{MeshCaClient, MeshCaConfig};
-    let google_fake = FakeGoogle::start(Duration::ZERO).await;
+    let google_fake = FakeGoogle::start(Duration::ZERO);
     let ca = FakeCa::start(TestCa::new("mesh root"), TRUST_DOMAIN, Duration::ZERO).await;
     ca.serve_meshca("federated-token");
     let base = TempDir::new("meshca");
@@ -601,9 +613,7 @@ async fn meshca_signs_with_the_federated_token_and_the_location() {
         CachePolicy::default(),
     ));
     let config = MeshCaConfig {
-        addr: ca.addr.to_string(),
-        root_pem: Some(ca.root_pem()),
-        server_name: Some(ISTIOD_SERVER_NAME.to_owned()),
+        endpoint: fake_ca_endpoint(&ca),
         location: Some("us-central1".to_owned()),
         mesh_root_pem: ca.root_pem(),
     };
@@ -637,7 +647,7 @@ async fn meshca_signs_with_the_federated_token_and_the_location() {
 async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
     use mesh::identity::cas::{CasClient, CasConfig};
     const POOL: &str = "projects/p/locations/us-central1/caPools/mesh";
-    let google_fake = FakeGoogle::start(Duration::ZERO).await;
+    let google_fake = FakeGoogle::start(Duration::ZERO);
     let ca = FakeCa::start(TestCa::new("CAS root"), TRUST_DOMAIN, Duration::ZERO).await;
     ca.serve_cas("federated-token", POOL, &me().to_string());
     let base = TempDir::new("cas");
@@ -646,9 +656,7 @@ async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
         CachePolicy::default(),
     ));
     let config = CasConfig {
-        addr: ca.addr.to_string(),
-        root_pem: Some(ca.root_pem()),
-        server_name: Some(ISTIOD_SERVER_NAME.to_owned()),
+        endpoint: fake_ca_endpoint(&ca),
         pool: POOL.to_owned(),
         pool_root_pem: ca.root_pem(),
     };
@@ -681,42 +689,40 @@ async fn cas_reflects_the_callers_spiffe_identity_and_writes_both_layouts() {
 
 #[tokio::test]
 async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
-    use krun_tests::fakes::http::{HttpServer, json};
-    use mesh::identity::metadata_token::MetadataIdTokens;
+    use krun_tests::fakes::server::{FakeServer, Reply, Request};
+    use mesh::metadata::MetadataClient;
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = calls.clone();
     // Strict like the metadata server: the flavor header, an audience, format=full.
-    let metadata = HttpServer::start(Duration::ZERO, move |call| {
-        let counter = counter.clone();
-        async move {
-            let path = call.path.clone();
-            let audience = path
-                .strip_prefix(
-                    "/computeMetadata/v1/instance/service-accounts/default/identity?audience=",
-                )
-                .and_then(|rest| rest.strip_suffix("&format=full"));
-            match (call.header("metadata-flavor"), audience) {
-                ("Google", Some(aud)) => {
-                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let aud = aud.replace("%3A", ":").replace("%2F", "/");
-                    let token = jwt(
+    let metadata = FakeServer::http(Arc::new(move |req: &Request| {
+        let audience = (req.path
+            == "/computeMetadata/v1/instance/service-accounts/default/identity")
+            .then_some(req.query.as_deref())
+            .flatten()
+            .and_then(|q| q.strip_prefix("audience="))
+            .and_then(|rest| rest.strip_suffix("&format=full"));
+        match (req.header("metadata-flavor"), audience) {
+            (Some("Google"), Some(aud)) => {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let aud = aud.replace("%3A", ":").replace("%2F", "/");
+                Reply::status(
+                    200,
+                    jwt(
                         "sa@p.iam.gserviceaccount.com",
                         &aud,
                         Duration::from_secs(3600),
-                    );
-                    hyper::Response::new(http_body_util::Full::new(token.into()))
-                }
-                _ => json(
-                    hyper::StatusCode::FORBIDDEN,
-                    serde_json::json!({"error": "Missing Metadata-Flavor:Google header."}),
-                ),
+                    ),
+                )
             }
+            _ => Reply::json_status(
+                403,
+                serde_json::json!({"error": "Missing Metadata-Flavor:Google header."}),
+            ),
         }
-    })
-    .await;
-    let host = metadata.addr.to_string();
+    }));
+    let host = metadata.addr().to_string();
     let cache = TokenCache::new(
-        MetadataIdTokens::new(HttpClient::new().expect("http"), &host),
+        MetadataClient::new(&host, Duration::from_secs(10)),
         CachePolicy::default(),
     );
     let key = |aud: &str| CacheKey {
@@ -770,29 +776,9 @@ fn local_ca_mode_works_with_networking_unavailable() {
     let first = rustls_pki_types::pem::PemObject::pem_slice_iter(&chain)
         .next()
         .and_then(Result::ok)
-        .map(|c: rustls_pki_types::CertificateDer<'static>| {
-            krun_tests::fakes::pki::leaf_uris(c.as_ref())
-        })
+        .map(|c: rustls_pki_types::CertificateDer<'static>| hbone::identity::uri_sans(c.as_ref()))
         .expect("a certificate");
     assert_eq!(first, vec![me().to_string()]);
-}
-
-/// The Python h2 HBONE client (tests/scripts/hbone_client.py); returns its last JSON line.
-fn hbone_client(args: &[&str]) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hbone_client.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_else(|| {
-        panic!(
-            "no output; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    serde_json::from_str(last).expect("JSON line")
 }
 
 #[test]
@@ -866,7 +852,7 @@ fn the_krun_binary_mints_its_certificate_from_the_cluster_and_serves_hbone_with_
         .expect("a leaf")
         .expect("PEM");
     assert_eq!(
-        krun_tests::fakes::pki::leaf_uris(leaf.as_ref()),
+        hbone::identity::uri_sans(leaf.as_ref()),
         ["spiffe://proj.svc.id.goog/ns/prod/sa/reviews"]
     );
     let bundle = std::fs::read_to_string(out.join("root-cert.pem")).expect("root");

@@ -4,36 +4,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use krun_tests::fakes::pki::{ClientFiles, TestCa};
-use krun_tests::{Krun, Running, TempDir, free_port, testapp};
+use krun_tests::{Krun, Running, TempDir, free_port, hbone_client, testapp};
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
 const TD: &str = "cluster.local";
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hbone_client.py")
-}
-
-/// Runs the Python h2 client to completion; returns its last JSON line.
-fn python(args: &[&str]) -> Value {
-    let out = Command::new("python3")
-        .arg(script())
-        .args(args)
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_else(|| {
-        panic!(
-            "no output; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    serde_json::from_str(last).expect("JSON line")
-}
 
 /// krun with an echo app on a free port and the tunnel on another; returns (krun, app port,
 /// tunnel port) once the tunnel is open.
@@ -243,7 +221,7 @@ fn python_h2_connects_over_mtls_to_hbone_and_policy_is_enforced() {
     );
     let (hbone, app) = (server.hbone.to_string(), server.app);
     let connect = |files: &ClientFiles, authority: &str| {
-        python(&[
+        hbone_client(&[
             "connect-mtls",
             "127.0.0.1",
             &hbone,
@@ -288,7 +266,7 @@ fn python_h2_connects_over_mtls_to_hbone_and_policy_is_enforced() {
             "spiffe://cluster.local/ns/prod/*",
         )],
     );
-    let denied = python(&[
+    let denied = hbone_client(&[
         "connect-mtls",
         "127.0.0.1",
         &strict.hbone.to_string(),
@@ -336,7 +314,7 @@ fn builtin_plane_terminates_mesh_mtls_inside_the_tunnel() {
     );
     let tunnel = server.tunnel.to_string();
     let through = |files: &ClientFiles, ca: &Path| {
-        python(&[
+        hbone_client(&[
             "post-tls",
             "127.0.0.1",
             &tunnel,

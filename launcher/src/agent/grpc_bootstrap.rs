@@ -17,7 +17,7 @@ use super::layout::Layout;
 use super::{AgentInputs, DataPlaneError, Workload};
 use crate::config::Config;
 use mesh::config::Env;
-use mesh::files::write_atomic;
+use mesh::files::{Access, write_atomic};
 
 /// How often gRPC re-reads the certificate files.
 pub const REFRESH_INTERVAL: &str = "900s";
@@ -161,7 +161,8 @@ pub fn write(
     let ip = inputs.instance_ip.as_deref().unwrap_or("127.0.0.1");
     let json = render(xds, workload, &certs, ip, inputs.zone.as_deref());
     let text = serde_json::to_string_pretty(&json).unwrap_or_default();
-    write_atomic(&path, text.as_bytes(), 0o644).map_err(DataPlaneError::write(config))?;
+    write_atomic(&path, text.as_bytes(), Access::Public)
+        .map_err(|e| DataPlaneError::write(config)(e.into()))?;
     tracing::info!(path = %path.display(), %xds, "proxyless gRPC bootstrap written");
     Ok(super::env::app_env(env, &path, false))
 }

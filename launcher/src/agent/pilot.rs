@@ -22,7 +22,7 @@ use crate::processes::{
     ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy, RunAs, is_executable,
 };
 use mesh::config::Env;
-use mesh::files::write_atomic;
+use mesh::files::{Access, write_atomic};
 use mesh::istio::PROXY_GID;
 
 /// Process name in logs and messages.
@@ -119,8 +119,9 @@ pub fn prepare(setup: &AgentSetup) -> std::io::Result<()> {
     write_atomic(
         &setup.layout.pod_labels(),
         labels(&setup.workload).as_bytes(),
-        0o644,
+        Access::Public,
     )
+    .map_err(Into::into)
 }
 
 /// pilot-agent as a required process the app depends on: uid 0 / gid 1337 when root (the

@@ -16,7 +16,7 @@ use super::{AgentInputs, DataPlaneError, Workload, config_dump_evidence, envoy_g
 use crate::config::Config;
 use crate::probe::{Check, Probe};
 use crate::processes::{ProcessPlan, ProcessSpec, ReadyBudget, RestartPolicy, RunAs};
-use mesh::files::write_atomic;
+use mesh::files::{Access, write_atomic};
 use mesh::istio::{ENVOY_ADMIN_PORT, OUTBOUND_CAPTURE_PORT, PROXY_GID, PROXY_UID};
 
 /// The bootstrap template, with `{{NAME}}` placeholders.
@@ -243,8 +243,8 @@ pub fn start(
     layout
         .prepare(root)
         .map_err(DataPlaneError::write(config))?;
-    write_atomic(&path, bootstrap.render()?.as_bytes(), 0o644)
-        .map_err(DataPlaneError::write(config))?;
+    write_atomic(&path, bootstrap.render()?.as_bytes(), Access::Public)
+        .map_err(|e| DataPlaneError::write(config)(e.into()))?;
     tracing::info!(
         node_id = %bootstrap.node_id, zone = %bootstrap.zone,
         bootstrap = %path.display(), "Traffic Director bootstrap written"

@@ -688,8 +688,8 @@ async fn save_evidence(evidence: &Evidence) -> String {
     .await
     .unwrap_or_else(|_| Err("no answer within 5s".to_owned()));
     let saved = match fetched {
-        Ok((200, body)) => mesh::files::write_atomic(path, &body, 0o600)
-            .map_err(|e| format!("cannot write {}: {e}", path.display())),
+        Ok((200, body)) => mesh::files::write_atomic(path, &body, mesh::files::Access::Private)
+            .map_err(|e| e.to_string()),
         Ok((status, _)) => Err(format!("{url} answered HTTP {status}")),
         Err(e) => Err(format!("{url}: {e}")),
     };

@@ -5,17 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use kube::client::ConfigExt;
 use serde::de::DeserializeOwned;
 
-use super::metadata::MetadataError;
-use super::retry::Backoff;
 use super::tokens::AccessTokens;
+use crate::backoff::Backoff;
+use crate::http::{Failure, HttpClient};
+use crate::metadata::MetadataError;
 
 /// Per-attempt budget of a Google API call.
 pub const API_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,9 +102,8 @@ impl Attempt {
 /// private endpoints and tests).
 #[derive(Clone)]
 pub struct GoogleApi {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    http: HttpClient,
     tokens: Arc<dyn AccessTokens>,
-    timeout: Duration,
     backoff: Backoff,
 }
 
@@ -115,15 +111,9 @@ impl GoogleApi {
     /// A client that authenticates with `tokens` and gives each attempt [`API_TIMEOUT`].
     /// Loads the system trust store: a blocking call.
     pub fn new(tokens: Arc<dyn AccessTokens>, backoff: Backoff) -> Result<Self, ApiError> {
-        // kube's connector: rustls with ring and the platform's roots, http or https.
-        let config = kube::Config::new(http::Uri::from_static("https://googleapis.com"));
-        let connector = config
-            .rustls_https_connector()
-            .map_err(|e| ApiError::Tls(e.to_string()))?;
         Ok(GoogleApi {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            http: HttpClient::new(API_TIMEOUT).map_err(|e| ApiError::Tls(e.detail))?,
             tokens,
-            timeout: API_TIMEOUT,
             backoff,
         })
     }
@@ -170,48 +160,18 @@ impl GoogleApi {
             request = request.header(QUOTA_PROJECT_HEADER, project);
         }
         let request = request
-            .body(Empty::new())
+            .body(Full::new(Bytes::new()))
             .map_err(|e| Attempt::Transport(e.to_string()))?;
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| Attempt::Transport(error_chain(&e)))?;
-            let status = response.status().as_u16();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| Attempt::Transport(e.to_string()))?
-                .to_bytes();
-            if status == 200 {
-                Ok(body)
-            } else {
-                Err(Attempt::Status(status, google_message(&body)))
-            }
-        };
-        tokio::time::timeout(self.timeout, exchange)
-            .await
-            .unwrap_or(Err(Attempt::Timeout(self.timeout)))
+        let response = self.http.send(request).await.map_err(|e| match e.failure {
+            Failure::Timeout => Attempt::Timeout(self.http.timeout()),
+            _ => Attempt::Transport(e.detail),
+        })?;
+        match response.status.as_u16() {
+            200 => Ok(response.body),
+            status => Err(Attempt::Status(
+                status,
+                crate::http::google_error_message(&response.body),
+            )),
+        }
     }
-}
-
-/// Google's `{"error": {"message": ...}}`, or the start of whatever came back.
-fn google_message(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }

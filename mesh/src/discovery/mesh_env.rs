@@ -7,7 +7,7 @@ use std::path::Path;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 
-use super::retry::Backoff;
+use crate::backoff::Backoff;
 
 /// Namespace of the ConfigMap.
 pub const NAMESPACE: &str = "istio-system";

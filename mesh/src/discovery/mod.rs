@@ -19,23 +19,21 @@ pub mod google_api;
 pub mod kube_client;
 pub mod mesh_env;
 pub mod mesh_url;
-pub mod metadata;
 pub mod resource_manager;
-pub mod retry;
 pub mod tokens;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::config::{ConfigError, Layer, Merge, MeshConfig, Setting, Source, names};
+use crate::metadata::{MetadataClient, MetadataError, NotGcp, Platform, ProbeOptions, paths};
 use gke::{Cluster, ClusterSelector, ContainerApi};
 use google_api::{ApiError, GoogleApi};
 use kube_client::KubeClientError;
 use mesh_env::{MeshEnv, MeshEnvError};
 use mesh_url::{GkeTarget, MeshUrl, MeshUrlError};
-use metadata::{MetadataClient, MetadataError, NotGcp, Platform, ProbeOptions, paths};
-use retry::Backoff;
 
 /// Discovery failed; each message names the input at fault and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -544,7 +542,7 @@ impl<'a> Discoverer<'a> {
                 md.probe(&ProbeOptions {
                     timeout: self.config.metadata_probe_timeout.value,
                     // Only the default host has a well-known name to race against.
-                    dns_name: Some(metadata::METADATA_DNS_NAME.to_owned()),
+                    dns_name: Some(crate::metadata::METADATA_DNS_NAME.to_owned()),
                     wait_for_both: self.config.k_service.is_some(),
                 })
                 .await

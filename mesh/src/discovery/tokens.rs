@@ -10,7 +10,7 @@ use http::header::{AUTHORIZATION, HeaderValue};
 use tower::BoxError;
 use tower::filter::AsyncPredicate;
 
-use super::metadata::{MetadataClient, MetadataError};
+use crate::metadata::{MetadataClient, MetadataError};
 
 /// A boxed future, as the trait object needs.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -1,11 +1,16 @@
-//! What the gRPC CA clients (Istio CA, MeshCA) share: the TLS channel, the unary call, how a
-//! gRPC status becomes an error that says what to check, and the chain-length rule.
+//! What the gRPC CA clients (Istio CA, MeshCA, CAS) share: the endpoint and its TLS channel,
+//! the authenticated unary call, how a gRPC status becomes an error that says what to check,
+//! the chain-length rule, and for Google's CAs the federated bearer and the request id.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use super::google_tokens::GoogleTokens;
+use super::token_cache::{CacheKey, TokenCache, TokenKind};
 
 /// Which CA, for messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,11 +100,9 @@ pub enum CaError {
     },
 }
 
-/// Where a CA is and how its TLS certificate is verified.
+/// Where a CA listens and how its serving certificate is verified; part of every CA's config.
 #[derive(Clone, Debug)]
-pub struct CaTarget {
-    /// Which CA.
-    pub kind: CaKind,
+pub struct CaEndpoint {
     /// `host:port` or an `https://` URL.
     pub addr: String,
     /// PEM root for the CA's serving certificate; `None` means the system roots.
@@ -108,26 +111,35 @@ pub struct CaTarget {
     pub server_name: Option<String>,
 }
 
+/// Which CA is at an endpoint (what errors name).
+#[derive(Clone, Debug)]
+pub struct CaTarget {
+    /// Which CA.
+    pub kind: CaKind,
+    /// Where it is.
+    pub endpoint: CaEndpoint,
+}
+
 impl CaTarget {
     pub(super) fn config_error(&self, detail: String) -> CaError {
         CaError::Config {
             kind: self.kind,
-            addr: self.addr.clone(),
+            addr: self.endpoint.addr.clone(),
             detail,
         }
     }
 
     fn endpoint(&self) -> Result<Endpoint, CaError> {
-        let url = if self.addr.contains("://") {
-            self.addr.clone()
+        let url = if self.endpoint.addr.contains("://") {
+            self.endpoint.addr.clone()
         } else {
-            format!("https://{}", self.addr)
+            format!("https://{}", self.endpoint.addr)
         };
-        let mut tls = match &self.root_pem {
+        let mut tls = match &self.endpoint.root_pem {
             Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
             None => ClientTlsConfig::new().with_native_roots(),
         };
-        if let Some(name) = &self.server_name {
+        if let Some(name) = &self.endpoint.server_name {
             tls = tls.domain_name(name.clone());
         }
         Endpoint::from_shared(url)
@@ -142,7 +154,7 @@ impl CaTarget {
     pub async fn connect(&self) -> Result<Channel, CaError> {
         self.endpoint()?.connect().await.map_err(|e| CaError::Rpc {
             kind: self.kind,
-            addr: self.addr.clone(),
+            addr: self.endpoint.addr.clone(),
             code: tonic::Code::Unavailable,
             message: format!("cannot connect: {e:?}"),
         })
@@ -156,7 +168,11 @@ impl CaTarget {
     }
 
     fn status_error(&self, status: tonic::Status) -> CaError {
-        let (kind, addr, message) = (self.kind, self.addr.clone(), status.message().to_owned());
+        let (kind, addr, message) = (
+            self.kind,
+            self.endpoint.addr.clone(),
+            status.message().to_owned(),
+        );
         match status.code() {
             tonic::Code::Unauthenticated => CaError::Unauthenticated {
                 kind,
@@ -171,37 +187,173 @@ impl CaTarget {
             },
         }
     }
+}
 
-    /// One unary call of `path` on `channel`, returning the `cert_chain` the response holds.
+/// A connection to a CA (TCP, TLS and HTTP/2; tonic reconnects it by itself) and its target:
+/// what every CA client signs through.
+#[derive(Clone)]
+pub(super) struct CaChannel {
+    channel: Channel,
+    target: CaTarget,
+}
+
+impl CaChannel {
+    /// Connects to `target` now.
+    pub(super) async fn connect(target: CaTarget) -> Result<Self, CaError> {
+        let channel = target.connect().await?;
+        Ok(CaChannel { channel, target })
+    }
+
+    /// A channel connected earlier.
+    pub(super) fn new(channel: Channel, target: CaTarget) -> Self {
+        CaChannel { channel, target }
+    }
+
+    /// The CA's address, for logs.
+    pub(super) fn addr(&self) -> &str {
+        &self.target.endpoint.addr
+    }
+
+    /// One unary call of `path` with `message`, authenticated with `bearer` (`credential` names
+    /// it in errors) and carrying `metadata` (name, what it is for errors, value); returns the
+    /// chain `chain` finds in the response, leaf first.
     pub(super) async fn create_certificate<Req, Resp>(
         &self,
-        channel: &Channel,
         path: &'static str,
-        request: tonic::Request<Req>,
+        message: Req,
+        (credential, bearer): (&str, &str),
+        metadata: &[(&'static str, &str, String)],
         chain: impl FnOnce(Resp) -> Vec<String>,
     ) -> Result<Vec<String>, CaError>
     where
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        let target = &self.target;
+        let mut request = tonic::Request::new(message);
+        let authorization = target.metadata(credential, &format!("Bearer {bearer}"))?;
+        request
+            .metadata_mut()
+            .insert("authorization", authorization);
+        for (name, what, value) in metadata {
+            let value = target.metadata(what, value)?;
+            request.metadata_mut().insert(*name, value);
+        }
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
         grpc.ready()
             .await
-            .map_err(|e| self.status_error(tonic::Status::unavailable(e.to_string())))?;
+            .map_err(|e| target.status_error(tonic::Status::unavailable(e.to_string())))?;
         let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
         let response = grpc
             .unary(request, PathAndQuery::from_static(path), codec)
             .await
-            .map_err(|s| self.status_error(s))?
+            .map_err(|s| target.status_error(s))?
             .into_inner();
         let chain = chain(response);
         if chain.len() < 2 {
             return Err(CaError::ShortChain {
-                kind: self.kind,
-                addr: self.addr.clone(),
+                kind: target.kind,
+                addr: target.endpoint.addr.clone(),
                 count: chain.len(),
             });
         }
         Ok(chain)
+    }
+}
+
+/// A Google CA (MeshCA, CAS): the channel, and the STS federated token as the bearer.
+pub(super) struct GoogleCa {
+    ca: CaChannel,
+    tokens: Arc<TokenCache<GoogleTokens>>,
+}
+
+impl GoogleCa {
+    /// Connects to the `kind` CA at `endpoint` now (the handshake can overlap the first token
+    /// exchange).
+    pub(super) async fn connect(
+        kind: CaKind,
+        endpoint: CaEndpoint,
+        tokens: Arc<TokenCache<GoogleTokens>>,
+    ) -> Result<Self, CaError> {
+        let ca = CaChannel::connect(CaTarget { kind, endpoint }).await?;
+        Ok(GoogleCa { ca, tokens })
+    }
+
+    /// The CA's address, for logs.
+    pub(super) fn addr(&self) -> &str {
+        self.ca.addr()
+    }
+
+    /// [`CaChannel::create_certificate`] with the cached federated token.
+    pub(super) async fn create_certificate<Req, Resp>(
+        &self,
+        path: &'static str,
+        message: Req,
+        metadata: &[(&'static str, &str, String)],
+        chain: impl FnOnce(Resp) -> Vec<String>,
+    ) -> Result<Vec<String>, CaError>
+    where
+        Req: prost::Message + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + Sync + 'static,
+    {
+        let key = CacheKey {
+            kind: TokenKind::Federated,
+            audience: String::new(),
+        };
+        let token = self.tokens.get(&key).await.map_err(|e| {
+            self.ca
+                .target
+                .config_error(format!("no federated token: {e}"))
+        })?;
+        self.ca
+            .create_certificate(
+                path,
+                message,
+                ("the federated token", token.secret()),
+                metadata,
+                chain,
+            )
+            .await
+    }
+}
+
+/// A certificate lifetime as protobuf seconds.
+pub(super) fn lifetime_seconds(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// A certificate lifetime as a protobuf `Duration`.
+pub(super) fn lifetime(ttl: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: lifetime_seconds(ttl),
+        nanos: 0,
+    }
+}
+
+/// A random UUID v4: MeshCA's and CAS's idempotency key.
+pub(super) fn request_id() -> String {
+    let mut b = [0u8; 16];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let id = super::request_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert_ne!(id, super::request_id());
     }
 }

@@ -7,11 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::Channel;
-
-use super::ca_grpc::{CaError, CaKind, CaTarget};
+use super::ca_grpc::{CaEndpoint, CaError, CaKind, GoogleCa, lifetime, request_id};
 use super::google_tokens::GoogleTokens;
-use super::token_cache::{CacheKey, TokenCache, TokenKind};
+use super::token_cache::TokenCache;
 
 /// CAS's public endpoint.
 pub const CAS_ADDR: &str = "privateca.googleapis.com:443";
@@ -127,12 +125,9 @@ pub mod proto {
 /// Where CAS is and which pool signs.
 #[derive(Clone, Debug)]
 pub struct CasConfig {
-    /// `host:port`, normally [`CAS_ADDR`].
-    pub addr: String,
-    /// PEM root of the endpoint's TLS certificate; `None` (production) means the system roots.
-    pub root_pem: Option<String>,
-    /// TLS server name when it differs from the address host (tests, private endpoints).
-    pub server_name: Option<String>,
+    /// The endpoint, normally [`CAS_ADDR`] with the system roots; a root and server name for
+    /// tests and private endpoints.
+    pub endpoint: CaEndpoint,
     /// `CA_POOL`: `projects/P/locations/L/caPools/NAME`.
     pub pool: String,
     /// PEM root of the pool (mesh-env `CAROOT_CAS`): the trust anchor of issued chains.
@@ -142,10 +137,8 @@ pub struct CasConfig {
 /// A CAS client; the bearer is the cached STS federated token (not the P4SA's: CAS needs the
 /// workload's own SPIFFE identity to reflect).
 pub struct CasClient {
-    channel: Channel,
-    target: CaTarget,
+    ca: GoogleCa,
     config: CasConfig,
-    tokens: Arc<TokenCache<GoogleTokens>>,
 }
 
 impl CasClient {
@@ -154,19 +147,8 @@ impl CasClient {
         config: CasConfig,
         tokens: Arc<TokenCache<GoogleTokens>>,
     ) -> Result<Self, CaError> {
-        let target = CaTarget {
-            kind: CaKind::Cas,
-            addr: config.addr.clone(),
-            root_pem: config.root_pem.clone(),
-            server_name: config.server_name.clone(),
-        };
-        let channel = target.connect().await?;
-        Ok(CasClient {
-            channel,
-            target,
-            config,
-            tokens,
-        })
+        let ca = GoogleCa::connect(CaKind::Cas, config.endpoint.clone(), tokens).await?;
+        Ok(CasClient { ca, config })
     }
 
     /// The pool root chains must lead to.
@@ -181,38 +163,23 @@ impl CasClient {
 
     /// Sends the CSR and returns the chain, leaf first.
     pub async fn sign(&self, csr_pem: &str, ttl: Duration) -> Result<Vec<String>, CaError> {
-        let key = CacheKey {
-            kind: TokenKind::Federated,
-            audience: String::new(),
-        };
-        let token = self
-            .tokens
-            .get(&key)
-            .await
-            .map_err(|e| self.target.config_error(format!("no federated token: {e}")))?;
-        let suffix = &super::meshca::request_id()[..8];
-        let mut request = tonic::Request::new(proto::CreateCertificateRequest {
+        let suffix = &request_id()[..8];
+        let message = proto::CreateCertificateRequest {
             parent: self.config.pool.clone(),
             certificate_id: format!("csr-workload-{suffix}"),
             certificate: Some(certificate(csr_pem, ttl)),
-            request_id: super::meshca::request_id(),
-        });
-        let bearer = format!("Bearer {}", token.secret());
-        let authorization = self.target.metadata("the federated token", &bearer)?;
-        let routing = self
-            .target
-            .metadata("CA_POOL", &format!("parent={}", self.config.pool))?;
-        request
-            .metadata_mut()
-            .insert("authorization", authorization);
-        request
-            .metadata_mut()
-            .insert("x-goog-request-params", routing);
-        self.target
+            request_id: request_id(),
+        };
+        let routing = (
+            "x-goog-request-params",
+            "CA_POOL",
+            format!("parent={}", self.config.pool),
+        );
+        self.ca
             .create_certificate(
-                &self.channel,
                 proto::CREATE_CERTIFICATE,
-                request,
+                message,
+                &[routing],
                 |c: proto::Certificate| {
                     std::iter::once(c.pem_certificate)
                         .filter(|p| !p.is_empty())
@@ -251,10 +218,7 @@ fn certificate(csr_pem: &str, ttl: Duration) -> proto::Certificate {
                 format: KEY_FORMAT_PEM,
             }),
         }),
-        lifetime: Some(prost_types::Duration {
-            seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
-            nanos: 0,
-        }),
+        lifetime: Some(lifetime(ttl)),
         subject_mode: REFLECTED_SPIFFE,
         ..Default::default()
     }

@@ -11,10 +11,10 @@ use hyper::{Method, Request, StatusCode, header};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::http::HttpClient;
 use super::jwt::Claims;
 use super::token::Token;
 use super::token_cache::{CacheKey, Mint, MintFuture, TokenKind};
+use crate::http::HttpClient;
 
 /// The scope of access tokens krun asks for.
 pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -53,7 +53,7 @@ pub enum GoogleTokenError {
         api: &'static str,
         /// The transport error.
         #[source]
-        source: super::http::HttpError,
+        source: crate::http::HttpError,
     },
     /// A 2xx answer krun cannot use.
     #[error("{api} {url}: unexpected response: {detail}")]
@@ -190,7 +190,11 @@ impl GoogleTokens {
         let request = request
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| response_err(format!("cannot build the request: {e}")))?;
-        let (status, bytes) = self
+        let crate::http::Response {
+            status,
+            body: bytes,
+            ..
+        } = self
             .http
             .send(request)
             .await
@@ -200,7 +204,7 @@ impl GoogleTokens {
                 api,
                 url: url.to_owned(),
                 status,
-                message: google_error_message(&bytes),
+                message: crate::http::google_error_message(&bytes),
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| response_err(format!("not JSON: {e}")))
@@ -224,30 +228,6 @@ fn string_field(
         })
 }
 
-/// Google's error text: OAuth style (`error`, `error_description`, STS) or API style
-/// (`error.message`, IAM); the raw body when it is neither.
-pub fn google_error_message(body: &[u8]) -> String {
-    let raw = || String::from_utf8_lossy(body).chars().take(300).collect();
-    let Ok(json) = serde_json::from_slice::<Value>(body) else {
-        return raw();
-    };
-    match &json["error"] {
-        Value::String(code) => match json["error_description"].as_str() {
-            Some(desc) => format!("{code}: {desc}"),
-            None => code.clone(),
-        },
-        Value::Object(e) => match (
-            e.get("status").and_then(Value::as_str),
-            e.get("message").and_then(Value::as_str),
-        ) {
-            (Some(status), Some(msg)) => format!("{status}: {msg}"),
-            (None, Some(msg)) => msg.to_owned(),
-            _ => raw(),
-        },
-        _ => raw(),
-    }
-}
-
 impl Mint for GoogleTokens {
     type Error = GoogleTokenError;
 
@@ -260,25 +240,5 @@ impl Mint for GoogleTokens {
                 TokenKind::Id => self.id_token(&federated, &key.audience).await,
             }
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn both_google_error_shapes_are_read() {
-        let sts = br#"{"error":"invalid_grant","error_description":"The audience is invalid."}"#;
-        assert_eq!(
-            google_error_message(sts),
-            "invalid_grant: The audience is invalid."
-        );
-        let iam = br#"{"error":{"code":403,"message":"Permission 'iam.serviceAccounts.getOpenIdToken' denied","status":"PERMISSION_DENIED"}}"#;
-        assert_eq!(
-            google_error_message(iam),
-            "PERMISSION_DENIED: Permission 'iam.serviceAccounts.getOpenIdToken' denied"
-        );
-        assert_eq!(google_error_message(b"upstream down"), "upstream down");
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use super::ca_grpc::{CaError, CaKind, CaTarget};
+use super::ca_grpc::{CaChannel, CaEndpoint, CaError, CaKind, CaTarget, lifetime_seconds};
 use super::token::Token;
 
 pub mod proto {
@@ -60,9 +60,11 @@ impl IstioCaConfig {
     fn target(&self) -> CaTarget {
         CaTarget {
             kind: CaKind::Istio,
-            addr: self.addr.clone(),
-            root_pem: Some(self.root_pem.clone()),
-            server_name: Some(self.server_name.clone()),
+            endpoint: CaEndpoint {
+                addr: self.addr.clone(),
+                root_pem: Some(self.root_pem.clone()),
+                server_name: Some(self.server_name.clone()),
+            },
         }
     }
 }
@@ -80,8 +82,7 @@ pub async fn connect(config: &IstioCaConfig) -> Result<CaConnection, CaError> {
 /// A connection to the CA; cheap to clone, reconnects by itself.
 #[derive(Clone)]
 pub struct IstioCaClient {
-    channel: Channel,
-    target: CaTarget,
+    ca: CaChannel,
     config: IstioCaConfig,
     token: watch::Receiver<Token>,
 }
@@ -95,8 +96,7 @@ impl IstioCaClient {
         token: watch::Receiver<Token>,
     ) -> Self {
         IstioCaClient {
-            channel: connection.0,
-            target: config.target(),
+            ca: CaChannel::new(connection.0, config.target()),
             config,
             token,
         }
@@ -109,31 +109,27 @@ impl IstioCaClient {
 
     /// The CA address, for logs.
     pub fn addr(&self) -> &str {
-        &self.config.addr
+        self.ca.addr()
     }
 
     /// Sends `csr_pem` and returns the chain, leaf first.
     pub async fn sign(&self, csr_pem: &str, ttl: Duration) -> Result<Vec<String>, CaError> {
-        let mut request = tonic::Request::new(proto::IstioCertificateRequest {
+        let message = proto::IstioCertificateRequest {
             csr: csr_pem.to_owned(),
-            validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            validity_duration: lifetime_seconds(ttl),
             metadata: None,
-        });
-        let bearer = format!("Bearer {}", self.token.borrow().secret());
-        let cluster_id = self
-            .target
-            .metadata("the cluster id", &self.config.cluster_id)?;
-        let metadata = request.metadata_mut();
-        metadata.insert(
-            "authorization",
-            self.target.metadata("the istio-token", &bearer)?,
-        );
-        metadata.insert("clusterid", cluster_id);
-        self.target
+        };
+        let bearer = self.token.borrow().secret().to_owned();
+        self.ca
             .create_certificate(
-                &self.channel,
                 proto::CREATE_CERTIFICATE,
-                request,
+                message,
+                ("the istio-token", &bearer),
+                &[(
+                    "clusterid",
+                    "the cluster id",
+                    self.config.cluster_id.clone(),
+                )],
                 |r: proto::IstioCertificateResponse| r.cert_chain,
             )
             .await

@@ -10,10 +10,10 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 
-use super::backoff::Backoff;
-use super::files::{Access, WriteError, write_atomic};
 use super::jwt::Claims;
 use super::token::Token;
+use crate::backoff::Backoff;
+use crate::files::{Access, WriteError, write_atomic};
 
 /// Requested lifetime: one hour, the API server default, but explicit so the refresh
 /// schedule does not depend on the cluster's defaults.
@@ -64,7 +64,7 @@ pub enum K8sTokenError {
         source: super::jwt::NotAJwt,
     },
     /// The token file could not be written.
-    #[error(transparent)]
+    #[error("{0}; check that MESH_BASE_DIR points to a writable directory")]
     Write(#[from] WriteError),
 }
 
@@ -176,7 +176,8 @@ async fn refresh(
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         tokio::time::sleep(wait).await;
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut backoff =
+            Backoff::until_success(Duration::from_millis(500), Duration::from_secs(30)).delays();
         loop {
             let attempt = SystemTime::now();
             let result = match source.request().await {

@@ -5,21 +5,17 @@
 //! certificate when the CA is down. The signer is chosen by the caller: a local CA for
 //! `CA_ADDR=file:///dir`, or Istio's CA with a token source (`k8s_token`).
 
-mod backoff;
 pub mod ca_grpc;
 pub mod cas;
 pub mod cert_store;
 pub mod csr;
-pub mod files;
 pub mod google_tokens;
-pub mod http;
 pub mod istio_ca;
 pub mod jwt;
 pub mod k8s_token;
 mod keys;
 pub mod local_ca;
 pub mod meshca;
-pub mod metadata_token;
 pub mod roots;
 pub mod signer;
 pub mod token;
@@ -33,12 +29,13 @@ use std::time::{Duration, SystemTime};
 use rcgen::PublicKeyData;
 use rustls_pki_types::CertificateDer;
 
-pub use backoff::Backoff;
+use crate::backoff::Backoff;
+
 pub use cert_store::{CertResolver, CertStore, RotationHealth, WorkloadCert};
 pub use hbone::SpiffeId;
 pub use signer::{SignError, Signer};
 
-use files::{Access, WriteError, write_atomic};
+use crate::files::{Access, WriteError, write_atomic};
 use local_ca::to_pem;
 
 /// Istio's default certificate lifetime (`SECRET_TTL`).
@@ -105,7 +102,7 @@ pub enum IdentityError {
     #[error(transparent)]
     Verify(#[from] verify::VerifyError),
     /// Writing the files.
-    #[error(transparent)]
+    #[error("{0}; check that MESH_BASE_DIR points to a writable directory")]
     Write(#[from] WriteError),
     /// rustls cannot use the key with the chain.
     #[error("the new workload key cannot be used for TLS: {0}")]
@@ -249,7 +246,7 @@ async fn rotate(minter: Minter, store: Arc<CertStore>, policy: RotationPolicy) {
             .duration_since(cert.not_before)
             .unwrap_or_default();
         // Up to 5 % early, so instances started together do not hit the CA together.
-        let due = cert.half_life() - lifetime.mul_f64(0.05 * backoff::unit_random());
+        let due = cert.half_life() - lifetime.mul_f64(0.05 * crate::backoff::unit_random());
         let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
         tracing::info!(
             identity = %minter.identity,
@@ -257,7 +254,8 @@ async fn rotate(minter: Minter, store: Arc<CertStore>, policy: RotationPolicy) {
             "certificate rotation scheduled at half-life"
         );
         tokio::time::sleep(wait).await;
-        let mut backoff = Backoff::new(policy.initial_backoff, policy.max_backoff);
+        let mut backoff =
+            Backoff::until_success(policy.initial_backoff, policy.max_backoff).delays();
         loop {
             match minter.mint().await {
                 Ok(new) => {

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::SpiffeId;
 
@@ -91,21 +91,7 @@ pub fn verify_chain(
         .ok_or_else(|| VerifyError::Empty(requested.clone()))?;
     let (_, leaf) =
         X509Certificate::from_der(leaf_der).map_err(|e| VerifyError::Malformed(e.to_string()))?;
-    let uris: Vec<String> = leaf
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::URI(uri) => Some((*uri).to_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let uris = hbone::identity::uri_sans(leaf_der);
     if uris != [requested.clone()] {
         let got = if uris.is_empty() {
             "no URI SAN".to_owned()

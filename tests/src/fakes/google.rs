@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hyper::StatusCode;
 use serde_json::json;
 
-use super::http::{HttpServer, json};
 use super::pki::jwt;
+use super::server::{FakeServer, Reply, Request};
 
 #[derive(Default)]
 struct State {
@@ -23,64 +22,23 @@ struct State {
 
 /// The running fake.
 pub struct FakeGoogle {
-    server: HttpServer,
+    server: FakeServer,
     state: Arc<State>,
 }
 
 impl FakeGoogle {
     /// Starts it; each answer is delayed by `delay`.
-    pub async fn start(delay: Duration) -> FakeGoogle {
+    pub fn start(delay: Duration) -> FakeGoogle {
         let state = Arc::new(State::default());
         let s = state.clone();
-        let server = HttpServer::start(delay, move |call| {
-            let s = s.clone();
-            async move {
-                if call.header("content-type") != "application/json" {
-                    return json(StatusCode::BAD_REQUEST, json!({"error": "invalid_request", "error_description": "Content-Type must be application/json"}));
-                }
-                let body = call.json();
-                if call.path == "/v1/token" {
-                    s.sts_calls.fetch_add(1, Ordering::SeqCst);
-                    if s.sts_fails.load(Ordering::SeqCst) {
-                        return json(StatusCode::BAD_REQUEST, json!({"error": "invalid_grant", "error_description": "The audience in ID Token does not match the expected audience."}));
-                    }
-                    if body["grantType"] != "urn:ietf:params:oauth:grant-type:token-exchange"
-                        || body["subjectToken"].as_str().is_none_or(str::is_empty)
-                    {
-                        return json(StatusCode::BAD_REQUEST, json!({"error": "invalid_request", "error_description": "bad grant"}));
-                    }
-                    return json(StatusCode::OK, json!({"access_token": "federated-token", "issued_token_type": "urn:ietf:params:oauth:token-type:access_token", "token_type": "Bearer", "expires_in": 3600}));
-                }
-                if call.path.starts_with("/v1/projects/-/serviceAccounts/") {
-                    s.iam_calls.fetch_add(1, Ordering::SeqCst);
-                    if call.header("authorization") != "Bearer federated-token" {
-                        return json(StatusCode::UNAUTHORIZED, json!({"error": {"code": 401, "message": "Request had invalid authentication credentials.", "status": "UNAUTHENTICATED"}}));
-                    }
-                    if s.iam_denies.load(Ordering::SeqCst) {
-                        return json(StatusCode::FORBIDDEN, json!({"error": {"code": 403, "message": "Permission 'iam.serviceAccounts.getOpenIdToken' denied on resource (or it may not exist).", "status": "PERMISSION_DENIED"}}));
-                    }
-                    if call.path.ends_with(":generateIdToken") {
-                        let aud = body["audience"].as_str().unwrap_or("");
-                        return json(StatusCode::OK, json!({"token": jwt("gsa", aud, Duration::from_secs(3600))}));
-                    }
-                    if call.path.ends_with(":generateAccessToken") {
-                        let lifetime = body["lifetime"].as_str().unwrap_or("");
-                        if !lifetime.ends_with('s') {
-                            return json(StatusCode::BAD_REQUEST, json!({"error": {"code": 400, "message": "Invalid value at 'lifetime'", "status": "INVALID_ARGUMENT"}}));
-                        }
-                        return json(StatusCode::OK, json!({"accessToken": "access-token", "expireTime": "2099-01-01T00:00:00Z"}));
-                    }
-                }
-                json(StatusCode::NOT_FOUND, json!({"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}))
-            }
-        })
-        .await;
+        let server = FakeServer::http(Arc::new(move |req: &Request| answer(&s, req)));
+        server.set_latency(delay);
         FakeGoogle { server, state }
     }
 
     /// Base URL for both `STS_ENDPOINT` and `IAM_CREDENTIALS_ENDPOINT`.
     pub fn url(&self) -> String {
-        self.server.url()
+        self.server.url("http")
     }
 
     /// STS calls so far.
@@ -102,4 +60,70 @@ impl FakeGoogle {
     pub fn deny_iam(&self) {
         self.state.iam_denies.store(true, Ordering::SeqCst);
     }
+}
+
+fn answer(s: &State, req: &Request) -> Reply {
+    if req.header("content-type") != Some("application/json") {
+        return Reply::json_status(
+            400,
+            json!({"error": "invalid_request", "error_description": "Content-Type must be application/json"}),
+        );
+    }
+    let body: serde_json::Value =
+        serde_json::from_slice(&req.body).unwrap_or(serde_json::Value::Null);
+    if req.path == "/v1/token" {
+        s.sts_calls.fetch_add(1, Ordering::SeqCst);
+        if s.sts_fails.load(Ordering::SeqCst) {
+            return Reply::json_status(
+                400,
+                json!({"error": "invalid_grant", "error_description": "The audience in ID Token does not match the expected audience."}),
+            );
+        }
+        if body["grantType"] != "urn:ietf:params:oauth:grant-type:token-exchange"
+            || body["subjectToken"].as_str().is_none_or(str::is_empty)
+        {
+            return Reply::json_status(
+                400,
+                json!({"error": "invalid_request", "error_description": "bad grant"}),
+            );
+        }
+        return Reply::json(
+            json!({"access_token": "federated-token", "issued_token_type": "urn:ietf:params:oauth:token-type:access_token", "token_type": "Bearer", "expires_in": 3600}),
+        );
+    }
+    if req.path.starts_with("/v1/projects/-/serviceAccounts/") {
+        s.iam_calls.fetch_add(1, Ordering::SeqCst);
+        if req.header("authorization") != Some("Bearer federated-token") {
+            return Reply::json_status(
+                401,
+                json!({"error": {"code": 401, "message": "Request had invalid authentication credentials.", "status": "UNAUTHENTICATED"}}),
+            );
+        }
+        if s.iam_denies.load(Ordering::SeqCst) {
+            return Reply::json_status(
+                403,
+                json!({"error": {"code": 403, "message": "Permission 'iam.serviceAccounts.getOpenIdToken' denied on resource (or it may not exist).", "status": "PERMISSION_DENIED"}}),
+            );
+        }
+        if req.path.ends_with(":generateIdToken") {
+            let aud = body["audience"].as_str().unwrap_or("");
+            return Reply::json(json!({"token": jwt("gsa", aud, Duration::from_secs(3600))}));
+        }
+        if req.path.ends_with(":generateAccessToken") {
+            let lifetime = body["lifetime"].as_str().unwrap_or("");
+            if !lifetime.ends_with('s') {
+                return Reply::json_status(
+                    400,
+                    json!({"error": {"code": 400, "message": "Invalid value at 'lifetime'", "status": "INVALID_ARGUMENT"}}),
+                );
+            }
+            return Reply::json(
+                json!({"accessToken": "access-token", "expireTime": "2099-01-01T00:00:00Z"}),
+            );
+        }
+    }
+    Reply::json_status(
+        404,
+        json!({"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}),
+    )
 }

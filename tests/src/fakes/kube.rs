@@ -1,13 +1,15 @@
-//! Fake Kubernetes API server: HTTPS with its own CA (made with rcgen), bearer token
+//! The one fake Kubernetes API server: HTTPS with its own CA (made with rcgen), bearer token
 //! required, serving `GET /api/v1/namespaces/istio-system/configmaps/mesh-env` (or a K8s
 //! `Status` 404 when no mesh-env is set) and TokenRequest
-//! (`POST /api/v1/namespaces/NS/serviceaccounts/KSA/token`, for krun's istio-token).
+//! (`POST /api/v1/namespaces/NS/serviceaccounts/KSA/token`, for krun's istio-token), or, with
+//! [`start_cluster`], a stateful cluster of ConfigMaps and Services.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+use rustls::pki_types::pem::PemObject;
 use serde_json::json;
 
 use super::metadata::ACCESS_TOKEN;
@@ -25,6 +27,37 @@ impl FakeKube {
     /// Base64 of the CA PEM, as GKE's `masterAuth.clusterCaCertificate`.
     pub fn ca_base64(&self) -> String {
         base64::engine::general_purpose::STANDARD.encode(&self.ca_pem)
+    }
+
+    /// A kube client for this server: its CA, the fake metadata token as bearer.
+    pub fn client(&self) -> kube::Client {
+        let url = self.server.url("https").parse().expect("fake URL");
+        let mut config = kube::Config::new(url);
+        let ca = rustls::pki_types::CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
+            .expect("fake CA PEM");
+        config.root_cert = Some(vec![ca.to_vec()]);
+        config.auth_info.token = Some(ACCESS_TOKEN.to_owned().into());
+        kube::Client::try_from(config).expect("kube client")
+    }
+
+    /// TokenRequests answered with a token.
+    pub fn token_requests(&self) -> usize {
+        self.server
+            .seen()
+            .iter()
+            .filter(|s| {
+                s.status == 201
+                    && s.path
+                        .split('?')
+                        .next()
+                        .is_some_and(|p| p.ends_with("/token"))
+            })
+            .count()
+    }
+
+    /// The next `n` TokenRequests fail with 503, as an API server that is restarting.
+    pub fn fail_token_requests(&self, n: u32) {
+        self.server.fail("/token", n, 503, &[]);
     }
 }
 

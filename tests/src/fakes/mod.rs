@@ -7,8 +7,6 @@ pub mod ca;
 pub mod front;
 pub mod gke;
 pub mod google;
-pub mod http;
-pub mod k8s;
 pub mod kube;
 pub mod metadata;
 pub mod pki;

@@ -180,23 +180,3 @@ pub fn jwt(sub: &str, aud: &str, lifetime: Duration) -> String {
         )
     )
 }
-
-/// The URI SANs of a DER certificate.
-pub fn leaf_uris(der: &[u8]) -> Vec<String> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).expect("parse cert");
-    cert.subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::URI(uri) => Some((*uri).to_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}

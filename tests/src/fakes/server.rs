@@ -1,6 +1,7 @@
 //! The HTTP(S) server under every fake: a real hyper HTTP/1.1 server on 127.0.0.1 that hands
 //! each request to a handler, records it, and can add latency or fail the first N requests
-//! (for the benchmark and the retry scenarios).
+//! (for the benchmark and the retry scenarios). It runs on its own runtime, so it can be
+//! started from a plain `#[test]` and from inside `#[tokio::test]` alike.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -68,6 +69,14 @@ impl Reply {
             status: 200,
             headers: vec![("content-type".into(), "application/json".into())],
             body: value.to_string(),
+        }
+    }
+
+    /// `value` as JSON with `status`.
+    pub fn json_status(status: u16, value: serde_json::Value) -> Self {
+        Reply {
+            status,
+            ..Reply::json(value)
         }
     }
 
@@ -143,14 +152,15 @@ impl FakeServer {
     }
 
     fn start(handler: Handler, tls: Option<TlsAcceptor>) -> Self {
-        let listener = runtime()
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("bind fake");
+        // Bound here (no runtime needed), served on the fakes' runtime.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake");
+        listener.set_nonblocking(true).expect("nonblocking fake");
         let addr = listener.local_addr().expect("fake addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let faults = Arc::new(Mutex::new(Faults::default()));
         let (seen2, faults2) = (seen.clone(), faults.clone());
         let task = runtime().spawn(async move {
+            let listener = TcpListener::from_std(listener).expect("fake listener");
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;

@@ -1,23 +1,26 @@
-//! A small client for the GCE / Cloud Run metadata server (plain HTTP on the link-local IP,
-//! or `GCE_METADATA_HOST`). Our own because gcp_auth hard-codes `metadata.google.internal`
-//! and cannot be pointed at a test server.
+//! The one client of the GCE / Cloud Run metadata server (plain HTTP on the link-local IP, or
+//! `GCE_METADATA_HOST`), for discovery (project, region, cluster, the access token), identity
+//! and hgate (ID tokens). Our own because gcp_auth hard-codes `metadata.google.internal` and
+//! cannot be pointed at a test server.
 //!
-//! Every request carries `Metadata-Flavor: Google` and every answer must carry it back (that
-//! header is how Google's client libraries tell a metadata server from a captive portal or a
-//! proxy). Values are cached; the access token is cached until shortly before it expires.
+//! Every request carries `Metadata-Flavor: Google` and every value's answer must carry it back
+//! (that header is how Google's client libraries tell a metadata server from a captive portal
+//! or a proxy). Values are cached; the access token is cached until shortly before it expires;
+//! ID tokens are cached by the caller's [`TokenCache`](crate::identity::token_cache::TokenCache).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
-use super::retry::Backoff;
+use crate::backoff::Backoff;
+use crate::http::{Failure, HttpClient};
+use crate::identity::jwt::Claims;
+use crate::identity::token::Token;
+use crate::identity::token_cache::{CacheKey, Mint, MintFuture};
 
 /// The header a metadata server requires and answers with.
 pub const FLAVOR_HEADER: &str = "metadata-flavor";
@@ -41,6 +44,7 @@ pub mod paths {
     pub const ZONE: &str = "instance/zone";
     pub const INSTANCE_ID: &str = "instance/id";
     pub const INSTANCE_IP: &str = "instance/network-interfaces/0/ip";
+    pub const IDENTITY: &str = "instance/service-accounts/default/identity";
 }
 
 /// A metadata request that failed; each message names the server and what to check.
@@ -81,6 +85,16 @@ pub enum MetadataError {
         status: u16,
         /// Attempts made.
         attempts: u32,
+    },
+    /// An ID token that is not a JWT.
+    #[error("metadata server {host} answered {path} with a token that is not a JWT: {reason}")]
+    NotAJwt {
+        /// `host[:port]`.
+        host: String,
+        /// The path asked for.
+        path: String,
+        /// What was wrong.
+        reason: String,
     },
     /// A body that is not what the metadata API documents.
     #[error("metadata server {host} answered {path} with an unreadable body: {reason}")]
@@ -212,8 +226,7 @@ impl Attempt {
 /// The metadata client. Cheap to share behind an `Arc`.
 pub struct MetadataClient {
     host: String,
-    client: Client<HttpConnector, Empty<Bytes>>,
-    timeout: Duration,
+    http: HttpClient,
     backoff: Backoff,
     cache: Mutex<HashMap<String, Option<String>>>,
     token: tokio::sync::Mutex<Option<AccessToken>>,
@@ -227,9 +240,6 @@ impl MetadataClient {
 
     /// Same, with an explicit retry policy (tests use a fast one).
     pub fn with_backoff(host: &str, timeout: Duration, backoff: Backoff) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
         let host = host
             .trim()
             .trim_start_matches("http://")
@@ -237,8 +247,7 @@ impl MetadataClient {
             .to_owned();
         MetadataClient {
             host,
-            client: Client::builder(TokioExecutor::new()).build(connector),
-            timeout,
+            http: HttpClient::plain(timeout),
             backoff,
             cache: Mutex::new(HashMap::new()),
             token: tokio::sync::Mutex::new(None),
@@ -259,9 +268,9 @@ impl MetadataClient {
     /// it at once from DNS. With `wait_for_both` (Cloud Run's env is present) either positive
     /// answer wins.
     pub async fn probe(&self, options: &ProbeOptions) -> Platform {
-        let timeout = options.timeout.min(self.timeout);
+        let timeout = options.timeout.min(self.http.timeout());
         let http = async {
-            match self.attempt("/", timeout).await {
+            match self.attempt("/", Flavor::Required, timeout).await {
                 Ok(_) => Platform::Gcp,
                 Err(Attempt::Connect(why, _)) => Platform::NotGcp(why),
                 Err(Attempt::Timeout(_)) => Platform::NotGcp(NotGcp::NoAnswer),
@@ -299,7 +308,7 @@ impl MetadataClient {
         let result = self
             .backoff
             .retry(&full, Attempt::retryable, || {
-                self.attempt(&full, self.timeout)
+                self.attempt(&full, Flavor::Required, self.http.timeout())
             })
             .await;
         let value = match result {
@@ -327,7 +336,7 @@ impl MetadataClient {
         let body = self
             .backoff
             .retry(&full, Attempt::retryable, || {
-                self.attempt(&full, self.timeout)
+                self.attempt(&full, Flavor::Required, self.http.timeout())
             })
             .await
             .map_err(|(e, attempts)| self.error(paths::TOKEN, e, attempts))?
@@ -351,44 +360,70 @@ impl MetadataClient {
         Ok(token)
     }
 
+    /// An ID token for `audience` of the instance's service account: one GET of
+    /// `.../identity?audience=A&format=full`, no retries (the caller's cache retries).
+    pub async fn id_token(&self, audience: &str) -> Result<Token, MetadataError> {
+        let path = format!(
+            "{}?audience={}&format=full",
+            paths::IDENTITY,
+            percent_encode(audience)
+        );
+        let full = format!("{API_PREFIX}{path}");
+        let token = self
+            .attempt(&full, Flavor::Ignored, self.http.timeout())
+            .await
+            .map_err(|e| self.error(&path, e, 1))?
+            .ok_or_else(|| MetadataError::Status {
+                host: self.host.clone(),
+                path: path.clone(),
+                status: 404,
+                attempts: 1,
+            })?;
+        let token = token.trim().to_owned();
+        let claims = Claims::decode(&token).map_err(|e| MetadataError::NotAJwt {
+            host: self.host.clone(),
+            path,
+            reason: e.to_string(),
+        })?;
+        Ok(Token::new(token, claims.expires_at()))
+    }
+
     fn cached(&self, path: &str) -> Option<Option<String>> {
         self.cache.lock().ok()?.get(path).cloned()
     }
 
-    async fn attempt(&self, path: &str, timeout: Duration) -> Result<Option<String>, Attempt> {
+    async fn attempt(
+        &self,
+        path: &str,
+        flavor: Flavor,
+        timeout: Duration,
+    ) -> Result<Option<String>, Attempt> {
         let request = http::Request::get(format!("http://{}{path}", self.host))
             .header(FLAVOR_HEADER, FLAVOR)
-            .body(Empty::new())
+            .header(http::header::ACCEPT, "text/plain")
+            .body(Full::new(Bytes::new()))
             .map_err(|e| Attempt::Other(e.to_string()))?;
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
+        let response =
+            self.http
+                .send_within(request, timeout)
                 .await
-                .map_err(classify_connect_error)?;
-            let flavored = response
-                .headers()
-                .get(FLAVOR_HEADER)
-                .is_some_and(|v| v == FLAVOR);
-            if !flavored {
-                return Err(Attempt::NoFlavor);
-            }
-            let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| Attempt::Other(format!("reading the body: {e}")))?
-                .to_bytes();
-            match status.as_u16() {
-                200 => Ok(Some(String::from_utf8_lossy(&body).into_owned())),
-                404 => Ok(None),
-                other => Err(Attempt::Status(other)),
-            }
-        };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .unwrap_or(Err(Attempt::Timeout(timeout)))
+                .map_err(|e| match e.failure {
+                    Failure::Connect(kind) => Attempt::Connect(not_gcp(kind), e.detail),
+                    Failure::Timeout => Attempt::Timeout(timeout),
+                    Failure::Request | Failure::Body => Attempt::Other(e.detail),
+                })?;
+        let flavored = response
+            .headers
+            .get(FLAVOR_HEADER)
+            .is_some_and(|v| v == FLAVOR);
+        if flavor == Flavor::Required && !flavored {
+            return Err(Attempt::NoFlavor);
+        }
+        match response.status.as_u16() {
+            200 => Ok(Some(String::from_utf8_lossy(&response.body).into_owned())),
+            404 => Ok(None),
+            other => Err(Attempt::Status(other)),
+        }
     }
 
     fn error(&self, path: &str, attempt: Attempt, attempts: u32) -> MetadataError {
@@ -413,24 +448,50 @@ impl MetadataClient {
 }
 
 /// Sorts a connection failure into the "not on GCP" reasons by its OS error.
-fn classify_connect_error(e: hyper_util::client::legacy::Error) -> Attempt {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            let why = match io.kind() {
-                ConnectionRefused => NotGcp::Refused,
-                NetworkUnreachable | HostUnreachable | AddrNotAvailable => NotGcp::Unreachable,
-                TimedOut => NotGcp::NoAnswer,
-                _ => NotGcp::Unreachable,
-            };
-            return Attempt::Connect(why, io.to_string());
-        }
-        source = err.source();
+fn not_gcp(kind: Option<std::io::ErrorKind>) -> NotGcp {
+    use std::io::ErrorKind::*;
+    match kind {
+        Some(ConnectionRefused) => NotGcp::Refused,
+        Some(TimedOut) => NotGcp::NoAnswer,
+        _ => NotGcp::Unreachable,
     }
-    if e.is_connect() {
-        Attempt::Connect(NotGcp::Unreachable, e.to_string())
-    } else {
-        Attempt::Other(e.to_string())
+}
+
+/// Whether an answer must carry `Metadata-Flavor: Google`: values must (a captive portal must
+/// not become our project id); the identity endpoint's token is checked as a JWT instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flavor {
+    Required,
+    Ignored,
+}
+
+impl Mint for MetadataClient {
+    type Error = MetadataError;
+
+    fn mint<'a>(&'a self, key: &'a CacheKey) -> MintFuture<'a, MetadataError> {
+        Box::pin(self.id_token(&key.audience))
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn audiences_are_percent_encoded() {
+        assert_eq!(
+            super::percent_encode("https://svc.a.run.app/x?y"),
+            "https%3A%2F%2Fsvc.a.run.app%2Fx%3Fy"
+        );
     }
 }
