@@ -1,17 +1,24 @@
 //! mesh: what krun (the launcher) and hgate (the gateway) share.
 //!
-//! - [`config`]: typed settings, each value remembering its source, printed by
-//!   `--print-config` with secrets redacted;
+//! - [`config`]: the settings-table primitives (each value remembering its source, printed
+//!   by `--print-config` with secrets redacted) and [`MeshConfig`](config::MeshConfig), the
+//!   settings of the mesh side;
 //! - [`logging`]: text or JSON logs (Cloud Logging's `severity`);
-//! - [`discovery`]: the metadata server, GKE, Resource Manager and the `mesh-env` ConfigMap,
-//!   and the Kubernetes client;
+//! - [`discovery`]: where the mesh is, from the metadata server, GKE, Resource Manager and
+//!   the `mesh-env` ConfigMap, and the Kubernetes client of the config cluster;
 //! - [`identity`]: token sources, certificate authorities and the workload certificate;
 //! - [`files`]: atomic writes with deliberate modes;
 //! - [`backoff`]: the jittered retry pacing of every call and refresh;
 //! - [`http`]: the HTTP client of Google APIs and the metadata server;
-//! - [`metadata`]: the metadata server's values, access and ID tokens, and the GCP probe.
+//! - [`metadata`]: the metadata server's values, access and ID tokens, and the GCP probe;
+//! - [`istio`]: Istio's ports and the proxy's uid and gid.
 //!
 //! It knows nothing of processes, iptables or the data plane: those are krun's.
+//!
+//! krun and hgate re-create cloud-run-mesh
+//! (<https://github.com/GoogleCloudPlatform/cloud-run-mesh>) with the same environment
+//! variables, mesh-env keys, ports and files; comments that name cloud-run-mesh say what that
+//! Go implementation did, usually a bug fixed here.
 
 pub mod backoff;
 pub mod config;

@@ -1,5 +1,6 @@
 //! GKE config-cluster discovery through the Container API v1 REST: an explicit cluster is
-//! fetched (`projects/P/locations/L/clusters/C`, the plural the reference got wrong), anything
+//! fetched (`projects/P/locations/L/clusters/C`; cloud-run-mesh wrote the singular
+//! `cluster/`, which the API rejects), anything
 //! less is listed and chosen by [`ClusterSelector`].
 
 use std::collections::BTreeMap;
@@ -54,8 +55,8 @@ pub struct Selection {
     pub reason: String,
 }
 
-/// Picks the config cluster from a list, in the reference's order (§3.2) with its bug fixed
-/// (the first `istio*` cluster wins, not the last):
+/// Picks the config cluster from a list, in cloud-run-mesh's order with its bug fixed (its
+/// loop had no `break`, so the last `istio*` cluster won; here the first does):
 /// 1. the cluster named `CLUSTER_NAME`, preferring one in my region;
 /// 2. the first `istio*` cluster in my region;
 /// 3. the first cluster in my region;

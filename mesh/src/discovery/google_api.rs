@@ -17,7 +17,10 @@ use crate::metadata::MetadataError;
 /// Per-attempt budget of a Google API call.
 pub const API_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The header that bills a call to another project (multi-project meshes, reference PR #21).
+/// The header that bills a call to another project
+/// (<https://cloud.google.com/apis/docs/system-parameters>): in a multi-project mesh the
+/// workload's project calls APIs of the config project, as cloud-run-mesh's multi-project
+/// support did.
 pub const QUOTA_PROJECT_HEADER: &str = "x-goog-user-project";
 
 /// A Google API call that failed.

@@ -120,7 +120,7 @@ pub struct ContextCluster {
 
 impl ContextCluster {
     /// `gke_PROJECT_LOCATION_NAME` (gcloud container clusters get-credentials) or
-    /// `connectgateway_PROJECT_NAME` (fleet Connect gateway), as the reference read them.
+    /// `connectgateway_PROJECT_NAME` (fleet Connect gateway), as cloud-run-mesh read them.
     pub fn parse(context: &str) -> Option<Self> {
         if let Some(rest) = context.strip_prefix("gke_") {
             let mut parts = rest.splitn(3, '_');

@@ -1,4 +1,6 @@
-//! The `istio-system/mesh-env` ConfigMap that hgate publishes (reference §2.3): read from the
+//! The `istio-system/mesh-env` ConfigMap that hgate publishes (project number and id,
+//! cluster, MCP tenant, hgate addresses, `CA_POOL`, `CAROOT_*` roots; any key is also a
+//! fallback for a setting the environment leaves unset): read from the
 //! cluster, or from a local YAML map (`MESH=file:///path.yaml`) with no K8s and no GCP.
 
 use std::collections::BTreeMap;

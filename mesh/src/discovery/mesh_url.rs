@@ -1,6 +1,7 @@
-//! The `MESH` locator: which mesh this workload joins and how to find it (design.md §MESH
-//! formats). Parsing is strict: a malformed value stops krun with a message that shows the
-//! accepted forms, instead of being ignored as the reference did.
+//! The `MESH` locator: which mesh this workload joins and how to find it ([`MESH_FORMS`],
+//! docs/configuration.md). Parsing is strict: a malformed value stops krun with a message
+//! that shows the accepted forms. cloud-run-mesh logged a malformed value, silently ignored
+//! forms it did not implement (and the path of `gke://`), and fell back to `PROJECT_ID`.
 
 use std::path::PathBuf;
 

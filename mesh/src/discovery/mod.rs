@@ -1,7 +1,11 @@
 //! Mesh discovery: where is the mesh, which cluster holds its configuration, and what does
-//! `istio-system/mesh-env` say (reference §1-§3, with §13.1 items 1, 2, 11-14 fixed).
+//! `istio-system/mesh-env` say. The sources and their precedence are cloud-run-mesh's; its
+//! bugs are not kept: mesh-env no longer replaces environment values, the cluster resource
+//! name is `clusters/` not `cluster/`, the path of `gke://` is honoured, the first `istio*`
+//! cluster wins (not the last), `TRUST_DOMAIN` is not overwritten, a failed lookup no longer
+//! skips the steps after it, and a missing project or client is an error instead of a panic.
 //!
-//! The reference makes about nine calls one after another. Here the calls form a graph and
+//! cloud-run-mesh makes about nine calls one after another. Here the calls form a graph and
 //! each runs as soon as its inputs exist:
 //!
 //! ```text
@@ -310,7 +314,7 @@ impl<'a> Discoverer<'a> {
         };
         let mut discovered = Layer::default();
         if let Some(context) = context {
-            // The kubeconfig context names the cluster (reference §3.4).
+            // The kubeconfig context names the cluster (`gke_P_L_N` or `connectgateway_P_N`).
             discovered.set_if_unset(names::PROJECT_ID, &context.project, Source::Discovered);
             discovered.set_if_unset(names::CLUSTER_NAME, &context.name, Source::Discovered);
             if let Some(location) = &context.location {
@@ -377,7 +381,8 @@ impl<'a> Discoverer<'a> {
                     .await
                     .map(Some)
                     .or_else(|e| {
-                        // Fix of §13.1.13: a failed lookup skips only this step.
+                        // A failed lookup skips only this step (cloud-run-mesh returned
+                        // early and skipped the project-id namespace rule too).
                         tracing::warn!(project = %project, error = %e, "project lookup failed: namespace falls back to the project id rule");
                         Ok::<_, DiscoveryError>(None)
                     })
@@ -727,7 +732,8 @@ impl<'a> Discoverer<'a> {
     }
 }
 
-/// `k8s-<ns>@<project>.iam.gserviceaccount.com` names namespace `<ns>` (reference §2.1).
+/// `k8s-<ns>@<project>.iam.gserviceaccount.com` names namespace `<ns>`: cloud-run-mesh's
+/// convention for the service account of a namespace's Cloud Run services.
 fn namespace_from_email(email: &str) -> Option<String> {
     let local = email.split_once('@')?.0;
     local

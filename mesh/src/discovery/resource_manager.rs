@@ -1,5 +1,6 @@
 //! Cloud Resource Manager v1 `projects.get`: the project number, and the `mesh-namespace`
-//! label that names the workload namespace of a project (reference §3.3).
+//! label that names the workload namespace of a project, as cloud-run-mesh read it
+//! (<https://cloud.google.com/resource-manager/reference/rest/v1/projects/get>).
 
 use std::collections::BTreeMap;
 

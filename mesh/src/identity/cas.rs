@@ -1,4 +1,5 @@
-//! Client of Google Certificate Authority Service (`CA_POOL`, reference §5.3): gRPC
+//! Client of Google Certificate Authority Service (`CA_POOL`, a pool name
+//! `projects/*/locations/*/caPools/*`): gRPC
 //! `google.cloud.security.privateca.v1.CertificateAuthorityService/CreateCertificate` with the
 //! STS federated token. The subject mode is `REFLECTED_SPIFFE`: CAS puts the caller's own
 //! SPIFFE identity in the certificate, so the CSR only carries the key. Hand-written messages

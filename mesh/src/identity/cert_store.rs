@@ -1,5 +1,7 @@
-//! The one owner of the workload certificate. Minting and rotation publish here; the data
-//! plane, the file writer and the admin endpoint subscribe and reload without restarts.
+//! The one owner of the workload certificate. Minting and rotation publish here (after the
+//! files are written); TLS configs read the current certificate on every handshake through
+//! [`CertResolver`], other components follow updates with [`CertStore::subscribe`], and
+//! [`CertStore::health`] reports how rotation is going. Nothing restarts when it changes.
 
 use std::sync::Arc;
 use std::time::SystemTime;

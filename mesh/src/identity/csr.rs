@@ -1,6 +1,7 @@
 //! The workload key and its certificate signing request: a fresh ECDSA P-256 key per request,
 //! an empty subject and one critical URI SAN with the SPIFFE identity (as ztunnel and
-//! pilot-agent send; reference bug §13.1.10 sent no SAN and an RSA key).
+//! pilot-agent send; cloud-run-mesh sent an RSA key and no SAN, leaving the CA to infer
+//! the identity).
 
 use rcgen::{
     CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,

@@ -1,7 +1,10 @@
-//! Google token exchange (reference §4.3): the K8s token becomes an STS federated token, which
-//! IAM Credentials turns into an access token or an ID token of the mesh data plane service
-//! account. Fixes §13.1.15: Content-Type is set, HTTP statuses are checked, `lifetime` is a
-//! duration string, and Google's error message is carried in the error.
+//! Google token exchange: the K8s token becomes a federated token at Security Token Service
+//! (`https://sts.googleapis.com/v1/token`, an RFC 8693 token exchange), which IAM Credentials
+//! (`generateAccessToken` / `generateIdToken`) turns into an access token or an ID token of the
+//! mesh data plane service account. cloud-run-mesh sent the STS body without a Content-Type,
+//! ignored HTTP statuses (a refusal surfaced as an empty token or a JSON error) and sent
+//! `lifetime` as an object instead of the duration string `"3600s"`; here all three are
+//! right, and Google's own error message is carried in the error.
 
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +24,8 @@ pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-pl
 /// Lifetime of access tokens.
 const ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// The ASM mesh data plane P4SA of a project (§4.3 step 4).
+/// The ASM mesh data plane P4SA of a project: the service account whose access and ID
+/// tokens IAM Credentials mints from the federated token.
 pub fn mesh_dataplane_gsa(project_number: &str) -> String {
     format!("service-{project_number}@gcp-sa-meshdataplane.iam.gserviceaccount.com")
 }

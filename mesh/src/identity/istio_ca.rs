@@ -1,6 +1,9 @@
 //! Client of Istio's CA: gRPC `istio.v1.auth.IstioCertificateService/CreateCertificate` over
-//! TLS verified with the istiod root, authenticated with the istio-token (reference §5.4,
-//! ztunnel's `caclient.rs`). The messages are hand-written so no protoc is needed.
+//! TLS verified with the istiod root, authenticated with the istio-token, as ztunnel's
+//! client does (<https://github.com/istio/ztunnel/blob/master/src/identity/caclient.rs>).
+//! The messages are hand-written from Istio's
+//! <https://github.com/istio/api/blob/master/security/v1alpha1/ca.proto>, so no protoc is
+//! needed.
 
 use std::time::Duration;
 

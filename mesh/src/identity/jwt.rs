@@ -47,8 +47,9 @@ impl Audience {
 pub struct NotAJwt(String);
 
 impl Claims {
-    /// Decodes the payload. JWTs use URL-safe base64 without padding (reference bug
-    /// §13.1.15 decoded it as standard base64).
+    /// Decodes the payload. JWTs use URL-safe base64 without padding
+    /// (<https://www.rfc-editor.org/rfc/rfc7515#section-2>); cloud-run-mesh decoded it as
+    /// standard base64, which fails on payloads containing `-` or `_`.
     pub fn decode(token: &str) -> Result<Claims, NotAJwt> {
         let payload = token
             .split('.')

@@ -1,6 +1,10 @@
-//! The istio-token: a K8s TokenRequest for the workload's KSA (reference §4.1), written for
-//! pilot-agent and the CA client and refreshed at ~80 % of its real lifetime. Fixes §4.2:
-//! the reference sent no expirationSeconds, wrote the file world-readable and never retried.
+//! The istio-token: a Kubernetes TokenRequest for the workload's KSA
+//! (<https://kubernetes.io/docs/reference/kubernetes-api/authentication-resources/token-request-v1/>),
+//! written for pilot-agent and the CA client and refreshed at ~80 % of its real lifetime.
+//! cloud-run-mesh sent no `expirationSeconds` (so the lifetime was whatever the cluster
+//! defaulted to), wrote the file world-readable (0644) and only logged a failed refresh,
+//! trying again 30 minutes later on a token of about an hour; here the lifetime is explicit,
+//! the file is private and a failed refresh is retried with backoff.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -19,8 +23,9 @@ use crate::files::{Access, WriteError, write_atomic};
 /// schedule does not depend on the cluster's defaults.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// The audience Istio's CA accepts (§4.1): `istio-ca` for open-source istiod, else the trust
-/// domain (ASM, MCP, and the STS subject token).
+/// The audience Istio's CA accepts: `istio-ca` for open-source istiod (`OSS_ISTIO`), else the
+/// trust domain (ASM, MCP, and the STS subject token). An istiod that must accept both lists
+/// them in its `TOKEN_AUDIENCES`.
 pub fn istio_token_audience(trust_domain: &str, oss_istio: bool) -> String {
     if oss_istio {
         "istio-ca".to_owned()

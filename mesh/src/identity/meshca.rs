@@ -1,6 +1,7 @@
 //! Client of Google's MeshCA: gRPC `google.security.meshca.v1.MeshCertificateService/
-//! CreateCertificate` over TLS with the system roots, authenticated with the STS federated
-//! token (reference §5.4). Hand-written messages, like the Istio CA's.
+//! CreateCertificate` at `meshca.googleapis.com:443` over TLS with the system roots,
+//! authenticated with the STS federated token, as Istio's pilot-agent calls it. Hand-written
+//! messages, like the Istio CA's.
 
 use std::sync::Arc;
 use std::time::Duration;

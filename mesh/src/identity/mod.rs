@@ -1,9 +1,10 @@
-//! Workload identity: tokens, certificates and their rotation (issue 4).
+//! Workload identity: tokens, certificates and their rotation.
 //!
 //! [`Identity::start`] mints the first certificate (CSR → signer → verified chain → files →
 //! [`CertStore`]) and then rotates it at half-life in the background, keeping the old
-//! certificate when the CA is down. The signer is chosen by the caller: a local CA for
-//! `CA_ADDR=file:///dir`, or Istio's CA with a token source (`k8s_token`).
+//! certificate when the CA is down. The [`Signer`] is chosen by the caller: a local CA for
+//! `CA_ADDR=file:///dir`, Istio's CA with the istio-token (`k8s_token`), or Google's MeshCA
+//! or CAS with the STS federated token (`google_tokens`). See docs/identity.md.
 
 pub mod ca_grpc;
 pub mod cas;
@@ -114,8 +115,9 @@ pub fn istio_output_dir(base_dir: &Path) -> PathBuf {
     base_dir.join("var/run/secrets/istio.io")
 }
 
-/// GKE's workload certificate directory (reference §5.1), written too for CAS: pilot-agent
-/// reads it with `CA_PROVIDER=GoogleGkeWorkloadCertificate`.
+/// GKE's workload certificate directory (`certificates.pem`, `private_key.pem`,
+/// `ca_certificates.pem`, what GKE mounts for pods with workload certificates), written too
+/// for CAS: pilot-agent reads it with `CA_PROVIDER=GoogleGkeWorkloadCertificate`.
 pub fn workload_spiffe_dir(base_dir: &Path) -> PathBuf {
     base_dir.join("var/run/secrets/workload-spiffe-credentials")
 }

@@ -5,7 +5,8 @@
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-/// Prefix of mesh-env keys that hold PEM roots (reference §5.2).
+/// Prefix of mesh-env keys that hold PEM roots: every `CAROOT*` value (`CAROOT_ISTIOD`,
+/// `CAROOT_CAS`, ...) joins the trust bundle, as in cloud-run-mesh.
 pub const CAROOT_PREFIX: &str = "CAROOT";
 
 /// A `CAROOT*` value that is not PEM certificates.

@@ -1,4 +1,5 @@
-//! Who signs the workload's CSR, chosen from `CA_ADDR`: an in-process local CA or Istio's CA.
+//! Who signs the workload's CSR, chosen by the caller from `CA_ADDR` and `CA_POOL`: an
+//! in-process local CA, Istio's CA, Google's MeshCA or Google CAS.
 
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ pub enum SignError {
     /// Local CA failure.
     #[error(transparent)]
     Local(#[from] LocalCaError),
-    /// Istio CA or MeshCA failure.
+    /// Istio CA, MeshCA or CAS failure.
     #[error(transparent)]
     Grpc(#[from] CaError),
 }

@@ -1,5 +1,7 @@
-//! A token cache keyed by (kind, audience), fixing reference bug §13.1.16: entries live until
-//! shortly before their real `exp` (not a fixed 45 min, and without the sign error), concurrent
+//! A token cache keyed by (kind, audience). cloud-run-mesh kept every token for a fixed
+//! 45 min whatever its real expiry, and a sign error in its check served a token until a
+//! minute after it expired; it also let every caller of a cold key mint its own. Here entries
+//! live until shortly before their real `exp`, concurrent
 //! callers for one key share one exchange (single-flight), a token near expiry is refreshed
 //! ahead while the old one is still served if the refresh fails, and failures are cached
 //! briefly so a broken exchange is not hammered.

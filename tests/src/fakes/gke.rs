@@ -1,5 +1,5 @@
 //! Fake GKE Container API v1: `GET v1/projects/P/locations/L/clusters[/C]`, bearer token
-//! required, `-` lists every location, the singular `cluster/` path of the reference is a 404,
+//! required, `-` lists every location, the singular `cluster/` path cloud-run-mesh used is a 404,
 //! a project without clusters is a 403 (what a caller without permission sees).
 //! Every cluster's endpoint and CA point at the fake K8s API.
 
