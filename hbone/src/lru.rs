@@ -65,7 +65,10 @@ impl<K: Hash + Eq + Clone, V> LruMap<K, V> {
             None => {}
         }
         self.order.insert(now, key.clone());
-        let entry = self.entries.entry(key.clone()).or_insert_with(|| (make(), now));
+        let entry = self
+            .entries
+            .entry(key.clone())
+            .or_insert_with(|| (make(), now));
         entry.1 = now;
         &mut entry.0
     }
@@ -106,7 +109,11 @@ mod tests {
             map.get_or_insert_with(&i, || i);
         }
         assert_eq!(map.len(), 100);
-        assert_eq!(map.order.len(), 100, "the recency index shrinks with the map");
+        assert_eq!(
+            map.order.len(),
+            100,
+            "the recency index shrinks with the map"
+        );
         assert!(map.get_mut(&9_999).is_some());
         assert!(map.get_mut(&0).is_none());
     }
