@@ -252,6 +252,17 @@ impl Running {
         }
     }
 
+    /// Its resident memory (`VmRSS` in `/proc/<pid>/status`), in KiB: for memory bounds.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .expect("/proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
     /// Reads output until a line contains `needle`; returns that line.
     pub fn wait_for_line(&mut self, needle: &str) -> String {
         loop {

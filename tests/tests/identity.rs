@@ -713,6 +713,7 @@ async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
                         Duration::from_secs(3600),
                     ),
                 )
+                .with_header("metadata-flavor", "Google")
             }
             _ => Reply::json_status(
                 403,
@@ -750,6 +751,32 @@ async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
     );
     let claims = mesh::identity::jwt::Claims::decode(b.secret()).expect("JWT");
     assert!(claims.aud.contains("https://b.a.run.app"));
+}
+
+#[tokio::test]
+async fn an_id_token_answer_without_the_flavor_header_is_refused() {
+    use krun_tests::fakes::server::{FakeServer, Reply, Request};
+    use mesh::metadata::{MetadataClient, MetadataError};
+    // A proxy or captive portal that hands out something shaped like a token.
+    let portal = FakeServer::http(Arc::new(|_req: &Request| {
+        Reply::status(
+            200,
+            jwt(
+                "sa@p.iam.gserviceaccount.com",
+                "aud",
+                Duration::from_secs(3600),
+            ),
+        )
+    }));
+    let client = MetadataClient::new(&portal.addr().to_string(), Duration::from_secs(10));
+    let refused = client
+        .id_token("https://a.a.run.app")
+        .await
+        .expect_err("no flavor, no token");
+    assert!(
+        matches!(refused, MetadataError::NotMetadataServer { .. }),
+        "{refused}"
+    );
 }
 
 #[test]
