@@ -10,8 +10,10 @@ use mesh::config::table::{Rule, Show, parse, text};
 use mesh::config::{ConfigError, Env, Inputs, LogFormat, Printer, Setting, values};
 use serde_json::{Value, json};
 
-/// The Cloud Run URL form cloud-run-mesh used: service name as host, the mTLS terminator port.
-pub const DEFAULT_ROUTE_TEMPLATE: &str = "https://{service}.a.run.app/_hbone/15003";
+/// Cloud Run's deterministic service URL, the mTLS terminator port. `{project_number}` and
+/// `{region}` are filled once at start ([`crate::default_route`]).
+pub const DEFAULT_ROUTE_TEMPLATE: &str =
+    "https://{service}-{project_number}.{region}.run.app/_hbone/15003";
 
 /// Where ID tokens for the tunnels come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -43,6 +45,11 @@ mesh::settings! {
         /// URL template for services without an explicit route.
         route_template: Setting<String> = HGATE_ROUTE_TEMPLATE =>
             parse(route_template).or_default(DEFAULT_ROUTE_TEMPLATE.to_owned()),
+        /// Project number in the default route (unset: the metadata server's).
+        cloud_run_project_number: Option<Setting<String>> = HGATE_CLOUD_RUN_PROJECT_NUMBER =>
+            parse(project_number),
+        /// Region in the default route (unset: the metadata server's).
+        cloud_run_region: Option<Setting<String>> = HGATE_CLOUD_RUN_REGION => parse(region),
         /// Static routes file.
         routes: Option<Setting<PathBuf>> = HGATE_ROUTES => parse(values::path),
         /// Readiness, liveness and counters.
@@ -166,6 +173,21 @@ fn route_template(raw: &str) -> Result<String, &'static str> {
     raw.contains("{service}")
         .then(|| raw.to_owned())
         .ok_or("an http(s) URL containing {service}")
+}
+
+fn project_number(raw: &str) -> Result<String, &'static str> {
+    (!raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| raw.to_owned())
+        .ok_or("the numeric project number (e.g. 123456789012), not the project id")
+}
+
+fn region(raw: &str) -> Result<String, &'static str> {
+    (!raw.is_empty()
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+    .then(|| raw.to_owned())
+    .ok_or("a Cloud Run region like us-central1")
 }
 
 fn positive(raw: &str) -> Result<usize, &'static str> {

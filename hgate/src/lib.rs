@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod default_route;
 pub mod gate;
 pub mod istiod;
 pub mod limits;

@@ -9,30 +9,24 @@ use mesh::config::Env;
 #[command(version, about, long_about = None)]
 struct Cli {
     /// Print the effective configuration as JSON (value and source per variable) and exit.
+    /// The default route's project number and region are resolved first (read-only metadata
+    /// requests) unless --offline.
     #[arg(long)]
     print_config: bool,
+    /// With --print-config: the environment only, no metadata requests.
+    #[arg(long, requires = "print_config")]
+    offline: bool,
 }
 
 fn main() {
     let cli = Cli::parse();
-    let config = match HgateConfig::from_env(&Env::from_process()) {
+    let mut config = match HgateConfig::from_env(&Env::from_process()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("hgate: {e}");
             std::process::exit(2);
         }
     };
-    if cli.print_config {
-        match serde_json::to_string_pretty(&config.printable()) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("hgate: print config: {e}");
-                std::process::exit(1);
-            }
-        }
-        return;
-    }
-    mesh::logging::init(config.log_format.value, config.mesh_debug.value);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -43,6 +37,23 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if cli.print_config {
+        if !cli.offline
+            && let Err(e) = runtime.block_on(hgate::default_route::resolve(&mut config))
+        {
+            eprintln!("hgate: {e}");
+        }
+        match serde_json::to_string_pretty(&config.printable()) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("hgate: print config: {e}");
+                std::process::exit(1);
+            }
+        }
+        runtime.shutdown_background();
+        return;
+    }
+    mesh::logging::init(config.log_format.value, config.mesh_debug.value);
     if let Err(e) = runtime.block_on(hgate::run(config)) {
         tracing::error!(error = format!("{e:#}"), "hgate stopped");
         std::process::exit(1);

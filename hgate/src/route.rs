@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
+use crate::default_route;
+
 /// The Service annotation that names a service's tunnel URL.
 pub const TUNNEL_URL_ANNOTATION: &str = "krun.dev/tunnel-url";
 
@@ -140,6 +142,13 @@ fn substitute(template: &str, dest: &Destination) -> Result<String, String> {
     let mut url = template
         .replace("{service}", &dest.service)
         .replace("{namespace}", &dest.namespace);
+    if url.contains(default_route::PROJECT_NUMBER) || url.contains(default_route::REGION) {
+        return Err(format!(
+            "route {template} still has {} or {}: hgate could not resolve them at start (see its log); set HGATE_CLOUD_RUN_PROJECT_NUMBER and HGATE_CLOUD_RUN_REGION",
+            default_route::PROJECT_NUMBER,
+            default_route::REGION
+        ));
+    }
     if url.contains("{port}") {
         let port = dest
             .port

@@ -18,14 +18,22 @@ use crate::config::{HgateConfig, IdTokens, KubeMode};
 use crate::gate::Gate;
 use crate::limits::ConnectionLimit;
 use crate::route::{AnnotationRoutes, Routes, load_routes};
-use crate::{admin, istiod, mesh_env, services};
+use crate::{admin, default_route, istiod, mesh_env, services};
 
 /// Deadline of one ID token request to the metadata server (connect and answer).
 const ID_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs hgate until SIGTERM/SIGINT, then drains.
-pub async fn run(config: HgateConfig) -> anyhow::Result<()> {
+pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    match default_route::resolve(&mut config).await {
+        Ok(()) => {
+            tracing::info!(template = %config.route_template.value, source = %config.route_template.source, "default route")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "default route unresolved: services without a route are refused")
+        }
+    }
     let static_routes = match &config.routes {
         Some(path) => load_routes(&path.value)?,
         None => HashMap::new(),

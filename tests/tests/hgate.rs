@@ -445,7 +445,7 @@ fn an_idle_forwarded_connection_is_closed_at_the_idle_timeout() {
 fn print_config_shows_values_and_sources_and_bad_values_name_the_variable() {
     let done = Krun::hgate()
         .env("HGATE_HELLO_TIMEOUT", "2s")
-        .args(["--print-config"])
+        .args(["--print-config", "--offline"])
         .run();
     assert_eq!(done.code, 0, "{}", done.text());
     let config: Value = serde_json::from_str(&done.text()).expect("JSON");
@@ -453,7 +453,7 @@ fn print_config_shows_values_and_sources_and_bad_values_name_the_variable() {
     assert_eq!(config["HGATE_HELLO_TIMEOUT"]["source"], "env");
     assert_eq!(
         config["HGATE_ROUTE_TEMPLATE"]["value"],
-        "https://{service}.a.run.app/_hbone/15003"
+        "https://{service}-{project_number}.{region}.run.app/_hbone/15003"
     );
     assert_eq!(config["HGATE_ROUTE_TEMPLATE"]["source"], "default");
 
@@ -466,6 +466,83 @@ fn print_config_shows_values_and_sources_and_bad_values_name_the_variable() {
     );
     let version = Krun::hgate().args(["--version"]).run();
     assert!(version.has_line("hgate "), "{}", version.text());
+}
+
+/// The percent-encoded `audience` of a metadata `identity` request path.
+fn audience_of(path: &str) -> Option<String> {
+    let encoded = path.split("audience=").nth(1)?.split('&').next()?;
+    Some(encoded.replace("%3A", ":").replace("%2F", "/"))
+}
+
+#[test]
+fn without_a_route_hgate_tunnels_to_the_cloud_run_url_of_the_metadata_project_and_region() {
+    let md = metadata::start(metadata::Instance {
+        project_number: "987654321".into(),
+        region: "europe-west4".into(),
+        ..metadata::Instance::default()
+    });
+    let expected = "https://echo-987654321.europe-west4.run.app";
+
+    // What hgate resolved, before it starts anything.
+    let printed = Krun::hgate()
+        .env("GCE_METADATA_HOST", md.addr().to_string())
+        .args(["--print-config"])
+        .run();
+    assert_eq!(printed.code, 0, "{}", printed.text());
+    let config: Value = serde_json::from_str(&printed.text()).expect("JSON");
+    assert_eq!(
+        config["HGATE_ROUTE_TEMPLATE"]["value"],
+        "https://{service}-987654321.europe-west4.run.app/_hbone/15003"
+    );
+    assert_eq!(config["HGATE_ROUTE_TEMPLATE"]["source"], "derived");
+    assert_eq!(
+        config["HGATE_CLOUD_RUN_PROJECT_NUMBER"]["source"],
+        "metadata"
+    );
+    assert_eq!(config["HGATE_CLOUD_RUN_REGION"]["value"], "europe-west4");
+
+    // A mesh connection with no static or annotation route: hgate mints the ID token for the
+    // deterministic URL and opens the tunnel there. (The name does not resolve on a machine
+    // without Cloud Run, so the tunnel itself fails after the decision; the log says where.)
+    let mut gate = Krun::hgate()
+        .env("GCE_METADATA_HOST", md.addr().to_string())
+        .env("HGATE_ID_TOKENS", "metadata")
+        .start();
+    let line = gate.wait_for_line("default route");
+    assert!(line.contains("source=derived"), "{line}");
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(&client_hello()).expect("send hello");
+    let line = gate.wait_for_line("connection finished");
+    assert!(
+        line.contains(&format!("{expected}/_hbone/15003 (Template)")),
+        "{line}"
+    );
+    let audiences: Vec<String> = md
+        .seen()
+        .iter()
+        .filter(|r| r.path.contains("/identity?"))
+        .filter_map(|r| audience_of(&r.path))
+        .collect();
+    assert_eq!(audiences, [expected], "ID token audience");
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+#[test]
+fn without_metadata_or_settings_the_default_route_is_refused_with_the_fix() {
+    let mut gate = Krun::hgate()
+        .env("GCE_METADATA_HOST", "127.0.0.1:1")
+        .start();
+    let line = gate.wait_for_line("default route unresolved");
+    assert!(line.contains("HGATE_CLOUD_RUN_REGION"), "{line}");
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(&client_hello()).expect("send hello");
+    let line = gate.wait_for_line("connection finished");
+    assert!(line.contains("HGATE_CLOUD_RUN_PROJECT_NUMBER"), "{line}");
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
 }
 
 #[test]

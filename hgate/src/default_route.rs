@@ -1,0 +1,145 @@
+//! The default route is Cloud Run's deterministic service URL,
+//! `https://{service}-{project_number}.{region}.run.app`: every Cloud Run service answers on
+//! it, so a mesh service reaches Cloud Run with no per-service route. The project number and
+//! region come from settings or, when unset, from the metadata server (hgate's own project
+//! and region), once at start; `--print-config` shows what was resolved and from where.
+
+use std::time::Duration;
+
+use mesh::config::{Setting, Source};
+use mesh::metadata::{METADATA_DNS_NAME, MetadataClient, Platform, ProbeOptions, paths};
+
+use crate::config::HgateConfig;
+
+/// The placeholder of the Cloud Run project number.
+pub const PROJECT_NUMBER: &str = "{project_number}";
+/// The placeholder of the Cloud Run region.
+pub const REGION: &str = "{region}";
+
+/// Budget of each metadata request made while resolving.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
+/// The metadata host that has a well-known DNS name to race the HTTP probe against.
+const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
+
+/// Fills `{project_number}` and `{region}` of `HGATE_ROUTE_TEMPLATE` from
+/// `HGATE_CLOUD_RUN_PROJECT_NUMBER` / `HGATE_CLOUD_RUN_REGION`, asking the metadata server for
+/// those unset (recorded in `config` with source `metadata`). The filled template replaces the
+/// setting with source `derived`. An error says what is missing and how to set it; the
+/// template then keeps its placeholders and [`crate::route`] refuses it per connection.
+pub async fn resolve(config: &mut HgateConfig) -> Result<(), String> {
+    let template = config.route_template.value.clone();
+    let need_number =
+        template.contains(PROJECT_NUMBER) && config.cloud_run_project_number.is_none();
+    let need_region = template.contains(REGION) && config.cloud_run_region.is_none();
+    if need_number || need_region {
+        let host = config.metadata_host.value.clone();
+        let metadata = MetadataClient::new(&host, METADATA_TIMEOUT);
+        let probe = ProbeOptions {
+            timeout: METADATA_TIMEOUT,
+            dns_name: (host == DEFAULT_METADATA_HOST).then(|| METADATA_DNS_NAME.to_owned()),
+            wait_for_both: false,
+        };
+        if let Platform::NotGcp(why) = metadata.probe(&probe).await {
+            return Err(unresolved(&format!("no metadata server at {host} ({why})")));
+        }
+        if need_number {
+            let number = lookup(&metadata, paths::NUMERIC_PROJECT_ID).await?;
+            config.cloud_run_project_number = Some(Setting::new(number, Source::Metadata));
+        }
+        if need_region {
+            let region = match metadata.get(paths::REGION).await {
+                Ok(Some(region)) => last_segment(&region).to_owned(),
+                _ => region_of_zone(&lookup(&metadata, paths::ZONE).await?)?,
+            };
+            config.cloud_run_region = Some(Setting::new(region, Source::Metadata));
+        }
+    }
+    let mut filled = template.clone();
+    if let Some(number) = &config.cloud_run_project_number {
+        filled = filled.replace(PROJECT_NUMBER, &number.value);
+    }
+    if let Some(region) = &config.cloud_run_region {
+        filled = filled.replace(REGION, &region.value);
+    }
+    if filled != template {
+        config.route_template = Setting::new(filled, Source::Derived);
+    }
+    Ok(())
+}
+
+/// A metadata value that must be there.
+async fn lookup(metadata: &MetadataClient, path: &str) -> Result<String, String> {
+    match metadata.get(path).await {
+        Ok(Some(value)) => Ok(value),
+        Ok(None) => Err(unresolved(&format!("the metadata server has no {path}"))),
+        Err(e) => Err(unresolved(&e.to_string())),
+    }
+}
+
+fn unresolved(why: &str) -> String {
+    format!(
+        "HGATE_ROUTE_TEMPLATE needs {PROJECT_NUMBER} and {REGION}: {why}; set HGATE_CLOUD_RUN_PROJECT_NUMBER and HGATE_CLOUD_RUN_REGION, or a HGATE_ROUTE_TEMPLATE without them"
+    )
+}
+
+/// `projects/123/regions/us-central1` is `us-central1`.
+fn last_segment(value: &str) -> &str {
+    value.rsplit('/').next().unwrap_or(value)
+}
+
+/// `projects/123/zones/us-central1-a` (GKE's metadata has a zone, not a region) is
+/// `us-central1`.
+fn region_of_zone(zone: &str) -> Result<String, String> {
+    let zone = last_segment(zone);
+    zone.rsplit_once('-')
+        .map(|(region, _)| region.to_owned())
+        .filter(|region| region.contains('-'))
+        .ok_or_else(|| unresolved(&format!("metadata zone {zone} is not REGION-ZONE")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zone_names_its_region() {
+        assert_eq!(
+            region_of_zone("projects/1/zones/us-central1-a").as_deref(),
+            Ok("us-central1")
+        );
+        assert_eq!(
+            region_of_zone("europe-west4-b").as_deref(),
+            Ok("europe-west4")
+        );
+        assert!(region_of_zone("nowhere").is_err());
+    }
+
+    #[tokio::test]
+    async fn explicit_values_fill_the_template_without_a_metadata_server() {
+        let env = mesh::config::Env::from_iter([
+            ("HGATE_CLOUD_RUN_PROJECT_NUMBER".to_owned(), "42".to_owned()),
+            ("HGATE_CLOUD_RUN_REGION".to_owned(), "asia-east1".to_owned()),
+            // Nothing listens here: a metadata request would fail the test.
+            ("GCE_METADATA_HOST".to_owned(), "127.0.0.1:1".to_owned()),
+        ]);
+        let mut config = HgateConfig::from_env(&env).expect("config");
+        resolve(&mut config).await.expect("resolved");
+        assert_eq!(
+            config.route_template.value,
+            "https://{service}-42.asia-east1.run.app/_hbone/15003"
+        );
+        assert_eq!(config.route_template.source, Source::Derived);
+    }
+
+    #[tokio::test]
+    async fn without_a_metadata_server_the_error_names_the_settings() {
+        let env = mesh::config::Env::from_iter([(
+            "GCE_METADATA_HOST".to_owned(),
+            "127.0.0.1:1".to_owned(),
+        )]);
+        let mut config = HgateConfig::from_env(&env).expect("config");
+        let e = resolve(&mut config).await.expect_err("unresolved");
+        assert!(e.contains("HGATE_CLOUD_RUN_REGION"), "{e}");
+        assert!(config.route_template.value.contains(REGION));
+    }
+}
