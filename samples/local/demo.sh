@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-cargo build -q -p krun
+echo "== building krun (cargo build -p krun; the first build compiles every dependency and takes minutes)"
+cargo build -p krun
 krun=target/debug/krun
 
 echo "== starting: krun -- python3 -m http.server 18080 (with the cache sidecar of samples/local/processes.yaml)"

@@ -7,7 +7,7 @@
 pub mod fakes;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -58,16 +58,29 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The project's Python (`.venv/bin/python3`, made by scripts/install-prereqs.sh with the
+/// packages of tests/requirements.txt): tests that need a Python package run it, never the
+/// system's Python.
+pub fn python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python3");
+    assert!(
+        venv.exists(),
+        "{} is missing: run scripts/install-prereqs.sh (it creates the project's Python environment)",
+        venv.display()
+    );
+    venv
+}
+
 /// Runs the Python h2 HBONE client (`tests/scripts/hbone_client.py`, needs the `h2` module)
 /// to completion and returns its last output line as JSON: the one driver of the HBONE
 /// interop tests.
 pub fn hbone_client(args: &[&str]) -> serde_json::Value {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hbone_client.py");
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .arg(script)
         .args(args)
         .output()
-        .expect("run python3");
+        .expect("run the project's python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().last().unwrap_or_else(|| {
         panic!(
