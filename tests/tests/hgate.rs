@@ -468,6 +468,15 @@ fn print_config_shows_values_and_sources_and_bad_values_name_the_variable() {
     assert!(version.has_line("hgate "), "{}", version.text());
 }
 
+/// Sends the sample mesh ClientHello (`echo.default`, no route configured) to hgate's SNI
+/// listener and returns hgate's `connection finished` line for it.
+fn one_mesh_connection(gate: &mut Running) -> String {
+    let addr = ready_addr(gate, "SNI listener ready");
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(&client_hello()).expect("send hello");
+    gate.wait_for_line("connection finished")
+}
+
 /// The percent-encoded `audience` of a metadata `identity` request path.
 fn audience_of(path: &str) -> Option<String> {
     let encoded = path.split("audience=").nth(1)?.split('&').next()?;
@@ -510,10 +519,7 @@ fn without_a_route_hgate_tunnels_to_the_cloud_run_url_of_the_metadata_project_an
         .start();
     let line = gate.wait_for_line("default route");
     assert!(line.contains("source=derived"), "{line}");
-    let addr = ready_addr(&mut gate, "SNI listener ready");
-    let mut conn = TcpStream::connect(addr).expect("connect");
-    conn.write_all(&client_hello()).expect("send hello");
-    let line = gate.wait_for_line("connection finished");
+    let line = one_mesh_connection(&mut gate);
     assert!(
         line.contains(&format!("{expected}/_hbone/15003 (Template)")),
         "{line}"
@@ -536,10 +542,7 @@ fn without_metadata_or_settings_the_default_route_is_refused_with_the_fix() {
         .start();
     let line = gate.wait_for_line("default route unresolved");
     assert!(line.contains("HGATE_CLOUD_RUN_REGION"), "{line}");
-    let addr = ready_addr(&mut gate, "SNI listener ready");
-    let mut conn = TcpStream::connect(addr).expect("connect");
-    conn.write_all(&client_hello()).expect("send hello");
-    let line = gate.wait_for_line("connection finished");
+    let line = one_mesh_connection(&mut gate);
     assert!(line.contains("HGATE_CLOUD_RUN_PROJECT_NUMBER"), "{line}");
     gate.signal(Signal::SIGTERM);
     assert_eq!(gate.finish().code, 0);

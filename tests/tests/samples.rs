@@ -191,26 +191,14 @@ fn probe(check: &mut Check, at: &str, value: &Value, liveness: bool) {
             1..=65535,
         );
     }
-    check.int(
-        &format!("{at}.initialDelaySeconds"),
-        map.get("initialDelaySeconds"),
-        0..=240,
-    );
-    check.int(
-        &format!("{at}.periodSeconds"),
-        map.get("periodSeconds"),
-        1..=240,
-    );
-    check.int(
-        &format!("{at}.timeoutSeconds"),
-        map.get("timeoutSeconds"),
-        1..=240,
-    );
-    check.int(
-        &format!("{at}.failureThreshold"),
-        map.get("failureThreshold"),
-        1..=i64::MAX,
-    );
+    for (field, range) in [
+        ("initialDelaySeconds", 0..=240),
+        ("periodSeconds", 1..=240),
+        ("timeoutSeconds", 1..=240),
+        ("failureThreshold", 1..=i64::MAX),
+    ] {
+        check.int(&format!("{at}.{field}"), map.get(field), range);
+    }
     if let (Some(t), Some(p)) = (
         map.get("timeoutSeconds").and_then(Value::as_i64),
         map.get("periodSeconds").and_then(Value::as_i64),
