@@ -64,7 +64,7 @@ mesh::settings! {
             parse(duration).or_default(Duration::from_secs(30)),
         /// Concurrent connections (SNI and istiod each).
         max_connections: Setting<usize> = HGATE_MAX_CONNECTIONS =>
-            parse(max_connections).or_default(10_000),
+            parse(values::positive).or_default(10_000),
         /// ID token source.
         id_tokens: Setting<IdTokens> = HGATE_ID_TOKENS =>
             parse(id_tokens).or_default(IdTokens::Metadata),
@@ -157,13 +157,6 @@ fn route_template(raw: &str) -> Result<String, &'static str> {
     raw.contains("{service}")
         .then(|| raw.to_owned())
         .ok_or("an http(s) URL containing {service}")
-}
-
-fn max_connections(raw: &str) -> Result<usize, &'static str> {
-    raw.parse()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or("a positive number")
 }
 
 fn id_tokens(raw: &str) -> Result<IdTokens, &'static str> {
