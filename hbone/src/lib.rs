@@ -11,6 +11,7 @@ pub mod client;
 pub mod copy;
 pub mod dial;
 pub mod identity;
+pub mod idle;
 pub mod listen;
 pub mod lru;
 pub mod metrics;

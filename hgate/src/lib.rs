@@ -7,7 +7,6 @@ pub mod admin;
 pub mod config;
 pub mod gate;
 pub mod istiod;
-pub mod limits;
 pub mod mesh_env;
 pub mod route;
 pub mod services;

@@ -33,6 +33,9 @@ fn main() {
         return;
     }
     mesh::logging::init(config.log_format.value, config.mesh_debug.value);
+    // Every connection is a file descriptor: the cap (HGATE_MAX_CONNECTIONS), not EMFILE,
+    // must be what bounds the listeners.
+    mesh::rlimit::raise_open_files();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -78,6 +78,26 @@ pub fn hbone_client(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(last).expect("JSON line")
 }
 
+/// Runs `tests/scripts/sni_client.py` (Python `ssl`): mesh mTLS to `addr` as `client` with
+/// `sni`, sends `payload`, reads as many bytes back; returns its JSON line (`data` or `error`).
+pub fn sni_client(
+    addr: std::net::SocketAddr,
+    sni: &str,
+    client: &fakes::pki::ClientFiles,
+    payload: &str,
+) -> serde_json::Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sni_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args([&addr.ip().to_string(), &addr.port().to_string(), sni])
+        .args([&client.cert, &client.key, &client.ca])
+        .arg(payload)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("JSON line")
+}
+
 /// A fresh temporary directory, removed on drop.
 pub struct TempDir(PathBuf);
 
@@ -279,6 +299,17 @@ impl Running {
                 ),
             }
         }
+    }
+
+    /// Reads output until a line contains `needle`; returns the address in its `addr=IP:PORT`
+    /// field (listeners on port 0 log where they listen).
+    pub fn wait_for_addr(&mut self, needle: &str) -> std::net::SocketAddr {
+        let line = self.wait_for_line(needle);
+        line.split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no addr= in {line:?}"))
     }
 
     /// Sends a signal to krun.

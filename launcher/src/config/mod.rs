@@ -47,6 +47,16 @@ pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
 /// on 127.0.0.1, so loopback is enough and nothing outside the container can reach it.
 pub const DEFAULT_CAPTURE_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001));
+/// Default handshake deadline: generous for a TLS handshake and a first request over a slow
+/// link, short enough that idle connections cannot pile up.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle timeout: Envoy's default for TCP proxies and HTTP connections (1 h).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default connection cap per listener (hgate's default too).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default HTTP/2 streams per connection: Cloud Run's highest per-instance concurrency, so the
+/// front end never needs a second connection because of this cap.
+pub const DEFAULT_MAX_STREAMS: u32 = 1000;
 /// Default path of pilot-agent in the golden image.
 pub const DEFAULT_PILOT_AGENT_PATH: &str = "/usr/local/bin/pilot-agent";
 /// Default path of Envoy in the golden image.
@@ -142,6 +152,18 @@ mesh::settings! {
         /// Whether krun removes its iptables rules on exit.
         capture_cleanup: Setting<bool> = KRUN_CAPTURE_CLEANUP =>
             parse(values::boolean).or_default(false),
+        /// Deadline of a new connection's handshake on the mesh listeners (TLS, first request).
+        handshake_timeout: Setting<Duration> = KRUN_HANDSHAKE_TIMEOUT =>
+            parse(values::duration).or_default(DEFAULT_HANDSHAKE_TIMEOUT),
+        /// A connection that carries nothing for this long is closed.
+        idle_timeout: Setting<Duration> = KRUN_IDLE_TIMEOUT =>
+            parse(values::duration).or_default(DEFAULT_IDLE_TIMEOUT),
+        /// Concurrent connections of each listener.
+        max_connections: Setting<usize> = KRUN_MAX_CONNECTIONS =>
+            parse(values::positive).or_default(DEFAULT_MAX_CONNECTIONS),
+        /// Concurrent HTTP/2 streams per connection on the tunnel port and HBONE.
+        max_streams: Setting<u32> = KRUN_MAX_STREAMS =>
+            parse(values::positive).or_default(DEFAULT_MAX_STREAMS),
         /// Inbound ports redirected to 15006 (none by default).
         capture_inbound_ports: Setting<Vec<u16>> = KRUN_CAPTURE_INBOUND_PORTS =>
             parse(port_list).or_default(Vec::new()),

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use hbone::listen::Bounds;
 use hbone::server::{Fallback, MeshTls, TunnelServer};
 use hbone::tls::{ALPN_H2, ExpectedPeer, WorkloadCert};
 use hbone::{AllowedPeers, H2Settings};
@@ -54,7 +55,8 @@ impl MeshSide {
         certs: Result<watch::Receiver<Arc<WorkloadCert>>, CertError>,
         drain: CancellationToken,
     ) -> anyhow::Result<MeshSide> {
-        let settings = H2Settings::default();
+        let settings = h2_settings(config);
+        let bounds = bounds(config);
         let mut tasks = JoinSet::new();
         let certs = match certs {
             Ok(certs) => Some(certs),
@@ -125,7 +127,9 @@ impl MeshSide {
                 ports: ports.clone(),
                 illegal,
             };
-            let server = TunnelServer::new(Arc::new(router), settings).with_tls(tls);
+            let server = TunnelServer::new(Arc::new(router), settings)
+                .with_bounds("hbone", bounds)
+                .with_tls(tls);
             tasks.spawn(server.serve(listener, drain.clone(), config.launcher.drain_timeout.value));
         }
         let router = Arc::new(Router {
@@ -143,6 +147,7 @@ impl MeshSide {
                 fwd.target.clone(),
                 router.clone(),
                 settings.copy_buffer,
+                bounds,
                 drain.clone(),
             ));
         }
@@ -166,8 +171,9 @@ impl MeshSide {
         }
         let mut server = TunnelServer::new(
             Arc::new(TunnelRouter(self.ports.clone())),
-            H2Settings::default(),
-        );
+            h2_settings(config),
+        )
+        .with_bounds("tunnel port", bounds(config));
         match (config.launcher.public_http.value, config.app_port()) {
             (true, Some(app)) => {
                 server = server.with_fallback(Fallback {
@@ -210,6 +216,25 @@ impl MeshSide {
     }
 }
 
+/// HTTP/2 settings of the tunnel port and HBONE: the defaults, with `KRUN_MAX_STREAMS`.
+fn h2_settings(config: &Config) -> H2Settings {
+    H2Settings {
+        max_concurrent_streams: config.launcher.max_streams.value,
+        ..H2Settings::default()
+    }
+}
+
+/// The bounds of every listener, from `KRUN_HANDSHAKE_TIMEOUT`, `KRUN_IDLE_TIMEOUT` and
+/// `KRUN_MAX_CONNECTIONS`.
+fn bounds(config: &Config) -> Bounds {
+    Bounds {
+        handshake_timeout: config.launcher.handshake_timeout.value,
+        idle_timeout: config.launcher.idle_timeout.value,
+        max_connections: config.launcher.max_connections.value,
+        cap_setting: crate::config::names::KRUN_MAX_CONNECTIONS,
+    }
+}
+
 async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| {
         format!("{setting}: cannot listen on {addr}; pick a free port or 0 to disable")
@@ -246,6 +271,7 @@ async fn start_inbound(
         allowed.clone(),
         app,
         settings.copy_buffer,
+        bounds(config),
         drain.clone(),
     ));
     tracing::info!(%addr, %app, "builtin mesh inbound: mTLS terminated by krun");
@@ -266,6 +292,7 @@ async fn start_outbound(
         let outbound = outbound::Outbound {
             router: router.clone(),
             copy_buffer: settings.copy_buffer,
+            bounds: bounds(config),
         };
         tasks.spawn(outbound::serve(listener, outbound, drain.clone()));
         tracing::info!(%addr, hbone = router.mesh.is_some(), "outbound HTTP proxy (CONNECT and absolute URIs) listening");
@@ -277,6 +304,7 @@ async fn start_outbound(
             listener,
             router.clone(),
             settings.copy_buffer,
+            bounds(config),
             drain.clone(),
         ));
         tracing::info!(%addr, hbone = router.mesh.is_some(), "capture listener (iptables REDIRECT target) listening");
