@@ -13,6 +13,7 @@ pub mod dial;
 pub mod identity;
 pub mod listen;
 pub mod metrics;
+pub mod once;
 pub mod pool;
 pub mod post;
 pub mod server;

@@ -20,3 +20,7 @@ impl Counter {
 
 /// Connections closed because the peer's identity is not allowed.
 pub static DENIED: Counter = Counter::new();
+
+/// Tunnel requests refused (by the router's policy, an unknown target, a bad request or a
+/// failed dial), before any byte reached an upstream.
+pub static REFUSED: Counter = Counter::new();

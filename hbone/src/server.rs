@@ -10,7 +10,7 @@
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::copy::copy_bidirectional;
 use crate::identity::{AllowedPeers, SpiffeId};
+use crate::once::OncePerPeer;
 use crate::settings::H2Settings;
 use crate::tls;
 
@@ -59,12 +60,15 @@ pub struct StreamContext {
     pub peer: Option<SpiffeId>,
     /// The local address the connection arrived on.
     pub local: SocketAddr,
+    /// The peer's address (on Cloud Run: the front end's).
+    pub remote: SocketAddr,
 }
 
 /// Why a tunnel is refused, with the status the client sees.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
-    /// HTTP status (404 unknown target, 400 bad authority, 503 illegal port, ...).
+    /// HTTP status (403 not allowed, 404 unknown target, 400 bad authority, 503 illegal
+    /// port, ...).
     pub status: StatusCode,
     /// Logged, and sent as the body.
     pub reason: String,
@@ -127,6 +131,8 @@ pub struct TunnelServer {
     settings: H2Settings,
     tls: Option<MeshTls>,
     fallback: Option<Fallback>,
+    /// Peers (address and status) whose refusal was logged.
+    refused_peers: OncePerPeer<(IpAddr, StatusCode)>,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         Incoming,
@@ -142,6 +148,7 @@ impl TunnelServer {
             settings,
             tls: None,
             fallback: None,
+            refused_peers: OncePerPeer::new(crate::once::DEFAULT_CAPACITY),
             client,
         }
     }
@@ -206,8 +213,12 @@ impl TunnelServer {
         };
         match &self.tls {
             None => {
-                self.serve_h2(stream, StreamContext { peer: None, local }, drain)
-                    .await
+                let ctx = StreamContext {
+                    peer: None,
+                    local,
+                    remote,
+                };
+                self.serve_h2(stream, ctx, drain).await
             }
             Some(mesh) => {
                 let config = mesh.config.borrow().clone();
@@ -229,8 +240,12 @@ impl TunnelServer {
                         return tracing::warn!(%remote, peer = %who, denied_total, "peer not allowed; connection closed");
                     }
                 }
-                self.serve_h2(tls_stream, StreamContext { peer, local }, drain)
-                    .await
+                let ctx = StreamContext {
+                    peer,
+                    local,
+                    remote,
+                };
+                self.serve_h2(tls_stream, ctx, drain).await
             }
         }
     }
@@ -270,12 +285,12 @@ impl TunnelServer {
     async fn handle_request(&self, req: Request<Incoming>, ctx: &StreamContext) -> Response<Body> {
         let target = match parse_target(&req) {
             Ok(Some(target)) => target,
-            Ok(None) => return self.forward_to_app(req).await,
-            Err(refusal) => return refuse(req, &refusal, None),
+            Ok(None) => return self.forward_to_app(req, ctx).await,
+            Err(refusal) => return self.refuse(req, &refusal, None, ctx),
         };
         let upstream_stream = match self.dial(&target, ctx).await {
             Ok(stream) => stream,
-            Err(refusal) => return refuse(req, &refusal, Some(&target)),
+            Err(refusal) => return self.refuse(req, &refusal, Some(&target), ctx),
         };
         tracing::debug!(?target, peer = ?ctx.peer.as_ref().map(ToString::to_string), "tunnel open");
         if req.method() == Method::CONNECT {
@@ -313,12 +328,17 @@ impl TunnelServer {
         .map_err(unavailable)
     }
 
-    async fn forward_to_app(&self, mut req: Request<Incoming>) -> Response<Body> {
+    async fn forward_to_app(
+        &self,
+        mut req: Request<Incoming>,
+        ctx: &StreamContext,
+    ) -> Response<Body> {
         let Some(fallback) = &self.fallback else {
-            return refuse(
+            return self.refuse(
                 req,
                 &Refusal::new(StatusCode::NOT_FOUND, "not a tunnel request"),
                 None,
+                ctx,
             );
         };
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -326,10 +346,11 @@ impl TunnelServer {
         match uri.parse() {
             Ok(uri) => *req.uri_mut() = uri,
             Err(_) => {
-                return refuse(
+                return self.refuse(
                     req,
                     &Refusal::new(StatusCode::BAD_REQUEST, "bad request path"),
                     None,
+                    ctx,
                 );
             }
         }
@@ -346,6 +367,41 @@ impl TunnelServer {
                 format!("app unreachable: {e}"),
             )),
         }
+    }
+
+    /// Answers a refused request (no upstream was reached). Every refusal is counted; the first per
+    /// peer address and status is logged (a flood of refused requests logs one line), the
+    /// rest at debug level. The request body is read to the end (up to a bound) in the
+    /// background: dropping it unread would reset the stream, and some clients (curl 7.x)
+    /// report a reset that follows a complete response as an error.
+    fn refuse(
+        &self,
+        req: Request<Incoming>,
+        refusal: &Refusal,
+        target: Option<&Target>,
+        ctx: &StreamContext,
+    ) -> Response<Body> {
+        let refused_total = crate::metrics::REFUSED.increment();
+        let (remote, status, reason) = (ctx.remote, refusal.status.as_u16(), &refusal.reason);
+        if self.refused_peers.first((remote.ip(), refusal.status)) {
+            tracing::info!(%remote, status, %reason, ?target, refused_total, "tunnel refused (logged once per peer address and status)");
+        } else {
+            tracing::debug!(%remote, status, %reason, ?target, refused_total, "tunnel refused");
+        }
+        let mut body = req.into_body();
+        tokio::spawn(async move {
+            let mut left = REFUSED_BODY_LIMIT;
+            while let Ok(Some(Ok(frame))) =
+                tokio::time::timeout(REFUSED_BODY_WAIT, body.frame()).await
+            {
+                let len = frame.data_ref().map_or(0, Bytes::len);
+                match left.checked_sub(len) {
+                    Some(rest) => left = rest,
+                    None => break,
+                }
+            }
+        });
+        error_response(refusal)
     }
 }
 
@@ -415,26 +471,6 @@ fn stream_body_tunnel(
             .map_err(|e| Box::new(e) as Box<dyn StdError + Send + Sync>)
     });
     Response::new(BodyExt::boxed(StreamBody::new(frames)))
-}
-
-/// Answers a refused request. Its body is read to the end (up to a bound) in the background:
-/// dropping it unread would reset the stream, and some clients (curl 7.x) report a reset that
-/// follows a complete response as an error.
-fn refuse(req: Request<Incoming>, refusal: &Refusal, target: Option<&Target>) -> Response<Body> {
-    tracing::info!(status = refusal.status.as_u16(), reason = %refusal.reason, ?target, "tunnel refused");
-    let mut body = req.into_body();
-    tokio::spawn(async move {
-        let mut left = REFUSED_BODY_LIMIT;
-        while let Ok(Some(Ok(frame))) = tokio::time::timeout(REFUSED_BODY_WAIT, body.frame()).await
-        {
-            let len = frame.data_ref().map_or(0, Bytes::len);
-            match left.checked_sub(len) {
-                Some(rest) => left = rest,
-                None => break,
-            }
-        }
-    });
-    error_response(refusal)
 }
 
 /// How much of a refused request's body is read before the stream is reset.

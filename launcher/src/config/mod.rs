@@ -9,13 +9,14 @@
 mod rules;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Deref;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh::config::table::{Show, parse, text};
 use mesh::config::{ConfigError, Env, Inputs, Layer, Merge, MeshConfig, Printer, Setting, values};
+use mesh::identity::SpiffeId;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -125,6 +126,12 @@ mesh::settings! {
         /// Whether non-tunnel requests on the tunnel port reach the app as plain HTTP.
         public_http: Setting<bool> = KRUN_PUBLIC_HTTP =>
             parse(values::boolean).or_default(true),
+        /// Declared ports (names or numbers) the tunnel port reaches without mTLS.
+        tunnel_plaintext: Setting<Vec<String>> = KRUN_TUNNEL_PLAINTEXT =>
+            parse(|v| Ok(values::list(v))).or_default(Vec::new()),
+        /// The SPIFFE IDs outbound HBONE destinations must present.
+        peer_identities: Setting<Vec<PeerIdentity>> = KRUN_PEER_IDENTITIES =>
+            parse(PeerIdentity::parse_list).or_default(Vec::new()),
         /// Outbound HTTP CONNECT proxy of the builtin data plane; port 0 disables it.
         outbound_addr: Setting<SocketAddr> = KRUN_OUTBOUND_ADDR =>
             parse(|v| v.parse().map_err(|_| "an address such as 127.0.0.1:15007"))
@@ -410,6 +417,51 @@ impl Forward {
 impl Show for Forward {
     fn show(&self) -> Value {
         json!(format!("{}={}", self.listen, self.target))
+    }
+}
+
+/// The identity a mesh destination must prove (`KRUN_PEER_IDENTITIES`): outbound HBONE to
+/// it fails unless the peer certificate carries exactly this SPIFFE ID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// An IP address, or a host name as the app or `KRUN_FORWARD` names it.
+    pub destination: String,
+    /// The SPIFFE ID it must present.
+    pub id: SpiffeId,
+}
+
+impl PeerIdentity {
+    const FORM: &str = "a comma-separated list of DESTINATION=SPIFFE_ID (DESTINATION an IP address or host name), e.g. 10.8.0.12=spiffe://cluster.local/ns/prod/sa/db";
+
+    fn parse_list(raw: &str) -> Result<Vec<PeerIdentity>, &'static str> {
+        values::list(raw)
+            .iter()
+            .map(|item| {
+                let (destination, id) = item.split_once('=').ok_or(Self::FORM)?;
+                let destination = destination.trim();
+                // A port would never match: identities belong to workloads, not ports.
+                let is_host_port =
+                    destination.contains(':') && destination.parse::<IpAddr>().is_err();
+                if destination.is_empty() || is_host_port {
+                    return Err(Self::FORM);
+                }
+                Ok(PeerIdentity {
+                    destination: destination.to_owned(),
+                    id: id.trim().parse().map_err(|_| Self::FORM)?,
+                })
+            })
+            .collect()
+    }
+
+    /// True when this entry names `host` (as written) or `ip`.
+    pub fn names(&self, host: &str, ip: IpAddr) -> bool {
+        self.destination.eq_ignore_ascii_case(host) || self.destination.parse::<IpAddr>() == Ok(ip)
+    }
+}
+
+impl Show for PeerIdentity {
+    fn show(&self) -> Value {
+        json!(format!("{}={}", self.destination, self.id))
     }
 }
 

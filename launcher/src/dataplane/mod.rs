@@ -4,6 +4,11 @@
 //! Listeners that serve the mesh start before the app; the tunnel port opens last, once the
 //! app is ready, because Cloud Run sends traffic as soon as the container port accepts. On
 //! drain every listener stops accepting and open streams get the drain budget to finish.
+//!
+//! Outside a mesh (no identity, nothing discovered, no mounted certificate) krun opens no
+//! listener unless one is asked for: the tunnel port with `KRUN_TUNNEL_PORT`, or `PORT` (the
+//! platform's container port) naming it; the outbound proxy with `KRUN_OUTBOUND_ADDR`;
+//! `KRUN_FORWARD` listeners always.
 
 mod certs;
 mod forward;
@@ -19,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hbone::server::{Fallback, MeshTls, TunnelServer};
-use hbone::tls::{ALPN_H2, ExpectedPeer, WorkloadCert};
+use hbone::tls::{ALPN_H2, WorkloadCert};
 use hbone::{AllowedPeers, H2Settings};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -32,6 +37,7 @@ pub use routes::{DeclaredPorts, HboneRouter, MESH_INBOUND_PORT, TunnelRouter};
 use crate::config::{Config, DataPlane};
 use crate::supervisor::{FailHandle, Phase};
 use hbone::client::HboneClient;
+use mesh::config::Source;
 use mesh::istio::Interception;
 use route::{Cidr, MeshHop, Router};
 
@@ -39,19 +45,23 @@ use route::{Cidr, MeshHop, Router};
 pub struct MeshSide {
     tasks: JoinSet<()>,
     drain: CancellationToken,
-    ports: DeclaredPorts,
+    /// The tunnel port's routes, when the tunnel port opens.
+    tunnel: Option<TunnelRouter>,
 }
 
 impl MeshSide {
     /// Starts the mesh listeners that must be up before the app: HBONE, the `KRUN_FORWARD`
     /// listeners and, for the builtin data plane, the mTLS terminator, the outbound proxy and
     /// (with iptables capture) the capture listener.
-    /// `certs` is the workload certificate feed ([`workload_certs`]), or why there is none.
+    /// `certs` is the workload certificate feed ([`workload_certs`]), or why there is none;
+    /// `in_mesh` says whether the workload is in a mesh at all (otherwise only the listeners
+    /// asked for explicitly open).
     pub async fn start(
         config: &Config,
         mode: DataPlane,
         interception: Interception,
         certs: Result<watch::Receiver<Arc<WorkloadCert>>, CertError>,
+        in_mesh: bool,
         drain: CancellationToken,
     ) -> anyhow::Result<MeshSide> {
         let settings = H2Settings::default();
@@ -61,10 +71,11 @@ impl MeshSide {
             Err(e) if config.launcher.dataplane.value == DataPlane::Builtin => {
                 return Err(e).context("KRUN_DATAPLANE=builtin needs a workload certificate");
             }
-            Err(e) => {
+            Err(e) if in_mesh => {
                 tracing::warn!(error = %e, "no workload certificate: mesh mTLS listeners (15003, 15008) are off");
                 None
             }
+            Err(_) => None,
         };
         let mut mesh_inbound = None;
         let mut hop = None;
@@ -90,11 +101,12 @@ impl MeshSide {
                     &mut tasks,
                 )
                 .await?;
-                hop = Some(MeshHop {
-                    client: Arc::new(HboneClient::new(settings, Some(certs.clone()))),
-                    expected: ExpectedPeer::TrustDomain(trust_domain.clone()),
-                    peer_port: config.launcher.hbone_peer_port.value,
-                });
+                hop = Some(MeshHop::new(
+                    Arc::new(HboneClient::new(settings, Some(certs.clone()))),
+                    config.launcher.peer_identities.value.clone(),
+                    trust_domain.clone(),
+                    config.launcher.hbone_peer_port.value,
+                ));
             }
             if config.launcher.hbone_port.value != 0 {
                 let tls = MeshTls {
@@ -104,9 +116,18 @@ impl MeshSide {
                 hbone_tls = Some(tls);
             }
         }
+        if mode == DataPlane::Envoy {
+            // The mesh inbound listener istiod gives Envoy (the workload's Sidecar resource).
+            mesh_inbound = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, MESH_INBOUND_PORT)));
+        }
         // `/_hbone/15003` leads to the builtin terminator when it runs, so the declared ports
         // are known only now; both the HBONE listener and the tunnel port route with them.
         let ports = DeclaredPorts::new(config, mesh_inbound);
+        let tunnel = if tunnel_wanted(config, in_mesh) {
+            Some(TunnelRouter::new(&ports, config).map_err(anyhow::Error::msg)?)
+        } else {
+            None
+        };
         if let Some(tls) = hbone_tls {
             let listener = bind(
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.launcher.hbone_port.value)),
@@ -133,7 +154,17 @@ impl MeshSide {
             ranges: Cidr::parse_list(&config.launcher.outbound_ip_ranges_include.value),
         });
         if mode == DataPlane::Builtin {
-            start_outbound(config, interception, &router, &settings, &drain, &mut tasks).await?;
+            let proxy_wanted = in_mesh || config.launcher.outbound_addr.source == Source::Env;
+            start_outbound(
+                config,
+                interception,
+                proxy_wanted,
+                &router,
+                &settings,
+                &drain,
+                &mut tasks,
+            )
+            .await?;
         }
         for fwd in &config.launcher.forwards.value {
             let listener = bind(fwd.listen, "KRUN_FORWARD").await?;
@@ -149,7 +180,7 @@ impl MeshSide {
         Ok(MeshSide {
             tasks,
             drain,
-            ports,
+            tunnel,
         })
     }
 
@@ -164,10 +195,12 @@ impl MeshSide {
         if port == 0 {
             return tracing::info!("tunnel port disabled (KRUN_TUNNEL_PORT=0)");
         }
-        let mut server = TunnelServer::new(
-            Arc::new(TunnelRouter(self.ports.clone())),
-            H2Settings::default(),
-        );
+        let Some(router) = self.tunnel.take() else {
+            return tracing::info!(
+                "tunnel port not opened: no mesh, and neither KRUN_TUNNEL_PORT nor PORT asks for it"
+            );
+        };
+        let mut server = TunnelServer::new(Arc::new(router), H2Settings::default());
         match (config.launcher.public_http.value, config.app_port()) {
             (true, Some(app)) => {
                 server = server.with_fallback(Fallback {
@@ -208,6 +241,16 @@ impl MeshSide {
         })
         .await;
     }
+}
+
+/// Whether the tunnel port opens: inside a mesh, or when asked for, by `KRUN_TUNNEL_PORT` in
+/// the environment or by `PORT` (the container port Cloud Run sends traffic to) naming it.
+fn tunnel_wanted(config: &Config, in_mesh: bool) -> bool {
+    let tunnel = &config.launcher.tunnel_port;
+    let port_names_it = config.lookup("PORT").is_some_and(|port| {
+        port.source == Source::Env && port.value.trim().parse::<u16>() == Ok(tunnel.value)
+    });
+    in_mesh || tunnel.source == Source::Env || port_names_it
 }
 
 async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
@@ -255,13 +298,18 @@ async fn start_inbound(
 async fn start_outbound(
     config: &Config,
     interception: Interception,
+    proxy_wanted: bool,
     router: &Arc<Router>,
     settings: &H2Settings,
     drain: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<()> {
     let addr = config.launcher.outbound_addr.value;
-    if addr.port() != 0 {
+    if addr.port() != 0 && !proxy_wanted {
+        tracing::info!(
+            "outbound proxy not opened: no mesh, and KRUN_OUTBOUND_ADDR does not ask for it"
+        );
+    } else if addr.port() != 0 {
         let listener = bind(addr, "KRUN_OUTBOUND_ADDR").await?;
         let outbound = outbound::Outbound {
             router: router.clone(),

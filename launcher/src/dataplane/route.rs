@@ -7,13 +7,16 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use hbone::SpiffeId;
 use hbone::client::{HboneClient, StreamGuard};
 use hbone::tls::ExpectedPeer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::capture::rules::KRUN_MARK;
+use crate::config::PeerIdentity;
 
 /// A byte stream to an upstream.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -31,10 +34,51 @@ pub struct Upstream {
 pub struct MeshHop {
     /// Pooled HBONE client with the workload certificate.
     pub client: Arc<HboneClient>,
-    /// Which peers are acceptable.
-    pub expected: ExpectedPeer,
+    /// Destinations whose identity is known (`KRUN_PEER_IDENTITIES`): their certificate must
+    /// carry exactly that SPIFFE ID.
+    pub identities: Vec<PeerIdentity>,
+    /// The workload's trust domain: all that is verified of any other destination.
+    pub trust_domain: String,
     /// The peers' HBONE port.
     pub peer_port: u16,
+    /// Set once a trust-domain-only verification has been logged.
+    logged_trust_domain_only: AtomicBool,
+}
+
+impl MeshHop {
+    /// A hop through `client` to the peers' `peer_port`.
+    pub fn new(
+        client: Arc<HboneClient>,
+        identities: Vec<PeerIdentity>,
+        trust_domain: String,
+        peer_port: u16,
+    ) -> Self {
+        MeshHop {
+            client,
+            identities,
+            trust_domain,
+            peer_port,
+            logged_trust_domain_only: AtomicBool::new(false),
+        }
+    }
+
+    /// What the peer serving `target` (named `host` by the app) must prove: the SPIFFE IDs
+    /// configured for it, else any identity of the trust domain, which is logged once.
+    fn expected(&self, host: &str, target: SocketAddr) -> ExpectedPeer {
+        let ids: Vec<SpiffeId> = self
+            .identities
+            .iter()
+            .filter(|known| known.names(host, target.ip()))
+            .map(|known| known.id.clone())
+            .collect();
+        if !ids.is_empty() {
+            return ExpectedPeer::OneOf(ids);
+        }
+        if !self.logged_trust_domain_only.swap(true, Ordering::Relaxed) {
+            tracing::info!(%target, trust_domain = %self.trust_domain, "outbound HBONE verifies only the peer's trust domain: no SPIFFE ID is configured for this destination (KRUN_PEER_IDENTITIES); logged once for all such destinations");
+        }
+        ExpectedPeer::TrustDomain(self.trust_domain.clone())
+    }
 }
 
 /// Decides and opens upstream connections.
@@ -53,12 +97,18 @@ impl Router {
 
     /// Connects to `target`, over HBONE when it is a mesh destination.
     pub async fn connect(&self, target: SocketAddr) -> io::Result<Upstream> {
+        self.connect_named(&target.ip().to_string(), target).await
+    }
+
+    /// Connects to `target`, which the app named `host`.
+    async fn connect_named(&self, host: &str, target: SocketAddr) -> io::Result<Upstream> {
         match &self.mesh {
             Some(hop) if self.is_mesh(target.ip()) => {
                 let peer = SocketAddr::new(target.ip(), hop.peer_port);
+                let expected = hop.expected(host, target);
                 let (tunnel, guard) = hop
                     .client
-                    .connect(peer, Some(&hop.expected), &target.to_string())
+                    .connect(peer, Some(&expected), &target.to_string())
                     .await
                     .map_err(io::Error::other)?;
                 Ok(Upstream {
@@ -79,7 +129,11 @@ impl Router {
             .await?
             .next()
             .ok_or_else(|| io::Error::other(format!("{authority} resolves to no address")))?;
-        self.connect(target).await
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host);
+        self.connect_named(host.trim_start_matches('[').trim_end_matches(']'), target)
+            .await
     }
 }
 
