@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use krun_tests::fakes::pki::{ClientFiles, TestCa};
-use krun_tests::{Krun, Running, TempDir, free_port, hbone_client, testapp};
+use krun_tests::{Finished, Krun, Running, TempDir, free_port, hbone_client, testapp};
 use nix::sys::signal::Signal;
 
 const TD: &str = "cluster.local";
@@ -49,6 +49,13 @@ fn curl_post(tunnel: u16, path: &str, data: &str) -> (String, String) {
     let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
     let errors = String::from_utf8_lossy(&out.stderr);
     (format!("{body}{errors}"), status.to_owned())
+}
+
+/// Asserts that the echo app behind `done` served exactly `served` connections (krun's
+/// readiness probe is one): a refused tunnel never reached the app.
+fn assert_echo_served(done: &Finished, served: usize) {
+    let line = format!("echo served {served} connections");
+    assert!(done.has_line(&line), "expected {line:?}: {}", done.text());
 }
 
 /// A CONNECT over h2c from Python `h2`: the JSON the client printed.
@@ -101,11 +108,7 @@ fn with_the_opt_in_curl_and_python_reach_the_app_and_other_ports_are_refused() {
         done.text()
     );
     // Three tunnels plus krun's own readiness probe: the refused tunnels never dialed the app.
-    assert!(
-        done.has_line("echo served 4 connections"),
-        "{}",
-        done.text()
-    );
+    assert_echo_served(&done, 4);
 }
 
 #[test]
@@ -316,11 +319,27 @@ fn python_h2_connects_over_mtls_to_hbone_and_policy_is_enforced() {
         done.text()
     );
     // Only krun's readiness probe reached the app.
-    assert!(
-        done.has_line("echo served 1 connections"),
-        "{}",
-        done.text()
-    );
+    assert_echo_served(&done, 1);
+}
+
+/// Python `h2` posts `/_hbone/15003` on the tunnel port and speaks mesh mTLS inside the
+/// stream with `files`, trusting `ca`: the JSON the client printed.
+fn through_terminator(
+    tunnel: u16,
+    files: &ClientFiles,
+    ca: &Path,
+    payload: &str,
+) -> serde_json::Value {
+    hbone_client(&[
+        "post-tls",
+        "127.0.0.1",
+        &tunnel.to_string(),
+        "/_hbone/15003",
+        &files.cert.to_string_lossy(),
+        &files.key.to_string_lossy(),
+        &ca.to_string_lossy(),
+        payload,
+    ])
 }
 
 #[test]
@@ -339,19 +358,8 @@ fn builtin_plane_terminates_mesh_mtls_inside_the_tunnel() {
         "outsider",
         "spiffe://cluster.local/ns/default/sa/client",
     );
-    let tunnel = server.tunnel.to_string();
-    let through = |files: &ClientFiles, ca: &Path| {
-        hbone_client(&[
-            "post-tls",
-            "127.0.0.1",
-            &tunnel,
-            "/_hbone/15003",
-            &files.cert.to_string_lossy(),
-            &files.key.to_string_lossy(),
-            &ca.to_string_lossy(),
-            "mesh hello",
-        ])
-    };
+    let through =
+        |files: &ClientFiles, ca: &Path| through_terminator(server.tunnel, files, ca, "mesh hello");
     let ok = through(&client, &client.ca);
     assert_eq!(ok["data"], "mesh hello", "{ok}");
     // A certificate from outside the mesh does not get through (the client trusts the mesh
@@ -364,11 +372,7 @@ fn builtin_plane_terminates_mesh_mtls_inside_the_tunnel() {
     server.krun.signal(Signal::SIGTERM);
     let done = server.krun.finish();
     // The mesh client plus krun's readiness probe; the outsider never reached the app.
-    assert!(
-        done.has_line("echo served 2 connections"),
-        "{}",
-        done.text()
-    );
+    assert_echo_served(&done, 2);
 }
 
 /// A caller krun (builtin data plane, identity `sa/caller`) whose outbound proxy treats
@@ -447,40 +451,37 @@ fn krun_reaches_another_krun_over_hbone_through_the_outbound_proxy() {
     assert_eq!(server.krun.finish().code, 0);
 }
 
+/// A caller that expects `id` of the peer at 127.0.0.1 sends one CONNECT through its proxy
+/// and exits: the proxy's status line and the caller's output.
+fn connect_expecting(ca: &TestCa, server: &MeshWorkload, id: &str) -> (String, Finished) {
+    let expected = format!("127.0.0.1={id}");
+    let (caller, outbound, _dir) = caller_of(ca, server, &[("KRUN_PEER_IDENTITIES", &expected)]);
+    let (status, _reader, _conn) = proxy_connect(outbound, server.app);
+    caller.signal(Signal::SIGTERM);
+    (status, caller.finish())
+}
+
 #[test]
 fn an_outbound_peer_must_present_the_configured_spiffe_id() {
     let ca = TestCa::new(TD);
     let server = mesh_workload(&ca, "spiffe://cluster.local/ns/default/sa/echo", &[]);
-    let right = (
-        "KRUN_PEER_IDENTITIES",
-        "127.0.0.1=spiffe://cluster.local/ns/default/sa/echo",
-    );
-    let (caller, outbound, _dir) = caller_of(&ca, &server, &[right]);
-    let (status, _reader, _conn) = proxy_connect(outbound, server.app);
+    let (status, done) =
+        connect_expecting(&ca, &server, "spiffe://cluster.local/ns/default/sa/echo");
     assert!(
         status.starts_with("HTTP/1.1 200"),
         "the right identity: {status}"
     );
-    caller.signal(Signal::SIGTERM);
-    let done = caller.finish();
     assert!(
         !done.has_line("verifies only the peer's trust domain"),
         "{}",
         done.text()
     );
-
-    let wrong = (
-        "KRUN_PEER_IDENTITIES",
-        "127.0.0.1=spiffe://cluster.local/ns/default/sa/other",
-    );
-    let (caller, outbound, _dir) = caller_of(&ca, &server, &[wrong]);
-    let (status, _reader, _conn) = proxy_connect(outbound, server.app);
+    let (status, done) =
+        connect_expecting(&ca, &server, "spiffe://cluster.local/ns/default/sa/other");
     assert!(
         status.starts_with("HTTP/1.1 502"),
         "another identity: {status}"
     );
-    caller.signal(Signal::SIGTERM);
-    let done = caller.finish();
     let mismatch = done
         .output
         .iter()
@@ -494,11 +495,7 @@ fn an_outbound_peer_must_present_the_configured_spiffe_id() {
     server.krun.signal(Signal::SIGTERM);
     let done = server.krun.finish();
     // The accepted caller's tunnel plus krun's readiness probe; the refused one never arrived.
-    assert!(
-        done.has_line("echo served 2 connections"),
-        "{}",
-        done.text()
-    );
+    assert_echo_served(&done, 2);
 }
 
 #[test]
@@ -607,11 +604,7 @@ fn without_the_opt_in_plaintext_tunnels_are_refused_before_any_dial_and_logged_o
     );
     assert!(!done.has_line("KRUN_TUNNEL_PLAINTEXT: the tunnel port carries"));
     // Only krun's readiness probe reached the app; nothing reached the db.
-    assert!(
-        done.has_line("echo served 1 connections"),
-        "{}",
-        done.text()
-    );
+    assert_echo_served(&done, 1);
     assert!(never_dialed(&db), "the declared remote target was dialed");
 }
 
@@ -649,25 +642,12 @@ fn with_public_http_off_only_the_mtls_terminator_reaches_the_app() {
         "client",
         "spiffe://cluster.local/ns/default/sa/client",
     );
-    let mesh = hbone_client(&[
-        "post-tls",
-        "127.0.0.1",
-        &tunnel.to_string(),
-        "/_hbone/15003",
-        &client.cert.to_string_lossy(),
-        &client.key.to_string_lossy(),
-        &client.ca.to_string_lossy(),
-        "through the terminator",
-    ]);
+    let mesh = through_terminator(tunnel, &client, &client.ca, "through the terminator");
     assert_eq!(mesh["data"], "through the terminator", "{mesh}");
     server.krun.signal(Signal::SIGTERM);
     let done = server.krun.finish();
     // The mesh client plus krun's readiness probe.
-    assert!(
-        done.has_line("echo served 2 connections"),
-        "{}",
-        done.text()
-    );
+    assert_echo_served(&done, 2);
 
     // Opting the app in while KRUN_PUBLIC_HTTP=off closes it is a contradiction: krun stops.
     let contradiction = Krun::new()
@@ -702,16 +682,7 @@ fn a_mesh_client_whose_principal_is_not_allowed_gets_nothing_through_hbone_15003
         "client",
         "spiffe://cluster.local/ns/default/sa/client",
     );
-    let denied = hbone_client(&[
-        "post-tls",
-        "127.0.0.1",
-        &server.tunnel.to_string(),
-        "/_hbone/15003",
-        &client.cert.to_string_lossy(),
-        &client.key.to_string_lossy(),
-        &client.ca.to_string_lossy(),
-        "must not arrive",
-    ]);
+    let denied = through_terminator(server.tunnel, &client, &client.ca, "must not arrive");
     assert!(
         denied.get("data").is_none() || denied["data"] == "",
         "{denied}"
@@ -724,11 +695,7 @@ fn a_mesh_client_whose_principal_is_not_allowed_gets_nothing_through_hbone_15003
         done.text()
     );
     // Only krun's readiness probe reached the app.
-    assert!(
-        done.has_line("echo served 1 connections"),
-        "{}",
-        done.text()
-    );
+    assert_echo_served(&done, 1);
 }
 
 /// The listening TCP ports (IPv4 and IPv6) of the network namespace `pid` lives in.

@@ -392,25 +392,12 @@ impl Forward {
     const FORM: &str = "a comma-separated list of LISTEN=HOST:PORT, e.g. 127.0.0.1:5432=db.prod.svc.cluster.local:5432";
 
     fn parse_list(raw: &str) -> Result<Vec<Forward>, &'static str> {
-        values::list(raw)
-            .iter()
-            .map(|item| {
-                let (listen, target) = item.split_once('=').ok_or(Self::FORM)?;
-                let listen = listen
-                    .trim()
-                    .parse::<SocketAddr>()
-                    .map_err(|_| Self::FORM)?;
-                let target = target.trim();
-                if is_host_port(target) {
-                    Ok(Forward {
-                        listen,
-                        target: target.to_owned(),
-                    })
-                } else {
-                    Err(Self::FORM)
-                }
+        assignments(raw, Self::FORM, |listen, target| {
+            Some(Forward {
+                listen: listen.parse().ok()?,
+                target: is_host_port(target).then(|| target.to_owned())?,
             })
-            .collect()
+        })
     }
 }
 
@@ -434,23 +421,15 @@ impl PeerIdentity {
     const FORM: &str = "a comma-separated list of DESTINATION=SPIFFE_ID (DESTINATION an IP address or host name), e.g. 10.8.0.12=spiffe://cluster.local/ns/prod/sa/db";
 
     fn parse_list(raw: &str) -> Result<Vec<PeerIdentity>, &'static str> {
-        values::list(raw)
-            .iter()
-            .map(|item| {
-                let (destination, id) = item.split_once('=').ok_or(Self::FORM)?;
-                let destination = destination.trim();
-                // A port would never match: identities belong to workloads, not ports.
-                let is_host_port =
-                    destination.contains(':') && destination.parse::<IpAddr>().is_err();
-                if destination.is_empty() || is_host_port {
-                    return Err(Self::FORM);
-                }
-                Ok(PeerIdentity {
-                    destination: destination.to_owned(),
-                    id: id.trim().parse().map_err(|_| Self::FORM)?,
-                })
+        assignments(raw, Self::FORM, |destination, id| {
+            // A port would never match: identities belong to workloads, not ports.
+            let is_host_port = destination.contains(':') && destination.parse::<IpAddr>().is_err();
+            (!destination.is_empty() && !is_host_port).then_some(())?;
+            Some(PeerIdentity {
+                destination: destination.to_owned(),
+                id: id.parse().ok()?,
             })
-            .collect()
+        })
     }
 
     /// True when this entry names `host` (as written) or `ip`.
@@ -463,6 +442,22 @@ impl Show for PeerIdentity {
     fn show(&self) -> Value {
         json!(format!("{}={}", self.destination, self.id))
     }
+}
+
+/// A comma-separated list of `LEFT=RIGHT` items (each side trimmed), each made into a value
+/// by `item`; any item without `=` or refused by `item` fails the list with `form`.
+fn assignments<T>(
+    raw: &str,
+    form: &'static str,
+    item: impl Fn(&str, &str) -> Option<T>,
+) -> Result<Vec<T>, &'static str> {
+    values::list(raw)
+        .iter()
+        .map(|entry| {
+            let (left, right) = entry.split_once('=').ok_or(form)?;
+            item(left.trim(), right.trim()).ok_or(form)
+        })
+        .collect()
 }
 
 /// `host:port` with a non-empty host and a numeric port.

@@ -203,6 +203,45 @@ impl Cidr {
 mod tests {
     use super::*;
 
+    /// A configured destination (by IP or host name, any case) gets exactly its IDs; any
+    /// other gets the trust domain.
+    #[test]
+    fn expected_peer_identity() {
+        let env: mesh::config::Env = [(
+            "KRUN_PEER_IDENTITIES",
+            "10.0.0.5=spiffe://td/ns/a/sa/one, db.prod=spiffe://td/ns/b/sa/db, fd00::5=spiffe://td/ns/c/sa/six, 10.0.0.5=spiffe://td/ns/a/sa/two",
+        )]
+        .into_iter()
+        .collect();
+        let config = crate::config::Config::from_env(&env).expect("valid");
+        let hop = MeshHop::new(
+            Arc::new(HboneClient::new(hbone::H2Settings::default(), None)),
+            config.launcher.peer_identities.value.clone(),
+            "td".into(),
+            15008,
+        );
+        let id = |s: &str| s.parse::<SpiffeId>().expect("id");
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(
+            hop.expected("10.0.0.5", addr("10.0.0.5:80")),
+            ExpectedPeer::OneOf(vec![
+                id("spiffe://td/ns/a/sa/one"),
+                id("spiffe://td/ns/a/sa/two")
+            ])
+        );
+        let db = ExpectedPeer::OneOf(vec![id("spiffe://td/ns/b/sa/db")]);
+        assert_eq!(hop.expected("db.prod", addr("10.0.0.9:5432")), db);
+        assert_eq!(hop.expected("DB.prod", addr("10.0.0.9:5432")), db);
+        assert_eq!(
+            hop.expected("fd00:0::5", addr("[fd00::5]:80")),
+            ExpectedPeer::OneOf(vec![id("spiffe://td/ns/c/sa/six")])
+        );
+        assert_eq!(
+            hop.expected("10.0.0.6", addr("10.0.0.6:80")),
+            ExpectedPeer::TrustDomain("td".into())
+        );
+    }
+
     /// Ranges decide what a mesh destination is.
     #[test]
     fn ranges() {
