@@ -77,7 +77,7 @@ impl MeshSide {
             }
             Err(_) => None,
         };
-        let mut mesh_inbound = None;
+        let mut builtin_inbound = None;
         let mut hop = None;
         let mut hbone_tls = None;
         if let Some(certs) = certs {
@@ -91,7 +91,7 @@ impl MeshSide {
                 config.launcher.allowed_principals.value.clone(),
             );
             if mode == DataPlane::Builtin {
-                mesh_inbound = start_inbound(
+                builtin_inbound = start_inbound(
                     config,
                     &certs,
                     &trust_domain,
@@ -116,13 +116,9 @@ impl MeshSide {
                 hbone_tls = Some(tls);
             }
         }
-        if mode == DataPlane::Envoy {
-            // The mesh inbound listener istiod gives Envoy (the workload's Sidecar resource).
-            mesh_inbound = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, MESH_INBOUND_PORT)));
-        }
         // `/_hbone/15003` leads to the builtin terminator when it runs, so the declared ports
         // are known only now; both the HBONE listener and the tunnel port route with them.
-        let ports = DeclaredPorts::new(config, mesh_inbound);
+        let ports = DeclaredPorts::new(config, mesh_inbound(mode, builtin_inbound));
         let tunnel = if tunnel_wanted(config, in_mesh) {
             Some(TunnelRouter::new(&ports, config).map_err(anyhow::Error::msg)?)
         } else {
@@ -243,6 +239,17 @@ impl MeshSide {
     }
 }
 
+/// Where `/_hbone/15003` leads: krun's terminator (`builtin`, when it runs), Envoy's mesh
+/// inbound listener (`envoy`: istiod configures it on 127.0.0.1:15003 through the workload's
+/// Sidecar resource), or nowhere.
+fn mesh_inbound(mode: DataPlane, builtin: Option<SocketAddr>) -> Option<SocketAddr> {
+    match mode {
+        DataPlane::Builtin => builtin,
+        DataPlane::Envoy => Some(SocketAddr::from((Ipv4Addr::LOCALHOST, MESH_INBOUND_PORT))),
+        DataPlane::Auto | DataPlane::None => None,
+    }
+}
+
 /// Whether the tunnel port opens: inside a mesh, or when asked for, by `KRUN_TUNNEL_PORT` in
 /// the environment or by `PORT` (the container port Cloud Run sends traffic to) naming it.
 fn tunnel_wanted(config: &Config, in_mesh: bool) -> bool {
@@ -250,7 +257,7 @@ fn tunnel_wanted(config: &Config, in_mesh: bool) -> bool {
     let port_names_it = config.lookup("PORT").is_some_and(|port| {
         port.source == Source::Env && port.value.trim().parse::<u16>() == Ok(tunnel.value)
     });
-    in_mesh || tunnel.source == Source::Env || port_names_it
+    tunnel.value != 0 && (in_mesh || tunnel.source == Source::Env || port_names_it)
 }
 
 async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
@@ -330,4 +337,43 @@ async fn start_outbound(
         tracing::info!(%addr, hbone = router.mesh.is_some(), "capture listener (iptables REDIRECT target) listening");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh::config::Env;
+
+    #[test]
+    fn the_mesh_terminator_is_envoys_or_krun_s() {
+        let builtin = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 40000)));
+        assert_eq!(mesh_inbound(DataPlane::Builtin, builtin), builtin);
+        assert_eq!(mesh_inbound(DataPlane::Builtin, None), None);
+        assert_eq!(
+            mesh_inbound(DataPlane::Envoy, None),
+            Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 15003)))
+        );
+        assert_eq!(mesh_inbound(DataPlane::None, builtin), None);
+    }
+
+    #[test]
+    fn the_tunnel_port_opens_in_a_mesh_or_when_asked_for() {
+        let wanted = |pairs: &[(&str, &str)], in_mesh: bool| {
+            let env: Env = pairs.iter().map(|(k, v)| (*k, *v)).collect();
+            tunnel_wanted(&Config::from_env(&env).expect("valid"), in_mesh)
+        };
+        assert!(wanted(&[], true));
+        assert!(!wanted(&[], false));
+        assert!(wanted(&[("KRUN_TUNNEL_PORT", "15009")], false));
+        assert!(wanted(&[("PORT", "15009")], false));
+        assert!(
+            !wanted(&[("PORT", "8080")], false),
+            "Cloud Run's default port"
+        );
+        assert!(wanted(
+            &[("PORT", "9000"), ("KRUN_TUNNEL_PORT", "9000")],
+            false
+        ));
+        assert!(!wanted(&[("KRUN_TUNNEL_PORT", "0")], true));
+    }
 }
