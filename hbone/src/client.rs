@@ -91,7 +91,10 @@ impl HboneClient {
         HboneClient {
             settings,
             cert,
-            pool: ConnectionPool::new(settings.max_streams_per_connection),
+            pool: ConnectionPool::new(
+                settings.max_streams_per_connection,
+                settings.max_pooled_peers,
+            ),
         }
     }
 

@@ -12,6 +12,7 @@ pub mod copy;
 pub mod dial;
 pub mod identity;
 pub mod listen;
+pub mod lru;
 pub mod metrics;
 pub mod once;
 pub mod pool;

@@ -172,7 +172,10 @@ impl PostClient {
         PostClient {
             settings,
             tls: Arc::new(tls),
-            pool: ConnectionPool::new(settings.max_streams_per_connection),
+            pool: ConnectionPool::new(
+                settings.max_streams_per_connection,
+                settings.max_pooled_peers,
+            ),
         }
     }
 

@@ -18,6 +18,9 @@ pub struct H2Settings {
     pub max_concurrent_streams: u32,
     /// Streams a client opens on one pooled connection before opening another (100).
     pub max_streams_per_connection: usize,
+    /// Peers (keys) a client pool keeps connections for, least recently used evicted first
+    /// (1024): hgate's peers follow the SNI a client chooses, so the pool must be bounded.
+    pub max_pooled_peers: usize,
     /// Interval of HTTP/2 PINGs (10 s).
     pub keepalive_interval: Duration,
     /// How long a PING may go unanswered before the connection is dropped (20 s).
@@ -36,6 +39,7 @@ impl Default for H2Settings {
             max_frame_size: 1 << 20,
             max_concurrent_streams: 200,
             max_streams_per_connection: 100,
+            max_pooled_peers: 1024,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(10),

@@ -64,10 +64,19 @@ mesh::settings! {
             parse(duration).or_default(Duration::from_secs(30)),
         /// Concurrent connections (SNI and istiod each).
         max_connections: Setting<usize> = HGATE_MAX_CONNECTIONS =>
-            parse(max_connections).or_default(10_000),
+            parse(positive).or_default(10_000),
         /// ID token source.
         id_tokens: Setting<IdTokens> = HGATE_ID_TOKENS =>
             parse(id_tokens).or_default(IdTokens::Metadata),
+        /// ID tokens (audiences) kept; the least recently used goes first.
+        id_token_cache: Setting<usize> = HGATE_ID_TOKEN_CACHE =>
+            parse(positive).or_default(1000),
+        /// ID token mints allowed back to back.
+        id_token_burst: Setting<usize> = HGATE_ID_TOKEN_BURST =>
+            parse(positive).or_default(100),
+        /// ID token mints per second after the burst.
+        id_token_rate: Setting<usize> = HGATE_ID_TOKEN_RATE =>
+            parse(positive).or_default(10),
         /// Metadata server `host[:port]`.
         metadata_host: Setting<String> = GCE_METADATA_HOST =>
             text().or_default("metadata.google.internal".to_owned()),
@@ -159,7 +168,7 @@ fn route_template(raw: &str) -> Result<String, &'static str> {
         .ok_or("an http(s) URL containing {service}")
 }
 
-fn max_connections(raw: &str) -> Result<usize, &'static str> {
+fn positive(raw: &str) -> Result<usize, &'static str> {
     raw.parse()
         .ok()
         .filter(|n| *n > 0)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use hbone::H2Settings;
 use hbone::post::PostClient;
-use mesh::identity::token_cache::{CachePolicy, TokenCache};
+use mesh::identity::token_cache::{CachePolicy, MintBudget, TokenCache};
 use mesh::metadata::MetadataClient;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -36,7 +36,7 @@ pub async fn run(config: HgateConfig) -> anyhow::Result<()> {
         IdTokens::None => None,
         IdTokens::Metadata => Some(TokenCache::new(
             MetadataClient::new(&config.metadata_host.value, ID_TOKEN_TIMEOUT),
-            CachePolicy::default(),
+            id_token_policy(&config),
         )),
     };
     let settings = H2Settings::default();
@@ -114,6 +114,22 @@ pub async fn run(config: HgateConfig) -> anyhow::Result<()> {
         "drained; exiting"
     );
     Ok(())
+}
+
+/// The audiences follow the client's SNI (the route template makes every well-formed SNI
+/// routable), so the cache is bounded: `HGATE_ID_TOKEN_CACHE` audiences, and mints within
+/// `HGATE_ID_TOKEN_BURST` + `HGATE_ID_TOKEN_RATE` per second; beyond it a new audience's
+/// connection is closed, while cached audiences keep working.
+fn id_token_policy(config: &HgateConfig) -> CachePolicy {
+    let burst = u32::try_from(config.id_token_burst.value).unwrap_or(u32::MAX);
+    CachePolicy {
+        capacity: config.id_token_cache.value,
+        budget: Some(MintBudget {
+            burst,
+            per_second: config.id_token_rate.value as f64,
+        }),
+        ..CachePolicy::default()
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<TcpListener> {

@@ -151,7 +151,7 @@ async fn start_identity(
             identity: id,
             signer: Signer::Local(Box::new(ca)),
             base_dir: config.mesh_base_dir.value.clone(),
-            policy: RotationPolicy::default(),
+            policy: rotation_policy(config),
             trust_bundle: Vec::new(),
         })
         .await?;
@@ -272,7 +272,7 @@ async fn istio_ca_identity(
         identity: id,
         signer: Signer::IstioCa(IstioCaClient::new(ca, connection, tokens.subscribe())),
         base_dir: base,
-        policy: RotationPolicy::default(),
+        policy: rotation_policy(config),
         trust_bundle: identity::roots::mesh_env_roots(
             found.mesh_env.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         )?,
@@ -282,6 +282,14 @@ async fn istio_ca_identity(
         identity,
         _tokens: Some(tokens),
     })
+}
+
+/// Certificate lifetime from `SECRET_TTL`; retries paced as `RotationPolicy` defaults.
+fn rotation_policy(config: &Config) -> RotationPolicy {
+    RotationPolicy {
+        ttl: config.launcher.secret_ttl.value,
+        ..RotationPolicy::default()
+    }
 }
 
 /// A running identity and what keeps it fed: dropping it stops rotation and token refresh.

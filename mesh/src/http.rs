@@ -2,7 +2,9 @@
 //! Manager) and the metadata server: hyper-util's pooled client over hyper-rustls (ring),
 //! `TCP_NODELAY` (requests are small and latency-bound), a connect timeout and a deadline for
 //! the whole exchange, and a cap on the answer's size so a broken or hostile server cannot
-//! make krun buffer without end. The Kubernetes client is kube's own stack (see
+//! make krun buffer without end: an answer whose `Content-Length` is over the cap is refused
+//! before its body is read, and one that streams past it is cut off at the cap (the
+//! connection is closed, not returned to the pool). The Kubernetes client is kube's own stack (see
 //! `discovery::kube_client`), not this one.
 
 use std::time::Duration;
@@ -16,7 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-/// The largest answer read; Google's JSON answers and tokens are a few kilobytes.
+/// The largest answer read by default; Google's JSON answers and tokens are a few kilobytes.
 pub const RESPONSE_LIMIT: usize = 16 << 20;
 
 /// What kind of failure an [`HttpError`] is, for callers that sort them (retry or not,
@@ -29,8 +31,10 @@ pub enum Failure {
     Connect(Option<std::io::ErrorKind>),
     /// No whole answer within the deadline.
     Timeout,
-    /// The answer could not be read, or was larger than [`RESPONSE_LIMIT`].
+    /// The answer could not be read.
     Body,
+    /// The answer was larger than the client's limit; not read further.
+    TooLarge,
 }
 
 /// A request that got no usable answer (an answer with an error status is not an error here).
@@ -61,6 +65,7 @@ pub struct Response {
 pub struct HttpClient {
     inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
+    limit: usize,
 }
 
 impl HttpClient {
@@ -115,7 +120,14 @@ impl HttpClient {
         HttpClient {
             inner: Client::builder(TokioExecutor::new()).build(connector),
             timeout,
+            limit: RESPONSE_LIMIT,
         }
+    }
+
+    /// The same client reading at most `limit` bytes of an answer (default [`RESPONSE_LIMIT`]).
+    pub fn with_limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
     }
 
     /// The connect timeout and the deadline of [`HttpClient::send`].
@@ -150,10 +162,29 @@ impl HttpClient {
                 err(failure, error_chain(&e))
             })?;
             let (parts, body) = response.into_parts();
-            let body = Limited::new(body, RESPONSE_LIMIT)
+            let too_large = || {
+                err(
+                    Failure::TooLarge,
+                    format!("answer larger than {} bytes, refused", self.limit),
+                )
+            };
+            let declared = parts
+                .headers
+                .get(hyper::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > self.limit as u64) {
+                return Err(too_large());
+            }
+            let body = Limited::new(body, self.limit)
                 .collect()
                 .await
-                .map_err(|e| err(Failure::Body, format!("reading the answer: {e}")))?
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        too_large()
+                    } else {
+                        err(Failure::Body, format!("reading the answer: {e}"))
+                    }
+                })?
                 .to_bytes();
             Ok(Response {
                 status: parts.status,

@@ -3,9 +3,9 @@
 //! and hgate (ID tokens). Our own because gcp_auth hard-codes `metadata.google.internal` and
 //! cannot be pointed at a test server.
 //!
-//! Every request carries `Metadata-Flavor: Google` and every value's answer must carry it back
-//! (that header is how Google's client libraries tell a metadata server from a captive portal
-//! or a proxy). Values are cached; the access token is cached until shortly before it expires;
+//! Every request carries `Metadata-Flavor: Google` and every answer must carry it back (that
+//! header is how Google's client libraries tell a metadata server from a captive portal or a
+//! proxy), ID tokens included; an answer larger than [`ANSWER_LIMIT`] is refused unread. Values are cached; the access token is cached until shortly before it expires;
 //! ID tokens are cached by the caller's [`TokenCache`](crate::identity::token_cache::TokenCache).
 
 use std::collections::HashMap;
@@ -28,6 +28,9 @@ pub const FLAVOR_HEADER: &str = "metadata-flavor";
 pub const FLAVOR: &str = "Google";
 /// Path prefix of the v1 API.
 pub const API_PREFIX: &str = "/computeMetadata/v1/";
+/// The largest answer read from the metadata server: its values, access and ID tokens are a
+/// few kilobytes at most.
+pub const ANSWER_LIMIT: usize = 64 << 10;
 /// A token this close to expiry is refreshed before use.
 const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(300);
 
@@ -210,6 +213,8 @@ enum Attempt {
     #[error("HTTP {0}")]
     Status(u16),
     #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
     Other(String),
 }
 
@@ -218,7 +223,7 @@ impl Attempt {
         match self {
             Attempt::Connect(..) | Attempt::Timeout(_) | Attempt::Other(_) => true,
             Attempt::Status(status) => *status >= 500,
-            Attempt::NoFlavor => false,
+            Attempt::NoFlavor | Attempt::TooLarge(_) => false,
         }
     }
 }
@@ -247,7 +252,7 @@ impl MetadataClient {
             .to_owned();
         MetadataClient {
             host,
-            http: HttpClient::plain(timeout),
+            http: HttpClient::plain(timeout).with_limit(ANSWER_LIMIT),
             backoff,
             cache: Mutex::new(HashMap::new()),
             token: tokio::sync::Mutex::new(None),
@@ -270,14 +275,14 @@ impl MetadataClient {
     pub async fn probe(&self, options: &ProbeOptions) -> Platform {
         let timeout = options.timeout.min(self.http.timeout());
         let http = async {
-            match self.attempt("/", Flavor::Required, timeout).await {
+            match self.attempt("/", timeout).await {
                 Ok(_) => Platform::Gcp,
                 Err(Attempt::Connect(why, _)) => Platform::NotGcp(why),
                 Err(Attempt::Timeout(_)) => Platform::NotGcp(NotGcp::NoAnswer),
                 Err(Attempt::NoFlavor) => Platform::NotGcp(NotGcp::NotMetadataServer),
                 // It speaks the metadata protocol but is unhappy: treat as GCP, the real
                 // calls will retry and report.
-                Err(Attempt::Status(_) | Attempt::Other(_)) => Platform::Gcp,
+                Err(Attempt::Status(_) | Attempt::TooLarge(_) | Attempt::Other(_)) => Platform::Gcp,
             }
         };
         let dns = async {
@@ -308,7 +313,7 @@ impl MetadataClient {
         let result = self
             .backoff
             .retry(&full, Attempt::retryable, || {
-                self.attempt(&full, Flavor::Required, self.http.timeout())
+                self.attempt(&full, self.http.timeout())
             })
             .await;
         let value = match result {
@@ -336,7 +341,7 @@ impl MetadataClient {
         let body = self
             .backoff
             .retry(&full, Attempt::retryable, || {
-                self.attempt(&full, Flavor::Required, self.http.timeout())
+                self.attempt(&full, self.http.timeout())
             })
             .await
             .map_err(|(e, attempts)| self.error(paths::TOKEN, e, attempts))?
@@ -370,7 +375,7 @@ impl MetadataClient {
         );
         let full = format!("{API_PREFIX}{path}");
         let token = self
-            .attempt(&full, Flavor::Ignored, self.http.timeout())
+            .attempt(&full, self.http.timeout())
             .await
             .map_err(|e| self.error(&path, e, 1))?
             .ok_or_else(|| MetadataError::Status {
@@ -392,12 +397,9 @@ impl MetadataClient {
         self.cache.lock().ok()?.get(path).cloned()
     }
 
-    async fn attempt(
-        &self,
-        path: &str,
-        flavor: Flavor,
-        timeout: Duration,
-    ) -> Result<Option<String>, Attempt> {
+    /// One GET; an answer without `Metadata-Flavor: Google` is refused whatever its status,
+    /// so a captive portal or proxy never becomes a project id or a token.
+    async fn attempt(&self, path: &str, timeout: Duration) -> Result<Option<String>, Attempt> {
         let request = http::Request::get(format!("http://{}{path}", self.host))
             .header(FLAVOR_HEADER, FLAVOR)
             .header(http::header::ACCEPT, "text/plain")
@@ -410,13 +412,14 @@ impl MetadataClient {
                 .map_err(|e| match e.failure {
                     Failure::Connect(kind) => Attempt::Connect(not_gcp(kind), e.detail),
                     Failure::Timeout => Attempt::Timeout(timeout),
+                    Failure::TooLarge => Attempt::TooLarge(e.detail),
                     Failure::Request | Failure::Body => Attempt::Other(e.detail),
                 })?;
         let flavored = response
             .headers
             .get(FLAVOR_HEADER)
             .is_some_and(|v| v == FLAVOR);
-        if flavor == Flavor::Required && !flavored {
+        if !flavored {
             return Err(Attempt::NoFlavor);
         }
         match response.status.as_u16() {
@@ -431,6 +434,7 @@ impl MetadataClient {
         let path = path.to_owned();
         match attempt {
             Attempt::NoFlavor => MetadataError::NotMetadataServer { host, path },
+            Attempt::TooLarge(reason) => MetadataError::Body { host, path, reason },
             Attempt::Status(status) => MetadataError::Status {
                 host,
                 path,
@@ -455,14 +459,6 @@ fn not_gcp(kind: Option<std::io::ErrorKind>) -> NotGcp {
         Some(TimedOut) => NotGcp::NoAnswer,
         _ => NotGcp::Unreachable,
     }
-}
-
-/// Whether an answer must carry `Metadata-Flavor: Google`: values must (a captive portal must
-/// not become our project id); the identity endpoint's token is checked as a JWT instead.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Flavor {
-    Required,
-    Ignored,
 }
 
 impl Mint for MetadataClient {

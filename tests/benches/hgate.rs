@@ -96,15 +96,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn rss_kib(running: &Running) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", running.pid)).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 fn ready_addr(gate: &mut Running, what: &str) -> SocketAddr {
     let line = gate.wait_for_line(what);
     line.split("addr=")
@@ -150,7 +141,7 @@ fn main() {
     let gate_addr = ready_addr(&mut gate, "SNI listener ready");
 
     // Idle connections first, on a fresh hgate, so transfer buffers do not blur the figure.
-    let baseline = rss_kib(&gate);
+    let baseline = gate.rss_kib();
     let held = rt.block_on(async {
         let mut held = Vec::with_capacity(idle);
         let start = sink.primed.load(Ordering::Relaxed);
@@ -172,7 +163,7 @@ fn main() {
         }
         held
     });
-    let loaded = rss_kib(&gate);
+    let loaded = gate.rss_kib();
     drop(held);
 
     let (direct, through) = rt.block_on(async {

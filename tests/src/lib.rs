@@ -40,6 +40,16 @@ pub fn testapp(args: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Fails the calling test, with the reason, unless it runs as root. Tests of kernel behaviour
+/// (network and PID namespaces, iptables, running the app as another user) need root; they
+/// fail loudly rather than pass without having run. `make test` runs as root in CI.
+pub fn require_root(why: &str) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root ({why}): run the README's test command, `make test`, as root"
+    );
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -114,6 +124,9 @@ impl Krun {
 
     /// `krun` started through `wrapper` (e.g. `unshare --pid --fork --mount-proc`).
     pub fn wrapped(wrapper: &[&str]) -> Self {
+        if wrapper.first() == Some(&"unshare") {
+            require_root("it starts krun in a new namespace with unshare");
+        }
         let krun = binary("krun");
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
@@ -237,6 +250,17 @@ impl Running {
                 self.wait_for_line(needle);
             }
         }
+    }
+
+    /// Its resident memory (`VmRSS` in `/proc/<pid>/status`), in KiB: for memory bounds.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .expect("/proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
     }
 
     /// Reads output until a line contains `needle`; returns that line.

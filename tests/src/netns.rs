@@ -47,6 +47,7 @@ impl Netns {
     }
 
     fn bare(tag: &str) -> Netns {
+        crate::require_root("it creates network namespaces and installs iptables rules");
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
             "krun-{tag}-{}-{}",

@@ -832,6 +832,7 @@ fn without_pilot_agent_or_xds_nothing_is_started_or_written() {
 fn in_private_netns<T: Send + 'static>(scenario: impl FnOnce() -> T + Send + 'static) -> T {
     // The fakes' runtime threads stay in the host namespace; sockets keep the one they were
     // made in, so they serve from there.
+    krun_tests::require_root("it moves into a new network namespace");
     let _ = krun_tests::fakes::server::runtime();
     std::thread::spawn(move || {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare --net");

@@ -630,3 +630,45 @@ fn print_config_offline_makes_no_call() {
     assert_eq!(config["PROJECT_ID"]["value"], Value::Null);
     assert_eq!(world.calls(), 0);
 }
+
+#[test]
+fn a_100_mib_metadata_answer_is_refused_without_reading_it_all() {
+    use krun_tests::fakes::metadata::{Flood, Framing};
+    use mesh::metadata::ANSWER_LIMIT;
+    const HUNDRED_MIB: u64 = 100 << 20;
+    // What the fake can write before it notices the close: the client's cap plus the two
+    // kernels' socket buffers (6 to 8 MiB measured on loopback; the send side is capped by
+    // tcp_wmem at 4 MiB, the receive side does not grow while nobody reads); a third of the
+    // 100 MiB it offers.
+    const WELL_BEFORE: u64 = 32 << 20;
+    for framing in [Framing::Declared, Framing::Chunked] {
+        let flood = Flood::start(HUNDRED_MIB, framing);
+        let client = MetadataClient::with_backoff(
+            &flood.addr().to_string(),
+            Duration::from_secs(60),
+            fast(),
+        );
+        server::runtime().block_on(async {
+            let value = client
+                .get("project/project-id")
+                .await
+                .expect_err("a 100 MiB value is refused");
+            let token = client
+                .id_token("https://svc.a.run.app")
+                .await
+                .expect_err("a 100 MiB ID token is refused");
+            for error in [value.to_string(), token.to_string()] {
+                assert!(
+                    error.contains(&format!("answer larger than {ANSWER_LIMIT} bytes")),
+                    "{framing:?}: {error}"
+                );
+            }
+            // One request each: an answer too large is not retried.
+            let written = flood.written_after(2).await;
+            assert!(
+                written < WELL_BEFORE,
+                "{framing:?}: the fake wrote {written} bytes before the client closed"
+            );
+        });
+    }
+}

@@ -522,3 +522,101 @@ fn an_open_tunnel_keeps_flowing_while_hgate_drains_and_the_client_hello_is_repla
     krun.signal(Signal::SIGTERM);
     assert_eq!(krun.finish().code, 0);
 }
+
+/// The corpus ClientHello with `echo` in its SNI replaced by four letters spelling `i`:
+/// `outbound_.8080_._.XXXX.default.svc.cluster.local`, a distinct service per `i` < 10,000.
+fn hello_naming_service(template: &[u8], i: usize) -> Vec<u8> {
+    let mut hello = template.to_vec();
+    let from = b"outbound_.8080_._.echo.default";
+    let at = hello
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("SNI in sample");
+    let name: Vec<u8> = format!("{i:04}").bytes().map(|d| d - b'0' + b'a').collect();
+    let service = at + "outbound_.8080_._.".len();
+    hello[service..service + 4].copy_from_slice(&name);
+    hello
+}
+
+#[test]
+fn ten_thousand_distinct_sni_names_cost_bounded_memory_and_bounded_token_mints() {
+    // Every SNI names a service of its own, and the template makes each a distinct audience
+    // (`http://SVC.invalid`: a name that never resolves, so a minted route fails at once).
+    const NAMES: usize = 10_000;
+    const CACHE: usize = 50;
+    const BURST: u64 = 20;
+    const RATE: u64 = 5;
+    // hgate's own growth while it serves the flood (measured: a few MiB); the cache, the
+    // pool and the route table are bounded, so it does not scale with NAMES.
+    const RSS_BOUND_KIB: u64 = 32 << 10;
+    let md = metadata::start(metadata::Instance::default());
+    let started = std::time::Instant::now();
+    let mut gate = Krun::hgate()
+        .env(
+            "HGATE_ROUTE_TEMPLATE",
+            "http://{service}.invalid/_hbone/15003",
+        )
+        .env("HGATE_ID_TOKENS", "metadata")
+        .env("GCE_METADATA_HOST", md.addr().to_string())
+        .env("HGATE_ID_TOKEN_CACHE", CACHE.to_string())
+        .env("HGATE_ID_TOKEN_BURST", BURST.to_string())
+        .env("HGATE_ID_TOKEN_RATE", RATE.to_string())
+        .start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    gate.wait_for_line("hgate ready");
+    let before = gate.rss_kib();
+
+    let template = client_hello();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for batch in (0..NAMES).collect::<Vec<_>>().chunks(200) {
+            let mut clients = tokio::task::JoinSet::new();
+            for &i in batch {
+                let hello = hello_naming_service(&template, i);
+                clients.spawn(async move {
+                    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                    conn.write_all(&hello).await.expect("send hello");
+                    // hgate closes each one: no token (budget spent) or no route to .invalid.
+                    let mut rest = Vec::new();
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(60),
+                        conn.read_to_end(&mut rest),
+                    )
+                    .await
+                    .expect("hgate closes the connection");
+                });
+            }
+            while let Some(done) = clients.join_next().await {
+                done.expect("client task");
+            }
+        }
+    });
+    let elapsed = started.elapsed();
+    let after = gate.rss_kib();
+
+    let mints = md
+        .seen()
+        .iter()
+        .filter(|r| r.path.contains("service-accounts/default/identity"))
+        .count() as u64;
+    // The budget's guarantee over the test's whole run (hgate started after `started`).
+    let allowed = BURST + (RATE as f64 * elapsed.as_secs_f64()).ceil() as u64;
+    assert!(
+        (BURST..=allowed).contains(&mints),
+        "{mints} ID tokens minted for {NAMES} names in {elapsed:?}; the budget allows {allowed}"
+    );
+    let grew = after.saturating_sub(before);
+    assert!(
+        grew <= RSS_BOUND_KIB,
+        "hgate's RSS grew {grew} KiB ({before} → {after}) over {NAMES} names"
+    );
+    let line = gate.wait_for_line("mint budget");
+    assert!(line.contains("connection finished"), "{line}");
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}

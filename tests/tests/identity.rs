@@ -713,6 +713,7 @@ async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
                         Duration::from_secs(3600),
                     ),
                 )
+                .with_header("metadata-flavor", "Google")
             }
             _ => Reply::json_status(
                 403,
@@ -752,6 +753,32 @@ async fn id_tokens_from_the_metadata_server_are_cached_per_audience() {
     assert!(claims.aud.contains("https://b.a.run.app"));
 }
 
+#[tokio::test]
+async fn an_id_token_answer_without_the_flavor_header_is_refused() {
+    use krun_tests::fakes::server::{FakeServer, Reply, Request};
+    use mesh::metadata::{MetadataClient, MetadataError};
+    // A proxy or captive portal that hands out something shaped like a token.
+    let portal = FakeServer::http(Arc::new(|_req: &Request| {
+        Reply::status(
+            200,
+            jwt(
+                "sa@p.iam.gserviceaccount.com",
+                "aud",
+                Duration::from_secs(3600),
+            ),
+        )
+    }));
+    let client = MetadataClient::new(&portal.addr().to_string(), Duration::from_secs(10));
+    let refused = client
+        .id_token("https://a.a.run.app")
+        .await
+        .expect_err("no flavor, no token");
+    assert!(
+        matches!(refused, MetadataError::NotMetadataServer { .. }),
+        "{refused}"
+    );
+}
+
 #[test]
 fn local_ca_mode_works_with_networking_unavailable() {
     let (dir, cacerts) = local_ca_dir("nonet");
@@ -781,11 +808,31 @@ fn local_ca_mode_works_with_networking_unavailable() {
     assert_eq!(first, vec![me().to_string()]);
 }
 
+/// krun minting `me()` from `ca_addr` and serving it with the builtin data plane in front of
+/// an echo app; returns (krun, app port, HBONE port) once the tunnel port is open.
+fn builtin_workload(ca_addr: &str, base: &Path, krun: Krun) -> (krun_tests::Running, u16, u16) {
+    use krun_tests::{free_port, testapp};
+    let (app, hbone, tunnel) = (free_port(), free_port(), free_port());
+    let mut running = krun
+        .env("CA_ADDR", ca_addr)
+        .env("TRUST_DOMAIN", TRUST_DOMAIN)
+        .env("WORKLOAD_NAMESPACE", NAMESPACE)
+        .env("WORKLOAD_SERVICE_ACCOUNT", KSA)
+        .env("MESH_BASE_DIR", base)
+        .env("KRUN_DATAPLANE", "builtin")
+        .env("PORT_http", app.to_string())
+        .env("KRUN_HBONE_PORT", hbone.to_string())
+        .env("KRUN_TUNNEL_PORT", tunnel.to_string())
+        .args(testapp(&["echo", &app.to_string()]))
+        .start();
+    running.wait_for_line("tunnel port open");
+    (running, app, hbone)
+}
+
 #[test]
 fn the_krun_binary_mints_its_certificate_from_the_cluster_and_serves_hbone_with_it() {
     use krun_tests::fakes::TestWorld;
     use krun_tests::fakes::server::runtime;
-    use krun_tests::{free_port, testapp};
     use rustls_pki_types::pem::PemObject;
 
     // The cluster: mesh-env publishes istiod's root and a second mesh root that peers use;
@@ -806,21 +853,11 @@ fn the_krun_binary_mints_its_certificate_from_the_cluster_and_serves_hbone_with_
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, world.kube.kubeconfig()).expect("write kubeconfig");
     let base = dir.join("base");
-    let (app, hbone, tunnel) = (free_port(), free_port(), free_port());
-    let mut krun = Krun::new()
-        .env("KUBECONFIG", &kubeconfig)
-        .env("CA_ADDR", ca.addr.to_string())
-        .env("TRUST_DOMAIN", TRUST_DOMAIN)
-        .env("WORKLOAD_NAMESPACE", NAMESPACE)
-        .env("WORKLOAD_SERVICE_ACCOUNT", KSA)
-        .env("MESH_BASE_DIR", &base)
-        .env("KRUN_DATAPLANE", "builtin")
-        .env("PORT_http", app.to_string())
-        .env("KRUN_HBONE_PORT", hbone.to_string())
-        .env("KRUN_TUNNEL_PORT", tunnel.to_string())
-        .args(testapp(&["echo", &app.to_string()]))
-        .start();
-    krun.wait_for_line("tunnel port open");
+    let (krun, app, hbone) = builtin_workload(
+        &ca.addr.to_string(),
+        &base,
+        Krun::new().env("KUBECONFIG", &kubeconfig),
+    );
 
     // The token went to the TokenRequest API with the trust domain as audience, then the CSR.
     assert_eq!(ca.signed(), 1);
@@ -903,4 +940,143 @@ fn an_istio_ca_without_a_cluster_to_mint_the_token_fails_in_one_line() {
         "{}",
         done.text()
     );
+}
+
+/// The leaf serial in lowercase hex, as krun logs it.
+fn serial_of(leaf: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).expect("an X.509 leaf");
+    cert.tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The serial of the certificate krun's HBONE port presents to a new mTLS handshake, as
+/// `openssl s_client` (a client krun did not write) receives it.
+fn served_serial(port: u16, client: &krun_tests::fakes::pki::ClientFiles) -> String {
+    use rustls_pki_types::pem::PemObject;
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .arg("-cert")
+        .arg(&client.cert)
+        .arg("-key")
+        .arg(&client.key)
+        .arg("-CAfile")
+        .arg(&client.ca)
+        .args(["-verify_return_error", "-alpn", "h2"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run openssl s_client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(text.as_bytes())
+        .next()
+        .unwrap_or_else(|| panic!("s_client printed no certificate: {text}"))
+        .expect("PEM");
+    serial_of(leaf.as_ref())
+}
+
+/// The `serial=` field of a krun log line.
+fn logged_serial(line: &str) -> String {
+    line.split_once("serial=")
+        .map(|(_, rest)| {
+            rest.trim_start_matches('"')
+                .chars()
+                .take_while(char::is_ascii_hexdigit)
+                .collect()
+        })
+        .unwrap_or_else(|| panic!("no serial in {line}"))
+}
+
+#[test]
+fn a_rotation_under_traffic_keeps_the_open_tunnel_and_new_handshakes_get_the_new_certificate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = TempDir::new("rotate-traffic");
+    let cacerts = dir.join("cacerts");
+    let ca = TestCa::new("local root");
+    ca.write_cacerts(&cacerts);
+    let client_id = SpiffeId::new(TRUST_DOMAIN, NAMESPACE, "client").to_string();
+    let client = ca.install_client(&dir.join(""), "client", &client_id);
+    let base = dir.join("base");
+    let out = base.join("var/run/secrets/istio.io");
+    let (mut krun, app, hbone) = builtin_workload(
+        &format!("file://{}", cacerts.display()),
+        &base,
+        // 90 s plus the local CA's 60 s backdate: rotation 7.5 to 15 s after each mint.
+        Krun::new().env("SECRET_TTL", "90s"),
+    );
+    let first_generation = std::fs::read_link(out.join("..data")).expect("..data link");
+    let first = served_serial(hbone, &client);
+
+    // A mesh client (the hbone crate's, with the test PKI's certificate) keeps a tunnel open.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let own = hbone::tls::WorkloadCert::from_pem(
+        &std::fs::read(&client.cert).expect("client cert"),
+        &std::fs::read(&client.key).expect("client key"),
+        ca.root_pem.as_bytes(),
+    )
+    .expect("client identity");
+    let hbone_client = hbone::client::HboneClient::new(
+        hbone::H2Settings::default(),
+        Some(watch::channel(Arc::new(own)).1),
+    );
+    let peer = std::net::SocketAddr::from(([127, 0, 0, 1], hbone));
+    let expected = hbone::tls::ExpectedPeer::OneOf(vec![me()]);
+    let (mut stream, guard) = runtime.block_on(async {
+        let (mut stream, guard) = hbone_client
+            .connect(peer, Some(&expected), &format!("127.0.0.1:{app}"))
+            .await
+            .expect("CONNECT over mTLS");
+        stream.write_all(b"before;").await.expect("send");
+        let mut echoed = [0u8; 7];
+        stream.read_exact(&mut echoed).await.expect("echo");
+        assert_eq!(&echoed, b"before;");
+        (stream, guard)
+    });
+
+    // The rotation event: the HBONE listener serves a certificate other than the first.
+    let rotated = loop {
+        let line = krun.wait_for_line("new handshakes present the rotated certificate");
+        if line.contains("hbone") && logged_serial(&line) != first {
+            break logged_serial(&line);
+        }
+    };
+    let generation = std::fs::read_link(out.join("..data")).expect("..data link");
+    assert_ne!(
+        generation, first_generation,
+        "the files moved to a new generation"
+    );
+    assert!(
+        !out.join(&first_generation).exists(),
+        "the old generation is removed"
+    );
+
+    let rest = runtime.block_on(async {
+        stream
+            .write_all(b"after")
+            .await
+            .expect("the open tunnel still carries data");
+        stream.shutdown().await.expect("half-close");
+        let mut rest = String::new();
+        stream.read_to_string(&mut rest).await.expect("read");
+        rest
+    });
+    assert_eq!(
+        rest, "after",
+        "the tunnel opened before the rotation works after it"
+    );
+    drop(guard);
+    let second = served_serial(hbone, &client);
+    assert_ne!(second, first, "a new handshake gets the new certificate");
+    assert_eq!(second, rotated);
+
+    krun.signal(nix::sys::signal::Signal::SIGTERM);
+    let done = krun.finish();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(done.has_line("certificate rotated"), "{}", done.text());
 }

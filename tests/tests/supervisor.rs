@@ -220,10 +220,7 @@ fn a_missing_app_is_a_one_line_startup_error() {
 
 #[test]
 fn as_root_the_app_runs_as_k8s_uid_with_its_own_groups() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    krun_tests::require_root("only root can start the app as another user");
     let done = Krun::new()
         .env("K8S_UID", "65534")
         .args(testapp(&["id"]))

@@ -152,6 +152,9 @@ mesh::settings! {
         /// Inbound ports redirected to 15006 (none by default).
         capture_inbound_ports: Setting<Vec<u16>> = KRUN_CAPTURE_INBOUND_PORTS =>
             parse(port_list).or_default(Vec::new()),
+        /// Lifetime krun requests for the workload certificate it mints (Istio's name).
+        secret_ttl: Setting<Duration> = SECRET_TTL =>
+            parse(positive_duration).or_default(mesh::identity::DEFAULT_CERT_TTL),
     }
     /// Env var names of [`LauncherConfig`]. Constants so a typo is a compile error.
     pub mod names;
@@ -472,6 +475,14 @@ fn port_list(v: &str) -> Result<Vec<u16>, &'static str> {
         .map(|p| values::port(p))
         .collect::<Result<_, _>>()
         .map_err(|_| "a comma-separated list of port numbers")
+}
+
+/// A duration above zero (`SECRET_TTL`: a certificate valid for no time is never usable).
+fn positive_duration(v: &str) -> Result<Duration, &'static str> {
+    match values::duration(v)? {
+        d if d.is_zero() => Err("a duration above zero such as 24h or 90m"),
+        d => Ok(d),
+    }
 }
 
 fn principals(raw: &str) -> Result<Vec<String>, &'static str> {

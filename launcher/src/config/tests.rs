@@ -100,6 +100,10 @@ fn every_bad_value_names_variable_value_and_form() {
             "KRUN_APP_READY_TIMEOUT=10: expected a duration such as 8s, 500ms or 2m",
         ),
         (
+            &[("SECRET_TTL", "0s")],
+            "SECRET_TTL=0s: expected a duration above zero such as 24h or 90m",
+        ),
+        (
             &[("KRUN_LOG_FORMAT", "xml")],
             "KRUN_LOG_FORMAT=xml: expected json or text",
         ),

@@ -110,7 +110,7 @@ impl MeshSide {
             }
             if config.launcher.hbone_port.value != 0 {
                 let tls = MeshTls {
-                    config: certs::server_configs(&certs, trust_domain, &[ALPN_H2])?,
+                    config: certs::server_configs(&certs, trust_domain, &[ALPN_H2], "hbone")?,
                     allowed,
                 };
                 hbone_tls = Some(tls);
@@ -288,7 +288,7 @@ async fn start_inbound(
     )
     .await?;
     let addr = listener.local_addr()?;
-    let tls = certs::server_configs(certs, trust_domain.to_owned(), &[])?;
+    let tls = certs::server_configs(certs, trust_domain.to_owned(), &[], "mesh inbound")?;
     let app = SocketAddr::from((Ipv4Addr::LOCALHOST, app));
     tasks.spawn(inbound::serve(
         listener,

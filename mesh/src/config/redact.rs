@@ -15,11 +15,17 @@ const SECRET_NAME_PARTS: &[&str] = &[
     "API_KEY",
 ];
 
+/// Variables whose names contain a fragment above but hold no secret (Istio's certificate
+/// lifetime), judged by their value's shape only.
+const NOT_SECRET_NAMES: &[&str] = &["SECRET_TTL"];
+
 /// True when a value must be redacted, judged by its variable name or by its shape
 /// (a JWT, a bearer header, a PEM private key, a URL with a password).
 pub fn is_secret(name: &str, value: &str) -> bool {
     let upper = name.to_ascii_uppercase();
-    SECRET_NAME_PARTS.iter().any(|part| upper.contains(part)) || looks_secret(value)
+    let by_name = !NOT_SECRET_NAMES.contains(&upper.as_str())
+        && SECRET_NAME_PARTS.iter().any(|part| upper.contains(part));
+    by_name || looks_secret(value)
 }
 
 /// Returns the value, or [`REDACTED`] when it is secret.
@@ -79,6 +85,7 @@ mod tests {
         assert!(!is_secret("MESH", "gke://my-project/us-central1/istio"));
         assert!(!is_secret("MESH", "https://user@example.com/x"));
         assert!(!is_secret("TRUST_DOMAIN", "my-project.svc.id.goog"));
+        assert!(!is_secret("SECRET_TTL", "24h"));
         assert_eq!(
             redact("CA_ADDR", "istiod.istio-system.svc:15012"),
             "istiod.istio-system.svc:15012"

@@ -1,18 +1,25 @@
 //! The Kubernetes client of the config cluster, from one of three sources: the GKE cluster
 //! discovery chose (its endpoint, its CA from `masterAuth`, a Google access token refreshed
 //! before expiry), a kubeconfig file, or the in-cluster service account.
+//!
+//! Every answer's body is capped at [`RESPONSE_LIMIT`] (kube reads bodies whole): a larger one
+//! fails the call instead of growing the process. Lists that could be large are paged.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+use http_body_util::Limited;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kube::client::{ClientBuilder, ConfigExt};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tower::filter::AsyncFilterLayer;
+use tower::util::MapResponseLayer;
 use tower::{BoxError, ServiceBuilder};
+
+use crate::http::RESPONSE_LIMIT;
 
 use super::gke::Cluster;
 use super::tokens::{AccessTokens, BearerAuth};
@@ -100,6 +107,7 @@ pub fn for_gke_cluster(
     let client: hyper_util::client::legacy::Client<_, kube::client::Body> =
         hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(https);
     let service = ServiceBuilder::new()
+        .layer(MapResponseLayer::new(limit_body))
         .layer(config.base_uri_layer())
         .layer(AsyncFilterLayer::new(BearerAuth(tokens)))
         .map_err(BoxError::from)
@@ -157,19 +165,29 @@ pub async fn from_kubeconfig(
         .current_context
         .as_deref()
         .and_then(ContextCluster::parse);
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .map_err(fail)?;
-    with_timeouts(&mut config);
-    let client = kube::Client::try_from(config).map_err(KubeClientError::Client)?;
-    Ok((client, context))
+    Ok((limited(config)?, context))
 }
 
 /// The in-cluster client (service account token and CA of the pod).
 pub fn in_cluster() -> Result<kube::Client, KubeClientError> {
-    let mut config = kube::Config::incluster().map_err(KubeClientError::InCluster)?;
+    limited(kube::Config::incluster().map_err(KubeClientError::InCluster)?)
+}
+
+/// kube's default stack for `config`, with krun's timeouts and the answer size cap.
+fn limited(mut config: kube::Config) -> Result<kube::Client, KubeClientError> {
     with_timeouts(&mut config);
-    kube::Client::try_from(config).map_err(KubeClientError::Client)
+    Ok(ClientBuilder::try_from(config)
+        .map_err(KubeClientError::Client)?
+        .with_layer(&MapResponseLayer::new(limit_body))
+        .build())
+}
+
+/// Caps an answer's body at [`RESPONSE_LIMIT`]: reading past it fails the call.
+fn limit_body<B>(response: http::Response<B>) -> http::Response<Limited<B>> {
+    response.map(|body| Limited::new(body, RESPONSE_LIMIT))
 }
 
 /// Startup calls get bounded waits, and krun's own retry policy instead of kube's 15 retries.

@@ -189,6 +189,10 @@ impl CaTarget {
     }
 }
 
+/// The largest CA answer decoded: a certificate chain is a few kilobytes; tonic's default
+/// (4 MiB) is stated lower here so a broken or hostile CA cannot make krun buffer more.
+const CA_ANSWER_LIMIT: usize = 1 << 20;
+
 /// A connection to a CA (TCP, TLS and HTTP/2; tonic reconnects it by itself) and its target:
 /// what every CA client signs through.
 #[derive(Clone)]
@@ -239,7 +243,8 @@ impl CaChannel {
             let value = target.metadata(what, value)?;
             request.metadata_mut().insert(*name, value);
         }
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone())
+            .max_decoding_message_size(CA_ANSWER_LIMIT);
         grpc.ready()
             .await
             .map_err(|e| target.status_error(tonic::Status::unavailable(e.to_string())))?;

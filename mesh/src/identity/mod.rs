@@ -36,7 +36,7 @@ pub use cert_store::{CertResolver, CertStore, RotationHealth, WorkloadCert};
 pub use hbone::SpiffeId;
 pub use signer::{SignError, Signer};
 
-use crate::files::{Access, WriteError, write_atomic};
+use crate::files::{Access, WriteError, write_generation};
 use local_ca::to_pem;
 
 /// Istio's default certificate lifetime (`SECRET_TTL`).
@@ -223,16 +223,20 @@ impl Minter {
         Ok(cert)
     }
 
-    /// Writes the chain, the key and the roots in every layout; each file is replaced
-    /// atomically.
+    /// Writes the chain, the key and the roots in every layout, each layout as one generation
+    /// ([`write_generation`]): a reader never pairs a new key with an old chain.
     fn write(&self, cert: &WorkloadCert, key_pem: &str) -> Result<(), WriteError> {
         let pems = |certs: &[CertificateDer<'_>]| certs.iter().map(to_pem).collect::<String>();
         let (chain, roots) = (pems(&cert.chain), pems(&cert.roots));
         for layout in &self.layouts {
-            let file = |name: &str| layout.dir.join(name);
-            write_atomic(&file(layout.key), key_pem.as_bytes(), Access::Secret)?;
-            write_atomic(&file(layout.chain), chain.as_bytes(), Access::Public)?;
-            write_atomic(&file(layout.roots), roots.as_bytes(), Access::Public)?;
+            write_generation(
+                &layout.dir,
+                &[
+                    (layout.key, key_pem.as_bytes(), Access::Secret),
+                    (layout.chain, chain.as_bytes(), Access::Public),
+                    (layout.roots, roots.as_bytes(), Access::Public),
+                ],
+            )?;
         }
         Ok(())
     }

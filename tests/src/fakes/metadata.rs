@@ -157,3 +157,96 @@ fn percent_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A metadata server that answers every request with a `size`-byte body (flavored, status
+/// 200) streamed in 64 KiB chunks, and counts the bytes it managed to write before the client
+/// closed the connection.
+pub struct Flood {
+    addr: std::net::SocketAddr,
+    written: Arc<std::sync::atomic::AtomicU64>,
+    finished: tokio::sync::watch::Receiver<u32>,
+}
+
+/// How a [`Flood`] frames its body.
+#[derive(Clone, Copy, Debug)]
+pub enum Framing {
+    /// `Content-Length: size` up front.
+    Declared,
+    /// `Transfer-Encoding: chunked`: the size shows only as the bytes come.
+    Chunked,
+}
+
+impl Flood {
+    /// Starts the flood on the fakes' runtime.
+    pub fn start(size: u64, framing: Framing) -> Flood {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind flood");
+        listener.set_nonblocking(true).expect("nonblocking flood");
+        let addr = listener.local_addr().expect("flood addr");
+        let written = Arc::new(AtomicU64::new(0));
+        let (done, finished) = tokio::sync::watch::channel(0u32);
+        let counter = written.clone();
+        super::server::runtime().spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("flood listener");
+            while let Ok((mut conn, _)) = listener.accept().await {
+                // The request head is small; one read is enough for the client's GET.
+                let mut head = [0u8; 4096];
+                let _ = conn.read(&mut head).await;
+                let framing_header = match framing {
+                    Framing::Declared => format!("content-length: {size}"),
+                    Framing::Chunked => "transfer-encoding: chunked".to_owned(),
+                };
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nmetadata-flavor: Google\r\ncontent-type: text/plain\r\n{framing_header}\r\n\r\n"
+                );
+                if conn.write_all(head.as_bytes()).await.is_err() {
+                    continue;
+                }
+                const CHUNK: usize = 64 << 10;
+                let data = vec![b'x'; CHUNK];
+                let mut framed = Vec::with_capacity(CHUNK + 16);
+                if let Framing::Chunked = framing {
+                    framed.extend_from_slice(format!("{CHUNK:x}\r\n").as_bytes());
+                }
+                framed.extend_from_slice(&data);
+                if let Framing::Chunked = framing {
+                    framed.extend_from_slice(b"\r\n");
+                }
+                let mut sent = 0u64;
+                while sent < size {
+                    if conn.write_all(&framed).await.is_err() {
+                        break;
+                    }
+                    sent += CHUNK as u64;
+                    counter.fetch_add(CHUNK as u64, Ordering::SeqCst);
+                }
+                done.send_modify(|n| *n += 1);
+            }
+        });
+        Flood {
+            addr,
+            written,
+            finished,
+        }
+    }
+
+    /// `127.0.0.1:port`.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Waits (up to a minute, a hang guard) until `connections` answers ended, by a write
+    /// error or by reaching the size; returns the body bytes written in all.
+    pub async fn written_after(&self, connections: u32) -> u64 {
+        let mut finished = self.finished.clone();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            finished.wait_for(|n| *n >= connections),
+        )
+        .await
+        .expect("the flood's connections end within a minute")
+        .expect("flood task alive");
+        self.written.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
