@@ -2,7 +2,8 @@
 //! the logs. What was already logged is keyed by what the network chooses (the peer's
 //! address), so the memory is bounded: once it holds `capacity` keys nothing new is
 //! remembered, and later first-time peers are only counted (the caller's counter, carried by
-//! every logged line, keeps the total visible).
+//! every logged line, keeps the total visible). Not a [`crate::lru::LruMap`]: evicting old
+//! keys would let a flood from ever new addresses log one line each.
 
 use std::collections::HashSet;
 use std::hash::Hash;
