@@ -15,6 +15,7 @@ pub mod idle;
 pub mod listen;
 pub mod lru;
 pub mod metrics;
+pub mod once;
 pub mod pool;
 pub mod post;
 pub mod server;

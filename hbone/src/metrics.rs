@@ -35,3 +35,7 @@ pub static HANDSHAKE_TIMEOUTS: Counter = Counter::new();
 
 /// Connections closed because they carried nothing for the listener's idle timeout.
 pub static IDLE_CLOSED: Counter = Counter::new();
+
+/// Tunnel requests refused (by the router's policy, an unknown target, a bad request or a
+/// failed dial), before any byte reached an upstream.
+pub static REFUSED: Counter = Counter::new();

@@ -10,7 +10,7 @@
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +32,7 @@ use crate::copy::copy_bidirectional;
 use crate::identity::{AllowedPeers, SpiffeId};
 use crate::idle::{Busy, IdleClock};
 use crate::listen::{Accepted, Bounds, handshake_timed_out};
+use crate::once::OncePerPeer;
 use crate::settings::H2Settings;
 use crate::tls;
 
@@ -62,12 +63,15 @@ pub struct StreamContext {
     pub peer: Option<SpiffeId>,
     /// The local address the connection arrived on.
     pub local: SocketAddr,
+    /// The peer's address (on Cloud Run: the front end's).
+    pub remote: SocketAddr,
 }
 
 /// Why a tunnel is refused, with the status the client sees.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
-    /// HTTP status (404 unknown target, 400 bad authority, 503 illegal port, ...).
+    /// HTTP status (403 not allowed, 404 unknown target, 400 bad authority, 503 illegal
+    /// port, ...).
     pub status: StatusCode,
     /// Logged, and sent as the body.
     pub reason: String,
@@ -137,6 +141,8 @@ pub struct TunnelServer {
     bounds: Bounds,
     tls: Option<MeshTls>,
     fallback: Option<Fallback>,
+    /// Peers (address and status) whose refusal was logged.
+    refused_peers: OncePerPeer<(IpAddr, StatusCode)>,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         Incoming,
@@ -154,6 +160,7 @@ impl TunnelServer {
             bounds: Bounds::default(),
             tls: None,
             fallback: None,
+            refused_peers: OncePerPeer::new(crate::once::DEFAULT_CAPACITY),
             client,
         }
     }
@@ -228,7 +235,11 @@ impl TunnelServer {
         };
         match &self.tls {
             None => {
-                let ctx = StreamContext { peer: None, local };
+                let ctx = StreamContext {
+                    peer: None,
+                    local,
+                    remote,
+                };
                 self.serve_h2(stream, ctx, remote, deadline, drain).await
             }
             Some(mesh) => {
@@ -252,7 +263,11 @@ impl TunnelServer {
                         return tracing::warn!(%remote, peer = %who, denied_total, "peer not allowed; connection closed");
                     }
                 }
-                let ctx = StreamContext { peer, local };
+                let ctx = StreamContext {
+                    peer,
+                    local,
+                    remote,
+                };
                 self.serve_h2(tls_stream, ctx, remote, deadline, drain)
                     .await
             }
@@ -333,12 +348,12 @@ impl TunnelServer {
     ) -> Response<Body> {
         let target = match parse_target(&req) {
             Ok(Some(target)) => target,
-            Ok(None) => return self.forward_to_app(req, busy).await,
-            Err(refusal) => return refuse(req, &refusal, None),
+            Ok(None) => return self.forward_to_app(req, ctx, busy).await,
+            Err(refusal) => return self.refuse(req, &refusal, None, ctx),
         };
         let upstream_stream = match self.dial(&target, ctx).await {
             Ok(stream) => stream,
-            Err(refusal) => return refuse(req, &refusal, Some(&target)),
+            Err(refusal) => return self.refuse(req, &refusal, Some(&target), ctx),
         };
         tracing::debug!(?target, peer = ?ctx.peer.as_ref().map(ToString::to_string), "tunnel open");
         if req.method() == Method::CONNECT {
@@ -377,12 +392,18 @@ impl TunnelServer {
         .map_err(unavailable)
     }
 
-    async fn forward_to_app(&self, mut req: Request<Incoming>, busy: Busy) -> Response<Body> {
+    async fn forward_to_app(
+        &self,
+        mut req: Request<Incoming>,
+        ctx: &StreamContext,
+        busy: Busy,
+    ) -> Response<Body> {
         let Some(fallback) = &self.fallback else {
-            return refuse(
+            return self.refuse(
                 req,
                 &Refusal::new(StatusCode::NOT_FOUND, "not a tunnel request"),
                 None,
+                ctx,
             );
         };
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -390,10 +411,11 @@ impl TunnelServer {
         match uri.parse() {
             Ok(uri) => *req.uri_mut() = uri,
             Err(_) => {
-                return refuse(
+                return self.refuse(
                     req,
                     &Refusal::new(StatusCode::BAD_REQUEST, "bad request path"),
                     None,
+                    ctx,
                 );
             }
         }
@@ -415,6 +437,41 @@ impl TunnelServer {
                 format!("app unreachable: {e}"),
             )),
         }
+    }
+
+    /// Answers a refused request (no upstream was reached). Every refusal is counted; the first per
+    /// peer address and status is logged (a flood of refused requests logs one line), the
+    /// rest at debug level. The request body is read to the end (up to a bound) in the
+    /// background: dropping it unread would reset the stream, and some clients (curl 7.x)
+    /// report a reset that follows a complete response as an error.
+    fn refuse(
+        &self,
+        req: Request<Incoming>,
+        refusal: &Refusal,
+        target: Option<&Target>,
+        ctx: &StreamContext,
+    ) -> Response<Body> {
+        let refused_total = crate::metrics::REFUSED.increment();
+        let (remote, status, reason) = (ctx.remote, refusal.status.as_u16(), &refusal.reason);
+        if self.refused_peers.first((remote.ip(), refusal.status)) {
+            tracing::info!(%remote, status, %reason, ?target, refused_total, "tunnel refused (logged once per peer address and status)");
+        } else {
+            tracing::debug!(%remote, status, %reason, ?target, refused_total, "tunnel refused");
+        }
+        let mut body = req.into_body();
+        tokio::spawn(async move {
+            let mut left = REFUSED_BODY_LIMIT;
+            while let Ok(Some(Ok(frame))) =
+                tokio::time::timeout(REFUSED_BODY_WAIT, body.frame()).await
+            {
+                let len = frame.data_ref().map_or(0, Bytes::len);
+                match left.checked_sub(len) {
+                    Some(rest) => left = rest,
+                    None => break,
+                }
+            }
+        });
+        error_response(refusal)
     }
 }
 
@@ -487,26 +544,6 @@ fn stream_body_tunnel(
             .map_err(|e| Box::new(e) as Box<dyn StdError + Send + Sync>)
     });
     Response::new(BodyExt::boxed(StreamBody::new(frames)))
-}
-
-/// Answers a refused request. Its body is read to the end (up to a bound) in the background:
-/// dropping it unread would reset the stream, and some clients (curl 7.x) report a reset that
-/// follows a complete response as an error.
-fn refuse(req: Request<Incoming>, refusal: &Refusal, target: Option<&Target>) -> Response<Body> {
-    tracing::info!(status = refusal.status.as_u16(), reason = %refusal.reason, ?target, "tunnel refused");
-    let mut body = req.into_body();
-    tokio::spawn(async move {
-        let mut left = REFUSED_BODY_LIMIT;
-        while let Ok(Some(Ok(frame))) = tokio::time::timeout(REFUSED_BODY_WAIT, body.frame()).await
-        {
-            let len = frame.data_ref().map_or(0, Bytes::len);
-            match left.checked_sub(len) {
-                Some(rest) => left = rest,
-                None => break,
-            }
-        }
-    });
-    error_response(refusal)
 }
 
 /// How much of a refused request's body is read before the stream is reset.

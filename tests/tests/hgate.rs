@@ -450,6 +450,8 @@ fn an_open_tunnel_keeps_flowing_while_hgate_drains_and_the_client_hello_is_repla
     let tunnel = free_port();
     let mut krun = Krun::new()
         .env("PORT_echo", upstream.to_string())
+        // hgate reaches the upstream over plaintext h2c, not through the mesh terminator.
+        .env("KRUN_TUNNEL_PLAINTEXT", "echo")
         .env("KRUN_TUNNEL_PORT", tunnel.to_string())
         .args(testapp(&["wait-term"]))
         .start();

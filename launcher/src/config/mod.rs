@@ -9,13 +9,14 @@
 mod rules;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Deref;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh::config::table::{Show, parse, text};
 use mesh::config::{ConfigError, Env, Inputs, Layer, Merge, MeshConfig, Printer, Setting, values};
+use mesh::identity::SpiffeId;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -135,6 +136,12 @@ mesh::settings! {
         /// Whether non-tunnel requests on the tunnel port reach the app as plain HTTP.
         public_http: Setting<bool> = KRUN_PUBLIC_HTTP =>
             parse(values::boolean).or_default(true),
+        /// Declared ports (names or numbers) the tunnel port reaches without mTLS.
+        tunnel_plaintext: Setting<Vec<String>> = KRUN_TUNNEL_PLAINTEXT =>
+            parse(|v| Ok(values::list(v))).or_default(Vec::new()),
+        /// The SPIFFE IDs outbound HBONE destinations must present.
+        peer_identities: Setting<Vec<PeerIdentity>> = KRUN_PEER_IDENTITIES =>
+            parse(PeerIdentity::parse_list).or_default(Vec::new()),
         /// Outbound HTTP CONNECT proxy of the builtin data plane; port 0 disables it.
         outbound_addr: Setting<SocketAddr> = KRUN_OUTBOUND_ADDR =>
             parse(|v| v.parse().map_err(|_| "an address such as 127.0.0.1:15007"))
@@ -410,25 +417,12 @@ impl Forward {
     const FORM: &str = "a comma-separated list of LISTEN=HOST:PORT, e.g. 127.0.0.1:5432=db.prod.svc.cluster.local:5432";
 
     fn parse_list(raw: &str) -> Result<Vec<Forward>, &'static str> {
-        values::list(raw)
-            .iter()
-            .map(|item| {
-                let (listen, target) = item.split_once('=').ok_or(Self::FORM)?;
-                let listen = listen
-                    .trim()
-                    .parse::<SocketAddr>()
-                    .map_err(|_| Self::FORM)?;
-                let target = target.trim();
-                if is_host_port(target) {
-                    Ok(Forward {
-                        listen,
-                        target: target.to_owned(),
-                    })
-                } else {
-                    Err(Self::FORM)
-                }
+        assignments(raw, Self::FORM, |listen, target| {
+            Some(Forward {
+                listen: listen.parse().ok()?,
+                target: is_host_port(target).then(|| target.to_owned())?,
             })
-            .collect()
+        })
     }
 }
 
@@ -436,6 +430,59 @@ impl Show for Forward {
     fn show(&self) -> Value {
         json!(format!("{}={}", self.listen, self.target))
     }
+}
+
+/// The identity a mesh destination must prove (`KRUN_PEER_IDENTITIES`): outbound HBONE to
+/// it fails unless the peer certificate carries exactly this SPIFFE ID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// An IP address, or a host name as the app or `KRUN_FORWARD` names it.
+    pub destination: String,
+    /// The SPIFFE ID it must present.
+    pub id: SpiffeId,
+}
+
+impl PeerIdentity {
+    const FORM: &str = "a comma-separated list of DESTINATION=SPIFFE_ID (DESTINATION an IP address or host name), e.g. 10.8.0.12=spiffe://cluster.local/ns/prod/sa/db";
+
+    fn parse_list(raw: &str) -> Result<Vec<PeerIdentity>, &'static str> {
+        assignments(raw, Self::FORM, |destination, id| {
+            // A port would never match: identities belong to workloads, not ports.
+            let is_host_port = destination.contains(':') && destination.parse::<IpAddr>().is_err();
+            (!destination.is_empty() && !is_host_port).then_some(())?;
+            Some(PeerIdentity {
+                destination: destination.to_owned(),
+                id: id.parse().ok()?,
+            })
+        })
+    }
+
+    /// True when this entry names `host` (as written) or `ip`.
+    pub fn names(&self, host: &str, ip: IpAddr) -> bool {
+        self.destination.eq_ignore_ascii_case(host) || self.destination.parse::<IpAddr>() == Ok(ip)
+    }
+}
+
+impl Show for PeerIdentity {
+    fn show(&self) -> Value {
+        json!(format!("{}={}", self.destination, self.id))
+    }
+}
+
+/// A comma-separated list of `LEFT=RIGHT` items (each side trimmed), each made into a value
+/// by `item`; any item without `=` or refused by `item` fails the list with `form`.
+fn assignments<T>(
+    raw: &str,
+    form: &'static str,
+    item: impl Fn(&str, &str) -> Option<T>,
+) -> Result<Vec<T>, &'static str> {
+    values::list(raw)
+        .iter()
+        .map(|entry| {
+            let (left, right) = entry.split_once('=').ok_or(form)?;
+            item(left.trim(), right.trim()).ok_or(form)
+        })
+        .collect()
 }
 
 /// `host:port` with a non-empty host and a numeric port.
