@@ -38,9 +38,6 @@ pub const DEFAULT_APP_READY_TIMEOUT: Duration = Duration::from_secs(240);
 /// XDS push of a large mesh over a cold connection can take minutes (cloud-run-mesh gave up
 /// after a fixed 10 s, which broke such starts).
 pub const DEFAULT_AGENT_READY_TIMEOUT: Duration = Duration::from_secs(240);
-/// Default admin listener: loopback only, on a port Istio does not use.
-pub const DEFAULT_ADMIN_ADDR: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15030));
 /// Default outbound HTTP CONNECT proxy of the builtin data plane (the whitebox proxy port).
 pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15007));
@@ -109,10 +106,6 @@ mesh::settings! {
         /// Drain budget after SIGTERM.
         drain_timeout: Setting<Duration> = KRUN_DRAIN_TIMEOUT =>
             parse(values::duration).or_default(DEFAULT_DRAIN_TIMEOUT),
-        /// Admin listener.
-        admin_addr: Setting<SocketAddr> = KRUN_ADMIN_ADDR =>
-            parse(|v| v.parse().map_err(|_| "an address such as 127.0.0.1:15030"))
-                .or_default(DEFAULT_ADMIN_ADDR),
         /// SPIFFE IDs allowed to reach the app; empty means the workload's own trust domain.
         allowed_principals: Setting<Vec<String>> = KRUN_ALLOWED_PRINCIPALS =>
             parse(principals).or_default(Vec::new()),

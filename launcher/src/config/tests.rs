@@ -116,10 +116,6 @@ fn every_bad_value_names_variable_value_and_form() {
             "KRUN_CAPTURE_INBOUND_PORTS=8080,http: expected a comma-separated list of port numbers",
         ),
         (
-            &[("KRUN_ADMIN_ADDR", "localhost")],
-            "KRUN_ADMIN_ADDR=localhost: expected an address such as 127.0.0.1:15030",
-        ),
-        (
             &[("PORT_http", "http")],
             "PORT_http=http: expected a port number, host:port, or - to disable",
         ),
