@@ -22,6 +22,16 @@ const IDLE_CONNECTIONS: usize = 1000;
 const HANDSHAKE_TIMEOUT: &str = "2s";
 const MESH_SNI: &str = "outbound_.8080_._.echo.default.svc.cluster.local";
 
+/// These tests run one at a time. Each holds 1,000 client sockets, whose local ports come from
+/// the same ephemeral range as the ports `free_port` hands out; run side by side, one test's
+/// idle connections could take the port another test's app is about to listen on.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A krun with a mesh identity and the builtin data plane: tunnel port, HBONE, the mTLS
 /// terminator and the outbound proxy, all on free ports, in front of an echo app.
 struct Workload {
@@ -139,6 +149,7 @@ fn local(port: u16) -> SocketAddr {
 
 #[test]
 fn idle_connections_to_the_tunnel_port_are_closed_and_a_mesh_tunnel_works_meanwhile() {
+    let _serial = one_at_a_time();
     let w = workload(&[]);
     let idle = idle_connections(local(w.tunnel));
     let through = hbone_client(&[
@@ -158,6 +169,7 @@ fn idle_connections_to_the_tunnel_port_are_closed_and_a_mesh_tunnel_works_meanwh
 
 #[test]
 fn idle_connections_to_hbone_are_closed_and_a_connect_works_meanwhile() {
+    let _serial = one_at_a_time();
     let w = workload(&[]);
     let idle = idle_connections(local(w.hbone));
     let connected = hbone_client(&[
@@ -177,6 +189,7 @@ fn idle_connections_to_hbone_are_closed_and_a_connect_works_meanwhile() {
 
 #[test]
 fn idle_connections_to_the_mtls_terminator_are_closed_and_a_mesh_client_gets_through_meanwhile() {
+    let _serial = one_at_a_time();
     let w = workload(&[]);
     let idle = idle_connections(w.terminator);
     assert_eq!(
@@ -189,6 +202,7 @@ fn idle_connections_to_the_mtls_terminator_are_closed_and_a_mesh_client_gets_thr
 
 #[test]
 fn idle_connections_to_the_outbound_proxy_are_closed_and_a_connect_tunnel_works_meanwhile() {
+    let _serial = one_at_a_time();
     let w = workload(&[]);
     let idle = idle_connections(local(w.outbound));
     let mut conn = TcpStream::connect(local(w.outbound)).expect("connect to the proxy");
@@ -217,6 +231,7 @@ fn idle_connections_to_the_outbound_proxy_are_closed_and_a_connect_tunnel_works_
 
 #[test]
 fn idle_connections_to_hgate_are_closed_and_a_mesh_client_gets_through_meanwhile() {
+    let _serial = one_at_a_time();
     let w = workload(&[]);
     let dir = TempDir::new("limits-hgate");
     let routes = dir.join("routes.yaml");
@@ -243,6 +258,7 @@ fn idle_connections_to_hgate_are_closed_and_a_mesh_client_gets_through_meanwhile
 
 #[test]
 fn beyond_the_cap_a_new_connection_is_closed_at_once_and_counted() {
+    let _serial = one_at_a_time();
     // The handshake timeout is far beyond the hang guard: only the cap can close a connection.
     let mut w = workload(&[
         ("KRUN_MAX_CONNECTIONS", "2"),
@@ -279,6 +295,7 @@ fn beyond_the_cap_a_new_connection_is_closed_at_once_and_counted() {
 /// timeout. The upstream (in a second namespace) accepts and stays silent, and never closes.
 #[test]
 fn a_captured_connection_that_carries_nothing_is_closed_at_the_idle_timeout() {
+    let _serial = one_at_a_time();
     let (client_ns, server_ns) = Netns::pair("idle", "10.1.2.3");
     let mut silent = Krun::wrapped(&server_ns.wrapper())
         .args([

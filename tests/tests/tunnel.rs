@@ -71,7 +71,7 @@ fn python_connect(tunnel: u16, authority: &str, payload: &str) -> serde_json::Va
 
 #[test]
 fn with_the_opt_in_curl_and_python_reach_the_app_and_other_ports_are_refused() {
-    let closed = free_port();
+    let (_held, closed) = krun_tests::refusing_port();
     // host:port declarations are not waited for (nothing listens there); listed by name, they
     // are tunnel targets. The app is listed by name here, so its number works too.
     let (krun, app, tunnel) = echo_behind_tunnel(&[
