@@ -16,7 +16,26 @@ impl Counter {
     pub fn increment(&self) -> u64 {
         self.0.fetch_add(1, Ordering::Relaxed) + 1
     }
+
+    /// The total so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// Connections closed because the peer's identity is not allowed.
 pub static DENIED: Counter = Counter::new();
+
+/// Connections closed at once because their listener was at its connection cap.
+pub static LIMITED: Counter = Counter::new();
+
+/// Connections closed because they did not complete their handshake (TLS, first request)
+/// within the listener's handshake timeout.
+pub static HANDSHAKE_TIMEOUTS: Counter = Counter::new();
+
+/// Connections closed because they carried nothing for the listener's idle timeout.
+pub static IDLE_CLOSED: Counter = Counter::new();
+
+/// Tunnel requests refused (by the router's policy, an unknown target, a bad request or a
+/// failed dial), before any byte reached an upstream.
+pub static REFUSED: Counter = Counter::new();

@@ -10,7 +10,7 @@
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,12 +23,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tokio_util::io::ReaderStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::copy::copy_bidirectional;
 use crate::identity::{AllowedPeers, SpiffeId};
+use crate::idle::{Busy, IdleClock};
+use crate::listen::{Accepted, Bounds, handshake_timed_out};
+use crate::once::OncePerPeer;
 use crate::settings::H2Settings;
 use crate::tls;
 
@@ -59,12 +63,15 @@ pub struct StreamContext {
     pub peer: Option<SpiffeId>,
     /// The local address the connection arrived on.
     pub local: SocketAddr,
+    /// The peer's address (on Cloud Run: the front end's).
+    pub remote: SocketAddr,
 }
 
 /// Why a tunnel is refused, with the status the client sees.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
-    /// HTTP status (404 unknown target, 400 bad authority, 503 illegal port, ...).
+    /// HTTP status (403 not allowed, 404 unknown target, 400 bad authority, 503 illegal
+    /// port, ...).
     pub status: StatusCode,
     /// Logged, and sent as the body.
     pub reason: String,
@@ -122,11 +129,20 @@ pub struct Fallback {
 }
 
 /// Serves tunnels on one listener until drained.
+///
+/// Its bounds ([`TunnelServer::with_bounds`]): at most `max_connections` connections; a new
+/// connection must finish its handshake (mTLS when configured) and send its first request
+/// headers within `handshake_timeout`; a connection with no open stream for `idle_timeout` is
+/// sent GOAWAY; streams per connection and header sizes are bounded by [`H2Settings`].
 pub struct TunnelServer {
     router: Arc<dyn Router>,
     settings: H2Settings,
+    name: &'static str,
+    bounds: Bounds,
     tls: Option<MeshTls>,
     fallback: Option<Fallback>,
+    /// Peers (address and status) whose refusal was logged.
+    refused_peers: OncePerPeer<(IpAddr, StatusCode)>,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         Incoming,
@@ -140,10 +156,20 @@ impl TunnelServer {
         TunnelServer {
             router,
             settings,
+            name: "tunnel",
+            bounds: Bounds::default(),
             tls: None,
             fallback: None,
+            refused_peers: OncePerPeer::new(crate::once::DEFAULT_CAPACITY),
             client,
         }
+    }
+
+    /// Bounds the listener (named `name` in logs) with `bounds`.
+    pub fn with_bounds(mut self, name: &'static str, bounds: Bounds) -> Self {
+        self.name = name;
+        self.bounds = bounds;
+        self
     }
 
     /// Requires mesh mTLS on every connection.
@@ -161,19 +187,20 @@ impl TunnelServer {
     /// Accepts until `drain` is cancelled, then stops accepting, sends GOAWAY on every
     /// connection, lets open streams finish for up to `grace`, and closes what is left.
     pub async fn serve(self, listener: TcpListener, drain: CancellationToken, grace: Duration) {
+        let limit = self.bounds.limit(self.name);
         let server = Arc::new(self);
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
-                () = drain.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let server = server.clone();
-                        let drain = drain.clone();
-                        connections.spawn(async move { server.handle_connection(stream, peer, drain).await });
-                    }
-                    Err(e) => tracing::warn!(error = %e, "accept failed"),
-                },
+                accepted = crate::listen::next_connection(&listener, &limit, &drain) => {
+                    let Some(Accepted { stream, peer, permit }) = accepted else { break };
+                    let server = server.clone();
+                    let drain = drain.clone();
+                    connections.spawn(async move {
+                        server.handle_connection(stream, peer, drain).await;
+                        drop(permit);
+                    });
+                }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
@@ -200,26 +227,33 @@ impl TunnelServer {
         remote: SocketAddr,
         drain: CancellationToken,
     ) {
+        // One deadline for the whole handshake: TLS (on mTLS listeners) and the first request.
+        let deadline = Instant::now() + self.bounds.handshake_timeout;
         let _ = stream.set_nodelay(true);
         let Ok(local) = stream.local_addr() else {
             return;
         };
         match &self.tls {
             None => {
-                self.serve_h2(stream, StreamContext { peer: None, local }, drain)
-                    .await
+                let ctx = StreamContext {
+                    peer: None,
+                    local,
+                    remote,
+                };
+                self.serve_h2(stream, ctx, remote, deadline, drain).await
             }
             Some(mesh) => {
                 let config = mesh.config.borrow().clone();
                 let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
-                let tls_stream =
-                    match tokio::time::timeout(self.settings.connect_timeout, handshake).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            return tracing::info!(%remote, error = %e, "mTLS handshake failed");
-                        }
-                        Err(_) => return tracing::info!(%remote, "mTLS handshake timed out"),
-                    };
+                let tls_stream = match tokio::time::timeout_at(deadline, handshake).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        return tracing::info!(%remote, error = %e, "mTLS handshake failed");
+                    }
+                    Err(_) => {
+                        return handshake_timed_out(self.name, remote, "mTLS handshake");
+                    }
+                };
                 let peer = tls::peer_identity(tls_stream.get_ref().1);
                 match &peer {
                     Some(id) if mesh.allowed.allows(id) => {}
@@ -229,22 +263,42 @@ impl TunnelServer {
                         return tracing::warn!(%remote, peer = %who, denied_total, "peer not allowed; connection closed");
                     }
                 }
-                self.serve_h2(tls_stream, StreamContext { peer, local }, drain)
+                let ctx = StreamContext {
+                    peer,
+                    local,
+                    remote,
+                };
+                self.serve_h2(tls_stream, ctx, remote, deadline, drain)
                     .await
             }
         }
     }
 
-    async fn serve_h2<IO>(self: &Arc<Self>, io: IO, ctx: StreamContext, drain: CancellationToken)
-    where
+    /// Serves HTTP/2 on `io`: closed if no request arrives by `deadline`, sent GOAWAY once no
+    /// stream was open for the idle timeout or on drain.
+    async fn serve_h2<IO>(
+        self: &Arc<Self>,
+        io: IO,
+        ctx: StreamContext,
+        remote: SocketAddr,
+        deadline: Instant,
+        drain: CancellationToken,
+    ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let server = self.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let server = server.clone();
-            let ctx = ctx.clone();
-            async move { Ok::<_, Infallible>(server.handle_request(req, &ctx).await) }
-        });
+        let clock = IdleClock::new();
+        let first_request = CancellationToken::new();
+        let service = {
+            let (clock, first_request) = (clock.clone(), first_request.clone());
+            hyper::service::service_fn(move |req| {
+                first_request.cancel();
+                let busy = clock.busy();
+                let server = server.clone();
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(server.handle_request(req, &ctx, busy).await) }
+            })
+        };
         let s = &self.settings;
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
@@ -252,6 +306,7 @@ impl TunnelServer {
             .initial_connection_window_size(s.connection_window)
             .max_frame_size(s.max_frame_size)
             .max_concurrent_streams(s.max_concurrent_streams)
+            .max_header_list_size(s.max_header_list_size)
             .max_send_buf_size(s.stream_window as usize)
             .keep_alive_interval(s.keepalive_interval)
             .keep_alive_timeout(s.keepalive_timeout)
@@ -259,23 +314,46 @@ impl TunnelServer {
         let connection = builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(connection);
         tokio::select! {
-            result = connection.as_mut() => log_connection_end(result),
+            result = connection.as_mut() => return log_connection_end(result),
+            () = first_request.cancelled() => {}
+            // Dropping the connection closes it: a peer that never sent a request gets nothing.
+            () = tokio::time::sleep_until(deadline) => {
+                return handshake_timed_out(self.name, remote, "first request");
+            }
             () = drain.cancelled() => {
                 connection.as_mut().graceful_shutdown();
-                log_connection_end(connection.await);
+                return log_connection_end(connection.await);
             }
         }
+        let idle = self.bounds.idle_timeout;
+        tokio::select! {
+            result = connection.as_mut() => return log_connection_end(result),
+            () = drain.cancelled() => {}
+            () = clock.idle(idle) => {
+                let idle_total = crate::metrics::IDLE_CLOSED.increment();
+                tracing::debug!(listener = self.name, %remote, idle = ?idle, idle_total, "no open stream for the idle timeout; sending GOAWAY");
+            }
+        }
+        connection.as_mut().graceful_shutdown();
+        log_connection_end(connection.await);
     }
 
-    async fn handle_request(&self, req: Request<Incoming>, ctx: &StreamContext) -> Response<Body> {
+    /// Answers one request; `busy` keeps the connection from idling until the tunnel or
+    /// response it opens has ended.
+    async fn handle_request(
+        &self,
+        req: Request<Incoming>,
+        ctx: &StreamContext,
+        busy: Busy,
+    ) -> Response<Body> {
         let target = match parse_target(&req) {
             Ok(Some(target)) => target,
-            Ok(None) => return self.forward_to_app(req).await,
-            Err(refusal) => return refuse(req, &refusal, None),
+            Ok(None) => return self.forward_to_app(req, ctx, busy).await,
+            Err(refusal) => return self.refuse(req, &refusal, None, ctx),
         };
         let upstream_stream = match self.dial(&target, ctx).await {
             Ok(stream) => stream,
-            Err(refusal) => return refuse(req, &refusal, Some(&target)),
+            Err(refusal) => return self.refuse(req, &refusal, Some(&target), ctx),
         };
         tracing::debug!(?target, peer = ?ctx.peer.as_ref().map(ToString::to_string), "tunnel open");
         if req.method() == Method::CONNECT {
@@ -289,10 +367,11 @@ impl TunnelServer {
                     }
                     Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before upgrade"),
                 }
+                drop(busy);
             });
             Response::new(empty())
         } else {
-            stream_body_tunnel(req, upstream_stream, self.settings.copy_buffer)
+            stream_body_tunnel(req, upstream_stream, self.settings.copy_buffer, busy)
         }
     }
 
@@ -313,12 +392,18 @@ impl TunnelServer {
         .map_err(unavailable)
     }
 
-    async fn forward_to_app(&self, mut req: Request<Incoming>) -> Response<Body> {
+    async fn forward_to_app(
+        &self,
+        mut req: Request<Incoming>,
+        ctx: &StreamContext,
+        busy: Busy,
+    ) -> Response<Body> {
         let Some(fallback) = &self.fallback else {
-            return refuse(
+            return self.refuse(
                 req,
                 &Refusal::new(StatusCode::NOT_FOUND, "not a tunnel request"),
                 None,
+                ctx,
             );
         };
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -326,10 +411,11 @@ impl TunnelServer {
         match uri.parse() {
             Ok(uri) => *req.uri_mut() = uri,
             Err(_) => {
-                return refuse(
+                return self.refuse(
                     req,
                     &Refusal::new(StatusCode::BAD_REQUEST, "bad request path"),
                     None,
+                    ctx,
                 );
             }
         }
@@ -339,6 +425,11 @@ impl TunnelServer {
         match self.client.request(req).await {
             Ok(response) => response.map(|b| {
                 b.map_err(|e| Box::new(e) as Box<dyn StdError + Send + Sync>)
+                    .map_frame(move |frame| {
+                        // The response is in progress until its body has been sent.
+                        let _busy = &busy;
+                        frame
+                    })
                     .boxed()
             }),
             Err(e) => error_response(&Refusal::new(
@@ -346,6 +437,41 @@ impl TunnelServer {
                 format!("app unreachable: {e}"),
             )),
         }
+    }
+
+    /// Answers a refused request (no upstream was reached). Every refusal is counted; the first per
+    /// peer address and status is logged (a flood of refused requests logs one line), the
+    /// rest at debug level. The request body is read to the end (up to a bound) in the
+    /// background: dropping it unread would reset the stream, and some clients (curl 7.x)
+    /// report a reset that follows a complete response as an error.
+    fn refuse(
+        &self,
+        req: Request<Incoming>,
+        refusal: &Refusal,
+        target: Option<&Target>,
+        ctx: &StreamContext,
+    ) -> Response<Body> {
+        let refused_total = crate::metrics::REFUSED.increment();
+        let (remote, status, reason) = (ctx.remote, refusal.status.as_u16(), &refusal.reason);
+        if self.refused_peers.first((remote.ip(), refusal.status)) {
+            tracing::info!(%remote, status, %reason, ?target, refused_total, "tunnel refused (logged once per peer address and status)");
+        } else {
+            tracing::debug!(%remote, status, %reason, ?target, refused_total, "tunnel refused");
+        }
+        let mut body = req.into_body();
+        tokio::spawn(async move {
+            let mut left = REFUSED_BODY_LIMIT;
+            while let Ok(Some(Ok(frame))) =
+                tokio::time::timeout(REFUSED_BODY_WAIT, body.frame()).await
+            {
+                let len = frame.data_ref().map_or(0, Bytes::len);
+                match left.checked_sub(len) {
+                    Some(rest) => left = rest,
+                    None => break,
+                }
+            }
+        });
+        error_response(refusal)
     }
 }
 
@@ -393,6 +519,7 @@ fn stream_body_tunnel(
     req: Request<Incoming>,
     upstream: TcpStream,
     buffer: usize,
+    busy: Busy,
 ) -> Response<Body> {
     let (upstream_read, mut upstream_write) = upstream.into_split();
     let mut body = req.into_body();
@@ -409,32 +536,14 @@ fn stream_body_tunnel(
         }
         let _ = upstream_write.shutdown().await;
     });
-    let frames = ReaderStream::with_capacity(upstream_read, buffer).map(|chunk| {
+    let frames = ReaderStream::with_capacity(upstream_read, buffer).map(move |chunk| {
+        // The tunnel is in progress until the upstream has nothing more to send.
+        let _busy = &busy;
         chunk
             .map(Frame::data)
             .map_err(|e| Box::new(e) as Box<dyn StdError + Send + Sync>)
     });
     Response::new(BodyExt::boxed(StreamBody::new(frames)))
-}
-
-/// Answers a refused request. Its body is read to the end (up to a bound) in the background:
-/// dropping it unread would reset the stream, and some clients (curl 7.x) report a reset that
-/// follows a complete response as an error.
-fn refuse(req: Request<Incoming>, refusal: &Refusal, target: Option<&Target>) -> Response<Body> {
-    tracing::info!(status = refusal.status.as_u16(), reason = %refusal.reason, ?target, "tunnel refused");
-    let mut body = req.into_body();
-    tokio::spawn(async move {
-        let mut left = REFUSED_BODY_LIMIT;
-        while let Ok(Some(Ok(frame))) = tokio::time::timeout(REFUSED_BODY_WAIT, body.frame()).await
-        {
-            let len = frame.data_ref().map_or(0, Bytes::len);
-            match left.checked_sub(len) {
-                Some(rest) => left = rest,
-                None => break,
-            }
-        }
-    });
-    error_response(refusal)
 }
 
 /// How much of a refused request's body is read before the stream is reset.

@@ -14,8 +14,13 @@ pub struct H2Settings {
     pub connection_window: u32,
     /// Largest frame (1 MiB).
     pub max_frame_size: u32,
-    /// Streams a server accepts on one connection (200).
+    /// Streams a server accepts on one connection (200; krun sets its own from
+    /// `KRUN_MAX_STREAMS`).
     pub max_concurrent_streams: u32,
+    /// Largest request header block a server accepts, uncompressed (64 KiB, a little above
+    /// Envoy's 60 KiB default, so whatever Envoy forwards fits; HPACK-decoded size as
+    /// HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE defines it).
+    pub max_header_list_size: u32,
     /// Streams a client opens on one pooled connection before opening another (100).
     pub max_streams_per_connection: usize,
     /// Peers (keys) a client pool keeps connections for, least recently used evicted first
@@ -38,6 +43,7 @@ impl Default for H2Settings {
             connection_window: 16 << 20,
             max_frame_size: 1 << 20,
             max_concurrent_streams: 200,
+            max_header_list_size: 64 << 10,
             max_streams_per_connection: 100,
             max_pooled_peers: 1024,
             keepalive_interval: Duration::from_secs(10),

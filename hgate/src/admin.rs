@@ -15,8 +15,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::gate::{LIMITED, NO_ROUTE, TUNNELLED};
-use crate::limits::ConnectionLimit;
+use hbone::listen::ConnectionLimit;
+
+use crate::gate::{NO_ROUTE, TUNNELLED};
 
 /// Serves the admin endpoint forever; `ready` is the readiness state.
 pub async fn serve(listener: TcpListener, ready: watch::Receiver<bool>, sni: Arc<ConnectionLimit>) {
@@ -50,7 +51,7 @@ fn answer(path: &str, ready: bool, sni: &ConnectionLimit) -> Response<Full<Bytes
                 sni.open(),
                 TUNNELLED.load(Ordering::Relaxed),
                 NO_ROUTE.load(Ordering::Relaxed),
-                LIMITED.load(Ordering::Relaxed),
+                sni.refused(),
             ),
         ),
         _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),

@@ -71,19 +71,19 @@ mesh::settings! {
             parse(duration).or_default(Duration::from_secs(30)),
         /// Concurrent connections (SNI and istiod each).
         max_connections: Setting<usize> = HGATE_MAX_CONNECTIONS =>
-            parse(positive).or_default(10_000),
+            parse(values::positive).or_default(10_000),
         /// ID token source.
         id_tokens: Setting<IdTokens> = HGATE_ID_TOKENS =>
             parse(id_tokens).or_default(IdTokens::Metadata),
         /// ID tokens (audiences) kept; the least recently used goes first.
         id_token_cache: Setting<usize> = HGATE_ID_TOKEN_CACHE =>
-            parse(positive).or_default(1000),
+            parse(values::positive).or_default(1000),
         /// ID token mints allowed back to back.
         id_token_burst: Setting<usize> = HGATE_ID_TOKEN_BURST =>
-            parse(positive).or_default(100),
+            parse(values::positive).or_default(100),
         /// ID token mints per second after the burst.
         id_token_rate: Setting<usize> = HGATE_ID_TOKEN_RATE =>
-            parse(positive).or_default(10),
+            parse(values::positive).or_default(10),
         /// Metadata server `host[:port]`.
         metadata_host: Setting<String> = GCE_METADATA_HOST =>
             text().or_default("metadata.google.internal".to_owned()),
@@ -188,13 +188,6 @@ fn region(raw: &str) -> Result<String, &'static str> {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
     .then(|| raw.to_owned())
     .ok_or("a Cloud Run region like us-central1")
-}
-
-fn positive(raw: &str) -> Result<usize, &'static str> {
-    raw.parse()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or("a positive number")
 }
 
 fn id_tokens(raw: &str) -> Result<IdTokens, &'static str> {

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use hbone::idle::Activity;
+use hbone::listen::{ConnectionLimit, serve_each};
 use hbone::post::{PostClient, PostUrl};
 use hbone::sni::{self, MAX_CLIENT_HELLO, Parsed};
 use mesh::identity::token_cache::{CacheKey, TokenCache, TokenKind};
@@ -17,13 +19,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::limits::{Activity, ConnectionLimit, accept_loop, idle};
 use crate::route::{self, Routes};
 
 /// Connections closed because no route matched their SNI.
 pub static NO_ROUTE: AtomicU64 = AtomicU64::new(0);
-/// Connections refused at the connection limit.
-pub static LIMITED: AtomicU64 = AtomicU64::new(0);
 /// Connections tunnelled to the end.
 pub static TUNNELLED: AtomicU64 = AtomicU64::new(0);
 
@@ -60,17 +59,10 @@ impl Gate {
         limit: Arc<ConnectionLimit>,
         drain: CancellationToken,
     ) {
-        accept_loop(
-            listener,
-            "SNI",
-            &limit,
-            Some(&LIMITED),
-            drain,
-            |tcp, peer| {
-                let gate = self.clone();
-                async move { gate.handle(tcp, peer).await }
-            },
-        )
+        serve_each(listener, &limit, &drain, |tcp, peer| {
+            let gate = self.clone();
+            async move { gate.handle(tcp, peer).await }
+        })
         .await;
     }
 
@@ -147,7 +139,7 @@ impl Gate {
                 outcome.received = received;
                 Ok(())
             }
-            () = idle(clock, self.idle_timeout) => Err(format!(
+            () = clock.idle(self.idle_timeout) => Err(format!(
                 "idle for {} (HGATE_IDLE_TIMEOUT); closed",
                 humantime::format_duration(self.idle_timeout)
             )),

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hbone::idle::{PipeEnd, pipe};
+use hbone::listen::{ConnectionLimit, serve_each};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-
-use crate::limits::{Activity, ConnectionLimit, accept_loop, idle};
 
 /// Forwards each accepted connection to `upstream` until `drain` is cancelled; open
 /// connections keep flowing until they end (the caller bounds the wait).
@@ -21,7 +21,7 @@ pub async fn serve(
     drain: CancellationToken,
 ) {
     let upstream = Arc::new(upstream);
-    accept_loop(listener, "istiod", &limit, None, drain, |client, peer| {
+    serve_each(listener, &limit, &drain, |client, peer| {
         let upstream = upstream.clone();
         async move {
             match forward(client, &upstream, idle_timeout, connect_timeout).await {
@@ -43,8 +43,7 @@ async fn forward(
     idle_timeout: Duration,
     connect_timeout: Duration,
 ) -> Result<(u64, u64), String> {
-    let mut server = match tokio::time::timeout(connect_timeout, TcpStream::connect(upstream)).await
-    {
+    let server = match tokio::time::timeout(connect_timeout, TcpStream::connect(upstream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("connect {upstream} (HGATE_ISTIOD_UPSTREAM): {e}")),
         Err(_) => {
@@ -54,11 +53,9 @@ async fn forward(
         }
     };
     let _ = server.set_nodelay(true);
-    let (mut client, clock) = Activity::new(client);
-    tokio::select! {
-        copied = hbone::copy::copy_bidirectional(&mut client, &mut server, 64 << 10) => {
-            copied.map_err(|e| format!("forwarding broke: {e}"))
-        }
-        () = idle(clock, idle_timeout) => Err("idle (HGATE_IDLE_TIMEOUT); closed".into()),
+    match pipe(client, server, 64 << 10, idle_timeout).await {
+        PipeEnd::Done(sent, received) => Ok((sent, received)),
+        PipeEnd::Broken(e) => Err(format!("forwarding broke: {e}")),
+        PipeEnd::Idle => Err("idle (HGATE_IDLE_TIMEOUT); closed".into()),
     }
 }

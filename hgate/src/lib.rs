@@ -8,7 +8,6 @@ pub mod config;
 pub mod default_route;
 pub mod gate;
 pub mod istiod;
-pub mod limits;
 pub mod mesh_env;
 pub mod route;
 pub mod services;

@@ -54,6 +54,9 @@ fn main() {
         return;
     }
     mesh::logging::init(config.log_format.value, config.mesh_debug.value);
+    // Every connection is a file descriptor: the cap (HGATE_MAX_CONNECTIONS), not EMFILE,
+    // must be what bounds the listeners.
+    mesh::rlimit::raise_open_files();
     if let Err(e) = runtime.block_on(hgate::run(config)) {
         tracing::error!(error = format!("{e:#}"), "hgate stopped");
         std::process::exit(1);

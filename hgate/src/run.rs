@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hbone::H2Settings;
+use hbone::listen::ConnectionLimit;
 use hbone::post::PostClient;
 use mesh::identity::token_cache::{CachePolicy, MintBudget, TokenCache};
 use mesh::metadata::MetadataClient;
@@ -16,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{HgateConfig, IdTokens, KubeMode};
 use crate::gate::Gate;
-use crate::limits::ConnectionLimit;
 use crate::route::{AnnotationRoutes, Routes, load_routes};
 use crate::{admin, default_route, istiod, mesh_env, services};
 
@@ -62,8 +62,9 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
     });
     let drain = CancellationToken::new();
     let (ready_tx, ready_rx) = watch::channel(false);
-    let sni_limit = Arc::new(ConnectionLimit::new(config.max_connections.value));
-    let istiod_limit = Arc::new(ConnectionLimit::new(config.max_connections.value));
+    let max = config.max_connections.value;
+    let sni_limit = Arc::new(ConnectionLimit::new("SNI", "HGATE_MAX_CONNECTIONS", max));
+    let istiod_limit = Arc::new(ConnectionLimit::new("istiod", "HGATE_MAX_CONNECTIONS", max));
 
     let admin_listener = bind(config.admin_addr.value, "HGATE_ADMIN_ADDR").await?;
     tracing::info!(addr = %local(&admin_listener), "admin endpoint ready");

@@ -114,6 +114,7 @@ pub async fn run(
         dataplane.mode,
         capture.interception,
         certs,
+        in_mesh,
         drain.clone(),
     )
     .await?;

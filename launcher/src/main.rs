@@ -61,6 +61,9 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<u8> {
     let result = if cli.print_config {
         print_config(&runtime, config, cli.offline)
     } else {
+        // Every connection is a file descriptor: the caps (KRUN_MAX_CONNECTIONS per
+        // listener), not EMFILE, must be what bounds the listeners.
+        mesh::rlimit::raise_open_files();
         runtime.block_on(krun::launch::run(config, &env, plan, cli.app, started))
     };
     // Everything that matters is done (children reaped, output written). Do not wait for a

@@ -11,7 +11,8 @@
 //! - [`backoff`]: the jittered retry pacing of every call and refresh;
 //! - [`http`]: the HTTP client of Google APIs and the metadata server;
 //! - [`metadata`]: the metadata server's values, access and ID tokens, and the GCP probe;
-//! - [`istio`]: Istio's ports and the proxy's uid and gid.
+//! - [`istio`]: Istio's ports and the proxy's uid and gid;
+//! - [`rlimit`]: the open-file limit raised to what the connection caps need.
 //!
 //! It knows nothing of processes, iptables or the data plane: those are krun's.
 //!
@@ -29,3 +30,4 @@ pub mod identity;
 pub mod istio;
 pub mod logging;
 pub mod metadata;
+pub mod rlimit;

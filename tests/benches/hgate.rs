@@ -121,6 +121,8 @@ fn main() {
     let tunnel = free_port();
     let mut krun = Krun::new()
         .env("PORT_sink", sink.addr.to_string())
+        // hgate reaches the upstream over plaintext h2c, not through the mesh terminator.
+        .env("KRUN_TUNNEL_PLAINTEXT", "sink")
         .env("KRUN_TUNNEL_PORT", tunnel.to_string())
         .args(["sleep", "100000"])
         .start();

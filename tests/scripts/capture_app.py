@@ -9,6 +9,7 @@ connections a scenario needs, printing one line per observation for the test to 
   echo DST MESSAGE   sends MESSAGE to DST, half-closes, prints "echoed REPLY"
   env NAME...        prints NAME=value for each variable
   forward LISTEN UP  echo server on UP; sends "ping" through LISTEN and prints "forward got ..."
+  silent DST         connects to DST, sends nothing, prints "closed after N bytes" at EOF
   proxy PROXY UP     HTTP server on UP; GET http://UP/hello through PROXY (absolute URI) and a
                      CONNECT tunnel to UP; prints "proxy absolute ..." and "proxy connect ..."
 """
@@ -100,6 +101,10 @@ def main():
         s.sendall(message.encode())
         s.shutdown(socket.SHUT_WR)
         print("echoed", read_response(s), flush=True)
+    elif command == "silent":
+        s = socket.create_connection(addr(args[0]))
+        print("connected", args[0], flush=True)
+        print("closed after", len(read_response(s)), "bytes", flush=True)
     elif command == "env":
         for name in args:
             print(f"{name}={os.environ.get(name, '')}", flush=True)

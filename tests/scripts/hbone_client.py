@@ -6,6 +6,8 @@ Modes (all print one JSON object per event on stdout):
   connect-mtls HOST PORT AUTHORITY CERT KEY CA PAYLOAD
       TLS 1.3 with a client certificate, ALPN h2, then CONNECT AUTHORITY; sends PAYLOAD,
       half-closes, prints the status and every byte that came back.
+  connect-h2c HOST PORT AUTHORITY PAYLOAD
+      The same over h2c (prior knowledge), as on krun's tunnel port.
   post-tls HOST PORT PATH CERT KEY CA PAYLOAD
       h2c (prior knowledge), POST PATH as a tunnel, then TLS *inside* the stream (mesh mTLS
       through /_hbone/15003), sends PAYLOAD and prints what came back.
@@ -85,8 +87,16 @@ def mtls_context(cert, key, ca):
 def connect_mtls(host, port, authority, cert, key, ca, payload):
     ctx = mtls_context(cert, key, ca)
     ctx.set_alpn_protocols(["h2"])
+    connect_over(lambda: ctx.wrap_socket(socket.create_connection((host, int(port)))), authority, payload)
+
+
+def connect_h2c(host, port, authority, payload):
+    connect_over(lambda: socket.create_connection((host, int(port))), authority, payload)
+
+
+def connect_over(open_socket, authority, payload):
     try:
-        sock = ctx.wrap_socket(socket.create_connection((host, int(port))))
+        sock = open_socket()
         stream = Stream(sock, [(":method", "CONNECT"), (":authority", authority)])
         status = stream.wait_status()
     except (ssl.SSLError, ConnectionError, OSError) as e:
@@ -147,4 +157,4 @@ def post_tls(host, port, path, cert, key, ca, payload):
 
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
-    {"connect-mtls": connect_mtls, "post-tls": post_tls}[mode](*args)
+    {"connect-mtls": connect_mtls, "connect-h2c": connect_h2c, "post-tls": post_tls}[mode](*args)

@@ -50,6 +50,29 @@ pub fn require_root(why: &str) {
     );
 }
 
+/// A loopback port where nothing listens, held for as long as the returned socket lives: the
+/// socket is bound but never listens, so a connect is refused, and no other test can take the
+/// port meanwhile (a port from [`free_port`] may be bound again by a test running in parallel).
+pub fn refusing_port() -> (std::os::fd::OwnedFd, u16) {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, getsockname, socket,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(127, 0, 0, 1, 0),
+    )
+    .expect("bind a loopback port");
+    let addr: SockaddrIn = getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd)).expect("getsockname");
+    (fd, addr.port())
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -89,6 +112,26 @@ pub fn hbone_client(args: &[&str]) -> serde_json::Value {
         )
     });
     serde_json::from_str(last).expect("JSON line")
+}
+
+/// Runs `tests/scripts/sni_client.py` (Python `ssl`): mesh mTLS to `addr` as `client` with
+/// `sni`, sends `payload`, reads as many bytes back; returns its JSON line (`data` or `error`).
+pub fn sni_client(
+    addr: std::net::SocketAddr,
+    sni: &str,
+    client: &fakes::pki::ClientFiles,
+    payload: &str,
+) -> serde_json::Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sni_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args([&addr.ip().to_string(), &addr.port().to_string(), sni])
+        .args([&client.cert, &client.key, &client.ca])
+        .arg(payload)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("JSON line")
 }
 
 /// A fresh temporary directory, removed on drop.
@@ -292,6 +335,17 @@ impl Running {
                 ),
             }
         }
+    }
+
+    /// Reads output until a line contains `needle`; returns the address in its `addr=IP:PORT`
+    /// field (listeners on port 0 log where they listen).
+    pub fn wait_for_addr(&mut self, needle: &str) -> std::net::SocketAddr {
+        let line = self.wait_for_line(needle);
+        line.split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no addr= in {line:?}"))
     }
 
     /// Sends a signal to krun.

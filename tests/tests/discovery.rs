@@ -318,7 +318,7 @@ fn metadata_503_twice_then_ok_succeeds() {
 
 #[test]
 fn metadata_down_is_a_clear_error() {
-    let port = free_port();
+    let (_held, port) = krun_tests::refusing_port();
     let done = Krun::new()
         .env("GCE_METADATA_HOST", format!("127.0.0.1:{port}"))
         .env("MESH", "gke://p")

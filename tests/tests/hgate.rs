@@ -4,12 +4,11 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use krun_tests::fakes::pki::TestCa;
 use krun_tests::fakes::{front, metadata};
-use krun_tests::{Krun, Running, TempDir, free_port, testapp};
+use krun_tests::{Krun, Running, TempDir, free_port, sni_client, testapp};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -17,12 +16,7 @@ const MESH_SNI: &str = "outbound_.8080_._.echo.default.svc.cluster.local";
 
 /// The address in a "... ready addr=IP:PORT" log line.
 fn ready_addr(gate: &mut Running, what: &str) -> SocketAddr {
-    let line = gate.wait_for_line(what);
-    line.split("addr=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no addr= in {line:?}"))
+    gate.wait_for_addr(what)
 }
 
 /// A real ClientHello (openssl s_client) from the SNI parser's corpus.
@@ -30,10 +24,6 @@ fn client_hello() -> Vec<u8> {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../hbone/tests/corpus/openssl-s_client.bin");
     std::fs::read(path).expect("corpus ClientHello")
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sni_client.py")
 }
 
 #[test]
@@ -78,23 +68,7 @@ fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
         "client",
         "spiffe://cluster.local/ns/default/sa/client",
     );
-    let run_client = |payload: &str| -> Value {
-        let out = Command::new("python3")
-            .arg(script())
-            .args([
-                "127.0.0.1",
-                &sni_addr.port().to_string(),
-                MESH_SNI,
-                &client.cert.to_string_lossy(),
-                &client.key.to_string_lossy(),
-                &client.ca.to_string_lossy(),
-                payload,
-            ])
-            .output()
-            .expect("run python3");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("JSON line")
-    };
+    let run_client = |payload: &str| sni_client(sni_addr, MESH_SNI, &client, payload);
     assert_eq!(run_client("hello mesh")["data"], "hello mesh");
     assert_eq!(
         run_client("second, same pooled connection")["data"],
@@ -556,6 +530,8 @@ fn an_open_tunnel_keeps_flowing_while_hgate_drains_and_the_client_hello_is_repla
     let tunnel = free_port();
     let mut krun = Krun::new()
         .env("PORT_echo", upstream.to_string())
+        // hgate reaches the upstream over plaintext h2c, not through the mesh terminator.
+        .env("KRUN_TUNNEL_PLAINTEXT", "echo")
         .env("KRUN_TUNNEL_PORT", tunnel.to_string())
         .args(testapp(&["wait-term"]))
         .start();

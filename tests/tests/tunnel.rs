@@ -3,23 +3,25 @@
 //! inside a tunnel stream.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
 
 use krun_tests::fakes::pki::{ClientFiles, TestCa};
-use krun_tests::{Krun, Running, TempDir, free_port, hbone_client, testapp};
+use krun_tests::{Finished, Krun, Running, TempDir, free_port, hbone_client, testapp};
 use nix::sys::signal::Signal;
 
 const TD: &str = "cluster.local";
 
-/// krun with an echo app on a free port and the tunnel on another; returns (krun, app port,
-/// tunnel port) once the tunnel is open.
+/// krun with an echo app on a free port and the tunnel on another, plaintext tunnels to the
+/// app opted in by its port number (`extra` may override that); returns (krun, app port, tunnel port) once the
+/// tunnel is open.
 fn echo_behind_tunnel(extra: &[(&str, &str)]) -> (Running, u16, u16) {
     let (app, tunnel) = (free_port(), free_port());
     let mut krun = Krun::new()
         .env("PORT_http", app.to_string())
-        .env("KRUN_TUNNEL_PORT", tunnel.to_string());
+        .env("KRUN_TUNNEL_PORT", tunnel.to_string())
+        .env("KRUN_TUNNEL_PLAINTEXT", app.to_string());
     for (k, v) in extra {
         krun = krun.env(k, v);
     }
@@ -49,11 +51,36 @@ fn curl_post(tunnel: u16, path: &str, data: &str) -> (String, String) {
     (format!("{body}{errors}"), status.to_owned())
 }
 
+/// Asserts that the echo app behind `done` served exactly `served` connections (krun's
+/// readiness probe is one): a refused tunnel never reached the app.
+fn assert_echo_served(done: &Finished, served: usize) {
+    let line = format!("echo served {served} connections");
+    assert!(done.has_line(&line), "expected {line:?}: {}", done.text());
+}
+
+/// A CONNECT over h2c from Python `h2`: the JSON the client printed.
+fn python_connect(tunnel: u16, authority: &str, payload: &str) -> serde_json::Value {
+    hbone_client(&[
+        "connect-h2c",
+        "127.0.0.1",
+        &tunnel.to_string(),
+        authority,
+        payload,
+    ])
+}
+
 #[test]
-fn curl_reaches_the_app_through_hbone_post_and_undeclared_or_closed_ports_are_refused() {
-    let closed = free_port();
-    // host:port declarations are tunnel targets but not waited for (nothing listens there).
-    let (krun, app, tunnel) = echo_behind_tunnel(&[("PORT_spare", &format!("127.0.0.1:{closed}"))]);
+fn with_the_opt_in_curl_and_python_reach_the_app_and_other_ports_are_refused() {
+    let (_held, closed) = krun_tests::refusing_port();
+    // host:port declarations are not waited for (nothing listens there); listed by name, they
+    // are tunnel targets. The app is listed by name here, so its number works too.
+    let (krun, app, tunnel) = echo_behind_tunnel(&[
+        ("PORT_spare", &format!("127.0.0.1:{closed}")),
+        ("KRUN_TUNNEL_PLAINTEXT", "http,spare"),
+    ]);
+    let connected = python_connect(tunnel, &format!("127.0.0.1:{app}"), "connect to the app");
+    assert_eq!(connected["status"], 200, "{connected}");
+    assert_eq!(connected["data"], "connect to the app");
     assert_eq!(
         curl_post(
             tunnel,
@@ -67,18 +94,21 @@ fn curl_reaches_the_app_through_hbone_post_and_undeclared_or_closed_ports_are_re
         ("by name".into(), "200".into())
     );
     let (body, status) = curl_post(tunnel, "/_hbone/22", "x");
-    assert_eq!(status, "404", "{body}");
+    assert_eq!(status, "403", "{body}");
     let (body, status) = curl_post(tunnel, "/_hbone/spare", "x");
     assert_eq!(status, "503", "{body}");
     krun.signal(Signal::SIGTERM);
     let done = krun.finish();
     assert_eq!(done.code, 0, "{}", done.text());
-    // Two tunnels plus krun's own readiness probe: the refused tunnels never dialed the app.
     assert!(
-        done.has_line("echo served 3 connections"),
-        "{}",
+        done.has_line(
+            "KRUN_TUNNEL_PLAINTEXT: the tunnel port carries unauthenticated plaintext tunnels"
+        ),
+        "the opt-in is warned about: {}",
         done.text()
     );
+    // Three tunnels plus krun's own readiness probe: the refused tunnels never dialed the app.
+    assert_echo_served(&done, 4);
 }
 
 #[test]
@@ -289,11 +319,27 @@ fn python_h2_connects_over_mtls_to_hbone_and_policy_is_enforced() {
         done.text()
     );
     // Only krun's readiness probe reached the app.
-    assert!(
-        done.has_line("echo served 1 connections"),
-        "{}",
-        done.text()
-    );
+    assert_echo_served(&done, 1);
+}
+
+/// Python `h2` posts `/_hbone/15003` on the tunnel port and speaks mesh mTLS inside the
+/// stream with `files`, trusting `ca`: the JSON the client printed.
+fn through_terminator(
+    tunnel: u16,
+    files: &ClientFiles,
+    ca: &Path,
+    payload: &str,
+) -> serde_json::Value {
+    hbone_client(&[
+        "post-tls",
+        "127.0.0.1",
+        &tunnel.to_string(),
+        "/_hbone/15003",
+        &files.cert.to_string_lossy(),
+        &files.key.to_string_lossy(),
+        &ca.to_string_lossy(),
+        payload,
+    ])
 }
 
 #[test]
@@ -312,19 +358,8 @@ fn builtin_plane_terminates_mesh_mtls_inside_the_tunnel() {
         "outsider",
         "spiffe://cluster.local/ns/default/sa/client",
     );
-    let tunnel = server.tunnel.to_string();
-    let through = |files: &ClientFiles, ca: &Path| {
-        hbone_client(&[
-            "post-tls",
-            "127.0.0.1",
-            &tunnel,
-            "/_hbone/15003",
-            &files.cert.to_string_lossy(),
-            &files.key.to_string_lossy(),
-            &ca.to_string_lossy(),
-            "mesh hello",
-        ])
-    };
+    let through =
+        |files: &ClientFiles, ca: &Path| through_terminator(server.tunnel, files, ca, "mesh hello");
     let ok = through(&client, &client.ca);
     assert_eq!(ok["data"], "mesh hello", "{ok}");
     // A certificate from outside the mesh does not get through (the client trusts the mesh
@@ -337,17 +372,16 @@ fn builtin_plane_terminates_mesh_mtls_inside_the_tunnel() {
     server.krun.signal(Signal::SIGTERM);
     let done = server.krun.finish();
     // The mesh client plus krun's readiness probe; the outsider never reached the app.
-    assert!(
-        done.has_line("echo served 2 connections"),
-        "{}",
-        done.text()
-    );
+    assert_echo_served(&done, 2);
 }
 
-#[test]
-fn krun_reaches_another_krun_over_hbone_through_the_outbound_proxy() {
-    let ca = TestCa::new(TD);
-    let server = mesh_workload(&ca, "spiffe://cluster.local/ns/default/sa/echo", &[]);
+/// A caller krun (builtin data plane, identity `sa/caller`) whose outbound proxy treats
+/// loopback as the mesh and tunnels to `server`'s HBONE port; `extra` adds settings.
+fn caller_of(
+    ca: &TestCa,
+    server: &MeshWorkload,
+    extra: &[(&str, &str)],
+) -> (Running, u16, TempDir) {
     let dir = TempDir::new("outbound");
     ca.install_workload(&dir.join(""), "spiffe://cluster.local/ns/default/sa/caller");
     let outbound = free_port();
@@ -357,32 +391,48 @@ fn krun_reaches_another_krun_over_hbone_through_the_outbound_proxy() {
         .env("KRUN_OUTBOUND_ADDR", format!("127.0.0.1:{outbound}"))
         .env("KRUN_HBONE_PEER_PORT", server.hbone.to_string())
         // The peer is on loopback here: make that a mesh range, so the proxy uses HBONE.
-        .env("OUTBOUND_IP_RANGES_INCLUDE", "127.0.0.0/8")
-        .args(testapp(&["wait-term"]))
-        .start();
+        .env("OUTBOUND_IP_RANGES_INCLUDE", "127.0.0.0/8");
+    for (k, v) in extra {
+        caller = caller.env(k, v);
+    }
+    let mut caller = caller.args(testapp(&["wait-term"])).start();
     let listening =
         caller.wait_for_line("outbound HTTP proxy (CONNECT and absolute URIs) listening");
     assert!(listening.contains("hbone=true"), "{listening}");
     caller.wait_for_line("READY");
+    (caller, outbound, dir)
+}
+
+/// Sends `CONNECT 127.0.0.1:<app>` to the proxy at `outbound`; the status line and the
+/// connection, positioned after the response headers.
+fn proxy_connect(outbound: u16, app: u16) -> (String, BufReader<TcpStream>, TcpStream) {
     let mut conn =
         TcpStream::connect(("127.0.0.1", outbound)).expect("connect to the outbound proxy");
     write!(
         conn,
-        "CONNECT 127.0.0.1:{app} HTTP/1.1\r\nHost: 127.0.0.1:{app}\r\n\r\n",
-        app = server.app
+        "CONNECT 127.0.0.1:{app} HTTP/1.1\r\nHost: 127.0.0.1:{app}\r\n\r\n"
     )
     .expect("send CONNECT");
     let mut reader = BufReader::new(conn.try_clone().expect("clone"));
     let mut status = String::new();
     reader.read_line(&mut status).expect("status line");
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     loop {
         let mut header = String::new();
         reader.read_line(&mut header).expect("header");
-        if header == "\r\n" {
+        if header == "\r\n" || header.is_empty() {
             break;
         }
     }
+    (status, reader, conn)
+}
+
+#[test]
+fn krun_reaches_another_krun_over_hbone_through_the_outbound_proxy() {
+    let ca = TestCa::new(TD);
+    let server = mesh_workload(&ca, "spiffe://cluster.local/ns/default/sa/echo", &[]);
+    let (caller, outbound, _dir) = caller_of(&ca, &server, &[]);
+    let (status, mut reader, mut conn) = proxy_connect(outbound, server.app);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     conn.write_all(b"krun to krun").expect("send");
     conn.shutdown(std::net::Shutdown::Write)
         .expect("half-close");
@@ -390,9 +440,62 @@ fn krun_reaches_another_krun_over_hbone_through_the_outbound_proxy() {
     reader.read_to_string(&mut echoed).expect("read echo");
     assert_eq!(echoed, "krun to krun");
     caller.signal(Signal::SIGTERM);
-    assert_eq!(caller.finish().code, 0);
+    let done = caller.finish();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(
+        done.has_line("outbound HBONE verifies only the peer's trust domain"),
+        "no identity was configured for the peer, and the log says so: {}",
+        done.text()
+    );
     server.krun.signal(Signal::SIGTERM);
     assert_eq!(server.krun.finish().code, 0);
+}
+
+/// A caller that expects `id` of the peer at 127.0.0.1 sends one CONNECT through its proxy
+/// and exits: the proxy's status line and the caller's output.
+fn connect_expecting(ca: &TestCa, server: &MeshWorkload, id: &str) -> (String, Finished) {
+    let expected = format!("127.0.0.1={id}");
+    let (caller, outbound, _dir) = caller_of(ca, server, &[("KRUN_PEER_IDENTITIES", &expected)]);
+    let (status, _reader, _conn) = proxy_connect(outbound, server.app);
+    caller.signal(Signal::SIGTERM);
+    (status, caller.finish())
+}
+
+#[test]
+fn an_outbound_peer_must_present_the_configured_spiffe_id() {
+    let ca = TestCa::new(TD);
+    let server = mesh_workload(&ca, "spiffe://cluster.local/ns/default/sa/echo", &[]);
+    let (status, done) =
+        connect_expecting(&ca, &server, "spiffe://cluster.local/ns/default/sa/echo");
+    assert!(
+        status.starts_with("HTTP/1.1 200"),
+        "the right identity: {status}"
+    );
+    assert!(
+        !done.has_line("verifies only the peer's trust domain"),
+        "{}",
+        done.text()
+    );
+    let (status, done) =
+        connect_expecting(&ca, &server, "spiffe://cluster.local/ns/default/sa/other");
+    assert!(
+        status.starts_with("HTTP/1.1 502"),
+        "another identity: {status}"
+    );
+    let mismatch = done
+        .output
+        .iter()
+        .find(|l| l.contains("peer identity mismatch"))
+        .unwrap_or_else(|| panic!("no mismatch line: {}", done.text()));
+    assert!(
+        mismatch.contains("expected=spiffe://cluster.local/ns/default/sa/other")
+            && mismatch.contains("spiffe://cluster.local/ns/default/sa/echo"),
+        "the line names both identities: {mismatch}"
+    );
+    server.krun.signal(Signal::SIGTERM);
+    let done = server.krun.finish();
+    // The accepted caller's tunnel plus krun's readiness probe; the refused one never arrived.
+    assert_echo_served(&done, 2);
 }
 
 #[test]
@@ -446,4 +549,207 @@ fn an_in_flight_stream_completes_during_drain_and_new_ones_are_refused() {
     assert_eq!(rest, ("second".to_owned(), true));
     let done = krun.finish();
     assert_eq!(done.code, 0, "{}", done.text());
+}
+
+/// No connection is waiting on `listener`: nothing dialed it.
+fn never_dialed(listener: &TcpListener) -> bool {
+    listener.set_nonblocking(true).expect("nonblocking");
+    matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[test]
+fn without_the_opt_in_plaintext_tunnels_are_refused_before_any_dial_and_logged_once() {
+    // A declared remote target on loopback: it must not be reachable by number or by name.
+    let db = TcpListener::bind("127.0.0.1:0").expect("bind db");
+    let db_port = db.local_addr().expect("db addr").port();
+    let (krun, app, tunnel) = echo_behind_tunnel(&[
+        ("KRUN_TUNNEL_PLAINTEXT", ""),
+        ("PORT_db", &format!("127.0.0.1:{db_port}")),
+    ]);
+    for path in [
+        format!("/_hbone/{app}"),
+        "/_hbone/http".into(),
+        "/_hbone/db".into(),
+        format!("/_hbone/{db_port}"),
+    ] {
+        let (body, status) = curl_post(tunnel, &path, "must not arrive");
+        assert_eq!(status, "403", "{path}: {body}");
+        assert!(body.contains("KRUN_TUNNEL_PLAINTEXT"), "{path}: {body}");
+    }
+    for authority in [format!("127.0.0.1:{app}"), format!("127.0.0.1:{db_port}")] {
+        let refused = python_connect(tunnel, &authority, "must not arrive");
+        assert_eq!(refused["status"], 403, "{authority}: {refused}");
+    }
+    // A flood from one address: counted, logged once.
+    for _ in 0..10 {
+        assert_eq!(curl_post(tunnel, "/_hbone/http", "x").1, "403");
+    }
+    // Another kind of refusal from the same address is logged too, with the running count.
+    // No mesh here, so nothing serves 15003.
+    assert_eq!(curl_post(tunnel, "/_hbone/15003", "x").1, "404");
+    krun.signal(Signal::SIGTERM);
+    let done = krun.finish();
+    assert_eq!(done.code, 0, "{}", done.text());
+    let refusals: Vec<&String> = done
+        .output
+        .iter()
+        .filter(|l| l.contains("tunnel refused"))
+        .collect();
+    assert_eq!(refusals.len(), 2, "{refusals:#?}");
+    assert!(refusals[0].contains("status=403"), "{}", refusals[0]);
+    assert!(
+        refusals[1].contains("status=404") && refusals[1].contains("refused_total=17"),
+        "{}",
+        refusals[1]
+    );
+    assert!(!done.has_line("KRUN_TUNNEL_PLAINTEXT: the tunnel port carries"));
+    // Only krun's readiness probe reached the app; nothing reached the db.
+    assert_echo_served(&done, 1);
+    assert!(never_dialed(&db), "the declared remote target was dialed");
+}
+
+#[test]
+fn with_public_http_off_only_the_mtls_terminator_reaches_the_app() {
+    let ca = TestCa::new(TD);
+    let server = mesh_workload(
+        &ca,
+        "spiffe://cluster.local/ns/default/sa/echo",
+        &[("KRUN_PUBLIC_HTTP", "off")],
+    );
+    let tunnel = server.tunnel;
+    let plain = Command::new("curl")
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("http://127.0.0.1:{tunnel}/"))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), "404");
+    assert_eq!(
+        curl_post(tunnel, &format!("/_hbone/{}", server.app), "x").1,
+        "403"
+    );
+    let connect = python_connect(tunnel, &format!("127.0.0.1:{}", server.app), "x");
+    assert_eq!(connect["status"], 403, "{connect}");
+    let dir = TempDir::new("public-off");
+    let client = ca.install_client(
+        &dir.join(""),
+        "client",
+        "spiffe://cluster.local/ns/default/sa/client",
+    );
+    let mesh = through_terminator(tunnel, &client, &client.ca, "through the terminator");
+    assert_eq!(mesh["data"], "through the terminator", "{mesh}");
+    server.krun.signal(Signal::SIGTERM);
+    let done = server.krun.finish();
+    // The mesh client plus krun's readiness probe.
+    assert_echo_served(&done, 2);
+
+    // Opting the app in while KRUN_PUBLIC_HTTP=off closes it is a contradiction: krun stops.
+    let contradiction = Krun::new()
+        .env("PORT_http", free_port().to_string())
+        .env("KRUN_TUNNEL_PORT", free_port().to_string())
+        .env("KRUN_PUBLIC_HTTP", "off")
+        .env("KRUN_TUNNEL_PLAINTEXT", "http")
+        .args(testapp(&["wait-term"]))
+        .run();
+    assert_ne!(contradiction.code, 0, "{}", contradiction.text());
+    assert!(
+        contradiction.has_line("KRUN_PUBLIC_HTTP=off closes the app to the tunnel port"),
+        "{}",
+        contradiction.text()
+    );
+}
+
+#[test]
+fn a_mesh_client_whose_principal_is_not_allowed_gets_nothing_through_hbone_15003() {
+    let ca = TestCa::new(TD);
+    let server = mesh_workload(
+        &ca,
+        "spiffe://cluster.local/ns/default/sa/echo",
+        &[(
+            "KRUN_ALLOWED_PRINCIPALS",
+            "spiffe://cluster.local/ns/prod/*",
+        )],
+    );
+    let dir = TempDir::new("not-allowed");
+    let client = ca.install_client(
+        &dir.join(""),
+        "client",
+        "spiffe://cluster.local/ns/default/sa/client",
+    );
+    let denied = through_terminator(server.tunnel, &client, &client.ca, "must not arrive");
+    assert!(
+        denied.get("data").is_none() || denied["data"] == "",
+        "{denied}"
+    );
+    server.krun.signal(Signal::SIGTERM);
+    let done = server.krun.finish();
+    assert!(
+        done.has_line("peer not allowed by KRUN_ALLOWED_PRINCIPALS"),
+        "{}",
+        done.text()
+    );
+    // Only krun's readiness probe reached the app.
+    assert_echo_served(&done, 1);
+}
+
+/// The listening TCP ports (IPv4 and IPv6) of the network namespace `pid` lives in.
+fn listening_ports(pid: i32) -> Vec<u16> {
+    ["tcp", "tcp6"]
+        .iter()
+        .flat_map(|table| {
+            std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    // local_address is ADDR:PORT in hex; state 0A is LISTEN.
+                    let port = fields.get(1)?.rsplit_once(':')?.1;
+                    (fields.get(3) == Some(&"0A")).then(|| u16::from_str_radix(port, 16).ok())?
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A plain `krun -- app` outside a mesh, with the default ports, in a network namespace of
+/// its own (so the namespace's socket table is krun's alone).
+fn plain_krun(extra: &[(&str, &str)]) -> Running {
+    let mut krun = Krun::wrapped(&["unshare", "--net"])
+        .env_remove("KRUN_TUNNEL_PORT")
+        .env_remove("KRUN_HBONE_PORT")
+        .env_remove("KRUN_OUTBOUND_ADDR")
+        .env_remove("ISTIO_META_INTERCEPTION_MODE");
+    for (k, v) in extra {
+        krun = krun.env(k, v);
+    }
+    krun.args(testapp(&["wait-term"])).start()
+}
+
+#[test]
+fn a_plain_krun_outside_a_mesh_opens_no_listener_unless_asked() {
+    let mut krun = plain_krun(&[]);
+    krun.wait_for_all(&[
+        "tunnel port not opened",
+        "outbound proxy not opened",
+        "READY",
+    ]);
+    assert_eq!(listening_ports(krun.pid.as_raw()), Vec::<u16>::new());
+    krun.signal(Signal::SIGTERM);
+    let done = krun.finish();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(!done.has_line("no workload certificate"), "{}", done.text());
+
+    // On Cloud Run PORT is the container port: naming the tunnel port, it opens it.
+    let mut krun = plain_krun(&[("PORT", "15009")]);
+    krun.wait_for_line("tunnel port open");
+    assert_eq!(listening_ports(krun.pid.as_raw()), vec![15009]);
+    krun.signal(Signal::SIGTERM);
+    assert_eq!(krun.finish().code, 0);
 }

@@ -9,13 +9,14 @@
 mod rules;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Deref;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh::config::table::{Show, parse, text};
 use mesh::config::{ConfigError, Env, Inputs, Layer, Merge, MeshConfig, Printer, Setting, values};
+use mesh::identity::SpiffeId;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -37,9 +38,6 @@ pub const DEFAULT_APP_READY_TIMEOUT: Duration = Duration::from_secs(240);
 /// XDS push of a large mesh over a cold connection can take minutes (cloud-run-mesh gave up
 /// after a fixed 10 s, which broke such starts).
 pub const DEFAULT_AGENT_READY_TIMEOUT: Duration = Duration::from_secs(240);
-/// Default admin listener: loopback only, on a port Istio does not use.
-pub const DEFAULT_ADMIN_ADDR: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15030));
 /// Default outbound HTTP CONNECT proxy of the builtin data plane (the whitebox proxy port).
 pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15007));
@@ -47,6 +45,16 @@ pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
 /// on 127.0.0.1, so loopback is enough and nothing outside the container can reach it.
 pub const DEFAULT_CAPTURE_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001));
+/// Default handshake deadline: generous for a TLS handshake and a first request over a slow
+/// link, short enough that idle connections cannot pile up.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle timeout: Envoy's default for TCP proxies and HTTP connections (1 h).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default connection cap per listener (hgate's default too).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default HTTP/2 streams per connection: Cloud Run's highest per-instance concurrency, so the
+/// front end never needs a second connection because of this cap.
+pub const DEFAULT_MAX_STREAMS: u32 = 1000;
 /// Default path of pilot-agent in the golden image.
 pub const DEFAULT_PILOT_AGENT_PATH: &str = "/usr/local/bin/pilot-agent";
 /// Default path of Envoy in the golden image.
@@ -98,10 +106,6 @@ mesh::settings! {
         /// Drain budget after SIGTERM.
         drain_timeout: Setting<Duration> = KRUN_DRAIN_TIMEOUT =>
             parse(values::duration).or_default(DEFAULT_DRAIN_TIMEOUT),
-        /// Admin listener.
-        admin_addr: Setting<SocketAddr> = KRUN_ADMIN_ADDR =>
-            parse(|v| v.parse().map_err(|_| "an address such as 127.0.0.1:15030"))
-                .or_default(DEFAULT_ADMIN_ADDR),
         /// SPIFFE IDs allowed to reach the app; empty means the workload's own trust domain.
         allowed_principals: Setting<Vec<String>> = KRUN_ALLOWED_PRINCIPALS =>
             parse(principals).or_default(Vec::new()),
@@ -125,6 +129,12 @@ mesh::settings! {
         /// Whether non-tunnel requests on the tunnel port reach the app as plain HTTP.
         public_http: Setting<bool> = KRUN_PUBLIC_HTTP =>
             parse(values::boolean).or_default(true),
+        /// Declared ports (names or numbers) the tunnel port reaches without mTLS.
+        tunnel_plaintext: Setting<Vec<String>> = KRUN_TUNNEL_PLAINTEXT =>
+            parse(|v| Ok(values::list(v))).or_default(Vec::new()),
+        /// The SPIFFE IDs outbound HBONE destinations must present.
+        peer_identities: Setting<Vec<PeerIdentity>> = KRUN_PEER_IDENTITIES =>
+            parse(PeerIdentity::parse_list).or_default(Vec::new()),
         /// Outbound HTTP CONNECT proxy of the builtin data plane; port 0 disables it.
         outbound_addr: Setting<SocketAddr> = KRUN_OUTBOUND_ADDR =>
             parse(|v| v.parse().map_err(|_| "an address such as 127.0.0.1:15007"))
@@ -142,6 +152,18 @@ mesh::settings! {
         /// Whether krun removes its iptables rules on exit.
         capture_cleanup: Setting<bool> = KRUN_CAPTURE_CLEANUP =>
             parse(values::boolean).or_default(false),
+        /// Deadline of a new connection's handshake on the mesh listeners (TLS, first request).
+        handshake_timeout: Setting<Duration> = KRUN_HANDSHAKE_TIMEOUT =>
+            parse(values::duration).or_default(DEFAULT_HANDSHAKE_TIMEOUT),
+        /// A connection that carries nothing for this long is closed.
+        idle_timeout: Setting<Duration> = KRUN_IDLE_TIMEOUT =>
+            parse(values::duration).or_default(DEFAULT_IDLE_TIMEOUT),
+        /// Concurrent connections of each listener.
+        max_connections: Setting<usize> = KRUN_MAX_CONNECTIONS =>
+            parse(values::positive).or_default(DEFAULT_MAX_CONNECTIONS),
+        /// Concurrent HTTP/2 streams per connection on the tunnel port and HBONE.
+        max_streams: Setting<u32> = KRUN_MAX_STREAMS =>
+            parse(values::positive).or_default(DEFAULT_MAX_STREAMS),
         /// Inbound ports redirected to 15006 (none by default).
         capture_inbound_ports: Setting<Vec<u16>> = KRUN_CAPTURE_INBOUND_PORTS =>
             parse(port_list).or_default(Vec::new()),
@@ -388,25 +410,12 @@ impl Forward {
     const FORM: &str = "a comma-separated list of LISTEN=HOST:PORT, e.g. 127.0.0.1:5432=db.prod.svc.cluster.local:5432";
 
     fn parse_list(raw: &str) -> Result<Vec<Forward>, &'static str> {
-        values::list(raw)
-            .iter()
-            .map(|item| {
-                let (listen, target) = item.split_once('=').ok_or(Self::FORM)?;
-                let listen = listen
-                    .trim()
-                    .parse::<SocketAddr>()
-                    .map_err(|_| Self::FORM)?;
-                let target = target.trim();
-                if is_host_port(target) {
-                    Ok(Forward {
-                        listen,
-                        target: target.to_owned(),
-                    })
-                } else {
-                    Err(Self::FORM)
-                }
+        assignments(raw, Self::FORM, |listen, target| {
+            Some(Forward {
+                listen: listen.parse().ok()?,
+                target: is_host_port(target).then(|| target.to_owned())?,
             })
-            .collect()
+        })
     }
 }
 
@@ -414,6 +423,59 @@ impl Show for Forward {
     fn show(&self) -> Value {
         json!(format!("{}={}", self.listen, self.target))
     }
+}
+
+/// The identity a mesh destination must prove (`KRUN_PEER_IDENTITIES`): outbound HBONE to
+/// it fails unless the peer certificate carries exactly this SPIFFE ID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// An IP address, or a host name as the app or `KRUN_FORWARD` names it.
+    pub destination: String,
+    /// The SPIFFE ID it must present.
+    pub id: SpiffeId,
+}
+
+impl PeerIdentity {
+    const FORM: &str = "a comma-separated list of DESTINATION=SPIFFE_ID (DESTINATION an IP address or host name), e.g. 10.8.0.12=spiffe://cluster.local/ns/prod/sa/db";
+
+    fn parse_list(raw: &str) -> Result<Vec<PeerIdentity>, &'static str> {
+        assignments(raw, Self::FORM, |destination, id| {
+            // A port would never match: identities belong to workloads, not ports.
+            let is_host_port = destination.contains(':') && destination.parse::<IpAddr>().is_err();
+            (!destination.is_empty() && !is_host_port).then_some(())?;
+            Some(PeerIdentity {
+                destination: destination.to_owned(),
+                id: id.parse().ok()?,
+            })
+        })
+    }
+
+    /// True when this entry names `host` (as written) or `ip`.
+    pub fn names(&self, host: &str, ip: IpAddr) -> bool {
+        self.destination.eq_ignore_ascii_case(host) || self.destination.parse::<IpAddr>() == Ok(ip)
+    }
+}
+
+impl Show for PeerIdentity {
+    fn show(&self) -> Value {
+        json!(format!("{}={}", self.destination, self.id))
+    }
+}
+
+/// A comma-separated list of `LEFT=RIGHT` items (each side trimmed), each made into a value
+/// by `item`; any item without `=` or refused by `item` fails the list with `form`.
+fn assignments<T>(
+    raw: &str,
+    form: &'static str,
+    item: impl Fn(&str, &str) -> Option<T>,
+) -> Result<Vec<T>, &'static str> {
+    values::list(raw)
+        .iter()
+        .map(|entry| {
+            let (left, right) = entry.split_once('=').ok_or(form)?;
+            item(left.trim(), right.trim()).ok_or(form)
+        })
+        .collect()
 }
 
 /// `host:port` with a non-empty host and a numeric port.

@@ -116,10 +116,6 @@ fn every_bad_value_names_variable_value_and_form() {
             "KRUN_CAPTURE_INBOUND_PORTS=8080,http: expected a comma-separated list of port numbers",
         ),
         (
-            &[("KRUN_ADMIN_ADDR", "localhost")],
-            "KRUN_ADMIN_ADDR=localhost: expected an address such as 127.0.0.1:15030",
-        ),
-        (
             &[("PORT_http", "http")],
             "PORT_http=http: expected a port number, host:port, or - to disable",
         ),
@@ -164,6 +160,14 @@ fn every_bad_value_names_variable_value_and_form() {
         (
             &[("KRUN_ALLOWED_PRINCIPALS", "spiffe://td/ns/*/sa/x")],
             "KRUN_ALLOWED_PRINCIPALS=spiffe://td/ns/*/sa/x: expected comma-separated SPIFFE IDs such as spiffe://TD/ns/NS/sa/SA or patterns spiffe://TD/ns/NS/*",
+        ),
+        (
+            &[("KRUN_PEER_IDENTITIES", "db:5432=spiffe://td/ns/prod/sa/db")],
+            "KRUN_PEER_IDENTITIES=db:5432=spiffe://td/ns/prod/sa/db: expected a comma-separated list of DESTINATION=SPIFFE_ID (DESTINATION an IP address or host name), e.g. 10.8.0.12=spiffe://cluster.local/ns/prod/sa/db",
+        ),
+        (
+            &[("KRUN_PEER_IDENTITIES", "10.8.0.12=spiffe://td/ns/prod")],
+            "KRUN_PEER_IDENTITIES=10.8.0.12=spiffe://td/ns/prod: expected a comma-separated list of DESTINATION=SPIFFE_ID (DESTINATION an IP address or host name), e.g. 10.8.0.12=spiffe://cluster.local/ns/prod/sa/db",
         ),
     ];
     for (pairs, message) in cases {

@@ -1,9 +1,12 @@
 //! `KRUN_FORWARD` listeners: whitebox port forwards for clients that cannot use `HTTP_PROXY`
 //! (databases, gRPC over TCP, ...). Each accepted connection goes to the declared target with
-//! the same routing as captured traffic ([`Router`]).
+//! the same routing as captured traffic ([`Router`]). Like the capture listener they carry
+//! arbitrary TCP, so they are bounded by the connection cap and the idle timeout only.
 
 use std::sync::Arc;
 
+use hbone::idle::pipe;
+use hbone::listen::{Bounds, serve_each};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -15,23 +18,22 @@ pub async fn serve(
     target: String,
     router: Arc<Router>,
     copy_buffer: usize,
+    bounds: Bounds,
     drain: CancellationToken,
 ) {
     let target = Arc::new(target);
-    while let Some((mut stream, _)) =
-        hbone::listen::next_connection(&listener, &drain, "forward").await
-    {
+    let limit = bounds.limit("forward");
+    serve_each(listener, &limit, &drain, |stream, _| {
         let (router, target) = (router.clone(), target.clone());
-        tokio::spawn(async move {
+        async move {
             match router.connect_host(&target).await {
                 Ok(upstream) => {
-                    let mut io = upstream.io;
-                    let _ =
-                        hbone::copy::copy_bidirectional(&mut stream, &mut io, copy_buffer).await;
+                    pipe(stream, upstream.io, copy_buffer, bounds.idle_timeout).await;
                     drop(upstream.guard);
                 }
                 Err(e) => tracing::warn!(%target, error = %e, "forward: upstream failed"),
             }
-        });
-    }
+        }
+    })
+    .await;
 }

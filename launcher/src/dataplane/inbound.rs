@@ -1,11 +1,16 @@
 //! The builtin data plane's mesh inbound: terminates the mesh mTLS that arrives through
 //! `/_hbone/15003` (and would otherwise need Envoy), authorizes the peer's SPIFFE ID, and
 //! forwards plaintext to the app. A denied peer never reaches the app.
+//!
+//! Bounded like every listener: the mTLS handshake must finish within the handshake timeout,
+//! connections are capped, and one that carries nothing for the idle timeout is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hbone::AllowedPeers;
+use hbone::idle::{PipeEnd, pipe};
+use hbone::listen::{Bounds, handshake_timed_out, serve_each};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -17,18 +22,17 @@ pub async fn serve(
     allowed: AllowedPeers,
     app: SocketAddr,
     copy_buffer: usize,
+    bounds: Bounds,
     drain: CancellationToken,
 ) {
     let allowed = Arc::new(allowed);
-    while let Some((stream, remote)) =
-        hbone::listen::next_connection(&listener, &drain, "mesh inbound").await
-    {
+    let limit = bounds.limit("mesh inbound");
+    serve_each(listener, &limit, &drain, |stream, remote| {
         let config = tls.borrow().clone();
         let allowed = allowed.clone();
-        tokio::spawn(
-            async move { terminate(stream, remote, config, &allowed, app, copy_buffer).await },
-        );
-    }
+        async move { terminate(stream, remote, config, &allowed, app, copy_buffer, bounds).await }
+    })
+    .await;
 }
 
 async fn terminate(
@@ -38,11 +42,14 @@ async fn terminate(
     allowed: &AllowedPeers,
     app: SocketAddr,
     copy_buffer: usize,
+    bounds: Bounds,
 ) {
     let _ = stream.set_nodelay(true);
-    let mut tls = match tokio_rustls::TlsAcceptor::from(config).accept(stream).await {
-        Ok(tls) => tls,
-        Err(e) => return tracing::info!(%remote, error = %e, "mesh mTLS handshake failed"),
+    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let tls = match tokio::time::timeout(bounds.handshake_timeout, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return tracing::info!(%remote, error = %e, "mesh mTLS handshake failed"),
+        Err(_) => return handshake_timed_out("mesh inbound", remote, "mTLS handshake"),
     };
     let peer = hbone::tls::peer_identity(tls.get_ref().1);
     match &peer {
@@ -53,10 +60,12 @@ async fn terminate(
             return tracing::warn!(peer = %who, denied_total, "peer not allowed by KRUN_ALLOWED_PRINCIPALS; connection closed");
         }
     }
-    let mut upstream = match TcpStream::connect(app).await {
+    let upstream = match TcpStream::connect(app).await {
         Ok(upstream) => upstream,
         Err(e) => return tracing::warn!(%app, error = %e, "app unreachable for a mesh connection"),
     };
     let _ = upstream.set_nodelay(true);
-    let _ = hbone::copy::copy_bidirectional(&mut tls, &mut upstream, copy_buffer).await;
+    if let PipeEnd::Idle = pipe(tls, upstream, copy_buffer, bounds.idle_timeout).await {
+        tracing::debug!(%remote, "mesh connection idle for KRUN_IDLE_TIMEOUT; closed");
+    }
 }

@@ -4,6 +4,11 @@
 //! Listeners that serve the mesh start before the app; the tunnel port opens last, once the
 //! app is ready, because Cloud Run sends traffic as soon as the container port accepts. On
 //! drain every listener stops accepting and open streams get the drain budget to finish.
+//!
+//! Outside a mesh (no identity, nothing discovered, no mounted certificate) krun opens no
+//! listener unless one is asked for: the tunnel port with `KRUN_TUNNEL_PORT`, or `PORT` (the
+//! platform's container port) naming it; the outbound proxy with `KRUN_OUTBOUND_ADDR`;
+//! `KRUN_FORWARD` listeners always.
 
 mod certs;
 mod forward;
@@ -18,8 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use hbone::listen::Bounds;
 use hbone::server::{Fallback, MeshTls, TunnelServer};
-use hbone::tls::{ALPN_H2, ExpectedPeer, WorkloadCert};
+use hbone::tls::{ALPN_H2, WorkloadCert};
 use hbone::{AllowedPeers, H2Settings};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -32,6 +38,7 @@ pub use routes::{DeclaredPorts, HboneRouter, MESH_INBOUND_PORT, TunnelRouter};
 use crate::config::{Config, DataPlane};
 use crate::supervisor::{FailHandle, Phase};
 use hbone::client::HboneClient;
+use mesh::config::Source;
 use mesh::istio::Interception;
 use route::{Cidr, MeshHop, Router};
 
@@ -39,34 +46,40 @@ use route::{Cidr, MeshHop, Router};
 pub struct MeshSide {
     tasks: JoinSet<()>,
     drain: CancellationToken,
-    ports: DeclaredPorts,
+    /// The tunnel port's routes, when the tunnel port opens.
+    tunnel: Option<TunnelRouter>,
 }
 
 impl MeshSide {
     /// Starts the mesh listeners that must be up before the app: HBONE, the `KRUN_FORWARD`
     /// listeners and, for the builtin data plane, the mTLS terminator, the outbound proxy and
     /// (with iptables capture) the capture listener.
-    /// `certs` is the workload certificate feed ([`workload_certs`]), or why there is none.
+    /// `certs` is the workload certificate feed ([`workload_certs`]), or why there is none;
+    /// `in_mesh` says whether the workload is in a mesh at all (otherwise only the listeners
+    /// asked for explicitly open).
     pub async fn start(
         config: &Config,
         mode: DataPlane,
         interception: Interception,
         certs: Result<watch::Receiver<Arc<WorkloadCert>>, CertError>,
+        in_mesh: bool,
         drain: CancellationToken,
     ) -> anyhow::Result<MeshSide> {
-        let settings = H2Settings::default();
+        let settings = h2_settings(config);
+        let bounds = bounds(config);
         let mut tasks = JoinSet::new();
         let certs = match certs {
             Ok(certs) => Some(certs),
             Err(e) if config.launcher.dataplane.value == DataPlane::Builtin => {
                 return Err(e).context("KRUN_DATAPLANE=builtin needs a workload certificate");
             }
-            Err(e) => {
+            Err(e) if in_mesh => {
                 tracing::warn!(error = %e, "no workload certificate: mesh mTLS listeners (15003, 15008) are off");
                 None
             }
+            Err(_) => None,
         };
-        let mut mesh_inbound = None;
+        let mut builtin_inbound = None;
         let mut hop = None;
         let mut hbone_tls = None;
         if let Some(certs) = certs {
@@ -80,7 +93,7 @@ impl MeshSide {
                 config.launcher.allowed_principals.value.clone(),
             );
             if mode == DataPlane::Builtin {
-                mesh_inbound = start_inbound(
+                builtin_inbound = start_inbound(
                     config,
                     &certs,
                     &trust_domain,
@@ -90,11 +103,12 @@ impl MeshSide {
                     &mut tasks,
                 )
                 .await?;
-                hop = Some(MeshHop {
-                    client: Arc::new(HboneClient::new(settings, Some(certs.clone()))),
-                    expected: ExpectedPeer::TrustDomain(trust_domain.clone()),
-                    peer_port: config.launcher.hbone_peer_port.value,
-                });
+                hop = Some(MeshHop::new(
+                    Arc::new(HboneClient::new(settings, Some(certs.clone()))),
+                    config.launcher.peer_identities.value.clone(),
+                    trust_domain.clone(),
+                    config.launcher.hbone_peer_port.value,
+                ));
             }
             if config.launcher.hbone_port.value != 0 {
                 let tls = MeshTls {
@@ -106,7 +120,12 @@ impl MeshSide {
         }
         // `/_hbone/15003` leads to the builtin terminator when it runs, so the declared ports
         // are known only now; both the HBONE listener and the tunnel port route with them.
-        let ports = DeclaredPorts::new(config, mesh_inbound);
+        let ports = DeclaredPorts::new(config, mesh_inbound(mode, builtin_inbound));
+        let tunnel = if tunnel_wanted(config, in_mesh) {
+            Some(TunnelRouter::new(&ports, config).map_err(anyhow::Error::msg)?)
+        } else {
+            None
+        };
         if let Some(tls) = hbone_tls {
             let listener = bind(
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.launcher.hbone_port.value)),
@@ -125,7 +144,9 @@ impl MeshSide {
                 ports: ports.clone(),
                 illegal,
             };
-            let server = TunnelServer::new(Arc::new(router), settings).with_tls(tls);
+            let server = TunnelServer::new(Arc::new(router), settings)
+                .with_bounds("hbone", bounds)
+                .with_tls(tls);
             tasks.spawn(server.serve(listener, drain.clone(), config.launcher.drain_timeout.value));
         }
         let router = Arc::new(Router {
@@ -133,7 +154,17 @@ impl MeshSide {
             ranges: Cidr::parse_list(&config.launcher.outbound_ip_ranges_include.value),
         });
         if mode == DataPlane::Builtin {
-            start_outbound(config, interception, &router, &settings, &drain, &mut tasks).await?;
+            let proxy_wanted = in_mesh || config.launcher.outbound_addr.source == Source::Env;
+            start_outbound(
+                config,
+                interception,
+                proxy_wanted,
+                &router,
+                &settings,
+                &drain,
+                &mut tasks,
+            )
+            .await?;
         }
         for fwd in &config.launcher.forwards.value {
             let listener = bind(fwd.listen, "KRUN_FORWARD").await?;
@@ -143,13 +174,14 @@ impl MeshSide {
                 fwd.target.clone(),
                 router.clone(),
                 settings.copy_buffer,
+                bounds,
                 drain.clone(),
             ));
         }
         Ok(MeshSide {
             tasks,
             drain,
-            ports,
+            tunnel,
         })
     }
 
@@ -164,10 +196,13 @@ impl MeshSide {
         if port == 0 {
             return tracing::info!("tunnel port disabled (KRUN_TUNNEL_PORT=0)");
         }
-        let mut server = TunnelServer::new(
-            Arc::new(TunnelRouter(self.ports.clone())),
-            H2Settings::default(),
-        );
+        let Some(router) = self.tunnel.take() else {
+            return tracing::info!(
+                "tunnel port not opened: no mesh, and neither KRUN_TUNNEL_PORT nor PORT asks for it"
+            );
+        };
+        let mut server = TunnelServer::new(Arc::new(router), h2_settings(config))
+            .with_bounds("tunnel port", bounds(config));
         match (config.launcher.public_http.value, config.app_port()) {
             (true, Some(app)) => {
                 server = server.with_fallback(Fallback {
@@ -210,6 +245,46 @@ impl MeshSide {
     }
 }
 
+/// HTTP/2 settings of the tunnel port and HBONE: the defaults, with `KRUN_MAX_STREAMS`.
+fn h2_settings(config: &Config) -> H2Settings {
+    H2Settings {
+        max_concurrent_streams: config.launcher.max_streams.value,
+        ..H2Settings::default()
+    }
+}
+
+/// The bounds of every listener, from `KRUN_HANDSHAKE_TIMEOUT`, `KRUN_IDLE_TIMEOUT` and
+/// `KRUN_MAX_CONNECTIONS`.
+fn bounds(config: &Config) -> Bounds {
+    Bounds {
+        handshake_timeout: config.launcher.handshake_timeout.value,
+        idle_timeout: config.launcher.idle_timeout.value,
+        max_connections: config.launcher.max_connections.value,
+        cap_setting: crate::config::names::KRUN_MAX_CONNECTIONS,
+    }
+}
+
+/// Where `/_hbone/15003` leads: krun's terminator (`builtin`, when it runs), Envoy's mesh
+/// inbound listener (`envoy`: istiod configures it on 127.0.0.1:15003 through the workload's
+/// Sidecar resource), or nowhere.
+fn mesh_inbound(mode: DataPlane, builtin: Option<SocketAddr>) -> Option<SocketAddr> {
+    match mode {
+        DataPlane::Builtin => builtin,
+        DataPlane::Envoy => Some(SocketAddr::from((Ipv4Addr::LOCALHOST, MESH_INBOUND_PORT))),
+        DataPlane::Auto | DataPlane::None => None,
+    }
+}
+
+/// Whether the tunnel port opens: inside a mesh, or when asked for, by `KRUN_TUNNEL_PORT` in
+/// the environment or by `PORT` (the container port Cloud Run sends traffic to) naming it.
+fn tunnel_wanted(config: &Config, in_mesh: bool) -> bool {
+    let tunnel = &config.launcher.tunnel_port;
+    let port_names_it = config.lookup("PORT").is_some_and(|port| {
+        port.source == Source::Env && port.value.trim().parse::<u16>() == Ok(tunnel.value)
+    });
+    tunnel.value != 0 && (in_mesh || tunnel.source == Source::Env || port_names_it)
+}
+
 async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| {
         format!("{setting}: cannot listen on {addr}; pick a free port or 0 to disable")
@@ -246,6 +321,7 @@ async fn start_inbound(
         allowed.clone(),
         app,
         settings.copy_buffer,
+        bounds(config),
         drain.clone(),
     ));
     tracing::info!(%addr, %app, "builtin mesh inbound: mTLS terminated by krun");
@@ -255,17 +331,23 @@ async fn start_inbound(
 async fn start_outbound(
     config: &Config,
     interception: Interception,
+    proxy_wanted: bool,
     router: &Arc<Router>,
     settings: &H2Settings,
     drain: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<()> {
     let addr = config.launcher.outbound_addr.value;
-    if addr.port() != 0 {
+    if addr.port() != 0 && !proxy_wanted {
+        tracing::info!(
+            "outbound proxy not opened: no mesh, and KRUN_OUTBOUND_ADDR does not ask for it"
+        );
+    } else if addr.port() != 0 {
         let listener = bind(addr, "KRUN_OUTBOUND_ADDR").await?;
         let outbound = outbound::Outbound {
             router: router.clone(),
             copy_buffer: settings.copy_buffer,
+            bounds: bounds(config),
         };
         tasks.spawn(outbound::serve(listener, outbound, drain.clone()));
         tracing::info!(%addr, hbone = router.mesh.is_some(), "outbound HTTP proxy (CONNECT and absolute URIs) listening");
@@ -277,9 +359,49 @@ async fn start_outbound(
             listener,
             router.clone(),
             settings.copy_buffer,
+            bounds(config),
             drain.clone(),
         ));
         tracing::info!(%addr, hbone = router.mesh.is_some(), "capture listener (iptables REDIRECT target) listening");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh::config::Env;
+
+    #[test]
+    fn the_mesh_terminator_is_envoys_or_krun_s() {
+        let builtin = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 40000)));
+        assert_eq!(mesh_inbound(DataPlane::Builtin, builtin), builtin);
+        assert_eq!(mesh_inbound(DataPlane::Builtin, None), None);
+        assert_eq!(
+            mesh_inbound(DataPlane::Envoy, None),
+            Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 15003)))
+        );
+        assert_eq!(mesh_inbound(DataPlane::None, builtin), None);
+    }
+
+    #[test]
+    fn the_tunnel_port_opens_in_a_mesh_or_when_asked_for() {
+        let wanted = |pairs: &[(&str, &str)], in_mesh: bool| {
+            let env: Env = pairs.iter().map(|(k, v)| (*k, *v)).collect();
+            tunnel_wanted(&Config::from_env(&env).expect("valid"), in_mesh)
+        };
+        assert!(wanted(&[], true));
+        assert!(!wanted(&[], false));
+        assert!(wanted(&[("KRUN_TUNNEL_PORT", "15009")], false));
+        assert!(wanted(&[("PORT", "15009")], false));
+        assert!(
+            !wanted(&[("PORT", "8080")], false),
+            "Cloud Run's default port"
+        );
+        assert!(wanted(
+            &[("PORT", "9000"), ("KRUN_TUNNEL_PORT", "9000")],
+            false
+        ));
+        assert!(!wanted(&[("KRUN_TUNNEL_PORT", "0")], true));
+    }
 }

@@ -3,22 +3,39 @@
 //! e.g. TLS) or by absolute-URI requests (`GET http://host:port/path`, what `HTTP_PROXY`
 //! clients send for plain HTTP). Both are routed by [`Router`]: mesh destinations over HBONE
 //! to the peer's 15008 (peer verified to be in the trust domain), others directly.
+//!
+//! Bounds: request headers must arrive within the handshake timeout (also between requests on
+//! a kept-alive connection) and fit in [`MAX_HEADER_BYTES`]; connections, tunnels included, are
+//! capped; a tunnel that carries nothing for the idle timeout is closed.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use hbone::idle::pipe;
+use hbone::listen::{Bounds, serve_each};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::route::Router;
 
 type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest request head (request line and headers) accepted: 64 KiB, as on HTTP/2
+/// ([`hbone::H2Settings::max_header_list_size`]); beyond it hyper answers 431.
+const MAX_HEADER_BYTES: usize = 64 << 10;
+/// Most header fields in one request (hyper's default, stated).
+const MAX_HEADERS: usize = 100;
+
+/// Held by every tunnel of a connection: the connection's slot under the cap is kept until
+/// the last sender is dropped.
+type TunnelsOpen = mpsc::Sender<()>;
 
 /// Outbound proxy settings.
 pub struct Outbound {
@@ -26,33 +43,43 @@ pub struct Outbound {
     pub router: Arc<Router>,
     /// Copy buffer per direction.
     pub copy_buffer: usize,
+    /// The listener's bounds.
+    pub bounds: Bounds,
 }
 
 /// Serves the proxy on `listener` until `drain`.
 pub async fn serve(listener: TcpListener, outbound: Outbound, drain: CancellationToken) {
     let outbound = Arc::new(outbound);
-    while let Some((stream, _)) =
-        hbone::listen::next_connection(&listener, &drain, "outbound proxy").await
-    {
+    let limit = outbound.bounds.limit("outbound proxy");
+    serve_each(listener, &limit, &drain, |stream, _| {
         let outbound = outbound.clone();
-        tokio::spawn(async move {
+        async move {
+            let (open, mut all_closed) = mpsc::channel::<()>(1);
+            let handshake_timeout = outbound.bounds.handshake_timeout;
             let service = hyper::service::service_fn(move |req| {
-                let outbound = outbound.clone();
-                async move { Ok::<_, Infallible>(outbound.handle(req).await) }
+                let (outbound, open) = (outbound.clone(), open.clone());
+                async move { Ok::<_, Infallible>(outbound.handle(req, open).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .preserve_header_case(true)
+                .timer(TokioTimer::new())
+                .header_read_timeout(handshake_timeout)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .max_headers(MAX_HEADERS)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()
                 .await;
-        });
-    }
+            // A CONNECT tunnel outlives the HTTP connection; the slot is free once it ends.
+            let _ = all_closed.recv().await;
+        }
+    })
+    .await;
 }
 
 impl Outbound {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, open: TunnelsOpen) -> Response<Body> {
         if req.method() == Method::CONNECT {
-            return self.tunnel(req).await;
+            return self.tunnel(req, open).await;
         }
         match authority(req.uri()) {
             Some(target) => self.forward(target, req).await,
@@ -64,7 +91,7 @@ impl Outbound {
     }
 
     /// `CONNECT host:port`: a byte tunnel.
-    async fn tunnel(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn tunnel(&self, req: Request<Incoming>, open: TunnelsOpen) -> Response<Body> {
         let Some(target) = req.uri().authority().map(|a| a.to_string()) else {
             return answer(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
         };
@@ -75,14 +102,13 @@ impl Outbound {
                 return answer(StatusCode::BAD_GATEWAY, &e.to_string());
             }
         };
-        let buffer = self.copy_buffer;
+        let (buffer, idle) = (self.copy_buffer, self.bounds.idle_timeout);
         tokio::spawn(async move {
             if let Ok(upgraded) = hyper::upgrade::on(req).await {
-                let mut app = TokioIo::new(upgraded);
-                let mut io = upstream.io;
-                let _ = hbone::copy::copy_bidirectional(&mut app, &mut io, buffer).await;
+                pipe(TokioIo::new(upgraded), upstream.io, buffer, idle).await;
             }
             drop(upstream.guard);
+            drop(open);
         });
         answer(StatusCode::OK, "")
     }

@@ -1,11 +1,17 @@
 //! The capture listener (`KRUN_CAPTURE_ADDR`, 15001): iptables REDIRECTs the app's outbound TCP
 //! here; the original destination comes back from the socket (`SO_ORIGINAL_DST`) and the
 //! connection is routed like any other outbound one ([`Router`]).
+//!
+//! It carries arbitrary TCP, where the server may speak first (MySQL, SMTP), so there is no
+//! handshake to wait for and no handshake timeout: it is bounded by the connection cap and the
+//! idle timeout.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use hbone::idle::{PipeEnd, pipe};
+use hbone::listen::{Bounds, serve_each};
 use nix::sys::socket::{getsockopt, sockopt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -17,38 +23,40 @@ pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
     copy_buffer: usize,
+    bounds: Bounds,
     drain: CancellationToken,
 ) {
     let local = listener.local_addr().ok();
-    while let Some((mut stream, peer)) =
-        hbone::listen::next_connection(&listener, &drain, "capture").await
-    {
-        let target = match original_dst(&stream) {
-            // A direct connection to the listener, not a redirected one: routing it would loop.
-            Ok(target) if Some(target) == local => continue,
-            Ok(target) => target,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "captured connection without an original destination");
-                continue;
-            }
-        };
+    let limit = bounds.limit("capture");
+    serve_each(listener, &limit, &drain, |stream, peer| {
         let router = router.clone();
-        tokio::spawn(async move {
+        async move {
+            let target = match original_dst(&stream) {
+                // A direct connection to the listener, not a redirected one: routing it would
+                // loop.
+                Ok(target) if Some(target) == local => return,
+                Ok(target) => target,
+                Err(e) => {
+                    return tracing::warn!(%peer, error = %e, "captured connection without an original destination");
+                }
+            };
             let mesh = router.is_mesh(target.ip());
             tracing::info!(%peer, original_dst = %target, route = if mesh { "hbone" } else { "passthrough" }, "captured connection");
             match router.connect(target).await {
                 Ok(upstream) => {
-                    let mut io = upstream.io;
-                    let _ =
-                        hbone::copy::copy_bidirectional(&mut stream, &mut io, copy_buffer).await;
+                    let end = pipe(stream, upstream.io, copy_buffer, bounds.idle_timeout).await;
                     drop(upstream.guard);
+                    if let PipeEnd::Idle = end {
+                        tracing::debug!(%peer, original_dst = %target, "captured connection idle for KRUN_IDLE_TIMEOUT; closed");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(original_dst = %target, error = %e, "captured connection: upstream failed")
                 }
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// The destination the app dialled before iptables redirected it.

@@ -7,13 +7,16 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use hbone::SpiffeId;
 use hbone::client::{HboneClient, StreamGuard};
 use hbone::tls::ExpectedPeer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::capture::rules::KRUN_MARK;
+use crate::config::PeerIdentity;
 
 /// A byte stream to an upstream.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -31,10 +34,51 @@ pub struct Upstream {
 pub struct MeshHop {
     /// Pooled HBONE client with the workload certificate.
     pub client: Arc<HboneClient>,
-    /// Which peers are acceptable.
-    pub expected: ExpectedPeer,
+    /// Destinations whose identity is known (`KRUN_PEER_IDENTITIES`): their certificate must
+    /// carry exactly that SPIFFE ID.
+    pub identities: Vec<PeerIdentity>,
+    /// The workload's trust domain: all that is verified of any other destination.
+    pub trust_domain: String,
     /// The peers' HBONE port.
     pub peer_port: u16,
+    /// Set once a trust-domain-only verification has been logged.
+    logged_trust_domain_only: AtomicBool,
+}
+
+impl MeshHop {
+    /// A hop through `client` to the peers' `peer_port`.
+    pub fn new(
+        client: Arc<HboneClient>,
+        identities: Vec<PeerIdentity>,
+        trust_domain: String,
+        peer_port: u16,
+    ) -> Self {
+        MeshHop {
+            client,
+            identities,
+            trust_domain,
+            peer_port,
+            logged_trust_domain_only: AtomicBool::new(false),
+        }
+    }
+
+    /// What the peer serving `target` (named `host` by the app) must prove: the SPIFFE IDs
+    /// configured for it, else any identity of the trust domain, which is logged once.
+    fn expected(&self, host: &str, target: SocketAddr) -> ExpectedPeer {
+        let ids: Vec<SpiffeId> = self
+            .identities
+            .iter()
+            .filter(|known| known.names(host, target.ip()))
+            .map(|known| known.id.clone())
+            .collect();
+        if !ids.is_empty() {
+            return ExpectedPeer::OneOf(ids);
+        }
+        if !self.logged_trust_domain_only.swap(true, Ordering::Relaxed) {
+            tracing::info!(%target, trust_domain = %self.trust_domain, "outbound HBONE verifies only the peer's trust domain: no SPIFFE ID is configured for this destination (KRUN_PEER_IDENTITIES); logged once for all such destinations");
+        }
+        ExpectedPeer::TrustDomain(self.trust_domain.clone())
+    }
 }
 
 /// Decides and opens upstream connections.
@@ -53,12 +97,18 @@ impl Router {
 
     /// Connects to `target`, over HBONE when it is a mesh destination.
     pub async fn connect(&self, target: SocketAddr) -> io::Result<Upstream> {
+        self.connect_named(&target.ip().to_string(), target).await
+    }
+
+    /// Connects to `target`, which the app named `host`.
+    async fn connect_named(&self, host: &str, target: SocketAddr) -> io::Result<Upstream> {
         match &self.mesh {
             Some(hop) if self.is_mesh(target.ip()) => {
                 let peer = SocketAddr::new(target.ip(), hop.peer_port);
+                let expected = hop.expected(host, target);
                 let (tunnel, guard) = hop
                     .client
-                    .connect(peer, Some(&hop.expected), &target.to_string())
+                    .connect(peer, Some(&expected), &target.to_string())
                     .await
                     .map_err(io::Error::other)?;
                 Ok(Upstream {
@@ -79,7 +129,11 @@ impl Router {
             .await?
             .next()
             .ok_or_else(|| io::Error::other(format!("{authority} resolves to no address")))?;
-        self.connect(target).await
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host);
+        self.connect_named(host.trim_start_matches('[').trim_end_matches(']'), target)
+            .await
     }
 }
 
@@ -148,6 +202,45 @@ impl Cidr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A configured destination (by IP or host name, any case) gets exactly its IDs; any
+    /// other gets the trust domain.
+    #[test]
+    fn expected_peer_identity() {
+        let env: mesh::config::Env = [(
+            "KRUN_PEER_IDENTITIES",
+            "10.0.0.5=spiffe://td/ns/a/sa/one, db.prod=spiffe://td/ns/b/sa/db, fd00::5=spiffe://td/ns/c/sa/six, 10.0.0.5=spiffe://td/ns/a/sa/two",
+        )]
+        .into_iter()
+        .collect();
+        let config = crate::config::Config::from_env(&env).expect("valid");
+        let hop = MeshHop::new(
+            Arc::new(HboneClient::new(hbone::H2Settings::default(), None)),
+            config.launcher.peer_identities.value.clone(),
+            "td".into(),
+            15008,
+        );
+        let id = |s: &str| s.parse::<SpiffeId>().expect("id");
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(
+            hop.expected("10.0.0.5", addr("10.0.0.5:80")),
+            ExpectedPeer::OneOf(vec![
+                id("spiffe://td/ns/a/sa/one"),
+                id("spiffe://td/ns/a/sa/two")
+            ])
+        );
+        let db = ExpectedPeer::OneOf(vec![id("spiffe://td/ns/b/sa/db")]);
+        assert_eq!(hop.expected("db.prod", addr("10.0.0.9:5432")), db);
+        assert_eq!(hop.expected("DB.prod", addr("10.0.0.9:5432")), db);
+        assert_eq!(
+            hop.expected("fd00:0::5", addr("[fd00::5]:80")),
+            ExpectedPeer::OneOf(vec![id("spiffe://td/ns/c/sa/six")])
+        );
+        assert_eq!(
+            hop.expected("10.0.0.6", addr("10.0.0.6:80")),
+            ExpectedPeer::TrustDomain("td".into())
+        );
+    }
 
     /// Ranges decide what a mesh destination is.
     #[test]

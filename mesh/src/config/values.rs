@@ -37,6 +37,20 @@ pub fn boolean(raw: &str) -> Result<bool, &'static str> {
     }
 }
 
+/// The accepted form of a count, quoted in error messages.
+pub const POSITIVE_FORM: &str = "a positive number";
+
+/// Parses a count that must be at least 1 (a cap of 0 would refuse everything).
+pub fn positive<T: std::str::FromStr + PartialOrd + From<u8>>(
+    raw: &str,
+) -> Result<T, &'static str> {
+    raw.trim()
+        .parse::<T>()
+        .ok()
+        .filter(|n| *n >= T::from(1))
+        .ok_or(POSITIVE_FORM)
+}
+
 /// Takes a path as given.
 pub fn path(raw: &str) -> Result<PathBuf, &'static str> {
     Ok(PathBuf::from(raw))
