@@ -29,6 +29,11 @@ python3 -c 'import h2' 2>/dev/null \
   || python3 -m pip install --quiet --root-user-action=ignore h2 \
   || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-h2; }
 
+# gRPC's own xDS bootstrap validation, which checks the proxyless bootstrap krun writes.
+python3 -c 'import grpc' 2>/dev/null \
+  || python3 -m pip install --quiet --root-user-action=ignore grpcio \
+  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-grpcio; }
+
 for component in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done

@@ -97,7 +97,13 @@ impl AgentSetup {
                 out.insert(name.to_owned(), value);
             }
         };
-        let mut proxy_config = serde_json::json!({ "discoveryAddress": self.xds });
+        // configPath absolute: pilot-agent puts its XDS socket there and names it in the gRPC
+        // bootstrap as `unix:///<configPath>/XDS`; its relative default would name
+        // `/etc/istio/proxy/XDS` whatever the working directory.
+        let mut proxy_config = serde_json::json!({
+            "discoveryAddress": self.xds,
+            "configPath": self.layout.proxy_dir().display().to_string(),
+        });
         if let Some(envoy) = &self.envoy_binary {
             proxy_config["binaryPath"] = serde_json::json!(envoy.display().to_string());
         }

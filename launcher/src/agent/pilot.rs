@@ -114,6 +114,10 @@ pub fn labels(workload: &Workload) -> String {
         None => lines.extend([
             format!("app={:?}", workload.name),
             format!("service.istio.io/canonical-name={:?}", workload.name),
+            format!(
+                "service.istio.io/canonical-revision={:?}",
+                workload.revision
+            ),
             "environment=\"cloud-run-mesh\"".to_owned(),
         ]),
     }

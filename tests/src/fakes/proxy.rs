@@ -12,7 +12,7 @@
 //! The stand-in pilot-agent first checks what the real one needs before it starts its servers
 //! and exits 1 with a line naming what is missing, as pilot-agent does
 //! (<https://github.com/istio/istio/tree/master/pilot/cmd/pilot-agent>): `POD_NAME` and
-//! `POD_NAMESPACE` (its node id), a `PROXY_CONFIG` that parses with a `discoveryAddress`, the
+//! `POD_NAMESPACE` (its node id), a `PROXY_CONFIG` that parses (YAML or JSON) with a `discoveryAddress`, the
 //! istiod root at `./var/run/secrets/istio/root-cert.pem` for XDS and CA unless system roots
 //! are chosen (`XDS_ROOT_CA`/`CA_ROOT_CA=SYSTEM`, `PILOT_CERT_PROVIDER=system`), and writable
 //! `./etc/istio/proxy` and `OUTPUT_CERTS`. With `ISTIO_META_DNS_CAPTURE=true` it relays DNS on
@@ -215,7 +215,8 @@ fn agent_preflight() -> Result<(), String> {
             return Err(format!("{name} is not set; the node id needs it"));
         }
     }
-    let proxy_config: Value = serde_json::from_str(&var("PROXY_CONFIG").unwrap_or_default())
+    // ProxyConfig is YAML (JSON is YAML too).
+    let proxy_config: Value = serde_saphyr::from_str(&var("PROXY_CONFIG").unwrap_or_default())
         .map_err(|e| format!("failed to unmarshal PROXY_CONFIG: {e}"))?;
     let discovery = proxy_config["discoveryAddress"]
         .as_str()
