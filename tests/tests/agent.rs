@@ -1079,3 +1079,32 @@ fn removing_a_required_input_makes_the_agent_fail_like_pilot_agent() {
     std::fs::set_permissions(&proxy_dir, std::fs::Permissions::from_mode(0o555)).expect("chmod");
     expect_failure(&given, "cannot write ./etc/istio/proxy");
 }
+
+/// The stand-in Envoy stays not ready with a bootstrap it cannot parse, as Envoy does, and
+/// says why; the Traffic Director tests show it ready with the bootstrap krun renders.
+#[test]
+fn the_envoy_stand_in_is_not_ready_without_a_bootstrap_it_can_parse() {
+    use std::io::BufRead;
+    let dir = TempDir::new("envoy-bootstrap");
+    let bad = dir.join("bootstrap.yaml");
+    std::fs::write(&bad, "node: [unclosed\n").expect("write");
+    let mut envoy = std::process::Command::new("unshare")
+        .args(["--net"])
+        .arg(binary("envoy"))
+        .arg("--config-path")
+        .arg(&bad)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the stand-in Envoy");
+    let stderr = envoy.stderr.take().expect("stderr");
+    let mut line = String::new();
+    std::io::BufReader::new(stderr)
+        .read_line(&mut line)
+        .expect("read stderr");
+    let _ = envoy.kill();
+    let _ = envoy.wait();
+    assert!(
+        line.starts_with("standin envoy: not ready: ") && line.contains("unable to parse"),
+        "{line}"
+    );
+}

@@ -32,7 +32,7 @@ pub fn tenant(config: &Config, mesh_env: &BTreeMap<String, String>) -> Option<St
 /// accept the trust domain as audience).
 pub fn oss_istio(config: &Config, mesh_env: &BTreeMap<String, String>) -> bool {
     config.oss_istio.as_ref().map_or_else(
-        || !tenant(config, mesh_env).is_some_and(|t| t != "-"),
+        || tenant(config, mesh_env).is_none_or(|t| t == "-"),
         |s| s.value,
     )
 }

@@ -19,6 +19,10 @@
 //! udp 127.0.0.1:15053 to the first `/etc/resolv.conf` nameserver, printing `standin
 //! pilot-agent relayed a DNS query` per query.
 //!
+//! The stand-in Envoy becomes ready only once it has parsed its bootstrap (`--config-path` or
+//! `-c`, YAML or JSON, with a `node`), as Envoy does; otherwise it prints why and stays not
+//! ready.
+//!
 //! `STANDIN_MODE` says how they behave (no timers: tests drive them with signals):
 //! - `ready` (default): ready at once;
 //! - `slow`: ready once it receives SIGUSR1 (prints `standin <name> answered 503 to a
@@ -245,6 +249,24 @@ fn agent_preflight() -> Result<(), String> {
     Ok(())
 }
 
+/// Envoy's bootstrap check: the file named by `--config-path`/`-c` parses and has a `node`.
+fn envoy_bootstrap() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args
+        .windows(2)
+        .find(|w| w[0] == "--config-path" || w[0] == "-c")
+        .map(|w| w[1].clone())
+        .ok_or("no --config-path")?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let bootstrap: Value =
+        serde_saphyr::from_str(&text).map_err(|e| format!("{path}: unable to parse: {e}"))?;
+    if bootstrap["node"].is_object() {
+        Ok(())
+    } else {
+        Err(format!("{path}: the bootstrap has no node"))
+    }
+}
+
 /// pilot-agent's DNS proxy: relays udp 127.0.0.1:15053 to the resolv.conf nameserver.
 fn relay_dns() -> std::io::Result<()> {
     let resolv = std::fs::read_to_string("/etc/resolv.conf")?;
@@ -314,8 +336,14 @@ pub fn run(role: Role) -> ExitCode {
         ready.store(true, Ordering::SeqCst);
         println!("standin {name} ready");
     };
-    if mode == "ready" || mode == "crash" {
-        become_ready();
+    let bootstrap = match role {
+        Role::Envoy => envoy_bootstrap(),
+        Role::PilotAgent => Ok(()),
+    };
+    match &bootstrap {
+        Err(why) => eprintln!("standin envoy: not ready: {why}"),
+        Ok(()) if mode == "ready" || mode == "crash" => become_ready(),
+        Ok(()) => {}
     }
     loop {
         match signals.wait() {
@@ -324,7 +352,7 @@ pub fn run(role: Role) -> ExitCode {
                 println!("standin {name} got SIGTERM");
                 return ExitCode::SUCCESS;
             }
-            Ok(Signal::SIGUSR1) if mode == "slow" => become_ready(),
+            Ok(Signal::SIGUSR1) if mode == "slow" && bootstrap.is_ok() => become_ready(),
             Ok(Signal::SIGUSR2) if mode == "crash" => {
                 append(&format!("{name} crash"));
                 println!("standin {name} crashing with exit code 3");
