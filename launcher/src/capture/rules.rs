@@ -219,6 +219,14 @@ impl Rules {
         })
     }
 
+    /// The proxy's owner matches, uids first: (`--uid-owner`|`--gid-owner`, id).
+    fn owners(&self) -> impl Iterator<Item = (&'static str, &u32)> {
+        self.proxy_uids
+            .iter()
+            .map(|uid| ("--uid-owner", uid))
+            .chain(self.proxy_gids.iter().map(|gid| ("--gid-owner", gid)))
+    }
+
     /// Every rule for `family`, in Istio's order.
     pub fn rules(&self, family: Family) -> Vec<Rule> {
         let mut rules: Vec<Rule> = Vec::new();
@@ -266,12 +274,7 @@ impl Rules {
         );
         let loopback = family.loopback();
         let dns = self.dns.is_some();
-        let owners = self
-            .proxy_uids
-            .iter()
-            .map(|uid| ("--uid-owner", uid))
-            .chain(self.proxy_gids.iter().map(|gid| ("--gid-owner", gid)));
-        for (kind, id) in owners {
+        for (kind, id) in self.owners() {
             if self.loopback_redirect {
                 // With DNS capture the proxy's TCP DNS on loopback is not sent inbound (uid
                 // only, as upstream).
@@ -342,12 +345,7 @@ impl Rules {
                 Some(targets) => rules.extend(targets.iter().map(|t| redirect(Some(t)))),
             }
         }
-        let owners = self
-            .proxy_uids
-            .iter()
-            .map(|uid| ("--uid-owner", uid))
-            .chain(self.proxy_gids.iter().map(|gid| ("--gid-owner", gid)));
-        for (kind, id) in owners {
+        for (kind, id) in self.owners() {
             rules.push((
                 "raw",
                 "ISTIO_OUTPUT_DNS",
