@@ -247,12 +247,10 @@ async fn istio_ca_identity(
         addr: addr.clone(),
         root_pem,
         server_name: ISTIOD_SERVER_NAME.to_owned(),
-        cluster_id: config
-            .cluster_name
-            .as_ref()
-            .map_or("Kubernetes".to_owned(), |s| s.value.clone()),
+        cluster_id: crate::agent::workload::ISTIOD_CLUSTER_ID.to_owned(),
     };
-    let audience = k8s_token::istio_token_audience(&trust_domain(config), config.oss_istio.value);
+    let oss_istio = crate::agent::workload::oss_istio(config, &found.mesh_env);
+    let audience = k8s_token::istio_token_audience(&trust_domain(config), oss_istio);
     let base = config.mesh_base_dir.value.clone();
     let source = K8sTokenSource::new(
         client,

@@ -27,19 +27,6 @@ pub const DNS_PORT: u16 = 15053;
 /// pilot-agent's STS port for Envoy.
 pub const STS_PORT: u16 = 15463;
 
-/// Ports of the mesh itself, never captured outbound.
-pub const MESH_PORTS: &[u16] = &[
-    OUTBOUND_CAPTURE_PORT,
-    INBOUND_CAPTURE_PORT,
-    WHITEBOX_PROXY_PORT,
-    HBONE_PORT,
-    TUNNEL_PORT,
-    AGENT_STATUS_PORT,
-    KRUN_ADMIN_PORT,
-    DNS_PORT,
-    STS_PORT,
-];
-
 /// The proxy user of the Istio images: owner of the proxy's directories, Envoy's uid in
 /// Traffic Director.
 pub const PROXY_UID: u32 = 1337;

@@ -6,6 +6,10 @@ connections a scenario needs, printing one line per observation for the test to 
                      last one; prints "connected LAST" and waits to be stopped
   dns                listens on udp 127.0.0.1:15053, sends a query to 192.0.2.53:53 and prints
                      "dns query reached 15053 from PORT" when it arrives there
+  dnsloop NAME IP    a resolver chain in one namespace: an upstream server on 10.53.0.1:53
+                     answering NAME with IP and a local forwarder on 127.0.0.53:53 (the
+                     resolv.conf nameserver) relaying to it; resolves NAME with getaddrinfo
+                     and prints "resolved NAME to IP; upstream answered N"
   echo DST MESSAGE   sends MESSAGE to DST, half-closes, prints "echoed REPLY"
   env NAME...        prints NAME=value for each variable
   forward LISTEN UP  echo server on UP; sends "ping" through LISTEN and prints "forward got ..."
@@ -52,6 +56,49 @@ def dns():
     print("dns query reached 15053 from", peer[1], flush=True)
 
 
+def dns_answer(query, ip):
+    """A response to a one-question query: one A record for type A, else no answer."""
+    question = query[12:]
+    answer, count = b"", 0
+    if question[-4:-2] == b"\x00\x01":
+        answer, count = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton(ip), 1
+    header = query[:2] + b"\x81\x80\x00\x01" + count.to_bytes(2, "big") + b"\x00\x00\x00\x00"
+    return header + question + answer
+
+
+def udp(listen):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(listen)
+    return s
+
+
+def relay(server, upstream, on_query):
+    while True:
+        query, peer = server.recvfrom(512)
+        on_query()
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.sendto(query, upstream)
+        reply, _ = client.recvfrom(512)
+        server.sendto(reply, peer)
+
+
+def dnsloop(name, ip):
+    answered = [0]
+    upstream = udp(("10.53.0.1", 53))
+
+    def answer():
+        while True:
+            query, peer = upstream.recvfrom(512)
+            answered[0] += 1
+            upstream.sendto(dns_answer(query, ip), peer)
+
+    threading.Thread(target=answer, daemon=True).start()
+    forwarder = udp(("127.0.0.53", 53))
+    threading.Thread(target=relay, args=(forwarder, ("10.53.0.1", 53), lambda: None), daemon=True).start()
+    resolved = socket.getaddrinfo(name, 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    print(f"resolved {name} to {resolved}; upstream answered {answered[0]}", flush=True)
+
+
 def serve(listen, handle):
     server = socket.create_server(addr(listen))
 
@@ -95,6 +142,8 @@ def main():
         connect(args)
     elif command == "dns":
         dns()
+    elif command == "dnsloop":
+        dnsloop(*args)
     elif command == "echo":
         target, message = args
         s = socket.create_connection(addr(target))

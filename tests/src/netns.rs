@@ -95,6 +95,43 @@ impl Netns {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// Gives the namespace its own `/etc/resolv.conf`: `ip netns exec` bind-mounts
+    /// `/etc/netns/<name>/resolv.conf` over it for every command run inside.
+    pub fn resolv_conf(&self, text: &str) {
+        let dir = format!("/etc/netns/{}", self.name);
+        std::fs::create_dir_all(&dir).expect("create /etc/netns/<name>");
+        std::fs::write(format!("{dir}/resolv.conf"), text).expect("write resolv.conf");
+    }
+
+    /// The tables that hold rules or chains of their own, as `iptables-save` prints them,
+    /// without timestamped comments and counters (an empty table shows once it was loaded).
+    pub fn save(&self) -> String {
+        let mut out = String::new();
+        let mut table = String::new();
+        let mut used = false;
+        for line in self.exec(&["iptables-save"]).lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let line = match line.strip_prefix(':') {
+                // `:CHAIN POLICY [packets:bytes]`: keep the name and policy.
+                Some(decl) => format!(":{}", decl.split(" [").next().unwrap_or(decl)),
+                None => line.to_owned(),
+            };
+            used |= line.starts_with("-A") || line.ends_with(" -");
+            table.push_str(&line);
+            table.push('\n');
+            if line == "COMMIT" {
+                if used {
+                    out.push_str(&table);
+                }
+                table.clear();
+                used = false;
+            }
+        }
+        out
+    }
+
     /// The nat table as `iptables-save` prints it, without its timestamped comments.
     pub fn nat(&self) -> String {
         self.exec(&["iptables-save", "-t", "nat"])
@@ -125,6 +162,7 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
     }
 }
 

@@ -32,6 +32,9 @@ const NETNS_NOBODY: &[&str] = &[
     "sh",
 ];
 
+/// A stand-in for istiod's root certificate (nothing parses it).
+const ISTIOD_ROOT: &str = "-----BEGIN CERTIFICATE-----\nistiod root\n-----END CERTIFICATE-----\n";
+
 /// A workload with a mesh file layout, an installed (stand-in) pilot-agent and Envoy, and the
 /// stand-ins' record and event files.
 struct World {
@@ -54,6 +57,12 @@ impl World {
         let template = base.join("var/lib/istio/envoy/envoy_bootstrap_tmpl.json");
         std::fs::create_dir_all(template.parent().expect("parent")).expect("envoy dir");
         std::fs::write(&template, "{}").expect("template");
+        // istiod's root as hgate publishes it in mesh-env.
+        let mesh_env = format!(
+            "CAROOT_ISTIOD: |\n  {}\n",
+            ISTIOD_ROOT.trim().replace('\n', "\n  ")
+        );
+        std::fs::write(dir.join("mesh-env.yaml"), mesh_env).expect("mesh-env");
         World { dir, base }
     }
 
@@ -66,9 +75,14 @@ impl World {
             .env("STANDIN_RECORD_DIR", self.dir.join("records"))
             .env("STANDIN_EVENTS", self.events_path())
             .env(
+                "MESH",
+                format!("file://{}", self.dir.join("mesh-env.yaml").display()),
+            )
+            .env(
                 "STANDIN_FILES",
                 [
                     "etc/istio/pod/labels",
+                    "var/run/secrets/istio/root-cert.pem",
                     "etc/istio/proxy",
                     "etc/istio/pod",
                     "var/lib/istio/envoy",
@@ -140,11 +154,12 @@ impl Record {
     }
 }
 
-/// The `PROXY_CONFIG` krun generates for the stand-in Envoy.
-fn proxy_config(xds: &str) -> String {
+/// The `PROXY_CONFIG` krun generates for the stand-in Envoy under `base`.
+fn proxy_config(base: &Path, xds: &str) -> String {
     format!(
-        r#"{{"binaryPath":"{}","discoveryAddress":"{xds}"}}"#,
-        binary("envoy").display()
+        r#"{{"binaryPath":"{}","configPath":"{}","discoveryAddress":"{xds}"}}"#,
+        binary("envoy").display(),
+        base.join("etc/istio/proxy").display()
     )
 }
 
@@ -225,7 +240,7 @@ fn sidecar_gets_the_reference_command_environment_identity_and_files() {
         .path("etc/istio/proxy/grpc_bootstrap.json")
         .display()
         .to_string();
-    let certs = format!("{}/", world.path("var/run/secrets/istio.io").display());
+    let certs = format!("{}/", world.path("var/run/secrets/istio-agent").display());
     let template = world
         .path("var/lib/istio/envoy/envoy_bootstrap_tmpl.json")
         .display()
@@ -234,7 +249,10 @@ fn sidecar_gets_the_reference_command_environment_identity_and_files() {
         &env,
         &[
             // The stand-in Envoy is not at pilot-agent's default path: krun says where it is.
-            ("PROXY_CONFIG", &proxy_config("10.128.0.5:15012")),
+            (
+                "PROXY_CONFIG",
+                &proxy_config(&world.base, "10.128.0.5:15012"),
+            ),
             ("ISTIOD_SAN", "istiod.istio-system.svc"),
             ("POD_NAMESPACE", "fortio"),
             ("ISTIO_META_WORKLOAD_NAME", "fortio"),
@@ -254,7 +272,16 @@ fn sidecar_gets_the_reference_command_environment_identity_and_files() {
             ("TRUST_DOMAIN", "my-proj.svc.id.goog"),
             ("ISTIO_META_APP_CONTAINERS", "cloudrun"),
             ("ISTIO_META_INTERCEPTION_MODE", "NONE"),
-            ("HTTP_PROXY_PORT", "15007"),
+            ("ISTIO_META_HTTP_PROXY_PORT", "15007"),
+            ("ISTIO_META_CLUSTER_ID", "Kubernetes"),
+            (
+                "ISTIO_META_OWNER",
+                "kubernetes://apis/serving.knative.dev/v1/namespaces/fortio/services/fortio",
+            ),
+            (
+                "ISTIO_META_POD_PORTS",
+                r#"[{"containerPort":8080,"name":"http","protocol":"TCP"}]"#,
+            ),
             ("ISTIO_BOOTSTRAP", &template),
             ("GRPC_XDS_BOOTSTRAP", &bootstrap),
         ],
@@ -275,14 +302,20 @@ fn sidecar_gets_the_reference_command_environment_identity_and_files() {
             "DISABLE_ENVOY",
             "ISTIO_META_UNPRIVILEGED_POD",
             "ISTIO_META_DNS_CAPTURE",
+            "HTTP_PROXY_PORT",
         ],
     );
-    // uid 0 / gid 1337 (the capture exemption), no supplementary groups, cwd at the base.
-    assert_eq!(agent.ids(), (0, 1337, vec![]));
+    // uid and gid 1337 as Istio runs the proxy, no supplementary groups, cwd at the base.
+    assert_eq!(agent.ids(), (1337, 1337, vec![]));
+    // istiod's root from mesh-env, where pilot-agent verifies istiod with it.
+    assert_eq!(
+        agent.file(&world.path("var/run/secrets/istio/root-cert.pem"))["content"],
+        ISTIOD_ROOT
+    );
     assert_eq!(agent.0["cwd"], world.base.display().to_string());
     assert_eq!(
         agent.file(&world.path("etc/istio/pod/labels"))["content"],
-        "version=\"fortio-00001-abc\"\nsecurity.istio.io/tlsMode=\"istio\"\napp=\"fortio\"\nservice.istio.io/canonical-name=\"fortio\"\nenvironment=\"cloud-run-mesh\"\n"
+        "version=\"fortio-00001-abc\"\nsecurity.istio.io/tlsMode=\"istio\"\napp=\"fortio\"\nservice.istio.io/canonical-name=\"fortio\"\nservice.istio.io/canonical-revision=\"fortio-00001-abc\"\nenvironment=\"cloud-run-mesh\"\n"
     );
     assert_eq!(
         agent.file(&world.path("etc/istio/pod/labels"))["mode"],
@@ -473,7 +506,7 @@ fn a_managed_control_plane_tenant_selects_mcp_and_its_variables() {
         &[
             (
                 "PROXY_CONFIG",
-                &proxy_config("meshconfig.googleapis.com:443"),
+                &proxy_config(&world.base, "meshconfig.googleapis.com:443"),
             ),
             ("XDS_ROOT_CA", "SYSTEM"),
             ("CA_ROOT_CA", "SYSTEM"),
@@ -570,7 +603,7 @@ fn non_root_krun_runs_the_agent_unprivileged_in_whitebox_mode() {
         &[
             ("ISTIO_META_UNPRIVILEGED_POD", "true"),
             ("ISTIO_META_INTERCEPTION_MODE", "NONE"),
-            ("HTTP_PROXY_PORT", "15007"),
+            ("ISTIO_META_HTTP_PROXY_PORT", "15007"),
         ],
     );
 }
@@ -697,6 +730,24 @@ fn proxyless_apps_get_a_grpc_bootstrap_pointing_at_existing_cert_files() {
     assert_eq!(
         bootstrap["server_listener_resource_name_template"],
         "xds.istio.io/grpc/lds/inbound/%s"
+    );
+    assert_eq!(node["metadata"]["CLUSTER_ID"], "Kubernetes");
+    // gRPC's own xDS client accepts it: it gets as far as dialing the XDS server (in a
+    // namespace without a network, so that fails at once) with krun's node id.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/grpc_xds_bootstrap.py");
+    let checked = std::process::Command::new("unshare")
+        .args(["--net", "python3"])
+        .arg(&script)
+        .env("GRPC_XDS_BOOTSTRAP", &path)
+        .output()
+        .expect("run python3 with grpcio (scripts/install-prereqs.sh installs it)");
+    let verdict = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        verdict.contains("grpc xds: ")
+            && verdict.contains("xDS channel for server 10.128.0.5:15012")
+            && verdict.contains(node["id"].as_str().unwrap_or("no node id")),
+        "{verdict}{}",
+        String::from_utf8_lossy(&checked.stderr)
     );
 }
 
@@ -887,5 +938,173 @@ fn traffic_director_takes_zone_and_node_id_from_the_metadata_server() {
         rendered
             .contains("id: \"projects/987/networks/scope:edge/nodes/4471892301765243~10.128.0.7\""),
         "node id <instance id>~<instance ip>: {rendered}"
+    );
+}
+
+/// krun with `MESH_BASE_DIR=/` in private network and mount namespaces: Istio's directories
+/// are fresh tmpfs mounts (the mount points are created on the host if missing), with Envoy's
+/// bootstrap template where the proxyv2 image has it.
+const NETNS_ROOT_BASE: &[&str] = &[
+    "unshare",
+    "--net",
+    "--mount",
+    "sh",
+    "-c",
+    "ip link set lo up && for d in /etc/istio /var/lib/istio /var/run/secrets; do mkdir -p $d && mount -t tmpfs tmpfs $d || exit 1; done && mkdir -p /var/lib/istio/envoy && echo {} > /var/lib/istio/envoy/envoy_bootstrap_tmpl.json && exec \"$@\"",
+    "sh",
+];
+
+/// The stand-in pilot-agent, which checks at startup what the real one checks, starts under
+/// krun as a sidecar, a router and a gRPC agent, with a temporary `MESH_BASE_DIR` and with `/`.
+#[test]
+fn the_checking_agent_starts_in_every_mode_with_any_base_dir() {
+    for (mode, extra) in [
+        ("sidecar", None),
+        ("router", Some(("GATEWAY_NAME", "ingress"))),
+        (
+            "grpc-agent",
+            Some(("KRUN_ENVOY_PATH", "/nonexistent/envoy")),
+        ),
+    ] {
+        for root_base in [false, true] {
+            let world = World::new(mode);
+            let mut krun = if root_base {
+                world.krun(NETNS_ROOT_BASE).env("MESH_BASE_DIR", "/")
+            } else {
+                world.krun(NETNS)
+            };
+            krun = krun.env("XDS_ADDR", "10.128.0.5:15012");
+            if let Some((name, value)) = extra {
+                krun = krun.env(name, value);
+            }
+            let (agent, done) = agent_record(&world, krun);
+            let base = if root_base {
+                "/".to_owned()
+            } else {
+                world.base.display().to_string()
+            };
+            assert_eq!(agent.0["cwd"], base, "{mode}: {}", done.text());
+            let role = if mode == "router" {
+                "router"
+            } else {
+                "sidecar"
+            };
+            assert_eq!(agent.argv()[2], role, "{mode}");
+            let env = agent.env();
+            assert_eq!(
+                env.contains_key("DISABLE_ENVOY"),
+                mode == "grpc-agent",
+                "{mode}"
+            );
+            let bootstrap = std::path::Path::new(&base).join("etc/istio/proxy/grpc_bootstrap.json");
+            assert_eq!(
+                env["GRPC_XDS_BOOTSTRAP"],
+                bootstrap.display().to_string(),
+                "{mode} with base {base}"
+            );
+            // pilot-agent's XDS socket, named in the bootstrap it writes, is under the base.
+            let proxy_config: Value =
+                serde_json::from_str(&env["PROXY_CONFIG"]).expect("PROXY_CONFIG JSON");
+            assert_eq!(
+                proxy_config["configPath"],
+                Path::new(&base)
+                    .join("etc/istio/proxy")
+                    .display()
+                    .to_string(),
+                "{mode} with base {base}"
+            );
+        }
+    }
+}
+
+/// Each input pilot-agent checks at startup, taken away from what krun gave it, makes the
+/// stand-in exit 1 naming it, as pilot-agent fails (run directly, as the proxy user, in the
+/// working directory krun chose).
+#[test]
+fn removing_a_required_input_makes_the_agent_fail_like_pilot_agent() {
+    let world = World::new("preflight");
+    let (agent, _) = agent_record(
+        &world,
+        world.krun(NETNS).env("XDS_ADDR", "10.128.0.5:15012"),
+    );
+    let mut given = agent.env();
+    given.remove("STANDIN_RECORD_DIR");
+    given.remove("STANDIN_EVENTS");
+    let run = |env: &BTreeMap<String, String>| {
+        std::process::Command::new("unshare")
+            .args([
+                "--net",
+                "setpriv",
+                "--reuid=1337",
+                "--regid=1337",
+                "--clear-groups",
+            ])
+            .arg(binary("pilot-agent"))
+            .args(["proxy", "sidecar"])
+            .env_clear()
+            .envs(env)
+            .current_dir(&world.base)
+            .output()
+            .expect("run the stand-in")
+    };
+    let expect_failure = |env: &BTreeMap<String, String>, needle: &str| {
+        let output = run(env);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{needle}: {stderr}");
+        assert!(
+            stderr.contains("standin pilot-agent: error: ") && stderr.contains(needle),
+            "{needle}: {stderr}"
+        );
+    };
+    for (name, needle) in [
+        ("POD_NAME", "POD_NAME is not set"),
+        ("POD_NAMESPACE", "POD_NAMESPACE is not set"),
+        ("PROXY_CONFIG", "PROXY_CONFIG"),
+    ] {
+        let mut env = given.clone();
+        env.remove(name);
+        expect_failure(&env, needle);
+    }
+    let root = world.path("var/run/secrets/istio/root-cert.pem");
+    std::fs::remove_file(&root).expect("remove istiod's root");
+    expect_failure(&given, "var/run/secrets/istio/root-cert.pem: no such file");
+    // System roots instead of istiod's: the file is not needed.
+    let mut system = given.clone();
+    system.insert("XDS_ROOT_CA".into(), "SYSTEM".into());
+    system.insert("CA_ROOT_CA".into(), "SYSTEM".into());
+    system.insert("POD_NAME".into(), String::new());
+    expect_failure(&system, "POD_NAME is not set");
+    std::fs::write(&root, ISTIOD_ROOT).expect("restore istiod's root");
+    let proxy_dir = world.path("etc/istio/proxy");
+    std::fs::set_permissions(&proxy_dir, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    expect_failure(&given, "cannot write ./etc/istio/proxy");
+}
+
+/// The stand-in Envoy stays not ready with a bootstrap it cannot parse, as Envoy does, and
+/// says why; the Traffic Director tests show it ready with the bootstrap krun renders.
+#[test]
+fn the_envoy_stand_in_is_not_ready_without_a_bootstrap_it_can_parse() {
+    use std::io::BufRead;
+    let dir = TempDir::new("envoy-bootstrap");
+    let bad = dir.join("bootstrap.yaml");
+    std::fs::write(&bad, "node: [unclosed\n").expect("write");
+    let mut envoy = std::process::Command::new("unshare")
+        .args(["--net"])
+        .arg(binary("envoy"))
+        .arg("--config-path")
+        .arg(&bad)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the stand-in Envoy");
+    let stderr = envoy.stderr.take().expect("stderr");
+    let mut line = String::new();
+    std::io::BufReader::new(stderr)
+        .read_line(&mut line)
+        .expect("read stderr");
+    let _ = envoy.kill();
+    let _ = envoy.wait();
+    assert!(
+        line.starts_with("standin envoy: not ready: ") && line.contains("unable to parse"),
+        "{line}"
     );
 }

@@ -856,7 +856,11 @@ fn the_krun_binary_mints_its_certificate_from_the_cluster_and_serves_hbone_with_
     let (krun, app, hbone) = builtin_workload(
         &ca.addr.to_string(),
         &base,
-        Krun::new().env("KUBECONFIG", &kubeconfig),
+        // This CA accepts the trust domain as audience, as ASM's istiod does (open-source
+        // istiod's default is `istio-ca`, krun's default without a managed tenant).
+        Krun::new()
+            .env("KUBECONFIG", &kubeconfig)
+            .env("OSS_ISTIO", "false"),
     );
 
     // The token went to the TokenRequest API with the trust domain as audience, then the CSR.

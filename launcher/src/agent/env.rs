@@ -1,11 +1,15 @@
 //! The agent's environment: the variables cloud-run-mesh gives pilot-agent, with the same names
 //! and values, so a cloud-run-mesh deployment keeps working. The agent inherits krun's
 //! environment; these are the additions. Every addition is "add if missing": a variable the
-//! user set wins. Three are facts krun established and always set: the whitebox pair
-//! (`ISTIO_META_INTERCEPTION_MODE=NONE`, `HTTP_PROXY_PORT`, when there is no capture),
-//! `DISABLE_ENVOY` (Envoy cannot run), and `GRPC_XDS_BOOTSTRAP` (always the absolute path the
-//! app gets too; cloud-run-mesh gave the agent a relative `./etc/...` path and the app an
-//! absolute one).
+//! user set wins. Beyond cloud-run-mesh's set, krun gives the agent what Istio's injection
+//! template gives a sidecar and Cloud Run can know (`INSTANCE_IP`, `ISTIO_META_CLUSTER_ID`,
+//! `ISTIO_META_OWNER`, `ISTIO_META_POD_PORTS`, ...); docs/configuration.md has the table. Three
+//! are facts krun established and always set: the interception mode
+//! (`ISTIO_META_INTERCEPTION_MODE`, `REDIRECT` with capture, `NONE` plus
+//! `ISTIO_META_HTTP_PROXY_PORT` without, which is what makes istiod build Envoy's 15007
+//! listener), `DISABLE_ENVOY` (Envoy cannot run), and `GRPC_XDS_BOOTSTRAP` (always the
+//! absolute path the app gets too; cloud-run-mesh gave the agent a relative `./etc/...` path
+//! and the app an absolute one).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,6 +18,9 @@ use super::layout::Layout;
 use super::{Workload, xds};
 use mesh::config::Env;
 use mesh::istio::{DNS_PORT, Interception, STS_PORT, WHITEBOX_PROXY_PORT};
+
+/// The app's port when `PORT` is unset (Cloud Run's default).
+const DEFAULT_APP_PORT: u16 = 8080;
 
 /// Everything the agent's environment and command line are derived from.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +50,12 @@ pub struct AgentSetup {
     pub xds_agent_debug: Option<String>,
     /// `ENVOY_LOG_LEVEL`.
     pub envoy_log_level: Option<String>,
+    /// The instance's IP (`INSTANCE_IP`; pilot-agent falls back to 127.0.0.1 when it finds
+    /// only link-local addresses).
+    pub instance_ip: Option<String>,
+    /// istiod's root certificate, written where pilot-agent looks for it
+    /// (`var/run/secrets/istio/root-cert.pem`) when it verifies istiod with it.
+    pub istiod_root: Option<String>,
 }
 
 impl AgentSetup {
@@ -84,7 +97,13 @@ impl AgentSetup {
                 out.insert(name.to_owned(), value);
             }
         };
-        let mut proxy_config = serde_json::json!({ "discoveryAddress": self.xds });
+        // configPath absolute: pilot-agent puts its XDS socket there and names it in the gRPC
+        // bootstrap as `unix:///<configPath>/XDS`; its relative default would name
+        // `/etc/istio/proxy/XDS` whatever the working directory.
+        let mut proxy_config = serde_json::json!({
+            "discoveryAddress": self.xds,
+            "configPath": self.layout.proxy_dir().display().to_string(),
+        });
         if let Some(envoy) = &self.envoy_binary {
             proxy_config["binaryPath"] = serde_json::json!(envoy.display().to_string());
         }
@@ -98,16 +117,43 @@ impl AgentSetup {
         }
         add("POD_NAMESPACE", w.namespace.clone());
         add("POD_NAME", w.pod_name.clone());
+        if let Some(ip) = &self.instance_ip {
+            add("INSTANCE_IP", ip.clone());
+        }
         add("ISTIO_META_WORKLOAD_NAME", w.name.clone());
+        add(
+            "ISTIO_META_OWNER",
+            format!(
+                "kubernetes://apis/serving.knative.dev/v1/namespaces/{}/services/{}",
+                w.namespace, w.name
+            ),
+        );
+        let port = env
+            .get("PORT")
+            .and_then(|p| p.parse::<u16>().ok())
+            .unwrap_or(DEFAULT_APP_PORT);
+        add(
+            "ISTIO_META_POD_PORTS",
+            serde_json::json!([{ "name": "http", "containerPort": port, "protocol": "TCP" }])
+                .to_string(),
+        );
         add("CANONICAL_SERVICE", w.name.clone());
         add("CANONICAL_REVISION", w.revision.clone());
         add("SERVICE_ACCOUNT", w.service_account.clone());
-        if let Some(number) = &w.project_number {
-            add("ISTIO_META_MESH_ID", format!("proj-{number}"));
+        if let Some(mesh_id) = w
+            .project_number
+            .as_ref()
+            .map(|number| format!("proj-{number}"))
+            .or_else(|| w.trust_domain.clone())
+        {
+            add("ISTIO_META_MESH_ID", mesh_id);
         }
+        add("ISTIO_META_CLUSTER_ID", w.cluster_id());
+        // The agent's own directory: krun's certificates (var/run/secrets/istio.io) have one
+        // writer, krun.
         add(
             "OUTPUT_CERTS",
-            format!("{}/", self.layout.output_certs().display()),
+            format!("{}/", self.layout.agent_certs().display()),
         );
         if self.interception == Interception::Iptables {
             add("ISTIO_META_DNS_CAPTURE", "true".to_owned());
@@ -148,15 +194,6 @@ impl AgentSetup {
             add("CA_ADDR", "meshca.googleapis.com:443".to_owned());
             add("XDS_AUTH_PROVIDER", "gcp".to_owned());
             add("ISTIO_META_CLOUDRUN_ADDR", part(&w.tenant));
-            add(
-                "ISTIO_META_CLUSTER_ID",
-                format!(
-                    "cn-{}-{}-{}",
-                    part(&w.project_id),
-                    part(&w.cluster_location),
-                    part(&w.cluster_name)
-                ),
-            );
         }
         if let Some(template) = &self.envoy_template {
             add("ISTIO_BOOTSTRAP", template.display().to_string());
@@ -167,7 +204,12 @@ impl AgentSetup {
         // Facts krun established: always set.
         if self.interception == Interception::Whitebox {
             out.insert("ISTIO_META_INTERCEPTION_MODE".into(), "NONE".into());
-            out.insert("HTTP_PROXY_PORT".into(), WHITEBOX_PROXY_PORT.to_string());
+            out.insert(
+                "ISTIO_META_HTTP_PROXY_PORT".into(),
+                WHITEBOX_PROXY_PORT.to_string(),
+            );
+        } else {
+            out.insert("ISTIO_META_INTERCEPTION_MODE".into(), "REDIRECT".into());
         }
         if self.envoy_template.is_none() {
             out.insert("DISABLE_ENVOY".into(), "true".into());
@@ -252,6 +294,8 @@ mod tests {
             envoy_binary: None,
             xds_agent_debug: None,
             envoy_log_level: None,
+            instance_ip: Some("10.8.0.3".into()),
+            istiod_root: None,
         }
     }
 
@@ -261,7 +305,22 @@ mod tests {
         let captured = setup("10.0.0.1:15012", true, Interception::Iptables).agent_env(&none);
         assert_eq!(captured["ISTIO_META_DNS_CAPTURE"], "true");
         assert_eq!(captured["DNS_PROXY_ADDR"], "localhost:15053");
-        assert!(!captured.contains_key("ISTIO_META_INTERCEPTION_MODE"));
+        assert_eq!(captured["ISTIO_META_INTERCEPTION_MODE"], "REDIRECT");
+        assert!(!captured.contains_key("ISTIO_META_HTTP_PROXY_PORT"));
+        assert_eq!(captured["INSTANCE_IP"], "10.8.0.3");
+        assert_eq!(captured["ISTIO_META_CLUSTER_ID"], "Kubernetes");
+        assert_eq!(
+            captured["ISTIO_META_POD_PORTS"],
+            r#"[{"containerPort":8080,"name":"http","protocol":"TCP"}]"#
+        );
+        assert_eq!(
+            captured["ISTIO_META_OWNER"],
+            "kubernetes://apis/serving.knative.dev/v1/namespaces/ns/services/svc"
+        );
+        assert_eq!(
+            captured["OUTPUT_CERTS"],
+            "/base/var/run/secrets/istio-agent/"
+        );
         assert!(!captured.contains_key("ISTIO_META_UNPRIVILEGED_POD"));
         assert_eq!(captured["CA_PROVIDER"], "GoogleGkeWorkloadCertificate");
         assert_eq!(captured["DISABLE_ENVOY"], "true");
@@ -272,6 +331,9 @@ mod tests {
         );
         let whitebox = setup("10.0.0.1:15012", false, Interception::Whitebox).agent_env(&none);
         assert_eq!(whitebox["ISTIO_META_UNPRIVILEGED_POD"], "true");
+        assert_eq!(whitebox["ISTIO_META_INTERCEPTION_MODE"], "NONE");
+        assert_eq!(whitebox["ISTIO_META_HTTP_PROXY_PORT"], "15007");
+        assert!(!whitebox.contains_key("HTTP_PROXY_PORT"));
         assert!(!whitebox.contains_key("ISTIO_META_DNS_CAPTURE"));
     }
 

@@ -102,8 +102,11 @@ pub fn render(
     if let Some(number) = &workload.project_number {
         node["metadata"]["MESH_ID"] = json!(format!("proj-{number}"));
     }
+    node["metadata"]["CLUSTER_ID"] = json!(workload.cluster_id());
     if let Some(zone) = zone {
-        node["locality"] = json!({ "zone": zone });
+        // GCE zones are `<region>-<letter>`.
+        let region = zone.rsplit_once('-').map_or(zone, |(region, _)| region);
+        node["locality"] = json!({ "region": region, "zone": zone });
     }
     json!({
         "xds_servers": [{
@@ -125,6 +128,15 @@ pub fn render(
         },
         "server_listener_resource_name_template": SERVER_LISTENER_TEMPLATE,
     })
+}
+
+/// Whether the XDS address's host is an IP literal (`10.0.0.1:15012`, `[fd00::1]:15012`).
+fn xds_host_is_ip(xds: &str) -> bool {
+    let host = xds.rsplit_once(':').map_or(xds, |(host, _)| host);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok()
 }
 
 /// Writes the bootstrap (0644) for an XDS address without an agent and returns the app's
@@ -159,10 +171,45 @@ pub fn write(
         );
     }
     let ip = inputs.instance_ip.as_deref().unwrap_or("127.0.0.1");
+    if xds_host_is_ip(xds) && !xds.ends_with(".googleapis.com:443") {
+        tracing::warn!(
+            %xds,
+            "the proxyless bootstrap reaches istiod by IP with TLS credentials; gRPC verifies the IP against istiod's certificate, which names DNS names only, so give XDS_ADDR a host name in istiod's certificate or run pilot-agent (grpc-agent mode)"
+        );
+    }
     let json = render(xds, workload, &certs, ip, inputs.zone.as_deref());
     let text = serde_json::to_string_pretty(&json).unwrap_or_default();
     write_atomic(&path, text.as_bytes(), Access::Public)
         .map_err(|e| DataPlaneError::write(config)(e.into()))?;
     tracing::info!(path = %path.display(), %xds, "proxyless gRPC bootstrap written");
     Ok(super::env::app_env(env, &path, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The node carries istiod's cluster id and the locality's region (the zone without its
+    /// letter); an IP host is recognised for the warning.
+    #[test]
+    fn node_has_cluster_id_and_region() {
+        let env: Env = [("K_SERVICE", "svc")].into_iter().collect();
+        let config = Config::from_env(&env).expect("valid env");
+        let workload = Workload::resolve(&config, &AgentInputs::default(), &env, None, 0);
+        let certs = CertFiles::in_dir(Path::new("/certs"));
+        let json = render(
+            "10.0.0.1:15012",
+            &workload,
+            &certs,
+            "10.8.0.3",
+            Some("us-central1-a"),
+        );
+        assert_eq!(json["node"]["metadata"]["CLUSTER_ID"], "Kubernetes");
+        assert_eq!(
+            json["node"]["locality"],
+            json!({ "region": "us-central1", "zone": "us-central1-a" })
+        );
+        assert!(xds_host_is_ip("10.0.0.1:15012") && xds_host_is_ip("[fd00::1]:15012"));
+        assert!(!xds_host_is_ip("istiod.istio-system.svc:15012"));
+    }
 }

@@ -51,9 +51,21 @@ impl Layout {
         self.base.join("etc/istio/pod/labels")
     }
 
-    /// `var/run/secrets/istio.io/`: workload certificates (pilot-agent `OUTPUT_CERTS`).
+    /// `var/run/secrets/istio.io/`: krun's workload certificates.
     pub fn output_certs(&self) -> PathBuf {
         self.base.join("var/run/secrets/istio.io")
+    }
+
+    /// `var/run/secrets/istio-agent/`: pilot-agent's own certificates (`OUTPUT_CERTS`), apart
+    /// from krun's so each set of files has one writer.
+    pub fn agent_certs(&self) -> PathBuf {
+        self.base.join("var/run/secrets/istio-agent")
+    }
+
+    /// `var/run/secrets/istio/root-cert.pem`: istiod's root, where pilot-agent reads it to
+    /// verify istiod for XDS and CA.
+    pub fn istiod_root(&self) -> PathBuf {
+        self.base.join("var/run/secrets/istio/root-cert.pem")
     }
 
     /// `var/lib/istio/envoy`: Envoy's bootstrap template and state.
@@ -81,6 +93,7 @@ impl Layout {
             self.base.join("var/run/secrets/istio"),
             self.base.join("var/run/secrets/mesh"),
             self.output_certs(),
+            self.agent_certs(),
             self.base.join("etc/istio/pod"),
         ] {
             ensure_dir(&dir, 0o755, owner)?;

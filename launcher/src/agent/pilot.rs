@@ -12,6 +12,7 @@ use nix::unistd::{Gid, Uid};
 
 use super::env::{AgentSetup, grpc_bootstrap_path};
 use super::layout::Layout;
+use super::xds::is_istiod;
 use super::{
     AGENT_READY_URL, AgentInputs, DataPlaneError, Interception, Workload, config_dump_evidence,
     envoy_graceful_stop,
@@ -23,7 +24,7 @@ use crate::processes::{
 };
 use mesh::config::Env;
 use mesh::files::{Access, write_atomic};
-use mesh::istio::PROXY_GID;
+use mesh::istio::{PROXY_GID, PROXY_UID};
 
 /// Process name in logs and messages.
 pub const AGENT_PROCESS: &str = "pilot-agent";
@@ -93,6 +94,12 @@ pub fn setup(
             .envoy_log_level
             .as_ref()
             .map(|s| s.value.clone()),
+        instance_ip: inputs.instance_ip.clone(),
+        istiod_root: inputs
+            .mesh_env
+            .get("CAROOT_ISTIOD")
+            .filter(|pem| !pem.trim().is_empty())
+            .cloned(),
     })
 }
 
@@ -107,15 +114,22 @@ pub fn labels(workload: &Workload) -> String {
         None => lines.extend([
             format!("app={:?}", workload.name),
             format!("service.istio.io/canonical-name={:?}", workload.name),
+            format!(
+                "service.istio.io/canonical-revision={:?}",
+                workload.revision
+            ),
             "environment=\"cloud-run-mesh\"".to_owned(),
         ]),
     }
     lines.join("\n") + "\n"
 }
 
-/// Creates the agent's directories and writes the pod labels file.
+/// Creates the agent's directories and writes the pod labels file and istiod's root.
 pub fn prepare(setup: &AgentSetup) -> std::io::Result<()> {
     setup.layout.prepare(setup.root)?;
+    if let Some(pem) = &setup.istiod_root {
+        write_atomic(&setup.layout.istiod_root(), pem.as_bytes(), Access::Public)?;
+    }
     write_atomic(
         &setup.layout.pod_labels(),
         labels(&setup.workload).as_bytes(),
@@ -124,8 +138,23 @@ pub fn prepare(setup: &AgentSetup) -> std::io::Result<()> {
     .map_err(Into::into)
 }
 
-/// pilot-agent as a required process the app depends on: uid 0 / gid 1337 when root (the
-/// gid exempts it from capture), working directory the layout's base, ready when
+/// pilot-agent verifies istiod (XDS and CA on 15012) with the root at
+/// `var/run/secrets/istio/root-cert.pem` unless told to use system roots or another file; it
+/// exits when the file is missing, so krun refuses to start it without one.
+fn check_istiod_root(setup: &AgentSetup, env: &Env) -> Result<(), DataPlaneError> {
+    let other_roots = env.get("XDS_ROOT_CA").is_some()
+        || env
+            .get("PILOT_CERT_PROVIDER")
+            .is_some_and(|p| p.eq_ignore_ascii_case("system"));
+    if is_istiod(&setup.xds) && !other_roots && setup.istiod_root.is_none() {
+        return Err(DataPlaneError::IstiodRoot(setup.xds.clone()));
+    }
+    Ok(())
+}
+
+/// pilot-agent as a required process the app depends on: uid 1337 / gid 1337 when root, as
+/// Istio runs it (the owner rules exempt its traffic from capture, and the uid rule sends
+/// Envoy's calls to its own IP back inbound), working directory the layout's base, ready when
 /// `127.0.0.1:15021/healthz/ready` answers; Envoy's `config_dump` is saved if it never is.
 /// In the drain, Envoy's listeners are drained before pilot-agent gets SIGTERM.
 pub fn process(setup: &AgentSetup, pilot_agent: &Path, env: &Env, budget: Duration) -> ProcessSpec {
@@ -138,7 +167,7 @@ pub fn process(setup: &AgentSetup, pilot_agent: &Path, env: &Env, budget: Durati
         restart: RestartPolicy::Never,
         required: true,
         run_as: setup.root.then(|| RunAs {
-            uid: Uid::from_raw(0),
+            uid: Uid::from_raw(PROXY_UID),
             gid: Gid::from_raw(PROXY_GID),
             groups: Vec::new(),
         }),
@@ -165,6 +194,7 @@ pub fn start(
     let root = nix::unistd::geteuid().is_root();
     let setup =
         setup(config, inputs, workload, xds, root).map_err(DataPlaneError::write(config))?;
+    check_istiod_root(&setup, env)?;
     prepare(&setup).map_err(DataPlaneError::write(config))?;
     let pilot_agent = &config.launcher.pilot_agent_path.value;
     tracing::info!(

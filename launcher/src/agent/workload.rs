@@ -1,16 +1,40 @@
 //! The workload as the agent sees it: namespace, name, revision, pod name and mesh coordinates,
 //! each resolved once with the environment first, then discovery, then mesh-env.
 
+use std::collections::BTreeMap;
+
 use crate::config::Config;
 use mesh::config::{Env, Setting};
 
 use super::AgentInputs;
+
+/// The cluster id of an in-cluster istiod that was not given one (its `CLUSTER_ID` default).
+pub const ISTIOD_CLUSTER_ID: &str = "Kubernetes";
 
 /// A value from the environment first, then the given fallback.
 fn pick(env: Option<&Setting<String>>, fallback: &Option<String>) -> Option<String> {
     env.map(|s| s.value.clone())
         .or_else(|| fallback.clone())
         .filter(|v| !v.is_empty())
+}
+
+/// The managed control plane tenant: `MESH_TENANT`, else mesh-env's (`-` means in-cluster
+/// istiod).
+pub fn tenant(config: &Config, mesh_env: &BTreeMap<String, String>) -> Option<String> {
+    pick(
+        config.mesh_tenant.as_ref(),
+        &mesh_env.get("MESH_TENANT").cloned(),
+    )
+}
+
+/// Whether the istio-token is for open-source istiod (audience `istio-ca`): `OSS_ISTIO` when
+/// set, else true unless a managed control plane tenant is configured (managed control planes
+/// accept the trust domain as audience).
+pub fn oss_istio(config: &Config, mesh_env: &BTreeMap<String, String>) -> bool {
+    config.oss_istio.as_ref().map_or_else(
+        || tenant(config, mesh_env).is_none_or(|t| t == "-"),
+        |s| s.value,
+    )
 }
 
 /// The workload as the agent sees it: every identity value resolved once, env first.
@@ -84,7 +108,7 @@ impl Workload {
                 .gateway_name
                 .as_ref()
                 .map(|s| s.value.clone()),
-            tenant: pick(config.mesh_tenant.as_ref(), &mesh_env("MESH_TENANT")),
+            tenant: tenant(config, &inputs.mesh_env),
             project_number: pick(config.project_number.as_ref(), &inputs.project_number)
                 .or_else(|| mesh_env("PROJECT_NUMBER")),
             cluster_name: pick(config.cluster_name.as_ref(), &inputs.cluster_name)
@@ -96,6 +120,23 @@ impl Workload {
             namespace,
             name,
         }
+    }
+
+    /// The cluster id istiod knows this workload by (`ISTIO_META_CLUSTER_ID`): the managed
+    /// control plane's `cn-<project>-<location>-<cluster>` with a tenant, else istiod's
+    /// default `Kubernetes` (istiod accepts a CSR's cluster id only if it is its own or an
+    /// alias, and the GKE cluster name is neither).
+    pub fn cluster_id(&self) -> String {
+        if !self.has_tenant() {
+            return ISTIOD_CLUSTER_ID.to_owned();
+        }
+        let part = |v: &Option<String>| v.clone().unwrap_or_default();
+        format!(
+            "cn-{}-{}-{}",
+            part(&self.project_id),
+            part(&self.cluster_location),
+            part(&self.cluster_name)
+        )
     }
 
     /// True when a managed control plane tenant is configured (not empty, not `-`).
@@ -165,5 +206,20 @@ mod tests {
         assert_eq!(w.trust_domain.as_deref(), Some("discovered.svc.id.goog"));
         assert!(w.has_tenant());
         assert!(!workload(&[("MESH_TENANT", "-")], &inputs, None).has_tenant());
+    }
+
+    /// The istio-token audience: `istio-ca` for open-source istiod unless a managed tenant is
+    /// configured; OSS_ISTIO decides when set.
+    #[test]
+    fn oss_istio_is_detected_from_the_tenant_unless_set() {
+        let oss = |pairs: &[(&str, &str)]| {
+            let config = Config::from_env(&env(pairs)).expect("valid env");
+            oss_istio(&config, &BTreeMap::new())
+        };
+        assert!(oss(&[]));
+        assert!(oss(&[("MESH_TENANT", "-")]));
+        assert!(!oss(&[("MESH_TENANT", "t1")]));
+        assert!(oss(&[("MESH_TENANT", "t1"), ("OSS_ISTIO", "true")]));
+        assert!(!oss(&[("OSS_ISTIO", "false")]));
     }
 }

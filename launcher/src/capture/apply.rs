@@ -1,4 +1,4 @@
-//! Installing and removing the ruleset: one `iptables-save -t nat` read and one atomic
+//! Installing and removing the ruleset: one `iptables-save` read and one atomic
 //! `iptables-restore --noflush -w` per address family, on the backend (nft or legacy) the host's
 //! `iptables` uses.
 //!
@@ -100,9 +100,9 @@ pub fn has_ipv6() -> bool {
     std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|s| !s.trim().is_empty())
 }
 
-/// Installs `rules` for one family: reads the nat table, then one atomic restore.
+/// Installs `rules` for one family: reads the tables, then one atomic restore.
 pub fn apply(tools: &Tools, rules: &Rules) -> Result<(), ApplyError> {
-    let existing = run_now(&tools.save, &["-t", "nat"], None)?;
+    let existing = run_now(&tools.save, &[], None)?;
     let input = rules.restore_input(tools.family, &existing);
     run_now(&tools.restore, &["--noflush", "-w"], Some(&input))?;
     Ok(())
@@ -110,7 +110,7 @@ pub fn apply(tools: &Tools, rules: &Rules) -> Result<(), ApplyError> {
 
 /// Removes every chain and jump of ours, through the reaper (the supervisor owns `waitpid`).
 pub async fn cleanup(reaper: &Reaper, tools: &Tools) -> Result<(), ApplyError> {
-    let existing = run_reaped(reaper, &tools.save, &["-t", "nat"], None).await?;
+    let existing = run_reaped(reaper, &tools.save, &[], None).await?;
     if let Some(input) = cleanup_input(&existing) {
         run_reaped(reaper, &tools.restore, &["--noflush", "-w"], Some(&input)).await?;
     }

@@ -17,7 +17,8 @@ use crate::reaper::Reaper;
 use apply::{Backend, Tools};
 use ladder::{HostFacts, Rung};
 use mesh::istio::{Interception, OUTBOUND_CAPTURE_PORT};
-use rules::{Family, Rules};
+use rules::{DnsScope, Family, Rules};
+use std::net::IpAddr;
 
 /// What [`decide`] chose, and what to undo on exit.
 #[derive(Debug)]
@@ -61,8 +62,9 @@ impl Capture {
 }
 
 /// The rules for this configuration: Traffic Director's script semantics with `MESH=td:`,
-/// istio-iptables' otherwise; REDIRECT to the capture listener's port.
-pub fn rules_for(config: &Config) -> Rules {
+/// istio-iptables' otherwise; REDIRECT to the capture listener's port. `resolv_conf` is the
+/// text of `/etc/resolv.conf`: its nameservers are the DNS capture's scope, as upstream.
+pub fn rules_for(config: &Config, resolv_conf: &str) -> Rules {
     let port = match config.launcher.capture_addr.value.port() {
         0 => OUTBOUND_CAPTURE_PORT,
         port => port,
@@ -79,9 +81,14 @@ pub fn rules_for(config: &Config) -> Rules {
             &config.launcher.outbound_ip_ranges_include.value,
             excluded,
             port,
-            config.launcher.capture_dns.value,
+            config
+                .launcher
+                .capture_dns
+                .value
+                .then(|| nameservers(resolv_conf)),
         )
     };
+    // krun dials these itself without its mark (tunnels and HBONE): never capture them.
     rules.exclude_ports.extend([
         config.launcher.tunnel_port.value,
         config.launcher.hbone_port.value,
@@ -92,6 +99,16 @@ pub fn rules_for(config: &Config) -> Rules {
     rules.exclude_ports.dedup();
     rules.inbound_ports = config.launcher.capture_inbound_ports.value.clone();
     rules
+}
+
+/// The `nameserver` addresses of a resolv.conf text (zone suffixes such as `%eth0` dropped).
+pub fn nameservers(resolv_conf: &str) -> Vec<IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|addr| addr.split('%').next()?.parse().ok())
+        .collect()
 }
 
 /// Walks the ladder, installs the rules when capture is possible, and logs the choice.
@@ -124,7 +141,18 @@ pub fn decide(config: &Config) -> Capture {
         Ok(backend) => backend,
         Err(e) => return whitebox(&format!("iptables is not usable: {e}")),
     };
-    let rules = rules_for(config);
+    let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut rules = rules_for(config, &resolv_conf);
+    if rules
+        .dns
+        .as_ref()
+        .is_some_and(|dns| dns.scope == DnsScope::Servers(Vec::new()))
+    {
+        tracing::warn!(
+            "KRUN_CAPTURE_DNS=true but /etc/resolv.conf names no nameserver: DNS is not captured"
+        );
+        rules.dns = None;
+    }
     let v4 = Tools::new(backend, Family::V4);
     if let Err(e) = apply::apply(&v4, &rules) {
         return whitebox(&format!("the iptables rules could not be installed: {e}"));
@@ -149,7 +177,7 @@ pub fn decide(config: &Config) -> Capture {
         ipv6 = installed.len() > 1,
         redirect_port = rules.proxy_port,
         include = %config.launcher.outbound_ip_ranges_include.value,
-        dns = rules.dns_port.is_some(),
+        dns = rules.dns.is_some(),
         "traffic capture: iptables, because krun is root with CAP_NET_ADMIN and iptables-restore worked"
     );
     Capture {
@@ -170,33 +198,45 @@ mod tests {
     }
 
     /// The configured tunnel and HBONE ports are never captured, the REDIRECT goes to the
-    /// capture listener's port, and the inbound ports and DNS switch come from the config.
+    /// capture listener's port, the inbound ports and DNS switch come from the config, and the
+    /// DNS scope is resolv.conf's nameservers.
     #[test]
     fn rules_follow_the_config() {
-        let rules = rules_for(&config(&[
-            ("KRUN_TUNNEL_PORT", "8443"),
-            ("KRUN_HBONE_PORT", "0"),
-            ("KRUN_CAPTURE_ADDR", "127.0.0.1:16001"),
-            ("KRUN_CAPTURE_DNS", "true"),
-            ("KRUN_CAPTURE_INBOUND_PORTS", "8080"),
-            ("OUTBOUND_PORTS_EXCLUDE", "5432"),
-            ("OUTBOUND_IP_RANGES_INCLUDE", "10.0.0.0/8,172.16.0.0/12"),
-        ]));
+        let rules = rules_for(
+            &config(&[
+                ("KRUN_TUNNEL_PORT", "8443"),
+                ("KRUN_HBONE_PORT", "0"),
+                ("KRUN_CAPTURE_ADDR", "127.0.0.1:16001"),
+                ("KRUN_CAPTURE_DNS", "true"),
+                ("KRUN_CAPTURE_INBOUND_PORTS", "8080"),
+                ("OUTBOUND_PORTS_EXCLUDE", "5432"),
+                ("OUTBOUND_IP_RANGES_INCLUDE", "10.0.0.0/8,172.16.0.0/12"),
+            ]),
+            "search x.svc\nnameserver 10.0.0.10\nnameserver fe80::1%eth0\n",
+        );
         assert_eq!(rules.proxy_port, 16001);
         assert!(rules.exclude_ports.contains(&8443) && rules.exclude_ports.contains(&5432));
         assert!(!rules.exclude_ports.contains(&0));
+        assert!(
+            !rules.exclude_ports.contains(&15021),
+            "mesh ports are not excluded for every destination"
+        );
         assert_eq!(rules.include, ["10.0.0.0/8", "172.16.0.0/12"]);
         assert_eq!(rules.inbound_ports, [8080]);
-        assert_eq!(rules.dns_port, Some(mesh::istio::DNS_PORT));
-        assert_eq!(rules.proxy_gid, Some(mesh::istio::PROXY_GID));
+        let servers = ["10.0.0.10", "fe80::1"].map(|ip| ip.parse().expect("ip"));
+        assert_eq!(
+            rules.dns.map(|dns| (dns.port, dns.scope)),
+            Some((mesh::istio::DNS_PORT, DnsScope::Servers(servers.to_vec())))
+        );
+        assert_eq!(rules.proxy_gids, [mesh::istio::PROXY_GID]);
     }
 
     /// MESH=td: selects the Traffic Director script's semantics.
     #[test]
     fn traffic_director_mesh_uses_the_td_rules() {
-        let rules = rules_for(&config(&[("MESH", "td:projects/p/networks/default")]));
-        assert_eq!(rules.proxy_gid, None);
+        let rules = rules_for(&config(&[("MESH", "td:projects/p/networks/default")]), "");
+        assert!(rules.proxy_gids.is_empty());
         assert_eq!(rules.include, ["*"]);
-        assert_eq!(rules.dns_port, Some(mesh::istio::DNS_PORT));
+        assert_eq!(rules.dns.map(|dns| dns.scope), Some(DnsScope::All));
     }
 }

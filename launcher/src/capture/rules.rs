@@ -1,20 +1,26 @@
 //! The capture ruleset as data: a pure function from settings to `iptables-restore` input.
 //!
 //! The rules follow Istio's `istio-iptables`
-//! (<https://github.com/istio/istio/blob/master/tools/istio-iptables/pkg/capture/run.go>), with
-//! the settings cloud-run-mesh runs it with, so that Envoy, pilot-agent and krun's builtin data
-//! plane all see the traffic they expect: chains `ISTIO_OUTPUT`, `ISTIO_REDIRECT`,
-//! `ISTIO_INBOUND`, `ISTIO_IN_REDIRECT` (and `ISTIO_OUTPUT_DNS` for DNS capture) in the `nat`
-//! table. The Traffic Director variant, the rules of cloud-run-mesh's `scripts/iptables.sh`,
-//! comes from the same generator with other settings ([`Rules::traffic_director`]).
+//! (<https://github.com/istio/istio/blob/master/tools/istio-iptables/pkg/capture/run.go>): the
+//! same chains, jumps, order, owner and loopback rules, DNS scope and conntrack zones, so that
+//! Envoy, pilot-agent and krun's builtin data plane all see the traffic they expect. In the
+//! `nat` table: `ISTIO_INBOUND`, `ISTIO_REDIRECT`, `ISTIO_IN_REDIRECT`, `ISTIO_OUTPUT` (and
+//! `ISTIO_OUTPUT_DNS` with DNS capture); in the `raw` table with DNS capture:
+//! `ISTIO_OUTPUT_DNS` and `ISTIO_INBOUND`, which split DNS into two conntrack zones (the
+//! proxy's upstream queries in zone 1, the app's queries to the proxy in zone 2) so UDP
+//! conntrack entries of the two legs cannot collide. The deliberate differences (krun's socket
+//! mark, the metadata server exclusion) are listed in docs/capture.md. The Traffic Director
+//! variant, the rules of cloud-run-mesh's `scripts/iptables.sh`, comes from the same generator
+//! with other settings ([`Rules::traffic_director`]).
 //!
 //! Applying is idempotent because the input is computed against the current `iptables-save`:
 //! our jumps that exist are deleted and re-added, our chains are flushed (declared) and
 //! refilled, and stale chains of ours are removed. Nothing else is touched.
 
 use std::fmt::Write;
+use std::net::IpAddr;
 
-use mesh::istio::{DNS_PORT, INBOUND_CAPTURE_PORT, PROXY_GID, PROXY_UID};
+use mesh::istio::{DNS_PORT, HBONE_PORT, INBOUND_CAPTURE_PORT, PROXY_GID, PROXY_UID};
 
 /// Prefix of every chain krun owns (Istio's names, so a later `istio-iptables clean` works).
 pub const CHAIN_PREFIX: &str = "ISTIO_";
@@ -22,6 +28,8 @@ pub const CHAIN_PREFIX: &str = "ISTIO_";
 pub const KRUN_MARK: u32 = 0x539;
 /// The GCE metadata server: credentials must never go through the mesh.
 pub const METADATA_CIDR: &str = "169.254.169.254/32";
+/// The tables the rules live in, in the order they are restored.
+const TABLES: [&str; 2] = ["nat", "raw"];
 
 /// Address family of one ruleset: `iptables-restore` or `ip6tables-restore`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,8 +48,62 @@ impl Family {
         }
     }
 
+    /// The source address Envoy's inbound passthrough binds (`127.0.0.6`, `::6`).
+    fn passthrough_source(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.6/32",
+            Family::V6 => "::6/128",
+        }
+    }
+
+    fn host_prefix(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
     fn holds(self, cidr: &str) -> bool {
         cidr.contains(':') == (self == Family::V6)
+    }
+
+    fn holds_ip(self, ip: &IpAddr) -> bool {
+        ip.is_ipv6() == (self == Family::V6)
+    }
+}
+
+/// Which DNS traffic is sent to the DNS proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsScope {
+    /// Every port-53 packet (Istio's capture-all, the Traffic Director script's behaviour).
+    All,
+    /// Only packets to these nameservers (those in `/etc/resolv.conf`), so a local forwarder's
+    /// own upstream queries are not sent back to the proxy in a loop.
+    Servers(Vec<IpAddr>),
+}
+
+/// DNS capture: where to and which packets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dns {
+    /// The DNS proxy's port (15053).
+    pub port: u16,
+    /// Which packets are redirected.
+    pub scope: DnsScope,
+}
+
+impl Dns {
+    /// Redirect targets for `family`: `None` for all, else the host CIDRs of its servers.
+    fn targets(&self, family: Family) -> Option<Vec<String>> {
+        match &self.scope {
+            DnsScope::All => None,
+            DnsScope::Servers(servers) => Some(
+                servers
+                    .iter()
+                    .filter(|ip| family.holds_ip(ip))
+                    .map(|ip| format!("{ip}/{}", family.host_prefix()))
+                    .collect(),
+            ),
+        }
     }
 }
 
@@ -50,228 +112,335 @@ impl Family {
 pub struct Rules {
     /// REDIRECT target of captured outbound TCP (15001).
     pub proxy_port: u16,
-    /// REDIRECT target of captured inbound TCP.
+    /// REDIRECT target of captured inbound TCP (15006).
     pub inbound_port: u16,
+    /// The HBONE tunnel port (15008): never sent back inbound on loopback, never captured
+    /// inbound.
+    pub tunnel_port: u16,
     /// Inbound ports to capture (none by default).
     pub inbound_ports: Vec<u16>,
     /// CIDRs captured outbound; `*` means everything.
     pub include: Vec<String>,
     /// CIDRs never captured (the metadata server).
     pub exclude: Vec<String>,
-    /// Destination ports never captured.
+    /// Destination ports never captured (TCP and UDP).
     pub exclude_ports: Vec<u16>,
-    /// Traffic of this uid is not captured.
-    pub proxy_uid: Option<u32>,
-    /// Traffic of this gid is not captured (what exempts pilot-agent and Envoy).
-    pub proxy_gid: Option<u32>,
-    /// Sockets with this mark are not captured (krun's own).
-    pub mark: u32,
+    /// Traffic of these uids is not captured (Envoy's, 1337).
+    pub proxy_uids: Vec<u32>,
+    /// Traffic of these gids is not captured (Envoy's and pilot-agent's, 1337).
+    pub proxy_gids: Vec<u32>,
+    /// Sockets with this mark are not captured (krun's own); `None` for Istio's exact rules.
+    pub mark: Option<u32>,
     /// Istio's rule sending the proxy's loopback calls to non-127.0.0.1 back inbound.
     pub loopback_redirect: bool,
-    /// DNS (udp and tcp 53) goes to this port.
-    pub dns_port: Option<u16>,
+    /// DNS capture.
+    pub dns: Option<Dns>,
 }
 
+/// One rule: table, chain and the rest of the `-A` line.
+type Rule = (&'static str, &'static str, String);
+
 impl Rules {
-    /// The `istio-iptables -u 1337 -g 1337 -i <include> -o <exclude>` ruleset, plus the
+    /// The `istio-iptables -u 1337 -g 1337 -i <include> -o <exclude>` ruleset (with
+    /// `--redirect-dns` and the given nameservers when `dns_servers` is `Some`), plus the
     /// metadata exclusion and krun's mark.
-    pub fn istio(include: &str, exclude_ports: &[u16], proxy_port: u16, dns: bool) -> Rules {
-        let mut ports: Vec<u16> = mesh::istio::MESH_PORTS
-            .iter()
-            .chain(exclude_ports)
-            .copied()
-            .collect();
+    pub fn istio(
+        include: &str,
+        exclude_ports: &[u16],
+        proxy_port: u16,
+        dns_servers: Option<Vec<IpAddr>>,
+    ) -> Rules {
+        let mut ports = exclude_ports.to_vec();
         ports.sort_unstable();
         ports.dedup();
         Rules {
             proxy_port,
             inbound_port: INBOUND_CAPTURE_PORT,
+            tunnel_port: HBONE_PORT,
             inbound_ports: Vec::new(),
             include: mesh::config::values::list(include),
             exclude: vec![METADATA_CIDR.to_owned()],
             exclude_ports: ports,
-            proxy_uid: Some(PROXY_UID),
-            proxy_gid: Some(PROXY_GID),
-            mark: KRUN_MARK,
+            proxy_uids: vec![PROXY_UID],
+            proxy_gids: vec![PROXY_GID],
+            mark: Some(KRUN_MARK),
             loopback_redirect: true,
-            dns_port: dns.then_some(DNS_PORT),
+            dns: dns_servers.map(|servers| Dns {
+                port: DNS_PORT,
+                scope: DnsScope::Servers(servers),
+            }),
         }
     }
 
     /// The ruleset of cloud-run-mesh's Traffic Director script (`scripts/iptables.sh`, run with
     /// the proxy uid only): Envoy runs as uid 1337 (no gid rule), everything but the metadata
-    /// server is captured, no loopback self-redirect, and DNS to 15053.
+    /// server is captured, no loopback self-redirect, and all DNS to 15053.
     pub fn traffic_director(exclude_ports: &[u16], proxy_port: u16) -> Rules {
         Rules {
             include: vec!["*".to_owned()],
-            proxy_gid: None,
+            proxy_gids: Vec::new(),
             loopback_redirect: false,
-            ..Rules::istio("*", exclude_ports, proxy_port, true)
+            dns: Some(Dns {
+                port: DNS_PORT,
+                scope: DnsScope::All,
+            }),
+            ..Rules::istio("*", exclude_ports, proxy_port, None)
         }
     }
 
-    /// The chains this ruleset fills, in declaration order.
-    fn chains(&self) -> Vec<&'static str> {
-        let mut chains = vec!["ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT"];
-        if self.dns_port.is_some() {
-            chains.push("ISTIO_OUTPUT_DNS");
+    /// The chains this ruleset fills in `table`, in declaration order.
+    fn chains(&self, table: &str) -> Vec<&'static str> {
+        match (table, self.dns.is_some()) {
+            ("nat", dns) => {
+                let mut chains = vec![
+                    "ISTIO_INBOUND",
+                    "ISTIO_REDIRECT",
+                    "ISTIO_IN_REDIRECT",
+                    "ISTIO_OUTPUT",
+                ];
+                if dns {
+                    chains.push("ISTIO_OUTPUT_DNS");
+                }
+                chains
+            }
+            ("raw", true) => vec!["ISTIO_OUTPUT_DNS", "ISTIO_INBOUND"],
+            _ => Vec::new(),
         }
-        chains.push("ISTIO_REDIRECT");
-        chains
     }
 
-    /// The rules proper (chain contents and jumps), without the table header.
-    fn body(&self, family: Family) -> Vec<String> {
-        let mut rules = Vec::new();
-        let mut rule = |chain: &str, spec: String| rules.push(format!("-A {chain} {spec}"));
-        let owners = || {
-            let mut owners = Vec::new();
-            if let Some(uid) = self.proxy_uid {
-                owners.push(format!("--uid-owner {uid}"));
-            }
-            if let Some(gid) = self.proxy_gid {
-                owners.push(format!("--gid-owner {gid}"));
-            }
-            owners
-        };
-        // Inbound.
+    /// Whether an included range is a loopback one: then the app's loopback traffic is
+    /// captured too (no "loopback but not the proxy" return).
+    fn includes_loopback(&self) -> bool {
+        self.include.iter().any(|cidr| {
+            cidr.split('/')
+                .next()
+                .and_then(|ip| ip.parse::<IpAddr>().ok())
+                .is_some_and(|ip| ip.is_loopback())
+        })
+    }
+
+    /// The proxy's owner matches, uids first: (`--uid-owner`|`--gid-owner`, id).
+    fn owners(&self) -> impl Iterator<Item = (&'static str, &u32)> {
+        self.proxy_uids
+            .iter()
+            .map(|uid| ("--uid-owner", uid))
+            .chain(self.proxy_gids.iter().map(|gid| ("--gid-owner", gid)))
+    }
+
+    /// Every rule for `family`, in Istio's order.
+    pub fn rules(&self, family: Family) -> Vec<Rule> {
+        let mut rules: Vec<Rule> = Vec::new();
+        let mut nat = |chain: &'static str, spec: String| rules.push(("nat", chain, spec));
+        let tunnel = self.tunnel_port;
+        nat(
+            "ISTIO_INBOUND",
+            format!("-p tcp --dport {tunnel} -j RETURN"),
+        );
+        nat(
+            "ISTIO_REDIRECT",
+            format!("-p tcp -j REDIRECT --to-ports {}", self.proxy_port),
+        );
+        nat(
+            "ISTIO_IN_REDIRECT",
+            format!("-p tcp -j REDIRECT --to-ports {}", self.inbound_port),
+        );
         if !self.inbound_ports.is_empty() {
+            nat("PREROUTING", "-p tcp -j ISTIO_INBOUND".to_owned());
             for port in &self.inbound_ports {
-                rule(
+                nat(
                     "ISTIO_INBOUND",
                     format!("-p tcp --dport {port} -j ISTIO_IN_REDIRECT"),
                 );
             }
         }
-        rule(
-            "ISTIO_IN_REDIRECT",
-            format!("-p tcp -j REDIRECT --to-ports {}", self.inbound_port),
-        );
-        // Outbound.
-        let mark = self.mark;
-        rule(
-            "ISTIO_OUTPUT",
-            format!("-m mark --mark {mark:#x} -j RETURN"),
-        );
-        for port in &self.exclude_ports {
-            rule("ISTIO_OUTPUT", format!("-p tcp --dport {port} -j RETURN"));
-        }
-        if family == Family::V4 {
-            rule("ISTIO_OUTPUT", "-s 127.0.0.6/32 -o lo -j RETURN".to_owned());
-        }
-        let loopback = family.loopback();
-        for owner in owners() {
-            if self.loopback_redirect {
-                rule(
-                    "ISTIO_OUTPUT",
-                    format!("! -d {loopback} -o lo -m owner {owner} -j ISTIO_IN_REDIRECT"),
-                );
-            }
-            rule(
+        nat("OUTPUT", "-j ISTIO_OUTPUT".to_owned());
+        if let Some(mark) = self.mark {
+            nat(
                 "ISTIO_OUTPUT",
-                format!("-o lo -m owner ! {owner} -j RETURN"),
-            );
-            rule("ISTIO_OUTPUT", format!("-m owner {owner} -j RETURN"));
-        }
-        rule("ISTIO_OUTPUT", format!("-d {loopback} -j RETURN"));
-        for cidr in self.exclude.iter().filter(|c| family.holds(c)) {
-            rule("ISTIO_OUTPUT", format!("-d {cidr} -j RETURN"));
-        }
-        if self.include.iter().any(|c| c == "*") {
-            rule("ISTIO_OUTPUT", "-j ISTIO_REDIRECT".to_owned());
-        } else {
-            for cidr in self.include.iter().filter(|c| family.holds(c)) {
-                rule("ISTIO_OUTPUT", format!("-d {cidr} -j ISTIO_REDIRECT"));
-            }
-            rule("ISTIO_OUTPUT", "-j RETURN".to_owned());
-        }
-        rule(
-            "ISTIO_REDIRECT",
-            format!("-p tcp -j REDIRECT --to-ports {}", self.proxy_port),
-        );
-        // DNS: the proxy's own queries (mark, uid, gid) go out; everyone else's to the proxy.
-        if let Some(dns) = self.dns_port {
-            rule(
-                "ISTIO_OUTPUT_DNS",
                 format!("-m mark --mark {mark:#x} -j RETURN"),
             );
-            for owner in owners() {
-                rule("ISTIO_OUTPUT_DNS", format!("-m owner {owner} -j RETURN"));
-            }
-            for proto in ["udp", "tcp"] {
-                rule(
-                    "ISTIO_OUTPUT_DNS",
-                    format!("-p {proto} -j REDIRECT --to-ports {dns}"),
+        }
+        for port in &self.exclude_ports {
+            for proto in ["tcp", "udp"] {
+                nat(
+                    "ISTIO_OUTPUT",
+                    format!("-p {proto} --dport {port} -j RETURN"),
                 );
             }
         }
-        rules.extend(self.jumps());
+        nat(
+            "ISTIO_OUTPUT",
+            format!("-o lo -s {} -j RETURN", family.passthrough_source()),
+        );
+        let loopback = family.loopback();
+        let dns = self.dns.is_some();
+        for (kind, id) in self.owners() {
+            if self.loopback_redirect {
+                // With DNS capture the proxy's TCP DNS on loopback is not sent inbound (uid
+                // only, as upstream).
+                let ports = if dns && kind == "--uid-owner" {
+                    format!("-m multiport ! --dports 53,{tunnel}")
+                } else {
+                    format!("! --dport {tunnel}")
+                };
+                nat(
+                    "ISTIO_OUTPUT",
+                    format!(
+                        "-o lo ! -d {loopback} -p tcp {ports} -m owner {kind} {id} -j ISTIO_IN_REDIRECT"
+                    ),
+                );
+            }
+            if !self.includes_loopback() {
+                let tcp_not_dns = if dns { "-p tcp ! --dport 53 " } else { "" };
+                nat(
+                    "ISTIO_OUTPUT",
+                    format!("-o lo {tcp_not_dns}-m owner ! {kind} {id} -j RETURN"),
+                );
+            }
+            nat("ISTIO_OUTPUT", format!("-m owner {kind} {id} -j RETURN"));
+        }
+        if let Some(dns) = &self.dns {
+            self.dns_rules(dns, family, &mut rules);
+        }
+        let mut nat = |chain: &'static str, spec: String| rules.push(("nat", chain, spec));
+        nat("ISTIO_OUTPUT", format!("-d {loopback} -j RETURN"));
+        for cidr in self.exclude.iter().filter(|c| family.holds(c)) {
+            nat("ISTIO_OUTPUT", format!("-d {cidr} -j RETURN"));
+        }
+        if self.include.iter().any(|c| c == "*") {
+            nat("ISTIO_OUTPUT", "-j ISTIO_REDIRECT".to_owned());
+        } else {
+            for cidr in self.include.iter().filter(|c| family.holds(c)) {
+                nat("ISTIO_OUTPUT", format!("-d {cidr} -j ISTIO_REDIRECT"));
+            }
+        }
         rules
     }
 
-    /// Jumps from the built-in chains into ours.
-    fn jumps(&self) -> Vec<String> {
-        let mut jumps = Vec::new();
-        if self.dns_port.is_some() {
-            jumps.push("-A OUTPUT -p udp -m udp --dport 53 -j ISTIO_OUTPUT_DNS".to_owned());
-            jumps.push("-A OUTPUT -p tcp -m tcp --dport 53 -j ISTIO_OUTPUT_DNS".to_owned());
+    /// DNS: reached from `ISTIO_OUTPUT` after the proxy's own traffic has returned; redirects
+    /// port 53 to the proxy (only to the listed nameservers unless capturing all) and splits
+    /// the two UDP legs into conntrack zones in `raw`.
+    fn dns_rules(&self, dns: &Dns, family: Family, rules: &mut Vec<Rule>) {
+        let port = dns.port;
+        let targets = dns.targets(family);
+        let captured = targets.as_ref().is_none_or(|t| !t.is_empty());
+        rules.push(("raw", "OUTPUT", "-j ISTIO_OUTPUT_DNS".to_owned()));
+        if captured {
+            rules.push(("nat", "ISTIO_OUTPUT", "-j ISTIO_OUTPUT_DNS".to_owned()));
         }
-        jumps.push("-A OUTPUT -p tcp -j ISTIO_OUTPUT".to_owned());
-        if !self.inbound_ports.is_empty() {
-            jumps.push("-A PREROUTING -p tcp -j ISTIO_INBOUND".to_owned());
+        let to = |target: Option<&String>| target.map_or(String::new(), |t| format!(" -d {t}"));
+        for (proto, flag) in [("tcp", "--to-ports"), ("udp", "--to-port")] {
+            let redirect = |target| {
+                (
+                    "nat",
+                    "ISTIO_OUTPUT_DNS",
+                    format!(
+                        "-p {proto} --dport 53{} -j REDIRECT {flag} {port}",
+                        to(target)
+                    ),
+                )
+            };
+            match &targets {
+                None => rules.push(redirect(None)),
+                Some(targets) => rules.extend(targets.iter().map(|t| redirect(Some(t)))),
+            }
         }
-        jumps
+        for (kind, id) in self.owners() {
+            rules.push((
+                "raw",
+                "ISTIO_OUTPUT_DNS",
+                format!("-p udp --dport 53 -m owner {kind} {id} -j CT --zone 1"),
+            ));
+            rules.push((
+                "raw",
+                "ISTIO_OUTPUT_DNS",
+                format!("-p udp --sport {port} -m owner {kind} {id} -j CT --zone 2"),
+            ));
+        }
+        if captured {
+            rules.push(("raw", "PREROUTING", "-j ISTIO_INBOUND".to_owned()));
+        }
+        let zones = |target: Option<&String>| {
+            let from = target.map_or(String::new(), |t| format!(" -s {t}"));
+            [
+                (
+                    "raw",
+                    "ISTIO_OUTPUT_DNS",
+                    format!("-p udp --dport 53{} -j CT --zone 2", to(target)),
+                ),
+                (
+                    "raw",
+                    "ISTIO_INBOUND",
+                    format!("-p udp --sport 53{from} -j CT --zone 1"),
+                ),
+            ]
+        };
+        match &targets {
+            None => rules.extend(zones(None)),
+            Some(targets) => rules.extend(targets.iter().flat_map(|t| zones(Some(t)))),
+        }
     }
 
-    /// `iptables-restore --noflush` input that makes the nat table hold exactly this ruleset
-    /// among our chains, given `existing` (the current `iptables-save -t nat` output).
+    /// `iptables-restore --noflush` input that makes the nat and raw tables hold exactly this
+    /// ruleset among our chains, given `existing` (the current `iptables-save` output).
     pub fn restore_input(&self, family: Family, existing: &str) -> String {
-        let ours = self.chains();
-        let mut out = String::from("*nat\n");
-        for chain in &ours {
-            let _ = writeln!(out, ":{chain} - [0:0]");
+        let rules = self.rules(family);
+        let mut out = String::new();
+        for table in TABLES {
+            let ours = self.chains(table);
+            let present = Present::parse(existing, table);
+            let mine: Vec<&Rule> = rules.iter().filter(|r| r.0 == table).collect();
+            if ours.is_empty() && mine.is_empty() && present.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "*{table}");
+            for chain in &ours {
+                let _ = writeln!(out, ":{chain} - [0:0]");
+            }
+            for jump in &present.jumps {
+                let _ = writeln!(out, "-D{}", &jump[2..]);
+            }
+            for chain in present
+                .chains
+                .iter()
+                .filter(|c| !ours.contains(&c.as_str()))
+            {
+                let _ = writeln!(out, "-F {chain}\n-X {chain}");
+            }
+            for (_, chain, spec) in mine {
+                let _ = writeln!(out, "-A {chain} {spec}");
+            }
+            out.push_str("COMMIT\n");
         }
-        let present = Present::parse(existing);
-        for jump in &present.jumps {
-            let _ = writeln!(out, "-D{}", &jump[2..]);
-        }
-        for chain in present
-            .chains
-            .iter()
-            .filter(|c| !ours.contains(&c.as_str()))
-        {
-            let _ = writeln!(out, "-F {chain}\n-X {chain}");
-        }
-        for rule in self.body(family) {
-            let _ = writeln!(out, "{rule}");
-        }
-        out.push_str("COMMIT\n");
         out
     }
 }
 
-/// Input that removes every chain and jump of ours from `existing`, or `None` when there is
-/// nothing to remove.
+/// Input that removes every chain and jump of ours from `existing` (nat and raw), or `None`
+/// when there is nothing to remove.
 pub fn cleanup_input(existing: &str) -> Option<String> {
-    let present = Present::parse(existing);
-    if present.chains.is_empty() && present.jumps.is_empty() {
-        return None;
+    let mut out = String::new();
+    for table in TABLES {
+        let present = Present::parse(existing, table);
+        if present.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "*{table}");
+        for jump in &present.jumps {
+            let _ = writeln!(out, "-D{}", &jump[2..]);
+        }
+        for chain in &present.chains {
+            let _ = writeln!(out, "-F {chain}");
+        }
+        for chain in &present.chains {
+            let _ = writeln!(out, "-X {chain}");
+        }
+        out.push_str("COMMIT\n");
     }
-    let mut out = String::from("*nat\n");
-    for jump in &present.jumps {
-        let _ = writeln!(out, "-D{}", &jump[2..]);
-    }
-    for chain in &present.chains {
-        let _ = writeln!(out, "-F {chain}");
-    }
-    for chain in &present.chains {
-        let _ = writeln!(out, "-X {chain}");
-    }
-    out.push_str("COMMIT\n");
-    Some(out)
+    (!out.is_empty()).then_some(out)
 }
 
-/// Our chains and the jumps into them found in an `iptables-save` nat table.
+/// Our chains and the jumps into them found in one table of an `iptables-save` output.
 struct Present {
     chains: Vec<String>,
     /// Whole `-A <builtin> ... -j ISTIO_*` lines.
@@ -279,16 +448,16 @@ struct Present {
 }
 
 impl Present {
-    fn parse(save: &str) -> Present {
+    fn parse(save: &str, wanted: &str) -> Present {
         let mut chains = Vec::new();
         let mut jumps = Vec::new();
-        let mut in_nat = false;
+        let mut in_table = false;
         for line in save.lines().map(str::trim) {
             if let Some(table) = line.strip_prefix('*') {
-                in_nat = table == "nat";
+                in_table = table == wanted;
                 continue;
             }
-            if !in_nat {
+            if !in_table {
                 continue;
             }
             if let Some(decl) = line.strip_prefix(':') {
@@ -306,6 +475,10 @@ impl Present {
         }
         Present { chains, jumps }
     }
+
+    fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.jumps.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -314,116 +487,74 @@ mod tests {
 
     const EMPTY: &str = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n";
 
-    /// The default Istio ruleset on a fresh table, as `iptables-restore` reads it.
+    /// The default ruleset on a fresh table, as `iptables-restore` reads it: Istio's rules
+    /// plus krun's mark and the metadata server (exact parity is in tests/tests/capture.rs).
     #[test]
     fn istio_default_ruleset() {
-        let rules = Rules::istio("10.0.0.0/8", &[5432], 15001, false);
+        let rules = Rules::istio("10.0.0.0/8", &[5432], 15001, None);
         let text = rules.restore_input(Family::V4, EMPTY);
-        let mut expected = String::from(
-            "*nat\n:ISTIO_INBOUND - [0:0]\n:ISTIO_IN_REDIRECT - [0:0]\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n\
+        let expected = "*nat\n\
+             :ISTIO_INBOUND - [0:0]\n:ISTIO_REDIRECT - [0:0]\n:ISTIO_IN_REDIRECT - [0:0]\n:ISTIO_OUTPUT - [0:0]\n\
+             -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN\n\
+             -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\n\
              -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006\n\
-             -A ISTIO_OUTPUT -m mark --mark 0x539 -j RETURN\n",
-        );
-        for port in [
-            5432, 15001, 15006, 15007, 15008, 15009, 15021, 15030, 15053, 15463,
-        ] {
-            expected.push_str(&format!(
-                "-A ISTIO_OUTPUT -p tcp --dport {port} -j RETURN\n"
-            ));
-        }
-        expected.push_str(
-            "-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN\n\
-             -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT\n\
+             -A OUTPUT -j ISTIO_OUTPUT\n\
+             -A ISTIO_OUTPUT -m mark --mark 0x539 -j RETURN\n\
+             -A ISTIO_OUTPUT -p tcp --dport 5432 -j RETURN\n\
+             -A ISTIO_OUTPUT -p udp --dport 5432 -j RETURN\n\
+             -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN\n\
+             -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT\n\
              -A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN\n\
              -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN\n\
-             -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT\n\
+             -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT\n\
              -A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN\n\
              -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN\n\
              -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n\
              -A ISTIO_OUTPUT -d 169.254.169.254/32 -j RETURN\n\
              -A ISTIO_OUTPUT -d 10.0.0.0/8 -j ISTIO_REDIRECT\n\
-             -A ISTIO_OUTPUT -j RETURN\n\
-             -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\n\
-             -A OUTPUT -p tcp -j ISTIO_OUTPUT\n\
-             COMMIT\n",
-        );
+             COMMIT\n";
         assert_eq!(text, expected);
     }
 
-    /// Re-applying deletes the jumps that exist before adding them again, and drops a stale
-    /// chain of ours that the new ruleset no longer uses; other chains are left alone.
+    /// Re-applying deletes the jumps that exist before adding them again, and drops stale
+    /// chains of ours (in nat and raw) that the new ruleset no longer uses; other chains are
+    /// left alone.
     #[test]
     fn reapplying_replaces_only_ours() {
         let existing = "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ISTIO_NOT_NAT\nCOMMIT\n\
                         *nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_OUTPUT_DNS - [0:0]\n:OTHER - [0:0]\n\
                         -A OUTPUT -p udp -m udp --dport 53 -j ISTIO_OUTPUT_DNS\n\
-                        -A OUTPUT -p tcp -j ISTIO_OUTPUT\n-A OUTPUT -j OTHER\nCOMMIT\n";
-        let text = Rules::istio("*", &[], 15001, false).restore_input(Family::V4, existing);
+                        -A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -j OTHER\nCOMMIT\n\
+                        *raw\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT_DNS - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT_DNS\nCOMMIT\n";
+        let text = Rules::istio("*", &[], 15001, None).restore_input(Family::V4, existing);
         assert!(text.contains("-D OUTPUT -p udp -m udp --dport 53 -j ISTIO_OUTPUT_DNS\n"));
-        assert!(text.contains("-D OUTPUT -p tcp -j ISTIO_OUTPUT\n"));
+        assert!(text.contains("-D OUTPUT -j ISTIO_OUTPUT\n"));
         assert!(text.contains("-F ISTIO_OUTPUT_DNS\n-X ISTIO_OUTPUT_DNS\n"));
+        assert!(
+            text.contains("*raw\n-D OUTPUT -j ISTIO_OUTPUT_DNS\n-F ISTIO_OUTPUT_DNS\n-X ISTIO_OUTPUT_DNS\nCOMMIT\n"),
+            "{text}"
+        );
         assert!(!text.contains("OTHER"), "{text}");
         assert!(!text.contains("ISTIO_NOT_NAT"), "{text}");
         assert!(text.contains("-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n"));
-        assert!(!text.contains("-A ISTIO_OUTPUT -j RETURN"));
     }
 
-    /// DNS capture adds the DNS chain with the proxy's exemptions and both protocols.
-    #[test]
-    fn dns_capture() {
-        let text = Rules::istio("10.0.0.0/8", &[], 15001, true).restore_input(Family::V4, EMPTY);
-        for line in [
-            ":ISTIO_OUTPUT_DNS - [0:0]",
-            "-A ISTIO_OUTPUT_DNS -m mark --mark 0x539 -j RETURN",
-            "-A ISTIO_OUTPUT_DNS -m owner --uid-owner 1337 -j RETURN",
-            "-A ISTIO_OUTPUT_DNS -m owner --gid-owner 1337 -j RETURN",
-            "-A ISTIO_OUTPUT_DNS -p udp -j REDIRECT --to-ports 15053",
-            "-A ISTIO_OUTPUT_DNS -p tcp -j REDIRECT --to-ports 15053",
-            "-A OUTPUT -p udp -m udp --dport 53 -j ISTIO_OUTPUT_DNS",
-            "-A OUTPUT -p tcp -m tcp --dport 53 -j ISTIO_OUTPUT_DNS",
-        ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "missing {line:?} in\n{text}"
-            );
-        }
-    }
-
-    /// IPv6 mirrors the rules with ::1 and only the IPv6 ranges.
-    #[test]
-    fn ipv6_mirror() {
-        let text =
-            Rules::istio("10.0.0.0/8,fd00::/8", &[], 15001, false).restore_input(Family::V6, EMPTY);
-        assert!(text.contains("-A ISTIO_OUTPUT -d ::1/128 -j RETURN\n"));
-        assert!(text.contains("-A ISTIO_OUTPUT -d fd00::/8 -j ISTIO_REDIRECT\n"));
-        assert!(!text.contains("10.0.0.0/8"));
-        assert!(!text.contains("169.254.169.254"));
-        assert!(!text.contains("127.0.0.6"));
-    }
-
-    /// Traffic Director: uid only, everything captured but the metadata server, DNS on.
+    /// Traffic Director: uid only, everything captured but the metadata server, all DNS.
     #[test]
     fn traffic_director_variant() {
         let text = Rules::traffic_director(&[], 15001).restore_input(Family::V4, EMPTY);
         assert!(!text.contains("gid-owner"));
         assert!(
-            !text.contains("ISTIO_IN_REDIRECT\n-A"),
+            !text.contains("-j ISTIO_IN_REDIRECT\n"),
             "no loopback redirect"
         );
         assert!(text.contains(
             "-A ISTIO_OUTPUT -d 169.254.169.254/32 -j RETURN\n-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n"
         ));
-        assert!(text.contains("-A ISTIO_OUTPUT_DNS -p udp -j REDIRECT --to-ports 15053\n"));
-    }
-
-    /// Inbound capture ports redirect to 15006 from PREROUTING.
-    #[test]
-    fn inbound_ports() {
-        let mut rules = Rules::istio("*", &[], 15001, false);
-        rules.inbound_ports = vec![8080];
-        let text = rules.restore_input(Family::V4, EMPTY);
-        assert!(text.contains("-A ISTIO_INBOUND -p tcp --dport 8080 -j ISTIO_IN_REDIRECT\n"));
-        assert!(text.contains("-A PREROUTING -p tcp -j ISTIO_INBOUND\n"));
+        assert!(
+            text.contains("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053\n")
+        );
+        assert!(text.contains("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j CT --zone 2\n"));
     }
 
     /// Cleanup removes jumps first, then flushes and deletes our chains, nothing else.
@@ -431,12 +562,14 @@ mod tests {
     fn cleanup_removes_exactly_ours() {
         assert_eq!(cleanup_input(EMPTY), None);
         let existing = "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n:OTHER - [0:0]\n\
-                        -A OUTPUT -p tcp -j ISTIO_OUTPUT\n-A OUTPUT -j OTHER\n\
-                        -A ISTIO_OUTPUT -j ISTIO_REDIRECT\nCOMMIT\n";
+                        -A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -j OTHER\n\
+                        -A ISTIO_OUTPUT -j ISTIO_REDIRECT\nCOMMIT\n\
+                        *raw\n:PREROUTING ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\n-A PREROUTING -j ISTIO_INBOUND\nCOMMIT\n";
         assert_eq!(
             cleanup_input(existing).as_deref(),
             Some(
-                "*nat\n-D OUTPUT -p tcp -j ISTIO_OUTPUT\n-F ISTIO_OUTPUT\n-F ISTIO_REDIRECT\n-X ISTIO_OUTPUT\n-X ISTIO_REDIRECT\nCOMMIT\n"
+                "*nat\n-D OUTPUT -j ISTIO_OUTPUT\n-F ISTIO_OUTPUT\n-F ISTIO_REDIRECT\n-X ISTIO_OUTPUT\n-X ISTIO_REDIRECT\nCOMMIT\n\
+                 *raw\n-D PREROUTING -j ISTIO_INBOUND\n-F ISTIO_INBOUND\n-X ISTIO_INBOUND\nCOMMIT\n"
             )
         );
     }

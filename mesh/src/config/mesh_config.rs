@@ -70,8 +70,9 @@ crate::settings! {
         ca_addr: Option<Setting<String>> = CA_ADDR => text(),
         /// Google CAS pool.
         ca_pool: Option<Setting<String>> = CA_POOL => text(),
-        /// Open-source Istio: istio-token audience `istio-ca`.
-        oss_istio: Setting<bool> = OSS_ISTIO => parse(values::boolean).or_default(false),
+        /// Open-source Istio: istio-token audience `istio-ca`; unset: detected (managed
+        /// tenant or not).
+        oss_istio: Option<Setting<bool>> = OSS_ISTIO => parse(values::boolean),
         /// Verbose logs.
         mesh_debug: Setting<bool> = MESH_DEBUG => parse(values::boolean).or_default(false),
         /// Base directory for mesh files.

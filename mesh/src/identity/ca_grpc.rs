@@ -35,7 +35,7 @@ impl CaKind {
     fn auth_hint(self) -> &'static str {
         match self {
             CaKind::Istio => {
-                "check the istio-token audience (the trust domain, or istio-ca with OSS_ISTIO) and that the CA trusts this cluster's tokens"
+                "check the istio-token audience (istio-ca for open-source istiod, the trust domain for managed control planes; OSS_ISTIO chooses) and that the CA trusts this cluster's tokens"
             }
             CaKind::MeshCa => {
                 "check the STS federated token (TRUST_DOMAIN and the cluster's workload identity pool)"

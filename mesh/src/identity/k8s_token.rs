@@ -23,8 +23,8 @@ use crate::files::{Access, WriteError, write_atomic};
 /// schedule does not depend on the cluster's defaults.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// The audience Istio's CA accepts: `istio-ca` for open-source istiod (`OSS_ISTIO`), else the
-/// trust domain (ASM, MCP, and the STS subject token). An istiod that must accept both lists
+/// The audience Istio's CA accepts: `istio-ca` for open-source istiod (`OSS_ISTIO`, detected by
+/// the launcher when unset), else the trust domain (ASM, MCP, and the STS subject token). An istiod that must accept both lists
 /// them in its `TOKEN_AUDIENCES`.
 pub fn istio_token_audience(trust_domain: &str, oss_istio: bool) -> String {
     if oss_istio {

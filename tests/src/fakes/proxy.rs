@@ -9,6 +9,20 @@
 //! `<name> drain_listeners` to the events). Unknown paths are 404, other methods 405, like the
 //! real servers.
 //!
+//! The stand-in pilot-agent first checks what the real one needs before it starts its servers
+//! and exits 1 with a line naming what is missing, as pilot-agent does
+//! (<https://github.com/istio/istio/tree/master/pilot/cmd/pilot-agent>): `POD_NAME` and
+//! `POD_NAMESPACE` (its node id), a `PROXY_CONFIG` that parses (YAML or JSON) with a `discoveryAddress`, the
+//! istiod root at `./var/run/secrets/istio/root-cert.pem` for XDS and CA unless system roots
+//! are chosen (`XDS_ROOT_CA`/`CA_ROOT_CA=SYSTEM`, `PILOT_CERT_PROVIDER=system`), and writable
+//! `./etc/istio/proxy` and `OUTPUT_CERTS`. With `ISTIO_META_DNS_CAPTURE=true` it relays DNS on
+//! udp 127.0.0.1:15053 to the first `/etc/resolv.conf` nameserver, printing `standin
+//! pilot-agent relayed a DNS query` per query.
+//!
+//! The stand-in Envoy becomes ready only once it has parsed its bootstrap (`--config-path` or
+//! `-c`, YAML or JSON, with a `node`), as Envoy does; otherwise it prints why and stays not
+//! ready.
+//!
 //! `STANDIN_MODE` says how they behave (no timers: tests drive them with signals):
 //! - `ready` (default): ready at once;
 //! - `slow`: ready once it receives SIGUSR1 (prints `standin <name> answered 503 to a
@@ -198,6 +212,88 @@ fn port(name: &str, default: u16) -> u16 {
     var(name).and_then(|p| p.parse().ok()).unwrap_or(default)
 }
 
+/// What the real pilot-agent checks at startup; `Err` names the first missing input.
+fn agent_preflight() -> Result<(), String> {
+    for name in ["POD_NAME", "POD_NAMESPACE"] {
+        if var(name).is_none() {
+            return Err(format!("{name} is not set; the node id needs it"));
+        }
+    }
+    // ProxyConfig is YAML (JSON is YAML too).
+    let proxy_config: Value = serde_saphyr::from_str(&var("PROXY_CONFIG").unwrap_or_default())
+        .map_err(|e| format!("failed to unmarshal PROXY_CONFIG: {e}"))?;
+    let discovery = proxy_config["discoveryAddress"]
+        .as_str()
+        .unwrap_or_default();
+    if discovery.is_empty() {
+        return Err("PROXY_CONFIG has no discoveryAddress".to_owned());
+    }
+    let system = |name: &str| var(name).is_some_and(|v| v.eq_ignore_ascii_case("SYSTEM"));
+    let istiod_roots = !system("XDS_ROOT_CA")
+        && !system("CA_ROOT_CA")
+        && var("PILOT_CERT_PROVIDER").as_deref() != Some("system");
+    let root = "./var/run/secrets/istio/root-cert.pem";
+    if istiod_roots && std::fs::metadata(root).is_err() {
+        return Err(format!(
+            "failed to read the root certificate for XDS and CA: open {root}: no such file or directory"
+        ));
+    }
+    let mut dirs = vec!["./etc/istio/proxy".to_owned()];
+    dirs.extend(var("OUTPUT_CERTS"));
+    for dir in dirs {
+        let probe = std::path::Path::new(&dir).join(".standin-write-check");
+        std::fs::write(&probe, b"")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| format!("cannot write {dir}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Envoy's bootstrap check: the file named by `--config-path`/`-c` parses and has a `node`.
+fn envoy_bootstrap() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args
+        .windows(2)
+        .find(|w| w[0] == "--config-path" || w[0] == "-c")
+        .map(|w| w[1].clone())
+        .ok_or("no --config-path")?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let bootstrap: Value =
+        serde_saphyr::from_str(&text).map_err(|e| format!("{path}: unable to parse: {e}"))?;
+    if bootstrap["node"].is_object() {
+        Ok(())
+    } else {
+        Err(format!("{path}: the bootstrap has no node"))
+    }
+}
+
+/// pilot-agent's DNS proxy: relays udp 127.0.0.1:15053 to the resolv.conf nameserver.
+fn relay_dns() -> std::io::Result<()> {
+    let resolv = std::fs::read_to_string("/etc/resolv.conf")?;
+    let nameserver = resolv
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("nameserver"))
+        .and_then(|rest| rest.trim().parse::<std::net::IpAddr>().ok())
+        .ok_or_else(|| std::io::Error::other("no nameserver in /etc/resolv.conf"))?;
+    let server = std::net::UdpSocket::bind(("127.0.0.1", mesh::istio::DNS_PORT))?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, client)) = server.recv_from(&mut buf) {
+            let upstream = std::net::UdpSocket::bind(("0.0.0.0", 0));
+            let mut reply = [0u8; 1500];
+            let answered = upstream.and_then(|u| {
+                u.send_to(&buf[..n], (nameserver, 53))?;
+                let (m, _) = u.recv_from(&mut reply)?;
+                server.send_to(&reply[..m], client)
+            });
+            if answered.is_ok() {
+                println!("standin pilot-agent relayed a DNS query");
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Runs the stand-in; see the module docs.
 pub fn run(role: Role) -> ExitCode {
     let name = role.name();
@@ -211,6 +307,18 @@ pub fn run(role: Role) -> ExitCode {
     }
     append(&format!("{name} start"));
     record(role);
+    if role == Role::PilotAgent {
+        if let Err(why) = agent_preflight() {
+            eprintln!("standin pilot-agent: error: {why}");
+            return ExitCode::from(1);
+        }
+        if var("ISTIO_META_DNS_CAPTURE").as_deref() == Some("true")
+            && let Err(e) = relay_dns()
+        {
+            eprintln!("standin pilot-agent: DNS proxy on 15053: {e}");
+            return ExitCode::from(1);
+        }
+    }
     let mode = var("STANDIN_MODE").unwrap_or_else(|| "ready".to_owned());
     let ready = Arc::new(AtomicBool::new(false));
     let mut ports = vec![port("STANDIN_ADMIN_PORT", 15000)];
@@ -228,8 +336,14 @@ pub fn run(role: Role) -> ExitCode {
         ready.store(true, Ordering::SeqCst);
         println!("standin {name} ready");
     };
-    if mode == "ready" || mode == "crash" {
-        become_ready();
+    let bootstrap = match role {
+        Role::Envoy => envoy_bootstrap(),
+        Role::PilotAgent => Ok(()),
+    };
+    match &bootstrap {
+        Err(why) => eprintln!("standin envoy: not ready: {why}"),
+        Ok(()) if mode == "ready" || mode == "crash" => become_ready(),
+        Ok(()) => {}
     }
     loop {
         match signals.wait() {
@@ -238,7 +352,7 @@ pub fn run(role: Role) -> ExitCode {
                 println!("standin {name} got SIGTERM");
                 return ExitCode::SUCCESS;
             }
-            Ok(Signal::SIGUSR1) if mode == "slow" => become_ready(),
+            Ok(Signal::SIGUSR1) if mode == "slow" && bootstrap.is_ok() => become_ready(),
             Ok(Signal::SIGUSR2) if mode == "crash" => {
                 append(&format!("{name} crash"));
                 println!("standin {name} crashing with exit code 3");
