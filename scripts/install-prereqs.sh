@@ -47,11 +47,6 @@ if ! "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check --no
   "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check -r "$root/tests/requirements.txt"
 fi
 
-# gRPC's own xDS bootstrap validation, which checks the proxyless bootstrap krun writes.
-python3 -c 'import grpc' 2>/dev/null \
-  || python3 -m pip install --quiet --root-user-action=ignore grpcio \
-  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-grpcio; }
-
 for component in rustfmt clippy; do
   if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
     echo "installing Rust component $component (rustup component add)"

@@ -736,7 +736,8 @@ fn proxyless_apps_get_a_grpc_bootstrap_pointing_at_existing_cert_files() {
     // namespace without a network, so that fails at once) with krun's node id.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/grpc_xds_bootstrap.py");
     let checked = std::process::Command::new("unshare")
-        .args(["--net", "python3"])
+        .arg("--net")
+        .arg(krun_tests::python())
         .arg(&script)
         .env("GRPC_XDS_BOOTSTRAP", &path)
         .output()
