@@ -18,6 +18,7 @@ use crate::startup::PhaseClock;
 use crate::supervisor::{AppSpec, Phase, Supervisor, Timeouts};
 use mesh::config::{Env, Source};
 use mesh::discovery;
+use mesh::identity::k8s_token::{self, K8sTokenSource, TokenFile, istio_token_path};
 use mesh::identity::{self, Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 use mesh::istio::Interception;
 
@@ -48,27 +49,8 @@ pub async fn run(
         );
     }
     clock.mark("discover");
-    // Held for the whole run: dropping it stops certificate rotation.
-    let identity = start_identity(&config, &found).await?;
-    if identity.is_some() {
-        clock.mark("identity");
-    }
-    // Outside a mesh krun is only a supervisor: no rules, no proxy for the app, unless the
-    // operator asks for interception explicitly.
-    let minted = identity
-        .as_ref()
-        .and_then(|minted| crate::dataplane::follow_identity(minted.identity.store()));
-    let certs = crate::dataplane::workload_certs(minted, &config.mesh_base_dir.value);
-    let in_mesh = found.mesh || identity.is_some() || config.xds_addr.is_some() || certs.is_ok();
-    let capture_wanted = in_mesh || config.launcher.interception_mode.is_some();
-    // Before the supervisor: installing the rules waits for iptables-restore itself.
-    let capture = if capture_wanted {
-        crate::capture::decide(&config)
-    } else {
-        crate::capture::Capture::off()
-    };
     let value = |s: Option<&mesh::config::Setting<String>>| s.map(|s| s.value.clone());
-    let inputs = AgentInputs {
+    let mut inputs = AgentInputs {
         mesh_env: found.mesh_env.clone(),
         trust_domain: value(config.trust_domain.as_ref()),
         project_number: value(config.project_number.as_ref()),
@@ -78,9 +60,30 @@ pub async fn run(
         zone: found.instance.zone.clone(),
         instance_id: found.instance.id.clone(),
         instance_ip: found.instance.ip.clone(),
-        interception: capture.interception,
         ..AgentInputs::default()
     };
+    // Held for the whole run: dropping it stops certificate rotation and token refresh.
+    let identity = start_identity(&config, env, &inputs, &found).await?;
+    if identity.identity.is_some() {
+        clock.mark("identity");
+    }
+    // Outside a mesh krun is only a supervisor: no rules, no proxy for the app, unless the
+    // operator asks for interception explicitly.
+    let minted = identity
+        .identity
+        .as_ref()
+        .and_then(|identity| crate::dataplane::follow_identity(identity.store()));
+    let certs = crate::dataplane::workload_certs(minted, &config.mesh_base_dir.value);
+    let in_mesh =
+        found.mesh || identity.identity.is_some() || config.xds_addr.is_some() || certs.is_ok();
+    let capture_wanted = in_mesh || config.launcher.interception_mode.is_some();
+    // Before the supervisor: installing the rules waits for iptables-restore itself.
+    let capture = if capture_wanted {
+        crate::capture::decide(&config)
+    } else {
+        crate::capture::Capture::off()
+    };
+    inputs.interception = capture.interception;
     let mut dataplane = crate::agent::set_up(&config, &inputs, env, &mut plan)?;
     // Envoy's whitebox proxy variables come from the agent layer; the builtin one's from here.
     let outbound = config.launcher.outbound_addr.value;
@@ -137,11 +140,15 @@ pub async fn run(
 
 /// The identity phase: the local CA (`CA_ADDR=file:///dir`) signs in-process; an Istio CA
 /// (`CA_ADDR=host:port`, or istiod at the XDS address `agent::xds::select` picks) signs with an
-/// istio-token minted through the discovered kube client. Nothing configured: no identity, quietly.
+/// istio-token minted through the discovered kube client. When pilot-agent requests the
+/// certificate itself, krun only keeps its istio-token fresh. Nothing configured: no identity,
+/// quietly.
 async fn start_identity(
     config: &Config,
+    env: &Env,
+    inputs: &AgentInputs,
     found: &discovery::Discovery,
-) -> anyhow::Result<Option<Minted>> {
+) -> anyhow::Result<Started> {
     let ca_addr = config.ca_addr.as_ref();
     if let Some(dir) = ca_addr.and_then(|ca| identity::local_ca_dir(&ca.value)) {
         let ca = identity::local_ca::LocalCa::load(&dir)?;
@@ -155,10 +162,10 @@ async fn start_identity(
             trust_bundle: Vec::new(),
         })
         .await?;
-        return Ok(Some(Minted {
-            identity,
+        return Ok(Started {
+            identity: Some(identity),
             _tokens: None,
-        }));
+        });
     }
     let google_ca = config.ca_pool.is_some()
         || ca_addr.is_some_and(|ca| ca.value.contains("meshca.googleapis.com"));
@@ -166,30 +173,44 @@ async fn start_identity(
         tracing::warn!(
             "identity: CA_POOL (CAS) and MeshCA are not wired into krun's startup; krun mints no certificate and leaves the CA to the agent"
         );
-        return Ok(None);
+        return Ok(Started::default());
     }
-    let Some((addr, from)) = istio_ca_addr(config, found) else {
-        return Ok(None);
-    };
     // An explicit CA_ADDR that cannot be used is a startup error; an istiod address derived
     // from XDS only means krun leaves the certificate to the agent.
-    let explicit = from == "CA_ADDR" && ca_addr.is_some_and(|ca| ca.source == Source::Env);
+    let explicit = ca_addr.is_some_and(|ca| ca.source == Source::Env);
     // With pilot-agent installed and not overridden, the agent requests Envoy's certificate
-    // from istiod itself; krun minting a second one for the same identity would only double
-    // the CA's load.
+    // itself (from istiod, or the managed control plane's CA); krun minting a second one for
+    // the same identity would only double the CA's load. The agent authenticates with the
+    // istio-token (its default `JWT_POLICY=third-party-jwt`), which krun keeps fresh.
     let agent_mints = config.launcher.dataplane.value != DataPlane::Builtin
         && config.launcher.pilot_agent_path.value.exists();
-    if !explicit && agent_mints {
-        tracing::info!(ca = %addr, from, "identity: pilot-agent requests the certificate from istiod; krun mints none");
-        return Ok(None);
+    if !explicit
+        && agent_mints
+        && let Some(xds) = agent_xds(config, found)
+    {
+        let Some(client) = found.kube.clone() else {
+            tracing::warn!(xds = %xds, "identity: pilot-agent requests the certificate itself, and discovery built no K8s client to mint its istio-token, so it cannot authenticate to the control plane; set KUBECONFIG, run in a cluster, or point MESH at a GKE cluster");
+            return Ok(Started::default());
+        };
+        let (source, audience) = istio_token_source(config, found, client);
+        tracing::info!(xds = %xds, %audience, "identity: pilot-agent requests the certificate itself with the istio-token krun keeps fresh; krun mints none");
+        let tokens =
+            TokenFile::start(source, istio_token_path(&config.mesh_base_dir.value)).await?;
+        return Ok(Started {
+            identity: None,
+            _tokens: Some(tokens),
+        });
     }
+    let Some((addr, from)) = istio_ca_addr(config, found) else {
+        return Ok(Started::default());
+    };
     let Some(client) = found.kube.clone() else {
         anyhow::ensure!(
             !explicit,
             "CA_ADDR={addr}: the Istio CA needs an istio-token from the config cluster, and discovery built no K8s client; set KUBECONFIG, run in a cluster, or point MESH at a GKE cluster"
         );
         tracing::info!(ca = %addr, from, "identity: no K8s client for an istio-token (MESH=file:// or Traffic Director): krun mints no certificate");
-        return Ok(None);
+        return Ok(Started::default());
     };
     let Some(root_pem) = found
         .mesh_env
@@ -202,11 +223,26 @@ async fn start_identity(
             "CA_ADDR={addr}: mesh-env has no CAROOT_ISTIOD to verify the Istio CA; publish istiod's root in istio-system/mesh-env (hgate does) or use CA_ADDR=file:// for a local CA"
         );
         tracing::info!(ca = %addr, from, "identity: mesh-env has no CAROOT_ISTIOD to verify istiod: krun mints no certificate");
-        return Ok(None);
+        return Ok(Started::default());
     };
-    istio_ca_identity(config, found, client, addr, root_pem)
-        .await
-        .map(Some)
+    let cluster_id = crate::agent::workload::cluster_id(config, inputs, env);
+    istio_ca_identity(config, found, client, addr, root_pem, cluster_id).await
+}
+
+/// The XDS address pilot-agent will use (`agent::xds::select` with the tenant, as the agent
+/// layer picks it); `None` when no agent runs (`XDS_ADDR=-` or nothing known).
+fn agent_xds(config: &Config, found: &discovery::Discovery) -> Option<String> {
+    let tenant = crate::agent::workload::tenant(config, &found.mesh_env);
+    match crate::agent::xds::select(
+        config.proxy_config.as_ref().map(|s| s.value.as_str()),
+        config.xds_addr.as_ref().map(|s| s.value.as_str()),
+        None,
+        &found.mesh_env,
+        tenant.as_deref(),
+    ) {
+        Ok(crate::agent::xds::Xds::Address { addr, .. }) => Some(addr),
+        _ => None,
+    }
 }
 
 /// The Istio CA address: `CA_ADDR` (host:port), else the XDS address `agent::xds::select` picks
@@ -231,27 +267,16 @@ fn istio_ca_addr(config: &Config, found: &discovery::Discovery) -> Option<(Strin
     }
 }
 
-/// Istio CA wiring (docs/identity.md §"Wiring the cluster signers"): the istio-token request
-/// and the CA handshake run together; then the first CSR.
-async fn istio_ca_identity(
+/// The workload KSA's istio-token source, with the audience the control plane accepts
+/// (`istio-ca` for open-source istiod, the trust domain for a managed one; `OSS_ISTIO`), and
+/// that audience for the log line. One source for krun's CA client and for pilot-agent.
+fn istio_token_source(
     config: &Config,
     found: &discovery::Discovery,
     client: kube::Client,
-    addr: String,
-    root_pem: String,
-) -> anyhow::Result<Minted> {
-    use identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
-    use identity::k8s_token::{self, K8sTokenSource, TokenFile};
-    let id = workload_identity(config);
-    let ca = IstioCaConfig {
-        addr: addr.clone(),
-        root_pem,
-        server_name: ISTIOD_SERVER_NAME.to_owned(),
-        cluster_id: crate::agent::workload::ISTIOD_CLUSTER_ID.to_owned(),
-    };
+) -> (K8sTokenSource, String) {
     let oss_istio = crate::agent::workload::oss_istio(config, &found.mesh_env);
     let audience = k8s_token::istio_token_audience(&trust_domain(config), oss_istio);
-    let base = config.mesh_base_dir.value.clone();
     let source = K8sTokenSource::new(
         client,
         &config.workload_namespace.value,
@@ -259,10 +284,34 @@ async fn istio_ca_identity(
         &audience,
         k8s_token::DEFAULT_TOKEN_LIFETIME,
     );
-    tracing::info!(identity = %id, ca = %addr, %audience, "identity: Istio CA signs with an istio-token from the config cluster");
+    (source, audience)
+}
+
+/// Istio CA wiring (docs/identity.md §"Wiring the cluster signers"): the istio-token request
+/// and the CA handshake run together; then the first CSR, with the cluster id the agent would
+/// use.
+async fn istio_ca_identity(
+    config: &Config,
+    found: &discovery::Discovery,
+    client: kube::Client,
+    addr: String,
+    root_pem: String,
+    cluster_id: String,
+) -> anyhow::Result<Started> {
+    use identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
+    let id = workload_identity(config);
+    let ca = IstioCaConfig {
+        addr: addr.clone(),
+        root_pem,
+        server_name: ISTIOD_SERVER_NAME.to_owned(),
+        cluster_id,
+    };
+    let (source, audience) = istio_token_source(config, found, client);
+    let base = config.mesh_base_dir.value.clone();
+    tracing::info!(identity = %id, ca = %addr, %audience, cluster_id = %ca.cluster_id, "identity: Istio CA signs with an istio-token from the config cluster");
     // The CA handshake overlaps the token request: the critical path is token, then CSR.
     let (tokens, connection) = tokio::join!(
-        TokenFile::start(source, k8s_token::istio_token_path(&base)),
+        TokenFile::start(source, istio_token_path(&base)),
         istio_ca::connect(&ca),
     );
     let (tokens, connection) = (tokens?, connection?);
@@ -276,8 +325,8 @@ async fn istio_ca_identity(
         )?,
     })
     .await?;
-    Ok(Minted {
-        identity,
+    Ok(Started {
+        identity: Some(identity),
         _tokens: Some(tokens),
     })
 }
@@ -290,11 +339,13 @@ fn rotation_policy(config: &Config) -> RotationPolicy {
     }
 }
 
-/// A running identity and what keeps it fed: dropping it stops rotation and token refresh.
-struct Minted {
-    identity: Identity,
-    /// The istio-token refresher (Istio CA only).
-    _tokens: Option<identity::k8s_token::TokenFile>,
+/// What the identity phase started: dropping it stops rotation and token refresh.
+#[derive(Default)]
+struct Started {
+    /// krun's own certificate, when krun mints one.
+    identity: Option<Identity>,
+    /// The istio-token refresher (krun's Istio CA client, or pilot-agent).
+    _tokens: Option<TokenFile>,
 }
 
 /// TRUST_DOMAIN, or Istio's default (`cluster.local`) when none is known.

@@ -5,27 +5,20 @@
 //! the proxy's fixed ports (15000, 15021) are private to the test, as in a container.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use krun_tests::fakes::kube::{self, FakeKube};
 use krun_tests::{Finished, Krun, Running, TempDir, binary, testapp};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use serde_json::Value;
 
-/// Runs krun in its own network namespace with loopback up.
-const NETNS: &[&str] = &[
-    "unshare",
-    "--net",
-    "sh",
-    "-c",
-    "ip link set lo up && exec \"$@\"",
-    "sh",
-];
+/// Runs krun in the world's network namespace (see [`World::krun`]) with loopback up.
+const NETNS: &[&str] = &["sh", "-c", "ip link set lo up && exec \"$@\"", "sh"];
 /// The same, with krun running as `nobody` (non-root).
 const NETNS_NOBODY: &[&str] = &[
-    "unshare",
-    "--net",
     "sh",
     "-c",
     "ip link set lo up && exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$@\"",
@@ -35,11 +28,16 @@ const NETNS_NOBODY: &[&str] = &[
 /// A stand-in for istiod's root certificate (nothing parses it).
 const ISTIOD_ROOT: &str = "-----BEGIN CERTIFICATE-----\nistiod root\n-----END CERTIFICATE-----\n";
 
-/// A workload with a mesh file layout, an installed (stand-in) pilot-agent and Envoy, and the
-/// stand-ins' record and event files.
+/// A workload with a mesh file layout, an installed (stand-in) pilot-agent and Envoy, the
+/// stand-ins' record and event files, and a network namespace of its own holding a fake K8s
+/// API (mesh-env and TokenRequest), so the proxy's fixed ports are private to the test, as in a
+/// container, and krun reaches the API on 127.0.0.1.
 struct World {
     dir: TempDir,
     base: PathBuf,
+    kube: FakeKube,
+    /// The namespace, held open (with the API's socket) for as long as the world lives.
+    netns: std::fs::File,
 }
 
 impl World {
@@ -63,21 +61,54 @@ impl World {
             ISTIOD_ROOT.trim().replace('\n', "\n  ")
         );
         std::fs::write(dir.join("mesh-env.yaml"), mesh_env).expect("mesh-env");
-        World { dir, base }
+        krun_tests::require_root("it makes a network namespace for the workload");
+        let _ = krun_tests::fakes::server::runtime();
+        let (kube, netns) = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare --net");
+            let kube = kube::start(Some(BTreeMap::from([(
+                "CAROOT_ISTIOD".to_owned(),
+                ISTIOD_ROOT.to_owned(),
+            )])));
+            let netns = std::fs::File::open("/proc/thread-self/ns/net").expect("open netns");
+            (kube, netns)
+        })
+        .join()
+        .expect("netns thread");
+        std::fs::write(dir.join("kubeconfig"), kube.kubeconfig()).expect("kubeconfig");
+        World {
+            dir,
+            base,
+            kube,
+            netns,
+        }
     }
 
-    /// krun in a network namespace, with the workload of cloud-run-mesh's fortio sample.
+    /// krun with the workload of cloud-run-mesh's fortio sample: run through `wrapper` in the
+    /// world's network namespace, with the fake K8s API as its config cluster (KUBECONFIG);
+    /// without a wrapper, in the test's namespace with `MESH=file://` (no K8s client).
     fn krun(&self, wrapper: &[&str]) -> Krun {
-        Krun::wrapped(wrapper)
-            .env("MESH_BASE_DIR", &self.base)
+        let krun = if wrapper.is_empty() {
+            Krun::new().env(
+                "MESH",
+                format!("file://{}", self.dir.join("mesh-env.yaml").display()),
+            )
+        } else {
+            let netns = format!(
+                "--net=/proc/{}/fd/{}",
+                std::process::id(),
+                self.netns.as_raw_fd()
+            );
+            let full: Vec<&str> = ["nsenter", netns.as_str()]
+                .into_iter()
+                .chain(wrapper.iter().copied())
+                .collect();
+            Krun::wrapped(&full).env("KUBECONFIG", self.dir.join("kubeconfig"))
+        };
+        krun.env("MESH_BASE_DIR", &self.base)
             .env("KRUN_PILOT_AGENT_PATH", binary("pilot-agent"))
             .env("KRUN_ENVOY_PATH", binary("envoy"))
             .env("STANDIN_RECORD_DIR", self.dir.join("records"))
             .env("STANDIN_EVENTS", self.events_path())
-            .env(
-                "MESH",
-                format!("file://{}", self.dir.join("mesh-env.yaml").display()),
-            )
             .env(
                 "STANDIN_FILES",
                 [
@@ -947,7 +978,6 @@ fn traffic_director_takes_zone_and_node_id_from_the_metadata_server() {
 /// bootstrap template where the proxyv2 image has it.
 const NETNS_ROOT_BASE: &[&str] = &[
     "unshare",
-    "--net",
     "--mount",
     "sh",
     "-c",
@@ -1076,9 +1106,53 @@ fn removing_a_required_input_makes_the_agent_fail_like_pilot_agent() {
     system.insert("POD_NAME".into(), String::new());
     expect_failure(&system, "POD_NAME is not set");
     std::fs::write(&root, ISTIOD_ROOT).expect("restore istiod's root");
+    // The istio-token krun minted through the K8s API: without it pilot-agent's CA and XDS
+    // clients cannot authenticate (its default JWT policy, whether given or not).
+    assert_eq!(world.kube.token_requests(), 1);
+    let token = world.path("var/run/secrets/tokens/istio-token");
+    let minted = std::fs::read(&token).expect("krun wrote the istio-token");
+    std::fs::remove_file(&token).expect("remove the istio-token");
+    expect_failure(
+        &given,
+        "failed to get credential token: open ./var/run/secrets/tokens/istio-token",
+    );
+    let mut unset = given.clone();
+    unset.remove("JWT_POLICY");
+    expect_failure(&unset, "var/run/secrets/tokens/istio-token");
+    std::fs::write(&token, minted).expect("restore the istio-token");
     let proxy_dir = world.path("etc/istio/proxy");
     std::fs::set_permissions(&proxy_dir, std::fs::Permissions::from_mode(0o555)).expect("chmod");
     expect_failure(&given, "cannot write ./etc/istio/proxy");
+}
+
+/// Without a K8s client krun cannot mint the istio-token: it says so in one line naming the
+/// fix, and the agent fails the way pilot-agent does.
+#[test]
+fn without_a_k8s_client_the_agent_gets_no_istio_token_and_fails() {
+    let world = World::new("no-token");
+    let done = world
+        .krun(NETNS)
+        .env_remove("KUBECONFIG")
+        .env(
+            "MESH",
+            format!("file://{}", world.dir.join("mesh-env.yaml").display()),
+        )
+        .env("XDS_ADDR", "10.128.0.5:15012")
+        .args(["true"])
+        .run();
+    assert_ne!(done.code, 0, "{}", done.text());
+    assert!(
+        done.has_line("discovery built no K8s client to mint its istio-token")
+            && done.has_line("set KUBECONFIG"),
+        "{}",
+        done.text()
+    );
+    assert!(
+        done.has_line("failed to get credential token: open ./var/run/secrets/tokens/istio-token"),
+        "{}",
+        done.text()
+    );
+    assert_eq!(world.kube.token_requests(), 0);
 }
 
 /// The stand-in Envoy stays not ready with a bootstrap it cannot parse, as Envoy does, and

@@ -148,7 +148,7 @@ impl AgentSetup {
         {
             add("ISTIO_META_MESH_ID", mesh_id);
         }
-        add("ISTIO_META_CLUSTER_ID", w.cluster_id());
+        add("ISTIO_META_CLUSTER_ID", w.cluster_id.clone());
         // The agent's own directory: krun's certificates (var/run/secrets/istio.io) have one
         // writer, krun.
         add(
@@ -282,6 +282,7 @@ mod tests {
                 cluster_name: None,
                 cluster_location: None,
                 trust_domain: None,
+                cluster_id: "Kubernetes".into(),
             },
             xds: xds.into(),
             user_proxy_config: false,

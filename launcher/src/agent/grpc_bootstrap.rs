@@ -102,7 +102,7 @@ pub fn render(
     if let Some(number) = &workload.project_number {
         node["metadata"]["MESH_ID"] = json!(format!("proj-{number}"));
     }
-    node["metadata"]["CLUSTER_ID"] = json!(workload.cluster_id());
+    node["metadata"]["CLUSTER_ID"] = json!(workload.cluster_id);
     if let Some(zone) = zone {
         // GCE zones are `<region>-<letter>`.
         let region = zone.rsplit_once('-').map_or(zone, |(region, _)| region);

@@ -32,7 +32,7 @@ pub fn tenant(config: &Config, mesh_env: &BTreeMap<String, String>) -> Option<St
 /// accept the trust domain as audience).
 pub fn oss_istio(config: &Config, mesh_env: &BTreeMap<String, String>) -> bool {
     config.oss_istio.as_ref().map_or_else(
-        || tenant(config, mesh_env).is_none_or(|t| t == "-"),
+        || !is_managed(tenant(config, mesh_env).as_deref()),
         |s| s.value,
     )
 }
@@ -64,6 +64,20 @@ pub struct Workload {
     pub cluster_location: Option<String>,
     /// Trust domain.
     pub trust_domain: Option<String>,
+    /// The cluster id istiod knows this workload by (see [`Workload::resolve`]), for
+    /// pilot-agent's `ISTIO_META_CLUSTER_ID`, the proxyless node and krun's own CA request.
+    pub cluster_id: String,
+}
+
+/// The cluster id krun's own CA request carries, decided as for the agent (see
+/// [`Workload::resolve`]): one decision for both, so istiod sees one cluster id per workload.
+pub fn cluster_id(config: &Config, inputs: &AgentInputs, env: &Env) -> String {
+    Workload::resolve(config, inputs, env, None, 0).cluster_id
+}
+
+/// True for a managed control plane tenant (not empty, not `-`, which means in-cluster istiod).
+fn is_managed(tenant: Option<&str>) -> bool {
+    tenant.is_some_and(|t| !t.is_empty() && t != "-")
 }
 
 impl Workload {
@@ -71,6 +85,11 @@ impl Workload {
     /// the machine's host name (POD_NAME fallback when `HOSTNAME` is unset, where
     /// cloud-run-mesh left POD_NAME empty) and `now_secs` the current Unix time (last-resort pod
     /// name suffix).
+    ///
+    /// The cluster id is the user's `ISTIO_META_CLUSTER_ID`, else the managed control plane's
+    /// `cn-<project>-<location>-<cluster>` with a tenant, else istiod's default `Kubernetes`
+    /// (istiod accepts a CSR's cluster id only if it is its own or an alias, and the GKE
+    /// cluster name is neither).
     pub fn resolve(
         config: &Config,
         inputs: &AgentInputs,
@@ -99,6 +118,22 @@ impl Workload {
             pick(config.project_id.as_ref(), &inputs.project_id).or_else(|| mesh_env("PROJECT_ID"));
         let trust_domain = pick(config.trust_domain.as_ref(), &inputs.trust_domain)
             .or_else(|| project_id.as_ref().map(|p| format!("{p}.svc.id.goog")));
+        let tenant = tenant(config, &inputs.mesh_env);
+        let cluster_name = pick(config.cluster_name.as_ref(), &inputs.cluster_name)
+            .or_else(|| mesh_env("CLUSTER_NAME"));
+        let cluster_location = pick(config.cluster_location.as_ref(), &inputs.cluster_location)
+            .or_else(|| mesh_env("CLUSTER_LOCATION"));
+        let part = |v: &Option<String>| v.clone().unwrap_or_default();
+        let cluster_id = match env.get("ISTIO_META_CLUSTER_ID").filter(|v| !v.is_empty()) {
+            Some(user) => user.to_owned(),
+            None if is_managed(tenant.as_deref()) => format!(
+                "cn-{}-{}-{}",
+                part(&project_id),
+                part(&cluster_location),
+                part(&cluster_name)
+            ),
+            None => ISTIOD_CLUSTER_ID.to_owned(),
+        };
         Workload {
             revision: revision.unwrap_or_else(|| "v1".to_owned()),
             pod_name,
@@ -108,13 +143,12 @@ impl Workload {
                 .gateway_name
                 .as_ref()
                 .map(|s| s.value.clone()),
-            tenant: tenant(config, &inputs.mesh_env),
+            tenant,
             project_number: pick(config.project_number.as_ref(), &inputs.project_number)
                 .or_else(|| mesh_env("PROJECT_NUMBER")),
-            cluster_name: pick(config.cluster_name.as_ref(), &inputs.cluster_name)
-                .or_else(|| mesh_env("CLUSTER_NAME")),
-            cluster_location: pick(config.cluster_location.as_ref(), &inputs.cluster_location)
-                .or_else(|| mesh_env("CLUSTER_LOCATION")),
+            cluster_name,
+            cluster_location,
+            cluster_id,
             project_id,
             trust_domain,
             namespace,
@@ -122,26 +156,9 @@ impl Workload {
         }
     }
 
-    /// The cluster id istiod knows this workload by (`ISTIO_META_CLUSTER_ID`): the managed
-    /// control plane's `cn-<project>-<location>-<cluster>` with a tenant, else istiod's
-    /// default `Kubernetes` (istiod accepts a CSR's cluster id only if it is its own or an
-    /// alias, and the GKE cluster name is neither).
-    pub fn cluster_id(&self) -> String {
-        if !self.has_tenant() {
-            return ISTIOD_CLUSTER_ID.to_owned();
-        }
-        let part = |v: &Option<String>| v.clone().unwrap_or_default();
-        format!(
-            "cn-{}-{}-{}",
-            part(&self.project_id),
-            part(&self.cluster_location),
-            part(&self.cluster_name)
-        )
-    }
-
     /// True when a managed control plane tenant is configured (not empty, not `-`).
     pub fn has_tenant(&self) -> bool {
-        self.tenant.as_deref().is_some_and(|t| t != "-")
+        is_managed(self.tenant.as_deref())
     }
 }
 
@@ -206,6 +223,40 @@ mod tests {
         assert_eq!(w.trust_domain.as_deref(), Some("discovered.svc.id.goog"));
         assert!(w.has_tenant());
         assert!(!workload(&[("MESH_TENANT", "-")], &inputs, None).has_tenant());
+    }
+
+    /// One cluster id for the agent and krun's CA request: the user's, else the managed
+    /// control plane's with a tenant, else istiod's default.
+    #[test]
+    fn cluster_id_is_the_users_else_the_managed_one_else_istiods_default() {
+        let id = |pairs: &[(&str, &str)]| {
+            let env = env(pairs);
+            let config = Config::from_env(&env).expect("valid env");
+            cluster_id(&config, &AgentInputs::default(), &env)
+        };
+        let gke = [
+            ("PROJECT_ID", "p"),
+            ("CLUSTER_LOCATION", "us-central1"),
+            ("CLUSTER_NAME", "c"),
+        ];
+        assert_eq!(id(&gke), ISTIOD_CLUSTER_ID);
+        assert_eq!(
+            id(&[gke[0], gke[1], gke[2], ("MESH_TENANT", "-")]),
+            "Kubernetes"
+        );
+        assert_eq!(
+            id(&[gke[0], gke[1], gke[2], ("MESH_TENANT", "t1")]),
+            "cn-p-us-central1-c"
+        );
+        assert_eq!(
+            id(&[
+                gke[0],
+                ("MESH_TENANT", "t1"),
+                ("ISTIO_META_CLUSTER_ID", "east")
+            ]),
+            "east"
+        );
+        assert_eq!(id(&[("ISTIO_META_CLUSTER_ID", "")]), ISTIOD_CLUSTER_ID);
     }
 
     /// The istio-token audience: `istio-ca` for open-source istiod unless a managed tenant is

@@ -14,7 +14,9 @@
 //! (<https://github.com/istio/istio/tree/master/pilot/cmd/pilot-agent>): `POD_NAME` and
 //! `POD_NAMESPACE` (its node id), a `PROXY_CONFIG` that parses (YAML or JSON) with a `discoveryAddress`, the
 //! istiod root at `./var/run/secrets/istio/root-cert.pem` for XDS and CA unless system roots
-//! are chosen (`XDS_ROOT_CA`/`CA_ROOT_CA=SYSTEM`, `PILOT_CERT_PROVIDER=system`), and writable
+//! are chosen (`XDS_ROOT_CA`/`CA_ROOT_CA=SYSTEM`, `PILOT_CERT_PROVIDER=system`), a readable
+//! istio-token at `./var/run/secrets/tokens/istio-token` when `JWT_POLICY` is unset or
+//! `third-party-jwt` (its default), and writable
 //! `./etc/istio/proxy` and `OUTPUT_CERTS`. With `ISTIO_META_DNS_CAPTURE=true` it relays DNS on
 //! udp 127.0.0.1:15053 to the first `/etc/resolv.conf` nameserver, printing `standin
 //! pilot-agent relayed a DNS query` per query.
@@ -237,6 +239,13 @@ fn agent_preflight() -> Result<(), String> {
         return Err(format!(
             "failed to read the root certificate for XDS and CA: open {root}: no such file or directory"
         ));
+    }
+    // Its default JWT policy: the CA and XDS clients authenticate with the istio-token.
+    let jwt_policy = var("JWT_POLICY");
+    if jwt_policy.as_deref().is_none_or(|p| p == "third-party-jwt") {
+        let token = "./var/run/secrets/tokens/istio-token";
+        std::fs::read(token)
+            .map_err(|e| format!("failed to get credential token: open {token}: {e}"))?;
     }
     let mut dirs = vec!["./etc/istio/proxy".to_owned()];
     dirs.extend(var("OUTPUT_CERTS"));
