@@ -7,6 +7,7 @@ use std::path::Path;
 
 use krun::capture::rules::{Family, Rules};
 
+use krun_tests::fakes::kube::{self, FakeKube};
 use krun_tests::fakes::pki::TestCa;
 use krun_tests::netns::Netns;
 use krun_tests::{Krun, TempDir, binary, testapp};
@@ -93,7 +94,8 @@ fn applying_twice_is_idempotent_and_cleanup_removes_exactly_ours() {
     let before = ns.save();
     let agent = TempDir::new("idem-agent");
     let run = |cleanup: &str| {
-        let done = with_agent(krun_in(&ns), &agent)
+        let (krun, _kube) = with_agent(krun_in(&ns), &ns, &agent);
+        let done = krun
             .env("KRUN_CAPTURE_DNS", "true")
             .env("KRUN_CAPTURE_CLEANUP", cleanup)
             .args(["--", "true"])
@@ -116,8 +118,16 @@ fn applying_twice_is_idempotent_and_cleanup_removes_exactly_ours() {
         ns.exec(&["ip6tables-save", "-t", "nat"])
             .contains("-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN")
     );
+    // Envoy's IPv6 inbound passthrough source, on lo as istio-iptables puts it.
+    let lo = ns.exec(&["ip", "-6", "addr", "show", "dev", "lo"]);
+    assert!(lo.contains("inet6 ::6/128"), "{lo}");
     run("false");
     assert_eq!(ns.save(), first, "the second apply changed the ruleset");
+    assert_eq!(
+        ns.exec(&["ip", "-6", "addr", "show", "dev", "lo"]),
+        lo,
+        "the second apply changed lo's addresses"
+    );
     let done = run("true");
     assert!(done.has_line("capture rules removed"));
     assert_eq!(ns.save(), before);
@@ -125,12 +135,27 @@ fn applying_twice_is_idempotent_and_cleanup_removes_exactly_ours() {
 }
 
 /// pilot-agent (the stand-in, which relays DNS on 15053 like the real one) with an XDS
-/// address verified by system roots, so DNS capture has a DNS server.
-fn with_agent(krun: Krun, dir: &TempDir) -> Krun {
-    krun.env("MESH_BASE_DIR", dir.join(""))
+/// address verified by system roots, so DNS capture has a DNS server, and a fake K8s API in
+/// `ns` (KUBECONFIG) for the istio-token it authenticates with; keep the API while krun runs.
+fn with_agent(krun: Krun, ns: &Netns, dir: &TempDir) -> (Krun, FakeKube) {
+    let _ = krun_tests::fakes::server::runtime();
+    let netns = format!("/var/run/netns/{}", ns.wrapper()[3]);
+    let kube = std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns).expect("open the named netns");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        kube::start(Some(BTreeMap::new()))
+    })
+    .join()
+    .expect("netns thread");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, kube.kubeconfig()).expect("kubeconfig");
+    let krun = krun
+        .env("MESH_BASE_DIR", dir.join(""))
         .env("KRUN_PILOT_AGENT_PATH", binary("pilot-agent"))
         .env("KRUN_ENVOY_PATH", binary("envoy"))
         .env("XDS_ADDR", "istiod.example:443")
+        .env("KUBECONFIG", &kubeconfig);
+    (krun, kube)
 }
 
 /// DNS capture answers through the resolver: the app's query to the resolv.conf nameserver (a
@@ -144,7 +169,8 @@ fn dns_capture_answers_through_the_resolver_without_a_loop() {
     ns.resolv_conf("nameserver 127.0.0.53\n");
     ns.exec(&["ip", "addr", "add", "10.53.0.1/32", "dev", "lo"]);
     let agent = TempDir::new("dns-agent");
-    let done = with_agent(krun_in(&ns), &agent)
+    let (krun, _kube) = with_agent(krun_in(&ns), &ns, &agent);
+    let done = krun
         .env("KRUN_CAPTURE_DNS", "true")
         .args(app(&["dnsloop", "svc.example", "10.9.8.7"]))
         .run();

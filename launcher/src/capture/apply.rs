@@ -26,7 +26,7 @@ pub enum Backend {
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// A command could not start (not installed).
-    #[error("cannot run {program}: {cause}; install iptables in the image")]
+    #[error("cannot run {program}: {cause}; install iptables (and iproute2 for IPv6) in the image")]
     Spawn {
         /// The program.
         program: String,
@@ -100,11 +100,21 @@ pub fn has_ipv6() -> bool {
     std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|s| !s.trim().is_empty())
 }
 
-/// Installs `rules` for one family: reads the tables, then one atomic restore.
+/// Installs `rules` for one family: reads the tables, then one atomic restore. For IPv6 it
+/// also puts `::6/128` on `lo`, as istio-iptables does: Envoy's inbound passthrough binds that
+/// source, which the `-s ::6/128 -o lo` rule returns; without the address the bind fails.
+/// `replace` makes it idempotent.
 pub fn apply(tools: &Tools, rules: &Rules) -> Result<(), ApplyError> {
     let existing = run_now(&tools.save, &[], None)?;
     let input = rules.restore_input(tools.family, &existing);
     run_now(&tools.restore, &["--noflush", "-w"], Some(&input))?;
+    if tools.family == Family::V6 {
+        run_now(
+            "ip",
+            &["-6", "addr", "replace", "::6/128", "dev", "lo"],
+            None,
+        )?;
+    }
     Ok(())
 }
 
