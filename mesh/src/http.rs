@@ -96,7 +96,8 @@ impl HttpClient {
         ))
         .with_safe_default_protocol_versions()
         .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-        // ring supports the default versions; fall back to rustls' defaults all the same.
+        // ring supports the default versions, so this never fails; were it to, rustls picks its
+        // one compiled-in provider (ring: the workspace builds no other) for the fallback.
         .unwrap_or_else(|_| {
             rustls::ClientConfig::builder()
                 .with_root_certificates(rustls::RootCertStore::empty())
