@@ -225,6 +225,16 @@ impl Krun {
         Krun { command }
     }
 
+    /// Any other program (a sample script), with a clean environment: only `PATH`, then what
+    /// the scenario sets.
+    pub fn program(path: impl AsRef<std::ffi::OsStr>) -> Self {
+        let mut command = Command::new(path);
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        Krun { command }
+    }
+
     /// Sets an environment variable.
     pub fn env(mut self, name: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
         self.command.env(name, value);

@@ -53,7 +53,9 @@ async fn terminate(
     };
     let peer = hbone::tls::peer_identity(tls.get_ref().1);
     match &peer {
-        Some(id) if allowed.allows(id) => {}
+        Some(id) if allowed.allows(id) => {
+            tracing::debug!(%remote, peer = %id, "mesh mTLS terminated: peer verified");
+        }
         _ => {
             let denied_total = hbone::metrics::DENIED.increment();
             let who = peer.map_or_else(|| "no SPIFFE ID".to_owned(), |p| p.to_string());

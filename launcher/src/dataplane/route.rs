@@ -111,6 +111,7 @@ impl Router {
                     .connect(peer, Some(&expected), &target.to_string())
                     .await
                     .map_err(io::Error::other)?;
+                tracing::debug!(%target, %peer, verified = %expected, "outbound HBONE tunnel open");
                 Ok(Upstream {
                     io: Box::new(tunnel),
                     guard: Some(guard),
