@@ -1,4 +1,5 @@
-//! The tunnel server: HTTP/2 streams that become TCP connections.
+//! The tunnel server: HTTP/2 streams that become TCP connections (and, on the plain tunnel
+//! port, ordinary HTTP/1.1 or HTTP/2 requests passed to the app).
 //!
 //! Two request forms open a tunnel: Istio's `CONNECT host:port`
 //! (<https://istio.io/latest/docs/ambient/architecture/hbone/>) and cloud-run-mesh's
@@ -19,7 +20,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -130,10 +131,16 @@ pub struct Fallback {
 
 /// Serves tunnels on one listener until drained.
 ///
+/// Without TLS it speaks HTTP/2 (prior knowledge) and HTTP/1.1 on the same port, detected per
+/// connection, so a Cloud Run service deployed without `--use-http2` reaches the app too;
+/// tunnels need HTTP/2 and are refused (400) over HTTP/1.1. With TLS it speaks HTTP/2 only.
+///
 /// Its bounds ([`TunnelServer::with_bounds`]): at most `max_connections` connections; a new
 /// connection must finish its handshake (mTLS when configured) and send its first request
-/// headers within `handshake_timeout`; a connection with no open stream for `idle_timeout` is
-/// sent GOAWAY; streams per connection and header sizes are bounded by [`H2Settings`].
+/// headers within `handshake_timeout`; a connection with no open stream (HTTP/2) or request
+/// (HTTP/1.1) for `idle_timeout` is shut down gracefully; streams per connection and header
+/// sizes are bounded by [`H2Settings`], HTTP/1.1 request heads by
+/// [`crate::settings::MAX_HTTP1_HEAD_BYTES`] and [`crate::settings::MAX_HTTP1_HEADERS`].
 pub struct TunnelServer {
     router: Arc<dyn Router>,
     settings: H2Settings,
@@ -150,7 +157,8 @@ pub struct TunnelServer {
 }
 
 impl TunnelServer {
-    /// A server routing with `router`; h2c unless [`TunnelServer::with_tls`] is used.
+    /// A server routing with `router`; h2c or HTTP/1.1 unless [`TunnelServer::with_tls`] is
+    /// used.
     pub fn new(router: Arc<dyn Router>, settings: H2Settings) -> Self {
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
         TunnelServer {
@@ -240,7 +248,7 @@ impl TunnelServer {
                     local,
                     remote,
                 };
-                self.serve_h2(stream, ctx, remote, deadline, drain).await
+                self.serve_http(stream, ctx, remote, deadline, drain).await
             }
             Some(mesh) => {
                 let config = mesh.config.borrow().clone();
@@ -268,15 +276,18 @@ impl TunnelServer {
                     local,
                     remote,
                 };
-                self.serve_h2(tls_stream, ctx, remote, deadline, drain)
+                self.serve_http(tls_stream, ctx, remote, deadline, drain)
                     .await
             }
         }
     }
 
-    /// Serves HTTP/2 on `io`: closed if no request arrives by `deadline`, sent GOAWAY once no
-    /// stream was open for the idle timeout or on drain.
-    async fn serve_h2<IO>(
+    /// Serves one connection: HTTP/2 only on mTLS listeners (ALPN h2); on the plain tunnel
+    /// port HTTP/2 (prior knowledge) or HTTP/1.1, told apart by the first bytes (Cloud Run
+    /// sends HTTP/1.1 unless the service is deployed with `--use-http2`). Closed if no request
+    /// arrives by `deadline`; shut down gracefully once no request or stream was open for the
+    /// idle timeout, or on drain.
+    async fn serve_http<IO>(
         self: &Arc<Self>,
         io: IO,
         ctx: StreamContext,
@@ -299,9 +310,13 @@ impl TunnelServer {
                 async move { Ok::<_, Infallible>(server.handle_request(req, &ctx, busy).await) }
             })
         };
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if self.tls.is_some() {
+            builder = builder.http2_only();
+        }
         let s = &self.settings;
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
+            .http2()
             .initial_stream_window_size(s.stream_window)
             .initial_connection_window_size(s.connection_window)
             .max_frame_size(s.max_frame_size)
@@ -310,7 +325,18 @@ impl TunnelServer {
             .max_send_buf_size(s.stream_window as usize)
             .keep_alive_interval(s.keepalive_interval)
             .keep_alive_timeout(s.keepalive_timeout)
-            .timer(hyper_util::rt::TokioTimer::new());
+            .timer(TokioTimer::new());
+        // The first request's head is bounded by `deadline` below, on both protocols. hyper
+        // starts the header read timer as soon as a kept-alive connection waits for its next
+        // request, so it is the idle timeout: an idle HTTP/1.1 connection lives as long as an
+        // HTTP/2 one without streams (closing it sooner races with the peer reusing it).
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(self.bounds.idle_timeout)
+            .max_buf_size(crate::settings::MAX_HTTP1_HEAD_BYTES)
+            .max_headers(crate::settings::MAX_HTTP1_HEADERS);
         let connection = builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(connection);
         tokio::select! {
@@ -421,17 +447,24 @@ impl TunnelServer {
         }
         // The mesh client-cert header is only trustworthy when the mesh proxy sets it.
         req.headers_mut().remove("x-forwarded-client-cert");
+        remove_hop_by_hop(req.headers_mut());
         *req.version_mut() = http::Version::HTTP_11;
         match self.client.request(req).await {
-            Ok(response) => response.map(|b| {
-                b.map_err(|e| Box::new(e) as Box<dyn StdError + Send + Sync>)
-                    .map_frame(move |frame| {
-                        // The response is in progress until its body has been sent.
-                        let _busy = &busy;
-                        frame
-                    })
-                    .boxed()
-            }),
+            Ok(mut response) => {
+                // The client's connection is ours, not the app's: an HTTP/1.0 app or its
+                // `Connection: close` must not end a kept-alive HTTP/1.1 client connection.
+                remove_hop_by_hop(response.headers_mut());
+                *response.version_mut() = http::Version::HTTP_11;
+                response.map(|b| {
+                    b.map_err(|e| Box::new(e) as Box<dyn StdError + Send + Sync>)
+                        .map_frame(move |frame| {
+                            // The response is in progress until its body has been sent.
+                            let _busy = &busy;
+                            frame
+                        })
+                        .boxed()
+                })
+            }
             Err(e) => error_response(&Refusal::new(
                 StatusCode::BAD_GATEWAY,
                 format!("app unreachable: {e}"),
@@ -475,8 +508,45 @@ impl TunnelServer {
     }
 }
 
+/// Removes the headers that describe one connection rather than the message (RFC 9110
+/// section 7.6.1: `Connection` and the fields it names, and the hop-by-hop fields): each side
+/// of the public path is its own connection, and HTTP/1.1 clients send them.
+fn remove_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| http::HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        http::header::CONNECTION,
+        http::HeaderName::from_static("keep-alive"),
+        http::HeaderName::from_static("proxy-connection"),
+        http::header::TE,
+        http::header::TRANSFER_ENCODING,
+        http::header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
 /// `Some(target)` for tunnel requests, `None` for other requests, or a refusal.
 fn parse_target(req: &Request<Incoming>) -> Result<Option<Target>, Refusal> {
+    let tunnel = req.method() == Method::CONNECT || req.uri().path().starts_with(HBONE_PATH);
+    if tunnel && req.version() != http::Version::HTTP_2 {
+        // A tunnel is a stream beside others on one connection; HTTP/1.1 has no such thing.
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "HBONE tunnels need HTTP/2 (h2c prior knowledge); this request came over {:?}",
+                req.version()
+            ),
+        ));
+    }
     if req.method() == Method::CONNECT {
         let bad = || {
             Refusal::new(
@@ -565,7 +635,7 @@ fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
-fn log_connection_end(result: Result<(), hyper::Error>) {
+fn log_connection_end(result: Result<(), Box<dyn StdError + Send + Sync>>) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "tunnel connection ended with an error");
     }

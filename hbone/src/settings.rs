@@ -4,6 +4,13 @@
 
 use std::time::Duration;
 
+/// Largest HTTP/1.1 request head (request line and headers) a server accepts: 64 KiB, as
+/// [`H2Settings::max_header_list_size`] on HTTP/2; beyond it hyper answers 431.
+pub const MAX_HTTP1_HEAD_BYTES: usize = 64 << 10;
+
+/// Most header fields in one HTTP/1.1 request a server accepts (hyper's default, stated).
+pub const MAX_HTTP1_HEADERS: usize = 100;
+
 /// Flow control, framing and keepalive of every HBONE connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct H2Settings {

@@ -19,6 +19,30 @@ pub mod netns;
 /// How long any single wait may take before the test is declared hung.
 pub const HANG_GUARD: Duration = Duration::from_secs(60);
 
+/// Reads `conn` until the server closes it (EOF or a reset) and returns what it sent before;
+/// panics naming `what` if it is still open after the hang guard.
+pub fn read_until_closed(conn: &mut std::net::TcpStream, what: &str) -> Vec<u8> {
+    conn.set_read_timeout(Some(HANG_GUARD))
+        .expect("read timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match std::io::Read::read(conn, &mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("{what} still open after {HANG_GUARD:?}")
+            }
+            Err(_) => return got,
+        }
+    }
+}
+
 /// Path of a binary built by this workspace (`krun`, `hgate`, `krun-testapp`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");

@@ -12,7 +12,8 @@ use std::path::Path;
 use krun_tests::fakes::pki::{ClientFiles, TestCa};
 use krun_tests::netns::Netns;
 use krun_tests::{
-    HANG_GUARD, Krun, Running, TempDir, free_port, hbone_client, sni_client, testapp,
+    HANG_GUARD, Krun, Running, TempDir, free_port, hbone_client, read_until_closed, sni_client,
+    testapp,
 };
 use nix::sys::signal::Signal;
 
@@ -108,24 +109,7 @@ fn idle_connections(addr: SocketAddr) -> Vec<TcpStream> {
 /// first, such as HTTP/2's SETTINGS, is read and dropped).
 fn assert_all_closed(connections: Vec<TcpStream>, listener: &str) {
     for (i, mut conn) in connections.into_iter().enumerate() {
-        conn.set_read_timeout(Some(HANG_GUARD))
-            .expect("read timeout");
-        let mut buf = [0u8; 4096];
-        loop {
-            match conn.read(&mut buf) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    panic!("{listener}: idle connection {i} still open after {HANG_GUARD:?}")
-                }
-                Err(_) => break,
-            }
-        }
+        read_until_closed(&mut conn, &format!("{listener}: idle connection {i}"));
     }
 }
 

@@ -31,10 +31,15 @@ fn echo_behind_tunnel(extra: &[(&str, &str)]) -> (Running, u16, u16) {
 }
 
 fn curl_post(tunnel: u16, path: &str, data: &str) -> (String, String) {
+    curl_post_over(tunnel, path, data, "--http2-prior-knowledge")
+}
+
+/// `curl_post` with the HTTP version chosen by curl's `protocol` flag.
+fn curl_post_over(tunnel: u16, path: &str, data: &str, protocol: &str) -> (String, String) {
     let out = Command::new("curl")
         .args([
             "-sS",
-            "--http2-prior-knowledge",
+            protocol,
             "-o",
             "-",
             "-w",
@@ -111,6 +116,86 @@ fn with_the_opt_in_curl_and_python_reach_the_app_and_other_ports_are_refused() {
     assert_echo_served(&done, 4);
 }
 
+/// What the server sent on `conn` before closing it, as text.
+fn answer_then_close(conn: &mut TcpStream) -> String {
+    String::from_utf8_lossy(&krun_tests::read_until_closed(conn, "HTTP/1.1 connection"))
+        .into_owned()
+}
+
+#[test]
+fn http1_on_the_tunnel_port_is_bounded_as_http2_is() {
+    let (app, tunnel) = (free_port(), free_port());
+    let mut krun = Krun::new()
+        .env("PORT_http", app.to_string())
+        .env("KRUN_TUNNEL_PORT", tunnel.to_string())
+        .env("KRUN_PUBLIC_HTTP", "true")
+        .env("KRUN_HANDSHAKE_TIMEOUT", "1s")
+        .env("KRUN_IDLE_TIMEOUT", "1s")
+        .args(["python3", "-m", "http.server", &app.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .start();
+    krun.wait_for_line("tunnel port open");
+    let connect = || TcpStream::connect(("127.0.0.1", tunnel)).expect("connect");
+    // A request head that never ends is closed at the handshake timeout, unanswered.
+    let mut slow = connect();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .expect("write");
+    assert_eq!(answer_then_close(&mut slow), "");
+    // A head beyond 64 KiB is refused.
+    let mut large = connect();
+    let filler = "a".repeat(70 << 10);
+    write!(
+        large,
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Filler: {filler}\r\n\r\n"
+    )
+    .expect("write");
+    let answer = answer_then_close(&mut large);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // A kept-alive connection is answered, then closed once it idled for the idle timeout.
+    let mut kept = connect();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let answer = answer_then_close(&mut kept);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!answer.contains("onnection: close"), "{answer}");
+    krun.signal(Signal::SIGTERM);
+    krun.finish();
+}
+
+#[test]
+fn tunnels_over_http1_are_refused_naming_http2_before_any_dial() {
+    let (krun, app, tunnel) = echo_behind_tunnel(&[]);
+    let (body, status) = curl_post_over(tunnel, &format!("/_hbone/{app}"), "x", "--http1.1");
+    assert_eq!(status, "400", "{body}");
+    assert!(
+        body.contains("HBONE tunnels need HTTP/2") && body.contains("HTTP/1.1"),
+        "{body}"
+    );
+    // curl as an HTTP/1.1 proxy client: `CONNECT host:port HTTP/1.1`.
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_connect}", "-p", "-x"])
+        .arg(format!("http://127.0.0.1:{tunnel}"))
+        .arg(format!("http://127.0.0.1:{app}/"))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "400");
+    // The same tunnel over HTTP/2 is allowed: the refusals were about the protocol.
+    assert_eq!(
+        curl_post(tunnel, &format!("/_hbone/{app}"), "over h2c"),
+        ("over h2c".into(), "200".into())
+    );
+    krun.signal(Signal::SIGTERM);
+    let done = krun.finish();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(
+        done.has_line("HBONE tunnels need HTTP/2"),
+        "{}",
+        done.text()
+    );
+    // krun's readiness probe and the HTTP/2 tunnel: the refused ones never dialed the app.
+    assert_echo_served(&done, 2);
+}
+
 #[test]
 fn half_close_and_256_mib_arrive_byte_exact() {
     let dir = TempDir::new("large");
@@ -183,20 +268,32 @@ fn plain_http_on_the_tunnel_port_reaches_the_app_unless_turned_off() {
         krun.wait_for_line("tunnel port open");
         krun
     };
-    let get = || {
+    let get = |protocol: &str, urls: usize| {
+        let url = format!("http://127.0.0.1:{tunnel}/index.html");
         let out = Command::new("curl")
-            .args(["-s", "--http2-prior-knowledge", "-w", "\n%{http_code}"])
-            .arg(format!("http://127.0.0.1:{tunnel}/index.html"))
+            .args(["-s", protocol, "-w", " %{http_code} %{num_connects}\n"])
+            .args(std::iter::repeat_n(&url, urls))
             .output()
             .expect("curl");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let krun = start("true");
-    assert_eq!(get(), "hello from the app\n200");
+    assert_eq!(
+        get("--http2-prior-knowledge", 1),
+        "hello from the app 200 1\n"
+    );
+    // Two requests, one connection: the HTTP/1.0 app's answer does not end the client's
+    // kept-alive HTTP/1.1 connection.
+    assert_eq!(
+        get("--http1.1", 2),
+        "hello from the app 200 1\nhello from the app 200 0\n"
+    );
     krun.signal(Signal::SIGTERM);
     krun.finish();
     let krun = start("false");
-    assert!(get().ends_with("404"));
+    for protocol in ["--http2-prior-knowledge", "--http1.1"] {
+        assert!(get(protocol, 1).contains(" 404 "), "{protocol}");
+    }
     krun.signal(Signal::SIGTERM);
     krun.finish();
 }

@@ -5,7 +5,7 @@
 //! to the peer's 15008 (peer verified to be in the trust domain), others directly.
 //!
 //! Bounds: request headers must arrive within the handshake timeout (also between requests on
-//! a kept-alive connection) and fit in [`MAX_HEADER_BYTES`]; connections, tunnels included, are
+//! a kept-alive connection) and fit in [`MAX_HTTP1_HEAD_BYTES`]; connections, tunnels included, are
 //! capped; a tunnel that carries nothing for the idle timeout is closed.
 
 use std::convert::Infallible;
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hbone::idle::pipe;
 use hbone::listen::{Bounds, serve_each};
+use hbone::settings::{MAX_HTTP1_HEAD_BYTES, MAX_HTTP1_HEADERS};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -26,12 +27,6 @@ use tokio_util::sync::CancellationToken;
 use super::route::Router;
 
 type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Largest request head (request line and headers) accepted: 64 KiB, as on HTTP/2
-/// ([`hbone::H2Settings::max_header_list_size`]); beyond it hyper answers 431.
-const MAX_HEADER_BYTES: usize = 64 << 10;
-/// Most header fields in one request (hyper's default, stated).
-const MAX_HEADERS: usize = 100;
 
 /// Held by every tunnel of a connection: the connection's slot under the cap is kept until
 /// the last sender is dropped.
@@ -64,8 +59,8 @@ pub async fn serve(listener: TcpListener, outbound: Outbound, drain: Cancellatio
                 .preserve_header_case(true)
                 .timer(TokioTimer::new())
                 .header_read_timeout(handshake_timeout)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .max_headers(MAX_HEADERS)
+                .max_buf_size(MAX_HTTP1_HEAD_BYTES)
+                .max_headers(MAX_HTTP1_HEADERS)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()
                 .await;
