@@ -5,38 +5,53 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use hbone::listen::ConnectionLimit;
+use hbone::listen::{ConnectionLimit, serve_each};
 
 use crate::gate::{NO_ROUTE, TUNNELLED};
 
-/// Serves the admin endpoint forever; `ready` is the readiness state.
-pub async fn serve(listener: TcpListener, ready: watch::Receiver<bool>, sni: Arc<ConnectionLimit>) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
+/// How long a client of the admin endpoint may take to send a request's headers (and to send
+/// the next one on a kept-alive connection): probes and scrapers answer in milliseconds, and a
+/// connection that sends nothing must not hold one of `limit`'s slots.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the admin endpoint until the process ends, at most `limit` connections at once;
+/// `ready` is the readiness state, `sni` the SNI listener's counters.
+pub async fn serve(
+    listener: TcpListener,
+    limit: ConnectionLimit,
+    ready: watch::Receiver<bool>,
+    sni: Arc<ConnectionLimit>,
+) {
+    // The admin endpoint answers until hgate exits, through the drain too (readiness says 503).
+    let never = CancellationToken::new();
+    serve_each(listener, &limit, &never, |tcp, _| {
         let ready = ready.clone();
         let sni = sni.clone();
-        tokio::spawn(async move {
+        async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let answer = answer(req.uri().path(), *ready.borrow(), &sni);
                 async move { Ok::<_, Infallible>(answer) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 fn answer(path: &str, ready: bool, sni: &ConnectionLimit) -> Response<Full<Bytes>> {

@@ -69,7 +69,7 @@ mesh::settings! {
         /// How long SIGTERM waits for open connections.
         drain_timeout: Setting<Duration> = HGATE_DRAIN_TIMEOUT =>
             parse(duration).or_default(Duration::from_secs(30)),
-        /// Concurrent connections (SNI and istiod each).
+        /// Concurrent connections (SNI, istiod and admin each).
         max_connections: Setting<usize> = HGATE_MAX_CONNECTIONS =>
             parse(values::positive).or_default(10_000),
         /// ID token source.

@@ -68,7 +68,13 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
 
     let admin_listener = bind(config.admin_addr.value, "HGATE_ADMIN_ADDR").await?;
     tracing::info!(addr = %local(&admin_listener), "admin endpoint ready");
-    tokio::spawn(admin::serve(admin_listener, ready_rx, sni_limit.clone()));
+    let admin_limit = ConnectionLimit::new("admin", "HGATE_MAX_CONNECTIONS", max);
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin_limit,
+        ready_rx,
+        sni_limit.clone(),
+    ));
     let sni_listener = bind(config.sni_addr.value, "HGATE_SNI_ADDR").await?;
     let mut tasks = Vec::new();
     tracing::info!(addr = %local(&sni_listener), "SNI listener ready");
