@@ -18,10 +18,6 @@ pub const WHITEBOX_PROXY_PORT: u16 = 15007;
 pub const HBONE_PORT: u16 = 15008;
 /// krun's tunnel port: the Cloud Run container port of a meshed service (h2c and HTTP/1.1).
 pub const TUNNEL_PORT: u16 = 15009;
-/// pilot-agent's status port (`/healthz/ready`).
-pub const AGENT_STATUS_PORT: u16 = 15021;
-/// krun's admin port, on loopback.
-pub const KRUN_ADMIN_PORT: u16 = 15030;
 /// The DNS proxy port (pilot-agent's, or krun's builtin).
 pub const DNS_PORT: u16 = 15053;
 /// pilot-agent's STS port for Envoy.

@@ -17,6 +17,7 @@ use std::time::Duration;
 use mesh::config::table::{Show, parse, text};
 use mesh::config::{ConfigError, Env, Inputs, Layer, Merge, MeshConfig, Printer, Setting, values};
 use mesh::identity::SpiffeId;
+use mesh::istio;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -26,10 +27,6 @@ use rules::{Ports, StartupProbes};
 pub const KRUN_PREFIX: &str = "KRUN_";
 /// Default app port (`PORT_http`): Cloud Run's default container port.
 pub const DEFAULT_APP_PORT: u16 = 8080;
-/// Default tunnel port: the Cloud Run container port of a meshed service.
-pub const DEFAULT_TUNNEL_PORT: u16 = 15009;
-/// Default Istio HBONE port.
-pub const DEFAULT_HBONE_PORT: u16 = 15008;
 /// Default drain budget: inside Cloud Run's 10 s between SIGTERM and SIGKILL.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 /// Default app readiness budget: Cloud Run's 240 s startup window.
@@ -39,12 +36,16 @@ pub const DEFAULT_APP_READY_TIMEOUT: Duration = Duration::from_secs(240);
 /// after a fixed 10 s, which broke such starts).
 pub const DEFAULT_AGENT_READY_TIMEOUT: Duration = Duration::from_secs(240);
 /// Default outbound HTTP CONNECT proxy of the builtin data plane (the whitebox proxy port).
-pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15007));
+pub const DEFAULT_OUTBOUND_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
+    Ipv4Addr::LOCALHOST,
+    istio::WHITEBOX_PROXY_PORT,
+));
 /// Default outbound capture listener: iptables REDIRECT of locally generated traffic lands
 /// on 127.0.0.1, so loopback is enough and nothing outside the container can reach it.
-pub const DEFAULT_CAPTURE_ADDR: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001));
+pub const DEFAULT_CAPTURE_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
+    Ipv4Addr::LOCALHOST,
+    istio::OUTBOUND_CAPTURE_PORT,
+));
 /// Default handshake deadline: generous for a TLS handshake and a first request over a slow
 /// link, short enough that idle connections cannot pile up.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,10 +97,10 @@ mesh::settings! {
             StartupProbes,
         /// h2c tunnel port.
         tunnel_port: Setting<u16> = KRUN_TUNNEL_PORT =>
-            parse(values::port).or_default(DEFAULT_TUNNEL_PORT),
+            parse(values::port).or_default(istio::TUNNEL_PORT),
         /// HBONE mTLS port; 0 disables.
         hbone_port: Setting<u16> = KRUN_HBONE_PORT =>
-            parse(values::port).or_default(DEFAULT_HBONE_PORT),
+            parse(values::port).or_default(istio::HBONE_PORT),
         /// Data plane choice.
         dataplane: Setting<DataPlane> = KRUN_DATAPLANE =>
             parse(DataPlane::parse).or_default(DataPlane::Auto),
@@ -141,7 +142,7 @@ mesh::settings! {
                 .or_default(DEFAULT_OUTBOUND_ADDR),
         /// HBONE port of mesh peers reached through the outbound proxy.
         hbone_peer_port: Setting<u16> = KRUN_HBONE_PEER_PORT =>
-            parse(values::port).or_default(DEFAULT_HBONE_PORT),
+            parse(values::port).or_default(istio::HBONE_PORT),
         /// Where the builtin data plane accepts captured outbound connections; its port is the
         /// iptables REDIRECT target.
         capture_addr: Setting<SocketAddr> = KRUN_CAPTURE_ADDR =>

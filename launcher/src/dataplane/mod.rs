@@ -39,7 +39,7 @@ use crate::config::{Config, DataPlane};
 use crate::supervisor::{FailHandle, Phase};
 use hbone::client::HboneClient;
 use mesh::config::Source;
-use mesh::istio::Interception;
+use mesh::istio::{self, Interception};
 use route::{Cidr, MeshHop, Router};
 
 /// The running mesh listeners.
@@ -133,9 +133,9 @@ impl MeshSide {
             )
             .await?;
             let illegal = vec![
-                15001,
-                15006,
-                crate::config::DEFAULT_HBONE_PORT,
+                istio::OUTBOUND_CAPTURE_PORT,
+                istio::INBOUND_CAPTURE_PORT,
+                istio::HBONE_PORT,
                 config.launcher.hbone_port.value,
                 config.launcher.tunnel_port.value,
                 MESH_INBOUND_PORT,
