@@ -10,6 +10,10 @@ use mesh::config::table::{Rule, Show, parse, text};
 use mesh::config::{ConfigError, Env, Inputs, LogFormat, Printer, Setting, values};
 use serde_json::{Value, json};
 
+/// hgate's default metadata server: by name, as GKE pods reach it (the default route's lookup
+/// races a DNS resolution of this name against the HTTP probe).
+pub const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
+
 /// Cloud Run's deterministic service URL, the mTLS terminator port. `{project_number}` and
 /// `{region}` are filled once at start ([`crate::default_route`]).
 pub const DEFAULT_ROUTE_TEMPLATE: &str =
@@ -86,7 +90,7 @@ mesh::settings! {
             parse(values::positive).or_default(10),
         /// Metadata server `host[:port]`.
         metadata_host: Setting<String> = GCE_METADATA_HOST =>
-            text().or_default("metadata.google.internal".to_owned()),
+            text().or_default(DEFAULT_METADATA_HOST.to_owned()),
         /// Kubernetes API use.
         kube: Setting<KubeMode> = HGATE_KUBE => parse(kube_mode).or_default(KubeMode::Auto),
         /// Kubeconfig path (outside a cluster).

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use mesh::config::{Setting, Source};
-use mesh::metadata::{METADATA_DNS_NAME, MetadataClient, Platform, ProbeOptions, paths};
+use mesh::metadata::{
+    METADATA_DNS_NAME, MetadataClient, Platform, ProbeOptions, last_segment, paths,
+};
 
 use crate::config::HgateConfig;
 
@@ -18,8 +20,6 @@ pub const REGION: &str = "{region}";
 
 /// Budget of each metadata request made while resolving.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
-/// The metadata host that has a well-known DNS name to race the HTTP probe against.
-const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
 
 /// Fills `{project_number}` and `{region}` of `HGATE_ROUTE_TEMPLATE` from
 /// `HGATE_CLOUD_RUN_PROJECT_NUMBER` / `HGATE_CLOUD_RUN_REGION`, asking the metadata server for
@@ -36,7 +36,8 @@ pub async fn resolve(config: &mut HgateConfig) -> Result<(), String> {
         let metadata = MetadataClient::new(&host, METADATA_TIMEOUT);
         let probe = ProbeOptions {
             timeout: METADATA_TIMEOUT,
-            dns_name: (host == DEFAULT_METADATA_HOST).then(|| METADATA_DNS_NAME.to_owned()),
+            dns_name: (host == crate::config::DEFAULT_METADATA_HOST)
+                .then(|| METADATA_DNS_NAME.to_owned()),
             wait_for_both: false,
         };
         if let Platform::NotGcp(why) = metadata.probe(&probe).await {
@@ -82,18 +83,13 @@ fn unresolved(why: &str) -> String {
     )
 }
 
-/// `projects/123/regions/us-central1` is `us-central1`.
-fn last_segment(value: &str) -> &str {
-    value.rsplit('/').next().unwrap_or(value)
-}
-
 /// `projects/123/zones/us-central1-a` (GKE's metadata has a zone, not a region) is
 /// `us-central1`.
 fn region_of_zone(zone: &str) -> Result<String, String> {
     let zone = last_segment(zone);
-    zone.rsplit_once('-')
-        .map(|(region, _)| region.to_owned())
+    mesh::metadata::region_of_zone(zone)
         .filter(|region| region.contains('-'))
+        .map(str::to_owned)
         .ok_or_else(|| unresolved(&format!("metadata zone {zone} is not REGION-ZONE")))
 }
 

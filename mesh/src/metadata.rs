@@ -147,6 +147,18 @@ pub enum Platform {
     NotGcp(NotGcp),
 }
 
+/// The last segment of a resource path the metadata server answers with:
+/// `projects/123/zones/us-central1-a` is `us-central1-a`.
+pub fn last_segment(value: &str) -> &str {
+    value.rsplit('/').next().unwrap_or(value)
+}
+
+/// The region part of a GCE zone name (`us-central1-a` is `us-central1`: zones are
+/// `<region>-<letter>`); `None` for a name with no `-`.
+pub fn region_of_zone(zone: &str) -> Option<&str> {
+    zone.rsplit_once('-').map(|(region, _)| region)
+}
+
 /// The DNS name of the metadata server on GCP (fully qualified, no search domains).
 pub const METADATA_DNS_NAME: &str = "metadata.google.internal.";
 /// The metadata server's link-local address.

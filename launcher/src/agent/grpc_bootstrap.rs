@@ -104,8 +104,7 @@ pub fn render(
     }
     node["metadata"]["CLUSTER_ID"] = json!(workload.cluster_id);
     if let Some(zone) = zone {
-        // GCE zones are `<region>-<letter>`.
-        let region = zone.rsplit_once('-').map_or(zone, |(region, _)| region);
+        let region = mesh::metadata::region_of_zone(zone).unwrap_or(zone);
         node["locality"] = json!({ "region": region, "zone": zone });
     }
     json!({

@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
 use crate::config::{ConfigError, Layer, Merge, MeshConfig, Setting, Source, names};
-use crate::metadata::{MetadataClient, MetadataError, NotGcp, Platform, ProbeOptions, paths};
+use crate::metadata::{
+    MetadataClient, MetadataError, NotGcp, Platform, ProbeOptions, last_segment, paths,
+};
 use gke::{Cluster, ClusterSelector, ContainerApi};
 use google_api::{ApiError, GoogleApi};
 use kube_client::KubeClientError;
@@ -491,7 +493,7 @@ impl<'a> Discoverer<'a> {
                     optional(td, paths::INSTANCE_IP),
                 );
                 Ok::<_, MetadataError>(InstanceFacts {
-                    zone: zone?.map(|z| last_segment(&z)),
+                    zone: zone?.map(|z| last_segment(&z).to_owned()),
                     id: id?,
                     ip: ip?,
                 })
@@ -532,7 +534,7 @@ impl<'a> Discoverer<'a> {
                 project_id: project_id?,
                 project_number: project_number?,
                 email: email?,
-                region: region?.map(|r| last_segment(&r)),
+                region: region?.map(|r| last_segment(&r).to_owned()),
                 cluster_name: cluster_name?,
                 cluster_location: cluster_location?,
                 instance: instance?,
@@ -740,11 +742,6 @@ fn namespace_from_email(email: &str) -> Option<String> {
         .strip_prefix("k8s-")
         .filter(|ns| !ns.is_empty())
         .map(str::to_owned)
-}
-
-/// `projects/123/regions/us-central1` is `us-central1`.
-fn last_segment(value: &str) -> String {
-    value.rsplit('/').next().unwrap_or(value).to_owned()
 }
 
 #[cfg(test)]
