@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Counter(AtomicU64);
 
 impl Counter {
-    const fn new() -> Self {
+    /// A counter at zero, for a `static` (other crates declare their own counters).
+    pub const fn new() -> Self {
         Counter(AtomicU64::new(0))
     }
 
@@ -20,6 +21,12 @@ impl Counter {
     /// The total so far.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Counter::new()
     }
 }
 

@@ -235,6 +235,7 @@ async fn a_ca_outage_during_rotation_keeps_the_old_certificate_and_recovers() {
         ttl: Duration::from_secs(4),
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_millis(200),
+        ..RotationPolicy::default()
     };
     let (identity, _tokens) = world.start_identity(policy).await.expect("identity");
     let store = identity.store().clone();
@@ -523,7 +524,7 @@ fn google(fake: &FakeGoogle) -> GoogleTokens {
             TRUST_DOMAIN,
             "https://container.googleapis.com/v1/projects/p/locations/l/clusters/c",
         ),
-        mesh::identity::google_tokens::mesh_dataplane_gsa("123"),
+        Some(mesh::identity::google_tokens::mesh_dataplane_gsa("123")),
     )
 }
 
@@ -616,6 +617,7 @@ async fn meshca_signs_with_the_federated_token_and_the_location() {
         endpoint: fake_ca_endpoint(&ca),
         location: Some("us-central1".to_owned()),
         mesh_root_pem: ca.root_pem(),
+        bearer: TokenKind::Federated,
     };
     let client = MeshCaClient::connect(config, tokens).await.expect("MeshCA");
     let identity = Identity::start(IdentityInputs {

@@ -164,9 +164,7 @@ impl AgentSetup {
         if let (Some(p), Some(l), Some(c)) = (&w.project_id, &w.cluster_location, &w.cluster_name) {
             add(
                 "GKE_CLUSTER_URL",
-                format!(
-                    "https://container.googleapis.com/v1/projects/{p}/locations/{l}/clusters/{c}"
-                ),
+                mesh::identity::google_tokens::cluster_url(p, l, c),
             );
         }
         let part = |v: &Option<String>| v.clone().unwrap_or_default();

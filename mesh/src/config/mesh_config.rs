@@ -25,6 +25,10 @@ pub const DEFAULT_STS: &str = "https://sts.googleapis.com";
 pub const DEFAULT_IAM_CREDENTIALS: &str = "https://iamcredentials.googleapis.com";
 #[allow(missing_docs)]
 pub const DEFAULT_RESOURCE_MANAGER: &str = "https://cloudresourcemanager.googleapis.com";
+/// Google's MeshCA, the default of `MESHCA_ENDPOINT`.
+pub const DEFAULT_MESHCA_ENDPOINT: &str = "meshca.googleapis.com:443";
+/// Google Certificate Authority Service, the default of `CAS_ENDPOINT`.
+pub const DEFAULT_CAS_ENDPOINT: &str = "privateca.googleapis.com:443";
 /// Set by Cloud Run jobs, as `K_SERVICE` is by services: logs default to JSON on either.
 pub const CLOUD_RUN_JOB: &str = "CLOUD_RUN_JOB";
 
@@ -69,7 +73,17 @@ crate::settings! {
         /// CA address (Istio CA, MeshCA, or `file:///dir`).
         ca_addr: Option<Setting<String>> = CA_ADDR => text(),
         /// Google CAS pool.
-        ca_pool: Option<Setting<String>> = CA_POOL => text(),
+        ca_pool: Option<Setting<String>> = CA_POOL => parse(ca_pool),
+        /// Google service account whose access token (IAM `generateAccessToken` from the STS
+        /// federated token) authenticates krun to MeshCA; unset: the federated token itself.
+        ca_service_account: Option<Setting<String>> = KRUN_CA_SERVICE_ACCOUNT =>
+            parse(service_account_email),
+        /// Where MeshCA is (`host:port` or an `https://` URL), verified with the system roots.
+        meshca_endpoint: Setting<String> = MESHCA_ENDPOINT =>
+            text().or_default(DEFAULT_MESHCA_ENDPOINT.to_owned()),
+        /// Where CAS is (`host:port` or an `https://` URL), verified with the system roots.
+        cas_endpoint: Setting<String> = CAS_ENDPOINT =>
+            text().or_default(DEFAULT_CAS_ENDPOINT.to_owned()),
         /// Open-source Istio: istio-token audience `istio-ca`; unset: detected (managed
         /// tenant or not).
         oss_istio: Option<Setting<bool>> = OSS_ISTIO => parse(values::boolean),
@@ -168,6 +182,28 @@ fn project_number(raw: &str) -> Result<String, &'static str> {
         .all(|b| b.is_ascii_digit())
         .then(|| raw.to_owned())
         .ok_or("the numeric project number")
+}
+
+/// A CAS pool resource name: `projects/P/locations/L/caPools/NAME`, no part empty.
+fn ca_pool(raw: &str) -> Result<String, &'static str> {
+    let parts: Vec<&str> = raw.trim().split('/').collect();
+    let valid = parts.len() == 6
+        && parts[0] == "projects"
+        && parts[2] == "locations"
+        && parts[4] == "caPools"
+        && parts.iter().all(|p| !p.is_empty());
+    valid
+        .then(|| raw.trim().to_owned())
+        .ok_or("a pool name projects/PROJECT/locations/LOCATION/caPools/NAME")
+}
+
+/// A Google service account email, `NAME@PROJECT.iam.gserviceaccount.com`.
+fn service_account_email(raw: &str) -> Result<String, &'static str> {
+    let raw = raw.trim();
+    raw.split_once('@')
+        .is_some_and(|(name, domain)| !name.is_empty() && domain.contains('.'))
+        .then(|| raw.to_owned())
+        .ok_or("a service account email such as mesh-ca@PROJECT.iam.gserviceaccount.com")
 }
 
 fn log_format(raw: &str) -> Result<LogFormat, &'static str> {

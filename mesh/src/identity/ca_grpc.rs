@@ -10,7 +10,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use super::google_tokens::GoogleTokens;
-use super::token_cache::{CacheKey, TokenCache, TokenKind};
+use super::token_cache::{CacheKey, TokenCache, TokenCacheError, TokenKind};
 
 /// Which CA, for messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +88,19 @@ pub enum CaError {
         /// The CA's message.
         message: String,
     },
+    /// The bearer token for a Google CA could not be minted (STS or IAM failed); the detail
+    /// names the hop, its HTTP status and the fix.
+    #[error("{kind} {addr}: no bearer token: {detail}")]
+    Token {
+        /// Which CA.
+        kind: CaKind,
+        /// The CA address.
+        addr: String,
+        /// The hop's error.
+        detail: String,
+        /// Whether the hop failed in a way worth retrying (no answer, 5xx, 429).
+        transient: bool,
+    },
     /// The CA answered with fewer than two certificates.
     #[error("{kind} {addr} returned {count} certificate(s); a chain needs the leaf and the root")]
     ShortChain {
@@ -98,6 +111,26 @@ pub enum CaError {
         /// Count returned.
         count: usize,
     },
+}
+
+impl CaError {
+    /// Worth retrying: the CA unreachable or overloaded (gRPC `Unavailable`, which a refused
+    /// connection also becomes, `DeadlineExceeded`, `ResourceExhausted`), or a token hop that
+    /// failed transiently. Anything else is an answer that would be the same next time.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CaError::Rpc { code, .. } => matches!(
+                code,
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::ResourceExhausted
+            ),
+            CaError::Token { transient, .. } => *transient,
+            CaError::Config { .. }
+            | CaError::Unauthenticated { .. }
+            | CaError::ShortChain { .. } => false,
+        }
+    }
 }
 
 /// Where a CA listens and how its serving certificate is verified; part of every CA's config.
@@ -151,13 +184,17 @@ impl CaTarget {
     }
 
     /// Connects now (TCP, TLS, HTTP/2); needs no token, so it can overlap the token fetch.
+    /// A CA that cannot be reached yet (refused, restarting) is not an error here: the
+    /// channel connects on the first call, whose `Unavailable` the caller retries.
     pub async fn connect(&self) -> Result<Channel, CaError> {
-        self.endpoint()?.connect().await.map_err(|e| CaError::Rpc {
-            kind: self.kind,
-            addr: self.endpoint.addr.clone(),
-            code: tonic::Code::Unavailable,
-            message: format!("cannot connect: {e:?}"),
-        })
+        let endpoint = self.endpoint()?;
+        match endpoint.connect().await {
+            Ok(channel) => Ok(channel),
+            Err(e) => {
+                tracing::warn!(ca = %self.kind, addr = %self.endpoint.addr, error = ?e, "cannot connect to the CA yet; connecting again on the first request");
+                Ok(endpoint.connect_lazy())
+            }
+        }
     }
 
     /// A gRPC metadata value, or an error naming `what` when it is not ASCII.
@@ -266,22 +303,26 @@ impl CaChannel {
     }
 }
 
-/// A Google CA (MeshCA, CAS): the channel, and the STS federated token as the bearer.
+/// A Google CA (MeshCA, CAS): the channel, and the bearer from the token cache: the STS
+/// federated token, or ([`TokenKind::Access`]) a Google service account's access token that
+/// IAM mints from it.
 pub(super) struct GoogleCa {
     ca: CaChannel,
     tokens: Arc<TokenCache<GoogleTokens>>,
+    bearer: TokenKind,
 }
 
 impl GoogleCa {
     /// Connects to the `kind` CA at `endpoint` now (the handshake can overlap the first token
-    /// exchange).
+    /// exchange); calls carry a `bearer` token.
     pub(super) async fn connect(
         kind: CaKind,
         endpoint: CaEndpoint,
         tokens: Arc<TokenCache<GoogleTokens>>,
+        bearer: TokenKind,
     ) -> Result<Self, CaError> {
         let ca = CaChannel::connect(CaTarget { kind, endpoint }).await?;
-        Ok(GoogleCa { ca, tokens })
+        Ok(GoogleCa { ca, tokens, bearer })
     }
 
     /// The CA's address, for logs.
@@ -302,22 +343,24 @@ impl GoogleCa {
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
         let key = CacheKey {
-            kind: TokenKind::Federated,
+            kind: self.bearer,
             audience: String::new(),
         };
-        let token = self.tokens.get(&key).await.map_err(|e| {
-            self.ca
-                .target
-                .config_error(format!("no federated token: {e}"))
+        let token = self.tokens.get(&key).await.map_err(|e| CaError::Token {
+            kind: self.ca.target.kind,
+            addr: self.ca.target.endpoint.addr.clone(),
+            transient: match &e {
+                TokenCacheError::Mint(e) => e.is_transient(),
+                TokenCacheError::Budget { .. } => true,
+            },
+            detail: e.to_string(),
         })?;
+        let credential = match self.bearer {
+            TokenKind::Access => "the service account's access token",
+            TokenKind::Federated | TokenKind::Id => "the federated token",
+        };
         self.ca
-            .create_certificate(
-                path,
-                message,
-                ("the federated token", token.secret()),
-                metadata,
-                chain,
-            )
+            .create_certificate(path, message, (credential, token.secret()), metadata, chain)
             .await
     }
 }

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use super::ca_grpc::{CaEndpoint, CaError, CaKind, GoogleCa, lifetime, request_id};
 use super::google_tokens::GoogleTokens;
-use super::token_cache::TokenCache;
+use super::token_cache::{TokenCache, TokenKind};
 
 /// CAS's public endpoint.
-pub const CAS_ADDR: &str = "privateca.googleapis.com:443";
+pub const CAS_ADDR: &str = crate::config::DEFAULT_CAS_ENDPOINT;
 
 /// The messages of `google/cloud/security/privateca/v1/{service,resources}.proto` that krun
 /// sends and reads, with their real field numbers.
@@ -148,7 +148,13 @@ impl CasClient {
         config: CasConfig,
         tokens: Arc<TokenCache<GoogleTokens>>,
     ) -> Result<Self, CaError> {
-        let ca = GoogleCa::connect(CaKind::Cas, config.endpoint.clone(), tokens).await?;
+        let ca = GoogleCa::connect(
+            CaKind::Cas,
+            config.endpoint.clone(),
+            tokens,
+            TokenKind::Federated,
+        )
+        .await?;
         Ok(CasClient { ca, config })
     }
 

@@ -21,6 +21,8 @@ use crate::http::HttpClient;
 
 /// The scope of access tokens krun asks for.
 pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+/// The STS hop, as errors name it.
+const STS: &str = "STS token exchange";
 /// Lifetime of access tokens.
 const ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
@@ -28,6 +30,13 @@ const ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// tokens IAM Credentials mints from the federated token.
 pub fn mesh_dataplane_gsa(project_number: &str) -> String {
     format!("service-{project_number}@gcp-sa-meshdataplane.iam.gserviceaccount.com")
+}
+
+/// A GKE cluster's URL, as the STS audience and pilot-agent's `GKE_CLUSTER_URL` name it.
+pub fn cluster_url(project: &str, location: &str, cluster: &str) -> String {
+    format!(
+        "https://container.googleapis.com/v1/projects/{project}/locations/{location}/clusters/{cluster}"
+    )
 }
 
 /// The STS audience for a workload identity pool: `identitynamespace:<TD>:<cluster URL>`.
@@ -39,7 +48,7 @@ pub fn sts_audience(trust_domain: &str, cluster_url: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum GoogleTokenError {
     /// The API answered with an error status.
-    #[error("{api} {url}: HTTP {status}: {message}")]
+    #[error("{api} {url}: HTTP {status}: {message}{fix}")]
     Status {
         /// Which call.
         api: &'static str,
@@ -49,6 +58,8 @@ pub enum GoogleTokenError {
         status: StatusCode,
         /// Google's message.
         message: String,
+        /// What to check or grant, `; ...`, or empty when the status says nothing about it.
+        fix: String,
     },
     /// No answer.
     #[error("{api}: {source}")]
@@ -71,6 +82,20 @@ pub enum GoogleTokenError {
     },
 }
 
+impl GoogleTokenError {
+    /// Worth retrying: no answer, a 5xx or a 429 (Google's transient statuses); a 4xx is an
+    /// answer about the request or a permission and would be the same next time.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            GoogleTokenError::Transport { .. } => true,
+            GoogleTokenError::Status { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            GoogleTokenError::Response { .. } => false,
+        }
+    }
+}
+
 /// Exchanges the workload's K8s token for Google tokens.
 #[derive(Clone)]
 pub struct GoogleTokens {
@@ -79,19 +104,20 @@ pub struct GoogleTokens {
     iam_endpoint: String,
     subject: watch::Receiver<Token>,
     sts_audience: String,
-    gsa: String,
+    gsa: Option<String>,
 }
 
 impl GoogleTokens {
     /// `subject` holds the current K8s token (audience: the trust domain); `gsa` is the
-    /// service account whose tokens IAM mints; endpoints are base URLs.
+    /// service account whose access and ID tokens IAM mints (`None`: only federated tokens);
+    /// endpoints are base URLs.
     pub fn new(
         http: HttpClient,
         sts_endpoint: &str,
         iam_endpoint: &str,
         subject: watch::Receiver<Token>,
         sts_audience: String,
-        gsa: String,
+        gsa: Option<String>,
     ) -> Self {
         GoogleTokens {
             http,
@@ -115,8 +141,8 @@ impl GoogleTokens {
             "subjectToken": subject,
             "scope": CLOUD_PLATFORM_SCOPE,
         });
-        let reply = self.post("STS token exchange", &url, None, &body).await?;
-        let token = string_field(&reply, "access_token", "STS token exchange", &url)?;
+        let reply = self.post(STS, &url, None, &body).await?;
+        let token = string_field(&reply, "access_token", STS, &url)?;
         let expires_in = reply["expires_in"].as_u64().unwrap_or(3600);
         Ok(Token::new(
             token,
@@ -127,7 +153,7 @@ impl GoogleTokens {
     /// IAM `generateAccessToken` for the GSA.
     pub async fn access_token(&self, federated: &Token) -> Result<Token, GoogleTokenError> {
         const API: &str = "IAM generateAccessToken";
-        let url = self.iam_url("generateAccessToken");
+        let url = self.iam_url(API, "generateAccessToken")?;
         let body = json!({
             "scope": [CLOUD_PLATFORM_SCOPE],
             "lifetime": format!("{}s", ACCESS_TOKEN_LIFETIME.as_secs()),
@@ -152,7 +178,7 @@ impl GoogleTokens {
         audience: &str,
     ) -> Result<Token, GoogleTokenError> {
         const API: &str = "IAM generateIdToken";
-        let url = self.iam_url("generateIdToken");
+        let url = self.iam_url(API, "generateIdToken")?;
         let body = json!({ "audience": audience, "includeEmail": true });
         let reply = self.post(API, &url, Some(federated), &body).await?;
         let token = string_field(&reply, "token", API, &url)?;
@@ -164,11 +190,62 @@ impl GoogleTokens {
         Ok(Token::new(token, claims.expires_at()))
     }
 
-    fn iam_url(&self, method: &str) -> String {
-        format!(
-            "{}/v1/projects/-/serviceAccounts/{}:{method}",
-            self.iam_endpoint, self.gsa
-        )
+    /// The IAM Credentials URL of `method` for the configured service account.
+    fn iam_url(&self, api: &'static str, method: &str) -> Result<String, GoogleTokenError> {
+        let gsa = self
+            .gsa
+            .as_deref()
+            .ok_or_else(|| GoogleTokenError::Response {
+                api,
+                url: self.iam_endpoint.clone(),
+                detail: "no Google service account configured to mint for".into(),
+            })?;
+        Ok(format!(
+            "{}/v1/projects/-/serviceAccounts/{gsa}:{method}",
+            self.iam_endpoint
+        ))
+    }
+
+    /// What to do about a refusal, from the hop that refused and its status: STS refusals are
+    /// about the audience (trust domain and cluster), IAM's about the binding that lets the
+    /// workload identity act as the service account.
+    fn fix(&self, api: &'static str, status: StatusCode) -> String {
+        let Some(workload) = self.workload_member() else {
+            return String::new();
+        };
+        match (api, status) {
+            (STS, StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                format!(
+                    "; check TRUST_DOMAIN and the cluster (PROJECT_ID, CLUSTER_LOCATION, CLUSTER_NAME): the STS audience {} must name the workload identity pool that trusts the K8s token of {workload}",
+                    self.sts_audience
+                )
+            }
+            (_, StatusCode::FORBIDDEN) => format!(
+                "; grant the binding: gcloud iam service-accounts add-iam-policy-binding {gsa} --role=roles/iam.workloadIdentityUser --member='{workload}'",
+                gsa = self.gsa.as_deref().unwrap_or_default()
+            ),
+            (_, StatusCode::NOT_FOUND) => format!(
+                "; check that the service account {} exists",
+                self.gsa.as_deref().unwrap_or_default()
+            ),
+            _ => String::new(),
+        }
+    }
+
+    /// The IAM member the federated token stands for, `serviceAccount:TD[NS/KSA]`, from the
+    /// STS audience's trust domain and the K8s token's subject.
+    fn workload_member(&self) -> Option<String> {
+        let trust_domain = self
+            .sts_audience
+            .strip_prefix("identitynamespace:")?
+            .split(':')
+            .next()?;
+        let claims = Claims::decode(self.subject.borrow().secret()).ok()?;
+        let (namespace, ksa) = claims
+            .sub
+            .strip_prefix("system:serviceaccount:")?
+            .split_once(':')?;
+        Some(format!("serviceAccount:{trust_domain}[{namespace}/{ksa}]"))
     }
 
     async fn post(
@@ -209,6 +286,7 @@ impl GoogleTokens {
                 url: url.to_owned(),
                 status,
                 message: crate::http::google_error_message(&bytes),
+                fix: self.fix(api, status),
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| response_err(format!("not JSON: {e}")))

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use super::ca_grpc::{CaEndpoint, CaError, CaKind, GoogleCa, lifetime, request_id};
 use super::google_tokens::GoogleTokens;
-use super::token_cache::TokenCache;
+use super::token_cache::{TokenCache, TokenKind};
 
 /// MeshCA's public endpoint.
-pub const MESHCA_ADDR: &str = "meshca.googleapis.com:443";
+pub const MESHCA_ADDR: &str = crate::config::DEFAULT_MESHCA_ENDPOINT;
 
 /// The messages of `google/security/meshca/v1/meshca.proto`, by hand.
 pub mod proto {
@@ -55,9 +55,12 @@ pub struct MeshCaConfig {
     pub location: Option<String>,
     /// PEM mesh root that MeshCA-issued chains lead to (mesh-env `CAROOT_*`).
     pub mesh_root_pem: String,
+    /// The bearer: [`TokenKind::Federated`], or [`TokenKind::Access`] for the access token of
+    /// the Google service account `KRUN_CA_SERVICE_ACCOUNT` names.
+    pub bearer: TokenKind,
 }
 
-/// A MeshCA client; the bearer is the cached STS federated token.
+/// A MeshCA client; the bearer is a cached Google token.
 pub struct MeshCaClient {
     ca: GoogleCa,
     config: MeshCaConfig,
@@ -69,7 +72,13 @@ impl MeshCaClient {
         config: MeshCaConfig,
         tokens: Arc<TokenCache<GoogleTokens>>,
     ) -> Result<Self, CaError> {
-        let ca = GoogleCa::connect(CaKind::MeshCa, config.endpoint.clone(), tokens).await?;
+        let ca = GoogleCa::connect(
+            CaKind::MeshCa,
+            config.endpoint.clone(),
+            tokens,
+            config.bearer,
+        )
+        .await?;
         Ok(MeshCaClient { ca, config })
     }
 

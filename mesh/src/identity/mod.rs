@@ -53,15 +53,24 @@ pub fn local_ca_dir(ca_addr: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// How long the first certificate may take, transient CA failures retried included: as
+/// long as discovery's budget (`KRUN_DISCOVERY_TIMEOUT`'s default).
+pub const DEFAULT_STARTUP_BUDGET: Duration = Duration::from_secs(30);
+
+/// Rotations that failed (each failed attempt counts; the current certificate stayed in use).
+pub static ROTATION_FAILURES: hbone::metrics::Counter = hbone::metrics::Counter::new();
+
 /// Lifetime and retry pacing of certificates.
 #[derive(Clone, Debug)]
 pub struct RotationPolicy {
     /// Requested certificate lifetime.
     pub ttl: Duration,
-    /// First retry delay after a failed rotation.
+    /// First retry delay after a failed rotation or a transient failure at startup.
     pub initial_backoff: Duration,
     /// Longest retry delay.
     pub max_backoff: Duration,
+    /// How long the first mint retries transient CA failures before startup fails.
+    pub startup_budget: Duration,
 }
 
 impl Default for RotationPolicy {
@@ -71,6 +80,7 @@ impl Default for RotationPolicy {
             ttl: DEFAULT_CERT_TTL,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(60),
+            startup_budget: DEFAULT_STARTUP_BUDGET,
         }
     }
 }
@@ -108,6 +118,16 @@ pub enum IdentityError {
     /// rustls cannot use the key with the chain.
     #[error("the new workload key cannot be used for TLS: {0}")]
     Tls(#[from] rustls::Error),
+}
+
+impl IdentityError {
+    /// Worth retrying: the CA (or a token hop before it) failed transiently.
+    fn is_transient(&self) -> bool {
+        match self {
+            IdentityError::Sign(SignError::Grpc(e)) => e.is_transient(),
+            _ => false,
+        }
+    }
 }
 
 /// Where Istio's agent and Envoy expect the workload certificate (pilot-agent `OUTPUT_CERTS`).
@@ -169,7 +189,7 @@ impl Identity {
             ttl: inputs.policy.ttl,
         };
         let store = Arc::new(CertStore::default());
-        let cert = minter.mint().await?;
+        let cert = minter.first_mint(&inputs.policy).await?;
         tracing::info!(
             identity = %minter.identity,
             ca = minter.signer.describe(),
@@ -242,6 +262,37 @@ impl Minter {
     }
 }
 
+impl Minter {
+    /// The first certificate: transient CA failures are retried with backoff (one warning per
+    /// attempt) until `policy.startup_budget` is spent; any other failure ends startup at once.
+    async fn first_mint(&self, policy: &RotationPolicy) -> Result<WorkloadCert, IdentityError> {
+        let deadline = tokio::time::Instant::now() + policy.startup_budget;
+        let mut backoff =
+            Backoff::until_success(policy.initial_backoff, policy.max_backoff).delays();
+        let mut attempt = 1u32;
+        loop {
+            match self.mint().await {
+                Ok(cert) => return Ok(cert),
+                Err(e) if e.is_transient() => {
+                    let delay = backoff.next_delay();
+                    if tokio::time::Instant::now() + delay > deadline {
+                        return Err(e);
+                    }
+                    tracing::warn!(
+                        error = %e,
+                        attempt,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "first certificate: transient CA failure; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// Replaces the certificate at (jittered) half-life; on failure keeps the old one and retries
 /// with capped backoff until a new one is minted.
 async fn rotate(minter: Minter, store: Arc<CertStore>, policy: RotationPolicy) {
@@ -274,6 +325,7 @@ async fn rotate(minter: Minter, store: Arc<CertStore>, policy: RotationPolicy) {
                     tracing::warn!(
                         error = %e,
                         retry_in_ms = delay.as_millis() as u64,
+                        rotation_failures = ROTATION_FAILURES.increment(),
                         "certificate rotation failed; keeping the current certificate"
                     );
                     store.record_failure(e.to_string());

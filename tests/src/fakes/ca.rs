@@ -7,23 +7,24 @@
 //! - CAS (`google.cloud.security.privateca.v1.CertificateAuthorityService/CreateCertificate`):
 //!   reflects the caller's SPIFFE identity into the leaf.
 //!
-//! Tests can make it sign another identity, reject every token, or go down (the listener and
-//! every connection close) and come back on the same address.
+//! Requests are decoded with the fake's own message definitions ([`super::ca_wire`]), never
+//! krun's. Tests can make it sign another identity, reject every token, answer `Unavailable`
+//! to the next N calls, or go down (the listener and every connection close) and come back on
+//! the same address. It serves TLS for istiod's name and for `localhost` (how tests reach the
+//! Google CAs by name).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use mesh::identity::cas::proto as cas;
-use mesh::identity::istio_ca::proto::{
+use super::ca_wire::cas;
+use super::ca_wire::istio::{
     CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse, SERVICE,
 };
+use super::ca_wire::meshca::{self, MeshCertificateRequest, MeshCertificateResponse};
 use mesh::identity::jwt::Claims;
-use mesh::identity::meshca::proto::{
-    self as meshca, MeshCertificateRequest, MeshCertificateResponse,
-};
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
@@ -48,6 +49,10 @@ struct State {
     behaviour: Mutex<Behaviour>,
     signed: AtomicUsize,
     delay: Duration,
+    /// Calls still to be answered `Unavailable`.
+    unavailable: AtomicU32,
+    /// Every call: when it arrived and its gRPC path.
+    calls: Mutex<Vec<(Instant, String)>>,
 }
 
 /// A serving instance: its shutdown trigger and task.
@@ -77,7 +82,7 @@ impl FakeCa {
     /// Starts a CA signing with `ca` and accepting tokens for `audience`; each answer is
     /// delayed by `delay` (a network round trip).
     pub async fn start(ca: TestCa, audience: &str, delay: Duration) -> FakeCa {
-        let tls = ca.server_cert(mesh::identity::istio_ca::ISTIOD_SERVER_NAME);
+        let tls = ca.server_cert(&[mesh::identity::istio_ca::ISTIOD_SERVER_NAME, "localhost"]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind CA");
@@ -91,6 +96,8 @@ impl FakeCa {
             behaviour: Mutex::default(),
             signed: AtomicUsize::new(0),
             delay,
+            unavailable: AtomicU32::new(0),
+            calls: Mutex::default(),
         });
         let serving = Some(serve(listener, state.clone(), &tls));
         FakeCa {
@@ -114,6 +121,17 @@ impl FakeCa {
     /// From now on, sign leaves for `uri` whatever the CSR asks (a misbehaving CA).
     pub fn issue_for(&self, uri: &str) {
         self.lock().issue_for = Some(uri.to_owned());
+    }
+
+    /// The next `n` calls (any CA) are answered `Unavailable`, as an overloaded or restarting
+    /// CA answers.
+    pub fn unavailable_next(&self, n: u32) {
+        self.state.unavailable.store(n, Ordering::SeqCst);
+    }
+
+    /// Every call so far: when it arrived and its gRPC path (the hop log).
+    pub fn calls(&self) -> Vec<(Instant, String)> {
+        self.state.calls.lock().expect("lock").clone()
     }
 
     /// From now on, answer UNAUTHENTICATED to everything.
@@ -297,6 +315,11 @@ impl State {
             return Err(tonic::Status::invalid_argument("missing routing header"));
         }
         let msg = request.into_inner();
+        if msg.request_id.len() != 36 || msg.certificate_id.is_empty() {
+            return Err(tonic::Status::invalid_argument(
+                "request_id must be a UUID and certificate_id set",
+            ));
+        }
         if msg.parent != pool {
             return Err(tonic::Status::not_found(format!(
                 "pool {} not found",
@@ -314,7 +337,7 @@ impl State {
         let key = cert
             .config
             .and_then(|c| c.public_key)
-            .filter(|k| k.format == cas::KEY_FORMAT_PEM)
+            .filter(|k| k.format == cas::PEM)
             .ok_or_else(|| tonic::Status::invalid_argument("a PEM public key is required"))?;
         let csr = String::from_utf8(key.key)
             .map_err(|_| tonic::Status::invalid_argument("public key is not PEM"))?;
@@ -396,7 +419,22 @@ impl Service<http::Request<tonic::body::Body>> for CaService {
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let state = self.0.clone();
         Box::pin(async move {
-            if request.uri().path() == cas::CREATE_CERTIFICATE {
+            let path = request.uri().path().to_owned();
+            state
+                .calls
+                .lock()
+                .expect("lock")
+                .push((Instant::now(), path.clone()));
+            let unavailable = state
+                .unavailable
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if unavailable {
+                return Ok(
+                    tonic::Status::unavailable("the CA is overloaded; try again").into_http(),
+                );
+            }
+            if path == cas::CREATE_CERTIFICATE {
                 let codec = tonic_prost::ProstCodec::<
                     cas::Certificate,
                     cas::CreateCertificateRequest,
@@ -404,7 +442,7 @@ impl Service<http::Request<tonic::body::Body>> for CaService {
                 let mut grpc = tonic::server::Grpc::new(codec);
                 return Ok(grpc.unary(CasCreate(state), request).await);
             }
-            if request.uri().path() == meshca::CREATE_CERTIFICATE {
+            if path == meshca::CREATE_CERTIFICATE {
                 let codec = tonic_prost::ProstCodec::<
                     MeshCertificateResponse,
                     MeshCertificateRequest,
@@ -412,7 +450,7 @@ impl Service<http::Request<tonic::body::Body>> for CaService {
                 let mut grpc = tonic::server::Grpc::new(codec);
                 return Ok(grpc.unary(MeshCreate(state), request).await);
             }
-            if request.uri().path() != CREATE_CERTIFICATE {
+            if path != CREATE_CERTIFICATE {
                 return Ok(tonic::Status::unimplemented("unknown method").into_http());
             }
             let codec = tonic_prost::ProstCodec::<IstioCertificateResponse, IstioCertificateRequest>::default();

@@ -1,23 +1,41 @@
 //! Fakes of Google STS (`POST /v1/token`) and IAM Credentials (`generateAccessToken`,
-//! `generateIdToken`), on one server. Strict like the real ones: JSON content type, the
-//! token-exchange grant, a bearer federated token for IAM, `lifetime` as a duration string.
+//! `generateIdToken`), on one server. Strict like the real ones:
+//! - STS: JSON content type; the token-exchange grant, a JWT subject token, an access token
+//!   requested; the audience `identitynamespace:TD:CLUSTER_URL` (the one configured with
+//!   [`FakeGoogle::expect_audience`], when set) and a subject token whose own audience is
+//!   that trust domain, as a workload identity pool checks;
+//! - IAM: `POST` only, the federated token as bearer, the service account in the path must
+//!   exist ([`FakeGoogle::with_service_account`]), and the caller must hold the permission
+//!   ([`FakeGoogle::deny_iam`] takes it away), `lifetime` a duration string.
+//!
 //! Failures use Google's error shapes.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::json;
+use mesh::identity::jwt::Claims;
+use serde_json::{Value, json};
 
 use super::pki::jwt;
 use super::server::{FakeServer, Reply, Request};
 
-#[derive(Default)]
+/// The service account the fake knows unless told otherwise: project 123's mesh data plane
+/// P4SA.
+pub const DEFAULT_SERVICE_ACCOUNT: &str =
+    "service-123@gcp-sa-meshdataplane.iam.gserviceaccount.com";
+/// The federated token STS hands out.
+pub const FEDERATED_TOKEN: &str = "federated-token";
+/// The access token IAM hands out.
+pub const ACCESS_TOKEN: &str = "access-token";
+
 struct State {
     sts_calls: AtomicUsize,
     iam_calls: AtomicUsize,
     sts_fails: AtomicBool,
     iam_denies: AtomicBool,
+    audience: Mutex<Option<String>>,
+    service_account: Mutex<String>,
 }
 
 /// The running fake.
@@ -29,7 +47,14 @@ pub struct FakeGoogle {
 impl FakeGoogle {
     /// Starts it; each answer is delayed by `delay`.
     pub fn start(delay: Duration) -> FakeGoogle {
-        let state = Arc::new(State::default());
+        let state = Arc::new(State {
+            sts_calls: AtomicUsize::new(0),
+            iam_calls: AtomicUsize::new(0),
+            sts_fails: AtomicBool::new(false),
+            iam_denies: AtomicBool::new(false),
+            audience: Mutex::new(None),
+            service_account: Mutex::new(DEFAULT_SERVICE_ACCOUNT.to_owned()),
+        });
         let s = state.clone();
         let server = FakeServer::http(Arc::new(move |req: &Request| answer(&s, req)));
         server.set_latency(delay);
@@ -39,6 +64,21 @@ impl FakeGoogle {
     /// Base URL for both `STS_ENDPOINT` and `IAM_CREDENTIALS_ENDPOINT`.
     pub fn url(&self) -> String {
         self.server.url("http")
+    }
+
+    /// Every request so far, in order (the hop log).
+    pub fn seen(&self) -> Vec<super::server::Seen> {
+        self.server.seen()
+    }
+
+    /// STS accepts only this audience (the workload identity pool and cluster).
+    pub fn expect_audience(&self, audience: &str) {
+        *self.state.audience.lock().expect("lock") = Some(audience.to_owned());
+    }
+
+    /// The one service account IAM knows (others are 404).
+    pub fn with_service_account(&self, email: &str) {
+        *self.state.service_account.lock().expect("lock") = email.to_owned();
     }
 
     /// STS calls so far.
@@ -56,74 +96,154 @@ impl FakeGoogle {
         self.state.sts_fails.store(true, Ordering::SeqCst);
     }
 
-    /// IAM answers 403 PERMISSION_DENIED from now on.
+    /// IAM answers 403 PERMISSION_DENIED from now on: the caller lacks the binding.
     pub fn deny_iam(&self) {
         self.state.iam_denies.store(true, Ordering::SeqCst);
     }
 }
 
+fn invalid(status: u16, error: &str, description: &str) -> Reply {
+    Reply::json_status(
+        status,
+        json!({"error": error, "error_description": description}),
+    )
+}
+
+fn google_error(code: u16, status: &str, message: &str) -> Reply {
+    Reply::json_status(
+        code,
+        json!({"error": {"code": code, "message": message, "status": status}}),
+    )
+}
+
 fn answer(s: &State, req: &Request) -> Reply {
     if req.header("content-type") != Some("application/json") {
-        return Reply::json_status(
+        return invalid(
             400,
-            json!({"error": "invalid_request", "error_description": "Content-Type must be application/json"}),
+            "invalid_request",
+            "Content-Type must be application/json",
         );
     }
-    let body: serde_json::Value =
-        serde_json::from_slice(&req.body).unwrap_or(serde_json::Value::Null);
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
     if req.path == "/v1/token" {
         s.sts_calls.fetch_add(1, Ordering::SeqCst);
         if s.sts_fails.load(Ordering::SeqCst) {
-            return Reply::json_status(
+            return invalid(
                 400,
-                json!({"error": "invalid_grant", "error_description": "The audience in ID Token does not match the expected audience."}),
+                "invalid_grant",
+                "The audience in ID Token does not match the expected audience.",
             );
         }
-        if body["grantType"] != "urn:ietf:params:oauth:grant-type:token-exchange"
-            || body["subjectToken"].as_str().is_none_or(str::is_empty)
-        {
-            return Reply::json_status(
-                400,
-                json!({"error": "invalid_request", "error_description": "bad grant"}),
-            );
+        return sts(s, &body);
+    }
+    if let Some(rest) = req.path.strip_prefix("/v1/projects/-/serviceAccounts/") {
+        s.iam_calls.fetch_add(1, Ordering::SeqCst);
+        return iam(s, req, rest, &body);
+    }
+    google_error(404, "NOT_FOUND", "not found")
+}
+
+/// STS token exchange, as a workload identity pool checks it.
+fn sts(s: &State, body: &Value) -> Reply {
+    let expected = [
+        (
+            "grantType",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subjectTokenType", "urn:ietf:params:oauth:token-type:jwt"),
+        (
+            "requestedTokenType",
+            "urn:ietf:params:oauth:token-type:access_token",
+        ),
+    ];
+    for (field, value) in expected {
+        if body[field] != value {
+            return invalid(400, "invalid_request", &format!("{field} must be {value}"));
         }
-        return Reply::json(
-            json!({"access_token": "federated-token", "issued_token_type": "urn:ietf:params:oauth:token-type:access_token", "token_type": "Bearer", "expires_in": 3600}),
+    }
+    let audience = body["audience"].as_str().unwrap_or("");
+    if let Some(want) = s.audience.lock().expect("lock").as_deref()
+        && audience != want
+    {
+        return invalid(
+            400,
+            "invalid_target",
+            &format!(
+                "The target service indicated by the \"audience\" parameters is invalid: {audience}"
+            ),
         );
     }
-    if req.path.starts_with("/v1/projects/-/serviceAccounts/") {
-        s.iam_calls.fetch_add(1, Ordering::SeqCst);
-        if req.header("authorization") != Some("Bearer federated-token") {
-            return Reply::json_status(
-                401,
-                json!({"error": {"code": 401, "message": "Request had invalid authentication credentials.", "status": "UNAUTHENTICATED"}}),
+    let Some(trust_domain) = audience
+        .strip_prefix("identitynamespace:")
+        .and_then(|rest| rest.split(':').next())
+    else {
+        return invalid(
+            400,
+            "invalid_target",
+            "audience must be identitynamespace:TRUST_DOMAIN:CLUSTER_URL",
+        );
+    };
+    let subject = body["subjectToken"].as_str().unwrap_or("");
+    match Claims::decode(subject) {
+        Ok(claims) if claims.aud.contains(trust_domain) => {}
+        Ok(_) => {
+            return invalid(
+                400,
+                "invalid_grant",
+                "The audience in ID Token does not match the expected audience.",
             );
         }
-        if s.iam_denies.load(Ordering::SeqCst) {
-            return Reply::json_status(
-                403,
-                json!({"error": {"code": 403, "message": "Permission 'iam.serviceAccounts.getOpenIdToken' denied on resource (or it may not exist).", "status": "PERMISSION_DENIED"}}),
-            );
-        }
-        if req.path.ends_with(":generateIdToken") {
-            let aud = body["audience"].as_str().unwrap_or("");
-            return Reply::json(json!({"token": jwt("gsa", aud, Duration::from_secs(3600))}));
-        }
-        if req.path.ends_with(":generateAccessToken") {
-            let lifetime = body["lifetime"].as_str().unwrap_or("");
-            if !lifetime.ends_with('s') {
-                return Reply::json_status(
-                    400,
-                    json!({"error": {"code": 400, "message": "Invalid value at 'lifetime'", "status": "INVALID_ARGUMENT"}}),
-                );
-            }
-            return Reply::json(
-                json!({"accessToken": "access-token", "expireTime": "2099-01-01T00:00:00Z"}),
-            );
-        }
+        Err(_) => return invalid(400, "invalid_grant", "Unable to parse the ID Token."),
     }
-    Reply::json_status(
-        404,
-        json!({"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}),
-    )
+    Reply::json(json!({
+        "access_token": FEDERATED_TOKEN,
+        "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "token_type": "Bearer",
+        "expires_in": 3600
+    }))
+}
+
+/// IAM Credentials: `rest` is `EMAIL:method`.
+fn iam(s: &State, req: &Request, rest: &str, body: &Value) -> Reply {
+    if req.method != "POST" {
+        return google_error(405, "METHOD_NOT_ALLOWED", "method must be POST");
+    }
+    if req.header("authorization") != Some(&format!("Bearer {FEDERATED_TOKEN}")) {
+        return google_error(
+            401,
+            "UNAUTHENTICATED",
+            "Request had invalid authentication credentials.",
+        );
+    }
+    let Some((email, method)) = rest.rsplit_once(':') else {
+        return google_error(404, "NOT_FOUND", "not found");
+    };
+    if email != s.service_account.lock().expect("lock").as_str() {
+        return google_error(404, "NOT_FOUND", "Requested entity was not found.");
+    }
+    let permission = match method {
+        "generateAccessToken" => "iam.serviceAccounts.getAccessToken",
+        "generateIdToken" => "iam.serviceAccounts.getOpenIdToken",
+        _ => return google_error(404, "NOT_FOUND", "not found"),
+    };
+    if s.iam_denies.load(Ordering::SeqCst) {
+        return google_error(
+            403,
+            "PERMISSION_DENIED",
+            &format!("Permission '{permission}' denied on resource (or it may not exist)."),
+        );
+    }
+    if method == "generateIdToken" {
+        let aud = body["audience"].as_str().unwrap_or("");
+        return Reply::json(json!({"token": jwt(email, aud, Duration::from_secs(3600))}));
+    }
+    let lifetime = body["lifetime"].as_str().unwrap_or("");
+    if !lifetime.ends_with('s') || body["scope"].as_array().is_none_or(Vec::is_empty) {
+        return google_error(
+            400,
+            "INVALID_ARGUMENT",
+            "Invalid value at 'lifetime' or 'scope'",
+        );
+    }
+    Reply::json(json!({"accessToken": ACCESS_TOKEN, "expireTime": "2099-01-01T00:00:00Z"}))
 }

@@ -4,6 +4,7 @@
 //! K8s fake's endpoint and CA.
 
 pub mod ca;
+pub mod ca_wire;
 pub mod front;
 pub mod gke;
 pub mod google;

@@ -3,6 +3,8 @@
 //! chosen and set up, the supervisor starts the app, and the tunnel opens once it is ready.
 //! Traffic capture is decided (and iptables installed) before the supervisor starts.
 
+mod google_ca;
+
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -167,13 +169,8 @@ async fn start_identity(
             _tokens: None,
         });
     }
-    let google_ca = config.ca_pool.is_some()
-        || ca_addr.is_some_and(|ca| ca.value.contains("meshca.googleapis.com"));
-    if google_ca {
-        tracing::warn!(
-            "identity: CA_POOL (CAS) and MeshCA are not wired into krun's startup; krun mints no certificate and leaves the CA to the agent"
-        );
-        return Ok(Started::default());
+    if let Some(ca) = google_ca::select(config) {
+        return google_ca::start(config, found, ca).await;
     }
     // An explicit CA_ADDR that cannot be used is a startup error; an istiod address derived
     // from XDS only means krun leaves the certificate to the agent.
@@ -344,7 +341,7 @@ fn rotation_policy(config: &Config) -> RotationPolicy {
 struct Started {
     /// krun's own certificate, when krun mints one.
     identity: Option<Identity>,
-    /// The istio-token refresher (krun's Istio CA client, or pilot-agent).
+    /// The istio-token refresher (krun's CA client, or pilot-agent).
     _tokens: Option<TokenFile>,
 }
 
