@@ -15,7 +15,7 @@ use mesh::http::HttpClient;
 use mesh::identity::google_tokens::GoogleTokens;
 use mesh::identity::istio_ca::{self, ISTIOD_SERVER_NAME, IstioCaClient, IstioCaConfig};
 use mesh::identity::k8s_token::{K8sTokenSource, TokenFile, istio_token_path};
-use mesh::identity::local_ca::LocalCa;
+use mesh::identity::local_ca::{self, LocalCa};
 use mesh::identity::roots::mesh_env_roots;
 use mesh::identity::token::Token;
 use mesh::identity::token_cache::{CacheKey, CachePolicy, TokenCache, TokenKind};
@@ -244,11 +244,16 @@ async fn a_ca_outage_during_rotation_keeps_the_old_certificate_and_recovers() {
     let mut certs = store.subscribe();
     certs.borrow_and_update();
 
+    let failures_before = mesh::identity::ROTATION_FAILURES.get();
     world.ca.down().await;
     wait_until(&mut health, "a failed rotation", |h| {
         h.consecutive_failures >= 2
     })
     .await;
+    assert!(
+        mesh::identity::ROTATION_FAILURES.get() >= failures_before + 2,
+        "each failed attempt is counted"
+    );
     let during = store.current().expect("still a certificate");
     assert!(
         Arc::ptr_eq(&first, &during),
@@ -267,6 +272,50 @@ async fn a_ca_outage_during_rotation_keeps_the_old_certificate_and_recovers() {
     .await;
     assert_eq!(store.health().borrow().consecutive_failures, 0);
     assert_eq!(leaf_uri(&store.current().expect("new")), me().to_string());
+}
+
+#[tokio::test]
+async fn an_istio_ca_answering_unavailable_twice_still_yields_the_first_certificate() {
+    let world = World::new(Duration::ZERO).await;
+    world.ca.unavailable_next(2);
+    let policy = RotationPolicy {
+        initial_backoff: Duration::from_millis(10),
+        ..RotationPolicy::default()
+    };
+    let (identity, _tokens) = world.start_identity(policy).await.expect("identity");
+    assert_eq!(
+        leaf_uri(&identity.store().current().expect("cert")),
+        me().to_string()
+    );
+    assert_eq!(
+        (world.ca.calls().len(), world.ca.signed()),
+        (3, 1),
+        "two Unavailable answers retried, then signed"
+    );
+}
+
+#[tokio::test]
+async fn an_unavailable_ca_fails_startup_once_the_budget_is_spent() {
+    let world = World::new(Duration::ZERO).await;
+    world.ca.unavailable_next(u32::MAX);
+    let policy = RotationPolicy {
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(20),
+        startup_budget: Duration::from_millis(200),
+        ..RotationPolicy::default()
+    };
+    let err = world
+        .start_identity(policy)
+        .await
+        .err()
+        .expect("startup fails");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("Istio CA {}: Unavailable", world.ca.addr)),
+        "{err}"
+    );
+    assert!(world.ca.calls().len() > 1, "retried before giving up");
+    assert_eq!(world.ca.signed(), 0);
 }
 
 fn local_ca_dir(tag: &str) -> (TempDir, PathBuf) {
@@ -810,13 +859,18 @@ fn local_ca_mode_works_with_networking_unavailable() {
     assert_eq!(first, vec![me().to_string()]);
 }
 
-/// krun minting `me()` from `ca_addr` and serving it with the builtin data plane in front of
-/// an echo app; returns (krun, app port, HBONE port) once the tunnel port is open.
-fn builtin_workload(ca_addr: &str, base: &Path, krun: Krun) -> (krun_tests::Running, u16, u16) {
+/// krun minting `me()` from the CA that `ca` (setting, value) selects and serving it with the
+/// builtin data plane in front of an echo app; returns (krun, app port, HBONE port) once the
+/// tunnel port is open.
+fn builtin_workload(
+    (setting, ca): (&str, &str),
+    base: &Path,
+    krun: Krun,
+) -> (krun_tests::Running, u16, u16) {
     use krun_tests::{free_port, testapp};
     let (app, hbone, tunnel) = (free_port(), free_port(), free_port());
     let mut running = krun
-        .env("CA_ADDR", ca_addr)
+        .env(setting, ca)
         .env("TRUST_DOMAIN", TRUST_DOMAIN)
         .env("WORKLOAD_NAMESPACE", NAMESPACE)
         .env("WORKLOAD_SERVICE_ACCOUNT", KSA)
@@ -856,7 +910,7 @@ fn the_krun_binary_mints_its_certificate_from_the_cluster_and_serves_hbone_with_
     std::fs::write(&kubeconfig, world.kube.kubeconfig()).expect("write kubeconfig");
     let base = dir.join("base");
     let (krun, app, hbone) = builtin_workload(
-        &ca.addr.to_string(),
+        ("CA_ADDR", &ca.addr.to_string()),
         &base,
         // This CA accepts the trust domain as audience, as ASM's istiod does (open-source
         // istiod's default is `istio-ca`, krun's default without a managed tenant).
@@ -1007,7 +1061,7 @@ fn a_rotation_under_traffic_keeps_the_open_tunnel_and_new_handshakes_get_the_new
     let base = dir.join("base");
     let out = base.join("var/run/secrets/istio.io");
     let (mut krun, app, hbone) = builtin_workload(
-        &format!("file://{}", cacerts.display()),
+        ("CA_ADDR", &format!("file://{}", cacerts.display())),
         &base,
         // 90 s plus the local CA's 60 s backdate: rotation 7.5 to 15 s after each mint.
         Krun::new().env("SECRET_TTL", "90s"),
@@ -1085,4 +1139,230 @@ fn a_rotation_under_traffic_keeps_the_open_tunnel_and_new_handshakes_get_the_new
     let done = krun.finish();
     assert_eq!(done.code, 0, "{}", done.text());
     assert!(done.has_line("certificate rotated"), "{}", done.text());
+}
+
+/// A Google-CA world: the cluster (K8s API with mesh-env), STS and IAM, and one fake CA that
+/// serves MeshCA and CAS by the name `localhost`, trusted through `SSL_CERT_FILE`.
+struct GoogleWorld {
+    world: krun_tests::fakes::TestWorld,
+    google: FakeGoogle,
+    ca: FakeCa,
+    dir: TempDir,
+}
+
+const GSA: &str = "mesh-ca@proj.iam.gserviceaccount.com";
+const POOL: &str = "projects/proj/locations/us-central1/caPools/mesh";
+
+impl GoogleWorld {
+    /// `root_key` is the mesh-env key that publishes the CA's root.
+    fn start(root_key: &str) -> GoogleWorld {
+        use krun_tests::fakes::server::runtime;
+        let ca = runtime().block_on(FakeCa::start(
+            TestCa::new("google root"),
+            TRUST_DOMAIN,
+            Duration::ZERO,
+        ));
+        let world = krun_tests::fakes::TestWorld::builder()
+            .mesh_env(&[(root_key, &ca.root_pem())])
+            .start();
+        let google = FakeGoogle::start(Duration::ZERO);
+        google.expect_audience(&mesh::identity::google_tokens::sts_audience(
+            TRUST_DOMAIN,
+            &mesh::identity::google_tokens::cluster_url("proj", "us-central1", "istio"),
+        ));
+        google.with_service_account(GSA);
+        let dir = TempDir::new("google-ca");
+        std::fs::write(dir.join("kubeconfig"), world.kube.kubeconfig()).expect("kubeconfig");
+        std::fs::write(dir.join("roots.pem"), ca.root_pem()).expect("roots");
+        GoogleWorld {
+            world,
+            google,
+            ca,
+            dir,
+        }
+    }
+
+    /// krun pointed at this world's cluster, Google APIs and CAs.
+    fn krun(&self) -> Krun {
+        let endpoint = format!("https://localhost:{}", self.ca.addr.port());
+        Krun::new()
+            .env("KUBECONFIG", self.dir.join("kubeconfig"))
+            .env("SSL_CERT_FILE", self.dir.join("roots.pem"))
+            .env("STS_ENDPOINT", self.google.url())
+            .env("IAM_CREDENTIALS_ENDPOINT", self.google.url())
+            .env("MESHCA_ENDPOINT", &endpoint)
+            .env("CAS_ENDPOINT", &endpoint)
+            .env("PROJECT_ID", "proj")
+            .env("CLUSTER_LOCATION", "us-central1")
+            .env("CLUSTER_NAME", "istio")
+    }
+
+    /// Every hop krun made, in arrival order: TokenRequests, STS, IAM and CA calls.
+    fn hops(&self) -> Vec<String> {
+        let mut hops: Vec<(std::time::Instant, String)> = Vec::new();
+        for seen in self.world.kube.server.seen() {
+            if seen.method == "POST" && seen.path.contains("/token") {
+                let path = seen.path.split('?').next().unwrap_or_default();
+                hops.push((seen.arrived, format!("K8s TokenRequest {path}")));
+            }
+        }
+        for seen in self.google.seen() {
+            let hop = if seen.path == "/v1/token" {
+                "STS token exchange".to_owned()
+            } else {
+                format!("IAM {}", seen.path.rsplit(':').next().unwrap_or(""))
+            };
+            hops.push((seen.arrived, format!("{hop} {}", seen.status)));
+        }
+        for (arrived, path) in self.ca.calls() {
+            hops.push((
+                arrived,
+                path.rsplit('/').take(2).collect::<Vec<_>>().join(" "),
+            ));
+        }
+        hops.sort_by_key(|(arrived, _)| *arrived);
+        hops.into_iter().map(|(_, hop)| hop).collect()
+    }
+}
+
+/// The leaf of the written chain verified by openssl against `root_pem`; returns its URI SAN.
+fn openssl_verified_leaf(chain: &Path, root_pem: &str) -> Vec<String> {
+    use rustls_pki_types::pem::PemObject;
+    let dir = TempDir::new("verify");
+    let (root, leaf) = (dir.join("root.pem"), dir.join("leaf.pem"));
+    std::fs::write(&root, root_pem).expect("root");
+    let pem = std::fs::read(chain).expect("chain written");
+    let first = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .expect("a leaf")
+        .expect("PEM");
+    std::fs::write(&leaf, local_ca::to_pem(&first)).expect("leaf");
+    let out = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&root)
+        .arg(&leaf)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl verify: {}",
+        String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr)
+    );
+    hbone::identity::uri_sans(first.as_ref())
+}
+
+#[test]
+fn krun_starts_with_meshca_through_k8s_sts_and_iam_and_retries_an_unavailable_ca() {
+    let g = GoogleWorld::start("CAROOT_MESHCA");
+    // The bearer is the service account's access token that IAM mints from the federated one.
+    g.ca.serve_meshca(krun_tests::fakes::google::ACCESS_TOKEN);
+    g.ca.unavailable_next(2);
+    let base = g.dir.join("base");
+    let (krun, _, _) = builtin_workload(
+        ("CA_ADDR", "meshca"),
+        &base,
+        g.krun().env("KRUN_CA_SERVICE_ACCOUNT", GSA),
+    );
+    let path = "/api/v1/namespaces/prod/serviceaccounts/reviews/token";
+    let meshca = "CreateCertificate google.security.meshca.v1.MeshCertificateService";
+    assert_eq!(
+        g.hops(),
+        [
+            format!("K8s TokenRequest {path}"),
+            "STS token exchange 200".to_owned(),
+            "IAM generateAccessToken 200".to_owned(),
+            meshca.to_owned(),
+            meshca.to_owned(),
+            meshca.to_owned(),
+        ],
+        "one token chain, then the CSR: twice Unavailable, then signed"
+    );
+    assert_eq!(g.ca.signed(), 1);
+    assert_eq!(
+        g.ca.meshca_request_params().as_deref(),
+        Some("location=locations/us-central1")
+    );
+    let out = base.join("var/run/secrets/istio.io");
+    assert_eq!(
+        openssl_verified_leaf(&out.join("cert-chain.pem"), &g.ca.root_pem()),
+        [me().to_string()]
+    );
+    krun.signal(nix::sys::signal::Signal::SIGTERM);
+    let done = krun.finish();
+    assert_eq!(
+        done.output
+            .iter()
+            .filter(|l| l.contains("first certificate: transient CA failure; retrying"))
+            .count(),
+        2,
+        "one warning per retried attempt:\n{}",
+        done.text()
+    );
+}
+
+#[test]
+fn krun_starts_with_a_cas_pool_through_k8s_and_sts_and_retries_an_unavailable_ca() {
+    let g = GoogleWorld::start("CAROOT_CAS");
+    g.ca.serve_cas(
+        krun_tests::fakes::google::FEDERATED_TOKEN,
+        POOL,
+        &me().to_string(),
+    );
+    g.ca.unavailable_next(2);
+    let base = g.dir.join("base");
+    let (krun, _, _) = builtin_workload(("CA_POOL", POOL), &base, g.krun());
+    let path = "/api/v1/namespaces/prod/serviceaccounts/reviews/token";
+    let cas = "CreateCertificate google.cloud.security.privateca.v1.CertificateAuthorityService";
+    assert_eq!(
+        g.hops(),
+        [
+            format!("K8s TokenRequest {path}"),
+            "STS token exchange 200".to_owned(),
+            cas.to_owned(),
+            cas.to_owned(),
+            cas.to_owned(),
+        ],
+        "the federated token is CAS's bearer: no IAM hop"
+    );
+    let gke = mesh::identity::workload_spiffe_dir(&base);
+    assert_eq!(
+        openssl_verified_leaf(&gke.join("certificates.pem"), &g.ca.root_pem()),
+        [me().to_string()]
+    );
+    assert_eq!(
+        std::fs::read(gke.join("certificates.pem")).expect("GKE chain"),
+        std::fs::read(base.join("var/run/secrets/istio.io/cert-chain.pem")).expect("Istio chain")
+    );
+    krun.signal(nix::sys::signal::Signal::SIGTERM);
+    krun.finish();
+}
+
+#[test]
+fn a_missing_iam_permission_fails_startup_naming_the_binding() {
+    let g = GoogleWorld::start("CAROOT_MESHCA");
+    g.google.deny_iam();
+    let done = g
+        .krun()
+        .env("CA_ADDR", "meshca")
+        .env("KRUN_CA_SERVICE_ACCOUNT", GSA)
+        .env("TRUST_DOMAIN", TRUST_DOMAIN)
+        .env("WORKLOAD_NAMESPACE", NAMESPACE)
+        .env("WORKLOAD_SERVICE_ACCOUNT", KSA)
+        .env("MESH_BASE_DIR", g.dir.join("base"))
+        .args(["true"])
+        .run();
+    assert_ne!(done.code, 0, "{}", done.text());
+    let binding = format!(
+        "gcloud iam service-accounts add-iam-policy-binding {GSA} --role=roles/iam.workloadIdentityUser --member='serviceAccount:{TRUST_DOMAIN}[{NAMESPACE}/{KSA}]'"
+    );
+    let line = &done.output[done.line_index(&binding)];
+    assert!(
+        line.contains("IAM generateAccessToken") && line.contains("HTTP 403 Forbidden"),
+        "{line}"
+    );
+    assert!(
+        line.contains("Permission 'iam.serviceAccounts.getAccessToken' denied"),
+        "{line}"
+    );
+    assert_eq!(g.ca.signed(), 0);
 }

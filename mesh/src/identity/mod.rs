@@ -322,10 +322,13 @@ async fn rotate(minter: Minter, store: Arc<CertStore>, policy: RotationPolicy) {
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
+                    // Counted outside the log macro, which skips its fields when nothing
+                    // records warnings.
+                    let failures = ROTATION_FAILURES.increment();
                     tracing::warn!(
                         error = %e,
                         retry_in_ms = delay.as_millis() as u64,
-                        rotation_failures = ROTATION_FAILURES.increment(),
+                        rotation_failures = failures,
                         "certificate rotation failed; keeping the current certificate"
                     );
                     store.record_failure(e.to_string());

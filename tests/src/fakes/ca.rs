@@ -285,6 +285,7 @@ impl State {
             .validity
             .and_then(|v| u64::try_from(v.seconds).ok())
             .ok_or_else(|| tonic::Status::invalid_argument("validity required"))?;
+        valid_csr(&msg.csr)?;
         let leaf = self.ca.sign_csr(&msg.csr, Duration::from_secs(ttl), None);
         self.signed.fetch_add(1, Ordering::SeqCst);
         Ok(MeshCertificateResponse {
@@ -345,6 +346,7 @@ impl State {
             .lifetime
             .and_then(|l| u64::try_from(l.seconds).ok())
             .ok_or_else(|| tonic::Status::invalid_argument("lifetime required"))?;
+        valid_csr(&csr)?;
         let leaf = self
             .ca
             .sign_csr(&csr, Duration::from_secs(ttl), Some(&identity));
@@ -355,6 +357,14 @@ impl State {
             ..Default::default()
         })
     }
+}
+
+/// A CSR a CA can sign, or the `InvalidArgument` a real CA answers (an empty or misplaced
+/// field decodes to an empty string).
+fn valid_csr(pem: &str) -> Result<(), tonic::Status> {
+    rcgen::CertificateSigningRequestParams::from_pem(pem)
+        .map(drop)
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad CSR: {e}")))
 }
 
 #[derive(Clone)]
