@@ -1002,6 +1002,21 @@ fn an_istio_ca_without_a_cluster_to_mint_the_token_fails_in_one_line() {
     );
 }
 
+#[test]
+fn a_google_ca_without_a_cluster_for_the_token_fails_in_one_line() {
+    // No MESH, no KUBECONFIG: nothing can mint the K8s token STS exchanges.
+    let pool = "projects/p/locations/l/caPools/mesh";
+    let done = Krun::new().env("CA_POOL", pool).args(["true"]).run();
+    assert_ne!(done.code, 0, "{}", done.text());
+    assert!(
+        done.has_line(&format!(
+            "CA_POOL={pool}: the STS token exchange needs a K8s token from the config cluster"
+        )),
+        "{}",
+        done.text()
+    );
+}
+
 /// The leaf serial in lowercase hex, as krun logs it.
 fn serial_of(leaf: &[u8]) -> String {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).expect("an X.509 leaf");

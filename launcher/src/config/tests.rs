@@ -138,6 +138,14 @@ fn every_bad_value_names_variable_value_and_form() {
             "PROJECT_NUMBER=my-project: expected the numeric project number",
         ),
         (
+            &[("CA_POOL", "projects/p/caPools/mesh")],
+            "CA_POOL=projects/p/caPools/mesh: expected a pool name projects/PROJECT/locations/LOCATION/caPools/NAME",
+        ),
+        (
+            &[("KRUN_CA_SERVICE_ACCOUNT", "mesh-ca")],
+            "KRUN_CA_SERVICE_ACCOUNT=mesh-ca: expected a service account email such as mesh-ca@PROJECT.iam.gserviceaccount.com",
+        ),
+        (
             &[("STS_ENDPOINT", "sts.local")],
             "STS_ENDPOINT=sts.local: expected a base URL such as https://host or http://127.0.0.1:PORT",
         ),

@@ -15,9 +15,9 @@ use mesh::identity::google_tokens::{self, GoogleTokens};
 use mesh::identity::k8s_token::{self, K8sTokenSource, TokenFile, istio_token_path};
 use mesh::identity::meshca::{MeshCaClient, MeshCaConfig};
 use mesh::identity::token_cache::{CachePolicy, TokenCache, TokenKind};
-use mesh::identity::{Identity, IdentityInputs, Signer, roots};
+use mesh::identity::{Signer, roots};
 
-use super::{Config, Started, rotation_policy, trust_domain, workload_identity};
+use super::{Config, Started, mint_from_cluster_ca, trust_domain, workload_identity};
 
 /// A Google CA the configuration selects.
 pub(super) enum GoogleCa {
@@ -132,20 +132,7 @@ pub(super) async fn start(
             .await?,
         ),
     };
-    let identity = Identity::start(IdentityInputs {
-        identity: id,
-        signer,
-        base_dir: base,
-        policy: rotation_policy(config),
-        trust_bundle: roots::mesh_env_roots(
-            found.mesh_env.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        )?,
-    })
-    .await?;
-    Ok(Started {
-        identity: Some(identity),
-        _tokens: Some(tokens),
-    })
+    mint_from_cluster_ca(config, found, id, signer, tokens).await
 }
 
 /// The config cluster's URL, from PROJECT_ID, CLUSTER_LOCATION and CLUSTER_NAME (which a
@@ -177,7 +164,7 @@ fn ca_root(
         .collect();
     if pems.is_empty() {
         let wanted = match ca {
-            GoogleCa::MeshCa => "a CAROOT_* root (the mesh root MeshCA chains lead to)",
+            GoogleCa::MeshCa => "CAROOT_* root (the mesh root MeshCA chains lead to)",
             GoogleCa::Cas(_) => "CAROOT_CAS (the pool's root)",
         };
         anyhow::bail!(

@@ -312,10 +312,24 @@ async fn istio_ca_identity(
         istio_ca::connect(&ca),
     );
     let (tokens, connection) = (tokens?, connection?);
+    let signer = Signer::IstioCa(IstioCaClient::new(ca, connection, tokens.subscribe()));
+    mint_from_cluster_ca(config, found, id, signer, tokens).await
+}
+
+/// A cluster-authenticated CA's first certificate and its rotation (Istio CA, MeshCA, CAS):
+/// peers may also chain to the mesh-env roots; `tokens` is the K8s token file the signer's
+/// credential comes from, kept fresh as long as the identity runs.
+async fn mint_from_cluster_ca(
+    config: &Config,
+    found: &discovery::Discovery,
+    id: SpiffeId,
+    signer: Signer,
+    tokens: TokenFile,
+) -> anyhow::Result<Started> {
     let identity = Identity::start(IdentityInputs {
         identity: id,
-        signer: Signer::IstioCa(IstioCaClient::new(ca, connection, tokens.subscribe())),
-        base_dir: base,
+        signer,
+        base_dir: config.mesh_base_dir.value.clone(),
         policy: rotation_policy(config),
         trust_bundle: identity::roots::mesh_env_roots(
             found.mesh_env.iter().map(|(k, v)| (k.as_str(), v.as_str())),
