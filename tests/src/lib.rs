@@ -226,6 +226,7 @@ impl Krun {
             .env("KRUN_TUNNEL_PORT", "0")
             .env("KRUN_HBONE_PORT", "0")
             .env("KRUN_OUTBOUND_ADDR", "127.0.0.1:0")
+            .env("KRUN_ADMIN_ADDR", "off")
             // Tests run as root on the host's network namespace: no iptables capture there.
             // The capture tests turn it back on inside a namespace of their own.
             .env("ISTIO_META_INTERCEPTION_MODE", "NONE");
