@@ -2,7 +2,7 @@
 //! `/logging`): `/healthz/ready` (503 until the listeners are up and again while draining, so
 //! the load balancer stops sending new connections), `/healthz/live`, `/stats` (counters as
 //! text) and `/config_dump` (the resolved configuration as `--print-config` prints it, and the
-//! live state).
+//! live state). `/logging` is read-only here: the port is reachable from the pod network.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -62,6 +62,12 @@ impl Paths for HgatePaths {
                     "open_connections": self.sni.open(),
                 },
             })),
+            // The admin port is reachable from the pod network (the kubelet probes it), so
+            // nobody there may turn on debug logging and flood the log; reading is fine.
+            "/logging" if request.method != http::Method::GET => text(
+                StatusCode::FORBIDDEN,
+                "hgate's admin endpoint is reachable from the pod network, so its log level is not changed here; set MESH_DEBUG or RUST_LOG and restart\n",
+            ),
             _ => return None,
         })
     }

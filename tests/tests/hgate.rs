@@ -8,7 +8,9 @@ use std::path::Path;
 
 use krun_tests::fakes::pki::TestCa;
 use krun_tests::fakes::{front, metadata};
-use krun_tests::{Krun, Running, TempDir, free_port, sni_client, testapp};
+use krun_tests::{
+    Krun, Running, TempDir, free_port, http_request, prometheus_samples, sni_client, testapp,
+};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -388,6 +390,33 @@ fn admin_reports_readiness_liveness_and_counters() {
     let mut stats = String::new();
     conn.read_to_string(&mut stats).expect("read");
     assert!(stats.contains("hgate_no_route_total 0"), "{stats}");
+    let (status, text) = http_request(admin, "GET", "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let names: Vec<String> = prometheus_samples(&text)
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_owned))
+        .collect();
+    for name in [
+        "hgate_no_route_total",
+        "hgate_open_connections",
+        "hgate_connections_denied_total",
+    ] {
+        assert!(names.iter().any(|n| n == name), "{name} missing: {text}");
+    }
+    let (status, dump) = http_request(admin, "GET", "/config_dump");
+    assert_eq!(status, 200, "{dump}");
+    let dump: Value = serde_json::from_str(&dump).expect("config_dump is JSON");
+    assert_eq!(
+        dump["config"]["HGATE_ADMIN_ADDR"]["source"], "env",
+        "{dump}"
+    );
+    assert_eq!(dump["live"]["ready"], true, "{dump}");
+    assert!(dump["live"]["listeners"]["sni"].is_string(), "{dump}");
+    assert_eq!(
+        http_request(admin, "POST", "/logging?level=trace").0,
+        403,
+        "the pod network may not change hgate's log level"
+    );
     gate.signal(Signal::SIGTERM);
     assert_eq!(gate.finish().code, 0);
 }
