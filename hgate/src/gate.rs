@@ -127,6 +127,7 @@ impl Gate {
                 Some(format!("Bearer {}", token.secret()))
             }
         };
+        let hello_len = hello.len() as u64;
         let tunnel = self
             .client
             .open(&url, authorization.as_deref(), hello.freeze())
@@ -135,6 +136,7 @@ impl Gate {
         // Neither end shows hgate a mesh identity (the client's TLS passes through, the
         // upstream is a web server), so both principals are `unknown`.
         let connection = TcpConnection::open(Reporter::Source, None, None);
+        connection.received_before(hello_len);
         let (io, clock) = Activity::new(connection.count(tcp));
         tokio::select! {
             piped = tunnel.pipe(io, self.buffer) => {

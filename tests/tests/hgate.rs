@@ -62,6 +62,7 @@ fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
         .env("GCE_METADATA_HOST", md.addr().to_string())
         .env("SSL_CERT_FILE", &front_ca)
         .start();
+    let admin = ready_addr(&mut gate, "admin endpoint ready");
     let sni_addr = ready_addr(&mut gate, "SNI listener ready");
 
     let client_dir = TempDir::new("hgate-client");
@@ -105,6 +106,37 @@ fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
         "{line}"
     );
     assert!(line.contains("(Static)"), "{line}");
+    // Istio's TCP metrics agree with the totals the tunnel reported for both connections:
+    // what came back from upstream is what hgate sent to the client (its log's `received`),
+    // and what it received from the client is at least what went upstream after the hello.
+    let second = gate.wait_for_line("connection finished");
+    let field = |line: &str, name: &str| -> f64 {
+        line.split(&format!(" {name}="))
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}= in {line}"))
+    };
+    let (status, text) = http_request(admin, "GET", "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let samples = prometheus_samples(&text);
+    let metric = |name: &str| {
+        samples
+            .iter()
+            .find(|s| s["name"] == name && s["labels"]["reporter"] == "source")
+            .and_then(|s| s["value"].as_f64())
+            .unwrap_or_else(|| panic!("no {name}: {text}"))
+    };
+    assert_eq!(metric("istio_tcp_connections_opened_total"), 2.0, "{text}");
+    assert_eq!(
+        metric("istio_tcp_sent_bytes_total"),
+        field(&line, "received") + field(&second, "received"),
+        "{text}"
+    );
+    assert!(
+        metric("istio_tcp_received_bytes_total") > field(&line, "sent") + field(&second, "sent"),
+        "the ClientHellos count too: {text}"
+    );
 
     gate.signal(Signal::SIGTERM);
     let done = gate.finish();

@@ -103,6 +103,12 @@ impl TcpConnection {
         TcpConnection { labels }
     }
 
+    /// Counts `n` bytes received from the source before its stream was wrapped (a ClientHello
+    /// read to route the connection, then replayed upstream).
+    pub fn received_before(&self, n: u64) {
+        TCP.received.get_or_create(&self.labels).inc_by(n);
+    }
+
     /// Counts the bytes on `toward_source`, the reporter's side of the connection that faces
     /// its source: what is read from it is received, what is written to it is sent.
     pub fn count<S>(&self, toward_source: S) -> Counted<S> {
