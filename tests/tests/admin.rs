@@ -127,7 +127,7 @@ fn each_admin_path_answers_and_quitquitquit_drains_as_sigterm() {
             .env("XDS_AGENT_DEBUG", SECRET_JWT)
             .args(testapp(&["wait-term"])),
     );
-    krun.wait_for_line("READY");
+    krun.wait_for_line("process=app");
     let (status, body) = http_request(admin, "GET", "/healthz/ready");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("not ready: starting"), "{body}");

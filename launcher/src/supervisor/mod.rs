@@ -360,11 +360,14 @@ impl Supervisor {
             }
         };
         let pid = child.pid;
-        tracing::info!(process = %name, pid = pid.as_raw(), "started");
         let unit = self.unit(id);
         unit.started = true;
         unit.pid = Some(pid);
         unit.stop_sent = false;
+        // Published before the log line, so whoever saw the line sees the pid on the admin
+        // endpoint too.
+        self.publish_status();
+        tracing::info!(process = %name, pid = pid.as_raw(), "started");
         let events = self.events.clone();
         tokio::spawn(async move {
             if let Ok(status) = child.exit.await {
