@@ -1,7 +1,7 @@
-//! Counters of security-relevant events, readable by the embedding process (admin endpoint,
-//! logs, tests).
+//! Counters of security-relevant events and gauges of open work, readable by the embedding
+//! process (admin endpoint, logs, tests). Plain atomics: the embedder exports them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// A monotonically increasing count.
 pub struct Counter(AtomicU64);
@@ -46,3 +46,35 @@ pub static IDLE_CLOSED: Counter = Counter::new();
 /// Tunnel requests refused (by the router's policy, an unknown target, a bad request or a
 /// failed dial), before any byte reached an upstream.
 pub static REFUSED: Counter = Counter::new();
+
+/// How many of something are open now.
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    const fn new() -> Self {
+        Gauge(AtomicI64::new(0))
+    }
+
+    /// Counts one more open until the returned guard is dropped.
+    pub fn enter(&'static self) -> Open {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Open(self)
+    }
+
+    /// How many are open now.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One open item of a [`Gauge`]; dropping it closes it.
+pub struct Open(&'static Gauge);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Tunnel streams (CONNECT or POST) open now, on every tunnel server of the process.
+pub static TUNNEL_STREAMS: Gauge = Gauge::new();

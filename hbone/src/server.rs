@@ -382,6 +382,10 @@ impl TunnelServer {
             Err(refusal) => return self.refuse(req, &refusal, Some(&target), ctx),
         };
         tracing::debug!(?target, peer = ?ctx.peer.as_ref().map(ToString::to_string), "tunnel open");
+        let busy = OpenStream {
+            _busy: busy,
+            _open: crate::metrics::TUNNEL_STREAMS.enter(),
+        };
         if req.method() == Method::CONNECT {
             let buffer = self.settings.copy_buffer;
             tokio::spawn(async move {
@@ -583,13 +587,20 @@ fn parse_target(req: &Request<Incoming>) -> Result<Option<Target>, Refusal> {
     Ok(Some(Target::Named(name.to_owned())))
 }
 
+/// A tunnel stream in progress: it keeps its connection from idling out and counts in
+/// [`crate::metrics::TUNNEL_STREAMS`] until it ends.
+struct OpenStream {
+    _busy: Busy,
+    _open: crate::metrics::Open,
+}
+
 /// The POST form: the request body flows upstream, upstream bytes flow back as the response
 /// body. The end of the request body half-closes the upstream; upstream EOF ends the response.
 fn stream_body_tunnel(
     req: Request<Incoming>,
     upstream: TcpStream,
     buffer: usize,
-    busy: Busy,
+    busy: OpenStream,
 ) -> Response<Body> {
     let (upstream_read, mut upstream_write) = upstream.into_split();
     let mut body = req.into_body();

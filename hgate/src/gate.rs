@@ -14,6 +14,7 @@ use hbone::post::{PostClient, PostUrl};
 use hbone::sni::{self, MAX_CLIENT_HELLO, Parsed};
 use mesh::identity::token_cache::{CacheKey, TokenCache, TokenKind};
 use mesh::metadata::MetadataClient;
+use mesh::metrics::tcp::{Reporter, TcpConnection};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -126,12 +127,17 @@ impl Gate {
                 Some(format!("Bearer {}", token.secret()))
             }
         };
+        let hello_len = hello.len() as u64;
         let tunnel = self
             .client
             .open(&url, authorization.as_deref(), hello.freeze())
             .await
             .map_err(|e| e.to_string())?;
-        let (io, clock) = Activity::new(tcp);
+        // Neither end shows hgate a mesh identity (the client's TLS passes through, the
+        // upstream is a web server), so both principals are `unknown`.
+        let connection = TcpConnection::open(Reporter::Source, None, None);
+        connection.received_before(hello_len);
+        let (io, clock) = Activity::new(connection.count(tcp));
         tokio::select! {
             piped = tunnel.pipe(io, self.buffer) => {
                 let (sent, received) = piped.map_err(|e| format!("tunnel broke: {e}"))?;

@@ -1,6 +1,6 @@
 //! Wires hgate's parts: listeners, routes, tokens, the Kubernetes loops, and drain on SIGTERM.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,13 +69,33 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
     let admin_listener = bind(config.admin_addr.value, "HGATE_ADMIN_ADDR").await?;
     tracing::info!(addr = %local(&admin_listener), "admin endpoint ready");
     let admin_limit = ConnectionLimit::new("admin", "HGATE_MAX_CONNECTIONS", max);
-    tokio::spawn(admin::serve(
+    let sni_listener = bind(config.sni_addr.value, "HGATE_SNI_ADDR").await?;
+    let istiod_listener = match &config.istiod_addr {
+        Some(addr) => Some(bind(addr.value, "HGATE_ISTIOD_ADDR").await?),
+        None => None,
+    };
+    let mut listeners = BTreeMap::from([
+        ("admin", local(&admin_listener)),
+        ("sni", local(&sni_listener)),
+    ]);
+    if let Some(listener) = &istiod_listener {
+        listeners.insert("istiod", local(listener));
+    }
+    let gate_metrics = admin::GateMetrics(sni_limit.clone());
+    mesh::metrics::register("hgate", |registry| {
+        registry.register_collector(Box::new(gate_metrics))
+    });
+    let paths = admin::HgatePaths {
+        ready: ready_rx,
+        sni: sni_limit.clone(),
+        config: config.printable(),
+        listeners,
+    };
+    tokio::spawn(mesh::admin::serve(
         admin_listener,
         admin_limit,
-        ready_rx,
-        sni_limit.clone(),
+        Arc::new(paths),
     ));
-    let sni_listener = bind(config.sni_addr.value, "HGATE_SNI_ADDR").await?;
     let mut tasks = Vec::new();
     tracing::info!(addr = %local(&sni_listener), "SNI listener ready");
     tasks.push(tokio::spawn(gate.serve(
@@ -83,8 +103,7 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
         sni_limit.clone(),
         drain.clone(),
     )));
-    if let Some(addr) = &config.istiod_addr {
-        let listener = bind(addr.value, "HGATE_ISTIOD_ADDR").await?;
+    if let Some(listener) = istiod_listener {
         tracing::info!(addr = %local(&listener), upstream = %config.istiod_upstream.value, "istiod forwarding ready");
         tasks.push(tokio::spawn(istiod::serve(
             listener,

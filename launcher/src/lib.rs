@@ -7,6 +7,7 @@
 //! discovery, identity, logging and Istio's port and uid constants live in the `mesh` crate,
 //! which hgate shares.
 
+pub mod admin;
 pub mod agent;
 pub mod capture;
 pub mod config;
@@ -17,3 +18,4 @@ pub mod processes;
 pub mod reaper;
 pub mod startup;
 pub mod supervisor;
+pub mod telemetry;

@@ -18,6 +18,9 @@ impl PhaseClock {
     /// Logs that `phase` is complete.
     pub fn mark(&mut self, phase: &str) {
         let now = Instant::now();
+        crate::telemetry::PHASE_SECONDS
+            .get_or_create(&vec![("phase", phase.to_owned())])
+            .set((now - self.last).as_secs_f64());
         tracing::info!(
             phase,
             phase_ms = millis(now - self.last),

@@ -12,7 +12,9 @@
 //! - [`http`]: the HTTP client of Google APIs and the metadata server;
 //! - [`metadata`]: the metadata server's values, access and ID tokens, and the GCP probe;
 //! - [`istio`]: Istio's ports and the proxy's uid and gid;
-//! - [`rlimit`]: the open-file limit raised to what the connection caps need.
+//! - [`rlimit`]: the open-file limit raised to what the connection caps need;
+//! - [`metrics`]: the Prometheus metrics (Istio's TCP metrics and the binaries' own);
+//! - [`admin`]: the admin endpoint's HTTP plumbing and the paths both binaries serve.
 //!
 //! It knows nothing of processes, iptables or the data plane: those are krun's.
 //!
@@ -21,6 +23,7 @@
 //! variables, mesh-env keys, ports and files; comments that name cloud-run-mesh say what that
 //! Go implementation did, usually a bug fixed here.
 
+pub mod admin;
 pub mod backoff;
 pub mod config;
 pub mod discovery;
@@ -30,4 +33,5 @@ pub mod identity;
 pub mod istio;
 pub mod logging;
 pub mod metadata;
+pub mod metrics;
 pub mod rlimit;

@@ -6,14 +6,34 @@
 use std::fmt;
 
 use serde_json::{Map, Value};
+use std::sync::OnceLock;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::EnvFilter;
+
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::LogFormat;
+
+/// The handle that swaps the log filter at run time (the admin endpoint's `/logging`).
+static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// A log filter the admin endpoint was asked for that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    /// Not a `RUST_LOG` directive list.
+    #[error(
+        "level={0}: not a log filter; use debug, info, warn, error or a RUST_LOG directive list such as info,hbone=debug"
+    )]
+    Invalid(String),
+    /// Logging was not initialised by [`init`] (a test harness).
+    #[error("logging was not initialised; no filter to change")]
+    NotInitialised,
+}
 
 /// Installs the global subscriber. `debug` (from `MESH_DEBUG`) lowers the default level;
 /// `RUST_LOG` overrides both, for one-off investigations.
@@ -21,14 +41,47 @@ pub fn init(format: LogFormat, debug: bool) {
     let default_level = if debug { "debug" } else { "info" };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     // A second init (tests) keeps the first subscriber; that is fine.
-    let _ = match format {
-        LogFormat::Json => builder.event_format(CloudLoggingJson).try_init(),
-        LogFormat::Text => builder.with_target(false).with_ansi(false).try_init(),
+    let installed = match format {
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(CloudLoggingJson)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .with_ansi(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
     };
+    if installed.is_ok() {
+        let _ = FILTER.set(handle);
+    }
+}
+
+/// The log filter in effect.
+pub fn filter() -> Option<String> {
+    FILTER
+        .get()
+        .and_then(|handle| handle.with_current(ToString::to_string).ok())
+}
+
+/// Replaces the log filter with `spec` (a `RUST_LOG` directive list); returns it as parsed.
+pub fn set_filter(spec: &str) -> Result<String, FilterError> {
+    let handle = FILTER.get().ok_or(FilterError::NotInitialised)?;
+    let filter = EnvFilter::try_new(spec).map_err(|_| FilterError::Invalid(spec.to_owned()))?;
+    let shown = filter.to_string();
+    handle
+        .reload(filter)
+        .map_err(|_| FilterError::NotInitialised)?;
+    Ok(shown)
 }
 
 /// Formats events as Cloud Logging structured JSON lines.

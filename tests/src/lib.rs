@@ -138,6 +138,55 @@ pub fn hbone_client(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(last).expect("JSON line")
 }
 
+/// One HTTP/1.1 request (`Connection: close`) to `addr`: the status code and the body.
+pub fn http_request(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+    conn.set_read_timeout(Some(HANG_GUARD))
+        .expect("read timeout");
+    write!(
+        conn,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write request");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).expect("read answer");
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_owned());
+    (status, body)
+}
+
+/// Parses Prometheus text with `prometheus_client`'s parser (`tests/scripts/prom_parse.py`,
+/// needs the `prometheus-client` package): every sample as `{"name", "labels", "value"}`.
+pub fn prometheus_samples(text: &str) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/prom_parse.py");
+    let mut child = Command::new(python())
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run the project's python3");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write metrics");
+    let out = child.wait_with_output().expect("parser output");
+    assert!(
+        out.status.success(),
+        "the Prometheus parser rejected:\n{text}"
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON samples")
+}
+
 /// Runs `tests/scripts/sni_client.py` (Python `ssl`): mesh mTLS to `addr` as `client` with
 /// `sni`, sends `payload`, reads as many bytes back; returns its JSON line (`data` or `error`).
 pub fn sni_client(
@@ -226,6 +275,7 @@ impl Krun {
             .env("KRUN_TUNNEL_PORT", "0")
             .env("KRUN_HBONE_PORT", "0")
             .env("KRUN_OUTBOUND_ADDR", "127.0.0.1:0")
+            .env("KRUN_ADMIN_ADDR", "off")
             // Tests run as root on the host's network namespace: no iptables capture there.
             // The capture tests turn it back on inside a namespace of their own.
             .env("ISTIO_META_INTERCEPTION_MODE", "NONE");

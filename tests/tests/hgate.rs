@@ -8,7 +8,9 @@ use std::path::Path;
 
 use krun_tests::fakes::pki::TestCa;
 use krun_tests::fakes::{front, metadata};
-use krun_tests::{Krun, Running, TempDir, free_port, sni_client, testapp};
+use krun_tests::{
+    Krun, Running, TempDir, free_port, http_request, prometheus_samples, sni_client, testapp,
+};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -60,6 +62,7 @@ fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
         .env("GCE_METADATA_HOST", md.addr().to_string())
         .env("SSL_CERT_FILE", &front_ca)
         .start();
+    let admin = ready_addr(&mut gate, "admin endpoint ready");
     let sni_addr = ready_addr(&mut gate, "SNI listener ready");
 
     let client_dir = TempDir::new("hgate-client");
@@ -103,6 +106,37 @@ fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
         "{line}"
     );
     assert!(line.contains("(Static)"), "{line}");
+    // Istio's TCP metrics agree with the totals the tunnel reported for both connections:
+    // what came back from upstream is what hgate sent to the client (its log's `received`),
+    // and what it received from the client is at least what went upstream after the hello.
+    let second = gate.wait_for_line("connection finished");
+    let field = |line: &str, name: &str| -> f64 {
+        line.split(&format!(" {name}="))
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}= in {line}"))
+    };
+    let (status, text) = http_request(admin, "GET", "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let samples = prometheus_samples(&text);
+    let metric = |name: &str| {
+        samples
+            .iter()
+            .find(|s| s["name"] == name && s["labels"]["reporter"] == "source")
+            .and_then(|s| s["value"].as_f64())
+            .unwrap_or_else(|| panic!("no {name}: {text}"))
+    };
+    assert_eq!(metric("istio_tcp_connections_opened_total"), 2.0, "{text}");
+    assert_eq!(
+        metric("istio_tcp_sent_bytes_total"),
+        field(&line, "received") + field(&second, "received"),
+        "{text}"
+    );
+    assert!(
+        metric("istio_tcp_received_bytes_total") > field(&line, "sent") + field(&second, "sent"),
+        "the ClientHellos count too: {text}"
+    );
 
     gate.signal(Signal::SIGTERM);
     let done = gate.finish();
@@ -236,8 +270,8 @@ fn istiod_forwarding_carries_bytes_both_ways_and_drains() {
         "no new connections while draining"
     );
     assert_eq!(
-        http_get(admin, "/healthz/ready"),
-        "HTTP/1.1 503 Service Unavailable",
+        http_request(admin, "GET", "/healthz/ready").0,
+        503,
         "the load balancer is told to stop sending"
     );
     round_trip(b"xds request 2 while draining");
@@ -362,32 +396,46 @@ fn mesh_env_is_published_kept_current_and_operator_keys_survive() {
     assert_eq!(gate.finish().code, 0);
 }
 
-/// One HTTP/1.1 GET; returns the status line.
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut conn = TcpStream::connect(addr).expect("connect admin");
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: hgate\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut text = String::new();
-    conn.read_to_string(&mut text).expect("read");
-    text.lines().next().unwrap_or_default().to_owned()
-}
-
 #[test]
 fn admin_reports_readiness_liveness_and_counters() {
     let mut gate = Krun::hgate().start();
     let admin = ready_addr(&mut gate, "admin endpoint ready");
     gate.wait_for_line("hgate ready");
-    assert_eq!(http_get(admin, "/healthz/ready"), "HTTP/1.1 200 OK");
-    assert_eq!(http_get(admin, "/healthz/live"), "HTTP/1.1 200 OK");
+    assert_eq!(http_request(admin, "GET", "/healthz/ready").0, 200);
+    assert_eq!(http_request(admin, "GET", "/healthz/live").0, 200);
     let mut conn = TcpStream::connect(admin).expect("connect");
     conn.write_all(b"GET /stats HTTP/1.1\r\nHost: hgate\r\nConnection: close\r\n\r\n")
         .expect("write");
     let mut stats = String::new();
     conn.read_to_string(&mut stats).expect("read");
     assert!(stats.contains("hgate_no_route_total 0"), "{stats}");
+    let (status, text) = http_request(admin, "GET", "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let names: Vec<String> = prometheus_samples(&text)
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_owned))
+        .collect();
+    for name in [
+        "hgate_no_route_total",
+        "hgate_open_connections",
+        "hgate_connections_denied_total",
+    ] {
+        assert!(names.iter().any(|n| n == name), "{name} missing: {text}");
+    }
+    let (status, dump) = http_request(admin, "GET", "/config_dump");
+    assert_eq!(status, 200, "{dump}");
+    let dump: Value = serde_json::from_str(&dump).expect("config_dump is JSON");
+    assert_eq!(
+        dump["config"]["HGATE_ADMIN_ADDR"]["source"], "env",
+        "{dump}"
+    );
+    assert_eq!(dump["live"]["ready"], true, "{dump}");
+    assert!(dump["live"]["listeners"]["sni"].is_string(), "{dump}");
+    assert_eq!(
+        http_request(admin, "POST", "/logging?level=trace").0,
+        403,
+        "the pod network may not change hgate's log level"
+    );
     gate.signal(Signal::SIGTERM);
     assert_eq!(gate.finish().code, 0);
 }

@@ -822,6 +822,7 @@ fn plain_krun(extra: &[(&str, &str)]) -> Running {
         .env_remove("KRUN_TUNNEL_PORT")
         .env_remove("KRUN_HBONE_PORT")
         .env_remove("KRUN_OUTBOUND_ADDR")
+        .env_remove("KRUN_ADMIN_ADDR")
         .env_remove("ISTIO_META_INTERCEPTION_MODE");
     for (k, v) in extra {
         krun = krun.env(k, v);
@@ -831,20 +832,29 @@ fn plain_krun(extra: &[(&str, &str)]) -> Running {
 
 #[test]
 fn a_plain_krun_outside_a_mesh_opens_no_listener_unless_asked() {
+    // The admin endpoint is the one listener krun always opens, on loopback.
     let mut krun = plain_krun(&[]);
     krun.wait_for_all(&[
         "tunnel port not opened",
         "outbound proxy not opened",
+        "admin endpoint listening addr=127.0.0.1:15030",
         "READY",
     ]);
-    assert_eq!(listening_ports(krun.pid.as_raw()), Vec::<u16>::new());
+    assert_eq!(listening_ports(krun.pid.as_raw()), vec![15030]);
     krun.signal(Signal::SIGTERM);
     let done = krun.finish();
     assert_eq!(done.code, 0, "{}", done.text());
     assert!(!done.has_line("no workload certificate"), "{}", done.text());
 
+    // KRUN_ADMIN_ADDR=off opens nothing at all.
+    let mut krun = plain_krun(&[("KRUN_ADMIN_ADDR", "off")]);
+    krun.wait_for_all(&["tunnel port not opened", "READY"]);
+    assert_eq!(listening_ports(krun.pid.as_raw()), Vec::<u16>::new());
+    krun.signal(Signal::SIGTERM);
+    assert_eq!(krun.finish().code, 0);
+
     // On Cloud Run PORT is the container port: naming the tunnel port, it opens it.
-    let mut krun = plain_krun(&[("PORT", "15009")]);
+    let mut krun = plain_krun(&[("PORT", "15009"), ("KRUN_ADMIN_ADDR", "off")]);
     krun.wait_for_line("tunnel port open");
     assert_eq!(listening_ports(krun.pid.as_raw()), vec![15009]);
     krun.signal(Signal::SIGTERM);

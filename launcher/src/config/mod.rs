@@ -60,6 +60,10 @@ pub const DEFAULT_MAX_STREAMS: u32 = 1000;
 pub const DEFAULT_PILOT_AGENT_PATH: &str = "/usr/local/bin/pilot-agent";
 /// Default path of Envoy in the golden image.
 pub const DEFAULT_ENVOY_PATH: &str = "/usr/local/bin/envoy";
+/// Default admin endpoint: loopback, so only the container itself (probes run by the platform
+/// go to the tunnel port, not here) can read the configuration dump or drain krun.
+pub const DEFAULT_ADMIN_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15030));
 /// Default outbound capture range (cloud-run-mesh's, so its deployments capture the same).
 pub const DEFAULT_OUTBOUND_IP_RANGES: &str = "10.0.0.0/8";
 
@@ -168,6 +172,10 @@ mesh::settings! {
         /// Inbound ports redirected to 15006 (none by default).
         capture_inbound_ports: Setting<Vec<u16>> = KRUN_CAPTURE_INBOUND_PORTS =>
             parse(port_list).or_default(Vec::new()),
+        /// The admin endpoint (`/healthz/ready`, `/config_dump`, `/metrics`, `/logging`,
+        /// `/quitquitquit`), or `off`.
+        admin_addr: Setting<AdminAddr> = KRUN_ADMIN_ADDR =>
+            parse(AdminAddr::parse).or_default(AdminAddr(Some(DEFAULT_ADMIN_ADDR))),
         /// Lifetime krun requests for the workload certificate it mints (Istio's name).
         secret_ttl: Setting<Duration> = SECRET_TTL =>
             parse(positive_duration).or_default(mesh::identity::DEFAULT_CERT_TTL),
@@ -308,6 +316,28 @@ impl DataPlane {
 impl Show for DataPlane {
     fn show(&self) -> Value {
         json!(self)
+    }
+}
+
+/// Where the admin endpoint listens; `None` when it is `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminAddr(pub Option<SocketAddr>);
+
+impl AdminAddr {
+    fn parse(raw: &str) -> Result<AdminAddr, &'static str> {
+        match raw.trim() {
+            "off" => Ok(AdminAddr(None)),
+            addr => addr
+                .parse()
+                .map(|addr| AdminAddr(Some(addr)))
+                .map_err(|_| "an address such as 127.0.0.1:15030, or off"),
+        }
+    }
+}
+
+impl Show for AdminAddr {
+    fn show(&self) -> Value {
+        self.0.map_or(json!("off"), |addr| json!(addr))
     }
 }
 

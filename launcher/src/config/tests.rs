@@ -104,6 +104,10 @@ fn every_bad_value_names_variable_value_and_form() {
             "SECRET_TTL=0s: expected a duration above zero such as 24h or 90m",
         ),
         (
+            &[("KRUN_ADMIN_ADDR", "15030")],
+            "KRUN_ADMIN_ADDR=15030: expected an address such as 127.0.0.1:15030, or off",
+        ),
+        (
             &[("KRUN_LOG_FORMAT", "xml")],
             "KRUN_LOG_FORMAT=xml: expected json or text",
         ),

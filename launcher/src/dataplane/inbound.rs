@@ -2,35 +2,59 @@
 //! `/_hbone/15003` (and would otherwise need Envoy), authorizes the peer's SPIFFE ID, and
 //! forwards plaintext to the app. A denied peer never reaches the app.
 //!
+//! Each connection let through counts in Istio's TCP metrics as the destination reports them
+//! (source: the peer's verified SPIFFE ID; destination: the workload's), bytes counted on the
+//! plaintext side, as Envoy's inbound listener counts them.
+//!
 //! Bounded like every listener: the mTLS handshake must finish within the handshake timeout,
 //! connections are capped, and one that carries nothing for the idle timeout is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hbone::AllowedPeers;
 use hbone::idle::{PipeEnd, pipe};
 use hbone::listen::{Bounds, handshake_timed_out, serve_each};
+use hbone::{AllowedPeers, SpiffeId};
+use mesh::metrics::tcp::{Reporter, TcpConnection};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// The identities of the terminator's connections.
+pub struct Identities {
+    /// The peers allowed to reach the app.
+    pub allowed: AllowedPeers,
+    /// The workload's own identity (the destination principal).
+    pub local: Option<SpiffeId>,
+}
 
 /// Serves the mTLS terminator on `listener` until `drain`.
 pub async fn serve(
     listener: TcpListener,
     tls: watch::Receiver<Arc<rustls::ServerConfig>>,
-    allowed: AllowedPeers,
+    identities: Identities,
     app: SocketAddr,
     copy_buffer: usize,
     bounds: Bounds,
     drain: CancellationToken,
 ) {
-    let allowed = Arc::new(allowed);
+    let identities = Arc::new(identities);
     let limit = bounds.limit("mesh inbound");
     serve_each(listener, &limit, &drain, |stream, remote| {
         let config = tls.borrow().clone();
-        let allowed = allowed.clone();
-        async move { terminate(stream, remote, config, &allowed, app, copy_buffer, bounds).await }
+        let identities = identities.clone();
+        async move {
+            terminate(
+                stream,
+                remote,
+                config,
+                &identities,
+                app,
+                copy_buffer,
+                bounds,
+            )
+            .await
+        }
     })
     .await;
 }
@@ -39,7 +63,7 @@ async fn terminate(
     stream: TcpStream,
     remote: SocketAddr,
     config: Arc<rustls::ServerConfig>,
-    allowed: &AllowedPeers,
+    identities: &Identities,
     app: SocketAddr,
     copy_buffer: usize,
     bounds: Bounds,
@@ -53,7 +77,7 @@ async fn terminate(
     };
     let peer = hbone::tls::peer_identity(tls.get_ref().1);
     match &peer {
-        Some(id) if allowed.allows(id) => {
+        Some(id) if identities.allowed.allows(id) => {
             tracing::debug!(%remote, peer = %id, "mesh mTLS terminated: peer verified");
         }
         _ => {
@@ -67,6 +91,12 @@ async fn terminate(
         Err(e) => return tracing::warn!(%app, error = %e, "app unreachable for a mesh connection"),
     };
     let _ = upstream.set_nodelay(true);
+    let connection = TcpConnection::open(
+        Reporter::Destination,
+        peer.as_ref(),
+        identities.local.as_ref(),
+    );
+    let upstream = connection.count_upstream(upstream);
     if let PipeEnd::Idle = pipe(tls, upstream, copy_buffer, bounds.idle_timeout).await {
         tracing::debug!(%remote, "mesh connection idle for KRUN_IDLE_TIMEOUT; closed");
     }

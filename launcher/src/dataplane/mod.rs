@@ -19,7 +19,7 @@ pub mod route;
 mod routes;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -41,6 +41,7 @@ use hbone::client::HboneClient;
 use mesh::config::Source;
 use mesh::istio::{self, Interception};
 use route::{Cidr, MeshHop, Router};
+use serde::Serialize;
 
 /// The running mesh listeners.
 pub struct MeshSide {
@@ -225,6 +226,7 @@ impl MeshSide {
             let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
             match TcpListener::bind(addr).await {
                 Ok(listener) => {
+                    record_listener(crate::config::names::KRUN_TUNNEL_PORT, &listener);
                     tracing::info!(%addr, "tunnel port open");
                     server.serve(listener, drain, grace).await;
                 }
@@ -255,7 +257,7 @@ fn h2_settings(config: &Config) -> H2Settings {
 
 /// The bounds of every listener, from `KRUN_HANDSHAKE_TIMEOUT`, `KRUN_IDLE_TIMEOUT` and
 /// `KRUN_MAX_CONNECTIONS`.
-fn bounds(config: &Config) -> Bounds {
+pub fn bounds(config: &Config) -> Bounds {
     Bounds {
         handshake_timeout: config.launcher.handshake_timeout.value,
         idle_timeout: config.launcher.idle_timeout.value,
@@ -285,10 +287,36 @@ fn tunnel_wanted(config: &Config, in_mesh: bool) -> bool {
     tunnel.value != 0 && (in_mesh || tunnel.source == Source::Env || port_names_it)
 }
 
-async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| {
+/// A listener krun opened, for the admin endpoint's configuration dump.
+#[derive(Clone, Debug, Serialize)]
+pub struct Listening {
+    /// The setting (or role) that opened it.
+    pub name: &'static str,
+    /// The bound address.
+    pub addr: SocketAddr,
+}
+
+/// The listeners opened so far. One list per process: krun runs one mesh side.
+static LISTENING: Mutex<Vec<Listening>> = Mutex::new(Vec::new());
+
+/// Records a listener as open.
+pub fn record_listener(name: &'static str, listener: &TcpListener) {
+    if let (Ok(addr), Ok(mut listening)) = (listener.local_addr(), LISTENING.lock()) {
+        listening.push(Listening { name, addr });
+    }
+}
+
+/// The listeners opened so far.
+pub fn listening() -> Vec<Listening> {
+    LISTENING.lock().map(|l| l.clone()).unwrap_or_default()
+}
+
+async fn bind(addr: SocketAddr, setting: &'static str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await.with_context(|| {
         format!("{setting}: cannot listen on {addr}; pick a free port or 0 to disable")
-    })
+    })?;
+    record_listener(setting, &listener);
+    Ok(listener)
 }
 
 async fn start_inbound(
@@ -315,10 +343,14 @@ async fn start_inbound(
     let addr = listener.local_addr()?;
     let tls = certs::server_configs(certs, trust_domain.to_owned(), &[], "mesh inbound")?;
     let app = SocketAddr::from((Ipv4Addr::LOCALHOST, app));
+    let identities = inbound::Identities {
+        allowed: allowed.clone(),
+        local: certs.borrow().identity(),
+    };
     tasks.spawn(inbound::serve(
         listener,
         tls,
-        allowed.clone(),
+        identities,
         app,
         settings.copy_buffer,
         bounds(config),

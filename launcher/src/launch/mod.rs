@@ -8,8 +8,10 @@ mod google_ca;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::KrunAdmin;
 use crate::agent::AgentInputs;
 use crate::config::{Config, DataPlane, StartupProbe};
 use crate::dataplane::MeshSide;
@@ -76,6 +78,8 @@ pub async fn run(
         .as_ref()
         .and_then(|identity| crate::dataplane::follow_identity(identity.store()));
     let certs = crate::dataplane::workload_certs(minted, &config.mesh_base_dir.value);
+    let cert_feed = certs.as_ref().ok().cloned();
+    crate::telemetry::register(cert_feed.clone());
     let in_mesh =
         found.mesh || identity.identity.is_some() || config.xds_addr.is_some() || certs.is_ok();
     let capture_wanted = in_mesh || config.launcher.interception_mode.is_some();
@@ -124,6 +128,20 @@ pub async fn run(
     )
     .await?;
     supervisor.clock().mark("dataplane");
+    if let Some(addr) = config.launcher.admin_addr.value.0 {
+        let admin = KrunAdmin {
+            phase: supervisor.phase(),
+            units: supervisor.status(),
+            config: config.printable(),
+            dataplane: json!({
+                "mode": dataplane.mode,
+                "interception": format!("{:?}", capture.interception).to_lowercase(),
+            }),
+            certs: cert_feed,
+            token: identity.tokens.as_ref().map(TokenFile::subscribe),
+        };
+        admin.start(addr, crate::dataplane::bounds(&config)).await?;
+    }
     mesh.open_tunnel_when_ready(&config, supervisor.phase(), supervisor.fail_handle());
     let mut phase = supervisor.phase();
     let stop_listeners = drain.clone();
@@ -166,7 +184,7 @@ async fn start_identity(
         .await?;
         return Ok(Started {
             identity: Some(identity),
-            _tokens: None,
+            tokens: None,
         });
     }
     if let Some(ca) = google_ca::select(config) {
@@ -195,7 +213,7 @@ async fn start_identity(
             TokenFile::start(source, istio_token_path(&config.mesh_base_dir.value)).await?;
         return Ok(Started {
             identity: None,
-            _tokens: Some(tokens),
+            tokens: Some(tokens),
         });
     }
     let Some((addr, from)) = istio_ca_addr(config, found) else {
@@ -338,7 +356,7 @@ async fn mint_from_cluster_ca(
     .await?;
     Ok(Started {
         identity: Some(identity),
-        _tokens: Some(tokens),
+        tokens: Some(tokens),
     })
 }
 
@@ -356,7 +374,7 @@ struct Started {
     /// krun's own certificate, when krun mints one.
     identity: Option<Identity>,
     /// The istio-token refresher (krun's CA client, or pilot-agent).
-    _tokens: Option<TokenFile>,
+    tokens: Option<TokenFile>,
 }
 
 /// TRUST_DOMAIN, or Istio's default (`cluster.local`) when none is known.

@@ -68,6 +68,19 @@ pub struct Timeouts {
     pub ready: Duration,
 }
 
+/// One process (or the app) as the admin endpoint shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct UnitStatus {
+    /// The name from `KRUN_PROCESSES`, or `app`.
+    pub name: String,
+    /// Its pid while it runs.
+    pub pid: Option<i32>,
+    /// Whether its readiness checks passed.
+    pub ready: bool,
+    /// Restarts after failures so far.
+    pub restarts: u32,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum UnitId {
     App,
@@ -138,6 +151,8 @@ pub struct Supervisor {
     app_spec: Option<AppSpec>,
     timeouts: Timeouts,
     phase: watch::Sender<Phase>,
+    /// Every unit's state, for the admin endpoint.
+    status: watch::Sender<Vec<UnitStatus>>,
     clock: PhaseClock,
     events: mpsc::UnboundedSender<Event>,
     inbox: mpsc::UnboundedReceiver<Event>,
@@ -180,6 +195,7 @@ impl Supervisor {
             app_spec,
             timeouts,
             phase: watch::Sender::new(Phase::Starting),
+            status: watch::Sender::new(Vec::new()),
             clock,
             events,
             inbox,
@@ -202,6 +218,11 @@ impl Supervisor {
         self.phase.subscribe()
     }
 
+    /// Watches every unit's state (pid, readiness, restarts).
+    pub fn status(&self) -> watch::Receiver<Vec<UnitStatus>> {
+        self.status.subscribe()
+    }
+
     /// The startup clock, for phases that run before the supervisor takes over.
     pub fn clock(&mut self) -> &mut PhaseClock {
         &mut self.clock
@@ -215,6 +236,7 @@ impl Supervisor {
     /// Runs until every child is gone; returns krun's exit code.
     pub async fn run(mut self) -> u8 {
         self.start_what_is_due();
+        self.publish_status();
         while !self.finished() {
             let kill_at = self
                 .drain
@@ -226,9 +248,33 @@ impl Supervisor {
                 signal = self.signals.recv() => self.on_signal(signal),
                 () = sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => self.kill_all(),
             }
+            self.publish_status();
         }
         self.reap_leftovers().await;
         self.exit_code()
+    }
+
+    /// Publishes the units' state when it changed.
+    fn publish_status(&self) {
+        let app = self.app_spec.as_ref().map(|_| &self.app);
+        let now: Vec<UnitStatus> = self
+            .processes
+            .iter()
+            .chain(app)
+            .map(|unit| UnitStatus {
+                name: unit.name.clone(),
+                pid: unit.pid.map(Pid::as_raw),
+                ready: unit.ready,
+                restarts: unit.restarts,
+            })
+            .collect();
+        self.status.send_if_modified(|status| {
+            let changed = *status != now;
+            if changed {
+                *status = now;
+            }
+            changed
+        });
     }
 
     fn unit(&mut self, id: UnitId) -> &mut Unit {
@@ -314,11 +360,14 @@ impl Supervisor {
             }
         };
         let pid = child.pid;
-        tracing::info!(process = %name, pid = pid.as_raw(), "started");
         let unit = self.unit(id);
         unit.started = true;
         unit.pid = Some(pid);
         unit.stop_sent = false;
+        // Published before the log line, so whoever saw the line sees the pid on the admin
+        // endpoint too.
+        self.publish_status();
+        tracing::info!(process = %name, pid = pid.as_raw(), "started");
         let events = self.events.clone();
         tokio::spawn(async move {
             if let Ok(status) = child.exit.await {
@@ -453,6 +502,9 @@ impl Supervisor {
                 .saturating_mul(1 << unit.restarts.min(16))
                 .min(MAX_RESTART_BACKOFF);
             unit.restarts += 1;
+            crate::telemetry::PROCESS_RESTARTS
+                .get_or_create(&vec![("process", spec.name.clone())])
+                .inc();
             tracing::warn!(
                 process = %spec.name, %status, attempt = unit.restarts, max_restarts,
                 delay = %humantime::format_duration(delay), "process failed; restarting"

@@ -202,6 +202,7 @@ async fn refresh(
                 Err(e) => {
                     let delay = backoff.next_delay();
                     let still_valid = current.expires_at > SystemTime::now();
+                    crate::metrics::TOKEN_REFRESH_FAILURES.inc();
                     tracing::warn!(
                         error = %e,
                         still_valid,

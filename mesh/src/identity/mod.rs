@@ -332,6 +332,7 @@ async fn rotate(minter: Minter, store: Arc<CertStore>, policy: RotationPolicy) {
                         "certificate rotation failed; keeping the current certificate"
                     );
                     store.record_failure(e.to_string());
+                    crate::metrics::CERTIFICATE_REFRESH_FAILURES.inc();
                     tokio::time::sleep(delay).await;
                 }
             }

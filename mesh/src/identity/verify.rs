@@ -152,6 +152,13 @@ pub fn verify_chain(
     })
 }
 
+/// The end of `leaf`'s validity, for reporting (a mounted certificate's expiry); `None` when it
+/// does not parse.
+pub fn not_after(leaf: &CertificateDer<'_>) -> Option<SystemTime> {
+    let (_, cert) = X509Certificate::from_der(leaf).ok()?;
+    Some(to_system_time(cert.validity().not_after.timestamp()))
+}
+
 fn to_system_time(unix: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).unwrap_or(0))
 }
