@@ -15,5 +15,6 @@ pub mod launch;
 pub mod probe;
 pub mod processes;
 pub mod reaper;
+pub mod run_discovery;
 pub mod startup;
 pub mod supervisor;

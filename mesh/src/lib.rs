@@ -22,6 +22,7 @@
 //! Go implementation did, usually a bug fixed here.
 
 pub mod backoff;
+pub mod cloud_run;
 pub mod config;
 pub mod discovery;
 pub mod files;
