@@ -4,6 +4,7 @@
 //! K8s fake's endpoint and CA.
 
 pub mod ca;
+pub mod dns;
 pub mod front;
 pub mod gke;
 pub mod google;
@@ -12,6 +13,7 @@ pub mod metadata;
 pub mod pki;
 pub mod proxy;
 pub mod resource_manager;
+pub mod run_app;
 pub mod server;
 
 use std::collections::BTreeMap;

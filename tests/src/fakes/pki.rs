@@ -61,8 +61,17 @@ impl TestCa {
 
     /// A TLS server certificate for `dns_name` (istiod's): (cert PEM, key PEM).
     pub fn server_cert(&self, dns_name: &str) -> (String, String) {
+        self.server_cert_for(&[dns_name])
+    }
+
+    /// A TLS server certificate for several names (wildcards allowed): (cert PEM, key PEM).
+    pub fn server_cert_for(&self, dns_names: &[&str]) -> (String, String) {
         let key = KeyPair::generate().expect("server key");
-        let mut params = CertificateParams::new(vec![dns_name.to_owned()]).expect("params");
+        let names = dns_names
+            .iter()
+            .map(|n| (*n).to_owned())
+            .collect::<Vec<_>>();
+        let mut params = CertificateParams::new(names).expect("params");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer).expect("sign server");
