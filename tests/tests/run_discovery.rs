@@ -338,3 +338,77 @@ fn tcp(query: &[u8], server: &str) -> Vec<u8> {
     stream.read_exact(&mut answer).expect("answer");
     answer
 }
+
+/// Benchmark (docs/performance.md), not a check: `cargo test -p krun-tests --release --test
+/// run_discovery -- --ignored --nocapture bench`. Serial requests over one keep-alive
+/// connection through the proxy (`http://hello/`) and straight to the stand-in (HTTPS, h2),
+/// and DNS answers for a run name and a forwarded name, in the same run.
+#[test]
+#[ignore = "benchmark: prints figures"]
+fn bench_proxy_and_dns() {
+    const REQUESTS: u32 = 2000;
+    const QUERIES: u32 = 2000;
+    let world = World::start();
+    let krun = world.running();
+    let port = world.run_app.addr.port();
+    let host = "hello-123456789.us-central1.run.app";
+    let ca = world.dir.join("ca.pem").display().to_string();
+    let time = |argv: &[&str]| {
+        let started = std::time::Instant::now();
+        world.ns.exec(argv);
+        started.elapsed()
+    };
+    let range = format!("[1-{REQUESTS}]");
+    // Warm: the token is cached and both connections exist before timing.
+    world
+        .ns
+        .exec(&["curl", "-sf", "-o", "/dev/null", "http://hello/warm"]);
+    let proxied = time(&[
+        "curl",
+        "-sf",
+        "-o",
+        "/dev/null",
+        &format!("http://hello/n{range}"),
+    ]);
+    let resolve = format!("{host}:{port}:127.0.0.1");
+    let direct = time(&[
+        "curl",
+        "-sf",
+        "-o",
+        "/dev/null",
+        "--cacert",
+        &ca,
+        "--resolve",
+        &resolve,
+        &format!("https://{host}:{port}/n{range}"),
+    ]);
+    let per = |d: std::time::Duration, n: u32| d.as_secs_f64() * 1e6 / f64::from(n);
+    println!(
+        "HTTP, {REQUESTS} serial requests, one connection: proxy {:.1} us/req ({:.0} req/s), direct {:.1} us/req ({:.0} req/s), added {:.1} us/req, ratio {:.2}",
+        per(proxied, REQUESTS),
+        f64::from(REQUESTS) / proxied.as_secs_f64(),
+        per(direct, REQUESTS),
+        f64::from(REQUESTS) / direct.as_secs_f64(),
+        per(proxied, REQUESTS) - per(direct, REQUESTS),
+        proxied.as_secs_f64() / direct.as_secs_f64()
+    );
+    let (local, forwarded) = world.ns.enter(|| {
+        let time = |name: &str| {
+            let query = edns_query(name);
+            let started = std::time::Instant::now();
+            for _ in 0..QUERIES {
+                udp(&query, "127.0.0.1:53");
+            }
+            started.elapsed()
+        };
+        (time("hello.run.internal."), time("example.com."))
+    });
+    println!(
+        "DNS, {QUERIES} serial UDP queries: run name {:.1} us/query, forwarded {:.1} us/query, ratio {:.2}",
+        per(local, QUERIES),
+        per(forwarded, QUERIES),
+        forwarded.as_secs_f64() / local.as_secs_f64()
+    );
+    krun.signal(Signal::SIGTERM);
+    krun.finish();
+}
