@@ -412,3 +412,51 @@ fn bench_proxy_and_dns() {
     krun.signal(Signal::SIGTERM);
     krun.finish();
 }
+
+/// A gRPC server-streaming call (Python grpcio, h2c from the app) goes through the proxy to a
+/// gRPC server over TLS and HTTP/2, with the ID token, and every message arrives.
+#[test]
+fn a_grpc_server_stream_passes_through() {
+    let world = World::start();
+    let ca = krun_tests::fakes::pki::TestCa::new("grpc-run-app-ca");
+    let (cert, key) = ca.server_cert_for(&["*.us-central1.run.app"]);
+    let (cert_path, key_path) = (world.dir.join("grpc.crt"), world.dir.join("grpc.key"));
+    std::fs::write(&cert_path, cert).expect("cert");
+    std::fs::write(&key_path, key).expect("key");
+    std::fs::write(world.dir.join("grpc-ca.pem"), &ca.root_pem).expect("ca");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/grpc_stream.py");
+    let python = krun_tests::python();
+    let mut server = Krun::program("ip")
+        .args(["netns", "exec", world.ns.name()])
+        .args([python.as_os_str(), script.as_os_str()])
+        .args([
+            "serve".as_ref(),
+            cert_path.as_os_str(),
+            key_path.as_os_str(),
+        ])
+        .start();
+    let port = server.wait_for_line("port ");
+    let port = port.trim().rsplit(' ').next().expect("port").to_owned();
+    let call = format!(
+        "GRPC_DNS_RESOLVER=native {} {} call hello:80",
+        python.display(),
+        script.display()
+    );
+    let done = world
+        .krun(&["sh", "-c", &call])
+        .env("SSL_CERT_FILE", world.dir.join("grpc-ca.pem"))
+        .env(
+            "KRUN_RUN_URL_TEMPLATE",
+            format!("https://{{service}}-{{project_number}}.{{region}}.run.app:{port}"),
+        )
+        .run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    for part in [
+        "part-1 bearer=True",
+        "part-2 bearer=True",
+        "part-3 bearer=True",
+    ] {
+        assert!(done.has_line(part), "{}", done.text());
+    }
+    server.signal(Signal::SIGKILL);
+}
