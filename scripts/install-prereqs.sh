@@ -18,6 +18,8 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v iptables-restore >/dev/null || need_apt+=(iptables)
 command -v python3 >/dev/null || need_apt+=(python3)
 command -v curl >/dev/null || need_apt+=(curl)
+# The Cloud Run discovery tests query krun's DNS server with dig.
+command -v dig >/dev/null || need_apt+=(dnsutils)
 command -v sha256sum >/dev/null || need_apt+=(coreutils)
 # The identity tests make CA keys the way Istio's tooling does (RSA 4096, SEC1 EC).
 command -v openssl >/dev/null || need_apt+=(openssl)

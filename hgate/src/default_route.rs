@@ -7,16 +7,11 @@
 use std::time::Duration;
 
 use mesh::config::{Setting, Source};
-use mesh::metadata::{
-    METADATA_DNS_NAME, MetadataClient, Platform, ProbeOptions, last_segment, paths,
-};
+use mesh::metadata::{METADATA_DNS_NAME, MetadataClient, Platform, ProbeOptions, paths};
 
 use crate::config::HgateConfig;
 
-/// The placeholder of the Cloud Run project number.
-pub const PROJECT_NUMBER: &str = "{project_number}";
-/// The placeholder of the Cloud Run region.
-pub const REGION: &str = "{region}";
+pub use mesh::cloud_run::{PROJECT_NUMBER, REGION};
 
 /// Budget of each metadata request made while resolving.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,10 +43,9 @@ pub async fn resolve(config: &mut HgateConfig) -> Result<(), String> {
             config.cloud_run_project_number = Some(Setting::new(number, Source::Metadata));
         }
         if need_region {
-            let region = match metadata.get(paths::REGION).await {
-                Ok(Some(region)) => last_segment(&region).to_owned(),
-                _ => region_of_zone(&lookup(&metadata, paths::ZONE).await?)?,
-            };
+            let region = mesh::cloud_run::metadata_region(&metadata)
+                .await
+                .map_err(|why| unresolved(&why))?;
             config.cloud_run_region = Some(Setting::new(region, Source::Metadata));
         }
     }
@@ -83,32 +77,9 @@ fn unresolved(why: &str) -> String {
     )
 }
 
-/// `projects/123/zones/us-central1-a` (GKE's metadata has a zone, not a region) is
-/// `us-central1`.
-fn region_of_zone(zone: &str) -> Result<String, String> {
-    let zone = last_segment(zone);
-    mesh::metadata::region_of_zone(zone)
-        .filter(|region| region.contains('-'))
-        .map(str::to_owned)
-        .ok_or_else(|| unresolved(&format!("metadata zone {zone} is not REGION-ZONE")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_zone_names_its_region() {
-        assert_eq!(
-            region_of_zone("projects/1/zones/us-central1-a").as_deref(),
-            Ok("us-central1")
-        );
-        assert_eq!(
-            region_of_zone("europe-west4-b").as_deref(),
-            Ok("europe-west4")
-        );
-        assert!(region_of_zone("nowhere").is_err());
-    }
 
     #[tokio::test]
     async fn explicit_values_fill_the_template_without_a_metadata_server() {

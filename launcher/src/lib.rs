@@ -16,6 +16,7 @@ pub mod launch;
 pub mod probe;
 pub mod processes;
 pub mod reaper;
+pub mod run_discovery;
 pub mod startup;
 pub mod supervisor;
 pub mod telemetry;

@@ -25,6 +25,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod cloud_run;
 pub mod config;
 pub mod discovery;
 pub mod files;

@@ -278,7 +278,10 @@ impl Krun {
             .env("KRUN_ADMIN_ADDR", "off")
             // Tests run as root on the host's network namespace: no iptables capture there.
             // The capture tests turn it back on inside a namespace of their own.
-            .env("ISTIO_META_INTERCEPTION_MODE", "NONE");
+            .env("ISTIO_META_INTERCEPTION_MODE", "NONE")
+            // Nor Cloud Run discovery, which rewrites resolv.conf: the discovery tests turn it
+            // on inside a namespace with a resolv.conf of its own.
+            .env("KRUN_RUN_DISCOVERY", "off");
         Krun { command }
     }
 

@@ -74,6 +74,11 @@ impl Netns {
         self.exec(&command.split(' ').collect::<Vec<_>>());
     }
 
+    /// The namespace's name (`/etc/netns/<name>/resolv.conf` is its resolv.conf).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The argv prefix that runs a command inside.
     pub fn wrapper(&self) -> [&str; 4] {
         ["ip", "netns", "exec", &self.name]
@@ -93,6 +98,24 @@ impl Netns {
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Runs `f` on a thread inside the namespace and returns its result: sockets `f` creates
+    /// (fakes' listeners, a test's client) live in the namespace, while the threads that serve
+    /// them may run anywhere.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = std::fs::File::open(&path).expect("open the namespace");
+                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .expect("setns into the namespace");
+                    f()
+                })
+                .join()
+                .expect("the thread inside the namespace")
+        })
     }
 
     /// Gives the namespace its own `/etc/resolv.conf`: `ip netns exec` bind-mounts

@@ -118,6 +118,12 @@ pub fn apply(tools: &Tools, rules: &Rules) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// Adds `input` (an `iptables-restore` text) to the tables without flushing them, in one
+/// atomic restore: for rules of other features (Cloud Run discovery's port redirect).
+pub fn restore_noflush(tools: &Tools, input: &str) -> Result<(), ApplyError> {
+    run_now(&tools.restore, &["--noflush", "-w"], Some(input)).map(drop)
+}
+
 /// Removes every chain and jump of ours, through the reaper (the supervisor owns `waitpid`).
 pub async fn cleanup(reaper: &Reaper, tools: &Tools) -> Result<(), ApplyError> {
     let existing = run_reaped(reaper, &tools.save, &[], None).await?;

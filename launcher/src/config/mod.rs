@@ -64,6 +64,17 @@ pub const DEFAULT_ENVOY_PATH: &str = "/usr/local/bin/envoy";
 /// go to the tunnel port, not here) can read the configuration dump or drain krun.
 pub const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15030));
+/// Default Cloud Run discovery zone (`SVC.REGION.run.internal`).
+pub const DEFAULT_RUN_DOMAIN: &str = "run.internal";
+/// Default address of the Cloud Run discovery proxy: its own loopback address, so every port
+/// of it can be redirected to the proxy without touching the app's other loopback traffic.
+pub const DEFAULT_RUN_PROXY_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 80), 80));
+/// Default address of the local DNS server (resolv.conf cannot name a port).
+pub const DEFAULT_RUN_DNS_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 53));
+/// The resolv.conf the app reads.
+pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Default outbound capture range (cloud-run-mesh's, so its deployments capture the same).
 pub const DEFAULT_OUTBOUND_IP_RANGES: &str = "10.0.0.0/8";
 
@@ -179,6 +190,35 @@ mesh::settings! {
         /// Lifetime krun requests for the workload certificate it mints (Istio's name).
         secret_ttl: Setting<Duration> = SECRET_TTL =>
             parse(positive_duration).or_default(mesh::identity::DEFAULT_CERT_TTL),
+        /// Cloud Run service discovery: `auto` (on where a metadata server answers) or `off`.
+        run_discovery: Setting<RunDiscovery> = KRUN_RUN_DISCOVERY =>
+            parse(RunDiscovery::parse).or_default(RunDiscovery::Auto),
+        /// The discovery zone: `SVC.REGION.<zone>`.
+        run_domain: Setting<String> = KRUN_RUN_DOMAIN =>
+            parse(run_domain).or_default(DEFAULT_RUN_DOMAIN.to_owned()),
+        /// Bare names that are services; empty: every single-label name.
+        run_services: Setting<Vec<String>> = KRUN_RUN_SERVICES =>
+            parse(run_services).or_default(Vec::new()),
+        /// The service URL form.
+        run_url_template: Setting<String> = KRUN_RUN_URL_TEMPLATE =>
+            parse(run_url_template).or_default(mesh::cloud_run::DETERMINISTIC_URL.to_owned()),
+        /// Where the proxy's ID tokens come from.
+        run_token_source: Setting<RunTokenSource> = KRUN_RUN_TOKEN_SOURCE =>
+            parse(RunTokenSource::parse).or_default(RunTokenSource::Metadata),
+        /// The proxy's address; run names resolve to its IP.
+        run_proxy_addr: Setting<SocketAddr> = KRUN_RUN_PROXY_ADDR =>
+            parse(|v| v.parse().map_err(|_| "an address such as 127.0.0.80:80"))
+                .or_default(DEFAULT_RUN_PROXY_ADDR),
+        /// The local DNS server's address.
+        run_dns_addr: Setting<SocketAddr> = KRUN_RUN_DNS_ADDR =>
+            parse(|v| v.parse().map_err(|_| "an address such as 127.0.0.1:53"))
+                .or_default(DEFAULT_RUN_DNS_ADDR),
+        /// Where forwarded queries go; unset: the first nameserver of the original resolv.conf.
+        run_dns_upstream: Option<Setting<SocketAddr>> = KRUN_RUN_DNS_UPSTREAM =>
+            parse(|v| v.parse().map_err(|_| "an address such as 169.254.169.254:53")),
+        /// The resolv.conf rewritten for the app.
+        run_resolv_conf: Setting<PathBuf> = KRUN_RUN_RESOLV_CONF =>
+            parse(values::path).or_default(PathBuf::from(DEFAULT_RESOLV_CONF)),
     }
     /// Env var names of [`LauncherConfig`]. Constants so a typo is a compile error.
     pub mod names;
@@ -335,9 +375,126 @@ impl AdminAddr {
     }
 }
 
+/// Whether Cloud Run service discovery runs (`KRUN_RUN_DISCOVERY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunDiscovery {
+    /// On where a metadata server answers.
+    Auto,
+    /// Never: DNS and resolv.conf are left alone.
+    Off,
+}
+
+impl RunDiscovery {
+    fn parse(raw: &str) -> Result<RunDiscovery, &'static str> {
+        match raw.trim() {
+            "auto" => Ok(RunDiscovery::Auto),
+            "off" => Ok(RunDiscovery::Off),
+            _ => Err("auto or off"),
+        }
+    }
+}
+
 impl Show for AdminAddr {
     fn show(&self) -> Value {
         self.0.map_or(json!("off"), |addr| json!(addr))
+    }
+}
+
+impl Show for RunDiscovery {
+    fn show(&self) -> Value {
+        json!(self)
+    }
+}
+
+/// Where the discovery proxy's ID tokens come from (`KRUN_RUN_TOKEN_SOURCE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunTokenSource {
+    /// The metadata server's `identity` endpoint, as the instance's service account.
+    Metadata,
+    /// No token is added (public services, or the app adds its own).
+    None,
+}
+
+impl RunTokenSource {
+    fn parse(raw: &str) -> Result<RunTokenSource, &'static str> {
+        match raw.trim() {
+            "metadata" => Ok(RunTokenSource::Metadata),
+            "none" => Ok(RunTokenSource::None),
+            _ => Err("metadata or none"),
+        }
+    }
+}
+
+impl std::fmt::Display for RunTokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RunTokenSource::Metadata => "metadata",
+            RunTokenSource::None => "none",
+        })
+    }
+}
+
+impl Show for RunTokenSource {
+    fn show(&self) -> Value {
+        json!(self)
+    }
+}
+
+/// A DNS domain of one or more labels (`run.internal`), without the trailing dot.
+fn run_domain(raw: &str) -> Result<String, &'static str> {
+    let domain = raw.trim().trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if domain.split('.').all(label_ok) {
+        Ok(domain)
+    } else {
+        Err("a DNS domain such as run.internal")
+    }
+}
+
+/// Service names, lower case.
+fn run_services(raw: &str) -> Result<Vec<String>, &'static str> {
+    let services: Vec<String> = values::list(raw)
+        .iter()
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    let valid = |s: &String| {
+        s.starts_with(|c: char| c.is_ascii_lowercase())
+            && s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    if services.iter().all(valid) {
+        Ok(services)
+    } else {
+        Err("comma-separated Cloud Run service names (lower-case letters, digits, -)")
+    }
+}
+
+/// An `https://` (or `http://`) URL with `{service}`, no path: the placeholders filled with
+/// sample values must give a valid URL.
+fn run_url_template(raw: &str) -> Result<String, &'static str> {
+    const FORM: &str = "a URL such as https://{service}-{project_number}.{region}.run.app (placeholders {service}, {project_number}, {region}, {project}; a port allowed, no path)";
+    let template = raw.trim().trim_end_matches('/').to_owned();
+    let sample = mesh::cloud_run::fill(
+        &template,
+        &mesh::cloud_run::UrlValues {
+            service: "svc",
+            project_number: "1",
+            region: "us-central1",
+            project: "p",
+        },
+    );
+    let uri: http::Uri = sample.parse().map_err(|_| FORM)?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("https" | "http"));
+    let no_path = uri.path_and_query().is_none_or(|p| p.as_str() == "/");
+    if template.contains(mesh::cloud_run::SERVICE) && scheme_ok && uri.host().is_some() && no_path {
+        Ok(template)
+    } else {
+        Err(FORM)
     }
 }
 

@@ -104,6 +104,9 @@ pub async fn run(
             }
         }
     }
+    // Before the app starts: it must read the rewritten resolv.conf. Its listeners outlive the
+    // app's drain (the app may call services while it drains) and end with the process.
+    crate::run_discovery::start(&config, CancellationToken::new()).await;
     let app = (!argv.is_empty()).then(|| app_spec(&config, argv, dataplane.app_env));
     if app.is_none() {
         tracing::info!(

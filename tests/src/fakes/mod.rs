@@ -5,6 +5,7 @@
 
 pub mod ca;
 pub mod ca_wire;
+pub mod dns;
 pub mod front;
 pub mod gke;
 pub mod google;
@@ -13,6 +14,7 @@ pub mod metadata;
 pub mod pki;
 pub mod proxy;
 pub mod resource_manager;
+pub mod run_app;
 pub mod server;
 
 use std::collections::BTreeMap;
