@@ -320,6 +320,22 @@ impl Printer {
     }
 }
 
+/// Writes `value` as pretty JSON to stdout (`--print-config` of both binaries). A reader that
+/// stops early (`| head`) closes the pipe: that is the reader's choice, not an error, so the
+/// output ends quietly where `println!` would panic.
+pub fn print_json(value: &impl Serialize) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = serde_json::to_writer_pretty(&mut out, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(out))
+        .and_then(|()| out.flush());
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 fn redact_json(name: &str, value: Value) -> Value {
     match value {
         Value::String(s) if is_secret(name, &s) => json!(REDACTED),
