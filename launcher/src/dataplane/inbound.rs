@@ -8,29 +8,26 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hbone::AllowedPeers;
 use hbone::idle::{PipeEnd, pipe};
 use hbone::listen::{Bounds, handshake_timed_out, serve_each};
+use hbone::server::MeshTls;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Serves the mTLS terminator on `listener` until `drain`.
 pub async fn serve(
     listener: TcpListener,
-    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
-    allowed: AllowedPeers,
+    tls: MeshTls,
     app: SocketAddr,
     copy_buffer: usize,
     bounds: Bounds,
     drain: CancellationToken,
 ) {
-    let allowed = Arc::new(allowed);
+    let tls = Arc::new(tls);
     let limit = bounds.limit("mesh inbound");
     serve_each(listener, &limit, &drain, |stream, remote| {
-        let config = tls.borrow().clone();
-        let allowed = allowed.clone();
-        async move { terminate(stream, remote, config, &allowed, app, copy_buffer, bounds).await }
+        let tls = tls.clone();
+        async move { terminate(stream, remote, &tls, app, copy_buffer, bounds).await }
     })
     .await;
 }
@@ -38,14 +35,16 @@ pub async fn serve(
 async fn terminate(
     stream: TcpStream,
     remote: SocketAddr,
-    config: Arc<rustls::ServerConfig>,
-    allowed: &AllowedPeers,
+    mesh: &MeshTls,
     app: SocketAddr,
     copy_buffer: usize,
     bounds: Bounds,
 ) {
     let _ = stream.set_nodelay(true);
-    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let handshake = async {
+        let config = mesh.config_for_new_connection().await;
+        tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+    };
     let tls = match tokio::time::timeout(bounds.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return tracing::info!(%remote, error = %e, "mesh mTLS handshake failed"),
@@ -53,7 +52,7 @@ async fn terminate(
     };
     let peer = hbone::tls::peer_identity(tls.get_ref().1);
     match &peer {
-        Some(id) if allowed.allows(id) => {
+        Some(id) if mesh.allowed.allows(id) => {
             tracing::debug!(%remote, peer = %id, "mesh mTLS terminated: peer verified");
         }
         _ => {
