@@ -91,7 +91,7 @@ impl ConfigError {
     pub fn invalid(name: &str, value: &str, expected: impl Into<String>) -> Self {
         ConfigError::Invalid {
             name: name.to_owned(),
-            value: redact(name, value).to_owned(),
+            value: redact(value).to_owned(),
             expected: expected.into(),
         }
     }
@@ -301,7 +301,7 @@ impl Printer {
 
     /// Adds `name` with a JSON value.
     pub fn value(&mut self, name: &str, value: Value, source: Source) {
-        let value = redact_json(name, value);
+        let value = redact_json(value);
         self.0
             .insert(name.to_owned(), json!({ "value": value, "source": source }));
     }
@@ -336,12 +336,10 @@ pub fn print_json(value: &impl Serialize) -> std::io::Result<()> {
     }
 }
 
-fn redact_json(name: &str, value: Value) -> Value {
+fn redact_json(value: Value) -> Value {
     match value {
-        Value::String(s) if is_secret(name, &s) => json!(REDACTED),
-        Value::Array(items) => {
-            Value::Array(items.into_iter().map(|v| redact_json(name, v)).collect())
-        }
+        Value::String(s) if is_secret(&s) => json!(REDACTED),
+        Value::Array(items) => Value::Array(items.into_iter().map(redact_json).collect()),
         other => other,
     }
 }
