@@ -99,10 +99,12 @@ fn print_config(
     mut config: Config,
     offline: bool,
 ) -> anyhow::Result<u8> {
+    let mut mesh_env = Default::default();
     if !offline {
         let found = runtime.block_on(mesh::discovery::discover(&config))?;
         mesh::discovery::apply(&mut config, &found)?;
+        mesh_env = found.mesh_env;
     }
-    mesh::config::print_json(&config.printable())?;
+    mesh::config::print_json(&krun::agent::explain::render(&config, &mesh_env))?;
     Ok(0)
 }
