@@ -119,6 +119,30 @@ pub struct MeshTls {
     pub config: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
     /// Peers allowed past the handshake.
     pub allowed: AllowedPeers,
+    /// Asked before each handshake; see [`FreshConfig`].
+    pub fresh: Option<Arc<dyn FreshConfig>>,
+}
+
+impl MeshTls {
+    /// The config a new connection is served with: the embedder's fresh one when it had to
+    /// refresh the certificate on the spot, the watched one otherwise.
+    pub async fn config_for_new_connection(&self) -> Arc<rustls::ServerConfig> {
+        match &self.fresh {
+            Some(fresh) => fresh.fresh().await,
+            None => None,
+        }
+        .unwrap_or_else(|| self.config.borrow().clone())
+    }
+}
+
+/// A config built just now, when the watched one would present a certificate that is past its
+/// rotation time by the wall clock: the timer that should have rotated it may not have fired
+/// (a CPU throttled between requests). `None`: the watched config is current.
+pub trait FreshConfig: Send + Sync {
+    /// Checks the certificate's time against the wall clock and refreshes it when due.
+    fn fresh(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Option<Arc<rustls::ServerConfig>>> + Send + '_>>;
 }
 
 /// Where requests that are not tunnels go (cloud-run-mesh's public HTTP path to the app, e.g.
@@ -251,8 +275,10 @@ impl TunnelServer {
                 self.serve_http(stream, ctx, remote, deadline, drain).await
             }
             Some(mesh) => {
-                let config = mesh.config.borrow().clone();
-                let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+                let handshake = async {
+                    let config = mesh.config_for_new_connection().await;
+                    tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+                };
                 let tls_stream = match tokio::time::timeout_at(deadline, handshake).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {

@@ -43,12 +43,9 @@ fn main() {
         {
             eprintln!("hgate: {e}");
         }
-        match serde_json::to_string_pretty(&config.printable()) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("hgate: print config: {e}");
-                std::process::exit(1);
-            }
+        if let Err(e) = mesh::config::print_json(&config.printable()) {
+            eprintln!("hgate: print config: {e}");
+            std::process::exit(1);
         }
         runtime.shutdown_background();
         return;

@@ -11,13 +11,13 @@ use mesh::config::Env;
 
 /// Mesh launcher and PID-1 supervisor: runs APP inside an Istio mesh.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_help = AFTER_HELP)]
 struct Cli {
     /// Print the resolved configuration as JSON (each value with its source) and exit.
     #[arg(long)]
     print_config: bool,
     /// With --print-config: resolve from the environment only, with no network calls.
-    #[arg(long)]
+    #[arg(long, requires = "print_config")]
     offline: bool,
     /// The app and its arguments; none means sidecar mode.
     #[arg(
@@ -27,6 +27,26 @@ struct Cli {
     )]
     app: Vec<String>,
 }
+
+/// What `--help` adds below the options: the `--` form, the settings most deployments set,
+/// and where the full reference is, so a new user does not have to find the repository first.
+const AFTER_HELP: &str = "\
+Usage forms:
+  krun [OPTIONS] -- APP [ARGS]...   run APP (a leading `--` keeps APP's own flags from krun)
+  krun                              sidecar mode: the mesh side only, no app
+
+Main settings (environment variables):
+  MESH                      where the mesh is: gke://PROJECT/LOCATION/CLUSTER, td:..., file://...
+  XDS_ADDR, CA_ADDR         istiod's XDS and CA addresses (found from MESH when unset)
+  WORKLOAD_NAMESPACE        the Kubernetes namespace the workload belongs to
+  PORT_http                 the app's port (default 8080; Cloud Run sets PORT)
+  KRUN_DATAPLANE            auto, envoy, builtin or none
+  KRUN_PROCESSES            YAML file of extra processes
+  KRUN_DRAIN_TIMEOUT        drain budget after SIGTERM (default 8s)
+  KRUN_LOG_FORMAT           text or json
+
+Every setting, with its default: docs/configuration.md in the krun repository
+(`krun --print-config --offline` shows the values krun would use).";
 
 fn main() -> ExitCode {
     let started = Instant::now();
@@ -79,10 +99,12 @@ fn print_config(
     mut config: Config,
     offline: bool,
 ) -> anyhow::Result<u8> {
+    let mut mesh_env = Default::default();
     if !offline {
         let found = runtime.block_on(mesh::discovery::discover(&config))?;
         mesh::discovery::apply(&mut config, &found)?;
+        mesh_env = found.mesh_env;
     }
-    println!("{}", serde_json::to_string_pretty(&config.printable())?);
+    mesh::config::print_json(&krun::agent::explain::render(&config, &mesh_env))?;
     Ok(0)
 }

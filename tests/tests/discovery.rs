@@ -672,3 +672,38 @@ fn a_100_mib_metadata_answer_is_refused_without_reading_it_all() {
         });
     }
 }
+
+#[test]
+fn print_config_lists_mesh_env_keys_and_the_derived_xds_address_with_why() {
+    let world = TestWorld::builder()
+        .cluster(FakeCluster::new(CFG, "us-central1", "istio-main").mesh())
+        .mesh_env(&[
+            ("IMCON_ADDR", "10.128.0.9"),
+            ("MESH_TENANT", "-"),
+            (
+                "CAROOT_EXTRA",
+                "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+            ),
+            (
+                "SOME_HANDLE",
+                "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJtZXNoIn0.c2ln",
+            ),
+        ])
+        .start();
+    let config = print_config(world.krun().env("MESH", format!("gke://{CFG}")));
+    assert_eq!(config["IMCON_ADDR"], setting("10.128.0.9", "mesh-env"));
+    assert_eq!(config["CAROOT_EXTRA"]["source"], "mesh-env");
+    assert_eq!(config["SOME_HANDLE"], setting("<redacted>", "mesh-env"));
+    let xds = &config["derived.xds_addr"];
+    assert_eq!(xds["value"], "10.128.0.9:15012", "{xds}");
+    assert_eq!(xds["source"], "derived");
+    assert!(
+        xds["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("IMCON_ADDR")),
+        "{xds}"
+    );
+    assert_eq!(config["derived.dataplane"]["source"], "derived");
+    assert!(config["derived.dataplane"]["why"].is_string(), "{config}");
+    assert_eq!(config["derived.app_port"]["source"], "derived");
+}

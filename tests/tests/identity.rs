@@ -325,10 +325,14 @@ fn local_ca_dir(tag: &str) -> (TempDir, PathBuf) {
     (dir, cacerts)
 }
 
-#[tokio::test(start_paused = true)]
+/// Real time, not tokio's paused clock: rotation deadlines follow the wall clock, which a
+/// paused tokio clock does not move.
+#[tokio::test]
 async fn rotation_happens_at_half_life() {
     let (dir, cacerts) = local_ca_dir("rotate");
-    let ttl = Duration::from_secs(3600);
+    // 80 s plus the local CA's 60 s backdate: half-life 10 s after the mint, the jittered
+    // rotation no earlier than 3 s after it.
+    let ttl = Duration::from_secs(80);
     let identity = Identity::start(IdentityInputs {
         identity: me(),
         signer: Signer::Local(Box::new(LocalCa::load(&cacerts).expect("local CA"))),
@@ -356,10 +360,12 @@ async fn rotation_happens_at_half_life() {
         key.cert.clone()
     };
     assert_eq!(handshake_chain(), first.chain);
-    let started = tokio::time::Instant::now();
 
-    certs.changed().await.expect("rotated");
-    let elapsed = started.elapsed();
+    tokio::time::timeout(HANG_GUARD, certs.changed())
+        .await
+        .expect("rotated within the hang guard")
+        .expect("rotated");
+    let rotated_at = std::time::SystemTime::now();
     let second = identity.store().current().expect("second");
     assert_ne!(second.chain, first.chain);
     assert_eq!(
@@ -367,18 +373,10 @@ async fn rotation_happens_at_half_life() {
         second.chain,
         "new handshakes use the new certificate"
     );
-    let half = first
-        .half_life()
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
-    // Rotation is at half-life minus up to 5 % of the lifetime of jitter, never later.
+    // Rotation is at half-life minus up to 5 % of the lifetime of jitter, never earlier.
     assert!(
-        elapsed <= half + Duration::from_secs(1),
-        "{elapsed:?} > {half:?}"
-    );
-    assert!(
-        elapsed + lifetime / 20 + Duration::from_secs(1) >= half,
-        "{elapsed:?} too early for {half:?}"
+        rotated_at >= first.half_life() - lifetime / 20,
+        "rotated before its jittered half-life"
     );
 }
 
@@ -1063,16 +1061,29 @@ fn logged_serial(line: &str) -> String {
         .unwrap_or_else(|| panic!("no serial in {line}"))
 }
 
-#[test]
-fn a_rotation_under_traffic_keeps_the_open_tunnel_and_new_handshakes_get_the_new_certificate() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let dir = TempDir::new("rotate-traffic");
+/// A local CA in `cacerts` under a fresh directory, and a mesh client's files it signed.
+fn local_ca_with_client(
+    tag: &str,
+) -> (
+    TempDir,
+    PathBuf,
+    TestCa,
+    krun_tests::fakes::pki::ClientFiles,
+) {
+    let dir = TempDir::new(tag);
     let cacerts = dir.join("cacerts");
     let ca = TestCa::new("local root");
     ca.write_cacerts(&cacerts);
     let client_id = SpiffeId::new(TRUST_DOMAIN, NAMESPACE, "client").to_string();
     let client = ca.install_client(&dir.join(""), "client", &client_id);
+    (dir, cacerts, ca, client)
+}
+
+#[test]
+fn a_rotation_under_traffic_keeps_the_open_tunnel_and_new_handshakes_get_the_new_certificate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (dir, cacerts, ca, client) = local_ca_with_client("rotate-traffic");
     let base = dir.join("base");
     let out = base.join("var/run/secrets/istio.io");
     let (mut krun, app, hbone) = builtin_workload(
@@ -1380,4 +1391,64 @@ fn a_missing_iam_permission_fails_startup_naming_the_binding() {
         "{line}"
     );
     assert_eq!(g.ca.signed(), 0);
+}
+
+/// (serial, notBefore, half-life) of the leaf in a PEM chain file.
+fn leaf_times(chain: &Path) -> (String, std::time::SystemTime, std::time::SystemTime) {
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(chain).expect("chain file");
+    let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .expect("a leaf")
+        .expect("PEM");
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).expect("X.509");
+    let at = |t: x509_parser::time::ASN1Time| {
+        std::time::UNIX_EPOCH + Duration::from_secs(t.timestamp().try_into().expect("after 1970"))
+    };
+    let (from, to) = (
+        at(cert.validity().not_before),
+        at(cert.validity().not_after),
+    );
+    let half = from + to.duration_since(from).expect("validity") / 2;
+    (serial_of(leaf.as_ref()), from, half)
+}
+
+#[test]
+fn a_krun_stopped_past_the_rotation_time_serves_the_next_connection_a_fresh_certificate() {
+    use nix::sys::signal::Signal;
+
+    let (dir, cacerts, _ca, client) = local_ca_with_client("throttled");
+    let base = dir.join("base");
+    let (krun, _app, hbone) = builtin_workload(
+        ("CA_ADDR", &format!("file://{}", cacerts.display())),
+        &base,
+        // 100 s plus the local CA's 60 s backdate: half-life 20 s after the mint, and the
+        // jittered rotation timer no earlier than 12 s after it.
+        Krun::new().env("SECRET_TTL", "100s"),
+    );
+    // Frozen as Cloud Run freezes an instance between requests: no timer runs.
+    krun.signal(Signal::SIGSTOP);
+    let chain = base.join("var/run/secrets/istio.io/cert-chain.pem");
+    let (stale_serial, stale_from, half_life) = leaf_times(&chain);
+    // Wait, by the wall clock, until the certificate is past its rotation time.
+    let past = half_life + Duration::from_secs(1);
+    while let Ok(left) = past.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(left.min(Duration::from_millis(200)));
+    }
+    krun.signal(Signal::SIGCONT);
+    // At once: the first connection after the thaw.
+    let served = served_serial(hbone, &client);
+    if served == stale_serial {
+        krun.signal(Signal::SIGTERM);
+        panic!(
+            "the first connection after the thaw got the certificate past its rotation time:\n{}",
+            krun.finish().text()
+        );
+    }
+    let (on_disk, fresh_from, _) = leaf_times(&chain);
+    assert_eq!(served, on_disk, "the served certificate is the one written");
+    assert!(fresh_from > stale_from, "a newer certificate");
+    krun.signal(Signal::SIGTERM);
+    let done = krun.finish();
+    assert_eq!(done.code, 0, "{}", done.text());
 }

@@ -11,9 +11,18 @@ fn print_config_shows_sources_redacts_secrets_and_starts_nothing() {
     let done = Krun::new()
         .env("WORKLOAD_NAMESPACE", "fortio")
         .env("K_SERVICE", "fortio")
+        // Secrets under innocent names, and innocent values under names that sound secret:
+        // redaction goes by what a value is.
         .env(
             "XDS_AGENT_DEBUG",
             "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
+        )
+        .env("ENVOY_LOG_LEVEL", "Bearer s3cr3t-test-token")
+        .env("MESH", "https://user:hunter2-test@mesh.example/env")
+        .env("SECRET_TTL", "36h")
+        .env(
+            "IAM_CREDENTIALS_ENDPOINT",
+            "https://iamcredentials.example.test",
         )
         .args(["--print-config", "--offline", "--", "touch"])
         .args([&marker])
@@ -37,7 +46,16 @@ fn print_config_shows_sources_redacts_secrets_and_starts_nothing() {
         json!({"value": "4m", "source": "default"})
     );
     assert_eq!(printed["XDS_AGENT_DEBUG"]["value"], "<redacted>");
-    assert!(!done.text().contains("eyJhbGci"), "secret leaked");
+    assert_eq!(printed["ENVOY_LOG_LEVEL"]["value"], "<redacted>");
+    assert_eq!(printed["MESH"]["value"], "<redacted>");
+    assert_eq!(printed["SECRET_TTL"]["value"], "1day 12h");
+    assert_eq!(
+        printed["IAM_CREDENTIALS_ENDPOINT"]["value"],
+        "https://iamcredentials.example.test"
+    );
+    for secret in ["eyJhbGci", "s3cr3t-test-token", "hunter2-test"] {
+        assert!(!done.text().contains(secret), "{secret} leaked");
+    }
     assert!(!marker.exists(), "--print-config must not start the app");
 }
 

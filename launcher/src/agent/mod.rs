@@ -12,6 +12,7 @@
 //! and arrive here as plain values in [`AgentInputs`].
 
 pub mod env;
+pub mod explain;
 pub mod grpc_bootstrap;
 pub mod layout;
 pub mod mode;

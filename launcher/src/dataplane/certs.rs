@@ -11,8 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use hbone::server::FreshConfig;
 use hbone::tls::{self, WorkloadCert};
 use mesh::files::read_generation;
+use mesh::identity::CertStore;
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 
@@ -93,18 +95,20 @@ fn load(base_dir: &Path) -> Result<WorkloadCert, CertError> {
     Ok(cert)
 }
 
+/// The identity store's certificate in the form the data plane uses.
+fn convert(cert: &mesh::identity::WorkloadCert) -> Arc<WorkloadCert> {
+    Arc::new(WorkloadCert {
+        chain: cert.chain.clone(),
+        key: cert.key(),
+        roots: cert.roots.clone(),
+    })
+}
+
 /// Follows the identity store: every certificate it mints or rotates is published in the
 /// form the data plane uses.
 pub fn follow_identity(
     store: &mesh::identity::CertStore,
 ) -> Option<watch::Receiver<Arc<WorkloadCert>>> {
-    let convert = |cert: &mesh::identity::WorkloadCert| {
-        Arc::new(WorkloadCert {
-            chain: cert.chain.clone(),
-            key: cert.key(),
-            roots: cert.roots.clone(),
-        })
-    };
     let mut updates = store.subscribe();
     let first = updates.borrow_and_update().as_deref().map(convert)?;
     let (tx, rx) = watch::channel(first);
@@ -160,6 +164,59 @@ pub fn server_configs(
         }
     });
     Ok(rx)
+}
+
+/// The identity store behind a mesh listener, asked before each handshake whether the
+/// certificate is past its rotation time by the wall clock ([`CertStore::refresh_if_due`]);
+/// when it had to refresh, the new connection is served a config built from the refreshed
+/// certificate at once instead of waiting for the watch that rebuilds configs to catch up.
+pub struct OnDemand {
+    store: Arc<CertStore>,
+    trust_domain: String,
+    alpn: &'static [&'static [u8]],
+    listener: &'static str,
+}
+
+impl OnDemand {
+    /// The hook for `listener`, building configs as [`server_configs`] does.
+    pub fn hook(
+        store: Arc<CertStore>,
+        trust_domain: String,
+        alpn: &'static [&'static [u8]],
+        listener: &'static str,
+    ) -> Arc<dyn FreshConfig> {
+        Arc::new(OnDemand {
+            store,
+            trust_domain,
+            alpn,
+            listener,
+        })
+    }
+}
+
+impl FreshConfig for OnDemand {
+    fn fresh(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Option<Arc<rustls::ServerConfig>>> + Send + '_>>
+    {
+        Box::pin(async move {
+            let cert = convert(&*self.store.refresh_if_due().await?);
+            match tls::server_config(&cert, &self.trust_domain, self.alpn) {
+                Ok(config) => {
+                    tracing::debug!(
+                        listener = self.listener,
+                        serial = leaf_serial(&cert),
+                        "new connection served the certificate current after an on-demand check"
+                    );
+                    Some(config)
+                }
+                Err(e) => {
+                    tracing::error!(listener = self.listener, error = %e, "refreshed certificate unusable; serving the current one");
+                    None
+                }
+            }
+        })
+    }
 }
 
 /// The leaf's serial number in lowercase hex (what `openssl x509 -serial` prints, in

@@ -12,43 +12,36 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use hbone::SpiffeId;
 use hbone::idle::{PipeEnd, pipe};
 use hbone::listen::{Bounds, handshake_timed_out, serve_each};
-use hbone::{AllowedPeers, SpiffeId};
+use hbone::server::MeshTls;
 use mesh::metrics::tcp::{Reporter, TcpConnection};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-/// The identities of the terminator's connections.
-pub struct Identities {
-    /// The peers allowed to reach the app.
-    pub allowed: AllowedPeers,
-    /// The workload's own identity (the destination principal).
-    pub local: Option<SpiffeId>,
-}
 
 /// Serves the mTLS terminator on `listener` until `drain`.
 pub async fn serve(
     listener: TcpListener,
-    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
-    identities: Identities,
+    tls: MeshTls,
+    local: Option<SpiffeId>,
     app: SocketAddr,
     copy_buffer: usize,
     bounds: Bounds,
     drain: CancellationToken,
 ) {
-    let identities = Arc::new(identities);
+    let tls = Arc::new(tls);
+    let local = Arc::new(local);
     let limit = bounds.limit("mesh inbound");
     serve_each(listener, &limit, &drain, |stream, remote| {
-        let config = tls.borrow().clone();
-        let identities = identities.clone();
+        let tls = tls.clone();
+        let local = local.clone();
         async move {
             terminate(
                 stream,
                 remote,
-                config,
-                &identities,
+                &tls,
+                local.as_ref().as_ref(),
                 app,
                 copy_buffer,
                 bounds,
@@ -62,14 +55,17 @@ pub async fn serve(
 async fn terminate(
     stream: TcpStream,
     remote: SocketAddr,
-    config: Arc<rustls::ServerConfig>,
-    identities: &Identities,
+    mesh: &MeshTls,
+    local: Option<&SpiffeId>,
     app: SocketAddr,
     copy_buffer: usize,
     bounds: Bounds,
 ) {
     let _ = stream.set_nodelay(true);
-    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let handshake = async {
+        let config = mesh.config_for_new_connection().await;
+        tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+    };
     let tls = match tokio::time::timeout(bounds.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return tracing::info!(%remote, error = %e, "mesh mTLS handshake failed"),
@@ -77,7 +73,7 @@ async fn terminate(
     };
     let peer = hbone::tls::peer_identity(tls.get_ref().1);
     match &peer {
-        Some(id) if identities.allowed.allows(id) => {
+        Some(id) if mesh.allowed.allows(id) => {
             tracing::debug!(%remote, peer = %id, "mesh mTLS terminated: peer verified");
         }
         _ => {
@@ -91,11 +87,7 @@ async fn terminate(
         Err(e) => return tracing::warn!(%app, error = %e, "app unreachable for a mesh connection"),
     };
     let _ = upstream.set_nodelay(true);
-    let connection = TcpConnection::open(
-        Reporter::Destination,
-        peer.as_ref(),
-        identities.local.as_ref(),
-    );
+    let connection = TcpConnection::open(Reporter::Destination, peer.as_ref(), local);
     let upstream = connection.count_upstream(upstream);
     if let PipeEnd::Idle = pipe(tls, upstream, copy_buffer, bounds.idle_timeout).await {
         tracing::debug!(%remote, "mesh connection idle for KRUN_IDLE_TIMEOUT; closed");

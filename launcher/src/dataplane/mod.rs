@@ -26,12 +26,14 @@ use anyhow::Context;
 use hbone::listen::Bounds;
 use hbone::server::{Fallback, MeshTls, TunnelServer};
 use hbone::tls::{ALPN_H2, WorkloadCert};
-use hbone::{AllowedPeers, H2Settings};
+use hbone::{AllowedPeers, H2Settings, SpiffeId};
+use mesh::identity::CertStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use certs::OnDemand;
 pub use certs::{CertError, WORKLOAD_CERT_DIR, follow_identity, workload_certs};
 pub use routes::{DeclaredPorts, HboneRouter, MESH_INBOUND_PORT, TunnelRouter};
 
@@ -56,6 +58,8 @@ impl MeshSide {
     /// listeners and, for the builtin data plane, the mTLS terminator, the outbound proxy and
     /// (with iptables capture) the capture listener.
     /// `certs` is the workload certificate feed ([`workload_certs`]), or why there is none;
+    /// `store` the identity step's certificate store when krun mints the certificate (new
+    /// connections then refresh a certificate found past its rotation time);
     /// `in_mesh` says whether the workload is in a mesh at all (otherwise only the listeners
     /// asked for explicitly open).
     pub async fn start(
@@ -63,6 +67,7 @@ impl MeshSide {
         mode: DataPlane,
         interception: Interception,
         certs: Result<watch::Receiver<Arc<WorkloadCert>>, CertError>,
+        store: Option<Arc<CertStore>>,
         in_mesh: bool,
         drain: CancellationToken,
     ) -> anyhow::Result<MeshSide> {
@@ -94,16 +99,10 @@ impl MeshSide {
                 config.launcher.allowed_principals.value.clone(),
             );
             if mode == DataPlane::Builtin {
-                builtin_inbound = start_inbound(
-                    config,
-                    &certs,
-                    &trust_domain,
-                    &allowed,
-                    &settings,
-                    &drain,
-                    &mut tasks,
-                )
-                .await?;
+                let tls = || mesh_tls(&certs, &store, &trust_domain, &allowed, &[], "mesh inbound");
+                let local = certs.borrow().identity();
+                builtin_inbound =
+                    start_inbound(config, tls, local, &settings, &drain, &mut tasks).await?;
                 hop = Some(MeshHop::new(
                     Arc::new(HboneClient::new(settings, Some(certs.clone()))),
                     config.launcher.peer_identities.value.clone(),
@@ -112,11 +111,14 @@ impl MeshSide {
                 ));
             }
             if config.launcher.hbone_port.value != 0 {
-                let tls = MeshTls {
-                    config: certs::server_configs(&certs, trust_domain, &[ALPN_H2], "hbone")?,
-                    allowed,
-                };
-                hbone_tls = Some(tls);
+                hbone_tls = Some(mesh_tls(
+                    &certs,
+                    &store,
+                    &trust_domain,
+                    &allowed,
+                    &[ALPN_H2],
+                    "hbone",
+                )?);
             }
         }
         // `/_hbone/15003` leads to the builtin terminator when it runs, so the declared ports
@@ -319,11 +321,29 @@ async fn bind(addr: SocketAddr, setting: &'static str) -> anyhow::Result<TcpList
     Ok(listener)
 }
 
-async fn start_inbound(
-    config: &Config,
+/// The mTLS side of a mesh listener: configs rebuilt on each rotation, checked against the wall
+/// clock before each handshake when krun minted the certificate itself (`store`).
+fn mesh_tls(
     certs: &watch::Receiver<Arc<WorkloadCert>>,
+    store: &Option<Arc<CertStore>>,
     trust_domain: &str,
     allowed: &AllowedPeers,
+    alpn: &'static [&'static [u8]],
+    listener: &'static str,
+) -> Result<MeshTls, hbone::tls::TlsError> {
+    Ok(MeshTls {
+        config: certs::server_configs(certs, trust_domain.to_owned(), alpn, listener)?,
+        allowed: allowed.clone(),
+        fresh: store
+            .clone()
+            .map(|store| OnDemand::hook(store, trust_domain.to_owned(), alpn, listener)),
+    })
+}
+
+async fn start_inbound(
+    config: &Config,
+    tls: impl FnOnce() -> Result<MeshTls, hbone::tls::TlsError>,
+    local: Option<SpiffeId>,
     settings: &H2Settings,
     drain: &CancellationToken,
     tasks: &mut JoinSet<()>,
@@ -341,16 +361,11 @@ async fn start_inbound(
     )
     .await?;
     let addr = listener.local_addr()?;
-    let tls = certs::server_configs(certs, trust_domain.to_owned(), &[], "mesh inbound")?;
     let app = SocketAddr::from((Ipv4Addr::LOCALHOST, app));
-    let identities = inbound::Identities {
-        allowed: allowed.clone(),
-        local: certs.borrow().identity(),
-    };
     tasks.spawn(inbound::serve(
         listener,
-        tls,
-        identities,
+        tls()?,
+        local,
         app,
         settings.copy_buffer,
         bounds(config),

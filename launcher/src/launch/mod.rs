@@ -126,6 +126,7 @@ pub async fn run(
         dataplane.mode,
         capture.interception,
         certs,
+        identity.identity.as_ref().map(|i| i.store().clone()),
         in_mesh,
         drain.clone(),
     )

@@ -151,12 +151,14 @@ pub enum RestartPolicy {
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     /// The file cannot be read.
-    #[error("KRUN_PROCESSES={path}: cannot read the file: {source}")]
+    /// The cause is part of this message and deliberately not a `source`: `{:#}` would
+    /// print it a second time.
+    #[error("KRUN_PROCESSES={path}: cannot read the file: {cause}")]
     Read {
         /// The path.
         path: String,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not valid YAML of the expected shape, or breaks a rule.
     #[error("KRUN_PROCESSES={path}: {problem}")]
@@ -227,9 +229,9 @@ enum RawTcp {
 impl ProcessPlan {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<ProcessPlan, PlanError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| PlanError::Read {
             path: path.display().to_string(),
-            source,
+            cause,
         })?;
         Self::parse(&text).map_err(|problem| PlanError::Invalid {
             path: path.display().to_string(),

@@ -91,7 +91,7 @@ impl ConfigError {
     pub fn invalid(name: &str, value: &str, expected: impl Into<String>) -> Self {
         ConfigError::Invalid {
             name: name.to_owned(),
-            value: redact(name, value).to_owned(),
+            value: redact(value).to_owned(),
             expected: expected.into(),
         }
     }
@@ -301,7 +301,7 @@ impl Printer {
 
     /// Adds `name` with a JSON value.
     pub fn value(&mut self, name: &str, value: Value, source: Source) {
-        let value = redact_json(name, value);
+        let value = redact_json(value);
         self.0
             .insert(name.to_owned(), json!({ "value": value, "source": source }));
     }
@@ -320,12 +320,26 @@ impl Printer {
     }
 }
 
-fn redact_json(name: &str, value: Value) -> Value {
+/// Writes `value` as pretty JSON to stdout (`--print-config` of both binaries). A reader that
+/// stops early (`| head`) closes the pipe: that is the reader's choice, not an error, so the
+/// output ends quietly where `println!` would panic.
+pub fn print_json(value: &impl Serialize) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = serde_json::to_writer_pretty(&mut out, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(out))
+        .and_then(|()| out.flush());
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+fn redact_json(value: Value) -> Value {
     match value {
-        Value::String(s) if is_secret(name, &s) => json!(REDACTED),
-        Value::Array(items) => {
-            Value::Array(items.into_iter().map(|v| redact_json(name, v)).collect())
-        }
+        Value::String(s) if is_secret(&s) => json!(REDACTED),
+        Value::Array(items) => Value::Array(items.into_iter().map(redact_json).collect()),
         other => other,
     }
 }

@@ -4,46 +4,37 @@
 /// What is printed instead of a secret.
 pub const REDACTED: &str = "<redacted>";
 
-/// Name fragments that mark a variable as secret whatever its value.
-const SECRET_NAME_PARTS: &[&str] = &[
-    "TOKEN",
-    "SECRET",
-    "PASSWORD",
-    "PASSWD",
-    "CREDENTIAL",
-    "PRIVATE_KEY",
-    "API_KEY",
+/// Prefixes of well-known token formats: Google OAuth access tokens, GitHub tokens, AWS
+/// access key IDs, HTTP authorization values.
+const TOKEN_PREFIXES: &[&str] = &[
+    "ya29.",
+    "ghp_",
+    "gho_",
+    "ghs_",
+    "github_pat_",
+    "AKIA",
+    "bearer ",
+    "basic ",
 ];
 
-/// Variables whose names contain a fragment above but hold no secret (Istio's certificate
-/// lifetime), judged by their value's shape only.
-const NOT_SECRET_NAMES: &[&str] = &["SECRET_TTL"];
-
-/// True when a value must be redacted, judged by its variable name or by its shape
-/// (a JWT, a bearer header, a PEM private key, a URL with a password).
-pub fn is_secret(name: &str, value: &str) -> bool {
-    let upper = name.to_ascii_uppercase();
-    let by_name = !NOT_SECRET_NAMES.contains(&upper.as_str())
-        && SECRET_NAME_PARTS.iter().any(|part| upper.contains(part));
-    by_name || looks_secret(value)
+/// True when a value must be redacted, judged by what it is (a JWT, a PEM private key, a
+/// well-known token or an authorization header, a URL with a password), never by the name of
+/// the variable holding it: names lie both ways (`SECRET_TTL` is a duration,
+/// `IAM_CREDENTIALS_ENDPOINT` a URL, `XDS_AGENT_DEBUG` could hold a token).
+pub fn is_secret(value: &str) -> bool {
+    let v = value.trim();
+    is_jwt(v)
+        || TOKEN_PREFIXES.iter().any(|prefix| {
+            v.get(..prefix.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+        })
+        || v.contains("PRIVATE KEY-----")
+        || url_has_password(v)
 }
 
 /// Returns the value, or [`REDACTED`] when it is secret.
-pub fn redact<'a>(name: &str, value: &'a str) -> &'a str {
-    if is_secret(name, value) {
-        REDACTED
-    } else {
-        value
-    }
-}
-
-fn looks_secret(value: &str) -> bool {
-    let v = value.trim();
-    is_jwt(v)
-        || v.get(..7)
-            .is_some_and(|p| p.eq_ignore_ascii_case("bearer "))
-        || v.contains("PRIVATE KEY-----")
-        || url_has_password(v)
+pub fn redact(value: &str) -> &str {
+    if is_secret(value) { REDACTED } else { value }
 }
 
 /// A JWT is three base64url segments, the first starting with `eyJ` (`{"` encoded).
@@ -73,22 +64,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn secrets_by_name_and_by_shape() {
-        assert!(is_secret("GITHUB_TOKEN", "abc"));
-        assert!(is_secret(
-            "XDS_AGENT_DEBUG",
-            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
-        ));
-        assert!(is_secret("MESH", "https://user:hunter2@example.com/x"));
-        assert!(is_secret("X", "Bearer abc"));
-        assert!(is_secret("X", "-----BEGIN EC PRIVATE KEY-----\n..."));
-        assert!(!is_secret("MESH", "gke://my-project/us-central1/istio"));
-        assert!(!is_secret("MESH", "https://user@example.com/x"));
-        assert!(!is_secret("TRUST_DOMAIN", "my-project.svc.id.goog"));
-        assert!(!is_secret("SECRET_TTL", "24h"));
-        assert_eq!(
-            redact("CA_ADDR", "istiod.istio-system.svc:15012"),
-            "istiod.istio-system.svc:15012"
-        );
+    fn secrets_are_found_by_value_whatever_the_name() {
+        for secret in [
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
+            "https://user:hunter2@example.com/x",
+            "Bearer abc",
+            "-----BEGIN EC PRIVATE KEY-----\n...",
+            "-----BEGIN PRIVATE KEY-----\n...",
+            "ya29.a0AfH6SMBx",
+            "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+            "AKIAIOSFODNN7EXAMPLE",
+        ] {
+            assert!(is_secret(secret), "{secret}");
+            assert_eq!(redact(secret), REDACTED);
+        }
+    }
+
+    #[test]
+    fn names_that_sound_secret_do_not_hide_plain_values() {
+        for plain in [
+            "24h",
+            "https://iamcredentials.googleapis.com",
+            "gke://my-project/us-central1/istio",
+            "https://user@example.com/x",
+            "my-project.svc.id.goog",
+            "istiod.istio-system.svc:15012",
+            "-----BEGIN CERTIFICATE-----\n...",
+        ] {
+            assert!(!is_secret(plain), "{plain}");
+            assert_eq!(redact(plain), plain);
+        }
     }
 }

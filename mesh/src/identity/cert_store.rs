@@ -2,6 +2,11 @@
 //! files are written); TLS configs read the current certificate on every handshake through
 //! [`CertResolver`], other components follow updates with [`CertStore::subscribe`], and
 //! [`CertStore::health`] reports how rotation is going. Nothing restarts when it changes.
+//!
+//! Rotation is not left to a timer alone: where CPU is allocated only during requests (Cloud
+//! Run), a timer can fire long after its time. A listener calls [`CertStore::refresh_if_due`]
+//! before each new connection; a certificate past its rotation time by the wall clock is then
+//! replaced on the spot (and a refresh that failed is retried by the next connection).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -11,7 +16,7 @@ use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::SpiffeId;
 
@@ -98,6 +103,11 @@ impl WorkloadCert {
             .unwrap_or_default();
         self.not_before + lifetime / 2
     }
+
+    /// True when the wall clock says this certificate should have been replaced by now.
+    pub fn is_due(&self, now: SystemTime) -> bool {
+        now >= self.half_life()
+    }
 }
 
 /// How rotation is going, for health reporting and tests.
@@ -154,6 +164,9 @@ impl ResolvesClientCert for CertResolver {
 pub struct CertStore {
     current: watch::Sender<Option<Arc<WorkloadCert>>>,
     health: watch::Sender<RotationHealth>,
+    /// Wakes the rotation task to look at the wall clock now (a connection found the
+    /// certificate due).
+    wake_rotation: Notify,
 }
 
 impl Default for CertStore {
@@ -161,6 +174,7 @@ impl Default for CertStore {
         CertStore {
             current: watch::Sender::new(None),
             health: watch::Sender::new(RotationHealth::default()),
+            wake_rotation: Notify::new(),
         }
     }
 }
@@ -179,6 +193,39 @@ impl CertStore {
     /// Rotation health updates.
     pub fn health(&self) -> watch::Receiver<RotationHealth> {
         self.health.subscribe()
+    }
+
+    /// `None` while the current certificate is not due by the wall clock (the common case: one
+    /// clock read). Otherwise asks the rotation task to replace it now, waits for the outcome
+    /// and returns the certificate to serve: the new one, or the old one when the refresh
+    /// failed (the next call asks again). Bound the wait with the caller's handshake deadline.
+    pub async fn refresh_if_due(&self) -> Option<Arc<WorkloadCert>> {
+        if !self.current()?.is_due(SystemTime::now()) {
+            return None;
+        }
+        let mut certs = self.subscribe();
+        let mut health = self.health();
+        certs.borrow_and_update();
+        health.borrow_and_update();
+        // Looked at again after subscribing, so a rotation that finished in between counts.
+        let current = self.current()?;
+        if current.is_due(SystemTime::now()) {
+            tracing::debug!(
+                identity = %current.identity,
+                "certificate past its rotation time by the wall clock; refreshing before serving"
+            );
+            self.wake_rotation.notify_one();
+            tokio::select! {
+                _ = certs.changed() => {}
+                _ = health.changed() => {}
+            }
+        }
+        self.current()
+    }
+
+    /// Resolves when a connection asked for a refresh ([`CertStore::refresh_if_due`]).
+    pub(super) async fn refresh_requested(&self) {
+        self.wake_rotation.notified().await;
     }
 
     pub(super) fn publish(&self, cert: Arc<WorkloadCert>) {

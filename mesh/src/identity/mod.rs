@@ -310,7 +310,7 @@ async fn rotate(minter: Minter, store: Arc<CertStore>, policy: RotationPolicy) {
             in_secs = wait.as_secs(),
             "certificate rotation scheduled at half-life"
         );
-        tokio::time::sleep(wait).await;
+        wait_until(due, &store).await;
         let mut backoff =
             Backoff::until_success(policy.initial_backoff, policy.max_backoff).delays();
         loop {
@@ -333,9 +333,32 @@ async fn rotate(minter: Minter, store: Arc<CertStore>, policy: RotationPolicy) {
                     );
                     store.record_failure(e.to_string());
                     crate::metrics::CERTIFICATE_REFRESH_FAILURES.inc();
-                    tokio::time::sleep(delay).await;
+                    nap(delay, &store).await;
                 }
             }
         }
+    }
+}
+
+/// Longest a rotation deadline is left to a monotonic timer before the wall clock is read
+/// again: a timer stalls with a throttled or frozen CPU, the wall clock does not.
+const WALL_CLOCK_RECHECK: Duration = Duration::from_secs(30);
+
+/// Returns once the wall clock reaches `due`. Timers only pace the checks (at most
+/// [`WALL_CLOCK_RECHECK`] apart); a connection that finds the certificate due wakes it at once.
+async fn wait_until(due: SystemTime, store: &CertStore) {
+    while let Ok(left) = due.duration_since(SystemTime::now()) {
+        if left.is_zero() {
+            return;
+        }
+        nap(left.min(WALL_CLOCK_RECHECK), store).await;
+    }
+}
+
+/// Sleeps for `delay`, or less when a connection asks for a refresh.
+async fn nap(delay: Duration, store: &CertStore) {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => {}
+        () = store.refresh_requested() => {}
     }
 }
