@@ -11,6 +11,7 @@ connections a scenario needs, printing one line per observation for the test to 
                      resolv.conf nameserver) relaying to it; resolves NAME with getaddrinfo
                      and prints "resolved NAME to IP; upstream answered N"
   echo DST MESSAGE   sends MESSAGE to DST, half-closes, prints "echoed REPLY"
+  echoes LISTEN...   echo servers on every ip:port; prints "echoing" and waits to be stopped
   env NAME...        prints NAME=value for each variable
   forward LISTEN UP  echo server on UP; sends "ping" through LISTEN and prints "forward got ..."
   silent DST         connects to DST, sends nothing, prints "closed after N bytes" at EOF
@@ -150,6 +151,11 @@ def main():
         s.sendall(message.encode())
         s.shutdown(socket.SHUT_WR)
         print("echoed", read_response(s), flush=True)
+    elif command == "echoes":
+        for listen in args:
+            serve(listen, echo)
+        print("echoing", flush=True)
+        threading.Event().wait()
     elif command == "silent":
         s = socket.create_connection(addr(args[0]))
         print("connected", args[0], flush=True)

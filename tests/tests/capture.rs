@@ -278,11 +278,13 @@ fn the_http_proxy_carries_a_request_and_a_connect_tunnel() {
     );
 }
 
-/// A captured connection to a mesh destination (inside OUTBOUND_IP_RANGES_INCLUDE) goes over
-/// HBONE to the peer's 15008: the peer's app listens on loopback only, so nothing but the
-/// peer's krun could have delivered the bytes.
+/// Without a control plane a captured 10.x destination is not assumed to be in the mesh: the
+/// app reaches a plain TCP server there directly (passthrough), as it would without krun.
+/// With `KRUN_MESH_CIDRS` naming the peer, the same capture goes over HBONE to the peer's
+/// 15008: the peer's app listens on loopback only, so nothing but the peer's krun could have
+/// delivered the bytes, and the peer's krun logs the app's SPIFFE ID.
 #[test]
-fn a_captured_mesh_destination_goes_over_hbone() {
+fn a_10x_server_is_passthrough_and_mesh_cidrs_go_over_hbone() {
     let (client_ns, server_ns) = Netns::pair("mesh", "10.1.2.3");
     let ca = TestCa::new("cluster.local");
     let server_dir = TempDir::new("mesh-server");
@@ -296,7 +298,9 @@ fn a_captured_mesh_destination_goes_over_hbone() {
         .env("PORT_http", "8080")
         .env("KRUN_HBONE_PORT", "15008")
         .env("KRUN_TUNNEL_PORT", "15009")
-        .args(testapp(&["echo", "8080"]))
+        .env("RUST_LOG", "info,hbone=debug")
+        // The mesh app on loopback; a plain TCP server (no krun in front) on 10.1.2.3:7000.
+        .args(app(&["echoes", "127.0.0.1:8080", "0.0.0.0:7000"]))
         .start();
     server.wait_for_line("tunnel port open");
     let client_dir = TempDir::new("mesh-client");
@@ -304,18 +308,49 @@ fn a_captured_mesh_destination_goes_over_hbone() {
         &client_dir.join(""),
         "spiffe://cluster.local/ns/default/sa/caller",
     );
-    let done = krun_in(&client_ns)
-        .env("MESH_BASE_DIR", client_dir.join(""))
-        .env("KRUN_DATAPLANE", "builtin")
+    let client = || {
+        krun_in(&client_ns)
+            .env("MESH_BASE_DIR", client_dir.join(""))
+            .env("KRUN_DATAPLANE", "builtin")
+    };
+
+    let plain = client()
+        .args(app(&["echo", "10.1.2.3:7000", "plain tcp"]))
+        .run();
+    assert_eq!(plain.code, 0, "{}", plain.text());
+    assert!(
+        plain.has_line("original_dst=10.1.2.3:7000 route=\"passthrough\""),
+        "{}",
+        plain.text()
+    );
+    assert!(
+        plain.has_line("outbound passthrough: the destination is not inside KRUN_MESH_CIDRS"),
+        "{}",
+        plain.text()
+    );
+    assert!(plain.has_line("echoed plain tcp"), "{}", plain.text());
+
+    let mesh = client()
+        .env("KRUN_MESH_CIDRS", "10.1.2.3/32")
         .args(app(&["echo", "10.1.2.3:8080", "over the mesh"]))
         .run();
-    assert_eq!(done.code, 0, "{}", done.text());
+    assert_eq!(mesh.code, 0, "{}", mesh.text());
     assert!(
-        done.has_line("original_dst=10.1.2.3:8080 route=\"hbone\""),
+        mesh.has_line("original_dst=10.1.2.3:8080 route=\"hbone\""),
         "{}",
-        done.text()
+        mesh.text()
     );
-    assert!(done.has_line("echoed over the mesh"), "{}", done.text());
+    assert!(
+        mesh.has_line("outbound HBONE: the destination is inside KRUN_MESH_CIDRS"),
+        "{}",
+        mesh.text()
+    );
+    assert!(mesh.has_line("echoed over the mesh"), "{}", mesh.text());
+    let opened = server.wait_for_line("tunnel open");
+    assert!(
+        opened.contains("spiffe://cluster.local/ns/default/sa/caller"),
+        "{opened}"
+    );
     server.signal(Signal::SIGTERM);
     server.finish();
 }

@@ -40,7 +40,7 @@ use crate::supervisor::{FailHandle, Phase};
 use hbone::client::HboneClient;
 use mesh::config::Source;
 use mesh::istio::{self, Interception};
-use route::{Cidr, MeshHop, Router};
+use route::{MeshHop, Router};
 
 /// The running mesh listeners.
 pub struct MeshSide {
@@ -149,10 +149,7 @@ impl MeshSide {
                 .with_tls(tls);
             tasks.spawn(server.serve(listener, drain.clone(), config.launcher.drain_timeout.value));
         }
-        let router = Arc::new(Router {
-            mesh: hop,
-            ranges: Cidr::parse_list(&config.launcher.outbound_ip_ranges_include.value),
-        });
+        let router = Arc::new(Router::new(hop, config.launcher.mesh_cidrs.value.clone()));
         if mode == DataPlane::Builtin {
             let proxy_wanted = in_mesh || config.launcher.outbound_addr.source == Source::Env;
             start_outbound(
@@ -350,7 +347,7 @@ async fn start_outbound(
             bounds: bounds(config),
         };
         tasks.spawn(outbound::serve(listener, outbound, drain.clone()));
-        tracing::info!(%addr, hbone = router.mesh.is_some(), "outbound HTTP proxy (CONNECT and absolute URIs) listening");
+        tracing::info!(%addr, hbone = router.has_mesh(), "outbound HTTP proxy (CONNECT and absolute URIs) listening");
     }
     let addr = config.launcher.capture_addr.value;
     if interception == Interception::Iptables && addr.port() != 0 {
@@ -362,7 +359,7 @@ async fn start_outbound(
             bounds(config),
             drain.clone(),
         ));
-        tracing::info!(%addr, hbone = router.mesh.is_some(), "capture listener (iptables REDIRECT target) listening");
+        tracing::info!(%addr, hbone = router.has_mesh(), "capture listener (iptables REDIRECT target) listening");
     }
     Ok(())
 }
