@@ -12,7 +12,8 @@
 //! - [`http`]: the HTTP client of Google APIs and the metadata server;
 //! - [`metadata`]: the metadata server's values, access and ID tokens, and the GCP probe;
 //! - [`istio`]: Istio's ports and the proxy's uid and gid;
-//! - [`rlimit`]: the open-file limit raised to what the connection caps need.
+//! - [`rlimit`]: the open-file limit raised to what the connection caps need;
+//! - [`xds`]: workload discovery from istiod (delta ADS) and the store it fills.
 //!
 //! It knows nothing of processes, iptables or the data plane: those are krun's.
 //!
@@ -31,3 +32,4 @@ pub mod istio;
 pub mod logging;
 pub mod metadata;
 pub mod rlimit;
+pub mod xds;

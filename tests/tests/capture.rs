@@ -7,6 +7,7 @@ use std::path::Path;
 
 use krun::capture::rules::{Family, Rules};
 
+use krun_tests::fakes::istiod::{FakeIstiod, IstiodTls};
 use krun_tests::fakes::kube::{self, FakeKube};
 use krun_tests::fakes::pki::TestCa;
 use krun_tests::netns::Netns;
@@ -324,7 +325,7 @@ fn a_10x_server_is_passthrough_and_mesh_cidrs_go_over_hbone() {
         plain.text()
     );
     assert!(
-        plain.has_line("outbound passthrough: the destination is not inside KRUN_MESH_CIDRS"),
+        plain.has_line("outbound passthrough: the destination is neither a workload istiod lists as HBONE-capable nor inside KRUN_MESH_CIDRS"),
         "{}",
         plain.text()
     );
@@ -350,6 +351,131 @@ fn a_10x_server_is_passthrough_and_mesh_cidrs_go_over_hbone() {
     assert!(
         opened.contains("spiffe://cluster.local/ns/default/sa/caller"),
         "{opened}"
+    );
+    server.signal(Signal::SIGTERM);
+    server.finish();
+}
+
+/// In `ns`: runs `start` on a thread that entered the namespace, so the servers it binds
+/// listen on the namespace's loopback (where krun inside reaches them).
+fn in_netns<T: Send + 'static>(ns: &Netns, start: impl FnOnce() -> T + Send + 'static) -> T {
+    let _ = krun_tests::fakes::server::runtime();
+    let netns = format!("/var/run/netns/{}", ns.wrapper()[3]);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns).expect("open the named netns");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        start()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// The builtin plane learns the mesh from istiod (the fake, over delta ADS with mTLS): a
+/// workload istiod lists as HBONE goes over HBONE with its identity pinned, a listed workload
+/// whose peer presents another identity fails naming both, an unlisted 10.x server is
+/// passthrough. istiod going away and coming back drops no open connection and changes no
+/// decision.
+#[test]
+fn workloads_from_istiod_decide_the_route_and_survive_its_outage() {
+    let (client_ns, server_ns) = Netns::pair("xds", "10.1.2.3");
+    for extra in ["10.1.2.4/32", "10.1.2.5/32"] {
+        server_ns.exec(&["ip", "addr", "add", extra, "dev", "lo"]);
+    }
+    let ca = TestCa::new("cluster.local");
+    let server_dir = TempDir::new("xds-server");
+    ca.install_workload(
+        &server_dir.join(""),
+        "spiffe://cluster.local/ns/default/sa/echo",
+    );
+    let mut server = Krun::wrapped(&server_ns.wrapper())
+        .env("MESH_BASE_DIR", server_dir.join(""))
+        .env("KRUN_DATAPLANE", "builtin")
+        .env("PORT_http", "8080")
+        .env("KRUN_HBONE_PORT", "15008")
+        .env("KRUN_TUNNEL_PORT", "15009")
+        .args(app(&["echoes", "127.0.0.1:8080", "0.0.0.0:7000"]))
+        .start();
+    server.wait_for_line("tunnel port open");
+
+    let tls = IstiodTls::new(&ca);
+    let mut istiod = in_netns(&client_ns, move || FakeIstiod::start(tls));
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+    istiod.push_workload("echo", ip("10.1.2.3"), "default", "echo", true);
+    // 10.1.2.5 is served by the same krun (sa/echo), but istiod says it is sa/other.
+    istiod.push_workload("imposter", ip("10.1.2.5"), "default", "other", true);
+
+    let client_dir = TempDir::new("xds-client");
+    ca.install_workload(
+        &client_dir.join(""),
+        "spiffe://cluster.local/ns/default/sa/caller",
+    );
+    let fifo = client_dir.join("steps");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let mut client = krun_in(&client_ns)
+        .env("MESH_BASE_DIR", client_dir.join(""))
+        .env("KRUN_DATAPLANE", "builtin")
+        .env("XDS_ADDR", istiod.addr.to_string())
+        .args(app(&["script", &fifo.display().to_string()]))
+        .start();
+    client.wait_for_line("xDS push applied (ACK)");
+    let mut steps = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open the app's step FIFO");
+    let mut step = |line: &str| {
+        use std::io::Write;
+        writeln!(steps, "{line}").expect("write a step");
+    };
+
+    step("echo 10.1.2.3:8080 listed");
+    client.wait_for_line("echoed listed");
+    step("echo 10.1.2.4:7000 unlisted");
+    client.wait_for_line("echoed unlisted");
+    step("echo 10.1.2.5:8080 imposter");
+    let mismatch = client.wait_for_line("peer identity mismatch");
+    assert!(
+        mismatch.contains("spiffe://cluster.local/ns/default/sa/other")
+            && mismatch.contains("spiffe://cluster.local/ns/default/sa/echo"),
+        "{mismatch}"
+    );
+
+    step("open held 10.1.2.3:8080");
+    client.wait_for_line("opened held");
+    istiod.down();
+    client.wait_for_line("reconnecting, serving the last known state meanwhile");
+    step("send held during the outage");
+    client.wait_for_line("held got during the outage");
+    step("echo 10.1.2.3:8080 still listed");
+    client.wait_for_line("echoed still listed");
+    istiod.up();
+    client.wait_for_line("xDS stream to istiod open");
+    step("send held after the outage");
+    client.wait_for_line("held got after the outage");
+    drop(steps);
+    let done = client.finish();
+    let text = done.text();
+    assert!(
+        done.has_line("original_dst=10.1.2.3:8080 route=\"hbone\""),
+        "{text}"
+    );
+    assert!(
+        done.has_line("outbound HBONE: istiod lists the destination as an HBONE workload"),
+        "{text}"
+    );
+    assert!(
+        done.has_line("original_dst=10.1.2.4:7000 route=\"passthrough\""),
+        "{text}"
+    );
+    assert!(!done.has_line("echoed imposter"), "{text}");
+    let first = &istiod.requests()[0];
+    let node = first.node.as_ref().expect("node");
+    assert!(node.id.starts_with("ztunnel~"), "{}", node.id);
+    assert!(
+        istiod
+            .requests()
+            .iter()
+            .any(|r| !r.response_nonce.is_empty() && r.error_detail.is_none()),
+        "no ACK"
     );
     server.signal(Signal::SIGTERM);
     server.finish();

@@ -40,6 +40,7 @@ use crate::supervisor::{FailHandle, Phase};
 use hbone::client::HboneClient;
 use mesh::config::Source;
 use mesh::istio::{self, Interception};
+use mesh::xds::{WorkloadStore, XdsConfig};
 use route::{MeshHop, Router};
 
 /// The running mesh listeners.
@@ -63,6 +64,7 @@ impl MeshSide {
         interception: Interception,
         certs: Result<watch::Receiver<Arc<WorkloadCert>>, CertError>,
         in_mesh: bool,
+        xds: Option<XdsConfig>,
         drain: CancellationToken,
     ) -> anyhow::Result<MeshSide> {
         let settings = h2_settings(config);
@@ -81,6 +83,7 @@ impl MeshSide {
         };
         let mut builtin_inbound = None;
         let mut hop = None;
+        let mut workloads = None;
         let mut hbone_tls = None;
         if let Some(certs) = certs {
             let trust_domain = certs
@@ -103,6 +106,7 @@ impl MeshSide {
                     &mut tasks,
                 )
                 .await?;
+                workloads = xds.map(|xds| start_discovery(xds, &certs, &drain, &mut tasks));
                 hop = Some(MeshHop::new(
                     Arc::new(HboneClient::new(settings, Some(certs.clone()))),
                     config.launcher.peer_identities.value.clone(),
@@ -149,7 +153,11 @@ impl MeshSide {
                 .with_tls(tls);
             tasks.spawn(server.serve(listener, drain.clone(), config.launcher.drain_timeout.value));
         }
-        let router = Arc::new(Router::new(hop, config.launcher.mesh_cidrs.value.clone()));
+        let router = Arc::new(Router::new(
+            hop,
+            workloads,
+            config.launcher.mesh_cidrs.value.clone(),
+        ));
         if mode == DataPlane::Builtin {
             let proxy_wanted = in_mesh || config.launcher.outbound_addr.source == Source::Env;
             start_outbound(
@@ -323,6 +331,25 @@ async fn start_inbound(
     ));
     tracing::info!(%addr, %app, "builtin mesh inbound: mTLS terminated by krun");
     Ok(Some(addr))
+}
+
+/// Workload discovery from istiod for the builtin data plane: the store the router asks,
+/// filled by the xDS client until `drain`.
+fn start_discovery(
+    xds: XdsConfig,
+    certs: &watch::Receiver<Arc<WorkloadCert>>,
+    drain: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Arc<WorkloadStore> {
+    let store = Arc::new(WorkloadStore::default());
+    tracing::info!(istiod = %xds.addr, node = %xds.node_id, "workload discovery: delta ADS to istiod (XDS_ADDR)");
+    tasks.spawn(mesh::xds::run(
+        xds,
+        certs.clone(),
+        store.clone(),
+        drain.clone(),
+    ));
+    store
 }
 
 async fn start_outbound(

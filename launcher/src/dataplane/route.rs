@@ -1,8 +1,9 @@
 //! Outbound routing shared by the capture listener (15001), the HTTP proxy (15007) and the
-//! `KRUN_FORWARD` listeners, decided per connection: a mesh destination (an IP inside
-//! `KRUN_MESH_CIDRS`, when krun holds a workload certificate) goes over HBONE to the peer's
-//! 15008; anything else is a plain TCP connection (passthrough), so a destination outside the
-//! mesh (Memorystore, Cloud SQL, a VM) works as it would without krun. krun's plain sockets
+//! `KRUN_FORWARD` listeners, decided per connection: a mesh destination (a workload istiod
+//! lists as HBONE-capable, whose certificate must then carry the identity istiod gives, or an
+//! IP inside `KRUN_MESH_CIDRS`; only when krun holds a workload certificate) goes over HBONE to
+//! the peer's 15008; anything else is a plain TCP connection (passthrough), so a destination
+//! outside the mesh (Memorystore, Cloud SQL, a VM) works as it would without krun. krun's plain sockets
 //! carry the capture mark, so the iptables rules never send them back to 15001.
 
 use std::io;
@@ -18,6 +19,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::capture::rules::KRUN_MARK;
 use crate::config::{Cidr, PeerIdentity};
+use mesh::xds::WorkloadStore;
 
 /// A byte stream to an upstream.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -83,8 +85,11 @@ impl MeshHop {
 }
 
 /// How one outbound connection is carried.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
+    /// HBONE to the destination's 15008: istiod lists it as an HBONE workload with this
+    /// identity, which its certificate must carry.
+    Workload(SpiffeId),
     /// HBONE to the destination's 15008: it is inside `KRUN_MESH_CIDRS`.
     MeshCidr,
     /// Plain TCP, marked so capture leaves it alone.
@@ -93,21 +98,24 @@ pub enum Route {
 
 impl Route {
     /// The name logged with each connection.
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
-            Route::MeshCidr => "hbone",
+            Route::Workload(_) | Route::MeshCidr => "hbone",
             Route::Passthrough => "passthrough",
         }
     }
 
     /// Why a connection took this route, logged the first time it does.
-    fn reason(self) -> &'static str {
+    fn reason(&self) -> &'static str {
         match self {
+            Route::Workload(_) => {
+                "outbound HBONE: istiod lists the destination as an HBONE workload; its certificate must carry the identity istiod gives (logged once; later ones at debug)"
+            }
             Route::MeshCidr => {
                 "outbound HBONE: the destination is inside KRUN_MESH_CIDRS (logged once; later ones at debug)"
             }
             Route::Passthrough => {
-                "outbound passthrough: the destination is not inside KRUN_MESH_CIDRS (or krun has no workload certificate), so it is reached directly as without krun (logged once; later ones at debug)"
+                "outbound passthrough: the destination is neither a workload istiod lists as HBONE-capable nor inside KRUN_MESH_CIDRS (or krun has no workload certificate), so it is reached directly as without krun (logged once; later ones at debug)"
             }
         }
     }
@@ -116,25 +124,27 @@ impl Route {
 /// Connections per route since start: plain atomics, logged with each decision.
 #[derive(Default)]
 pub struct RouteCounts {
+    workload: AtomicU64,
     mesh_cidr: AtomicU64,
     passthrough: AtomicU64,
 }
 
 impl RouteCounts {
-    fn counter(&self, route: Route) -> &AtomicU64 {
+    fn counter(&self, route: &Route) -> &AtomicU64 {
         match route {
+            Route::Workload(_) => &self.workload,
             Route::MeshCidr => &self.mesh_cidr,
             Route::Passthrough => &self.passthrough,
         }
     }
 
     /// Counts one connection on `route`; the new total.
-    fn count(&self, route: Route) -> u64 {
+    fn count(&self, route: &Route) -> u64 {
         self.counter(route).fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Connections routed `route` so far.
-    pub fn get(&self, route: Route) -> u64 {
+    pub fn get(&self, route: &Route) -> u64 {
         self.counter(route).load(Ordering::Relaxed)
     }
 }
@@ -143,6 +153,8 @@ impl RouteCounts {
 pub struct Router {
     /// `None` without a workload certificate: everything is passthrough.
     mesh: Option<MeshHop>,
+    /// What istiod lists, when krun discovers workloads from it.
+    workloads: Option<Arc<WorkloadStore>>,
     /// The mesh's address ranges (`KRUN_MESH_CIDRS`).
     mesh_cidrs: Vec<Cidr>,
     /// Connections per route.
@@ -150,11 +162,17 @@ pub struct Router {
 }
 
 impl Router {
-    /// Routes over `mesh` (when krun has a workload certificate) to destinations inside
-    /// `mesh_cidrs`, and everything else directly.
-    pub fn new(mesh: Option<MeshHop>, mesh_cidrs: Vec<Cidr>) -> Self {
+    /// Routes over `mesh` (when krun has a workload certificate) to the HBONE workloads
+    /// istiod lists in `workloads` and to destinations inside `mesh_cidrs`, and everything
+    /// else directly.
+    pub fn new(
+        mesh: Option<MeshHop>,
+        workloads: Option<Arc<WorkloadStore>>,
+        mesh_cidrs: Vec<Cidr>,
+    ) -> Self {
         Router {
             mesh,
+            workloads,
             mesh_cidrs,
             counts: RouteCounts::default(),
         }
@@ -172,10 +190,16 @@ impl Router {
 
     /// The route to `ip`: HBONE only to a mesh destination krun can reach over HBONE.
     pub fn decide(&self, ip: IpAddr) -> Route {
-        if self.mesh.is_some() && self.mesh_cidrs.iter().any(|r| r.contains(ip)) {
-            Route::MeshCidr
-        } else {
-            Route::Passthrough
+        if self.mesh.is_none() {
+            return Route::Passthrough;
+        }
+        // istiod's word wins over KRUN_MESH_CIDRS: a listed workload outside the ambient mesh
+        // does not accept HBONE.
+        match self.workloads.as_ref().and_then(|store| store.lookup(ip)) {
+            Some(workload) if workload.hbone => Route::Workload(workload.identity),
+            Some(_) => Route::Passthrough,
+            None if self.mesh_cidrs.iter().any(|r| r.contains(ip)) => Route::MeshCidr,
+            None => Route::Passthrough,
         }
     }
 
@@ -190,7 +214,7 @@ impl Router {
     /// [`Router::connect_routed`].
     pub fn route(&self, target: SocketAddr) -> Route {
         let route = self.decide(target.ip());
-        let total = self.counts.count(route);
+        let total = self.counts.count(&route);
         if total == 1 {
             tracing::info!(%target, route = route.name(), "{}", route.reason());
         } else {
@@ -206,26 +230,27 @@ impl Router {
         host: &str,
         target: SocketAddr,
     ) -> io::Result<Upstream> {
-        match (route, &self.mesh) {
-            (Route::MeshCidr, Some(hop)) => {
-                let peer = SocketAddr::new(target.ip(), hop.peer_port);
-                let expected = hop.expected(host, target);
-                let (tunnel, guard) = hop
-                    .client
-                    .connect(peer, Some(&expected), &target.to_string())
-                    .await
-                    .map_err(io::Error::other)?;
-                tracing::debug!(%target, %peer, verified = %expected, "outbound HBONE tunnel open");
-                Ok(Upstream {
-                    io: Box::new(tunnel),
-                    guard: Some(guard),
-                })
+        let (hop, expected) = match (&route, &self.mesh) {
+            (Route::Workload(id), Some(hop)) => (hop, ExpectedPeer::OneOf(vec![id.clone()])),
+            (Route::MeshCidr, Some(hop)) => (hop, hop.expected(host, target)),
+            _ => {
+                return Ok(Upstream {
+                    io: Box::new(connect_marked(target).await?),
+                    guard: None,
+                });
             }
-            _ => Ok(Upstream {
-                io: Box::new(connect_marked(target).await?),
-                guard: None,
-            }),
-        }
+        };
+        let peer = SocketAddr::new(target.ip(), hop.peer_port);
+        let (tunnel, guard) = hop
+            .client
+            .connect(peer, Some(&expected), &target.to_string())
+            .await
+            .map_err(io::Error::other)?;
+        tracing::debug!(%target, %peer, verified = %expected, "outbound HBONE tunnel open");
+        Ok(Upstream {
+            io: Box::new(tunnel),
+            guard: Some(guard),
+        })
     }
 
     /// Resolves `host:port` and connects to the first address.
@@ -307,7 +332,7 @@ mod tests {
             "td".into(),
             15008,
         );
-        let router = Router::new(Some(hop), cidrs.clone());
+        let router = Router::new(Some(hop), None, cidrs.clone());
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         assert_eq!(router.decide(ip("10.1.2.3")), Route::MeshCidr);
         assert_eq!(router.decide(ip("fd00::7")), Route::MeshCidr);
@@ -317,11 +342,50 @@ mod tests {
         router.route(addr("10.1.2.3:80"));
         router.route(addr("10.9.9.9:6379"));
         router.route(addr("10.9.9.9:6379"));
-        assert_eq!(router.counts().get(Route::MeshCidr), 1);
-        assert_eq!(router.counts().get(Route::Passthrough), 2);
-        let no_cert = Router::new(None, cidrs);
+        assert_eq!(router.counts().get(&Route::MeshCidr), 1);
+        assert_eq!(router.counts().get(&Route::Passthrough), 2);
+        let no_cert = Router::new(None, None, cidrs);
         assert_eq!(no_cert.decide(ip("10.1.2.3")), Route::Passthrough);
-        let no_cidrs = Router::new(None, Vec::new());
+        let no_cidrs = Router::new(None, None, Vec::new());
         assert_eq!(no_cidrs.decide(ip("10.1.2.3")), Route::Passthrough);
+    }
+
+    /// A workload istiod lists as HBONE-capable goes over HBONE pinned to its identity; one
+    /// listed without HBONE is passthrough even inside KRUN_MESH_CIDRS; unlisted addresses
+    /// fall back to the ranges.
+    #[test]
+    fn istiod_listed_workloads_route_by_their_protocol() {
+        use mesh::xds::proto::{TunnelProtocol, Workload, WorkloadStatus};
+        let store = Arc::new(WorkloadStore::default());
+        let workload = |ip: [u8; 4], protocol: TunnelProtocol| Workload {
+            name: "pod".into(),
+            namespace: "prod".into(),
+            addresses: vec![ip.to_vec()],
+            tunnel_protocol: protocol as i32,
+            trust_domain: "td".into(),
+            service_account: "db".into(),
+            status: WorkloadStatus::Healthy as i32,
+        };
+        store
+            .upsert("a", "1", &workload([10, 0, 0, 5], TunnelProtocol::Hbone))
+            .expect("valid");
+        store
+            .upsert("b", "1", &workload([10, 0, 0, 6], TunnelProtocol::None))
+            .expect("valid");
+        let hop = MeshHop::new(
+            Arc::new(HboneClient::new(hbone::H2Settings::default(), None)),
+            Vec::new(),
+            "td".into(),
+            15008,
+        );
+        let cidrs = Cidr::parse_list("10.0.0.0/8").expect("valid");
+        let router = Router::new(Some(hop), Some(store), cidrs);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            router.decide(ip("10.0.0.5")),
+            Route::Workload("spiffe://td/ns/prod/sa/db".parse().expect("id"))
+        );
+        assert_eq!(router.decide(ip("10.0.0.6")), Route::Passthrough);
+        assert_eq!(router.decide(ip("10.0.0.7")), Route::MeshCidr);
     }
 }

@@ -7,6 +7,7 @@ pub mod ca;
 pub mod front;
 pub mod gke;
 pub mod google;
+pub mod istiod;
 pub mod kube;
 pub mod metadata;
 pub mod pki;
