@@ -249,3 +249,60 @@ fn tls_config(cert: &WorkloadCert) -> Result<Arc<rustls::ClientConfig>, rustls::
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::proto::{Resource, TunnelProtocol, Workload, WorkloadStatus};
+
+    fn resource(name: &str, value: Vec<u8>) -> Resource {
+        Resource {
+            version: "1".into(),
+            name: name.into(),
+            resource: Some(prost_types::Any {
+                type_url: ADDRESS_TYPE.into(),
+                value,
+            }),
+        }
+    }
+
+    /// A good push is applied and ACKed by its nonce; a push with an undecodable resource
+    /// is NACKed naming it, while the rest of it (here a removal) still applies.
+    #[test]
+    fn pushes_are_acked_or_nacked_by_nonce() {
+        let store = WorkloadStore::default();
+        let workload = Address {
+            r#type: Some(AddressType::Workload(Workload {
+                name: "pod".into(),
+                namespace: "prod".into(),
+                addresses: vec![vec![10, 0, 0, 5]],
+                tunnel_protocol: TunnelProtocol::Hbone as i32,
+                trust_domain: String::new(),
+                service_account: String::new(),
+                status: WorkloadStatus::Healthy as i32,
+            })),
+        };
+        let push = DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            nonce: "n1".into(),
+            resources: vec![resource("w1", workload.encode_to_vec())],
+            ..Default::default()
+        };
+        let ack = apply(&store, &push);
+        assert_eq!(ack.response_nonce, "n1");
+        assert_eq!(ack.error_detail, None);
+        assert_eq!(store.len(), 1);
+        let bad = DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            nonce: "n2".into(),
+            resources: vec![resource("broken", vec![0xff, 0xff])],
+            removed_resources: vec!["w1".into()],
+            ..Default::default()
+        };
+        let nack = apply(&store, &bad);
+        assert_eq!(nack.response_nonce, "n2");
+        let detail = nack.error_detail.expect("NACK");
+        assert!(detail.message.contains("broken"), "{}", detail.message);
+        assert!(store.is_empty());
+    }
+}
