@@ -139,15 +139,7 @@ fn applying_twice_is_idempotent_and_cleanup_removes_exactly_ours() {
 /// address verified by system roots, so DNS capture has a DNS server, and a fake K8s API in
 /// `ns` (KUBECONFIG) for the istio-token it authenticates with; keep the API while krun runs.
 fn with_agent(krun: Krun, ns: &Netns, dir: &TempDir) -> (Krun, FakeKube) {
-    let _ = krun_tests::fakes::server::runtime();
-    let netns = format!("/var/run/netns/{}", ns.wrapper()[3]);
-    let kube = std::thread::spawn(move || {
-        let file = std::fs::File::open(&netns).expect("open the named netns");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        kube::start(Some(BTreeMap::new()))
-    })
-    .join()
-    .expect("netns thread");
+    let kube = in_netns(ns, || kube::start(Some(BTreeMap::new())));
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, kube.kubeconfig()).expect("kubeconfig");
     let krun = krun
@@ -315,38 +307,30 @@ fn a_10x_server_is_passthrough_and_mesh_cidrs_go_over_hbone() {
             .env("KRUN_DATAPLANE", "builtin")
     };
 
-    let plain = client()
-        .args(app(&["echo", "10.1.2.3:7000", "plain tcp"]))
-        .run();
-    assert_eq!(plain.code, 0, "{}", plain.text());
-    assert!(
-        plain.has_line("original_dst=10.1.2.3:7000 route=\"passthrough\""),
-        "{}",
-        plain.text()
+    // One app connection, and the lines krun logs for it: route, decision, and the echo.
+    let routed = |krun: Krun, dst: &str, route: &str, decision: &str| {
+        let done = krun.args(app(&["echo", dst, "ping"])).run();
+        for line in [
+            format!("original_dst={dst} route=\"{route}\""),
+            decision.to_owned(),
+            "echoed ping".to_owned(),
+        ] {
+            assert!(done.has_line(&line), "{line}: {}", done.text());
+        }
+        assert_eq!(done.code, 0, "{}", done.text());
+    };
+    routed(
+        client(),
+        "10.1.2.3:7000",
+        "passthrough",
+        "outbound passthrough: the destination is neither a workload istiod lists as HBONE-capable nor inside KRUN_MESH_CIDRS",
     );
-    assert!(
-        plain.has_line("outbound passthrough: the destination is neither a workload istiod lists as HBONE-capable nor inside KRUN_MESH_CIDRS"),
-        "{}",
-        plain.text()
+    routed(
+        client().env("KRUN_MESH_CIDRS", "10.1.2.3/32"),
+        "10.1.2.3:8080",
+        "hbone",
+        "outbound HBONE: the destination is inside KRUN_MESH_CIDRS",
     );
-    assert!(plain.has_line("echoed plain tcp"), "{}", plain.text());
-
-    let mesh = client()
-        .env("KRUN_MESH_CIDRS", "10.1.2.3/32")
-        .args(app(&["echo", "10.1.2.3:8080", "over the mesh"]))
-        .run();
-    assert_eq!(mesh.code, 0, "{}", mesh.text());
-    assert!(
-        mesh.has_line("original_dst=10.1.2.3:8080 route=\"hbone\""),
-        "{}",
-        mesh.text()
-    );
-    assert!(
-        mesh.has_line("outbound HBONE: the destination is inside KRUN_MESH_CIDRS"),
-        "{}",
-        mesh.text()
-    );
-    assert!(mesh.has_line("echoed over the mesh"), "{}", mesh.text());
     let opened = server.wait_for_line("tunnel open");
     assert!(
         opened.contains("spiffe://cluster.local/ns/default/sa/caller"),
