@@ -271,6 +271,24 @@ fn the_http_proxy_carries_a_request_and_a_connect_tunnel() {
     );
 }
 
+/// The peer of the netns-pair tests, in `ns`: krun (builtin plane, `sa/echo`, HBONE on 15008)
+/// in front of an echo app on loopback 8080, and a plain TCP echo server (no krun in front)
+/// on every address's port 7000; HBONE streams are logged at debug with the caller's ID.
+fn mesh_server(ns: &Netns, ca: &TestCa, dir: &TempDir) -> krun_tests::Running {
+    ca.install_workload(&dir.join(""), "spiffe://cluster.local/ns/default/sa/echo");
+    let mut server = Krun::wrapped(&ns.wrapper())
+        .env("MESH_BASE_DIR", dir.join(""))
+        .env("KRUN_DATAPLANE", "builtin")
+        .env("PORT_http", "8080")
+        .env("KRUN_HBONE_PORT", "15008")
+        .env("KRUN_TUNNEL_PORT", "15009")
+        .env("RUST_LOG", "info,hbone=debug")
+        .args(app(&["echoes", "127.0.0.1:8080", "0.0.0.0:7000"]))
+        .start();
+    server.wait_for_line("tunnel port open");
+    server
+}
+
 /// Without a control plane a captured 10.x destination is not assumed to be in the mesh: the
 /// app reaches a plain TCP server there directly (passthrough), as it would without krun.
 /// With `KRUN_MESH_CIDRS` naming the peer, the same capture goes over HBONE to the peer's
@@ -281,21 +299,7 @@ fn a_10x_server_is_passthrough_and_mesh_cidrs_go_over_hbone() {
     let (client_ns, server_ns) = Netns::pair("mesh", "10.1.2.3");
     let ca = TestCa::new("cluster.local");
     let server_dir = TempDir::new("mesh-server");
-    ca.install_workload(
-        &server_dir.join(""),
-        "spiffe://cluster.local/ns/default/sa/echo",
-    );
-    let mut server = Krun::wrapped(&server_ns.wrapper())
-        .env("MESH_BASE_DIR", server_dir.join(""))
-        .env("KRUN_DATAPLANE", "builtin")
-        .env("PORT_http", "8080")
-        .env("KRUN_HBONE_PORT", "15008")
-        .env("KRUN_TUNNEL_PORT", "15009")
-        .env("RUST_LOG", "info,hbone=debug")
-        // The mesh app on loopback; a plain TCP server (no krun in front) on 10.1.2.3:7000.
-        .args(app(&["echoes", "127.0.0.1:8080", "0.0.0.0:7000"]))
-        .start();
-    server.wait_for_line("tunnel port open");
+    let mut server = mesh_server(&server_ns, &ca, &server_dir);
     let client_dir = TempDir::new("mesh-client");
     ca.install_workload(
         &client_dir.join(""),
@@ -367,19 +371,7 @@ fn workloads_from_istiod_decide_the_route_and_survive_its_outage() {
     }
     let ca = TestCa::new("cluster.local");
     let server_dir = TempDir::new("xds-server");
-    ca.install_workload(
-        &server_dir.join(""),
-        "spiffe://cluster.local/ns/default/sa/echo",
-    );
-    let mut server = Krun::wrapped(&server_ns.wrapper())
-        .env("MESH_BASE_DIR", server_dir.join(""))
-        .env("KRUN_DATAPLANE", "builtin")
-        .env("PORT_http", "8080")
-        .env("KRUN_HBONE_PORT", "15008")
-        .env("KRUN_TUNNEL_PORT", "15009")
-        .args(app(&["echoes", "127.0.0.1:8080", "0.0.0.0:7000"]))
-        .start();
-    server.wait_for_line("tunnel port open");
+    let server = mesh_server(&server_ns, &ca, &server_dir);
 
     let tls = IstiodTls::new(&ca);
     let mut istiod = in_netns(&client_ns, move || FakeIstiod::start(tls));
