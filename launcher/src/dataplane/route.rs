@@ -355,7 +355,7 @@ mod tests {
     /// fall back to the ranges.
     #[test]
     fn istiod_listed_workloads_route_by_their_protocol() {
-        use mesh::xds::proto::{TunnelProtocol, Workload, WorkloadStatus};
+        use mesh::xds::proto::{TunnelProtocol, Workload};
         let store = Arc::new(WorkloadStore::default());
         let workload = |ip: [u8; 4], protocol: TunnelProtocol| Workload {
             name: "pod".into(),
@@ -364,7 +364,6 @@ mod tests {
             tunnel_protocol: protocol as i32,
             trust_domain: "td".into(),
             service_account: "db".into(),
-            status: WorkloadStatus::Healthy as i32,
         };
         store
             .upsert("a", "1", &workload([10, 0, 0, 5], TunnelProtocol::Hbone))

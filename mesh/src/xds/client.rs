@@ -253,7 +253,7 @@ fn tls_config(cert: &WorkloadCert) -> Result<Arc<rustls::ClientConfig>, rustls::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xds::proto::{Resource, TunnelProtocol, Workload, WorkloadStatus};
+    use crate::xds::proto::{Resource, TunnelProtocol, Workload};
 
     fn resource(name: &str, value: Vec<u8>) -> Resource {
         Resource {
@@ -279,7 +279,6 @@ mod tests {
                 tunnel_protocol: TunnelProtocol::Hbone as i32,
                 trust_domain: String::new(),
                 service_account: String::new(),
-                status: WorkloadStatus::Healthy as i32,
             })),
         };
         let push = DeltaDiscoveryResponse {

@@ -106,8 +106,6 @@ pub struct Workload {
     pub trust_domain: String,
     #[prost(string, tag = "7")]
     pub service_account: String,
-    #[prost(enumeration = "WorkloadStatus", tag = "17")]
-    pub status: i32,
 }
 
 /// `istio.workload.Service` (kept for its name; VIP routing is not implemented yet).
@@ -127,12 +125,4 @@ pub struct Service {
 pub enum TunnelProtocol {
     None = 0,
     Hbone = 1,
-}
-
-/// `istio.workload.WorkloadStatus`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-#[repr(i32)]
-pub enum WorkloadStatus {
-    Healthy = 0,
-    Unhealthy = 1,
 }

@@ -10,7 +10,7 @@ use std::sync::RwLock;
 
 use hbone::SpiffeId;
 
-use super::proto::{TunnelProtocol, Workload, WorkloadStatus};
+use super::proto::{TunnelProtocol, Workload};
 
 /// Istio's defaults for fields the control plane elides.
 const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -25,8 +25,6 @@ pub struct KnownWorkload {
     pub identity: SpiffeId,
     /// True when it accepts HBONE on 15008 (it is in the ambient mesh).
     pub hbone: bool,
-    /// False when istiod marks it unhealthy.
-    pub healthy: bool,
 }
 
 #[derive(Default)]
@@ -87,7 +85,6 @@ impl WorkloadStore {
                 or_default(&workload.service_account, DEFAULT_SERVICE_ACCOUNT),
             ),
             hbone: workload.tunnel_protocol == TunnelProtocol::Hbone as i32,
-            healthy: workload.status == WorkloadStatus::Healthy as i32,
         };
         let mut index = self.write();
         remove(&mut index, name);
@@ -155,7 +152,6 @@ mod tests {
             },
             trust_domain: String::new(),
             service_account: sa.into(),
-            status: WorkloadStatus::Healthy as i32,
         }
     }
 
@@ -173,7 +169,7 @@ mod tests {
             known.identity.to_string(),
             "spiffe://cluster.local/ns/prod/sa/default"
         );
-        assert!(known.hbone && known.healthy);
+        assert!(known.hbone);
         store
             .upsert("w1", "2", &workload([10, 0, 0, 6], "db", false))
             .expect("valid");

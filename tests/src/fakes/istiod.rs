@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 
 use mesh::xds::proto::{
     ADDRESS_TYPE, Address, AddressType, DELTA_ADS, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-    Resource, TunnelProtocol, Workload, WorkloadStatus,
+    Resource, TunnelProtocol, Workload,
 };
 use prost::Message;
 use tokio::sync::{broadcast, mpsc};
@@ -120,7 +120,6 @@ impl FakeIstiod {
                 },
                 trust_domain: String::new(),
                 service_account: sa.to_owned(),
-                status: WorkloadStatus::Healthy as i32,
             })),
         };
         {
