@@ -15,6 +15,7 @@
 //! - [`rlimit`]: the open-file limit raised to what the connection caps need;
 //! - [`metrics`]: the Prometheus metrics (Istio's TCP metrics and the binaries' own);
 //! - [`admin`]: the admin endpoint's HTTP plumbing and the paths both binaries serve.
+//! - [`xds`]: workload discovery from istiod (delta ADS) and the store it fills.
 //!
 //! It knows nothing of processes, iptables or the data plane: those are krun's.
 //!
@@ -36,3 +37,4 @@ pub mod logging;
 pub mod metadata;
 pub mod metrics;
 pub mod rlimit;
+pub mod xds;

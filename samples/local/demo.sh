@@ -188,7 +188,7 @@ workload A echo "$app_a" 'tunnel port open' KRUN_HBONE_PORT="$hbone_a" \
 
 echo "== krun B: app B on 127.0.0.1:$app_b, outbound proxy 127.0.0.1:$outbound_b (127.0.0.0/8 is the mesh here)"
 workload B caller "$app_b" 'phase="app-ready"' KRUN_HBONE_PORT=0 KRUN_TUNNEL_PORT=0 \
-  KRUN_OUTBOUND_ADDR="127.0.0.1:$outbound_b" OUTBOUND_IP_RANGES_INCLUDE=127.0.0.0/8 \
+  KRUN_OUTBOUND_ADDR="127.0.0.1:$outbound_b" KRUN_MESH_CIDRS=127.0.0.0/8 \
   KRUN_HBONE_PEER_PORT="$hbone_a" KRUN_PEER_IDENTITIES=127.0.0.1=spiffe://cluster.local/ns/demo/sa/echo
 
 echo "== hgate: SNI listener 127.0.0.1:$sni; route echo.demo -> http://127.0.0.1:$tunnel_a/_hbone/15003"

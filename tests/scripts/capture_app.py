@@ -11,6 +11,11 @@ connections a scenario needs, printing one line per observation for the test to 
                      resolv.conf nameserver) relaying to it; resolves NAME with getaddrinfo
                      and prints "resolved NAME to IP; upstream answered N"
   echo DST MESSAGE   sends MESSAGE to DST, half-closes, prints "echoed REPLY"
+  echoes LISTEN...   echo servers on every ip:port; prints "echoing" and waits to be stopped
+  script FIFO        runs the steps the test writes to FIFO, one per line, until EOF:
+                     "echo DST MSG" (prints "echoed REPLY" or "failed DST: ERROR"),
+                     "open NAME DST" (prints "opened NAME") and "send NAME MSG" (sends MSG on
+                     the held connection NAME, prints "NAME got REPLY")
   env NAME...        prints NAME=value for each variable
   forward LISTEN UP  echo server on UP; sends "ping" through LISTEN and prints "forward got ..."
   silent DST         connects to DST, sends nothing, prints "closed after N bytes" at EOF
@@ -129,6 +134,27 @@ def http(conn):
     conn.close()
 
 
+def script(fifo):
+    held = {}
+    with open(fifo) as steps:
+        for line in steps:
+            op, name, rest = (line.strip().split(" ", 2) + ["", ""])[:3]
+            try:
+                if op == "echo":
+                    s = socket.create_connection(addr(name))
+                    s.sendall(rest.encode())
+                    s.shutdown(socket.SHUT_WR)
+                    print("echoed", read_response(s), flush=True)
+                elif op == "open":
+                    held[name] = socket.create_connection(addr(rest))
+                    print("opened", name, flush=True)
+                elif op == "send":
+                    held[name].sendall(rest.encode())
+                    print(name, "got", held[name].recv(4096).decode(), flush=True)
+            except OSError as e:
+                print("failed", name + ":", e, flush=True)
+
+
 def read_response(sock):
     data = b""
     while chunk := sock.recv(4096):
@@ -150,6 +176,13 @@ def main():
         s.sendall(message.encode())
         s.shutdown(socket.SHUT_WR)
         print("echoed", read_response(s), flush=True)
+    elif command == "echoes":
+        for listen in args:
+            serve(listen, echo)
+        print("echoing", flush=True)
+        threading.Event().wait()
+    elif command == "script":
+        script(args[0])
     elif command == "silent":
         s = socket.create_connection(addr(args[0]))
         print("connected", args[0], flush=True)

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use krun::capture::rules::{Family, Rules};
 
+use krun_tests::fakes::istiod::{FakeIstiod, IstiodTls};
 use krun_tests::fakes::kube::{self, FakeKube};
 use krun_tests::fakes::pki::TestCa;
 use krun_tests::netns::Netns;
@@ -138,15 +139,7 @@ fn applying_twice_is_idempotent_and_cleanup_removes_exactly_ours() {
 /// address verified by system roots, so DNS capture has a DNS server, and a fake K8s API in
 /// `ns` (KUBECONFIG) for the istio-token it authenticates with; keep the API while krun runs.
 fn with_agent(krun: Krun, ns: &Netns, dir: &TempDir) -> (Krun, FakeKube) {
-    let _ = krun_tests::fakes::server::runtime();
-    let netns = format!("/var/run/netns/{}", ns.wrapper()[3]);
-    let kube = std::thread::spawn(move || {
-        let file = std::fs::File::open(&netns).expect("open the named netns");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        kube::start(Some(BTreeMap::new()))
-    })
-    .join()
-    .expect("netns thread");
+    let kube = in_netns(ns, || kube::start(Some(BTreeMap::new())));
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, kube.kubeconfig()).expect("kubeconfig");
     let krun = krun
@@ -278,44 +271,188 @@ fn the_http_proxy_carries_a_request_and_a_connect_tunnel() {
     );
 }
 
-/// A captured connection to a mesh destination (inside OUTBOUND_IP_RANGES_INCLUDE) goes over
-/// HBONE to the peer's 15008: the peer's app listens on loopback only, so nothing but the
-/// peer's krun could have delivered the bytes.
-#[test]
-fn a_captured_mesh_destination_goes_over_hbone() {
-    let (client_ns, server_ns) = Netns::pair("mesh", "10.1.2.3");
-    let ca = TestCa::new("cluster.local");
-    let server_dir = TempDir::new("mesh-server");
-    ca.install_workload(
-        &server_dir.join(""),
-        "spiffe://cluster.local/ns/default/sa/echo",
-    );
-    let mut server = Krun::wrapped(&server_ns.wrapper())
-        .env("MESH_BASE_DIR", server_dir.join(""))
+/// The peer of the netns-pair tests, in `ns`: krun (builtin plane, `sa/echo`, HBONE on 15008)
+/// in front of an echo app on loopback 8080, and a plain TCP echo server (no krun in front)
+/// on every address's port 7000; HBONE streams are logged at debug with the caller's ID.
+fn mesh_server(ns: &Netns, ca: &TestCa, dir: &TempDir) -> krun_tests::Running {
+    ca.install_workload(&dir.join(""), "spiffe://cluster.local/ns/default/sa/echo");
+    let mut server = Krun::wrapped(&ns.wrapper())
+        .env("MESH_BASE_DIR", dir.join(""))
         .env("KRUN_DATAPLANE", "builtin")
         .env("PORT_http", "8080")
         .env("KRUN_HBONE_PORT", "15008")
         .env("KRUN_TUNNEL_PORT", "15009")
-        .args(testapp(&["echo", "8080"]))
+        .env("RUST_LOG", "info,hbone=debug")
+        .args(app(&["echoes", "127.0.0.1:8080", "0.0.0.0:7000"]))
         .start();
     server.wait_for_line("tunnel port open");
+    server
+}
+
+/// Without a control plane a captured 10.x destination is not assumed to be in the mesh: the
+/// app reaches a plain TCP server there directly (passthrough), as it would without krun.
+/// With `KRUN_MESH_CIDRS` naming the peer, the same capture goes over HBONE to the peer's
+/// 15008: the peer's app listens on loopback only, so nothing but the peer's krun could have
+/// delivered the bytes, and the peer's krun logs the app's SPIFFE ID.
+#[test]
+fn a_10x_server_is_passthrough_and_mesh_cidrs_go_over_hbone() {
+    let (client_ns, server_ns) = Netns::pair("mesh", "10.1.2.3");
+    let ca = TestCa::new("cluster.local");
+    let server_dir = TempDir::new("mesh-server");
+    let mut server = mesh_server(&server_ns, &ca, &server_dir);
     let client_dir = TempDir::new("mesh-client");
     ca.install_workload(
         &client_dir.join(""),
         "spiffe://cluster.local/ns/default/sa/caller",
     );
-    let done = krun_in(&client_ns)
+    let client = || {
+        krun_in(&client_ns)
+            .env("MESH_BASE_DIR", client_dir.join(""))
+            .env("KRUN_DATAPLANE", "builtin")
+    };
+
+    // One app connection, and the lines krun logs for it: route, decision, and the echo.
+    let routed = |krun: Krun, dst: &str, route: &str, decision: &str| {
+        let done = krun.args(app(&["echo", dst, "ping"])).run();
+        for line in [
+            format!("original_dst={dst} route=\"{route}\""),
+            decision.to_owned(),
+            "echoed ping".to_owned(),
+        ] {
+            assert!(done.has_line(&line), "{line}: {}", done.text());
+        }
+        assert_eq!(done.code, 0, "{}", done.text());
+    };
+    routed(
+        client(),
+        "10.1.2.3:7000",
+        "passthrough",
+        "outbound passthrough: the destination is neither a workload istiod lists as HBONE-capable nor inside KRUN_MESH_CIDRS",
+    );
+    routed(
+        client().env("KRUN_MESH_CIDRS", "10.1.2.3/32"),
+        "10.1.2.3:8080",
+        "hbone",
+        "outbound HBONE: the destination is inside KRUN_MESH_CIDRS",
+    );
+    let opened = server.wait_for_line("tunnel open");
+    assert!(
+        opened.contains("spiffe://cluster.local/ns/default/sa/caller"),
+        "{opened}"
+    );
+    server.signal(Signal::SIGTERM);
+    server.finish();
+}
+
+/// In `ns`: runs `start` on a thread that entered the namespace, so the servers it binds
+/// listen on the namespace's loopback (where krun inside reaches them).
+fn in_netns<T: Send + 'static>(ns: &Netns, start: impl FnOnce() -> T + Send + 'static) -> T {
+    let _ = krun_tests::fakes::server::runtime();
+    let netns = format!("/var/run/netns/{}", ns.wrapper()[3]);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns).expect("open the named netns");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        start()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// The builtin plane learns the mesh from istiod (the fake, over delta ADS with mTLS): a
+/// workload istiod lists as HBONE goes over HBONE with its identity pinned, a listed workload
+/// whose peer presents another identity fails naming both, an unlisted 10.x server is
+/// passthrough. istiod going away and coming back drops no open connection and changes no
+/// decision.
+#[test]
+fn workloads_from_istiod_decide_the_route_and_survive_its_outage() {
+    let (client_ns, server_ns) = Netns::pair("xds", "10.1.2.3");
+    for extra in ["10.1.2.4/32", "10.1.2.5/32"] {
+        server_ns.exec(&["ip", "addr", "add", extra, "dev", "lo"]);
+    }
+    let ca = TestCa::new("cluster.local");
+    let server_dir = TempDir::new("xds-server");
+    let server = mesh_server(&server_ns, &ca, &server_dir);
+
+    let tls = IstiodTls::new(&ca);
+    let mut istiod = in_netns(&client_ns, move || FakeIstiod::start(tls));
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+    istiod.push_workload("echo", ip("10.1.2.3"), "default", "echo", true);
+    // 10.1.2.5 is served by the same krun (sa/echo), but istiod says it is sa/other.
+    istiod.push_workload("imposter", ip("10.1.2.5"), "default", "other", true);
+
+    let client_dir = TempDir::new("xds-client");
+    ca.install_workload(
+        &client_dir.join(""),
+        "spiffe://cluster.local/ns/default/sa/caller",
+    );
+    let fifo = client_dir.join("steps");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let mut client = krun_in(&client_ns)
         .env("MESH_BASE_DIR", client_dir.join(""))
         .env("KRUN_DATAPLANE", "builtin")
-        .args(app(&["echo", "10.1.2.3:8080", "over the mesh"]))
-        .run();
-    assert_eq!(done.code, 0, "{}", done.text());
+        .env("XDS_ADDR", istiod.addr.to_string())
+        .args(app(&["script", &fifo.display().to_string()]))
+        .start();
+    client.wait_for_line("xDS push applied (ACK)");
+    let mut steps = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open the app's step FIFO");
+    let mut step = |line: &str| {
+        use std::io::Write;
+        writeln!(steps, "{line}").expect("write a step");
+    };
+
+    step("echo 10.1.2.3:8080 listed");
+    client.wait_for_line("echoed listed");
+    step("echo 10.1.2.4:7000 unlisted");
+    client.wait_for_line("echoed unlisted");
+    step("echo 10.1.2.5:8080 imposter");
+    let mismatch = client.wait_for_line("peer identity mismatch");
+    assert!(
+        mismatch.contains("spiffe://cluster.local/ns/default/sa/other")
+            && mismatch.contains("spiffe://cluster.local/ns/default/sa/echo"),
+        "{mismatch}"
+    );
+
+    step("open held 10.1.2.3:8080");
+    client.wait_for_line("opened held");
+    istiod.down();
+    client.wait_for_line("reconnecting, serving the last known state meanwhile");
+    step("send held during the outage");
+    client.wait_for_line("held got during the outage");
+    step("echo 10.1.2.3:8080 still listed");
+    client.wait_for_line("echoed still listed");
+    istiod.up();
+    client.wait_for_line("xDS stream to istiod open");
+    step("send held after the outage");
+    client.wait_for_line("held got after the outage");
+    drop(steps);
+    let done = client.finish();
+    let text = done.text();
     assert!(
         done.has_line("original_dst=10.1.2.3:8080 route=\"hbone\""),
-        "{}",
-        done.text()
+        "{text}"
     );
-    assert!(done.has_line("echoed over the mesh"), "{}", done.text());
+    assert!(
+        done.has_line("outbound HBONE: istiod lists the destination as an HBONE workload"),
+        "{text}"
+    );
+    assert!(
+        done.has_line("original_dst=10.1.2.4:7000 route=\"passthrough\""),
+        "{text}"
+    );
+    assert!(!done.has_line("echoed imposter"), "{text}");
+    let first = &istiod.requests()[0];
+    let node = first.node.as_ref().expect("node");
+    assert!(node.id.starts_with("ztunnel~"), "{}", node.id);
+    assert!(
+        istiod
+            .requests()
+            .iter()
+            .any(|r| !r.response_nonce.is_empty() && r.error_detail.is_none()),
+        "no ACK"
+    );
     server.signal(Signal::SIGTERM);
     server.finish();
 }

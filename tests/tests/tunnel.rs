@@ -488,7 +488,7 @@ fn caller_of(
         .env("KRUN_OUTBOUND_ADDR", format!("127.0.0.1:{outbound}"))
         .env("KRUN_HBONE_PEER_PORT", server.hbone.to_string())
         // The peer is on loopback here: make that a mesh range, so the proxy uses HBONE.
-        .env("OUTBOUND_IP_RANGES_INCLUDE", "127.0.0.0/8");
+        .env("KRUN_MESH_CIDRS", "127.0.0.0/8");
     for (k, v) in extra {
         caller = caller.env(k, v);
     }

@@ -6,6 +6,7 @@
 //! again, so every setting, including `PORT_*`, is parsed by the same code whichever layer
 //! it came from; the environment always wins.
 
+mod cidr;
 mod rules;
 
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ use mesh::istio;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+pub use cidr::Cidr;
 use rules::{Ports, StartupProbes};
 
 /// Prefix of krun's own variables: one that no table reads is probably a typo.
@@ -151,6 +153,10 @@ mesh::settings! {
         /// The SPIFFE IDs outbound HBONE destinations must present.
         peer_identities: Setting<Vec<PeerIdentity>> = KRUN_PEER_IDENTITIES =>
             parse(PeerIdentity::parse_list).or_default(Vec::new()),
+        /// Address ranges whose destinations are mesh workloads, reached over HBONE; every
+        /// other destination is passthrough.
+        mesh_cidrs: Setting<Vec<Cidr>> = KRUN_MESH_CIDRS =>
+            parse(Cidr::parse_list).or_default(Vec::new()),
         /// Outbound HTTP CONNECT proxy of the builtin data plane; port 0 disables it.
         outbound_addr: Setting<SocketAddr> = KRUN_OUTBOUND_ADDR =>
             parse(|v| v.parse().map_err(|_| "an address such as 127.0.0.1:15007"))

@@ -181,6 +181,10 @@ fn every_bad_value_names_variable_value_and_form() {
             &[("KRUN_PEER_IDENTITIES", "10.8.0.12=spiffe://td/ns/prod")],
             "KRUN_PEER_IDENTITIES=10.8.0.12=spiffe://td/ns/prod: expected a comma-separated list of DESTINATION=SPIFFE_ID (DESTINATION an IP address or host name), e.g. 10.8.0.12=spiffe://cluster.local/ns/prod/sa/db",
         ),
+        (
+            &[("KRUN_MESH_CIDRS", "10.8.0.0/14,10.300.0.0/16")],
+            "KRUN_MESH_CIDRS=10.8.0.0/14,10.300.0.0/16: expected a comma-separated list of CIDRs such as 10.8.0.0/14,fd00::/8 (a bare address is one host, * is every address)",
+        ),
     ];
     for (pairs, message) in cases {
         assert_eq!(&error_of(pairs), message);

@@ -42,7 +42,8 @@ use crate::supervisor::{FailHandle, Phase};
 use hbone::client::HboneClient;
 use mesh::config::Source;
 use mesh::istio::{self, Interception};
-use route::{Cidr, MeshHop, Router};
+use mesh::xds::{WorkloadStore, XdsConfig};
+use route::{MeshHop, Router};
 use serde::Serialize;
 
 /// The running mesh listeners.
@@ -69,6 +70,7 @@ impl MeshSide {
         certs: Result<watch::Receiver<Arc<WorkloadCert>>, CertError>,
         store: Option<Arc<CertStore>>,
         in_mesh: bool,
+        xds: Option<XdsConfig>,
         drain: CancellationToken,
     ) -> anyhow::Result<MeshSide> {
         let settings = h2_settings(config);
@@ -87,6 +89,7 @@ impl MeshSide {
         };
         let mut builtin_inbound = None;
         let mut hop = None;
+        let mut workloads = None;
         let mut hbone_tls = None;
         if let Some(certs) = certs {
             let trust_domain = certs
@@ -103,6 +106,7 @@ impl MeshSide {
                 let local = certs.borrow().identity();
                 builtin_inbound =
                     start_inbound(config, tls, local, &settings, &drain, &mut tasks).await?;
+                workloads = xds.map(|xds| start_discovery(xds, &certs, &drain, &mut tasks));
                 hop = Some(MeshHop::new(
                     Arc::new(HboneClient::new(settings, Some(certs.clone()))),
                     config.launcher.peer_identities.value.clone(),
@@ -152,10 +156,11 @@ impl MeshSide {
                 .with_tls(tls);
             tasks.spawn(server.serve(listener, drain.clone(), config.launcher.drain_timeout.value));
         }
-        let router = Arc::new(Router {
-            mesh: hop,
-            ranges: Cidr::parse_list(&config.launcher.outbound_ip_ranges_include.value),
-        });
+        let router = Arc::new(Router::new(
+            hop,
+            workloads,
+            config.launcher.mesh_cidrs.value.clone(),
+        ));
         if mode == DataPlane::Builtin {
             let proxy_wanted = in_mesh || config.launcher.outbound_addr.source == Source::Env;
             start_outbound(
@@ -375,6 +380,25 @@ async fn start_inbound(
     Ok(Some(addr))
 }
 
+/// Workload discovery from istiod for the builtin data plane: the store the router asks,
+/// filled by the xDS client until `drain`.
+fn start_discovery(
+    xds: XdsConfig,
+    certs: &watch::Receiver<Arc<WorkloadCert>>,
+    drain: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Arc<WorkloadStore> {
+    let store = Arc::new(WorkloadStore::default());
+    tracing::info!(istiod = %xds.addr, node = %xds.node_id, "workload discovery: delta ADS to istiod (XDS_ADDR)");
+    tasks.spawn(mesh::xds::run(
+        xds,
+        certs.clone(),
+        store.clone(),
+        drain.clone(),
+    ));
+    store
+}
+
 async fn start_outbound(
     config: &Config,
     interception: Interception,
@@ -397,7 +421,7 @@ async fn start_outbound(
             bounds: bounds(config),
         };
         tasks.spawn(outbound::serve(listener, outbound, drain.clone()));
-        tracing::info!(%addr, hbone = router.mesh.is_some(), "outbound HTTP proxy (CONNECT and absolute URIs) listening");
+        tracing::info!(%addr, hbone = router.has_mesh(), "outbound HTTP proxy (CONNECT and absolute URIs) listening");
     }
     let addr = config.launcher.capture_addr.value;
     if interception == Interception::Iptables && addr.port() != 0 {
@@ -409,7 +433,7 @@ async fn start_outbound(
             bounds(config),
             drain.clone(),
         ));
-        tracing::info!(%addr, hbone = router.mesh.is_some(), "capture listener (iptables REDIRECT target) listening");
+        tracing::info!(%addr, hbone = router.has_mesh(), "capture listener (iptables REDIRECT target) listening");
     }
     Ok(())
 }

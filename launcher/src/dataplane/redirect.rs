@@ -40,9 +40,9 @@ pub async fn serve(
                     return tracing::warn!(%peer, error = %e, "captured connection without an original destination");
                 }
             };
-            let mesh = router.is_mesh(target.ip());
-            tracing::info!(%peer, original_dst = %target, route = if mesh { "hbone" } else { "passthrough" }, "captured connection");
-            match router.connect(target).await {
+            let route = router.route(target);
+            tracing::info!(%peer, original_dst = %target, route = route.name(), "captured connection");
+            match router.connect_routed(route, &target.ip().to_string(), target).await {
                 Ok(upstream) => {
                     let end = pipe(stream, upstream.io, copy_buffer, bounds.idle_timeout).await;
                     drop(upstream.guard);

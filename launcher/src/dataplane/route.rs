@@ -1,13 +1,15 @@
 //! Outbound routing shared by the capture listener (15001), the HTTP proxy (15007) and the
-//! `KRUN_FORWARD` listeners: a mesh destination (an IP inside `OUTBOUND_IP_RANGES_INCLUDE`,
-//! when krun holds a workload certificate) goes over HBONE to the peer's 15008; anything else
-//! is a plain TCP connection. krun's plain sockets carry the capture mark, so the iptables
-//! rules never send them back to 15001.
+//! `KRUN_FORWARD` listeners, decided per connection: a mesh destination (a workload istiod
+//! lists as HBONE-capable, whose certificate must then carry the identity istiod gives, or an
+//! IP inside `KRUN_MESH_CIDRS`; only when krun holds a workload certificate) goes over HBONE to
+//! the peer's 15008; anything else is a plain TCP connection (passthrough), so a destination
+//! outside the mesh (Memorystore, Cloud SQL, a VM) works as it would without krun. krun's plain sockets
+//! carry the capture mark, so the iptables rules never send them back to 15001.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hbone::SpiffeId;
 use hbone::client::{HboneClient, StreamGuard};
@@ -16,7 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::capture::rules::KRUN_MARK;
-use crate::config::PeerIdentity;
+use crate::config::{Cidr, PeerIdentity};
+use mesh::xds::WorkloadStore;
 
 /// A byte stream to an upstream.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -81,47 +84,173 @@ impl MeshHop {
     }
 }
 
+/// How one outbound connection is carried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// HBONE to the destination's 15008: istiod lists it as an HBONE workload with this
+    /// identity, which its certificate must carry.
+    Workload(SpiffeId),
+    /// HBONE to the destination's 15008: it is inside `KRUN_MESH_CIDRS`.
+    MeshCidr,
+    /// Plain TCP, marked so capture leaves it alone.
+    Passthrough,
+}
+
+impl Route {
+    /// The name logged with each connection.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::Workload(_) | Route::MeshCidr => "hbone",
+            Route::Passthrough => "passthrough",
+        }
+    }
+
+    /// Why a connection took this route, logged the first time it does.
+    fn reason(&self) -> &'static str {
+        match self {
+            Route::Workload(_) => {
+                "outbound HBONE: istiod lists the destination as an HBONE workload; its certificate must carry the identity istiod gives (logged once; later ones at debug)"
+            }
+            Route::MeshCidr => {
+                "outbound HBONE: the destination is inside KRUN_MESH_CIDRS (logged once; later ones at debug)"
+            }
+            Route::Passthrough => {
+                "outbound passthrough: the destination is neither a workload istiod lists as HBONE-capable nor inside KRUN_MESH_CIDRS (or krun has no workload certificate), so it is reached directly as without krun (logged once; later ones at debug)"
+            }
+        }
+    }
+}
+
+/// Connections per route since start: plain atomics, logged with each decision.
+#[derive(Default)]
+pub struct RouteCounts {
+    workload: AtomicU64,
+    mesh_cidr: AtomicU64,
+    passthrough: AtomicU64,
+}
+
+impl RouteCounts {
+    fn counter(&self, route: &Route) -> &AtomicU64 {
+        match route {
+            Route::Workload(_) => &self.workload,
+            Route::MeshCidr => &self.mesh_cidr,
+            Route::Passthrough => &self.passthrough,
+        }
+    }
+
+    /// Counts one connection on `route`; the new total.
+    fn count(&self, route: &Route) -> u64 {
+        self.counter(route).fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Connections routed `route` so far.
+    pub fn get(&self, route: &Route) -> u64 {
+        self.counter(route).load(Ordering::Relaxed)
+    }
+}
+
 /// Decides and opens upstream connections.
 pub struct Router {
     /// `None` without a workload certificate: everything is passthrough.
-    pub mesh: Option<MeshHop>,
-    /// The mesh's address ranges (`OUTBOUND_IP_RANGES_INCLUDE`).
-    pub ranges: Vec<Cidr>,
+    mesh: Option<MeshHop>,
+    /// What istiod lists, when krun discovers workloads from it.
+    workloads: Option<Arc<WorkloadStore>>,
+    /// The mesh's address ranges (`KRUN_MESH_CIDRS`).
+    mesh_cidrs: Vec<Cidr>,
+    /// Connections per route.
+    counts: RouteCounts,
 }
 
 impl Router {
-    /// True when `ip` is a mesh destination reachable over HBONE.
-    pub fn is_mesh(&self, ip: IpAddr) -> bool {
-        self.mesh.is_some() && self.ranges.iter().any(|r| r.contains(ip))
+    /// Routes over `mesh` (when krun has a workload certificate) to the HBONE workloads
+    /// istiod lists in `workloads` and to destinations inside `mesh_cidrs`, and everything
+    /// else directly.
+    pub fn new(
+        mesh: Option<MeshHop>,
+        workloads: Option<Arc<WorkloadStore>>,
+        mesh_cidrs: Vec<Cidr>,
+    ) -> Self {
+        Router {
+            mesh,
+            workloads,
+            mesh_cidrs,
+            counts: RouteCounts::default(),
+        }
+    }
+
+    /// True when HBONE is possible at all (krun holds a workload certificate).
+    pub fn has_mesh(&self) -> bool {
+        self.mesh.is_some()
+    }
+
+    /// Connections per route so far.
+    pub fn counts(&self) -> &RouteCounts {
+        &self.counts
+    }
+
+    /// The route to `ip`: HBONE only to a mesh destination krun can reach over HBONE.
+    pub fn decide(&self, ip: IpAddr) -> Route {
+        if self.mesh.is_none() {
+            return Route::Passthrough;
+        }
+        // istiod's word wins over KRUN_MESH_CIDRS: a listed workload outside the ambient mesh
+        // does not accept HBONE.
+        match self.workloads.as_ref().and_then(|store| store.lookup(ip)) {
+            Some(workload) if workload.hbone => Route::Workload(workload.identity),
+            Some(_) => Route::Passthrough,
+            None if self.mesh_cidrs.iter().any(|r| r.contains(ip)) => Route::MeshCidr,
+            None => Route::Passthrough,
+        }
     }
 
     /// Connects to `target`, over HBONE when it is a mesh destination.
     pub async fn connect(&self, target: SocketAddr) -> io::Result<Upstream> {
-        self.connect_named(&target.ip().to_string(), target).await
+        let route = self.route(target);
+        self.connect_routed(route, &target.ip().to_string(), target)
+            .await
     }
 
-    /// Connects to `target`, which the app named `host`.
-    async fn connect_named(&self, host: &str, target: SocketAddr) -> io::Result<Upstream> {
-        match &self.mesh {
-            Some(hop) if self.is_mesh(target.ip()) => {
-                let peer = SocketAddr::new(target.ip(), hop.peer_port);
-                let expected = hop.expected(host, target);
-                let (tunnel, guard) = hop
-                    .client
-                    .connect(peer, Some(&expected), &target.to_string())
-                    .await
-                    .map_err(io::Error::other)?;
-                tracing::debug!(%target, %peer, verified = %expected, "outbound HBONE tunnel open");
-                Ok(Upstream {
-                    io: Box::new(tunnel),
-                    guard: Some(guard),
-                })
-            }
-            _ => Ok(Upstream {
-                io: Box::new(connect_marked(target).await?),
-                guard: None,
-            }),
+    /// Decides, counts and logs the route of one connection to `target`; open it with
+    /// [`Router::connect_routed`].
+    pub fn route(&self, target: SocketAddr) -> Route {
+        let route = self.decide(target.ip());
+        let total = self.counts.count(&route);
+        if total == 1 {
+            tracing::info!(%target, route = route.name(), "{}", route.reason());
+        } else {
+            tracing::debug!(%target, route = route.name(), total, "outbound route decided");
         }
+        route
+    }
+
+    /// Connects to `target`, which the app named `host`, on the `route` decided for it.
+    pub async fn connect_routed(
+        &self,
+        route: Route,
+        host: &str,
+        target: SocketAddr,
+    ) -> io::Result<Upstream> {
+        let (hop, expected) = match (&route, &self.mesh) {
+            (Route::Workload(id), Some(hop)) => (hop, ExpectedPeer::OneOf(vec![id.clone()])),
+            (Route::MeshCidr, Some(hop)) => (hop, hop.expected(host, target)),
+            _ => {
+                return Ok(Upstream {
+                    io: Box::new(connect_marked(target).await?),
+                    guard: None,
+                });
+            }
+        };
+        let peer = SocketAddr::new(target.ip(), hop.peer_port);
+        let (tunnel, guard) = hop
+            .client
+            .connect(peer, Some(&expected), &target.to_string())
+            .await
+            .map_err(io::Error::other)?;
+        tracing::debug!(%target, %peer, verified = %expected, "outbound HBONE tunnel open");
+        Ok(Upstream {
+            io: Box::new(tunnel),
+            guard: Some(guard),
+        })
     }
 
     /// Resolves `host:port` and connects to the first address.
@@ -133,8 +262,8 @@ impl Router {
         let host = authority
             .rsplit_once(':')
             .map_or(authority, |(host, _)| host);
-        self.connect_named(host.trim_start_matches('[').trim_end_matches(']'), target)
-            .await
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.connect_routed(self.route(target), host, target).await
     }
 }
 
@@ -147,57 +276,6 @@ pub async fn connect_marked(target: SocketAddr) -> io::Result<TcpStream> {
     // Without CAP_NET_ADMIN the mark cannot be set, but then there is no capture either.
     let _ = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &KRUN_MARK);
     socket.connect(target).await
-}
-
-/// An address range such as `10.0.0.0/8`; `*` is every address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cidr {
-    /// Every address.
-    Any,
-    /// `addr/len`.
-    Net(IpAddr, u8),
-}
-
-impl Cidr {
-    /// Parses `OUTBOUND_IP_RANGES_INCLUDE`; entries that do not parse are skipped (the
-    /// iptables rules would reject them first).
-    pub fn parse_list(raw: &str) -> Vec<Cidr> {
-        mesh::config::values::list(raw)
-            .iter()
-            .filter_map(|item| Cidr::parse(item))
-            .collect()
-    }
-
-    fn parse(item: &str) -> Option<Cidr> {
-        if item == "*" {
-            return Some(Cidr::Any);
-        }
-        let (addr, len) = item.split_once('/').unwrap_or((item, ""));
-        let addr: IpAddr = addr.parse().ok()?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = if len.is_empty() {
-            max
-        } else {
-            len.parse().ok()?
-        };
-        (len <= max).then_some(Cidr::Net(addr, len))
-    }
-
-    /// True when `ip` is inside the range.
-    pub fn contains(self, ip: IpAddr) -> bool {
-        match (self, ip) {
-            (Cidr::Any, _) => true,
-            (Cidr::Net(IpAddr::V4(net), len), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (Cidr::Net(IpAddr::V6(net), len), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -243,21 +321,70 @@ mod tests {
         );
     }
 
-    /// Ranges decide what a mesh destination is.
+    /// Only a destination inside KRUN_MESH_CIDRS goes over HBONE, and only with a workload
+    /// certificate; everything else, other 10.x addresses included, is passthrough.
     #[test]
-    fn ranges() {
-        let ranges = Cidr::parse_list("10.0.0.0/8, fd00::/8, 192.168.1.1, bogus");
-        assert_eq!(ranges.len(), 3);
-        let inside = |ip: &str| {
-            let ip: IpAddr = ip.parse().expect("ip");
-            ranges.iter().any(|r| r.contains(ip))
+    fn only_mesh_cidrs_go_over_hbone() {
+        let cidrs = Cidr::parse_list("10.1.2.3/32,fd00::/8").expect("valid");
+        let hop = MeshHop::new(
+            Arc::new(HboneClient::new(hbone::H2Settings::default(), None)),
+            Vec::new(),
+            "td".into(),
+            15008,
+        );
+        let router = Router::new(Some(hop), None, cidrs.clone());
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(router.decide(ip("10.1.2.3")), Route::MeshCidr);
+        assert_eq!(router.decide(ip("fd00::7")), Route::MeshCidr);
+        assert_eq!(router.decide(ip("10.1.2.4")), Route::Passthrough);
+        assert_eq!(router.decide(ip("8.8.8.8")), Route::Passthrough);
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        router.route(addr("10.1.2.3:80"));
+        router.route(addr("10.9.9.9:6379"));
+        router.route(addr("10.9.9.9:6379"));
+        assert_eq!(router.counts().get(&Route::MeshCidr), 1);
+        assert_eq!(router.counts().get(&Route::Passthrough), 2);
+        let no_cert = Router::new(None, None, cidrs);
+        assert_eq!(no_cert.decide(ip("10.1.2.3")), Route::Passthrough);
+        let no_cidrs = Router::new(None, None, Vec::new());
+        assert_eq!(no_cidrs.decide(ip("10.1.2.3")), Route::Passthrough);
+    }
+
+    /// A workload istiod lists as HBONE-capable goes over HBONE pinned to its identity; one
+    /// listed without HBONE is passthrough even inside KRUN_MESH_CIDRS; unlisted addresses
+    /// fall back to the ranges.
+    #[test]
+    fn istiod_listed_workloads_route_by_their_protocol() {
+        use mesh::xds::proto::{TunnelProtocol, Workload};
+        let store = Arc::new(WorkloadStore::default());
+        let workload = |ip: [u8; 4], protocol: TunnelProtocol| Workload {
+            name: "pod".into(),
+            namespace: "prod".into(),
+            addresses: vec![ip.to_vec()],
+            tunnel_protocol: protocol as i32,
+            trust_domain: "td".into(),
+            service_account: "db".into(),
         };
-        assert!(inside("10.1.2.3"));
-        assert!(!inside("11.0.0.1"));
-        assert!(inside("fd12::1"));
-        assert!(inside("192.168.1.1"));
-        assert!(!inside("192.168.1.2"));
-        assert!(Cidr::parse_list("*")[0].contains("8.8.8.8".parse().expect("ip")));
-        assert!(Cidr::parse_list("0.0.0.0/0")[0].contains("8.8.8.8".parse().expect("ip")));
+        store
+            .upsert("a", "1", &workload([10, 0, 0, 5], TunnelProtocol::Hbone))
+            .expect("valid");
+        store
+            .upsert("b", "1", &workload([10, 0, 0, 6], TunnelProtocol::None))
+            .expect("valid");
+        let hop = MeshHop::new(
+            Arc::new(HboneClient::new(hbone::H2Settings::default(), None)),
+            Vec::new(),
+            "td".into(),
+            15008,
+        );
+        let cidrs = Cidr::parse_list("10.0.0.0/8").expect("valid");
+        let router = Router::new(Some(hop), Some(store), cidrs);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            router.decide(ip("10.0.0.5")),
+            Route::Workload("spiffe://td/ns/prod/sa/db".parse().expect("id"))
+        );
+        assert_eq!(router.decide(ip("10.0.0.6")), Route::Passthrough);
+        assert_eq!(router.decide(ip("10.0.0.7")), Route::MeshCidr);
     }
 }

@@ -121,6 +121,7 @@ pub async fn run(
     // startup drains instead of killing krun.
     let mut supervisor = Supervisor::new(plan, app, timeouts, clock)?;
     let drain = CancellationToken::new();
+    let xds = xds_config(&config, &inputs, env);
     let mut mesh = MeshSide::start(
         &config,
         dataplane.mode,
@@ -128,6 +129,7 @@ pub async fn run(
         certs,
         identity.identity.as_ref().map(|i| i.store().clone()),
         in_mesh,
+        xds,
         drain.clone(),
     )
     .await?;
@@ -361,6 +363,39 @@ async fn mint_from_cluster_ca(
     Ok(Started {
         identity: Some(identity),
         tokens: Some(tokens),
+    })
+}
+
+/// How the builtin data plane reaches istiod for workload discovery: `XDS_ADDR` (not `-`),
+/// verified as istiod, with the node id and metadata ztunnel sends
+/// (`ztunnel~IP~POD.NS~NS.svc.cluster.local`; istiod knows only its proxy types) and the
+/// istio-token file as the bearer when krun keeps one.
+fn xds_config(config: &Config, inputs: &AgentInputs, env: &Env) -> Option<mesh::xds::XdsConfig> {
+    let addr = config.xds_addr.as_ref()?.value.clone();
+    if addr == "-" || addr.is_empty() {
+        return None;
+    }
+    let workload = crate::agent::workload::Workload::resolve(config, inputs, env, None, 0);
+    let ip = inputs.instance_ip.as_deref().unwrap_or("127.0.0.1");
+    let ns = &workload.namespace;
+    let metadata = [
+        ("NAMESPACE", ns.clone()),
+        ("SERVICE_ACCOUNT", workload.service_account.clone()),
+        ("CLUSTER_ID", workload.cluster_id.clone()),
+        ("INSTANCE_IPS", ip.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    Some(mesh::xds::XdsConfig {
+        addr,
+        server_name: identity::istio_ca::ISTIOD_SERVER_NAME.to_owned(),
+        node_id: format!(
+            "ztunnel~{ip}~{}.{ns}~{ns}.svc.cluster.local",
+            workload.pod_name
+        ),
+        metadata,
+        token_path: Some(istio_token_path(&config.mesh_base_dir.value)),
     })
 }
 

@@ -9,6 +9,7 @@ pub mod dns;
 pub mod front;
 pub mod gke;
 pub mod google;
+pub mod istiod;
 pub mod kube;
 pub mod metadata;
 pub mod pki;

@@ -1,0 +1,381 @@
+//! A fake istiod serving delta ADS (`envoy.service.discovery.v3.AggregatedDiscoveryService/
+//! DeltaAggregatedResources`) over TLS with istiod's serving certificate, strict like istiod:
+//! clients must present a certificate of the mesh, and the first request must name the node
+//! and the `istio.workload.Address` type. The test drives it: [`FakeIstiod::push_workload`]
+//! and [`FakeIstiod::remove`] reach every open stream at once (and later ones on connect),
+//! [`FakeIstiod::down`] drops every stream and answers nothing more (new connections wait in
+//! the listen backlog, as with a hung istiod), [`FakeIstiod::up`] serves again on the same
+//! socket, so it can run in another network namespace. It records every request (node ids,
+//! ACKs, NACKs).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use mesh::xds::proto::{
+    ADDRESS_TYPE, Address, AddressType, DELTA_ADS, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    Resource, TunnelProtocol, Workload,
+};
+use prost::Message;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use super::pki::TestCa;
+use super::server::runtime;
+
+/// A change pushed to every stream.
+#[derive(Clone, Debug)]
+enum Change {
+    Upsert(String),
+    Remove(String),
+    /// Ends every open stream with UNAVAILABLE (istiod going away).
+    Disconnect,
+}
+
+#[derive(Default)]
+struct State {
+    /// name -> (version, encoded Address).
+    resources: BTreeMap<String, (String, Vec<u8>)>,
+    requests: Vec<DeltaDiscoveryRequest>,
+    version: u64,
+}
+
+/// A serving instance.
+struct Serving {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// istiod's serving certificate and key, and the mesh root its clients must chain to.
+#[derive(Clone)]
+pub struct IstiodTls {
+    cert: String,
+    key: String,
+    root: String,
+}
+
+impl IstiodTls {
+    /// istiod's certificate from `ca`, accepting clients with certificates from `ca`.
+    pub fn new(ca: &TestCa) -> IstiodTls {
+        let (cert, key) = ca.server_cert(&[mesh::identity::istio_ca::ISTIOD_SERVER_NAME]);
+        IstiodTls {
+            cert,
+            key,
+            root: ca.root_pem.clone(),
+        }
+    }
+}
+
+/// The running fake.
+pub struct FakeIstiod {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    changes: broadcast::Sender<Change>,
+    tls: IstiodTls,
+    listener: std::net::TcpListener,
+    serving: Option<Serving>,
+}
+
+impl FakeIstiod {
+    /// Serves on an ephemeral port of 127.0.0.1 in the calling thread's network namespace.
+    pub fn start(tls: IstiodTls) -> FakeIstiod {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind istiod");
+        let addr = listener.local_addr().expect("istiod addr");
+        let (changes, _) = broadcast::channel(64);
+        let state = Arc::new(Mutex::new(State::default()));
+        let mut istiod = FakeIstiod {
+            addr,
+            state,
+            changes,
+            tls,
+            listener,
+            serving: None,
+        };
+        istiod.up();
+        istiod
+    }
+
+    /// Lists (or replaces) the workload `name` at `ip` with identity `ns`/`sa`, HBONE-capable
+    /// when `hbone`.
+    pub fn push_workload(&self, name: &str, ip: IpAddr, ns: &str, sa: &str, hbone: bool) {
+        let addresses = vec![match ip {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        }];
+        let address = Address {
+            r#type: Some(AddressType::Workload(Workload {
+                name: name.to_owned(),
+                namespace: ns.to_owned(),
+                addresses,
+                tunnel_protocol: if hbone {
+                    TunnelProtocol::Hbone as i32
+                } else {
+                    TunnelProtocol::None as i32
+                },
+                trust_domain: String::new(),
+                service_account: sa.to_owned(),
+            })),
+        };
+        {
+            let mut state = self.lock();
+            state.version += 1;
+            let version = state.version.to_string();
+            state
+                .resources
+                .insert(name.to_owned(), (version, address.encode_to_vec()));
+        }
+        let _ = self.changes.send(Change::Upsert(name.to_owned()));
+    }
+
+    /// Removes `name` from istiod's state and tells every stream.
+    pub fn remove(&self, name: &str) {
+        self.lock().resources.remove(name);
+        let _ = self.changes.send(Change::Remove(name.to_owned()));
+    }
+
+    /// Every request received so far, in order.
+    pub fn requests(&self) -> Vec<DeltaDiscoveryRequest> {
+        self.lock().requests.clone()
+    }
+
+    /// Outage: drops every connection and stream and accepts nothing more; returns once the
+    /// server is gone.
+    pub fn down(&mut self) {
+        let _ = self.changes.send(Change::Disconnect);
+        if let Some(serving) = self.serving.take() {
+            let _ = serving.stop.send(());
+            serving.task.abort();
+            let _ = runtime().block_on(serving.task);
+        }
+    }
+
+    /// Serves (again) on the same socket, with the same state.
+    pub fn up(&mut self) {
+        let listener = self.listener.try_clone().expect("clone the istiod socket");
+        self.serving = Some(serve(
+            listener,
+            self.state.clone(),
+            self.changes.clone(),
+            &self.tls,
+        ));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("istiod state")
+    }
+}
+
+impl Drop for FakeIstiod {
+    fn drop(&mut self) {
+        if let Some(serving) = self.serving.take() {
+            serving.task.abort();
+        }
+    }
+}
+
+fn serve(
+    listener: std::net::TcpListener,
+    state: Arc<Mutex<State>>,
+    changes: broadcast::Sender<Change>,
+    tls: &IstiodTls,
+) -> Serving {
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&tls.cert, &tls.key))
+        .client_ca_root(Certificate::from_pem(&tls.root));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = Ads { state, changes };
+    let task = runtime().spawn(async move {
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let _ = Server::builder()
+            .tls_config(tls)
+            .expect("server TLS")
+            .serve_with_incoming_shutdown(service, incoming, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Serving { stop, task }
+}
+
+#[derive(Clone)]
+struct Ads {
+    state: Arc<Mutex<State>>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl tonic::server::NamedService for Ads {
+    const NAME: &'static str = mesh::xds::proto::ADS_SERVICE;
+}
+
+type Responses = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, tonic::Status>> + Send>>;
+
+impl tonic::server::StreamingService<DeltaDiscoveryRequest> for Ads {
+    type Response = DeltaDiscoveryResponse;
+    type ResponseStream = Responses;
+    type Future = BoxFuture<tonic::Response<Responses>, tonic::Status>;
+
+    fn call(
+        &mut self,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Self::Future {
+        let ads = self.clone();
+        Box::pin(async move {
+            let peer_certs = request.peer_certs();
+            if peer_certs.is_none_or(|certs| certs.is_empty()) {
+                return Err(tonic::Status::unauthenticated(
+                    "no client certificate and no token",
+                ));
+            }
+            let mut requests = request.into_inner();
+            let first = requests
+                .message()
+                .await?
+                .ok_or_else(|| tonic::Status::invalid_argument("stream ended before a request"))?;
+            if first.node.as_ref().is_none_or(|n| n.id.is_empty()) {
+                return Err(tonic::Status::invalid_argument(
+                    "first request without a node id",
+                ));
+            }
+            if first.type_url != ADDRESS_TYPE {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "type {} not served",
+                    first.type_url
+                )));
+            }
+            let mut changes = ads.changes.subscribe();
+            let initial = ads.initial(&first);
+            ads.record(first);
+            let (tx, rx) = mpsc::channel(16);
+            let _ = tx.send(Ok(initial)).await;
+            let recorder = ads.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(request)) = requests.message().await {
+                    recorder.record(request);
+                }
+            });
+            tokio::spawn(async move {
+                while let Ok(change) = changes.recv().await {
+                    let answer = match change {
+                        Change::Disconnect => {
+                            let _ = tx
+                                .send(Err(tonic::Status::unavailable("istiod going away")))
+                                .await;
+                            break;
+                        }
+                        change => Ok(ads.delta(&change)),
+                    };
+                    if tx.send(answer).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(tonic::Response::new(
+                Box::pin(ReceiverStream::new(rx)) as Responses
+            ))
+        })
+    }
+}
+
+impl Ads {
+    fn record(&self, request: DeltaDiscoveryRequest) {
+        self.state.lock().expect("state").requests.push(request);
+    }
+
+    /// Everything the client lacks or holds at another version, and removals of what it
+    /// holds that is gone.
+    fn initial(&self, first: &DeltaDiscoveryRequest) -> DeltaDiscoveryResponse {
+        let state = self.state.lock().expect("state");
+        let resources = state
+            .resources
+            .iter()
+            .filter(|(name, (version, _))| {
+                first.initial_resource_versions.get(*name) != Some(version)
+            })
+            .map(|(name, (version, bytes))| resource(name, version, bytes))
+            .collect();
+        let removed_resources = first
+            .initial_resource_versions
+            .keys()
+            .filter(|name| !state.resources.contains_key(*name))
+            .cloned()
+            .collect();
+        response(state.version, resources, removed_resources)
+    }
+
+    fn delta(&self, change: &Change) -> DeltaDiscoveryResponse {
+        let state = self.state.lock().expect("state");
+        match change {
+            Change::Upsert(name) => {
+                let resources = state
+                    .resources
+                    .get(name)
+                    .map(|(version, bytes)| resource(name, version, bytes))
+                    .into_iter()
+                    .collect();
+                response(state.version, resources, Vec::new())
+            }
+            Change::Remove(name) => response(state.version, Vec::new(), vec![name.clone()]),
+            Change::Disconnect => response(state.version, Vec::new(), Vec::new()),
+        }
+    }
+}
+
+fn resource(name: &str, version: &str, bytes: &[u8]) -> Resource {
+    Resource {
+        version: version.to_owned(),
+        name: name.to_owned(),
+        resource: Some(prost_types::Any {
+            type_url: ADDRESS_TYPE.to_owned(),
+            value: bytes.to_vec(),
+        }),
+    }
+}
+
+fn response(
+    version: u64,
+    resources: Vec<Resource>,
+    removed: Vec<String>,
+) -> DeltaDiscoveryResponse {
+    static NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    DeltaDiscoveryResponse {
+        system_version_info: version.to_string(),
+        resources,
+        type_url: ADDRESS_TYPE.to_owned(),
+        nonce: NONCE
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_string(),
+        removed_resources: removed,
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for Ads {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let ads = self.clone();
+        Box::pin(async move {
+            if request.uri().path() != DELTA_ADS {
+                return Ok(tonic::Status::unimplemented("only delta ADS is served").into_http());
+            }
+            let codec =
+                tonic_prost::ProstCodec::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>::default();
+            let mut grpc = tonic::server::Grpc::new(codec);
+            Ok(grpc.streaming(ads, request).await)
+        })
+    }
+}
