@@ -54,21 +54,27 @@ pub struct MeshSide {
     tunnel: Option<TunnelRouter>,
 }
 
+/// The workload identity the mesh listeners serve with.
+pub struct MeshIdentity {
+    /// The workload certificate feed ([`workload_certs`]), or why there is none.
+    pub certs: Result<watch::Receiver<Arc<WorkloadCert>>, CertError>,
+    /// The identity step's certificate store when krun mints the certificate: new
+    /// connections then refresh a certificate found past its rotation time.
+    pub store: Option<Arc<CertStore>>,
+}
+
 impl MeshSide {
     /// Starts the mesh listeners that must be up before the app: HBONE, the `KRUN_FORWARD`
     /// listeners and, for the builtin data plane, the mTLS terminator, the outbound proxy and
     /// (with iptables capture) the capture listener.
-    /// `certs` is the workload certificate feed ([`workload_certs`]), or why there is none;
-    /// `store` the identity step's certificate store when krun mints the certificate (new
-    /// connections then refresh a certificate found past its rotation time);
+    /// `identity` is the workload certificate and, when krun mints it, its store;
     /// `in_mesh` says whether the workload is in a mesh at all (otherwise only the listeners
     /// asked for explicitly open).
     pub async fn start(
         config: &Config,
         mode: DataPlane,
         interception: Interception,
-        certs: Result<watch::Receiver<Arc<WorkloadCert>>, CertError>,
-        store: Option<Arc<CertStore>>,
+        identity: MeshIdentity,
         in_mesh: bool,
         xds: Option<XdsConfig>,
         drain: CancellationToken,
@@ -76,6 +82,7 @@ impl MeshSide {
         let settings = h2_settings(config);
         let bounds = bounds(config);
         let mut tasks = JoinSet::new();
+        let MeshIdentity { certs, store } = identity;
         let certs = match certs {
             Ok(certs) => Some(certs),
             Err(e) if config.launcher.dataplane.value == DataPlane::Builtin => {

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::KrunAdmin;
 use crate::agent::AgentInputs;
 use crate::config::{Config, DataPlane, StartupProbe};
-use crate::dataplane::MeshSide;
+use crate::dataplane::{MeshIdentity, MeshSide};
 use crate::probe::{Check, Probe};
 use crate::processes::ProcessPlan;
 use crate::processes::RunAs;
@@ -126,8 +126,10 @@ pub async fn run(
         &config,
         dataplane.mode,
         capture.interception,
-        certs,
-        identity.identity.as_ref().map(|i| i.store().clone()),
+        MeshIdentity {
+            certs,
+            store: identity.identity.as_ref().map(|i| i.store().clone()),
+        },
         in_mesh,
         xds,
         drain.clone(),
