@@ -167,14 +167,14 @@ base_env=(env -i "PATH=$PATH" "HOME=${HOME:-/}" KRUN_LOG_FORMAT=text HGATE_LOG_F
   "RUST_LOG=info,hbone::server=debug,krun::dataplane::inbound=debug,krun::dataplane::route=debug")
 # workload X SERVICE_ACCOUNT APP_PORT READY_LINE SETTING...: krun-X (x in lower case) with app
 # X on APP_PORT under it, minting the identity .../sa/SERVICE_ACCOUNT from the local CA; waits
-# for READY_LINE in its log.
+# for READY_LINE in its log. Admin endpoints on free ports: two krun share this host.
 workload() {
   local name=krun-${1,,} t line
   t=$(date +%s%N)
   mkdir -p "$work/$name"
   start "$name" "${base_env[@]}" CA_ADDR="file://$ca" TRUST_DOMAIN=cluster.local \
     WORKLOAD_NAMESPACE=demo WORKLOAD_SERVICE_ACCOUNT="$2" MESH_BASE_DIR="$work/$name" \
-    KRUN_DATAPLANE=builtin KRUN_DRAIN_TIMEOUT=5s PORT_http="$3" "${@:5}" \
+    KRUN_DATAPLANE=builtin KRUN_DRAIN_TIMEOUT=5s KRUN_ADMIN_ADDR=127.0.0.1:0 PORT_http="$3" "${@:5}" \
     "$krun" -- python3 "$repo/samples/local/app.py" "$1" "$3"
   line=$(wait_for "$name" 'workload certificate minted')
   echo "   ${line#* }"
