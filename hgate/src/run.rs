@@ -8,6 +8,8 @@ use anyhow::Context;
 use hbone::H2Settings;
 use hbone::listen::ConnectionLimit;
 use hbone::post::PostClient;
+use mesh::credentials::id_tokens::{IdTokenSource, ServiceAccountIdTokens};
+use mesh::http::HttpClient;
 use mesh::identity::token_cache::{CachePolicy, MintBudget, TokenCache};
 use mesh::metadata::MetadataClient;
 use tokio::net::TcpListener;
@@ -43,7 +45,7 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
     let tokens = match config.id_tokens.value {
         IdTokens::None => None,
         IdTokens::Metadata => Some(TokenCache::new(
-            MetadataClient::new(&config.metadata_host.value, ID_TOKEN_TIMEOUT),
+            id_token_source(&config).await?,
             id_token_policy(&config),
         )),
     };
@@ -129,6 +131,32 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
         "drained; exiting"
     );
     Ok(())
+}
+
+/// The metadata server's `identity` (hgate's own account), or IAM `generateIdToken` for
+/// `HGATE_ID_TOKEN_SERVICE_ACCOUNT`, called with hgate's own access token.
+async fn id_token_source(config: &HgateConfig) -> anyhow::Result<IdTokenSource> {
+    let metadata = MetadataClient::new(&config.metadata_host.value, ID_TOKEN_TIMEOUT);
+    let Some(gsa) = &config.id_token_service_account else {
+        tracing::info!(metadata = %config.metadata_host.value, "ID tokens: the metadata server's identity (hgate's own account)");
+        return Ok(IdTokenSource::Metadata(metadata));
+    };
+    // The system trust store is read from disk: off the runtime's threads.
+    let http = tokio::task::spawn_blocking(|| HttpClient::new(ID_TOKEN_TIMEOUT))
+        .await
+        .context("HTTPS client for IAM Credentials")?
+        .context("HTTPS client for IAM Credentials")?;
+    tracing::info!(
+        service_account = %gsa.value,
+        iam = %config.iam_credentials_endpoint.value,
+        "ID tokens: IAM generateIdToken for HGATE_ID_TOKEN_SERVICE_ACCOUNT, asked with hgate's own access token"
+    );
+    Ok(IdTokenSource::ServiceAccount(ServiceAccountIdTokens::new(
+        http,
+        &config.iam_credentials_endpoint.value,
+        &gsa.value,
+        Arc::new(metadata),
+    )))
 }
 
 /// The audiences follow the client's SNI (the route template makes every well-formed SNI

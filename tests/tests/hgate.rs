@@ -7,6 +7,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 
 use krun_tests::fakes::pki::TestCa;
+use krun_tests::fakes::server::FakeServer;
 use krun_tests::fakes::{front, metadata};
 use krun_tests::{Krun, Running, TempDir, free_port, sni_client, testapp};
 use nix::sys::signal::Signal;
@@ -26,11 +27,9 @@ fn client_hello() -> Vec<u8> {
     std::fs::read(path).expect("corpus ClientHello")
 }
 
-#[test]
-fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
-    // The Cloud Run side: krun with a mesh identity, builtin data plane, echo app.
-    let ca = TestCa::new("cluster.local");
-    let dir = TempDir::new("hgate-e2e");
+/// The Cloud Run side: krun with a mesh identity, builtin data plane, echo app; returns it
+/// and its tunnel port.
+fn echo_on_cloud_run(ca: &TestCa, dir: &TempDir) -> (Running, u16) {
     ca.install_workload(&dir.join(""), "spiffe://cluster.local/ns/default/sa/echo");
     let (app, tunnel) = (free_port(), free_port());
     let mut krun = Krun::new()
@@ -41,6 +40,14 @@ fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
         .args(testapp(&["echo", &app.to_string()]))
         .start();
     krun.wait_for_line("tunnel port open");
+    (krun, tunnel)
+}
+
+#[test]
+fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
+    let ca = TestCa::new("cluster.local");
+    let dir = TempDir::new("hgate-e2e");
+    let (krun, tunnel) = echo_on_cloud_run(&ca, &dir);
     // Cloud Run's front end: TLS h2 in, h2c to the instance, headers recorded.
     let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
     let front_ca = dir.join("front-ca.pem");
@@ -671,6 +678,101 @@ fn ten_thousand_distinct_sni_names_cost_bounded_memory_and_bounded_token_mints()
     );
     let line = gate.wait_for_line("mint budget");
     assert!(line.contains("connection finished"), "{line}");
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+/// hgate's tunnel to a Cloud Run-like front through a static route, its ID tokens asked of
+/// IAM for `gsa` with hgate's own (metadata) access token; returns the gate and the front.
+fn gate_with_iam_id_tokens(
+    google: &krun_tests::fakes::google::FakeGoogle,
+    gsa: &str,
+    dir: &TempDir,
+    tunnel: u16,
+) -> (Running, front::FakeFront, FakeServer) {
+    let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
+    let front_ca = dir.join("front-ca.pem");
+    std::fs::write(&front_ca, &front.ca_pem).expect("write front CA");
+    let routes = dir.join("routes.yaml");
+    let url = format!("https://localhost:{}", front.addr.port());
+    std::fs::write(&routes, format!("echo.default: {url}/_hbone/15003\n")).expect("routes");
+    let md = metadata::start(metadata::Instance::default());
+    let gate = Krun::hgate()
+        .env("HGATE_ROUTES", &routes)
+        .env("GCE_METADATA_HOST", md.addr().to_string())
+        .env("HGATE_ID_TOKENS", "metadata")
+        .env("HGATE_ID_TOKEN_SERVICE_ACCOUNT", gsa)
+        .env("IAM_CREDENTIALS_ENDPOINT", google.url())
+        .env("SSL_CERT_FILE", &front_ca)
+        .start();
+    (gate, front, md)
+}
+
+#[test]
+fn with_a_configured_service_account_hgate_sends_iam_minted_id_tokens() {
+    use krun_tests::fakes::google::FakeGoogle;
+    let gsa = "gate-caller@proj.iam.gserviceaccount.com";
+    let google = FakeGoogle::start(std::time::Duration::ZERO);
+    google.grant_id_token_creator(metadata::ACCESS_TOKEN, gsa);
+    let (ca, dir) = (TestCa::new("cluster.local"), TempDir::new("hgate-iam"));
+    let (krun, tunnel) = echo_on_cloud_run(&ca, &dir);
+    let (mut gate, front, md) = gate_with_iam_id_tokens(&google, gsa, &dir, tunnel);
+    gate.wait_for_line("ID tokens: IAM generateIdToken");
+    let sni_addr = ready_addr(&mut gate, "SNI listener ready");
+    let client_dir = TempDir::new("hgate-iam-client");
+    let client = ca.install_client(
+        &client_dir.join(""),
+        "client",
+        "spiffe://cluster.local/ns/default/sa/client",
+    );
+    assert_eq!(
+        sni_client(sni_addr, MESH_SNI, &client, "via IAM")["data"],
+        "via IAM"
+    );
+
+    let seen = front.seen();
+    let token = seen
+        .first()
+        .and_then(|r| r.authorization.as_deref())
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .expect("a bearer token at the front");
+    assert_eq!(metadata::id_token_email(token).as_deref(), Some(gsa));
+    assert_eq!(
+        metadata::id_token_audience(token),
+        Some(format!("https://localhost:{}", front.addr.port()))
+    );
+    assert_eq!(google.iam_calls(), 1);
+    assert!(
+        !md.seen().iter().any(|r| r.path.contains("/identity")),
+        "the metadata server's own identity is not used"
+    );
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+    krun.signal(Signal::SIGTERM);
+    assert_eq!(krun.finish().code, 0);
+}
+
+#[test]
+fn without_the_token_creator_binding_the_connection_is_refused_naming_the_role() {
+    use krun_tests::fakes::google::FakeGoogle;
+    let google = FakeGoogle::start(std::time::Duration::ZERO);
+    let dir = TempDir::new("hgate-iam-denied");
+    let (mut gate, front, _md) = gate_with_iam_id_tokens(
+        &google,
+        "other@proj.iam.gserviceaccount.com",
+        &dir,
+        free_port(),
+    );
+    let line = one_mesh_connection(&mut gate);
+    assert!(
+        line.contains("PERMISSION_DENIED") || line.contains("403"),
+        "{line}"
+    );
+    assert!(
+        line.contains("roles/iam.serviceAccountOpenIdTokenCreator"),
+        "{line}"
+    );
+    assert!(front.seen().is_empty(), "no tunnel without a token");
     gate.signal(Signal::SIGTERM);
     assert_eq!(gate.finish().code, 0);
 }

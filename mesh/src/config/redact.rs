@@ -16,8 +16,9 @@ const SECRET_NAME_PARTS: &[&str] = &[
 ];
 
 /// Variables whose names contain a fragment above but hold no secret (Istio's certificate
-/// lifetime), judged by their value's shape only.
-const NOT_SECRET_NAMES: &[&str] = &["SECRET_TTL"];
+/// lifetime, the email of the account whose ID tokens hgate sends), judged by their value's shape
+/// only.
+const NOT_SECRET_NAMES: &[&str] = &["SECRET_TTL", "HGATE_ID_TOKEN_SERVICE_ACCOUNT"];
 
 /// True when a value must be redacted, judged by its variable name or by its shape
 /// (a JWT, a bearer header, a PEM private key, a URL with a password).

@@ -3,8 +3,9 @@
 //! token-exchange grant, a bearer federated token for IAM, `lifetime` as a duration string.
 //! Failures use Google's error shapes.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
@@ -18,6 +19,9 @@ struct State {
     iam_calls: AtomicUsize,
     sts_fails: AtomicBool,
     iam_denies: AtomicBool,
+    /// (caller's access token, service account) pairs holding
+    /// `roles/iam.serviceAccountOpenIdTokenCreator`.
+    id_token_creators: Mutex<BTreeSet<(String, String)>>,
 }
 
 /// The running fake.
@@ -54,6 +58,17 @@ impl FakeGoogle {
     /// STS answers 400 invalid_grant from now on.
     pub fn fail_sts(&self) {
         self.state.sts_fails.store(true, Ordering::SeqCst);
+    }
+
+    /// Grants the caller whose access token is `bearer` `roles/iam.serviceAccountOpenIdTokenCreator`
+    /// on `gsa`: its `generateIdToken` calls for `gsa` then get a Google-style ID token
+    /// (`email` = `gsa`, [`super::metadata::id_token`]).
+    pub fn grant_id_token_creator(&self, bearer: &str, gsa: &str) {
+        self.state
+            .id_token_creators
+            .lock()
+            .expect("grants")
+            .insert((bearer.to_owned(), gsa.to_owned()));
     }
 
     /// IAM answers 403 PERMISSION_DENIED from now on.
@@ -93,6 +108,9 @@ fn answer(s: &State, req: &Request) -> Reply {
     }
     if req.path.starts_with("/v1/projects/-/serviceAccounts/") {
         s.iam_calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(reply) = impersonated_id_token(s, req, &body) {
+            return reply;
+        }
         if req.header("authorization") != Some("Bearer federated-token") {
             return Reply::json_status(
                 401,
@@ -126,4 +144,43 @@ fn answer(s: &State, req: &Request) -> Reply {
         404,
         json!({"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}),
     )
+}
+
+/// `generateIdToken` by a caller other than the federated token (an account's own access
+/// token, as hgate's with `HGATE_ID_TOKEN_SERVICE_ACCOUNT`): POST, the service account in
+/// the path, a non-empty `audience`, and the caller's grant on that account, as IAM checks.
+/// `None`: not such a call.
+fn impersonated_id_token(s: &State, req: &Request, body: &serde_json::Value) -> Option<Reply> {
+    let bearer = req.header("authorization")?.strip_prefix("Bearer ")?;
+    let gsa = req
+        .path
+        .strip_prefix("/v1/projects/-/serviceAccounts/")?
+        .strip_suffix(":generateIdToken")?;
+    if bearer == "federated-token" {
+        return None;
+    }
+    if req.method != "POST" {
+        return Some(Reply::json_status(
+            405,
+            json!({"error": {"code": 405, "message": "Method not allowed", "status": "METHOD_NOT_ALLOWED"}}),
+        ));
+    }
+    let granted = s
+        .id_token_creators
+        .lock()
+        .expect("grants")
+        .contains(&(bearer.to_owned(), gsa.to_owned()));
+    if !granted {
+        return Some(Reply::json_status(
+            403,
+            json!({"error": {"code": 403, "message": format!("Permission 'iam.serviceAccounts.getOpenIdToken' denied on resource projects/-/serviceAccounts/{gsa} (or it may not exist)."), "status": "PERMISSION_DENIED"}}),
+        ));
+    }
+    Some(match body["audience"].as_str().filter(|a| !a.is_empty()) {
+        Some(audience) => Reply::json(json!({"token": super::metadata::id_token(gsa, audience)})),
+        None => Reply::json_status(
+            400,
+            json!({"error": {"code": 400, "message": "Invalid value at 'audience'", "status": "INVALID_ARGUMENT"}}),
+        ),
+    })
 }
