@@ -104,9 +104,6 @@ mesh::settings! {
         kube: Setting<KubeMode> = HGATE_KUBE => parse(kube_mode).or_default(KubeMode::Auto),
         /// Kubeconfig path (outside a cluster).
         kubeconfig: Option<Setting<String>> = KUBECONFIG => text(),
-        /// How often Service annotations and mesh-env are refreshed.
-        route_refresh: Setting<Duration> = HGATE_ROUTE_REFRESH =>
-            parse(duration).or_default(Duration::from_secs(30)),
         /// Log format.
         log_format: Setting<LogFormat> = HGATE_LOG_FORMAT =>
             parse(log_format).or_default(LogFormat::Text),

@@ -14,7 +14,7 @@ use mesh::identity::token_cache::{CachePolicy, MintBudget, TokenCache};
 use mesh::metadata::MetadataClient;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HgateConfig, IdTokens, KubeMode};
@@ -98,12 +98,7 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
         )));
     }
     if let Some(client) = kube_client(&config).await {
-        tokio::spawn(kube_loop(
-            client,
-            config.clone(),
-            annotations,
-            drain.clone(),
-        ));
+        start_kube(&client, &config, annotations, &drain);
     }
     let _ = ready_tx.send(true);
     tracing::info!("hgate ready");
@@ -228,38 +223,31 @@ async fn kube_client(config: &HgateConfig) -> Option<kube::Client> {
     }
 }
 
-/// Refreshes annotation routes and publishes mesh-env every `HGATE_ROUTE_REFRESH`.
-async fn kube_loop(
-    client: kube::Client,
-    config: HgateConfig,
+/// Starts the Kubernetes side: the Service watcher (annotation routes), the ConfigMap
+/// watchers, and the mesh-env publisher they wake.
+fn start_kube(
+    client: &kube::Client,
+    config: &HgateConfig,
     annotations: AnnotationRoutes,
-    drain: CancellationToken,
+    drain: &CancellationToken,
 ) {
-    let project = config.project_number.map(|s| s.value);
-    let tenant = config.mesh_tenant.map(|s| s.value);
-    loop {
-        match services::refresh(&client, &annotations).await {
-            Ok(Some(count)) => tracing::info!(
-                count,
-                "Service annotation routes changed (krun.dev/tunnel-url)"
-            ),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "list Services for krun.dev/tunnel-url failed; keeping the previous routes")
-            }
-        }
-        let published = match mesh_env::gather(&client, project.clone(), tenant.clone()).await {
-            Ok(facts) => mesh_env::publish(&client, &facts).await,
-            Err(e) => Err(e),
-        };
-        match published {
-            Ok(keys) if keys.is_empty() => {}
-            Ok(keys) => tracing::info!(keys = keys.join(","), "mesh-env published"),
-            Err(e) => tracing::warn!(error = %e, "mesh-env publish failed; retrying next refresh"),
-        }
-        tokio::select! {
-            _ = drain.cancelled() => return,
-            _ = tokio::time::sleep(config.route_refresh.value) => {}
-        }
-    }
+    let inputs = Arc::new(Notify::new());
+    tokio::spawn(services::watch(
+        client.clone(),
+        annotations,
+        inputs.clone(),
+        drain.clone(),
+    ));
+    tokio::spawn(mesh_env::watch_config_maps(
+        client.clone(),
+        inputs.clone(),
+        drain.clone(),
+    ));
+    tokio::spawn(mesh_env::keep_published(
+        client.clone(),
+        config.project_number.as_ref().map(|s| s.value.clone()),
+        config.mesh_tenant.as_ref().map(|s| s.value.clone()),
+        inputs,
+        drain.clone(),
+    ));
 }

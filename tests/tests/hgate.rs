@@ -302,7 +302,6 @@ fn mesh_env_is_published_kept_current_and_operator_keys_survive() {
     let mut gate = Krun::hgate()
         .env("HGATE_KUBE", "auto")
         .env("KUBECONFIG", &kubeconfig)
-        .env("HGATE_ROUTE_REFRESH", "50ms")
         .env("PROJECT_NUMBER", "1234567890")
         .env("MESH_TENANT", "tenant-from-hgate")
         .start();
@@ -349,17 +348,7 @@ fn mesh_env_is_published_kept_current_and_operator_keys_survive() {
 
     // The annotated Service is routed by its annotation (the URL leads nowhere: the log line
     // shows the choice).
-    let mut hello = client_hello();
-    let from = b"outbound_.8080_._.echo.default.svc";
-    let to = b"outbound_.8080_._.echo.shop.svc.xx";
-    let at = hello
-        .windows(from.len())
-        .position(|w| w == from)
-        .expect("SNI in sample");
-    hello[at..at + to.len()].copy_from_slice(to);
-    let mut conn = TcpStream::connect(addr).expect("connect");
-    conn.write_all(&hello).expect("send hello");
-    let line = gate.wait_for_line("connection finished");
+    let line = route_of_echo_shop(&mut gate, addr);
     assert!(
         line.contains("http://127.0.0.1:1/_hbone/15003 (Annotation)"),
         "{line}"
@@ -773,6 +762,99 @@ fn without_the_token_creator_binding_the_connection_is_refused_naming_the_role()
         "{line}"
     );
     assert!(front.seen().is_empty(), "no tunnel without a token");
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+/// The route hgate logs for one mesh connection to `echo.shop` (the sample ClientHello with
+/// its SNI rewritten).
+fn route_of_echo_shop(gate: &mut Running, addr: SocketAddr) -> String {
+    let mut hello = client_hello();
+    let from = b"outbound_.8080_._.echo.default.svc";
+    let to = b"outbound_.8080_._.echo.shop.svc.xx";
+    let at = hello
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("SNI in sample");
+    hello[at..at + to.len()].copy_from_slice(to);
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(&hello).expect("send hello");
+    gate.wait_for_line("connection finished")
+}
+
+#[test]
+fn a_service_annotation_change_is_routed_at_its_watch_event_and_a_dropped_watch_resumes() {
+    use krun_tests::fakes::kube::{self, SharedCluster};
+    let annotated = |url: &str| [("krun.dev/tunnel-url", url.to_owned())];
+    let put = |state: &SharedCluster, url: &str| {
+        let annotations = annotated(url);
+        let pairs: Vec<(&str, &str)> = annotations.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        state
+            .lock()
+            .expect("state")
+            .put_service("shop", "echo", None, &pairs);
+    };
+    let state = SharedCluster::default();
+    put(&state, "http://127.0.0.1:1/first");
+    let api = kube::start_cluster(state.clone());
+    let dir = TempDir::new("hgate-watch");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("write kubeconfig");
+    let mut gate = Krun::hgate()
+        .env("HGATE_KUBE", "auto")
+        .env("KUBECONFIG", &kubeconfig)
+        .start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    gate.wait_for_line("Service annotation routes changed");
+
+    // One edit, one watch event, one route change.
+    put(&state, "http://127.0.0.1:1/second");
+    let line = gate.wait_for_line("route updated");
+    assert!(
+        line.contains("echo.shop") && line.contains("/second"),
+        "{line}"
+    );
+    let line = route_of_echo_shop(&mut gate, addr);
+    assert!(
+        line.contains("http://127.0.0.1:1/second (Annotation)"),
+        "{line}"
+    );
+
+    // The API server drops every watch; the edit made meanwhile still arrives, through a
+    // watch resumed from the last resourceVersion (no second list).
+    state.lock().expect("state").drop_watches();
+    put(&state, "http://127.0.0.1:1/third");
+    let line = gate.wait_for_line("route updated");
+    assert!(line.contains("/third"), "{line}");
+    let service_requests: Vec<String> = api
+        .server
+        .seen()
+        .into_iter()
+        .map(|s| s.path)
+        .filter(|p| p.starts_with("/api/v1/services?"))
+        .collect();
+    let lists = service_requests
+        .iter()
+        .filter(|p| !p.contains("watch=true"));
+    assert_eq!(lists.count(), 1, "{service_requests:?}");
+    let watches: Vec<&String> = service_requests
+        .iter()
+        .filter(|p| p.contains("watch=true"))
+        .collect();
+    assert_eq!(watches.len(), 2, "{service_requests:?}");
+    assert!(
+        watches[1].contains("resourceVersion=") && !watches[1].contains("resourceVersion=0&"),
+        "{watches:?}"
+    );
+
+    // Removing the annotation removes the route.
+    state
+        .lock()
+        .expect("state")
+        .put_service("shop", "echo", None, &[]);
+    let line = gate.wait_for_line("route removed");
+    assert!(line.contains("echo.shop"), "{line}");
+
     gate.signal(Signal::SIGTERM);
     assert_eq!(gate.finish().code, 0);
 }
