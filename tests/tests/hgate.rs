@@ -125,19 +125,14 @@ fn an_unknown_sni_is_closed_logged_and_counted() {
         .env("HGATE_ROUTE_TEMPLATE", "http://127.0.0.1:1/{service}")
         .start();
     let addr = ready_addr(&mut gate, "SNI listener ready");
-    let mut hello = client_hello();
     // Same ClientHello, but as if its SNI were a public name: reuse the corpus sample with
     // echo.default.svc.cluster.local replaced by a name of equal length that is no mesh name.
-    let from = b"outbound_.8080_._.echo.default.svc.cluster.local";
-    let to = b"www.example.com.not-a-mesh-name.example.invalid.";
-    let at = hello
-        .windows(from.len())
-        .position(|w| w == from)
-        .expect("SNI in sample");
-    hello[at..at + to.len()].copy_from_slice(to);
-    let mut conn = TcpStream::connect(addr).expect("connect");
-    conn.write_all(&hello).expect("send hello");
-    let line = gate.wait_for_line("connection finished");
+    let (line, mut conn) = connection_with_sni(
+        &mut gate,
+        addr,
+        b"outbound_.8080_._.echo.default.svc.cluster.local",
+        b"www.example.com.not-a-mesh-name.example.invalid.",
+    );
     assert!(line.contains("no route"), "{line}");
     let mut rest = Vec::new();
     let _ = conn.read_to_end(&mut rest);
@@ -766,12 +761,15 @@ fn without_the_token_creator_binding_the_connection_is_refused_naming_the_role()
     assert_eq!(gate.finish().code, 0);
 }
 
-/// The route hgate logs for one mesh connection to `echo.shop` (the sample ClientHello with
-/// its SNI rewritten).
-fn route_of_echo_shop(gate: &mut Running, addr: SocketAddr) -> String {
+/// Sends the sample ClientHello with `from` in its SNI replaced by `to` (same length) and
+/// returns hgate's `connection finished` line for it and the client's connection.
+fn connection_with_sni(
+    gate: &mut Running,
+    addr: SocketAddr,
+    from: &[u8],
+    to: &[u8],
+) -> (String, TcpStream) {
     let mut hello = client_hello();
-    let from = b"outbound_.8080_._.echo.default.svc";
-    let to = b"outbound_.8080_._.echo.shop.svc.xx";
     let at = hello
         .windows(from.len())
         .position(|w| w == from)
@@ -779,7 +777,18 @@ fn route_of_echo_shop(gate: &mut Running, addr: SocketAddr) -> String {
     hello[at..at + to.len()].copy_from_slice(to);
     let mut conn = TcpStream::connect(addr).expect("connect");
     conn.write_all(&hello).expect("send hello");
-    gate.wait_for_line("connection finished")
+    (gate.wait_for_line("connection finished"), conn)
+}
+
+/// The route hgate logs for one mesh connection to `echo.shop`.
+fn route_of_echo_shop(gate: &mut Running, addr: SocketAddr) -> String {
+    connection_with_sni(
+        gate,
+        addr,
+        b"outbound_.8080_._.echo.default.svc",
+        b"outbound_.8080_._.echo.shop.svc.xx",
+    )
+    .0
 }
 
 #[test]
