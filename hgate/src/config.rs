@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh::config::table::{Rule, Show, parse, text};
-use mesh::config::{ConfigError, Env, Inputs, LogFormat, Printer, Setting, values};
+use mesh::config::{
+    ConfigError, DEFAULT_IAM_CREDENTIALS, Env, Inputs, LogFormat, Printer, Setting, values,
+};
 use serde_json::{Value, json};
 
 /// hgate's default metadata server: by name, as GKE pods reach it (the default route's lookup
@@ -79,6 +81,13 @@ mesh::settings! {
         /// ID token source.
         id_tokens: Setting<IdTokens> = HGATE_ID_TOKENS =>
             parse(id_tokens).or_default(IdTokens::Metadata),
+        /// Service account whose ID tokens IAM mints (unset: hgate's own, from the metadata
+        /// server).
+        id_token_service_account: Option<Setting<String>> = HGATE_ID_TOKEN_SERVICE_ACCOUNT =>
+            parse(service_account),
+        /// IAM Credentials base URL.
+        iam_credentials_endpoint: Setting<String> = IAM_CREDENTIALS_ENDPOINT =>
+            parse(values::base_url).or_default(DEFAULT_IAM_CREDENTIALS.to_owned()),
         /// ID tokens (audiences) kept; the least recently used goes first.
         id_token_cache: Setting<usize> = HGATE_ID_TOKEN_CACHE =>
             parse(values::positive).or_default(1000),
@@ -95,9 +104,6 @@ mesh::settings! {
         kube: Setting<KubeMode> = HGATE_KUBE => parse(kube_mode).or_default(KubeMode::Auto),
         /// Kubeconfig path (outside a cluster).
         kubeconfig: Option<Setting<String>> = KUBECONFIG => text(),
-        /// How often Service annotations and mesh-env are refreshed.
-        route_refresh: Setting<Duration> = HGATE_ROUTE_REFRESH =>
-            parse(duration).or_default(Duration::from_secs(30)),
         /// Log format.
         log_format: Setting<LogFormat> = HGATE_LOG_FORMAT =>
             parse(log_format).or_default(LogFormat::Text),
@@ -116,7 +122,17 @@ mesh::settings! {
 impl HgateConfig {
     /// Parses `env`; a bad value is a one-line error naming it.
     pub fn from_env(env: &Env) -> Result<HgateConfig, ConfigError> {
-        Self::resolve(&Inputs::new(env))
+        let config = Self::resolve(&Inputs::new(env))?;
+        if let Some(gsa) = &config.id_token_service_account
+            && config.id_tokens.value == IdTokens::None
+        {
+            return Err(ConfigError::invalid(
+                names::HGATE_ID_TOKEN_SERVICE_ACCOUNT,
+                &gsa.value,
+                "unset while HGATE_ID_TOKENS=none (no ID token is sent); set HGATE_ID_TOKENS=metadata to send this account's tokens",
+            ));
+        }
+        Ok(config)
     }
 
     /// `--print-config`: keyed by variable, with value and source, secrets redacted.
@@ -202,6 +218,13 @@ fn id_tokens(raw: &str) -> Result<IdTokens, &'static str> {
     }
 }
 
+fn service_account(raw: &str) -> Result<String, &'static str> {
+    let (name, domain) = raw.split_once('@').unwrap_or_default();
+    (!name.is_empty() && domain.contains('.'))
+        .then(|| raw.to_owned())
+        .ok_or("a service account email such as gate@PROJECT.iam.gserviceaccount.com")
+}
+
 fn kube_mode(raw: &str) -> Result<KubeMode, &'static str> {
     match raw {
         "auto" => Ok(KubeMode::Auto),
@@ -253,6 +276,23 @@ mod tests {
             .expect_err("invalid")
             .to_string();
         assert!(e.contains("{service}"), "{e}");
+        let e = HgateConfig::from_env(&env(&[
+            (HGATE_ID_TOKENS, "none"),
+            (
+                HGATE_ID_TOKEN_SERVICE_ACCOUNT,
+                "gate@p.iam.gserviceaccount.com",
+            ),
+        ]))
+        .expect_err("a service account with no tokens acts on nothing")
+        .to_string();
+        assert!(e.contains("HGATE_ID_TOKENS=metadata"), "{e}");
+        let e = HgateConfig::from_env(&env(&[(HGATE_ID_TOKEN_SERVICE_ACCOUNT, "gate")]))
+            .expect_err("not an email")
+            .to_string();
+        assert!(
+            e.starts_with("HGATE_ID_TOKEN_SERVICE_ACCOUNT=gate: expected"),
+            "{e}"
+        );
     }
 
     /// docs/hgate.md is the operator's reference: every variable hgate prints must be there.

@@ -12,8 +12,8 @@ use hbone::idle::Activity;
 use hbone::listen::{ConnectionLimit, serve_each};
 use hbone::post::{PostClient, PostUrl};
 use hbone::sni::{self, MAX_CLIENT_HELLO, Parsed};
+use mesh::credentials::id_tokens::IdTokenSource;
 use mesh::identity::token_cache::{CacheKey, TokenCache, TokenKind};
-use mesh::metadata::MetadataClient;
 use mesh::metrics::tcp::{Reporter, TcpConnection};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -34,7 +34,7 @@ pub struct Gate {
     /// Pooled HBONE POST client.
     pub client: PostClient,
     /// ID tokens (`None`: no Authorization header).
-    pub tokens: Option<TokenCache<MetadataClient>>,
+    pub tokens: Option<TokenCache<IdTokenSource>>,
     /// ClientHello deadline.
     pub hello_timeout: Duration,
     /// Idle timeout of tunnelled connections.

@@ -7,14 +7,26 @@
 //! hgate records the keys it owns in the [`OWNED_KEYS_ANNOTATION`] annotation.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{Api, ObjectMeta, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::Notify;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
 
 /// Namespace of mesh-env and of the Services it describes.
 pub const NAMESPACE: &str = "istio-system";
 /// The ConfigMap krun reads.
 pub const MESH_ENV: &str = "mesh-env";
+/// The ConfigMap holding istiod's root (`CAROOT_ISTIOD`).
+pub const ISTIOD_ROOT: &str = "istio-ca-root-cert";
+/// The Services whose LB addresses mesh-env publishes (`MCON_ADDR`, `IMCON_ADDR`).
+pub const GATEWAY_SERVICES: [&str; 2] = ["hgate", "internal-hgate"];
+/// Wait before trying again after a failed publish with no new change to trigger it.
+const RETRY: Duration = Duration::from_secs(5);
 /// Comma-separated keys hgate wrote and may update.
 pub const OWNED_KEYS_ANNOTATION: &str = "krun.dev/hgate-owned-keys";
 
@@ -86,6 +98,83 @@ fn lb_address(service: &Service) -> Option<String> {
     first.ip.clone().or_else(|| first.hostname.clone())
 }
 
+/// Whether a change to `service` can change mesh-env (one of [`GATEWAY_SERVICES`]).
+pub fn is_input_service(service: &Service) -> bool {
+    service.metadata.namespace.as_deref() == Some(NAMESPACE)
+        && service
+            .metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| GATEWAY_SERVICES.contains(&n))
+}
+
+/// Watches istiod's root and mesh-env itself (an operator's edit or delete is repaired)
+/// until `drain`, waking `inputs` at each change. One watcher per name, each with a
+/// `metadata.name` field selector, so RBAC can stay limited to those two ConfigMaps.
+pub async fn watch_config_maps(
+    client: kube::Client,
+    inputs: Arc<Notify>,
+    drain: CancellationToken,
+) {
+    let maps: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
+    let one = |name: &str| {
+        watcher(
+            maps.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        )
+        .default_backoff()
+    };
+    let events = one(ISTIOD_ROOT).merge(one(MESH_ENV));
+    let mut events = std::pin::pin!(events);
+    loop {
+        let event = tokio::select! {
+            () = drain.cancelled() => return,
+            event = events.next() => event,
+        };
+        match event {
+            None => return,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "ConfigMap watch (istio-system) failed; watching again")
+            }
+            Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
+            Some(Ok(_)) => inputs.notify_one(),
+        }
+    }
+}
+
+/// Publishes mesh-env each time `inputs` is woken (a watched input changed), until `drain`;
+/// a failed publish is tried again after [`RETRY`] or at the next change.
+pub async fn keep_published(
+    client: kube::Client,
+    project_number: Option<String>,
+    mesh_tenant: Option<String>,
+    inputs: Arc<Notify>,
+    drain: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = drain.cancelled() => return,
+            () = inputs.notified() => {}
+        }
+        let published = match gather(&client, project_number.clone(), mesh_tenant.clone()).await {
+            Ok(facts) => publish(&client, &facts).await,
+            Err(e) => Err(e),
+        };
+        match published {
+            Ok(keys) if keys.is_empty() => {}
+            Ok(keys) => tracing::info!(keys = keys.join(","), "mesh-env published"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?RETRY, "mesh-env publish failed");
+                let again = inputs.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(RETRY).await;
+                    again.notify_one();
+                });
+            }
+        }
+    }
+}
+
 /// Reads the facts from the cluster; missing objects leave their keys out.
 pub async fn gather(
     client: &kube::Client,
@@ -95,17 +184,17 @@ pub async fn gather(
     let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), NAMESPACE);
     let root = maps
-        .get_opt("istio-ca-root-cert")
+        .get_opt(ISTIOD_ROOT)
         .await?
         .and_then(|cm| cm.data?.get("root-cert.pem").cloned());
     Ok(Facts {
         hgate_addr: services
-            .get_opt("hgate")
+            .get_opt(GATEWAY_SERVICES[0])
             .await?
             .as_ref()
             .and_then(lb_address),
         internal_addr: services
-            .get_opt("internal-hgate")
+            .get_opt(GATEWAY_SERVICES[1])
             .await?
             .as_ref()
             .and_then(lb_address),

@@ -8,11 +8,13 @@ use anyhow::Context;
 use hbone::H2Settings;
 use hbone::listen::ConnectionLimit;
 use hbone::post::PostClient;
+use mesh::credentials::id_tokens::{IdTokenSource, ServiceAccountIdTokens};
+use mesh::http::HttpClient;
 use mesh::identity::token_cache::{CachePolicy, MintBudget, TokenCache};
 use mesh::metadata::MetadataClient;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HgateConfig, IdTokens, KubeMode};
@@ -43,7 +45,7 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
     let tokens = match config.id_tokens.value {
         IdTokens::None => None,
         IdTokens::Metadata => Some(TokenCache::new(
-            MetadataClient::new(&config.metadata_host.value, ID_TOKEN_TIMEOUT),
+            id_token_source(&config).await?,
             id_token_policy(&config),
         )),
     };
@@ -115,12 +117,7 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
         )));
     }
     if let Some(client) = kube_client(&config).await {
-        tokio::spawn(kube_loop(
-            client,
-            config.clone(),
-            annotations,
-            drain.clone(),
-        ));
+        start_kube(&client, &config, annotations, &drain);
     }
     let _ = ready_tx.send(true);
     tracing::info!("hgate ready");
@@ -148,6 +145,32 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
         "drained; exiting"
     );
     Ok(())
+}
+
+/// The metadata server's `identity` (hgate's own account), or IAM `generateIdToken` for
+/// `HGATE_ID_TOKEN_SERVICE_ACCOUNT`, called with hgate's own access token.
+async fn id_token_source(config: &HgateConfig) -> anyhow::Result<IdTokenSource> {
+    let metadata = MetadataClient::new(&config.metadata_host.value, ID_TOKEN_TIMEOUT);
+    let Some(gsa) = &config.id_token_service_account else {
+        tracing::info!(metadata = %config.metadata_host.value, "ID tokens: the metadata server's identity (hgate's own account)");
+        return Ok(IdTokenSource::Metadata(metadata));
+    };
+    // The system trust store is read from disk: off the runtime's threads.
+    let http = tokio::task::spawn_blocking(|| HttpClient::new(ID_TOKEN_TIMEOUT))
+        .await
+        .context("HTTPS client for IAM Credentials")?
+        .context("HTTPS client for IAM Credentials")?;
+    tracing::info!(
+        service_account = %gsa.value,
+        iam = %config.iam_credentials_endpoint.value,
+        "ID tokens: IAM generateIdToken for HGATE_ID_TOKEN_SERVICE_ACCOUNT, asked with hgate's own access token"
+    );
+    Ok(IdTokenSource::ServiceAccount(ServiceAccountIdTokens::new(
+        http,
+        &config.iam_credentials_endpoint.value,
+        &gsa.value,
+        Arc::new(metadata),
+    )))
 }
 
 /// The audiences follow the client's SNI (the route template makes every well-formed SNI
@@ -219,38 +242,31 @@ async fn kube_client(config: &HgateConfig) -> Option<kube::Client> {
     }
 }
 
-/// Refreshes annotation routes and publishes mesh-env every `HGATE_ROUTE_REFRESH`.
-async fn kube_loop(
-    client: kube::Client,
-    config: HgateConfig,
+/// Starts the Kubernetes side: the Service watcher (annotation routes), the ConfigMap
+/// watchers, and the mesh-env publisher they wake.
+fn start_kube(
+    client: &kube::Client,
+    config: &HgateConfig,
     annotations: AnnotationRoutes,
-    drain: CancellationToken,
+    drain: &CancellationToken,
 ) {
-    let project = config.project_number.map(|s| s.value);
-    let tenant = config.mesh_tenant.map(|s| s.value);
-    loop {
-        match services::refresh(&client, &annotations).await {
-            Ok(Some(count)) => tracing::info!(
-                count,
-                "Service annotation routes changed (krun.dev/tunnel-url)"
-            ),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "list Services for krun.dev/tunnel-url failed; keeping the previous routes")
-            }
-        }
-        let published = match mesh_env::gather(&client, project.clone(), tenant.clone()).await {
-            Ok(facts) => mesh_env::publish(&client, &facts).await,
-            Err(e) => Err(e),
-        };
-        match published {
-            Ok(keys) if keys.is_empty() => {}
-            Ok(keys) => tracing::info!(keys = keys.join(","), "mesh-env published"),
-            Err(e) => tracing::warn!(error = %e, "mesh-env publish failed; retrying next refresh"),
-        }
-        tokio::select! {
-            _ = drain.cancelled() => return,
-            _ = tokio::time::sleep(config.route_refresh.value) => {}
-        }
-    }
+    let inputs = Arc::new(Notify::new());
+    tokio::spawn(services::watch(
+        client.clone(),
+        annotations,
+        inputs.clone(),
+        drain.clone(),
+    ));
+    tokio::spawn(mesh_env::watch_config_maps(
+        client.clone(),
+        inputs.clone(),
+        drain.clone(),
+    ));
+    tokio::spawn(mesh_env::keep_published(
+        client.clone(),
+        config.project_number.as_ref().map(|s| s.value.clone()),
+        config.mesh_tenant.as_ref().map(|s| s.value.clone()),
+        inputs,
+        drain.clone(),
+    ));
 }

@@ -6,6 +6,8 @@
 //! - [`logging`]: text or JSON logs (Cloud Logging's `severity`);
 //! - [`discovery`]: where the mesh is, from the metadata server, GKE, Resource Manager and
 //!   the `mesh-env` ConfigMap, and the Kubernetes client of the config cluster;
+//! - [`credentials`]: who calls Google APIs (the metadata server's account) and the ID
+//!   tokens hgate and krun send to Cloud Run;
 //! - [`identity`]: token sources, certificate authorities and the workload certificate;
 //! - [`files`]: atomic writes with deliberate modes;
 //! - [`backoff`]: the jittered retry pacing of every call and refresh;
@@ -28,6 +30,7 @@ pub mod admin;
 pub mod backoff;
 pub mod cloud_run;
 pub mod config;
+pub mod credentials;
 pub mod discovery;
 pub mod files;
 pub mod http;

@@ -7,6 +7,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 
 use krun_tests::fakes::pki::TestCa;
+use krun_tests::fakes::server::FakeServer;
 use krun_tests::fakes::{front, metadata};
 use krun_tests::{
     Krun, Running, TempDir, free_port, http_request, prometheus_samples, sni_client, testapp,
@@ -28,11 +29,9 @@ fn client_hello() -> Vec<u8> {
     std::fs::read(path).expect("corpus ClientHello")
 }
 
-#[test]
-fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
-    // The Cloud Run side: krun with a mesh identity, builtin data plane, echo app.
-    let ca = TestCa::new("cluster.local");
-    let dir = TempDir::new("hgate-e2e");
+/// The Cloud Run side: krun with a mesh identity, builtin data plane, echo app; returns it
+/// and its tunnel port.
+fn echo_on_cloud_run(ca: &TestCa, dir: &TempDir) -> (Running, u16) {
     ca.install_workload(&dir.join(""), "spiffe://cluster.local/ns/default/sa/echo");
     let (app, tunnel) = (free_port(), free_port());
     let mut krun = Krun::new()
@@ -43,6 +42,14 @@ fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
         .args(testapp(&["echo", &app.to_string()]))
         .start();
     krun.wait_for_line("tunnel port open");
+    (krun, tunnel)
+}
+
+#[test]
+fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
+    let ca = TestCa::new("cluster.local");
+    let dir = TempDir::new("hgate-e2e");
+    let (krun, tunnel) = echo_on_cloud_run(&ca, &dir);
     // Cloud Run's front end: TLS h2 in, h2c to the instance, headers recorded.
     let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
     let front_ca = dir.join("front-ca.pem");
@@ -152,19 +159,14 @@ fn an_unknown_sni_is_closed_logged_and_counted() {
         .env("HGATE_ROUTE_TEMPLATE", "http://127.0.0.1:1/{service}")
         .start();
     let addr = ready_addr(&mut gate, "SNI listener ready");
-    let mut hello = client_hello();
     // Same ClientHello, but as if its SNI were a public name: reuse the corpus sample with
     // echo.default.svc.cluster.local replaced by a name of equal length that is no mesh name.
-    let from = b"outbound_.8080_._.echo.default.svc.cluster.local";
-    let to = b"www.example.com.not-a-mesh-name.example.invalid.";
-    let at = hello
-        .windows(from.len())
-        .position(|w| w == from)
-        .expect("SNI in sample");
-    hello[at..at + to.len()].copy_from_slice(to);
-    let mut conn = TcpStream::connect(addr).expect("connect");
-    conn.write_all(&hello).expect("send hello");
-    let line = gate.wait_for_line("connection finished");
+    let (line, mut conn) = connection_with_sni(
+        &mut gate,
+        addr,
+        b"outbound_.8080_._.echo.default.svc.cluster.local",
+        b"www.example.com.not-a-mesh-name.example.invalid.",
+    );
     assert!(line.contains("no route"), "{line}");
     let mut rest = Vec::new();
     let _ = conn.read_to_end(&mut rest);
@@ -329,7 +331,6 @@ fn mesh_env_is_published_kept_current_and_operator_keys_survive() {
     let mut gate = Krun::hgate()
         .env("HGATE_KUBE", "auto")
         .env("KUBECONFIG", &kubeconfig)
-        .env("HGATE_ROUTE_REFRESH", "50ms")
         .env("PROJECT_NUMBER", "1234567890")
         .env("MESH_TENANT", "tenant-from-hgate")
         .start();
@@ -376,17 +377,7 @@ fn mesh_env_is_published_kept_current_and_operator_keys_survive() {
 
     // The annotated Service is routed by its annotation (the URL leads nowhere: the log line
     // shows the choice).
-    let mut hello = client_hello();
-    let from = b"outbound_.8080_._.echo.default.svc";
-    let to = b"outbound_.8080_._.echo.shop.svc.xx";
-    let at = hello
-        .windows(from.len())
-        .position(|w| w == from)
-        .expect("SNI in sample");
-    hello[at..at + to.len()].copy_from_slice(to);
-    let mut conn = TcpStream::connect(addr).expect("connect");
-    conn.write_all(&hello).expect("send hello");
-    let line = gate.wait_for_line("connection finished");
+    let line = route_of_echo_shop(&mut gate, addr);
     assert!(
         line.contains("http://127.0.0.1:1/_hbone/15003 (Annotation)"),
         "{line}"
@@ -719,6 +710,208 @@ fn ten_thousand_distinct_sni_names_cost_bounded_memory_and_bounded_token_mints()
     );
     let line = gate.wait_for_line("mint budget");
     assert!(line.contains("connection finished"), "{line}");
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+/// hgate's tunnel to a Cloud Run-like front through a static route, its ID tokens asked of
+/// IAM for `gsa` with hgate's own (metadata) access token; returns the gate and the front.
+fn gate_with_iam_id_tokens(
+    google: &krun_tests::fakes::google::FakeGoogle,
+    gsa: &str,
+    dir: &TempDir,
+    tunnel: u16,
+) -> (Running, front::FakeFront, FakeServer) {
+    let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
+    let front_ca = dir.join("front-ca.pem");
+    std::fs::write(&front_ca, &front.ca_pem).expect("write front CA");
+    let routes = dir.join("routes.yaml");
+    let url = format!("https://localhost:{}", front.addr.port());
+    std::fs::write(&routes, format!("echo.default: {url}/_hbone/15003\n")).expect("routes");
+    let md = metadata::start(metadata::Instance::default());
+    let gate = Krun::hgate()
+        .env("HGATE_ROUTES", &routes)
+        .env("GCE_METADATA_HOST", md.addr().to_string())
+        .env("HGATE_ID_TOKENS", "metadata")
+        .env("HGATE_ID_TOKEN_SERVICE_ACCOUNT", gsa)
+        .env("IAM_CREDENTIALS_ENDPOINT", google.url())
+        .env("SSL_CERT_FILE", &front_ca)
+        .start();
+    (gate, front, md)
+}
+
+#[test]
+fn with_a_configured_service_account_hgate_sends_iam_minted_id_tokens() {
+    use krun_tests::fakes::google::FakeGoogle;
+    let gsa = "gate-caller@proj.iam.gserviceaccount.com";
+    let google = FakeGoogle::start(std::time::Duration::ZERO);
+    google.grant_id_token_creator(metadata::ACCESS_TOKEN, gsa);
+    let (ca, dir) = (TestCa::new("cluster.local"), TempDir::new("hgate-iam"));
+    let (krun, tunnel) = echo_on_cloud_run(&ca, &dir);
+    let (mut gate, front, md) = gate_with_iam_id_tokens(&google, gsa, &dir, tunnel);
+    gate.wait_for_line("ID tokens: IAM generateIdToken");
+    let sni_addr = ready_addr(&mut gate, "SNI listener ready");
+    let client_dir = TempDir::new("hgate-iam-client");
+    let client = ca.install_client(
+        &client_dir.join(""),
+        "client",
+        "spiffe://cluster.local/ns/default/sa/client",
+    );
+    assert_eq!(
+        sni_client(sni_addr, MESH_SNI, &client, "via IAM")["data"],
+        "via IAM"
+    );
+
+    let seen = front.seen();
+    let token = seen
+        .first()
+        .and_then(|r| r.authorization.as_deref())
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .expect("a bearer token at the front");
+    assert_eq!(metadata::id_token_email(token).as_deref(), Some(gsa));
+    assert_eq!(
+        metadata::id_token_audience(token),
+        Some(format!("https://localhost:{}", front.addr.port()))
+    );
+    assert_eq!(google.iam_calls(), 1);
+    assert!(
+        !md.seen().iter().any(|r| r.path.contains("/identity")),
+        "the metadata server's own identity is not used"
+    );
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+    krun.signal(Signal::SIGTERM);
+    assert_eq!(krun.finish().code, 0);
+}
+
+#[test]
+fn without_the_token_creator_binding_the_connection_is_refused_naming_the_role() {
+    use krun_tests::fakes::google::FakeGoogle;
+    let google = FakeGoogle::start(std::time::Duration::ZERO);
+    let dir = TempDir::new("hgate-iam-denied");
+    let (mut gate, front, _md) = gate_with_iam_id_tokens(
+        &google,
+        "other@proj.iam.gserviceaccount.com",
+        &dir,
+        free_port(),
+    );
+    let line = one_mesh_connection(&mut gate);
+    assert!(
+        line.contains("PERMISSION_DENIED") || line.contains("403"),
+        "{line}"
+    );
+    assert!(
+        line.contains("roles/iam.serviceAccountOpenIdTokenCreator"),
+        "{line}"
+    );
+    assert!(front.seen().is_empty(), "no tunnel without a token");
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+}
+
+/// Sends the sample ClientHello with `from` in its SNI replaced by `to` (same length) and
+/// returns hgate's `connection finished` line for it and the client's connection.
+fn connection_with_sni(
+    gate: &mut Running,
+    addr: SocketAddr,
+    from: &[u8],
+    to: &[u8],
+) -> (String, TcpStream) {
+    let mut hello = client_hello();
+    let at = hello
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("SNI in sample");
+    hello[at..at + to.len()].copy_from_slice(to);
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.write_all(&hello).expect("send hello");
+    (gate.wait_for_line("connection finished"), conn)
+}
+
+/// The route hgate logs for one mesh connection to `echo.shop`.
+fn route_of_echo_shop(gate: &mut Running, addr: SocketAddr) -> String {
+    connection_with_sni(
+        gate,
+        addr,
+        b"outbound_.8080_._.echo.default.svc",
+        b"outbound_.8080_._.echo.shop.svc.xx",
+    )
+    .0
+}
+
+#[test]
+fn a_service_annotation_change_is_routed_at_its_watch_event_and_a_dropped_watch_resumes() {
+    use krun_tests::fakes::kube::{self, SharedCluster};
+    let annotated = |url: &str| [("krun.dev/tunnel-url", url.to_owned())];
+    let put = |state: &SharedCluster, url: &str| {
+        let annotations = annotated(url);
+        let pairs: Vec<(&str, &str)> = annotations.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        state
+            .lock()
+            .expect("state")
+            .put_service("shop", "echo", None, &pairs);
+    };
+    let state = SharedCluster::default();
+    put(&state, "http://127.0.0.1:1/first");
+    let api = kube::start_cluster(state.clone());
+    let dir = TempDir::new("hgate-watch");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("write kubeconfig");
+    let mut gate = Krun::hgate()
+        .env("HGATE_KUBE", "auto")
+        .env("KUBECONFIG", &kubeconfig)
+        .start();
+    let addr = ready_addr(&mut gate, "SNI listener ready");
+    gate.wait_for_line("Service annotation routes changed");
+
+    // One edit, one watch event, one route change.
+    put(&state, "http://127.0.0.1:1/second");
+    let line = gate.wait_for_line("route updated");
+    assert!(
+        line.contains("echo.shop") && line.contains("/second"),
+        "{line}"
+    );
+    let line = route_of_echo_shop(&mut gate, addr);
+    assert!(
+        line.contains("http://127.0.0.1:1/second (Annotation)"),
+        "{line}"
+    );
+
+    // The API server drops every watch; the edit made meanwhile still arrives, through a
+    // watch resumed from the last resourceVersion (no second list).
+    state.lock().expect("state").drop_watches();
+    put(&state, "http://127.0.0.1:1/third");
+    let line = gate.wait_for_line("route updated");
+    assert!(line.contains("/third"), "{line}");
+    let service_requests: Vec<String> = api
+        .server
+        .seen()
+        .into_iter()
+        .map(|s| s.path)
+        .filter(|p| p.starts_with("/api/v1/services?"))
+        .collect();
+    let lists = service_requests
+        .iter()
+        .filter(|p| !p.contains("watch=true"));
+    assert_eq!(lists.count(), 1, "{service_requests:?}");
+    let watches: Vec<&String> = service_requests
+        .iter()
+        .filter(|p| p.contains("watch=true"))
+        .collect();
+    assert_eq!(watches.len(), 2, "{service_requests:?}");
+    assert!(
+        watches[1].contains("resourceVersion=") && !watches[1].contains("resourceVersion=0&"),
+        "{watches:?}"
+    );
+
+    // Removing the annotation removes the route.
+    state
+        .lock()
+        .expect("state")
+        .put_service("shop", "echo", None, &[]);
+    let line = gate.wait_for_line("route removed");
+    assert!(line.contains("echo.shop"), "{line}");
+
     gate.signal(Signal::SIGTERM);
     assert_eq!(gate.finish().code, 0);
 }

@@ -101,16 +101,16 @@ crate::settings! {
             text().or_default(DEFAULT_METADATA_HOST.to_owned()),
         /// GKE Container API base URL.
         container_api_endpoint: Setting<String> = CONTAINER_API_ENDPOINT =>
-            parse(base_url).or_default(DEFAULT_CONTAINER_API.to_owned()),
+            parse(values::base_url).or_default(DEFAULT_CONTAINER_API.to_owned()),
         /// Google STS base URL.
         sts_endpoint: Setting<String> = STS_ENDPOINT =>
-            parse(base_url).or_default(DEFAULT_STS.to_owned()),
+            parse(values::base_url).or_default(DEFAULT_STS.to_owned()),
         /// IAM Credentials base URL.
         iam_credentials_endpoint: Setting<String> = IAM_CREDENTIALS_ENDPOINT =>
-            parse(base_url).or_default(DEFAULT_IAM_CREDENTIALS.to_owned()),
+            parse(values::base_url).or_default(DEFAULT_IAM_CREDENTIALS.to_owned()),
         /// Cloud Resource Manager base URL.
         resource_manager_endpoint: Setting<String> = RESOURCE_MANAGER_ENDPOINT =>
-            parse(base_url).or_default(DEFAULT_RESOURCE_MANAGER.to_owned()),
+            parse(values::base_url).or_default(DEFAULT_RESOURCE_MANAGER.to_owned()),
         /// Per-attempt budget of a metadata server request.
         metadata_timeout: Setting<Duration> = KRUN_METADATA_TIMEOUT =>
             parse(values::duration).or_default(DEFAULT_METADATA_TIMEOUT),
@@ -212,12 +212,4 @@ fn log_format(raw: &str) -> Result<LogFormat, &'static str> {
         "text" => Ok(LogFormat::Text),
         _ => Err("json or text"),
     }
-}
-
-/// A Google API base URL, without a trailing `/`.
-fn base_url(raw: &str) -> Result<String, &'static str> {
-    let url = raw.trim().trim_end_matches('/');
-    (url.starts_with("https://") || url.starts_with("http://"))
-        .then(|| url.to_owned())
-        .ok_or("a base URL such as https://host or http://127.0.0.1:PORT")
 }

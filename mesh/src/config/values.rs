@@ -56,6 +56,15 @@ pub fn path(raw: &str) -> Result<PathBuf, &'static str> {
     Ok(PathBuf::from(raw))
 }
 
+/// A Google API base URL, without a trailing `/` (`http://` allowed: private endpoints and
+/// tests' fakes).
+pub fn base_url(raw: &str) -> Result<String, &'static str> {
+    let url = raw.trim().trim_end_matches('/');
+    (url.starts_with("https://") || url.starts_with("http://"))
+        .then(|| url.to_owned())
+        .ok_or("a base URL such as https://host or http://127.0.0.1:PORT")
+}
+
 /// Splits a comma-separated list, dropping blanks (`"a, b,,"` is `["a", "b"]`).
 pub fn list(raw: &str) -> Vec<String> {
     raw.split(',')

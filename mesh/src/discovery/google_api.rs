@@ -9,8 +9,8 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use serde::de::DeserializeOwned;
 
-use super::tokens::AccessTokens;
 use crate::backoff::Backoff;
+use crate::credentials::AccessTokens;
 use crate::http::{Failure, HttpClient};
 use crate::metadata::MetadataError;
 

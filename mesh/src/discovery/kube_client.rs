@@ -22,7 +22,7 @@ use tower::{BoxError, ServiceBuilder};
 use crate::http::RESPONSE_LIMIT;
 
 use super::gke::Cluster;
-use super::tokens::{AccessTokens, BearerAuth};
+use crate::credentials::{AccessTokens, BearerAuth};
 
 /// A client that could not be built; the message names the input at fault.
 #[derive(Debug, thiserror::Error)]

@@ -24,7 +24,6 @@ pub mod kube_client;
 pub mod mesh_env;
 pub mod mesh_url;
 pub mod resource_manager;
-pub mod tokens;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -263,7 +262,7 @@ impl<'a> Discoverer<'a> {
 
     /// Builds the Google API client on a blocking thread (it reads the system trust store).
     fn build_api(&self) -> tokio::task::JoinHandle<Result<GoogleApi, ApiError>> {
-        let tokens: Arc<dyn tokens::AccessTokens> = self.metadata.clone();
+        let tokens: Arc<dyn crate::credentials::AccessTokens> = self.metadata.clone();
         tokio::task::spawn_blocking(move || GoogleApi::new(tokens, Backoff::DISCOVERY))
     }
 

@@ -178,32 +178,52 @@ impl GoogleTokens {
         audience: &str,
     ) -> Result<Token, GoogleTokenError> {
         const API: &str = "IAM generateIdToken";
-        let url = self.iam_url(API, "generateIdToken")?;
-        let body = json!({ "audience": audience, "includeEmail": true });
-        let reply = self.post(API, &url, Some(federated), &body).await?;
-        let token = string_field(&reply, "token", API, &url)?;
-        let claims = Claims::decode(&token).map_err(|e| GoogleTokenError::Response {
-            api: API,
-            url,
-            detail: e.to_string(),
-        })?;
-        Ok(Token::new(token, claims.expires_at()))
+        let gsa = self.gsa(API)?;
+        generate_id_token(
+            &self.http,
+            &self.iam_endpoint,
+            gsa,
+            federated.secret(),
+            audience,
+        )
+        .await
+        .map_err(|e| self.with_fix(e))
     }
 
     /// The IAM Credentials URL of `method` for the configured service account.
     fn iam_url(&self, api: &'static str, method: &str) -> Result<String, GoogleTokenError> {
-        let gsa = self
-            .gsa
+        Ok(iam_url(&self.iam_endpoint, self.gsa(api)?, method))
+    }
+
+    /// The service account IAM mints for; `api` names the call that needs it.
+    fn gsa(&self, api: &'static str) -> Result<&str, GoogleTokenError> {
+        self.gsa
             .as_deref()
             .ok_or_else(|| GoogleTokenError::Response {
                 api,
                 url: self.iam_endpoint.clone(),
                 detail: "no Google service account configured to mint for".into(),
-            })?;
-        Ok(format!(
-            "{}/v1/projects/-/serviceAccounts/{gsa}:{method}",
-            self.iam_endpoint
-        ))
+            })
+    }
+
+    /// A refusal with what to check or grant added ([`GoogleTokens::fix`]).
+    fn with_fix(&self, error: GoogleTokenError) -> GoogleTokenError {
+        match error {
+            GoogleTokenError::Status {
+                api,
+                url,
+                status,
+                message,
+                ..
+            } => GoogleTokenError::Status {
+                fix: self.fix(api, status),
+                api,
+                url,
+                status,
+                message,
+            },
+            other => other,
+        }
     }
 
     /// What to do about a refusal, from the hop that refused and its status: STS refusals are
@@ -255,42 +275,87 @@ impl GoogleTokens {
         bearer: Option<&Token>,
         body: &Value,
     ) -> Result<Value, GoogleTokenError> {
-        let response_err = |detail: String| GoogleTokenError::Response {
+        post(&self.http, api, url, bearer.map(Token::secret), body)
+            .await
+            .map_err(|e| self.with_fix(e))
+    }
+}
+
+/// IAM Credentials `generateIdToken`: an ID token of service account `gsa` for `audience`,
+/// asked with `bearer`, an access token of a caller holding `roles/iam.serviceAccountOpenIdTokenCreator`
+/// on `gsa` (the federated token here; hgate's own account for
+/// `HGATE_ID_TOKEN_SERVICE_ACCOUNT`). The expiry is the token's own `exp`.
+pub async fn generate_id_token(
+    http: &HttpClient,
+    iam_endpoint: &str,
+    gsa: &str,
+    bearer: &str,
+    audience: &str,
+) -> Result<Token, GoogleTokenError> {
+    const API: &str = "IAM generateIdToken";
+    let url = iam_url(iam_endpoint, gsa, "generateIdToken");
+    let body = json!({ "audience": audience, "includeEmail": true });
+    let reply = post(http, API, &url, Some(bearer), &body).await?;
+    let token = string_field(&reply, "token", API, &url)?;
+    let claims = Claims::decode(&token).map_err(|e| GoogleTokenError::Response {
+        api: API,
+        url,
+        detail: e.to_string(),
+    })?;
+    Ok(Token::new(token, claims.expires_at()))
+}
+
+/// `{endpoint}/v1/projects/-/serviceAccounts/{gsa}:{method}`.
+fn iam_url(iam_endpoint: &str, gsa: &str, method: &str) -> String {
+    format!(
+        "{}/v1/projects/-/serviceAccounts/{gsa}:{method}",
+        iam_endpoint.trim_end_matches('/')
+    )
+}
+
+/// POSTs JSON `body` to a Google token API, with `bearer` when given; a non-2xx answer is an
+/// error carrying Google's message (the caller adds what to do about it).
+async fn post(
+    http: &HttpClient,
+    api: &'static str,
+    url: &str,
+    bearer: Option<&str>,
+    body: &Value,
+) -> Result<Value, GoogleTokenError> {
+    let response_err = |detail: String| GoogleTokenError::Response {
+        api,
+        url: url.to_owned(),
+        detail,
+    };
+    let mut request = Request::builder()
+        .method(Method::POST)
+        .uri(url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::ACCEPT, "application/json");
+    if let Some(token) = bearer {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| response_err(format!("cannot build the request: {e}")))?;
+    let crate::http::Response {
+        status,
+        body: bytes,
+        ..
+    } = http
+        .send(request)
+        .await
+        .map_err(|source| GoogleTokenError::Transport { api, source })?;
+    if !status.is_success() {
+        return Err(GoogleTokenError::Status {
             api,
             url: url.to_owned(),
-            detail,
-        };
-        let mut request = Request::builder()
-            .method(Method::POST)
-            .uri(url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json");
-        if let Some(token) = bearer {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.secret()));
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| response_err(format!("cannot build the request: {e}")))?;
-        let crate::http::Response {
             status,
-            body: bytes,
-            ..
-        } = self
-            .http
-            .send(request)
-            .await
-            .map_err(|source| GoogleTokenError::Transport { api, source })?;
-        if !status.is_success() {
-            return Err(GoogleTokenError::Status {
-                api,
-                url: url.to_owned(),
-                status,
-                message: crate::http::google_error_message(&bytes),
-                fix: self.fix(api, status),
-            });
-        }
-        serde_json::from_slice(&bytes).map_err(|e| response_err(format!("not JSON: {e}")))
+            message: crate::http::google_error_message(&bytes),
+            fix: String::new(),
+        });
     }
+    serde_json::from_slice(&bytes).map_err(|e| response_err(format!("not JSON: {e}")))
 }
 
 fn string_field(

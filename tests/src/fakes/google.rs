@@ -10,6 +10,7 @@
 //!
 //! Failures use Google's error shapes.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,6 +37,9 @@ struct State {
     iam_denies: AtomicBool,
     audience: Mutex<Option<String>>,
     service_account: Mutex<String>,
+    /// (caller's access token, service account) pairs holding
+    /// `roles/iam.serviceAccountOpenIdTokenCreator`.
+    id_token_creators: Mutex<BTreeSet<(String, String)>>,
 }
 
 /// The running fake.
@@ -54,6 +58,7 @@ impl FakeGoogle {
             iam_denies: AtomicBool::new(false),
             audience: Mutex::new(None),
             service_account: Mutex::new(DEFAULT_SERVICE_ACCOUNT.to_owned()),
+            id_token_creators: Mutex::new(BTreeSet::new()),
         });
         let s = state.clone();
         let server = FakeServer::http(Arc::new(move |req: &Request| answer(&s, req)));
@@ -94,6 +99,17 @@ impl FakeGoogle {
     /// STS answers 400 invalid_grant from now on.
     pub fn fail_sts(&self) {
         self.state.sts_fails.store(true, Ordering::SeqCst);
+    }
+
+    /// Grants the caller whose access token is `bearer` `roles/iam.serviceAccountOpenIdTokenCreator`
+    /// on `gsa`: its `generateIdToken` calls for `gsa` then get a Google-style ID token
+    /// (`email` = `gsa`, [`super::metadata::id_token`]).
+    pub fn grant_id_token_creator(&self, bearer: &str, gsa: &str) {
+        self.state
+            .id_token_creators
+            .lock()
+            .expect("grants")
+            .insert((bearer.to_owned(), gsa.to_owned()));
     }
 
     /// IAM answers 403 PERMISSION_DENIED from now on: the caller lacks the binding.
@@ -138,6 +154,9 @@ fn answer(s: &State, req: &Request) -> Reply {
     }
     if let Some(rest) = req.path.strip_prefix("/v1/projects/-/serviceAccounts/") {
         s.iam_calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(reply) = impersonated_id_token(s, req, &body) {
+            return reply;
+        }
         return iam(s, req, rest, &body);
     }
     google_error(404, "NOT_FOUND", "not found")
@@ -246,4 +265,43 @@ fn iam(s: &State, req: &Request, rest: &str, body: &Value) -> Reply {
         );
     }
     Reply::json(json!({"accessToken": ACCESS_TOKEN, "expireTime": "2099-01-01T00:00:00Z"}))
+}
+
+/// `generateIdToken` called with an access token other than the federated one (hgate's own
+/// account impersonating `HGATE_ID_TOKEN_SERVICE_ACCOUNT`): allowed only with the grant of
+/// [`FakeGoogle::grant_id_token_creator`]. `None`: not such a call.
+fn impersonated_id_token(s: &State, req: &Request, body: &Value) -> Option<Reply> {
+    let bearer = req.header("authorization")?.strip_prefix("Bearer ")?;
+    let gsa = req
+        .path
+        .strip_prefix("/v1/projects/-/serviceAccounts/")?
+        .strip_suffix(":generateIdToken")?;
+    if bearer == FEDERATED_TOKEN {
+        return None;
+    }
+    if req.method != "POST" {
+        return Some(google_error(
+            405,
+            "METHOD_NOT_ALLOWED",
+            "method must be POST",
+        ));
+    }
+    let granted = s
+        .id_token_creators
+        .lock()
+        .expect("grants")
+        .contains(&(bearer.to_owned(), gsa.to_owned()));
+    if !granted {
+        return Some(google_error(
+            403,
+            "PERMISSION_DENIED",
+            &format!(
+                "Permission 'iam.serviceAccounts.getOpenIdToken' denied on resource projects/-/serviceAccounts/{gsa} (or it may not exist)."
+            ),
+        ));
+    }
+    Some(match body["audience"].as_str().filter(|a| !a.is_empty()) {
+        Some(audience) => Reply::json(json!({"token": super::metadata::id_token(gsa, audience)})),
+        None => google_error(400, "INVALID_ARGUMENT", "Invalid value at 'audience'"),
+    })
 }

@@ -8,12 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine;
+use hyper::body::Bytes;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 use rustls::pki_types::pem::PemObject;
 use serde_json::json;
 
 use super::metadata::ACCESS_TOKEN;
-use super::server::{FakeServer, Reply, Request};
+use super::server::{FakeServer, Reply, Request, Streaming};
 
 /// The running fake and the CA that signed its certificate.
 pub struct FakeKube {
@@ -177,28 +178,72 @@ fn token_request(ns: &str, sa: &str, req: &Request) -> Reply {
     reply
 }
 
-/// Objects of a fake cluster, shared between the test and the API server: ConfigMaps and
-/// Services keyed by (namespace, name), as the JSON the API server stores.
+/// The API group path of each kind the stateful fake serves, keyed by its plural.
+const KINDS: &[(&str, &str, &str)] = &[
+    ("services", "api/v1", "Service"),
+    ("configmaps", "api/v1", "ConfigMap"),
+];
+
+/// One change, as a watch stream sends it.
+struct Change {
+    revision: u64,
+    plural: String,
+    kind: &'static str,
+    object: serde_json::Value,
+}
+
+/// What one watch asked for, and where its events go.
+struct Watch {
+    filter: Filter,
+    events: tokio::sync::mpsc::UnboundedSender<Bytes>,
+}
+
+/// Which objects a list or watch selects: kind, namespace, `fieldSelector` on
+/// `metadata.name`, and equality `labelSelector`s.
+#[derive(Clone)]
+struct Filter {
+    plural: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    labels: Vec<(String, String)>,
+}
+
+impl Filter {
+    fn matches(&self, plural: &str, object: &serde_json::Value) -> bool {
+        let meta = &object["metadata"];
+        plural == self.plural
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| meta["namespace"] == ns)
+            && self.name.as_deref().is_none_or(|n| meta["name"] == n)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| meta["labels"][k.as_str()] == v.as_str())
+    }
+}
+
+/// Objects of a fake cluster, shared between the test and the API server, as the JSON the
+/// API server stores, keyed by (plural, namespace, name); every change gets the next
+/// resourceVersion and is kept, so a watch can resume from any version it saw.
 #[derive(Default)]
 pub struct ClusterState {
-    /// ConfigMaps.
-    pub configmaps: BTreeMap<(String, String), serde_json::Value>,
-    /// Services.
-    pub services: BTreeMap<(String, String), serde_json::Value>,
+    objects: BTreeMap<(String, String, String), serde_json::Value>,
     /// Last resourceVersion handed out.
     revision: u64,
+    changes: Vec<Change>,
+    watches: Vec<Watch>,
 }
 
 impl ClusterState {
     /// Stores a ConfigMap with `data` (as an operator's `kubectl apply` would).
     pub fn put_configmap(&mut self, ns: &str, name: &str, data: &[(&str, &str)]) {
-        self.revision += 1;
         let data: BTreeMap<&str, &str> = data.iter().copied().collect();
-        self.configmaps.insert(
-            (ns.into(), name.into()),
+        self.put(
+            "configmaps",
             json!({"apiVersion": "v1", "kind": "ConfigMap",
-                   "metadata": {"name": name, "namespace": ns, "resourceVersion": self.revision.to_string()},
-                   "data": data}),
+                   "metadata": {"name": name, "namespace": ns}, "data": data}),
         );
     }
 
@@ -211,39 +256,124 @@ impl ClusterState {
         lb: Option<serde_json::Value>,
         annotations: &[(&str, &str)],
     ) {
-        self.revision += 1;
         let annotations: BTreeMap<&str, &str> = annotations.iter().copied().collect();
         let ingress: Vec<serde_json::Value> = lb.into_iter().collect();
-        self.services.insert(
-            (ns.into(), name.into()),
+        self.put(
+            "services",
             json!({"apiVersion": "v1", "kind": "Service",
-                   "metadata": {"name": name, "namespace": ns, "annotations": annotations,
-                                "resourceVersion": self.revision.to_string()},
+                   "metadata": {"name": name, "namespace": ns, "annotations": annotations},
                    "spec": {"type": "LoadBalancer"},
                    "status": {"loadBalancer": {"ingress": ingress}}}),
         );
     }
 
+    /// Creates or replaces an object of kind `plural` (its namespace and name from its
+    /// metadata) with the next resourceVersion, and tells the watches.
+    pub fn put(&mut self, plural: &str, mut object: serde_json::Value) {
+        let meta = &object["metadata"];
+        let key = (
+            plural.to_owned(),
+            meta["namespace"].as_str().unwrap_or_default().to_owned(),
+            meta["name"].as_str().unwrap_or_default().to_owned(),
+        );
+        let kind = if self.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.revision += 1;
+        object["metadata"]["resourceVersion"] = json!(self.revision.to_string());
+        self.objects.insert(key, object.clone());
+        self.record(plural, kind, object);
+    }
+
+    /// Deletes an object; `false` when there was none.
+    pub fn delete(&mut self, plural: &str, ns: &str, name: &str) -> bool {
+        let Some(mut object) = self
+            .objects
+            .remove(&(plural.into(), ns.into(), name.into()))
+        else {
+            return false;
+        };
+        self.revision += 1;
+        object["metadata"]["resourceVersion"] = json!(self.revision.to_string());
+        self.record(plural, "DELETED", object);
+        true
+    }
+
+    /// An object.
+    pub fn get(&self, plural: &str, ns: &str, name: &str) -> Option<serde_json::Value> {
+        self.objects
+            .get(&(plural.into(), ns.into(), name.into()))
+            .cloned()
+    }
+
+    /// Ends every open watch stream, as an API server restart or a load balancer's idle
+    /// timeout does; clients must watch again from the last version they saw.
+    pub fn drop_watches(&mut self) {
+        self.watches.clear();
+    }
+
+    /// Watch streams open now.
+    pub fn open_watches(&self) -> usize {
+        self.watches
+            .iter()
+            .filter(|w| !w.events.is_closed())
+            .count()
+    }
+
     /// A ConfigMap's data.
     pub fn configmap_data(&self, ns: &str, name: &str) -> Option<BTreeMap<String, String>> {
-        let cm = self.configmaps.get(&(ns.into(), name.into()))?;
+        let cm = self.get("configmaps", ns, name)?;
         serde_json::from_value(cm["data"].clone()).ok()
     }
 
     /// A ConfigMap's annotation.
     pub fn configmap_annotation(&self, ns: &str, name: &str, key: &str) -> Option<String> {
-        let cm = self.configmaps.get(&(ns.into(), name.into()))?;
+        let cm = self.get("configmaps", ns, name)?;
         cm["metadata"]["annotations"][key]
             .as_str()
             .map(str::to_owned)
     }
+
+    fn record(&mut self, plural: &str, kind: &'static str, object: serde_json::Value) {
+        let change = Change {
+            revision: self.revision,
+            plural: plural.to_owned(),
+            kind,
+            object,
+        };
+        self.watches.retain(|w| {
+            !w.filter.matches(&change.plural, &change.object)
+                || w.events.send(watch_line(&change)).is_ok()
+        });
+        self.changes.push(change);
+    }
+
+    fn list(&self, filter: &Filter) -> Vec<serde_json::Value> {
+        self.objects
+            .iter()
+            .filter(|((plural, _, _), object)| filter.matches(plural, object))
+            .map(|(_, object)| object.clone())
+            .collect()
+    }
+}
+
+/// One watch event line: `{"type": "ADDED", "object": {...}}`.
+fn watch_line(change: &Change) -> Bytes {
+    let mut line = json!({"type": change.kind, "object": change.object}).to_string();
+    line.push('\n');
+    Bytes::from(line)
 }
 
 /// Shared cluster state.
 pub type SharedCluster = Arc<std::sync::Mutex<ClusterState>>;
 
-/// Starts a stateful API server over `state`: GET/POST/PUT ConfigMaps (PUT requires the
-/// current resourceVersion, as the real one), GET Services, and the cluster-wide Service list.
+/// Starts a stateful API server over `state`: for Services and ConfigMaps, GET, POST, PUT
+/// (which requires the current resourceVersion, as the real one) and DELETE of one object;
+/// lists, cluster-wide and per namespace, with field (`metadata.name`) and label selectors;
+/// and watches (`?watch=true`) that replay every change after the given resourceVersion and
+/// then stream, until [`ClusterState::drop_watches`].
 pub fn start_cluster(state: SharedCluster) -> FakeKube {
     let (tls, ca_pem) = tls_config();
     let server = FakeServer::https(
@@ -257,6 +387,40 @@ fn not_found(what: &str, name: &str) -> Reply {
     status(404, "NotFound", &format!("{what} \"{name}\" not found"))
 }
 
+/// The value of `name` in a query string, percent-decoded.
+fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| {
+            v.replace("%3D", "=")
+                .replace("%3d", "=")
+                .replace("%2F", "/")
+                .replace("%2f", "/")
+                .replace("%2C", ",")
+                .replace("%2c", ",")
+        })
+    })
+}
+
+/// A request path split into (plural, namespace, name) for a kind this fake serves.
+fn route(path: &str) -> Option<(&'static str, &'static str, Option<String>, Option<String>)> {
+    let trimmed = path.trim_matches('/');
+    KINDS.iter().find_map(|(plural, base, kind)| {
+        let rest = trimmed.strip_prefix(base)?.trim_start_matches('/');
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts[..] {
+            [p] if p == *plural => Some((*plural, *kind, None, None)),
+            ["namespaces", ns, p] if p == *plural => {
+                Some((*plural, *kind, Some(ns.to_owned()), None))
+            }
+            ["namespaces", ns, p, name] if p == *plural => {
+                Some((*plural, *kind, Some(ns.to_owned()), Some(name.to_owned())))
+            }
+            _ => None,
+        }
+    })
+}
+
 fn answer_cluster(state: &SharedCluster, req: &Request) -> Reply {
     if req.header("authorization") != Some(&format!("Bearer {ACCESS_TOKEN}")) {
         return status(401, "Unauthorized", "Unauthorized");
@@ -264,73 +428,145 @@ fn answer_cluster(state: &SharedCluster, req: &Request) -> Reply {
     let Ok(mut state) = state.lock() else {
         return status(500, "InternalError", "state poisoned");
     };
-    let parts: Vec<&str> = req.path.trim_matches('/').split('/').collect();
-    match (req.method.as_str(), parts.as_slice()) {
-        ("GET", ["api", "v1", "services"]) => {
-            let items: Vec<serde_json::Value> = state.services.values().cloned().collect();
-            Reply::json(json!({"apiVersion": "v1", "kind": "ServiceList",
-                               "metadata": {"resourceVersion": state.revision.to_string()}, "items": items}))
-        }
-        ("GET", ["api", "v1", "namespaces", ns, "services", name]) => {
-            match state.services.get(&((*ns).into(), (*name).into())) {
-                Some(s) => Reply::json(s.clone()),
-                None => not_found("services", name),
-            }
-        }
-        ("GET", ["api", "v1", "namespaces", ns, "configmaps", name]) => {
-            match state.configmaps.get(&((*ns).into(), (*name).into())) {
-                Some(cm) => Reply::json(cm.clone()),
-                None => not_found("configmaps", name),
-            }
-        }
-        ("POST", ["api", "v1", "namespaces", ns, "configmaps"]) => {
-            let Ok(mut cm) = serde_json::from_slice::<serde_json::Value>(&req.body) else {
-                return status(400, "BadRequest", "body is not a ConfigMap");
+    let Some((plural, kind, ns, name)) = route(&req.path) else {
+        return status(
+            404,
+            "NotFound",
+            &format!("the server could not find {} {}", req.method, req.path),
+        );
+    };
+    match (req.method.as_str(), ns, name) {
+        ("GET", ns, None) => list_or_watch(&mut state, plural, kind, ns, req),
+        ("GET", Some(ns), Some(name)) => match state.get(plural, &ns, &name) {
+            Some(object) => Reply::json(object),
+            None => not_found(plural, &name),
+        },
+        ("POST", Some(ns), None) => {
+            let Ok(mut object) = serde_json::from_slice::<serde_json::Value>(&req.body) else {
+                return status(400, "BadRequest", &format!("body is not a {kind}"));
             };
-            let Some(name) = cm["metadata"]["name"].as_str().map(str::to_owned) else {
+            let Some(name) = object["metadata"]["name"].as_str().map(str::to_owned) else {
                 return status(422, "Invalid", "metadata.name: Required value");
             };
-            let key = ((*ns).to_owned(), name.clone());
-            if state.configmaps.contains_key(&key) {
+            if state.get(plural, &ns, &name).is_some() {
                 return status(
                     409,
                     "AlreadyExists",
-                    &format!("configmaps \"{name}\" already exists"),
+                    &format!("{plural} \"{name}\" already exists"),
                 );
             }
-            state.revision += 1;
-            cm["metadata"]["resourceVersion"] = json!(state.revision.to_string());
-            state.configmaps.insert(key, cm.clone());
-            let mut reply = Reply::json(cm);
+            object["metadata"]["namespace"] = json!(ns);
+            state.put(plural, object);
+            let mut reply = Reply::json(state.get(plural, &ns, &name).unwrap_or_default());
             reply.status = 201;
             reply
         }
-        ("PUT", ["api", "v1", "namespaces", ns, "configmaps", name]) => {
-            let Ok(mut cm) = serde_json::from_slice::<serde_json::Value>(&req.body) else {
-                return status(400, "BadRequest", "body is not a ConfigMap");
+        ("PUT", Some(ns), Some(name)) => {
+            let Ok(object) = serde_json::from_slice::<serde_json::Value>(&req.body) else {
+                return status(400, "BadRequest", &format!("body is not a {kind}"));
             };
-            let key = ((*ns).to_owned(), (*name).to_owned());
-            let Some(current) = state.configmaps.get(&key) else {
-                return not_found("configmaps", name);
+            let Some(current) = state.get(plural, &ns, &name) else {
+                return not_found(plural, &name);
             };
-            if cm["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+            if object["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
                 return status(
                     409,
                     "Conflict",
                     "the object has been modified; please apply your changes to the latest version and try again",
                 );
             }
-            state.revision += 1;
-            cm["metadata"]["resourceVersion"] = json!(state.revision.to_string());
-            state.configmaps.insert(key, cm.clone());
-            Reply::json(cm)
+            state.put(plural, object);
+            Reply::json(state.get(plural, &ns, &name).unwrap_or_default())
         }
-        _ => status(
-            404,
-            "NotFound",
-            &format!("the server could not find {} {}", req.method, req.path),
-        ),
+        ("DELETE", Some(ns), Some(name)) => {
+            let Some(object) = state.get(plural, &ns, &name) else {
+                return not_found(plural, &name);
+            };
+            state.delete(plural, &ns, &name);
+            Reply::json(object)
+        }
+        _ => status(405, "MethodNotAllowed", "method not allowed"),
     }
+}
+
+/// A list (`{Kind}List` with the current resourceVersion), or with `watch=true` a watch
+/// stream: every change after `resourceVersion` (all current objects as ADDED when it is
+/// unset or `0`), then each new change as it happens.
+fn list_or_watch(
+    state: &mut ClusterState,
+    plural: &str,
+    kind: &str,
+    namespace: Option<String>,
+    req: &Request,
+) -> Reply {
+    let query = req.query.as_deref();
+    let field = query_value(query, "fieldSelector");
+    let name = match field.as_deref().map(|f| f.split_once('=')) {
+        None => None,
+        Some(Some(("metadata.name", name))) => Some(name.trim_start_matches('=').to_owned()),
+        Some(_) => {
+            return status(
+                400,
+                "BadRequest",
+                "this fake supports fieldSelector=metadata.name=NAME only",
+            );
+        }
+    };
+    let labels = query_value(query, "labelSelector")
+        .map(|l| {
+            l.split(',')
+                .filter_map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    Some((k.to_owned(), v.trim_start_matches('=').to_owned()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let filter = Filter {
+        plural: plural.to_owned(),
+        namespace,
+        name,
+        labels,
+    };
+    let watch = matches!(query_value(query, "watch").as_deref(), Some("true" | "1"));
+    if !watch {
+        return Reply::json(json!({"apiVersion": "v1", "kind": format!("{kind}List"),
+                                  "metadata": {"resourceVersion": state.revision.to_string()},
+                                  "items": state.list(&filter)}));
+    }
+    let since = query_value(query, "resourceVersion")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let backlog: Vec<Bytes> = if since == 0 {
+        state
+            .list(&filter)
+            .into_iter()
+            .map(|object| {
+                watch_line(&Change {
+                    revision: 0,
+                    plural: plural.to_owned(),
+                    kind: "ADDED",
+                    object,
+                })
+            })
+            .collect()
+    } else {
+        state
+            .changes
+            .iter()
+            .filter(|c| c.revision > since && filter.matches(&c.plural, &c.object))
+            .map(watch_line)
+            .collect()
+    };
+    let (events, stream) = Streaming::channel();
+    for line in backlog {
+        let _ = events.send(line);
+    }
+    state.watches.push(Watch { filter, events });
+    let mut reply = Reply::json(json!(null));
+    reply.body = String::new();
+    reply.stream = Some(stream);
+    reply
 }
 
 impl FakeKube {

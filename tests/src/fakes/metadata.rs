@@ -119,13 +119,22 @@ pub fn id_token(email: &str, audience: &str) -> String {
 
 /// The audience a fake ID token was minted for.
 pub fn id_token_audience(token: &str) -> Option<String> {
+    id_token_claim(token, "aud")
+}
+
+/// The service account a fake ID token was minted for (its `email` claim).
+pub fn id_token_email(token: &str) -> Option<String> {
+    id_token_claim(token, "email")
+}
+
+fn id_token_claim(token: &str, name: &str) -> Option<String> {
     use base64::Engine;
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    claims["aud"].as_str().map(str::to_owned)
+    claims[name].as_str().map(str::to_owned)
 }
 
 /// The percent-decoded value of `name` in a query string.

@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -60,6 +62,27 @@ pub struct Reply {
     pub headers: Vec<(String, String)>,
     /// Body.
     pub body: String,
+    /// A body that goes on after `body`, one chunk per message, until the sender is dropped
+    /// (a Kubernetes watch).
+    pub stream: Option<Streaming>,
+}
+
+/// The receiving end of a streamed body; taken once, when the answer is sent.
+#[derive(Clone, Default)]
+pub struct Streaming(Arc<Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Bytes>>>>);
+
+impl Streaming {
+    /// A streamed body and the sender that feeds it.
+    pub fn channel() -> (tokio::sync::mpsc::UnboundedSender<Bytes>, Streaming) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (tx, Streaming(Arc::new(Mutex::new(Some(rx)))))
+    }
+}
+
+impl std::fmt::Debug for Streaming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Streaming")
+    }
 }
 
 impl Reply {
@@ -69,6 +92,7 @@ impl Reply {
             status: 200,
             headers: vec![("content-type".into(), "application/json".into())],
             body: value.to_string(),
+            stream: None,
         }
     }
 
@@ -86,6 +110,7 @@ impl Reply {
             status,
             headers: Vec::new(),
             body: body.into(),
+            stream: None,
         }
     }
 
@@ -241,7 +266,7 @@ async fn serve(
     handler: Handler,
     seen: Arc<Mutex<Vec<Seen>>>,
     faults: Arc<Mutex<Faults>>,
-) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+) -> Result<hyper::Response<BoxBody<Bytes, Infallible>>, Infallible> {
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     let body = body
@@ -294,7 +319,22 @@ async fn serve(
     for (k, v) in &reply.headers {
         response = response.header(k, v);
     }
-    Ok(response
-        .body(Full::new(Bytes::from(reply.body)))
-        .expect("fake response"))
+    let first = Bytes::from(reply.body);
+    let body = match reply
+        .stream
+        .and_then(|s| s.0.lock().expect("stream").take())
+    {
+        None => Full::new(first).boxed(),
+        Some(rx) => {
+            use tokio_stream::StreamExt;
+            let rest = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+            StreamBody::new(
+                tokio_stream::once(first)
+                    .chain(rest)
+                    .map(|chunk| Ok::<_, Infallible>(Frame::data(chunk))),
+            )
+            .boxed()
+        }
+    };
+    Ok(response.body(body).expect("fake response"))
 }

@@ -1,6 +1,9 @@
-//! Access tokens for Google APIs and for the GKE API server, behind one small trait so the
-//! source can change (metadata server today; application-default credentials later) without
-//! touching the callers.
+//! Credentials for calling Google: access tokens for Google APIs and for the GKE API server,
+//! behind one small trait so the source can change (metadata server today; application-default
+//! credentials later) without touching the callers, and the ID tokens sent to Cloud Run
+//! ([`id_tokens`]).
+
+pub mod id_tokens;
 
 use std::future::Future;
 use std::pin::Pin;
