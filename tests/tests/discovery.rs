@@ -706,4 +706,22 @@ fn print_config_lists_mesh_env_keys_and_the_derived_xds_address_with_why() {
     assert_eq!(config["derived.dataplane"]["source"], "derived");
     assert!(config["derived.dataplane"]["why"].is_string(), "{config}");
     assert_eq!(config["derived.app_port"]["source"], "derived");
+    // Not root-dependent in shape: either rung names its reason.
+    let interception = &config["derived.interception"];
+    assert!(
+        interception["value"] == "iptables" || interception["value"] == "whitebox",
+        "{config}"
+    );
+    assert!(interception["why"].is_string(), "{config}");
+    let config = print_config(
+        world
+            .krun()
+            .env("MESH", format!("gke://{CFG}"))
+            .env("ISTIO_META_INTERCEPTION_MODE", "NONE"),
+    );
+    assert_eq!(config["derived.interception"]["value"], "whitebox");
+    assert_eq!(
+        config["derived.interception"]["why"],
+        "ISTIO_META_INTERCEPTION_MODE=NONE"
+    );
 }

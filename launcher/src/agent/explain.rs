@@ -14,7 +14,7 @@ use crate::config::Config;
 
 /// The configuration as one JSON object: [`Config::printable`], plus the mesh-env keys no
 /// setting already shows (source `mesh-env`), plus the derived values: `derived.xds_addr`,
-/// `derived.dataplane` (each with `why`) and `derived.app_port`. Secrets redacted throughout.
+/// `derived.dataplane`, `derived.interception` (each with `why`) and `derived.app_port`. Secrets redacted throughout.
 pub fn render(config: &Config, mesh_env: &BTreeMap<String, String>) -> BTreeMap<String, Value> {
     let mut out = config.printable();
     let mut extra = Printer::default();
@@ -63,6 +63,14 @@ pub fn render(config: &Config, mesh_env: &BTreeMap<String, String>) -> BTreeMap<
             Err(e) => derived("derived.dataplane", Value::Null, e.to_string()),
         }
     }
+    let (interception, why) = match crate::capture::rung(config) {
+        crate::capture::ladder::Rung::Whitebox(why) => ("whitebox", why.to_owned()),
+        crate::capture::ladder::Rung::Capture => (
+            "iptables",
+            "krun is root with CAP_NET_ADMIN outside gVisor; at startup it falls back to whitebox if iptables-restore fails".to_owned(),
+        ),
+    };
+    derived("derived.interception", json!(interception), why);
     let (port, why) = match config.app_port() {
         Some(port) => (
             json!(port),

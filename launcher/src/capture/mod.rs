@@ -111,16 +111,26 @@ pub fn nameservers(resolv_conf: &str) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Walks the ladder, installs the rules when capture is possible, and logs the choice.
-/// Runs before the supervisor starts (see [`apply`] on why that matters).
-pub fn decide(config: &Config) -> Capture {
-    let facts = HostFacts::probe();
+/// The capture ladder's answer for this host and configuration, read from `/proc` without
+/// touching iptables: what [`decide`] starts from, and what `--print-config` reports.
+pub fn rung(config: &Config) -> Rung {
     let none = config
         .launcher
         .interception_mode
         .as_ref()
         .is_some_and(|m| m.value.eq_ignore_ascii_case("NONE"));
     let gateway = config.launcher.gateway_name.is_some();
+    ladder::choose(
+        &HostFacts::probe(),
+        none,
+        gateway,
+        config.launcher.dataplane.value,
+    )
+}
+
+/// Walks the ladder, installs the rules when capture is possible, and logs the choice.
+/// Runs before the supervisor starts (see [`apply`] on why that matters).
+pub fn decide(config: &Config) -> Capture {
     let whitebox = |why: &str| {
         tracing::info!(
             interception = "whitebox",
@@ -132,9 +142,7 @@ pub fn decide(config: &Config) -> Capture {
             cleanup: false,
         }
     };
-    if let Rung::Whitebox(why) =
-        ladder::choose(&facts, none, gateway, config.launcher.dataplane.value)
-    {
+    if let Rung::Whitebox(why) = rung(config) {
         return whitebox(why);
     }
     let backend = match apply::detect_backend() {
