@@ -267,7 +267,10 @@ impl ProcessPlan {
     /// Parses and validates YAML text; the error is the problem, without the path.
     pub fn parse(text: &str) -> Result<ProcessPlan, String> {
         let raw: RawFile = serde_saphyr::from_str(text).map_err(|e| {
-            let detail = e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+            // Only the first line: the parser goes on to quote the offending source line,
+            // which may hold a `files:` value (a secret).
+            let text = e.to_string();
+            let detail = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
             format!("malformed YAML: {detail}; expected a map with `app:` {{dependsOn, preStart, preStop}}, `processes:`, a list of {{name, command, dependsOn, readiness, restart}}, and `files:`, a list of {{path, from|env|value, mode, owner, refresh}}")
         })?;
         let names: Vec<&str> = raw.processes.iter().map(|p| p.name.as_str()).collect();
@@ -526,6 +529,11 @@ processes:
         assert!(
             err("processes:\n  - {name: a, command: [a], colour: red}\n")
                 .starts_with("malformed YAML: ")
+        );
+        let quoted = err("files:\n  - {path: /a, value: hunter2, colour: red}\n");
+        assert!(
+            quoted.contains("unknown field `colour`") && !quoted.contains("hunter2"),
+            "{quoted}"
         );
         assert_eq!(
             err("processes:\n  - {name: a, command: []}\n"),
