@@ -1,7 +1,7 @@
 //! The app's lifecycle hooks (`app.preStart`, `app.preStop`) and the `files:` section of
 //! `KRUN_PROCESSES`, with stand-in shell scripts as hooks and app.
 
-use krun_tests::{Krun, TempDir, require_root};
+use krun_tests::{Krun, TempDir, http_request, require_root};
 use nix::sys::signal::Signal;
 
 /// The user the app (and its hooks and files) run as in these tests.
@@ -148,8 +148,10 @@ fn a_mounted_secret_appears_with_its_mode_before_the_app_and_is_never_shown() {
         .env("KRUN_PROCESSES", &processes)
         .env("K8S_UID", APP_UID)
         .env("APP_TOKEN", env_secret)
+        .env("KRUN_ADMIN_ADDR", "127.0.0.1:0")
         .args(sh(&app))
         .start();
+    let admin = krun.wait_for_addr("admin endpoint listening");
     krun.wait_for_all(&[
         &format!("password: mode=440 owner={APP_UID}"),
         &format!("token: mode=400 owner={APP_UID}"),
@@ -163,6 +165,8 @@ fn a_mounted_secret_appears_with_its_mode_before_the_app_and_is_never_shown() {
         std::fs::read_to_string(&target).expect("copy"),
         "rotated-secret-7777"
     );
+    let (status, dump) = http_request(admin, "GET", "/config_dump");
+    assert_eq!(status, 200, "{dump}");
     krun.signal(Signal::SIGTERM);
     let done = krun.finish();
     assert_eq!(done.code, 0, "{}", done.text());
@@ -172,7 +176,7 @@ fn a_mounted_secret_appears_with_its_mode_before_the_app_and_is_never_shown() {
         .args(["--print-config", "--offline"])
         .run();
     assert_eq!(printed.code, 0, "{}", printed.text());
-    for shown in [done.text(), printed.text()] {
+    for shown in [done.text(), printed.text(), dump] {
         for secret in [secret, env_secret, "rotated-secret-7777"] {
             assert!(!shown.contains(secret), "secret shown:\n{shown}");
         }

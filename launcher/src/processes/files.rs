@@ -278,4 +278,13 @@ mod tests {
         );
         assert!(format!("{:?}", Source::Value("hunter2".into())).contains(".."));
     }
+
+    #[test]
+    fn an_unset_variable_is_named_with_the_fix() {
+        let env: Env = [("OTHER", "x")].into_iter().collect();
+        assert_eq!(
+            Source::Env("API_TOKEN".into()).read(&env),
+            Err("env: API_TOKEN is not set; set it or fix `env:`".to_owned())
+        );
+    }
 }
