@@ -31,20 +31,32 @@ fn sh(script: &str) -> Vec<String> {
 fn prestart_runs_to_completion_as_the_app_user_before_the_app() {
     require_root("the app and its hook run as another user (K8S_UID)");
     let dir = shared_dir("prestart");
+    // The hook holds until the test has seen krun report it; then it leaves its marker.
     let krun = with_processes(
         &dir,
-        "app:\n  preStart: [sh, -c, 'echo restoring state; echo \"uid=$(id -u) env=$APP_SETTING\" > $DIR/marker']\nprocesses: []\n",
+        "app:\n  preStart: [sh, -c, 'echo restoring state; while [ ! -e $DIR/go ]; do sleep 0.05; done; echo \"uid=$(id -u) env=$APP_SETTING\" > $DIR/marker']\nprocesses: []\n",
     );
     let marker = dir.join("marker").display().to_string();
-    let done = krun
+    let mut krun = krun
         .env("K8S_UID", APP_UID)
         .env("APP_SETTING", "from-env")
+        .env("KRUN_ADMIN_ADDR", "127.0.0.1:0")
         .args(sh(&format!("echo app sees: $(cat {marker})")))
-        .run();
+        .start();
+    let admin = krun.wait_for_addr("admin endpoint listening");
+    krun.wait_for_line("running the app's hook");
+    let (status, ready) = http_request(admin, "GET", "/healthz/ready");
+    assert_eq!(status, 503, "{ready}");
+    assert!(
+        ready.contains("app: not started: its preStart hook is running"),
+        "{ready}"
+    );
+    std::fs::write(dir.join("go"), "").expect("release the hook");
+    let done = krun.finish();
     assert_eq!(done.code, 0, "{}", done.text());
-    let hook_output = done.line_index("restoring state");
+    let hook_done = done.line_index("restoring state");
     let app = done.line_index(&format!("app sees: uid={APP_UID} env=from-env"));
-    assert!(hook_output < app, "{}", done.text());
+    assert!(hook_done < app, "{}", done.text());
 }
 
 #[test]

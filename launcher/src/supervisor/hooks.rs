@@ -18,15 +18,15 @@ pub const DRAIN_REMAINING_VAR: &str = "KRUN_DRAIN_REMAINING";
 /// usually is).
 const OUTPUT_TAIL: usize = 2048;
 
-/// Starts the preStart hook with its output captured; `done` gets `Ok` when it exits 0, else
-/// the one-line error with its exit status and output. Its output is copied to krun's stderr
-/// either way.
+/// Starts the preStart hook with its output captured and returns its pid; `done` gets `Ok`
+/// when it exits 0, else the one-line error with its exit status and output. Its output is
+/// copied to krun's stderr when it has exited, either way.
 pub fn pre_start(
     reaper: &Reaper,
     command: Option<Command>,
     hook: &[String],
     done: impl FnOnce(Result<(), String>) + Send + 'static,
-) -> Result<(), String> {
+) -> Result<nix::unistd::Pid, String> {
     let program = hook.first().cloned().unwrap_or_default();
     let cannot = |e: std::io::Error| {
         format!(
@@ -40,7 +40,7 @@ pub fn pre_start(
         .stdout(output.try_clone().map_err(cannot)?)
         .stderr(output.try_clone().map_err(cannot)?);
     let child = reaper.spawn(&mut command).map_err(cannot)?;
-    tracing::info!(hook = "preStart", program = %program, pid = child.pid.as_raw(), "running the app's hook");
+    let pid = child.pid;
     tokio::spawn(async move {
         let status = child.exit.await;
         let text = read_back(&mut output);
@@ -58,7 +58,7 @@ pub fn pre_start(
         };
         done(result);
     });
-    Ok(())
+    Ok(pid)
 }
 
 /// Starts the preStop hook (output inherited) with [`DRAIN_REMAINING_VAR`]; once it exits, or

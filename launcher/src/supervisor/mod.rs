@@ -80,6 +80,8 @@ pub struct UnitStatus {
     pub ready: bool,
     /// Restarts after failures so far.
     pub restarts: u32,
+    /// The lifecycle hook running before it starts (`preStart`), if any.
+    pub hook: Option<&'static str>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +101,7 @@ struct Unit {
     stop_sent: bool,
     restarts: u32,
     probe: Option<AbortHandle>,
+    hook: Option<&'static str>,
 }
 
 enum Event {
@@ -269,6 +272,7 @@ impl Supervisor {
                 pid: unit.pid.map(Pid::as_raw),
                 ready: unit.ready,
                 restarts: unit.restarts,
+                hook: unit.hook,
             })
             .collect();
         self.status.send_if_modified(|status| {
@@ -344,8 +348,19 @@ impl Supervisor {
                 let done = move |result| {
                     let _ = events.send(Event::PreStartDone(result));
                 };
-                if let Err(why) = hooks::pre_start(&self.reaper, command, hook, done) {
-                    self.fail(why);
+                match hooks::pre_start(&self.reaper, command, hook, done) {
+                    Ok(pid) => {
+                        self.app.hook = Some("preStart");
+                        // Published before the log line, as for a start.
+                        self.publish_status();
+                        tracing::info!(
+                            hook = "preStart",
+                            program = hook.first().map_or("", String::as_str),
+                            pid = pid.as_raw(),
+                            "running the app's hook"
+                        );
+                    }
+                    Err(why) => self.fail(why),
                 }
             }
             None => self.launch_app(),
@@ -430,8 +445,17 @@ impl Supervisor {
             }
             Event::RestartDue(i) if self.drain.is_none() => self.start_process(i),
             Event::Fail(why) => self.fail(why),
-            Event::PreStartDone(Ok(())) if self.drain.is_none() => self.launch_app(),
-            Event::PreStartDone(Err(why)) => self.fail(why),
+            Event::PreStartDone(result) => {
+                self.app.hook = None;
+                match result {
+                    Ok(()) if self.drain.is_none() => {
+                        self.clock.mark("prestart");
+                        self.launch_app();
+                    }
+                    Ok(()) => {}
+                    Err(why) => self.fail(why),
+                }
+            }
             Event::StopNow { unit, pid } if self.unit(unit).pid == Some(pid) => {
                 tracing::info!(process = %self.unit(unit).name, pid = pid.as_raw(), "drained; stopping");
                 send(pid, Signal::SIGTERM);
