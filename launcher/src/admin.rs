@@ -75,7 +75,10 @@ impl KrunAdmin {
                         Some(pid) => {
                             format!("running (pid {pid}), readiness checks not passed yet")
                         }
-                        None => "not started: waiting for its dependencies".to_owned(),
+                        None => match unit.hook {
+                            Some(hook) => format!("not started: its {hook} hook is running"),
+                            None => "not started: waiting for its dependencies".to_owned(),
+                        },
                     };
                     body.push_str(&format!("{}: {why}\n", unit.name));
                 }

@@ -41,7 +41,7 @@ Main settings (environment variables):
   WORKLOAD_NAMESPACE        the Kubernetes namespace the workload belongs to
   PORT_http                 the app's port (default 8080; Cloud Run sets PORT)
   KRUN_DATAPLANE            auto, envoy, builtin or none
-  KRUN_PROCESSES            YAML file of extra processes
+  KRUN_PROCESSES            YAML file: extra processes, app hooks, files
   KRUN_DRAIN_TIMEOUT        drain budget after SIGTERM (default 8s)
   KRUN_LOG_FORMAT           text or json
 

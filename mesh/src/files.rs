@@ -22,6 +22,14 @@ pub enum Access {
     Private,
     /// Public material (certificates, roots, bootstraps): 0644.
     Public,
+    /// Files the operator declared for the app (`files:` in `KRUN_PROCESSES`): exactly this
+    /// mode, and this owner when given (krun must be root to give a file away).
+    Exact {
+        /// Permission bits, e.g. `0o400`.
+        mode: u32,
+        /// Owner and group; `None` keeps krun's.
+        owner: Option<(Uid, Gid)>,
+    },
 }
 
 /// A file that could not be written. `source` names the directory when creating it failed.
@@ -83,6 +91,7 @@ fn write_file(path: &Path, bytes: &[u8], access: Access) -> std::io::Result<()> 
         Access::Public => 0o644,
         Access::Secret if proxy_group => 0o640,
         Access::Secret | Access::Private => 0o600,
+        Access::Exact { mode, .. } => mode,
     };
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -95,6 +104,13 @@ fn write_file(path: &Path, bytes: &[u8], access: Access) -> std::io::Result<()> 
     if proxy_group {
         nix::unistd::fchown(&file, None, Some(Gid::from_raw(PROXY_GID)))
             .map_err(std::io::Error::from)?;
+    }
+    if let Access::Exact {
+        owner: Some((uid, gid)),
+        ..
+    } = access
+    {
+        nix::unistd::fchown(&file, Some(uid), Some(gid)).map_err(std::io::Error::from)?;
     }
     file.write_all(bytes)?;
     file.sync_all()

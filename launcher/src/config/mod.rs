@@ -127,7 +127,7 @@ mesh::settings! {
         /// SPIFFE IDs allowed to reach the app; empty means the workload's own trust domain.
         allowed_principals: Setting<Vec<String>> = KRUN_ALLOWED_PRINCIPALS =>
             parse(principals).or_default(Vec::new()),
-        /// Extra processes file.
+        /// The processes file: extra processes, the app's hooks, files to write.
         processes: Option<Setting<PathBuf>> = KRUN_PROCESSES => parse(values::path),
         /// App readiness budget.
         app_ready_timeout: Setting<Duration> = KRUN_APP_READY_TIMEOUT =>

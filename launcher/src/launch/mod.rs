@@ -112,7 +112,23 @@ pub async fn run(
         tracing::info!(
             "no app given: sidecar mode, krun runs only the mesh side and declared processes"
         );
+        if plan.app_hooks != crate::processes::Hooks::default() {
+            tracing::warn!(
+                "KRUN_PROCESSES declares app.preStart or app.preStop but no app is given: they do not run"
+            );
+        }
     }
+    // Before anything starts, as the app's user: processes and the app find their files.
+    let run_as = app.as_ref().and_then(|a| a.run_as.clone());
+    crate::processes::files::materialize(&plan.files, run_as.as_ref(), env).map_err(|why| {
+        let file = config
+            .launcher
+            .processes
+            .as_ref()
+            .map(|s| s.value.display().to_string());
+        anyhow::anyhow!("KRUN_PROCESSES={}: {why}", file.unwrap_or_default())
+    })?;
+    crate::processes::files::keep_fresh(&plan.files, run_as);
     let timeouts = Timeouts {
         drain: config.launcher.drain_timeout.value,
         ready: config.launcher.app_ready_timeout.value,

@@ -5,6 +5,9 @@
 //! ```yaml
 //! app:
 //!   dependsOn: [proxy]          # default: every process
+//!   preStart: [/bin/restore-state]  # runs to completion before the app; failure stops krun
+//!   preStop: [/bin/save-state]      # runs on drain before the app's SIGTERM
+//! files: []                     # see [`files`]
 //! processes:
 //!   - name: proxy
 //!     command: ["/usr/bin/cloud-sql-proxy", "--port", "5432", "db"]
@@ -33,8 +36,10 @@ use crate::probe::{Check, Probe};
 use mesh::config::values;
 
 mod command;
+pub mod files;
 
 pub use command::{RunAs, command, is_executable};
+pub use files::FileSpec;
 
 /// Name under which the app appears in messages; no process may take it.
 pub const APP_NAME: &str = "app";
@@ -48,6 +53,21 @@ pub struct ProcessPlan {
     pub processes: Vec<ProcessSpec>,
     /// Indices of the processes the app waits for.
     pub app_depends_on: Vec<usize>,
+    /// The app's lifecycle hooks.
+    pub app_hooks: Hooks,
+    /// Files written before anything starts.
+    pub files: Vec<FileSpec>,
+}
+
+/// Commands run around the app, as Kubernetes lifecycle hooks, with the app's user and
+/// environment: what an entrypoint script did to restore state at boot and save it on SIGTERM.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Hooks {
+    /// Runs to completion before the app starts; a failure stops krun with its output.
+    pub pre_start: Option<Vec<String>>,
+    /// Runs when the drain starts, before the app gets SIGTERM, within `KRUN_DRAIN_TIMEOUT`
+    /// (the remaining budget is in its `KRUN_DRAIN_REMAINING`); killed when the budget ends.
+    pub pre_stop: Option<Vec<String>>,
 }
 
 /// One declared process.
@@ -175,13 +195,18 @@ pub enum PlanError {
 struct RawFile {
     #[serde(default)]
     app: RawApp,
+    #[serde(default)]
     processes: Vec<RawProcess>,
+    #[serde(default)]
+    files: Vec<files::RawFileSpec>,
 }
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawApp {
     depends_on: Option<Vec<String>>,
+    pre_start: Option<Vec<String>>,
+    pre_stop: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -242,8 +267,11 @@ impl ProcessPlan {
     /// Parses and validates YAML text; the error is the problem, without the path.
     pub fn parse(text: &str) -> Result<ProcessPlan, String> {
         let raw: RawFile = serde_saphyr::from_str(text).map_err(|e| {
-            let detail = e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
-            format!("malformed YAML: {detail}; expected a map with `processes:`, a list of {{name, command, dependsOn, readiness, restart}}")
+            // Only the first line: the parser goes on to quote the offending source line,
+            // which may hold a `files:` value (a secret).
+            let text = e.to_string();
+            let detail = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+            format!("malformed YAML: {detail}; expected a map with `app:` {{dependsOn, preStart, preStop}}, `processes:`, a list of {{name, command, dependsOn, readiness, restart}}, and `files:`, a list of {{path, from|env|value, mode, owner, refresh}}")
         })?;
         let names: Vec<&str> = raw.processes.iter().map(|p| p.name.as_str()).collect();
         let index_of = |dependent: &str, dependency: &str| {
@@ -299,9 +327,27 @@ impl ProcessPlan {
                 .collect::<Result<_, _>>()?,
             None => (0..processes.len()).collect(),
         };
+        let hook = |field: &str, argv: &Option<Vec<String>>| match argv {
+            Some(argv) if argv.is_empty() => Err(format!(
+                "app.{field} is empty; expected {field}: [program, args...]"
+            )),
+            _ => Ok(argv.clone()),
+        };
+        let app_hooks = Hooks {
+            pre_start: hook("preStart", &raw.app.pre_start)?,
+            pre_stop: hook("preStop", &raw.app.pre_stop)?,
+        };
+        let files = raw
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| f.validate(i + 1))
+            .collect::<Result<_, _>>()?;
         let plan = ProcessPlan {
             processes,
             app_depends_on,
+            app_hooks,
+            files,
         };
         plan.check_acyclic()?;
         Ok(plan)
@@ -483,6 +529,11 @@ processes:
         assert!(
             err("processes:\n  - {name: a, command: [a], colour: red}\n")
                 .starts_with("malformed YAML: ")
+        );
+        let quoted = err("files:\n  - {path: /a, value: hunter2, colour: red}\n");
+        assert!(
+            quoted.contains("unknown field `colour`") && !quoted.contains("hunter2"),
+            "{quoted}"
         );
         assert_eq!(
             err("processes:\n  - {name: a, command: []}\n"),

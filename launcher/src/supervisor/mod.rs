@@ -14,6 +14,7 @@
 //! 4. at `KRUN_DRAIN_TIMEOUT`, SIGKILL every process group that is left;
 //! 5. exit with the app's status (1 when krun itself decided to fail).
 
+mod hooks;
 mod signals;
 
 use std::time::Duration;
@@ -79,6 +80,8 @@ pub struct UnitStatus {
     pub ready: bool,
     /// Restarts after failures so far.
     pub restarts: u32,
+    /// The lifecycle hook running before it starts (`preStart`), if any.
+    pub hook: Option<&'static str>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +101,7 @@ struct Unit {
     stop_sent: bool,
     restarts: u32,
     probe: Option<AbortHandle>,
+    hook: Option<&'static str>,
 }
 
 enum Event {
@@ -125,6 +129,8 @@ enum Event {
     StopEarly(usize),
     /// Another component stops the workload with an error.
     Fail(String),
+    /// The app's preStart hook is done: start the app, or fail with the reason.
+    PreStartDone(Result<(), String>),
 }
 
 /// Lets another component (e.g. a listener that cannot bind) stop the workload with an error.
@@ -266,6 +272,7 @@ impl Supervisor {
                 pid: unit.pid.map(Pid::as_raw),
                 ready: unit.ready,
                 restarts: unit.restarts,
+                hook: unit.hook,
             })
             .collect();
         self.status.send_if_modified(|status| {
@@ -334,17 +341,39 @@ impl Supervisor {
             self.set_ready();
             return;
         };
-        let Some(mut command) = processes::command(&spec.argv) else {
+        match self.plan.app_hooks.pre_start.as_deref() {
+            Some(hook) => {
+                let command = app_command(spec, hook);
+                let events = self.events.clone();
+                let done = move |result| {
+                    let _ = events.send(Event::PreStartDone(result));
+                };
+                match hooks::pre_start(&self.reaper, command, hook, done) {
+                    Ok(pid) => {
+                        self.app.hook = Some("preStart");
+                        // Published before the log line, as for a start.
+                        self.publish_status();
+                        tracing::info!(
+                            hook = "preStart",
+                            program = hook.first().map_or("", String::as_str),
+                            pid = pid.as_raw(),
+                            "running the app's hook"
+                        );
+                    }
+                    Err(why) => self.fail(why),
+                }
+            }
+            None => self.launch_app(),
+        }
+    }
+
+    fn launch_app(&mut self) {
+        let Some(spec) = self.app_spec.as_ref() else {
             return;
         };
-        command.envs(&spec.env);
-        match spec.port {
-            Some(port) => command.env("PORT", port.to_string()),
-            None => command.env_remove("PORT"),
+        let Some(mut command) = app_command(spec, &spec.argv) else {
+            return;
         };
-        if let Some(run_as) = &spec.run_as {
-            run_as.apply(&mut command);
-        }
         let readiness = spec.readiness.clone();
         self.launch(UnitId::App, &mut command, readiness);
     }
@@ -416,6 +445,17 @@ impl Supervisor {
             }
             Event::RestartDue(i) if self.drain.is_none() => self.start_process(i),
             Event::Fail(why) => self.fail(why),
+            Event::PreStartDone(result) => {
+                self.app.hook = None;
+                match result {
+                    Ok(()) if self.drain.is_none() => {
+                        self.clock.mark("prestart");
+                        self.launch_app();
+                    }
+                    Ok(()) => {}
+                    Err(why) => self.fail(why),
+                }
+            }
             Event::StopNow { unit, pid } if self.unit(unit).pid == Some(pid) => {
                 tracing::info!(process = %self.unit(unit).name, pid = pid.as_raw(), "drained; stopping");
                 send(pid, Signal::SIGTERM);
@@ -581,11 +621,26 @@ impl Supervisor {
                 probe.abort();
             }
         }
+        let deadline = Instant::now() + budget;
         if let Some(pid) = self.app.pid {
             self.app.stop_sent = true;
-            send(pid, Signal::SIGTERM);
+            let hook = self.plan.app_hooks.pre_stop.as_deref();
+            match (hook, self.app_spec.as_ref()) {
+                (Some(hook), Some(spec)) => {
+                    let command = app_command(spec, hook);
+                    let events = self.events.clone();
+                    let then = move || {
+                        let unit = UnitId::App;
+                        let _ = events.send(Event::StopNow { unit, pid });
+                    };
+                    if let Err(why) = hooks::pre_stop(&self.reaper, command, hook, deadline, then) {
+                        tracing::warn!("{why}; stopping the app without it");
+                        send(pid, Signal::SIGTERM);
+                    }
+                }
+                _ => send(pid, Signal::SIGTERM),
+            }
         }
-        let deadline = Instant::now() + budget;
         for (i, spec) in self.plan.processes.iter().enumerate() {
             if let Some(graceful) = &spec.graceful_stop {
                 let events = self.events.clone();
@@ -728,6 +783,21 @@ impl Supervisor {
             (None, None) => 0,
         }
     }
+}
+
+/// A command for `argv` (the app or one of its hooks) with the app's environment, `PORT` and
+/// user.
+fn app_command(spec: &AppSpec, argv: &[String]) -> Option<std::process::Command> {
+    let mut command = processes::command(argv)?;
+    command.envs(&spec.env);
+    match spec.port {
+        Some(port) => command.env("PORT", port.to_string()),
+        None => command.env_remove("PORT"),
+    };
+    if let Some(run_as) = &spec.run_as {
+        run_as.apply(&mut command);
+    }
+    Some(command)
 }
 
 /// Fetches and writes a never-ready process's diagnostics; returns the sentence for the error.

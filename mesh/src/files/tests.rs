@@ -42,6 +42,25 @@ fn modes_are_octal_and_exact() {
     assert_eq!(mode(&dir.0.join("c")), 0o700);
 }
 
+#[test]
+fn an_exact_mode_and_owner_are_set_and_a_rewrite_replaces_a_read_only_file() {
+    let dir = Scratch::new("exact");
+    let file = dir.0.join("app/password");
+    let owner = nix::unistd::geteuid()
+        .is_root()
+        .then(|| (Uid::from_raw(65534), Gid::from_raw(65534)));
+    let access = Access::Exact { mode: 0o440, owner };
+    write_atomic(&file, b"one", access).expect("write");
+    assert_eq!(mode(&file), 0o440);
+    if owner.is_some() {
+        let meta = std::fs::metadata(&file).expect("stat");
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    }
+    // A refresh: the read-only copy is replaced, not opened for writing.
+    write_atomic(&file, b"two", access).expect("rewrite");
+    assert_eq!(std::fs::read(&file).expect("read"), b"two");
+}
+
 /// A workload-like key and a self-signed certificate for it, as PEM.
 struct Pair {
     key: String,
