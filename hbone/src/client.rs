@@ -14,6 +14,7 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::watch;
 
+use crate::SpiffeId;
 pub use crate::pool::StreamGuard;
 use crate::pool::{ConnectionPool, Lease};
 use crate::settings::H2Settings;
@@ -96,6 +97,12 @@ impl HboneClient {
                 settings.max_pooled_peers,
             ),
         }
+    }
+
+    /// The SPIFFE ID this client presents (`None`: h2c only, or a certificate without one),
+    /// for the source principal of what it carries.
+    pub fn identity(&self) -> Option<SpiffeId> {
+        self.cert.as_ref().and_then(|cert| cert.borrow().identity())
     }
 
     /// Opens `CONNECT authority` through `peer`, over mTLS verifying `expected` when given.

@@ -28,6 +28,30 @@ fn sample(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64>
         .and_then(|s| s["value"].as_f64())
 }
 
+/// `CONNECT 127.0.0.1:target` through the HTTP proxy at `proxy`, then `payload` out and the
+/// same number of bytes back (the echo app).
+fn connect_and_echo(proxy: u16, target: u16, payload: &str) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", proxy)).expect("outbound proxy");
+    write!(
+        conn,
+        "CONNECT 127.0.0.1:{target} HTTP/1.1\r\nHost: 127.0.0.1:{target}\r\n\r\n"
+    )
+    .expect("CONNECT");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        conn.read_exact(&mut byte).expect("CONNECT answer");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    conn.write_all(payload.as_bytes()).expect("payload");
+    let mut back = vec![0u8; payload.len()];
+    conn.read_exact(&mut back).expect("echo");
+    assert_eq!(back, payload.as_bytes());
+}
+
 #[test]
 fn metrics_count_a_tunnels_bytes_exactly_under_istio_names() {
     let ca = TestCa::new("cluster.local");
@@ -36,13 +60,14 @@ fn metrics_count_a_tunnels_bytes_exactly_under_istio_names() {
     let client_id = "spiffe://cluster.local/ns/default/sa/client";
     ca.install_workload(&dir.join(""), server_id);
     let client = ca.install_client(&dir.join(""), "client", client_id);
-    let (app, tunnel) = (free_port(), free_port());
+    let (app, tunnel, outbound) = (free_port(), free_port(), free_port());
     let (mut krun, admin) = with_admin(
         Krun::new()
             .env("MESH_BASE_DIR", dir.join(""))
             .env("KRUN_DATAPLANE", "builtin")
             .env("PORT_http", app.to_string())
             .env("KRUN_TUNNEL_PORT", tunnel.to_string())
+            .env("KRUN_OUTBOUND_ADDR", format!("127.0.0.1:{outbound}"))
             .args(testapp(&["echo", &app.to_string()])),
     );
     krun.wait_for_line("tunnel port open");
@@ -60,6 +85,9 @@ fn metrics_count_a_tunnels_bytes_exactly_under_istio_names() {
         &payload,
     ]);
     assert_eq!(echoed["data"], payload.as_str(), "{echoed}");
+    // Out through the outbound proxy to a destination outside the mesh (passthrough): 321
+    // bytes each way, reported by the source.
+    connect_and_echo(outbound, app, &"o".repeat(321));
 
     let (status, text) = http_request(admin, "GET", "/metrics");
     assert_eq!(status, 200, "{text}");
@@ -81,6 +109,19 @@ fn metrics_count_a_tunnels_bytes_exactly_under_istio_names() {
         "{text}"
     );
     assert_eq!(get("istio_tcp_sent_bytes_total"), Some(1234.0), "{text}");
+    let outbound_labels = [
+        ("reporter", "source"),
+        ("source_principal", server_id),
+        ("destination_principal", "unknown"),
+    ];
+    let get = |name| sample(&samples, name, &outbound_labels);
+    assert_eq!(
+        get("istio_tcp_connections_opened_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(get("istio_tcp_received_bytes_total"), Some(321.0), "{text}");
+    assert_eq!(get("istio_tcp_sent_bytes_total"), Some(321.0), "{text}");
     // krun's own metrics are there too.
     assert!(
         sample(

@@ -103,6 +103,7 @@ impl Outbound {
                 pipe(TokioIo::new(upgraded), upstream.io, buffer, idle).await;
             }
             drop(upstream.guard);
+            drop(upstream.metrics);
             drop(open);
         });
         answer(StatusCode::OK, "")
@@ -122,10 +123,11 @@ impl Outbound {
                 Ok(pair) => pair,
                 Err(e) => return answer(StatusCode::BAD_GATEWAY, &e.to_string()),
             };
-        let guard = upstream.guard;
+        let (guard, metrics) = (upstream.guard, upstream.metrics);
         tokio::spawn(async move {
             let _ = connection.await;
             drop(guard);
+            drop(metrics);
         });
         let origin = req
             .uri()

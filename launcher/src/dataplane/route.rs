@@ -5,6 +5,10 @@
 //! the peer's 15008; anything else is a plain TCP connection (passthrough), so a destination
 //! outside the mesh (Memorystore, Cloud SQL, a VM) works as it would without krun. krun's plain sockets
 //! carry the capture mark, so the iptables rules never send them back to 15001.
+//!
+//! Every connection opened here counts in Istio's TCP metrics as the source reports them
+//! (source: the workload's SPIFFE ID; destination: the identity the peer's certificate was
+//! required to carry, `unknown` for passthrough or when only the trust domain is known).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -14,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hbone::SpiffeId;
 use hbone::client::{HboneClient, StreamGuard};
 use hbone::tls::ExpectedPeer;
+use mesh::metrics::tcp::{Reporter, TcpConnection};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -31,6 +36,9 @@ pub struct Upstream {
     pub io: Box<dyn Io>,
     /// Held while the stream is in use.
     pub guard: Option<StreamGuard>,
+    /// The connection in Istio's TCP metrics: counted closed when dropped, so hold it as long
+    /// as the stream.
+    pub metrics: TcpConnection,
 }
 
 /// The HBONE hop to mesh peers.
@@ -234,9 +242,12 @@ impl Router {
             (Route::Workload(id), Some(hop)) => (hop, ExpectedPeer::OneOf(vec![id.clone()])),
             (Route::MeshCidr, Some(hop)) => (hop, hop.expected(host, target)),
             _ => {
+                let stream = connect_marked(target).await?;
+                let metrics = TcpConnection::open(Reporter::Source, self.source().as_ref(), None);
                 return Ok(Upstream {
-                    io: Box::new(connect_marked(target).await?),
+                    io: Box::new(metrics.count_upstream(stream)),
                     guard: None,
+                    metrics,
                 });
             }
         };
@@ -247,10 +258,21 @@ impl Router {
             .await
             .map_err(io::Error::other)?;
         tracing::debug!(%target, %peer, verified = %expected, "outbound HBONE tunnel open");
+        let destination = match &expected {
+            ExpectedPeer::OneOf(ids) if ids.len() == 1 => ids.first(),
+            _ => None,
+        };
+        let metrics = TcpConnection::open(Reporter::Source, self.source().as_ref(), destination);
         Ok(Upstream {
-            io: Box::new(tunnel),
+            io: Box::new(metrics.count_upstream(tunnel)),
             guard: Some(guard),
+            metrics,
         })
+    }
+
+    /// The workload's own SPIFFE ID, the source principal of what it opens.
+    fn source(&self) -> Option<SpiffeId> {
+        self.mesh.as_ref().and_then(|hop| hop.client.identity())
     }
 
     /// Resolves `host:port` and connects to the first address.
