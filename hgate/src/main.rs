@@ -4,13 +4,9 @@ use clap::Parser;
 use hgate::config::HgateConfig;
 use mesh::config::Env;
 
-/// mimalloc instead of glibc's malloc. The tunnel data path allocates and frees buffers of
-/// 16 KiB to 1 MiB per TLS record and HTTP/2 frame; glibc returns such blocks to the kernel
-/// (`madvise`, `munmap`) and faults them in again on the next read, which measured as
-/// hundreds of thousands of page faults per GB on the HBONE server. mimalloc keeps them in
-/// per-thread heaps (ztunnel links jemalloc for the same reason); it builds from one C file.
+/// mimalloc with lazily committed arenas: see [`mesh::allocator`] for why.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: mesh::allocator::Allocator = mesh::allocator::Allocator;
 
 /// SNI gateway from the Istio mesh to Cloud Run over HBONE.
 #[derive(Parser)]

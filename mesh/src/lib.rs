@@ -1,5 +1,6 @@
 //! mesh: what krun (the launcher) and hgate (the gateway) share.
 //!
+//! - [`allocator`]: the global allocator of krun and hgate (mimalloc, arenas committed lazily);
 //! - [`config`]: the settings-table primitives (each value remembering its source, printed
 //!   by `--print-config` with secrets redacted) and [`MeshConfig`](config::MeshConfig), the
 //!   settings of the mesh side;
@@ -21,6 +22,7 @@
 //! variables, mesh-env keys, ports and files; comments that name cloud-run-mesh say what that
 //! Go implementation did, usually a bug fixed here.
 
+pub mod allocator;
 pub mod backoff;
 pub mod config;
 pub mod discovery;
