@@ -168,6 +168,9 @@ pub async fn next_connection(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     if let Some(permit) = limit.admit(peer) {
+                        // Every listener relays small writes (requests, responses, TLS
+                        // handshakes): Nagle's algorithm would hold them back for an ACK.
+                        let _ = stream.set_nodelay(true);
                         return Some(Accepted { stream, peer, permit });
                     }
                 }

@@ -4,6 +4,10 @@ use clap::Parser;
 use hgate::config::HgateConfig;
 use mesh::config::Env;
 
+/// mimalloc with lazily committed arenas: see [`mesh::allocator`] for why.
+#[global_allocator]
+static ALLOCATOR: mesh::allocator::Allocator = mesh::allocator::Allocator;
+
 /// SNI gateway from the Istio mesh to Cloud Run over HBONE.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]

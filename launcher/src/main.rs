@@ -9,6 +9,10 @@ use krun::config::Config;
 use krun::processes::ProcessPlan;
 use mesh::config::Env;
 
+/// mimalloc with lazily committed arenas: see [`mesh::allocator`] for why.
+#[global_allocator]
+static ALLOCATOR: mesh::allocator::Allocator = mesh::allocator::Allocator;
+
 /// Mesh launcher and PID-1 supervisor: runs APP inside an Istio mesh.
 #[derive(Parser)]
 #[command(version, about, long_about = None, after_help = AFTER_HELP)]

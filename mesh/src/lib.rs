@@ -1,5 +1,6 @@
 //! mesh: what krun (the launcher) and hgate (the gateway) share.
 //!
+//! - [`allocator`]: the global allocator of krun and hgate (mimalloc, arenas committed lazily);
 //! - [`config`]: the settings-table primitives (each value remembering its source, printed
 //!   by `--print-config` with secrets redacted) and [`MeshConfig`](config::MeshConfig), the
 //!   settings of the mesh side;
@@ -27,6 +28,7 @@
 //! Go implementation did, usually a bug fixed here.
 
 pub mod admin;
+pub mod allocator;
 pub mod backoff;
 pub mod cloud_run;
 pub mod config;

@@ -1,7 +1,8 @@
 //! Startup and footprint of krun as a supervisor, against baselines measured in the same run:
 //! `true` alone, and `tini -- true` (Debian's tini) when installed.
 //!
-//! Run: `make bench` (builds the release binaries first).
+//! Run: `make bench` (builds the release binaries first). `KRUN_BENCH_BASELINE=/path/to/krun`
+//! measures another build (e.g. main's) in the same run, before this one.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -36,7 +37,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn idle_rss_kib(krun: &str) -> u64 {
+/// `VmRSS`, `RssAnon` and `RssFile` (KiB) of an idle krun supervising `sleep`: anonymous
+/// memory is what krun allocated, file pages are mostly its own executable's text.
+fn idle_rss_kib(krun: &str) -> [u64; 3] {
     let mut child = Command::new(krun)
         .args(["--", "sleep", "1000"])
         .env_clear()
@@ -53,11 +56,13 @@ fn idle_rss_kib(krun: &str) -> u64 {
         }
     }
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("status");
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
+    let rss = ["VmRSS:", "RssAnon:", "RssFile:"].map(|field| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("memory figure")
+    });
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -66,35 +71,46 @@ fn idle_rss_kib(krun: &str) -> u64 {
     rss
 }
 
+/// Added startup time and idle memory of one krun binary.
+fn measure(label: &str, krun: &str, baseline: Duration, tini: Option<Duration>) {
+    let with_krun = median_run(&[krun, "--", "/bin/true"]);
+    let size = std::fs::metadata(krun).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "  {label}: krun -- true {:.3} ms, added {:.3} ms (goal <= 2 ms), ratio to true {:.2}{}",
+        ms(with_krun),
+        ms(with_krun.saturating_sub(baseline)),
+        ms(with_krun) / ms(baseline),
+        tini.map(|t| format!(", to tini {:.2}", ms(with_krun) / ms(t)))
+            .unwrap_or_default()
+    );
+    let [rss, anon, file] = idle_rss_kib(krun);
+    println!(
+        "  {label}: idle, supervising sleep: RSS {rss} KiB = {anon} anon + {file} file \
+         (goal <= 5120 KiB); binary {size} bytes"
+    );
+}
+
 fn main() {
     let krun = binary("krun").display().to_string();
+    // A second krun binary (e.g. built from main) to compare in the same run.
+    let before = std::env::var("KRUN_BENCH_BASELINE").ok();
     let baseline = median_run(&["/bin/true"]);
-    let with_krun = median_run(&[&krun, "--", "/bin/true"]);
     println!("startup, median of {RUNS} runs:");
-    println!("  true                 {:8.3} ms", ms(baseline));
-    println!(
-        "  krun -- true         {:8.3} ms   added {:.3} ms (goal <= 5 ms), ratio {:.2}",
-        ms(with_krun),
-        ms(with_krun - baseline),
-        ms(with_krun) / ms(baseline)
-    );
-    match ["/usr/bin/tini", "/usr/sbin/tini"]
+    println!("  true: {:.3} ms", ms(baseline));
+    let tini = ["/usr/bin/tini", "/usr/sbin/tini"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
-    {
-        Some(tini) => {
-            let with_tini = median_run(&[tini, "--", "/bin/true"]);
-            println!(
-                "  tini -- true         {:8.3} ms   added {:.3} ms; krun/tini ratio {:.2}",
-                ms(with_tini),
-                ms(with_tini.saturating_sub(baseline)),
-                ms(with_krun) / ms(with_tini)
-            );
-        }
-        None => println!("  tini -- true         not installed (apt-get install tini)"),
+        .map(|tini| median_run(&[tini, "--", "/bin/true"]));
+    match tini {
+        Some(t) => println!(
+            "  tini -- true: {:.3} ms, added {:.3} ms",
+            ms(t),
+            ms(t.saturating_sub(baseline))
+        ),
+        None => println!("  tini -- true: not installed (apt-get install tini)"),
     }
-    println!(
-        "idle krun supervising sleep: RSS {} KiB (goal <= 5120 KiB)",
-        idle_rss_kib(&krun)
-    );
+    if let Some(before) = &before {
+        measure("KRUN_BENCH_BASELINE", before, baseline, tini);
+    }
+    measure("this build", &krun, baseline, tini);
 }

@@ -253,10 +253,15 @@ impl Krun {
 
     /// `krun` started through `wrapper` (e.g. `unshare --pid --fork --mount-proc`).
     pub fn wrapped(wrapper: &[&str]) -> Self {
+        Self::wrapped_binary(wrapper, binary("krun"))
+    }
+
+    /// A krun binary other than this build's (a benchmark's baseline build), started through
+    /// `wrapper` as [`Krun::wrapped`] does.
+    pub fn wrapped_binary(wrapper: &[&str], krun: PathBuf) -> Self {
         if wrapper.first() == Some(&"unshare") {
             require_root("it starts krun in a new namespace with unshare");
         }
-        let krun = binary("krun");
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
@@ -397,13 +402,42 @@ impl Running {
 
     /// Its resident memory (`VmRSS` in `/proc/<pid>/status`), in KiB: for memory bounds.
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS")
+    }
+
+    /// A memory figure of `/proc/PID/status` in KiB (`VmRSS`, `RssAnon`, `RssFile`, ...).
+    pub fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .expect("/proc/<pid>/status");
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
+            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid))
+    }
+
+    /// CPU time used so far by all its threads, user plus system, in seconds: fields 14 and 15
+    /// of `/proc/PID/stat`, in clock ticks of 1/100 s (Linux's `USER_HZ` on every platform
+    /// krun targets).
+    pub fn cpu_seconds(&self) -> f64 {
+        (self.stat_field(14) + self.stat_field(15)) as f64 / 100.0
+    }
+
+    /// Minor page faults so far, all threads (field 10 of `/proc/PID/stat`): memory the
+    /// allocator handed back to the kernel and touched again shows here.
+    pub fn minor_faults(&self) -> u64 {
+        self.stat_field(10)
+    }
+
+    /// Field `n` (numbered from 1, as proc(5) does) of `/proc/PID/stat`.
+    fn stat_field(&self, n: usize) -> u64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).expect("/proc/<pid>/stat");
+        // The command name (field 2) may hold spaces: count fields after its closing paren.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(n - 3))
+            .and_then(|field| field.parse().ok())
+            .unwrap_or_else(|| panic!("no field {n} in /proc/{}/stat", self.pid))
     }
 
     /// Reads output until a line contains `needle`; returns that line.

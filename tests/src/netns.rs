@@ -84,6 +84,19 @@ impl Netns {
         ["ip", "netns", "exec", &self.name]
     }
 
+    /// Moves the calling thread into the namespace (only this thread: sockets it opens from
+    /// then on live there), so one benchmark process can play client and server of two
+    /// namespaces from different threads.
+    pub fn enter_this_thread(&self) {
+        self.entry()();
+    }
+
+    /// [`Netns::enter_this_thread`] for another thread: opens the namespace now, enters it when called.
+    pub fn entry(&self) -> impl FnOnce() + Send + 'static {
+        let file = std::fs::File::open(format!("/run/netns/{}", self.name)).expect("open netns");
+        move || nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns")
+    }
+
     /// Runs a command inside and returns its stdout; panics (with stderr) when it fails.
     pub fn exec(&self, argv: &[&str]) -> String {
         let output = Command::new("ip")
