@@ -84,7 +84,7 @@ mesh::settings! {
         /// Service account whose ID tokens IAM mints (unset: hgate's own, from the metadata
         /// server).
         id_token_service_account: Option<Setting<String>> = HGATE_ID_TOKEN_SERVICE_ACCOUNT =>
-            parse(service_account),
+            parse(values::service_account_email),
         /// IAM Credentials base URL.
         iam_credentials_endpoint: Setting<String> = IAM_CREDENTIALS_ENDPOINT =>
             parse(values::base_url).or_default(DEFAULT_IAM_CREDENTIALS.to_owned()),
@@ -216,13 +216,6 @@ fn id_tokens(raw: &str) -> Result<IdTokens, &'static str> {
         "none" => Ok(IdTokens::None),
         _ => Err("metadata or none"),
     }
-}
-
-fn service_account(raw: &str) -> Result<String, &'static str> {
-    let (name, domain) = raw.split_once('@').unwrap_or_default();
-    (!name.is_empty() && domain.contains('.'))
-        .then(|| raw.to_owned())
-        .ok_or("a service account email such as gate@PROJECT.iam.gserviceaccount.com")
 }
 
 fn kube_mode(raw: &str) -> Result<KubeMode, &'static str> {

@@ -6,12 +6,14 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::str::FromStr;
+use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::{Name, RecordType};
 use krun_tests::fakes::TestWorld;
 use krun_tests::fakes::dns::{self, FakeDns};
-use krun_tests::fakes::metadata::id_token_audience;
+use krun_tests::fakes::google::FakeGoogle;
+use krun_tests::fakes::metadata::{ACCESS_TOKEN, id_token_audience, id_token_email};
 use krun_tests::fakes::run_app::{self, FakeRunApp};
 use krun_tests::netns::Netns;
 use krun_tests::{Krun, Running, TempDir};
@@ -77,9 +79,30 @@ impl World {
 
     /// krun with an app that waits, once discovery is up.
     fn running(&self) -> Running {
-        let mut krun = self.krun(&["sleep", "600"]).start();
-        krun.wait_for_line("Cloud Run service discovery on");
-        krun
+        self.running_with(&[]).0
+    }
+
+    /// [`World::running`] with more settings; also the line saying discovery is on.
+    fn running_with(&self, settings: &[(&str, String)]) -> (Running, String) {
+        let krun = settings
+            .iter()
+            .fold(self.krun(&["sleep", "600"]), |krun, (name, value)| {
+                krun.env(name, value)
+            });
+        let mut krun = krun.start();
+        let line = krun.wait_for_line("Cloud Run service discovery on");
+        (krun, line)
+    }
+
+    /// A fake IAM Credentials in the namespace, and the settings that make the proxy's tokens
+    /// IAM-minted for `gsa`.
+    fn iam_for(&self, gsa: &str) -> (FakeGoogle, Vec<(&'static str, String)>) {
+        let google = self.ns.enter(|| FakeGoogle::start(Duration::ZERO));
+        let settings = vec![
+            ("KRUN_RUN_TOKEN_SERVICE_ACCOUNT", gsa.to_owned()),
+            ("IAM_CREDENTIALS_ENDPOINT", google.url()),
+        ];
+        (google, settings)
     }
 
     fn audience(&self, host: &str) -> String {
@@ -157,6 +180,83 @@ fn run_names_reach_the_service_with_an_id_token_on_any_port() {
     assert_eq!(world.run_app.seen().len(), 1005);
     assert_eq!(world.identity_calls(), 2, "the cache served 1,000 requests");
 
+    krun.signal(Signal::SIGTERM);
+    assert_eq!(krun.finish().code, 143);
+}
+
+/// With `KRUN_RUN_TOKEN_SERVICE_ACCOUNT` the token is IAM's for that account (asked with the
+/// instance's access token), audience the service URL; the metadata `identity` is not used.
+#[test]
+fn with_a_configured_service_account_the_token_is_iam_minted_for_it() {
+    let world = World::start();
+    let gsa = "run-caller@proj.iam.gserviceaccount.com";
+    let (google, settings) = world.iam_for(gsa);
+    google.grant_id_token_creator(ACCESS_TOKEN, gsa);
+    let (krun, on) = world.running_with(&settings);
+    assert!(
+        on.contains(&format!("IAM generateIdToken for {gsa}")),
+        "{on}"
+    );
+    let central = "hello-123456789.us-central1.run.app";
+    for path in ["a", "b"] {
+        assert_eq!(
+            world.ns.exec(&[
+                "curl",
+                "-sS",
+                "--fail-with-body",
+                &format!("http://hello/{path}")
+            ]),
+            format!("host={central} path=/{path}\n")
+        );
+    }
+    let seen = world.run_app.seen();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        let token = request
+            .authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .expect("a bearer token");
+        assert_eq!(id_token_email(token).as_deref(), Some(gsa));
+        assert_eq!(
+            id_token_audience(token).as_deref(),
+            Some(world.audience(central).as_str())
+        );
+    }
+    assert_eq!(google.iam_calls(), 1, "the cache served the second request");
+    assert_eq!(
+        world.identity_calls(),
+        0,
+        "the instance's own identity is not used"
+    );
+    krun.signal(Signal::SIGTERM);
+    assert_eq!(krun.finish().code, 143);
+}
+
+/// Without the token-creator grant the app gets a 502 naming the cause, and krun logs the
+/// role to grant.
+#[test]
+fn without_the_token_creator_grant_the_app_gets_502_and_the_log_names_the_role() {
+    let world = World::start();
+    let (_google, settings) = world.iam_for("other@proj.iam.gserviceaccount.com");
+    let (mut krun, _) = world.running_with(&settings);
+    let out = world
+        .ns
+        .exec(&["curl", "-sS", "-w", "\n%{http_code}", "http://hello/"]);
+    assert!(out.ends_with("\n502"), "{out}");
+    assert!(
+        out.contains("roles/iam.serviceAccountOpenIdTokenCreator"),
+        "{out}"
+    );
+    let line = krun.wait_for_line("run proxy: no ID token");
+    assert!(
+        line.contains("roles/iam.serviceAccountOpenIdTokenCreator"),
+        "{line}"
+    );
+    assert!(
+        world.run_app.seen().is_empty(),
+        "nothing reached the service"
+    );
     krun.signal(Signal::SIGTERM);
     assert_eq!(krun.finish().code, 143);
 }

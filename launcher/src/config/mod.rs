@@ -211,6 +211,10 @@ mesh::settings! {
         /// Where the proxy's ID tokens come from.
         run_token_source: Setting<RunTokenSource> = KRUN_RUN_TOKEN_SOURCE =>
             parse(RunTokenSource::parse).or_default(RunTokenSource::Metadata),
+        /// Service account whose ID tokens IAM mints for the proxy (unset: the instance's own,
+        /// from the metadata server).
+        run_token_service_account: Option<Setting<String>> = KRUN_RUN_TOKEN_SERVICE_ACCOUNT =>
+            parse(values::service_account_email),
         /// The proxy's address; run names resolve to its IP.
         run_proxy_addr: Setting<SocketAddr> = KRUN_RUN_PROXY_ADDR =>
             parse(|v| v.parse().map_err(|_| "an address such as 127.0.0.80:80"))
@@ -285,9 +289,19 @@ impl Config {
     }
 
     fn resolve(inputs: Inputs) -> Result<Config, ConfigError> {
+        let launcher = LauncherConfig::resolve(&inputs)?;
+        if let Some(gsa) = &launcher.run_token_service_account
+            && launcher.run_token_source.value == RunTokenSource::None
+        {
+            return Err(ConfigError::invalid(
+                names::KRUN_RUN_TOKEN_SERVICE_ACCOUNT,
+                &gsa.value,
+                "unset while KRUN_RUN_TOKEN_SOURCE=none (no ID token is added); set KRUN_RUN_TOKEN_SOURCE=metadata to add this account's tokens",
+            ));
+        }
         Ok(Config {
             shared: MeshConfig::resolve(&inputs)?,
-            launcher: LauncherConfig::resolve(&inputs)?,
+            launcher,
             unknown_vars: inputs.env().unknown(KRUN_PREFIX, &Self::names()),
             inputs,
         })

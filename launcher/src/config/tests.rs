@@ -147,7 +147,21 @@ fn every_bad_value_names_variable_value_and_form() {
         ),
         (
             &[("KRUN_CA_SERVICE_ACCOUNT", "mesh-ca")],
-            "KRUN_CA_SERVICE_ACCOUNT=mesh-ca: expected a service account email such as mesh-ca@PROJECT.iam.gserviceaccount.com",
+            "KRUN_CA_SERVICE_ACCOUNT=mesh-ca: expected a service account email such as NAME@PROJECT.iam.gserviceaccount.com",
+        ),
+        (
+            &[("KRUN_RUN_TOKEN_SERVICE_ACCOUNT", "caller")],
+            "KRUN_RUN_TOKEN_SERVICE_ACCOUNT=caller: expected a service account email such as NAME@PROJECT.iam.gserviceaccount.com",
+        ),
+        (
+            &[
+                (
+                    "KRUN_RUN_TOKEN_SERVICE_ACCOUNT",
+                    "caller@p.iam.gserviceaccount.com",
+                ),
+                ("KRUN_RUN_TOKEN_SOURCE", "none"),
+            ],
+            "KRUN_RUN_TOKEN_SERVICE_ACCOUNT=caller@p.iam.gserviceaccount.com: expected unset while KRUN_RUN_TOKEN_SOURCE=none (no ID token is added); set KRUN_RUN_TOKEN_SOURCE=metadata to add this account's tokens",
         ),
         (
             &[("STS_ENDPOINT", "sts.local")],

@@ -26,6 +26,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh::credentials::id_tokens::{IdTokenSource, ServiceAccountIdTokens};
+use mesh::http::HttpClient;
 use mesh::identity::token_cache::{CachePolicy, TokenCache};
 use mesh::metadata::{METADATA_DNS_NAME, MetadataClient, Platform, ProbeOptions, paths};
 use tokio::net::{TcpListener, UdpSocket};
@@ -36,6 +38,9 @@ use names::{RunZone, ZoneInputs};
 
 /// Budget of each metadata request made at start.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Budget of one IAM Credentials `generateIdToken` call (connect and answer).
+const IAM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts discovery when it is wanted and possible; one log line says what happened. The
 /// listeners live until `drain` is cancelled (the app may call services while it drains, so
@@ -61,7 +66,7 @@ pub async fn start(config: &Config, drain: CancellationToken) {
             proxy = %started.proxy,
             any_port = started.any_port,
             url_template = %config.launcher.run_url_template.value,
-            token_source = %config.launcher.run_token_source.value,
+            tokens = %started.tokens,
             "Cloud Run service discovery on"
         ),
         Err(why) => {
@@ -77,6 +82,8 @@ struct Started {
     upstream: SocketAddr,
     proxy: SocketAddr,
     any_port: bool,
+    /// Where the proxy's ID tokens come from.
+    tokens: String,
 }
 
 async fn try_start(config: &Config, drain: CancellationToken) -> Result<Started, String> {
@@ -148,9 +155,28 @@ async fn try_start(config: &Config, drain: CancellationToken) -> Result<Started,
         .await
         .map_err(|e| format!("KRUN_RUN_PROXY_ADDR={proxy_addr}: bind failed: {e} ({bind_hint})"))?;
 
-    let tokens = match launcher.run_token_source.value {
-        RunTokenSource::Metadata => Some(TokenCache::new(metadata, CachePolicy::default())),
-        RunTokenSource::None => None,
+    let (tokens, token_origin) = match (
+        launcher.run_token_source.value,
+        &launcher.run_token_service_account,
+    ) {
+        (RunTokenSource::None, _) => (None, "none (KRUN_RUN_TOKEN_SOURCE=none)".to_owned()),
+        (RunTokenSource::Metadata, None) => (
+            Some(TokenCache::new(
+                IdTokenSource::Metadata(metadata),
+                CachePolicy::default(),
+            )),
+            "the metadata server's identity (the instance's account)".to_owned(),
+        ),
+        (RunTokenSource::Metadata, Some(gsa)) => (
+            Some(TokenCache::new(
+                iam_id_tokens(config, &gsa.value, metadata).await?,
+                CachePolicy::default(),
+            )),
+            format!(
+                "IAM generateIdToken for {} at {} (KRUN_RUN_TOKEN_SERVICE_ACCOUNT), asked with the instance's access token",
+                gsa.value, config.iam_credentials_endpoint.value
+            ),
+        ),
     };
     let proxy = Arc::new(proxy::RunProxy::new(zone.clone(), tokens).map_err(|e| e.to_string())?);
     let server = Arc::new(dns::DnsServer::new(
@@ -192,7 +218,28 @@ async fn try_start(config: &Config, drain: CancellationToken) -> Result<Started,
         upstream,
         proxy: proxy_addr,
         any_port,
+        tokens: token_origin,
     })
+}
+
+/// IAM `generateIdToken` for `gsa` (`KRUN_RUN_TOKEN_SERVICE_ACCOUNT`), asked with the
+/// instance's access token from `metadata`.
+async fn iam_id_tokens(
+    config: &Config,
+    gsa: &str,
+    metadata: MetadataClient,
+) -> Result<IdTokenSource, String> {
+    // The system trust store is read from disk: off the runtime's threads.
+    let http = tokio::task::spawn_blocking(|| HttpClient::new(IAM_TIMEOUT))
+        .await
+        .map_err(|e| format!("HTTPS client for IAM Credentials: {e}"))?
+        .map_err(|e| format!("HTTPS client for IAM Credentials: {e}"))?;
+    Ok(IdTokenSource::ServiceAccount(ServiceAccountIdTokens::new(
+        http,
+        &config.iam_credentials_endpoint.value,
+        gsa,
+        Arc::new(metadata),
+    )))
 }
 
 mod redirect;

@@ -6,7 +6,9 @@
 //! `Upgrade: h2c` offer is declined by answering over HTTP/1.1, as RFC 9113 allows.
 //!
 //! The token's audience is the service URL; tokens are cached per audience, refreshed before
-//! they expire, minted once for concurrent callers ([`TokenCache`]).
+//! they expire, minted once for concurrent callers ([`TokenCache`]), from the metadata
+//! server's `identity` or IAM `generateIdToken` for `KRUN_RUN_TOKEN_SERVICE_ACCOUNT`
+//! ([`IdTokenSource`]).
 
 use std::sync::Arc;
 
@@ -20,8 +22,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh::credentials::id_tokens::IdTokenSource;
 use mesh::identity::token_cache::{CacheKey, TokenCache, TokenKind};
-use mesh::metadata::MetadataClient;
 use tokio::net::TcpStream;
 
 use super::names::RunZone;
@@ -51,7 +53,7 @@ pub struct RootsError(String);
 /// The proxy: names, tokens and the upstream clients.
 pub struct RunProxy {
     zone: Arc<RunZone>,
-    tokens: Option<TokenCache<MetadataClient>>,
+    tokens: Option<TokenCache<IdTokenSource>>,
     /// HTTP/2 or HTTP/1.1 by ALPN.
     upstream: Upstream,
     /// HTTP/1.1 only, for upgrades (WebSocket over HTTP/2 would need RFC 8441).
@@ -63,7 +65,7 @@ impl RunProxy {
     /// are). Upstream TLS trusts the system roots; `SSL_CERT_FILE` / `SSL_CERT_DIR` replace them.
     pub fn new(
         zone: Arc<RunZone>,
-        tokens: Option<TokenCache<MetadataClient>>,
+        tokens: Option<TokenCache<IdTokenSource>>,
     ) -> Result<RunProxy, RootsError> {
         Ok(RunProxy {
             zone,

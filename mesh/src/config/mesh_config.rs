@@ -77,7 +77,7 @@ crate::settings! {
         /// Google service account whose access token (IAM `generateAccessToken` from the STS
         /// federated token) authenticates krun to MeshCA; unset: the federated token itself.
         ca_service_account: Option<Setting<String>> = KRUN_CA_SERVICE_ACCOUNT =>
-            parse(service_account_email),
+            parse(values::service_account_email),
         /// Where MeshCA is (`host:port` or an `https://` URL), verified with the system roots.
         meshca_endpoint: Setting<String> = MESHCA_ENDPOINT =>
             text().or_default(DEFAULT_MESHCA_ENDPOINT.to_owned()),
@@ -195,15 +195,6 @@ fn ca_pool(raw: &str) -> Result<String, &'static str> {
     valid
         .then(|| raw.trim().to_owned())
         .ok_or("a pool name projects/PROJECT/locations/LOCATION/caPools/NAME")
-}
-
-/// A Google service account email, `NAME@PROJECT.iam.gserviceaccount.com`.
-fn service_account_email(raw: &str) -> Result<String, &'static str> {
-    let raw = raw.trim();
-    raw.split_once('@')
-        .is_some_and(|(name, domain)| !name.is_empty() && domain.contains('.'))
-        .then(|| raw.to_owned())
-        .ok_or("a service account email such as mesh-ca@PROJECT.iam.gserviceaccount.com")
 }
 
 fn log_format(raw: &str) -> Result<LogFormat, &'static str> {

@@ -65,6 +65,15 @@ pub fn base_url(raw: &str) -> Result<String, &'static str> {
         .ok_or("a base URL such as https://host or http://127.0.0.1:PORT")
 }
 
+/// A Google service account email, `NAME@PROJECT.iam.gserviceaccount.com`.
+pub fn service_account_email(raw: &str) -> Result<String, &'static str> {
+    let raw = raw.trim();
+    raw.split_once('@')
+        .is_some_and(|(name, domain)| !name.is_empty() && domain.contains('.'))
+        .then(|| raw.to_owned())
+        .ok_or("a service account email such as NAME@PROJECT.iam.gserviceaccount.com")
+}
+
 /// Splits a comma-separated list, dropping blanks (`"a, b,,"` is `["a", "b"]`).
 pub fn list(raw: &str) -> Vec<String> {
     raw.split(',')
