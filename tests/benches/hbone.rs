@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use hbone::client::HboneClient;
 use hbone::tls::{ExpectedPeer, WorkloadCert};
+use krun_tests::bench::{echo, sink};
 use krun_tests::fakes::pki::TestCa;
 use krun_tests::{Krun, TempDir, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,32 +23,6 @@ const BULK: usize = 1 << 30;
 const PINGS: usize = 5_000;
 const IDLE_TUNNELS: usize = 1_000;
 const IDLE_CONNECTIONS: usize = 100;
-
-/// Reads and discards everything; answers with the byte count when the writer half-closes.
-async fn sink(listener: TcpListener) {
-    while let Ok((mut stream, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let mut buffer = vec![0u8; 256 << 10];
-            let mut total = 0u64;
-            while let Ok(n) = stream.read(&mut buffer).await {
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
-            }
-            let _ = stream.write_all(&total.to_le_bytes()).await;
-        });
-    }
-}
-
-async fn echo(listener: TcpListener) {
-    while let Ok((mut stream, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let (mut r, mut w) = stream.split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        });
-    }
-}
 
 async fn bulk<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut stream: S) -> f64 {
     let chunk = vec![7u8; 256 << 10];

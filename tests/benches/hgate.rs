@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use krun_tests::bench::median;
 use krun_tests::{Krun, Running, TempDir, free_port};
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -89,11 +90,6 @@ async fn transfer(addr: SocketAddr, hello: &[u8], mib: usize) -> f64 {
         "every byte arrived"
     );
     mib as f64 / start.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn ready_addr(gate: &mut Running, what: &str) -> SocketAddr {

@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use krun_tests::TempDir;
+use krun_tests::bench::median;
 use krun_tests::fakes::ca::FakeCa;
 use krun_tests::fakes::kube;
 use krun_tests::fakes::pki::TestCa;
@@ -85,11 +86,6 @@ async fn local_mint() -> Duration {
     .await
     .expect("identity");
     started.elapsed()
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn ms(d: Duration) -> f64 {

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use krun_tests::bench::{echo, median, sink};
 use krun_tests::fakes::pki::TestCa;
 use krun_tests::netns::Netns;
 use krun_tests::{Krun, Running, TempDir, binary};
@@ -38,33 +39,6 @@ const SERVER_MESH_IP: &str = "10.1.2.3";
 const SERVER_DIRECT_IP: &str = "192.0.2.2";
 const SINK_PORT: u16 = 9000;
 const ECHO_PORT: u16 = 8080;
-
-/// Reads and discards everything; answers with the byte count when the writer half-closes.
-async fn sink(listener: TcpListener) {
-    while let Ok((mut stream, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let mut buffer = vec![0u8; 256 << 10];
-            let mut total = 0u64;
-            while let Ok(n) = stream.read(&mut buffer).await {
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
-            }
-            let _ = stream.write_all(&total.to_le_bytes()).await;
-        });
-    }
-}
-
-async fn echo(listener: TcpListener) {
-    while let Ok((stream, _)) = listener.accept().await {
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let (mut r, mut w) = tokio::io::split(stream);
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        });
-    }
-}
 
 fn listen(port: u16) -> TcpListener {
     let socket = TcpSocket::new_v4().expect("socket");
@@ -154,16 +128,6 @@ async fn connect_round_trip_close(addr: SocketAddr) -> Duration {
         samples.push(start.elapsed());
     }
     median(samples)
-}
-
-fn median<T: Ord + Copy>(mut samples: Vec<T>) -> T {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-fn median_f64(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
 }
 
 fn micros(d: Duration) -> f64 {
@@ -295,9 +259,9 @@ fn report(pods: &Pods, f: Figures) {
         "  {label}: one {} MiB stream: direct {:.0} MiB/s, through krun {:.0} MiB/s, ratio {:.2} \
          (rounds: {}) (goal >= 0.50)",
         BULK >> 20,
-        median_f64(f.direct_rate),
-        median_f64(f.mesh_rate),
-        median_f64(ratios.clone()),
+        median(f.direct_rate),
+        median(f.mesh_rate),
+        median(ratios.clone()),
         ratios
             .iter()
             .map(|r| format!("{r:.2}"))
@@ -307,10 +271,10 @@ fn report(pods: &Pods, f: Figures) {
     println!(
         "  {label}: CPU s per GiB tunnelled: client krun {:.2}, server krun {:.2} (goal server \
          <= 0.5); minor page faults per GiB: client {:.0}, server {:.0}",
-        median_f64(f.client_cpu),
-        median_f64(f.server_cpu),
-        median_f64(f.client_faults),
-        median_f64(f.server_faults)
+        median(f.client_cpu),
+        median(f.server_cpu),
+        median(f.client_faults),
+        median(f.server_faults)
     );
     let (direct, mesh) = (median(f.direct_ping), median(f.mesh_ping));
     println!(

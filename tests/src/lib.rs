@@ -4,6 +4,7 @@
 //! Tests wait on output lines, never on time. Every wait has a generous hang guard so a
 //! broken build fails with the output so far instead of hanging CI.
 
+pub mod bench;
 pub mod fakes;
 
 use std::io::{BufRead, BufReader};
