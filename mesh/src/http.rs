@@ -60,6 +60,16 @@ pub struct Response {
     pub body: Bytes,
 }
 
+/// HTTPS (and `http://`) with ring, trusting the system roots (`SSL_CERT_FILE` /
+/// `SSL_CERT_DIR` replace them): the TLS half of every client that talks to public Google
+/// endpoints. Reads the trust store: a blocking call.
+pub fn system_roots_tls()
+-> std::io::Result<hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsSchemes>> {
+    hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+}
+
 /// A shared, pooled client; cheap to clone.
 #[derive(Clone)]
 pub struct HttpClient {
@@ -72,17 +82,13 @@ impl HttpClient {
     /// HTTPS trusting the system roots (and `http://`, for private endpoints and tests); each
     /// connect and each whole exchange gets `timeout`. Reads the trust store: a blocking call.
     pub fn new(timeout: Duration) -> Result<Self, HttpError> {
-        let tls = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(std::sync::Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .map_err(|e| HttpError {
-                url: "https://".into(),
-                failure: Failure::Request,
-                detail: format!(
-                    "cannot load the system roots: {e}; install CA certificates (ca-certificates) in the image"
-                ),
-            })?;
+        let tls = system_roots_tls().map_err(|e| HttpError {
+            url: "https://".into(),
+            failure: Failure::Request,
+            detail: format!(
+                "cannot load the system roots: {e}; install CA certificates (ca-certificates) in the image"
+            ),
+        })?;
         Ok(Self::with(tls, timeout))
     }
 

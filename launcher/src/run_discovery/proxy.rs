@@ -208,8 +208,7 @@ fn client(http2: bool) -> Result<Upstream, RootsError> {
     let mut tcp = HttpConnector::new();
     tcp.set_nodelay(true);
     tcp.enforce_http(false);
-    let tls = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_native_roots(Arc::new(rustls::crypto::ring::default_provider()))
+    let tls = mesh::http::system_roots_tls()
         .map_err(|e| RootsError(e.to_string()))?
         .https_or_http();
     let connector = if http2 {
