@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
+use mesh::cloud_run::{metadata_region, metadata_server, metadata_value};
 use mesh::config::{Setting, Source};
-use mesh::metadata::{METADATA_DNS_NAME, MetadataClient, Platform, ProbeOptions, paths};
+use mesh::metadata::paths;
 
 use crate::config::HgateConfig;
 
@@ -28,22 +29,21 @@ pub async fn resolve(config: &mut HgateConfig) -> Result<(), String> {
     let need_region = template.contains(REGION) && config.cloud_run_region.is_none();
     if need_number || need_region {
         let host = config.metadata_host.value.clone();
-        let metadata = MetadataClient::new(&host, METADATA_TIMEOUT);
-        let probe = ProbeOptions {
-            timeout: METADATA_TIMEOUT,
-            dns_name: (host == crate::config::DEFAULT_METADATA_HOST)
-                .then(|| METADATA_DNS_NAME.to_owned()),
-            wait_for_both: false,
-        };
-        if let Platform::NotGcp(why) = metadata.probe(&probe).await {
-            return Err(unresolved(&format!("no metadata server at {host} ({why})")));
-        }
+        let metadata = metadata_server(
+            &host,
+            host == crate::config::DEFAULT_METADATA_HOST,
+            METADATA_TIMEOUT,
+        )
+        .await
+        .map_err(|why| unresolved(&why))?;
         if need_number {
-            let number = lookup(&metadata, paths::NUMERIC_PROJECT_ID).await?;
+            let number = metadata_value(&metadata, paths::NUMERIC_PROJECT_ID)
+                .await
+                .map_err(|why| unresolved(&why))?;
             config.cloud_run_project_number = Some(Setting::new(number, Source::Metadata));
         }
         if need_region {
-            let region = mesh::cloud_run::metadata_region(&metadata)
+            let region = metadata_region(&metadata)
                 .await
                 .map_err(|why| unresolved(&why))?;
             config.cloud_run_region = Some(Setting::new(region, Source::Metadata));
@@ -60,15 +60,6 @@ pub async fn resolve(config: &mut HgateConfig) -> Result<(), String> {
         config.route_template = Setting::new(filled, Source::Derived);
     }
     Ok(())
-}
-
-/// A metadata value that must be there.
-async fn lookup(metadata: &MetadataClient, path: &str) -> Result<String, String> {
-    match metadata.get(path).await {
-        Ok(Some(value)) => Ok(value),
-        Ok(None) => Err(unresolved(&format!("the metadata server has no {path}"))),
-        Err(e) => Err(unresolved(&e.to_string())),
-    }
 }
 
 fn unresolved(why: &str) -> String {

@@ -3,7 +3,11 @@
 //! in, and the instance's own region from the metadata server (no region table, no project
 //! hash: both come from metadata).
 
-use crate::metadata::{MetadataClient, last_segment, paths, region_of_zone};
+use std::time::Duration;
+
+use crate::metadata::{
+    METADATA_DNS_NAME, MetadataClient, Platform, ProbeOptions, last_segment, paths, region_of_zone,
+};
 
 /// The service name placeholder.
 pub const SERVICE: &str = "{service}";
@@ -38,17 +42,42 @@ pub fn fill(template: &str, values: &UrlValues<'_>) -> String {
         .replace(PROJECT, values.project)
 }
 
+/// The metadata server at `host`, when one answers the probe (racing HTTP with resolving
+/// `metadata.google.internal` when `resolve_name`), else why not: the project number and
+/// region the URL needs come from it.
+pub async fn metadata_server(
+    host: &str,
+    resolve_name: bool,
+    timeout: Duration,
+) -> Result<MetadataClient, String> {
+    let metadata = MetadataClient::new(host, timeout);
+    let probe = ProbeOptions {
+        timeout,
+        dns_name: resolve_name.then(|| METADATA_DNS_NAME.to_owned()),
+        wait_for_both: false,
+    };
+    if let Platform::NotGcp(why) = metadata.probe(&probe).await {
+        return Err(format!("no metadata server at {host} ({why})"));
+    }
+    Ok(metadata)
+}
+
+/// A metadata value that must be there; the error says what the metadata server lacked.
+pub async fn metadata_value(metadata: &MetadataClient, path: &str) -> Result<String, String> {
+    match metadata.get(path).await {
+        Ok(Some(value)) => Ok(value),
+        Ok(None) => Err(format!("the metadata server has no {path}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The instance's region: `instance/region` (Cloud Run), else the region of `instance/zone`
 /// (GCE, GKE). The error says what the metadata server lacked.
 pub async fn metadata_region(metadata: &MetadataClient) -> Result<String, String> {
     if let Ok(Some(region)) = metadata.get(paths::REGION).await {
         return Ok(last_segment(&region).to_owned());
     }
-    let zone = match metadata.get(paths::ZONE).await {
-        Ok(Some(zone)) => zone,
-        Ok(None) => return Err(format!("the metadata server has no {}", paths::ZONE)),
-        Err(e) => return Err(e.to_string()),
-    };
+    let zone = metadata_value(metadata, paths::ZONE).await?;
     let zone = last_segment(&zone);
     region_of_zone(zone)
         .filter(|region| region.contains('-'))

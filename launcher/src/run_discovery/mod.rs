@@ -26,10 +26,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh::cloud_run::{metadata_region, metadata_server, metadata_value};
 use mesh::credentials::id_tokens::{IdTokenSource, ServiceAccountIdTokens};
 use mesh::http::HttpClient;
 use mesh::identity::token_cache::{CachePolicy, TokenCache};
-use mesh::metadata::{METADATA_DNS_NAME, MetadataClient, Platform, ProbeOptions, paths};
+use mesh::metadata::{MetadataClient, paths};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
@@ -89,31 +90,16 @@ struct Started {
 async fn try_start(config: &Config, drain: CancellationToken) -> Result<Started, String> {
     let launcher = &config.launcher;
     let host = config.gce_metadata_host.value.clone();
-    let metadata = MetadataClient::new(&host, METADATA_TIMEOUT);
-    let probe = ProbeOptions {
-        timeout: METADATA_TIMEOUT,
-        dns_name: (host == mesh::config::DEFAULT_METADATA_HOST)
-            .then(|| METADATA_DNS_NAME.to_owned()),
-        wait_for_both: false,
-    };
-    if let Platform::NotGcp(why) = metadata.probe(&probe).await {
-        return Err(format!(
-            "no metadata server at {host} ({why}), so no project number or region"
-        ));
-    }
-    let value = |path: &'static str| {
-        let metadata = &metadata;
-        async move {
-            match metadata.get(path).await {
-                Ok(Some(v)) => Ok(v),
-                Ok(None) => Err(format!("the metadata server has no {path}")),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-    };
-    let project_number = value(paths::NUMERIC_PROJECT_ID).await?;
-    let project = value(paths::PROJECT_ID).await?;
-    let region = mesh::cloud_run::metadata_region(&metadata).await?;
+    let metadata = metadata_server(
+        &host,
+        host == mesh::config::DEFAULT_METADATA_HOST,
+        METADATA_TIMEOUT,
+    )
+    .await
+    .map_err(|why| format!("{why}, so no project number or region"))?;
+    let project_number = metadata_value(&metadata, paths::NUMERIC_PROJECT_ID).await?;
+    let project = metadata_value(&metadata, paths::PROJECT_ID).await?;
+    let region = metadata_region(&metadata).await?;
     let zone = Arc::new(RunZone::new(ZoneInputs {
         domain: launcher.run_domain.value.clone(),
         services: launcher.run_services.value.clone(),
