@@ -97,7 +97,8 @@ impl WorkloadCert {
             .and_then(|leaf| identities(leaf).into_iter().next())
     }
 
-    fn root_store(&self) -> Result<Arc<RootCertStore>, TlsError> {
+    /// The mesh roots as a rustls trust store, for verifying peers and the control plane.
+    pub fn root_store(&self) -> Result<Arc<RootCertStore>, TlsError> {
         let mut store = RootCertStore::empty();
         for root in &self.roots {
             store

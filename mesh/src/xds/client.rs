@@ -237,14 +237,10 @@ async fn connect(
         .map_err(|e| StreamError::Connect(format!("{e:?}")))
 }
 
-fn tls_config(cert: &WorkloadCert) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    for root in &cert.roots {
-        roots.add(root.clone())?;
-    }
+fn tls_config(cert: &WorkloadCert) -> Result<Arc<rustls::ClientConfig>, hbone::tls::TlsError> {
     let mut config = rustls::ClientConfig::builder_with_provider(hbone::tls::provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
+        .with_root_certificates(cert.root_store()?)
         .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
