@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use krun_tests::fakes::gke::FakeCluster;
+use krun_tests::fakes::oauth::FakeOAuth;
 use krun_tests::fakes::server::{FakeServer, Reply};
 use krun_tests::fakes::{TestWorld, TestWorldBuilder, server};
 use krun_tests::{Finished, Krun, TempDir, free_port};
@@ -723,5 +724,255 @@ fn print_config_lists_mesh_env_keys_and_the_derived_xds_address_with_why() {
     assert_eq!(
         config["derived.interception"]["why"],
         "ISTIO_META_INTERCEPTION_MODE=NONE"
+    );
+}
+
+/// The discovery world with no metadata server: the Google API fakes, a fake OAuth token
+/// endpoint, and krun pointed at both but not at a metadata server (the probe goes to the
+/// link-local address, where this machine has none).
+struct OffGcp {
+    world: TestWorld,
+    oauth: FakeOAuth,
+    dir: TempDir,
+}
+
+impl OffGcp {
+    fn start() -> Self {
+        OffGcp {
+            world: mesh_world().start(),
+            oauth: FakeOAuth::start(),
+            dir: TempDir::new("google-credentials"),
+        }
+    }
+
+    /// krun with the Google API endpoints of the world and nothing else.
+    fn krun(&self) -> Krun {
+        self.world
+            .env()
+            .into_iter()
+            .filter(|(name, _)| *name != "GCE_METADATA_HOST")
+            .fold(Krun::new(), |krun, (name, value)| krun.env(name, value))
+    }
+
+    /// Writes `json` to `name` in the scenario's directory.
+    fn write(&self, name: &str, json: &Value) -> std::path::PathBuf {
+        let path = self.dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&path, json.to_string()).expect("write credentials");
+        path
+    }
+
+    /// A service-account key for `k8s-fortio@wl-project` whose token_uri is the fake.
+    fn service_account_key(&self) -> std::path::PathBuf {
+        let key = self.oauth.service_account_key(
+            "k8s-fortio@wl-project.iam.gserviceaccount.com",
+            "wl-project",
+        );
+        self.write("key.json", &key)
+    }
+
+    fn grants(&self) -> Vec<String> {
+        self.oauth
+            .seen()
+            .iter()
+            .map(|s| format!("{} {}", s.method, s.path))
+            .collect()
+    }
+}
+
+#[test]
+fn with_a_service_account_key_and_no_metadata_server_krun_discovers_the_mesh() {
+    let off = OffGcp::start();
+    let done = off
+        .krun()
+        .env("GOOGLE_APPLICATION_CREDENTIALS", off.service_account_key())
+        .env("MESH", format!("gke://{CFG}/us-central1/apps"))
+        .args(["--print-config"])
+        .run();
+    let config = printed(&done);
+    assert!(
+        done.has_line("Google credentials from a file: no metadata server answered"),
+        "{}",
+        done.text()
+    );
+    assert!(done.has_line("service-account key for k8s-fortio@wl-project.iam.gserviceaccount.com"));
+    assert_eq!(config["CLUSTER_NAME"], setting("apps", "derived"));
+    assert_eq!(
+        config["XDS_ADDR"],
+        setting("meshcon.example:15012", "mesh-env")
+    );
+    // The key's service account names the namespace, as the metadata server's would.
+    assert_eq!(config["WORKLOAD_NAMESPACE"], setting("fortio", "derived"));
+    // GKE, Resource Manager and the K8s API all got the token the fake endpoint issued,
+    // minted once for all of them (they ask concurrently) from one verified assertion.
+    assert_eq!(off.grants(), ["POST /token"]);
+    assert_eq!(off.oauth.verified_signatures(), 1);
+    assert!(!off.world.gke.seen().is_empty());
+    assert!(!off.world.kube.server.seen().is_empty());
+    // Nothing in the key file reaches the log.
+    assert!(!done.text().contains("PRIVATE KEY"));
+    assert!(
+        !done
+            .text()
+            .contains(krun_tests::fakes::metadata::ACCESS_TOKEN)
+    );
+}
+
+#[test]
+fn with_the_gcloud_login_of_a_user_krun_discovers_the_mesh() {
+    let off = OffGcp::start();
+    off.write(
+        ".config/gcloud/application_default_credentials.json",
+        &off.oauth.authorized_user(CFG),
+    );
+    let done = off
+        .krun()
+        .env("HOME", off.dir.join(""))
+        .env("MESH", format!("gke://{CFG}/us-central1/apps"))
+        .args(["--print-config"])
+        .run();
+    let config = printed(&done);
+    assert!(
+        done.has_line("authorized user dev@example.com"),
+        "{}",
+        done.text()
+    );
+    assert!(done.has_line("the gcloud application-default credentials file"));
+    assert_eq!(
+        config["XDS_ADDR"],
+        setting("meshcon.example:15012", "mesh-env")
+    );
+    assert_eq!(off.grants(), ["POST /token"]);
+    assert_eq!(
+        off.oauth.verified_signatures(),
+        0,
+        "a refresh grant, no assertion"
+    );
+}
+
+#[test]
+fn cloudsdk_config_moves_the_gcloud_credentials_file() {
+    let off = OffGcp::start();
+    let file = off.write(
+        "gcloud-elsewhere/application_default_credentials.json",
+        &off.oauth.authorized_user(CFG),
+    );
+    let dir = file.parent().expect("dir").to_owned();
+    let config = print_config(
+        off.krun()
+            .env("HOME", "/nonexistent")
+            .env("CLOUDSDK_CONFIG", &dir)
+            .env("MESH", format!("gke://{CFG}/us-central1/apps")),
+    );
+    assert_eq!(config["CLUSTER_NAME"], setting("apps", "derived"));
+    assert_eq!(off.grants(), ["POST /token"]);
+}
+
+#[test]
+fn a_revoked_key_stops_krun_naming_the_file_googles_answer_and_the_fix() {
+    let off = OffGcp::start();
+    let key = off.service_account_key();
+    off.oauth.revoke();
+    let done = off
+        .krun()
+        .env("GOOGLE_APPLICATION_CREDENTIALS", &key)
+        .env("MESH", format!("gke://{CFG}/us-central1/apps"))
+        .args(["true"])
+        .run();
+    assert_eq!(done.code, 1, "{}", done.text());
+    let last = done.output.last().expect("an error line");
+    assert!(last.contains(&key.display().to_string()), "{last}");
+    assert!(
+        last.contains("invalid_grant: Token has been expired or revoked."),
+        "{last}"
+    );
+    assert!(last.contains("create a new key"), "{last}");
+}
+
+#[test]
+fn a_revoked_user_login_says_to_log_in_again() {
+    let off = OffGcp::start();
+    let file = off.write("user.json", &off.oauth.authorized_user(CFG));
+    off.oauth.revoke();
+    let done = off
+        .krun()
+        .env("GOOGLE_APPLICATION_CREDENTIALS", &file)
+        .env("MESH", format!("gke://{CFG}/us-central1/apps"))
+        .args(["true"])
+        .run();
+    assert_eq!(done.code, 1, "{}", done.text());
+    let last = done.output.last().expect("an error line");
+    assert!(last.contains("invalid_grant"), "{last}");
+    assert!(
+        last.contains("gcloud auth application-default login"),
+        "{last}"
+    );
+}
+
+#[test]
+fn an_unusable_credentials_file_stops_krun_naming_the_file_and_the_field() {
+    let off = OffGcp::start();
+    let wrong_type = off.write("external.json", &json!({"type": "external_account"}));
+    let cases = [
+        (
+            "/nonexistent/key.json".into(),
+            "cannot read Google credentials /nonexistent/key.json (from GOOGLE_APPLICATION_CREDENTIALS)",
+        ),
+        (
+            wrong_type.clone(),
+            "\"type\" is \"external_account\"; krun reads \"service_account\"",
+        ),
+    ];
+    for (path, expected) in cases {
+        let done = off
+            .krun()
+            .env("GOOGLE_APPLICATION_CREDENTIALS", &path)
+            .env("MESH", format!("gke://{CFG}"))
+            .args(["true"])
+            .run();
+        assert_eq!(done.code, 1, "{}", done.text());
+        let last = done.output.last().expect("an error line");
+        assert!(last.contains(expected), "{last}");
+        assert!(last.contains(&path.display().to_string()), "{last}");
+    }
+    assert!(off.grants().is_empty());
+}
+
+#[test]
+fn a_gcloud_login_alone_does_not_make_krun_look_for_a_mesh() {
+    let off = OffGcp::start();
+    off.write(
+        ".config/gcloud/application_default_credentials.json",
+        &off.oauth.authorized_user(CFG),
+    );
+    let done = off
+        .krun()
+        .env("HOME", off.dir.join(""))
+        .args(["--", "sh", "-c", "echo app-ran"])
+        .run();
+    assert_eq!(done.code, 0, "{}", done.text());
+    assert!(done.has_line("no mesh configured: running as a plain supervisor"));
+    assert!(off.grants().is_empty() && off.world.gke.seen().is_empty());
+}
+
+#[test]
+fn on_gcp_the_metadata_server_comes_before_a_credentials_file() {
+    let off = OffGcp::start();
+    let config = print_config(
+        off.world
+            .krun()
+            .env("GOOGLE_APPLICATION_CREDENTIALS", off.service_account_key())
+            .env("MESH", format!("gke://{CFG}/us-central1/apps")),
+    );
+    assert_eq!(config["CLUSTER_NAME"], setting("apps", "derived"));
+    assert!(off.grants().is_empty(), "the token endpoint was asked");
+    assert!(
+        off.world
+            .metadata
+            .seen()
+            .iter()
+            .any(|s| s.path.ends_with("/token"))
     );
 }

@@ -96,6 +96,16 @@ crate::settings! {
         kubeconfig: Option<Setting<String>> = KUBECONFIG => text(),
         /// Set by Kubernetes in a pod: krun runs in-cluster.
         kubernetes_service_host: Option<Setting<String>> = KUBERNETES_SERVICE_HOST => text(),
+        /// A Google credentials file (service-account key or authorized user) for Google API
+        /// calls off GCP; the metadata server stays first on GCP.
+        google_application_credentials: Option<Setting<PathBuf>> =
+            GOOGLE_APPLICATION_CREDENTIALS => parse(values::path),
+        /// gcloud's configuration directory, where `gcloud auth application-default login`
+        /// writes its credentials file.
+        cloudsdk_config: Option<Setting<PathBuf>> = CLOUDSDK_CONFIG => parse(values::path),
+        /// The user's home: gcloud's configuration directory is `$HOME/.config/gcloud` unless
+        /// `CLOUDSDK_CONFIG` says otherwise.
+        home: Option<Setting<PathBuf>> = HOME => parse(values::path),
         /// Metadata server `host[:port]`.
         gce_metadata_host: Setting<String> = GCE_METADATA_HOST =>
             text().or_default(DEFAULT_METADATA_HOST.to_owned()),

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::AccessTokens;
+use super::{AccessTokens, CredentialsError};
 use crate::http::HttpClient;
 use crate::identity::google_tokens::{GoogleTokenError, generate_id_token};
 use crate::identity::token_cache::{CacheKey, Mint, MintFuture};
@@ -25,7 +25,7 @@ pub enum IdTokenError {
         gsa: String,
         /// Why.
         #[source]
-        cause: MetadataError,
+        cause: CredentialsError,
     },
     /// IAM refused or failed.
     #[error(

@@ -1,9 +1,11 @@
 //! Credentials for calling Google: access tokens for Google APIs and for the GKE API server,
-//! behind one small trait so the source can change (metadata server today; application-default
-//! credentials later) without touching the callers, and the ID tokens sent to Cloud Run
-//! ([`id_tokens`]).
+//! behind one small trait so the source (the metadata server on GCP, a credentials file off
+//! it: [`key_file`], [`file_tokens`]) changes without touching the callers, and the ID tokens
+//! sent to Cloud Run ([`id_tokens`]).
 
+pub mod file_tokens;
 pub mod id_tokens;
+pub mod key_file;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,19 +15,35 @@ use http::header::{AUTHORIZATION, HeaderValue};
 use tower::BoxError;
 use tower::filter::AsyncPredicate;
 
+use crate::identity::token_cache::TokenCacheError;
 use crate::metadata::{MetadataClient, MetadataError};
+use file_tokens::FileTokenError;
 
 /// A boxed future, as the trait object needs.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// No access token, from whichever source.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    /// The metadata server refused or failed.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// The token endpoint of a credentials file refused or failed.
+    #[error(transparent)]
+    File(#[from] TokenCacheError<FileTokenError>),
+    /// The HTTPS client for the token endpoint could not be built.
+    #[error("HTTPS client for the Google token endpoint: {0}")]
+    Client(String),
+}
+
 /// Something that hands out OAuth access tokens, refreshing them before they expire.
 pub trait AccessTokens: Send + Sync {
     /// A currently valid bearer token.
-    fn access_token(&self) -> BoxFuture<'_, Result<String, MetadataError>>;
+    fn access_token(&self) -> BoxFuture<'_, Result<String, CredentialsError>>;
 }
 
 impl AccessTokens for MetadataClient {
-    fn access_token(&self) -> BoxFuture<'_, Result<String, MetadataError>> {
+    fn access_token(&self) -> BoxFuture<'_, Result<String, CredentialsError>> {
         Box::pin(async move { Ok(MetadataClient::access_token(self).await?.secret) })
     }
 }

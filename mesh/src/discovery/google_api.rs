@@ -10,9 +10,8 @@ use hyper::body::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::backoff::Backoff;
-use crate::credentials::AccessTokens;
+use crate::credentials::{AccessTokens, CredentialsError};
 use crate::http::{Failure, HttpClient};
-use crate::metadata::MetadataError;
 
 /// Per-attempt budget of a Google API call.
 pub const API_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,7 +31,7 @@ pub enum ApiError {
         /// The URL.
         url: String,
         /// Why.
-        cause: MetadataError,
+        cause: CredentialsError,
     },
     /// An error status (after retries for 429/5xx).
     #[error("{url} answered HTTP {status} after {attempts} attempts: {message}")]
@@ -82,7 +81,7 @@ impl ApiError {
 #[derive(Debug, thiserror::Error)]
 enum Attempt {
     #[error("{0}")]
-    Token(MetadataError),
+    Token(CredentialsError),
     #[error("HTTP {0}: {1}")]
     Status(u16, String),
     #[error("{0}")]
@@ -119,6 +118,13 @@ impl GoogleApi {
             tokens,
             backoff,
         })
+    }
+
+    /// The same client, authenticating with `tokens` instead (the source is known only once
+    /// the metadata probe has answered; the client may be built before).
+    pub fn with_tokens(mut self, tokens: Arc<dyn AccessTokens>) -> Self {
+        self.tokens = tokens;
+        self
     }
 
     /// GETs `url` and decodes the JSON answer; `quota_project` adds `x-goog-user-project`.

@@ -31,6 +31,10 @@ use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
 use crate::config::{ConfigError, Layer, Merge, MeshConfig, Setting, Source, names};
+use crate::credentials::AccessTokens;
+use crate::credentials::CredentialsError;
+use crate::credentials::file_tokens::FileTokens;
+use crate::credentials::key_file::{self, CredentialsFile, KeyFileError, Located, Origin};
 use crate::metadata::{
     MetadataClient, MetadataError, NotGcp, Platform, ProbeOptions, last_segment, paths,
 };
@@ -51,7 +55,7 @@ pub enum DiscoveryError {
     Metadata(#[from] MetadataError),
     /// The mesh needs GCP, and there is no metadata server.
     #[error(
-        "MESH={mesh} needs Google credentials, but there is no metadata server at {host} ({why}); run on GCP or set GCE_METADATA_HOST"
+        "MESH={mesh} needs Google credentials, but there is no metadata server at {host} ({why}); run on GCP, set GCE_METADATA_HOST, set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run `gcloud auth application-default login`"
     )]
     NotOnGcp {
         /// The `MESH` value.
@@ -94,6 +98,12 @@ pub enum DiscoveryError {
         /// What to do.
         fix: String,
     },
+    /// The Google credentials file cannot be used.
+    #[error(transparent)]
+    CredentialsFile(#[from] KeyFileError),
+    /// No token source could be built from the credentials file.
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
     /// The K8s client could not be built.
     #[error(transparent)]
     KubeClient(#[from] KubeClientError),
@@ -203,6 +213,20 @@ struct Facts {
     cluster_name: Option<String>,
     cluster_location: Option<String>,
     instance: InstanceFacts,
+    /// The project and email came from a credentials file, not the metadata server.
+    from_file: bool,
+}
+
+impl Facts {
+    /// The source `--print-config` shows for these facts: `metadata`, or `derived` (from the
+    /// credentials file `GOOGLE_APPLICATION_CREDENTIALS` or gcloud's names).
+    fn source(&self) -> Source {
+        if self.from_file {
+            Source::Derived
+        } else {
+            Source::Metadata
+        }
+    }
 }
 
 /// Where the config cluster's K8s client comes from.
@@ -223,6 +247,8 @@ struct Discoverer<'a> {
     mesh: Option<MeshUrl>,
     metadata: Arc<MetadataClient>,
     kube: KubeSource,
+    /// The Google credentials file, when one is configured (used only off GCP).
+    credentials_file: Option<Located>,
 }
 
 impl<'a> Discoverer<'a> {
@@ -241,10 +267,63 @@ impl<'a> Discoverer<'a> {
                 &config.gce_metadata_host.value,
                 config.metadata_timeout.value,
             )),
+            credentials_file: key_file::locate(
+                config
+                    .google_application_credentials
+                    .as_ref()
+                    .map(|s| s.value.as_path()),
+                config.cloudsdk_config.as_ref().map(|s| s.value.as_path()),
+                config.home.as_ref().map(|s| s.value.as_path()),
+            ),
             config,
             mesh,
             kube,
         })
+    }
+
+    /// The credentials file to use off GCP: any one when `MESH` names a GKE mesh; with `MESH`
+    /// unset only one named by `GOOGLE_APPLICATION_CREDENTIALS`, so a developer's gcloud login
+    /// alone does not make krun look for a mesh.
+    fn usable_credentials_file(&self) -> Option<&Located> {
+        let needs_gcp = matches!(self.mesh, Some(MeshUrl::Gke(_)));
+        let wants_gke = matches!(self.kube, KubeSource::Gke);
+        self.credentials_file
+            .as_ref()
+            .filter(|file| needs_gcp || (wants_gke && file.origin == Origin::Env))
+    }
+
+    /// Reads the credentials file and builds its token source (blocking reads: the file
+    /// and the system trust store). Logs the one line saying which source and why.
+    async fn file_credentials(
+        &self,
+        located: &Located,
+        why: &NotGcp,
+    ) -> Result<(Facts, Arc<dyn AccessTokens>), DiscoveryError> {
+        let owned = located.clone();
+        let (file, tokens) = tokio::task::spawn_blocking(move || {
+            let file = CredentialsFile::load(&owned)?;
+            let facts = Facts {
+                project_id: file.project().map(str::to_owned),
+                email: file.service_account().map(str::to_owned),
+                from_file: true,
+                ..Facts::default()
+            };
+            let description = file.describe();
+            let tokens = FileTokens::new(&owned, file)?;
+            Ok::<_, DiscoveryError>(((facts, description), tokens))
+        })
+        .await
+        .map_err(|e| DiscoveryError::Credentials(CredentialsError::Client(e.to_string())))??;
+        let (facts, description) = file;
+        tracing::info!(
+            credentials = %description,
+            path = %located.path.display(),
+            from = %located.origin,
+            metadata = self.metadata.host(),
+            %why,
+            "Google credentials from a file: no metadata server answered"
+        );
+        Ok((facts, Arc::new(tokens)))
     }
 
     fn env_value(&self, setting: Option<&Setting<String>>) -> Option<String> {
@@ -262,7 +341,7 @@ impl<'a> Discoverer<'a> {
 
     /// Builds the Google API client on a blocking thread (it reads the system trust store).
     fn build_api(&self) -> tokio::task::JoinHandle<Result<GoogleApi, ApiError>> {
-        let tokens: Arc<dyn crate::credentials::AccessTokens> = self.metadata.clone();
+        let tokens: Arc<dyn AccessTokens> = self.metadata.clone();
         tokio::task::spawn_blocking(move || GoogleApi::new(tokens, Backoff::DISCOVERY))
     }
 
@@ -322,8 +401,8 @@ impl<'a> Discoverer<'a> {
                 discovered.set_if_unset(names::CLUSTER_LOCATION, location, Source::Discovered);
             }
         }
-        let facts = match facts? {
-            Some(facts) => facts,
+        let (facts, tokens) = match facts? {
+            Some(found) => found,
             None => {
                 return Ok(Discovery {
                     mesh: early_mesh_env.is_some(),
@@ -366,7 +445,8 @@ impl<'a> Discoverer<'a> {
         .map_err(|cause| DiscoveryError::Api {
             what: "Google API client".into(),
             cause: Box::new(cause),
-        })?;
+        })?
+        .with_tokens(tokens.clone());
         let project_lookup = async {
             match &config_project {
                 Some(project) if !(number_known && namespace_known) => {
@@ -408,7 +488,7 @@ impl<'a> Discoverer<'a> {
             else {
                 return Ok(None);
             };
-            let client = kube_client::for_gke_cluster(&cluster, self.metadata.clone())?;
+            let client = kube_client::for_gke_cluster(&cluster, tokens.clone())?;
             let name = format!("{}/{}", cluster.location, cluster.name);
             let mesh_env = phase("mesh-env", mesh_env::from_cluster(client.clone(), &name)).await?;
             Ok::<_, DiscoveryError>(Some((cluster, mesh_env, client)))
@@ -418,7 +498,7 @@ impl<'a> Discoverer<'a> {
 
         // Precedence chains, highest first (the environment is above all of them).
         if let Some(ns) = namespace_from_email {
-            discovered.set_if_unset(names::WORKLOAD_NAMESPACE, ns, Source::Metadata);
+            discovered.set_if_unset(names::WORKLOAD_NAMESPACE, ns, facts.source());
         }
         if let Some(project) = &project {
             if let Some(ns) = project.labels.get(resource_manager::NAMESPACE_LABEL) {
@@ -431,7 +511,7 @@ impl<'a> Discoverer<'a> {
             );
         }
         if same_project && let Some(number) = &facts.project_number {
-            discovered.set_if_unset(names::PROJECT_NUMBER, number, Source::Metadata);
+            discovered.set_if_unset(names::PROJECT_NUMBER, number, facts.source());
         }
         let mesh = match &cluster {
             Some((cluster, _, _)) => {
@@ -446,10 +526,10 @@ impl<'a> Discoverer<'a> {
             None => early_mesh_env.is_some() || self.mesh.is_some(),
         };
         if let Some(name) = &facts.cluster_name {
-            discovered.set_if_unset(names::CLUSTER_NAME, name, Source::Metadata);
+            discovered.set_if_unset(names::CLUSTER_NAME, name, facts.source());
         }
         if let Some(location) = &facts.cluster_location {
-            discovered.set_if_unset(names::CLUSTER_LOCATION, location, Source::Metadata);
+            discovered.set_if_unset(names::CLUSTER_LOCATION, location, facts.source());
         }
         let (mesh_env, kube) = match cluster {
             Some((_, env, client)) => (Some(env), Some(client)),
@@ -464,9 +544,12 @@ impl<'a> Discoverer<'a> {
         })
     }
 
-    /// All metadata lookups at once, raced against the platform probe. `None`: not on GCP,
-    /// and nothing here needs GCP.
-    async fn metadata_facts(&self) -> Result<Option<Facts>, DiscoveryError> {
+    /// All metadata lookups at once, raced against the platform probe, with the credentials
+    /// to call Google with: the metadata server's on GCP, else a credentials file's
+    /// ([`Self::usable_credentials_file`]). `None`: not on GCP, and nothing here needs GCP.
+    async fn metadata_facts(
+        &self,
+    ) -> Result<Option<(Facts, Arc<dyn AccessTokens>)>, DiscoveryError> {
         let md = &self.metadata;
         let explicit_host = self.config.gce_metadata_host.source == Source::Env;
         // Traffic Director takes its project from MESH; the metadata facts (zone, instance)
@@ -537,6 +620,7 @@ impl<'a> Discoverer<'a> {
                 cluster_name: cluster_name?,
                 cluster_location: cluster_location?,
                 instance: instance?,
+                from_file: false,
             })
         };
         let probe = async {
@@ -576,9 +660,16 @@ impl<'a> Discoverer<'a> {
                     host = md.host(),
                     project = facts.project_id.as_deref().unwrap_or("-"),
                     region = facts.region.as_deref().unwrap_or("-"),
-                    "metadata server answered: running on GCP"
+                    credentials_file_ignored = self
+                        .credentials_file
+                        .as_ref()
+                        .map(|f| f.path.display().to_string()),
+                    "metadata server answered: running on GCP, Google credentials from the metadata server"
                 );
-                Ok(Some(facts))
+                Ok(Some((facts, md.clone())))
+            }
+            (Platform::NotGcp(why), None) if let Some(file) = self.usable_credentials_file() => {
+                Ok(Some(self.file_credentials(file, &why).await?))
             }
             (Platform::NotGcp(why), None) if needs_gcp => Err(DiscoveryError::NotOnGcp {
                 mesh: self
@@ -639,7 +730,7 @@ impl<'a> Discoverer<'a> {
             return Ok(Some(from_context.value.clone()));
         }
         if let Some(project) = &facts.project_id {
-            discovered.set_if_unset(names::PROJECT_ID, project, Source::Metadata);
+            discovered.set_if_unset(names::PROJECT_ID, project, facts.source());
         }
         Ok(facts.project_id.clone())
     }

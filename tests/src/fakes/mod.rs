@@ -12,6 +12,7 @@ pub mod google;
 pub mod istiod;
 pub mod kube;
 pub mod metadata;
+pub mod oauth;
 pub mod pki;
 pub mod proxy;
 pub mod resource_manager;
