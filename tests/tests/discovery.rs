@@ -745,13 +745,28 @@ impl OffGcp {
         }
     }
 
-    /// krun with the Google API endpoints of the world and nothing else.
+    /// krun with the Google API endpoints of the world (not its metadata server) and `MESH`
+    /// naming the `apps` cluster.
     fn krun(&self) -> Krun {
         self.world
             .env()
             .into_iter()
             .filter(|(name, _)| *name != "GCE_METADATA_HOST")
             .fold(Krun::new(), |krun, (name, value)| krun.env(name, value))
+            .env("MESH", format!("gke://{CFG}/us-central1/apps"))
+    }
+
+    /// Runs `krun --print-config` and checks it reached the cluster's mesh-env.
+    fn discover(&self, krun: Krun) -> (Finished, Value) {
+        let done = krun.args(["--print-config"]).run();
+        let config = printed(&done);
+        assert_eq!(
+            config["XDS_ADDR"],
+            setting("meshcon.example:15012", "mesh-env"),
+            "{}",
+            done.text()
+        );
+        (done, config)
     }
 
     /// Writes `json` to `name` in the scenario's directory.
@@ -785,13 +800,10 @@ impl OffGcp {
 #[test]
 fn with_a_service_account_key_and_no_metadata_server_krun_discovers_the_mesh() {
     let off = OffGcp::start();
-    let done = off
-        .krun()
-        .env("GOOGLE_APPLICATION_CREDENTIALS", off.service_account_key())
-        .env("MESH", format!("gke://{CFG}/us-central1/apps"))
-        .args(["--print-config"])
-        .run();
-    let config = printed(&done);
+    let (done, config) = off.discover(
+        off.krun()
+            .env("GOOGLE_APPLICATION_CREDENTIALS", off.service_account_key()),
+    );
     assert!(
         done.has_line("Google credentials from a file: no metadata server answered"),
         "{}",
@@ -799,10 +811,6 @@ fn with_a_service_account_key_and_no_metadata_server_krun_discovers_the_mesh() {
     );
     assert!(done.has_line("service-account key for k8s-fortio@wl-project.iam.gserviceaccount.com"));
     assert_eq!(config["CLUSTER_NAME"], setting("apps", "derived"));
-    assert_eq!(
-        config["XDS_ADDR"],
-        setting("meshcon.example:15012", "mesh-env")
-    );
     // The key's service account names the namespace, as the metadata server's would.
     assert_eq!(config["WORKLOAD_NAMESPACE"], setting("fortio", "derived"));
     // GKE, Resource Manager and the K8s API all got the token the fake endpoint issued,
@@ -827,23 +835,9 @@ fn with_the_gcloud_login_of_a_user_krun_discovers_the_mesh() {
         ".config/gcloud/application_default_credentials.json",
         &off.oauth.authorized_user(CFG),
     );
-    let done = off
-        .krun()
-        .env("HOME", off.dir.join(""))
-        .env("MESH", format!("gke://{CFG}/us-central1/apps"))
-        .args(["--print-config"])
-        .run();
-    let config = printed(&done);
-    assert!(
-        done.has_line("authorized user dev@example.com"),
-        "{}",
-        done.text()
-    );
+    let (done, _) = off.discover(off.krun().env("HOME", off.dir.join("")));
+    assert!(done.has_line("authorized user dev@example.com"));
     assert!(done.has_line("the gcloud application-default credentials file"));
-    assert_eq!(
-        config["XDS_ADDR"],
-        setting("meshcon.example:15012", "mesh-env")
-    );
     assert_eq!(off.grants(), ["POST /token"]);
     assert_eq!(
         off.oauth.verified_signatures(),
@@ -860,13 +854,11 @@ fn cloudsdk_config_moves_the_gcloud_credentials_file() {
         &off.oauth.authorized_user(CFG),
     );
     let dir = file.parent().expect("dir").to_owned();
-    let config = print_config(
+    off.discover(
         off.krun()
             .env("HOME", "/nonexistent")
-            .env("CLOUDSDK_CONFIG", &dir)
-            .env("MESH", format!("gke://{CFG}/us-central1/apps")),
+            .env("CLOUDSDK_CONFIG", &dir),
     );
-    assert_eq!(config["CLUSTER_NAME"], setting("apps", "derived"));
     assert_eq!(off.grants(), ["POST /token"]);
 }
 
@@ -878,7 +870,6 @@ fn a_revoked_key_stops_krun_naming_the_file_googles_answer_and_the_fix() {
     let done = off
         .krun()
         .env("GOOGLE_APPLICATION_CREDENTIALS", &key)
-        .env("MESH", format!("gke://{CFG}/us-central1/apps"))
         .args(["true"])
         .run();
     assert_eq!(done.code, 1, "{}", done.text());
@@ -899,7 +890,6 @@ fn a_revoked_user_login_says_to_log_in_again() {
     let done = off
         .krun()
         .env("GOOGLE_APPLICATION_CREDENTIALS", &file)
-        .env("MESH", format!("gke://{CFG}/us-central1/apps"))
         .args(["true"])
         .run();
     assert_eq!(done.code, 1, "{}", done.text());
@@ -929,7 +919,6 @@ fn an_unusable_credentials_file_stops_krun_naming_the_file_and_the_field() {
         let done = off
             .krun()
             .env("GOOGLE_APPLICATION_CREDENTIALS", &path)
-            .env("MESH", format!("gke://{CFG}"))
             .args(["true"])
             .run();
         assert_eq!(done.code, 1, "{}", done.text());
@@ -949,6 +938,7 @@ fn a_gcloud_login_alone_does_not_make_krun_look_for_a_mesh() {
     );
     let done = off
         .krun()
+        .env_remove("MESH")
         .env("HOME", off.dir.join(""))
         .args(["--", "sh", "-c", "echo app-ran"])
         .run();
@@ -960,13 +950,12 @@ fn a_gcloud_login_alone_does_not_make_krun_look_for_a_mesh() {
 #[test]
 fn on_gcp_the_metadata_server_comes_before_a_credentials_file() {
     let off = OffGcp::start();
-    let config = print_config(
+    off.discover(
         off.world
             .krun()
             .env("GOOGLE_APPLICATION_CREDENTIALS", off.service_account_key())
             .env("MESH", format!("gke://{CFG}/us-central1/apps")),
     );
-    assert_eq!(config["CLUSTER_NAME"], setting("apps", "derived"));
     assert!(off.grants().is_empty(), "the token endpoint was asked");
     assert!(
         off.world
