@@ -833,11 +833,22 @@ fn with_the_gcloud_login_of_a_user_krun_discovers_the_mesh() {
     let off = OffGcp::start();
     off.write(
         ".config/gcloud/application_default_credentials.json",
-        &off.oauth.authorized_user(CFG),
+        &off.oauth.authorized_user("dev-quota"),
     );
     let (done, _) = off.discover(off.krun().env("HOME", off.dir.join("")));
     assert!(done.has_line("authorized user dev@example.com"));
     assert!(done.has_line("the gcloud application-default credentials file"));
+    // The login's quota project is billed, as Google's libraries do for user credentials.
+    let gke = off.world.gke.seen();
+    assert!(!gke.is_empty());
+    for call in gke {
+        assert_eq!(
+            call.header("x-goog-user-project"),
+            Some("dev-quota"),
+            "{}",
+            call.path
+        );
+    }
     assert_eq!(off.grants(), ["POST /token"]);
     assert_eq!(
         off.oauth.verified_signatures(),

@@ -282,6 +282,15 @@ impl CredentialsFile {
         }
     }
 
+    /// The project an authorized user's API calls bill (`x-goog-user-project`), when gcloud
+    /// recorded one; `None` for a service account, whose own project pays.
+    pub fn quota_project(&self) -> Option<&str> {
+        match self {
+            CredentialsFile::ServiceAccount(_) => None,
+            CredentialsFile::AuthorizedUser(user) => user.quota_project_id.as_deref(),
+        }
+    }
+
     /// The service account's email (`None` for a user).
     pub fn service_account(&self) -> Option<&str> {
         match self {
@@ -400,6 +409,7 @@ mod tests {
         };
         assert_eq!(user.token_uri, DEFAULT_TOKEN_URI);
         assert_eq!(file.project(), Some("q"));
+        assert_eq!(file.quota_project(), Some("q"));
         assert_eq!(file.service_account(), None);
     }
 }

@@ -215,6 +215,8 @@ struct Facts {
     instance: InstanceFacts,
     /// The project and email came from a credentials file, not the metadata server.
     from_file: bool,
+    /// The project an authorized user's calls bill (`quota_project_id` of the file).
+    quota_project: Option<String>,
 }
 
 impl Facts {
@@ -306,6 +308,7 @@ impl<'a> Discoverer<'a> {
                 project_id: file.project().map(str::to_owned),
                 email: file.service_account().map(str::to_owned),
                 from_file: true,
+                quota_project: file.quota_project().map(str::to_owned),
                 ..Facts::default()
             };
             let description = file.describe();
@@ -414,7 +417,7 @@ impl<'a> Discoverer<'a> {
             }
         };
         let config_project = self.config_project(&facts, &mut discovered)?;
-        let quota_project = match (&config_project, &facts.project_id) {
+        let multi_project = match (&config_project, &facts.project_id) {
             (Some(config), Some(workload)) if config != workload => {
                 tracing::info!(
                     config_project = %config,
@@ -425,8 +428,10 @@ impl<'a> Discoverer<'a> {
             }
             _ => None,
         };
+        let same_project = multi_project.is_none();
+        // A user's gcloud login bills the quota project it recorded, as Google's libraries do.
+        let quota_project = facts.quota_project.clone().or(multi_project);
         let namespace_from_email = facts.email.as_deref().and_then(namespace_from_email);
-        let same_project = quota_project.is_none();
         let number_known = self
             .env_value(self.config.project_number.as_ref())
             .is_some()
@@ -621,6 +626,7 @@ impl<'a> Discoverer<'a> {
                 cluster_location: cluster_location?,
                 instance: instance?,
                 from_file: false,
+                quota_project: None,
             })
         };
         let probe = async {
