@@ -97,6 +97,14 @@ mesh::settings! {
         /// ID token mints per second after the burst.
         id_token_rate: Setting<usize> = HGATE_ID_TOKEN_RATE =>
             parse(values::positive).or_default(10),
+        /// A Google credentials file whose access token asks IAM for
+        /// `HGATE_ID_TOKEN_SERVICE_ACCOUNT`'s ID tokens when no metadata server answers.
+        google_application_credentials: Option<Setting<PathBuf>> =
+            GOOGLE_APPLICATION_CREDENTIALS => parse(values::path),
+        /// gcloud's configuration directory (its application-default credentials file).
+        cloudsdk_config: Option<Setting<PathBuf>> = CLOUDSDK_CONFIG => parse(values::path),
+        /// The home directory, where gcloud's configuration directory is by default.
+        home: Option<Setting<PathBuf>> = HOME => parse(values::path),
         /// Metadata server `host[:port]`.
         metadata_host: Setting<String> = GCE_METADATA_HOST =>
             text().or_default(DEFAULT_METADATA_HOST.to_owned()),

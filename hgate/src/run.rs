@@ -8,7 +8,12 @@ use anyhow::Context;
 use hbone::H2Settings;
 use hbone::listen::ConnectionLimit;
 use hbone::post::PostClient;
+use mesh::cloud_run::metadata_server;
+use mesh::config::DEFAULT_METADATA_PROBE_TIMEOUT;
+use mesh::credentials::AccessTokens;
+use mesh::credentials::file_tokens::FileTokens;
 use mesh::credentials::id_tokens::{IdTokenSource, ServiceAccountIdTokens};
+use mesh::credentials::key_file;
 use mesh::http::HttpClient;
 use mesh::identity::token_cache::{CachePolicy, MintBudget, TokenCache};
 use mesh::metadata::MetadataClient;
@@ -148,7 +153,7 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
 }
 
 /// The metadata server's `identity` (hgate's own account), or IAM `generateIdToken` for
-/// `HGATE_ID_TOKEN_SERVICE_ACCOUNT`, called with hgate's own access token.
+/// `HGATE_ID_TOKEN_SERVICE_ACCOUNT`, called with hgate's own access token ([`caller_tokens`]).
 async fn id_token_source(config: &HgateConfig) -> anyhow::Result<IdTokenSource> {
     let metadata = MetadataClient::new(&config.metadata_host.value, ID_TOKEN_TIMEOUT);
     let Some(gsa) = &config.id_token_service_account else {
@@ -160,17 +165,65 @@ async fn id_token_source(config: &HgateConfig) -> anyhow::Result<IdTokenSource> 
         .await
         .context("HTTPS client for IAM Credentials")?
         .context("HTTPS client for IAM Credentials")?;
+    let (caller, caller_source) = caller_tokens(config, metadata).await?;
     tracing::info!(
         service_account = %gsa.value,
         iam = %config.iam_credentials_endpoint.value,
+        caller = %caller_source,
         "ID tokens: IAM generateIdToken for HGATE_ID_TOKEN_SERVICE_ACCOUNT, asked with hgate's own access token"
     );
     Ok(IdTokenSource::ServiceAccount(ServiceAccountIdTokens::new(
         http,
         &config.iam_credentials_endpoint.value,
         &gsa.value,
-        Arc::new(metadata),
+        caller,
     )))
+}
+
+/// hgate's own access token, and where it comes from: the metadata server, or, when a Google
+/// credentials file is configured (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's file) and no
+/// metadata server answers the probe, that file (hgate in a cluster outside GCP). Without a
+/// file nothing is probed: the metadata server is asked, as before.
+async fn caller_tokens(
+    config: &HgateConfig,
+    metadata: MetadataClient,
+) -> anyhow::Result<(Arc<dyn AccessTokens>, String)> {
+    let path =
+        |s: &Option<mesh::config::Setting<std::path::PathBuf>>| s.as_ref().map(|s| s.value.clone());
+    let (gac, cloudsdk, home) = (
+        path(&config.google_application_credentials),
+        path(&config.cloudsdk_config),
+        path(&config.home),
+    );
+    let Some(located) = key_file::locate(gac.as_deref(), cloudsdk.as_deref(), home.as_deref())
+    else {
+        return Ok((Arc::new(metadata), "the metadata server".to_owned()));
+    };
+    let host = &config.metadata_host.value;
+    let why = match metadata_server(
+        host,
+        host == crate::config::DEFAULT_METADATA_HOST,
+        DEFAULT_METADATA_PROBE_TIMEOUT,
+    )
+    .await
+    {
+        Ok(_) => {
+            let source = format!(
+                "the metadata server (first on GCP; {} not used)",
+                located.path.display()
+            );
+            return Ok((Arc::new(metadata), source));
+        }
+        Err(why) => why,
+    };
+    let tokens = FileTokens::load(&located).await?;
+    let source = format!(
+        "{} in {} ({}), as {why}",
+        tokens.credentials().describe(),
+        located.path.display(),
+        located.origin
+    );
+    Ok((Arc::new(tokens), source))
 }
 
 /// The audiences follow the client's SNI (the route template makes every well-formed SNI

@@ -715,12 +715,15 @@ fn ten_thousand_distinct_sni_names_cost_bounded_memory_and_bounded_token_mints()
 }
 
 /// hgate's tunnel to a Cloud Run-like front through a static route, its ID tokens asked of
-/// IAM for `gsa` with hgate's own (metadata) access token; returns the gate and the front.
+/// IAM for `gsa` with hgate's own access token: the metadata fake's, or with `key_file` (and
+/// no metadata server) a service-account key's. Returns the gate, the front and the metadata
+/// fake.
 fn gate_with_iam_id_tokens(
     google: &krun_tests::fakes::google::FakeGoogle,
     gsa: &str,
     dir: &TempDir,
     tunnel: u16,
+    key_file: Option<&Path>,
 ) -> (Running, front::FakeFront, FakeServer) {
     let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
     let front_ca = dir.join("front-ca.pem");
@@ -731,25 +734,31 @@ fn gate_with_iam_id_tokens(
     let md = metadata::start(metadata::Instance::default());
     let gate = Krun::hgate()
         .env("HGATE_ROUTES", &routes)
-        .env("GCE_METADATA_HOST", md.addr().to_string())
         .env("HGATE_ID_TOKENS", "metadata")
         .env("HGATE_ID_TOKEN_SERVICE_ACCOUNT", gsa)
         .env("IAM_CREDENTIALS_ENDPOINT", google.url())
-        .env("SSL_CERT_FILE", &front_ca)
-        .start();
-    (gate, front, md)
+        .env("SSL_CERT_FILE", &front_ca);
+    let gate = match key_file {
+        // No GCE_METADATA_HOST: the default name, which does not resolve here.
+        Some(key) => gate.env("GOOGLE_APPLICATION_CREDENTIALS", key),
+        None => gate.env("GCE_METADATA_HOST", md.addr().to_string()),
+    };
+    (gate.start(), front, md)
 }
 
-#[test]
-fn with_a_configured_service_account_hgate_sends_iam_minted_id_tokens() {
-    use krun_tests::fakes::google::FakeGoogle;
-    let gsa = "gate-caller@proj.iam.gserviceaccount.com";
-    let google = FakeGoogle::start(std::time::Duration::ZERO);
-    google.grant_id_token_creator(metadata::ACCESS_TOKEN, gsa);
+/// One mesh connection through hgate whose ID tokens IAM mints for `gsa` (see
+/// [`gate_with_iam_id_tokens`]); checks the front got `gsa`'s token for its URL, minted by
+/// one IAM call, and not the metadata server's own identity. Returns hgate's IAM line and the
+/// metadata fake.
+fn iam_minted_id_token_reaches_the_front(
+    google: &krun_tests::fakes::google::FakeGoogle,
+    gsa: &str,
+    key_file: Option<&Path>,
+) -> (String, FakeServer) {
     let (ca, dir) = (TestCa::new("cluster.local"), TempDir::new("hgate-iam"));
     let (krun, tunnel) = echo_on_cloud_run(&ca, &dir);
-    let (mut gate, front, md) = gate_with_iam_id_tokens(&google, gsa, &dir, tunnel);
-    gate.wait_for_line("ID tokens: IAM generateIdToken");
+    let (mut gate, front, md) = gate_with_iam_id_tokens(google, gsa, &dir, tunnel, key_file);
+    let line = gate.wait_for_line("ID tokens: IAM generateIdToken");
     let sni_addr = ready_addr(&mut gate, "SNI listener ready");
     let client_dir = TempDir::new("hgate-iam-client");
     let client = ca.install_client(
@@ -782,6 +791,43 @@ fn with_a_configured_service_account_hgate_sends_iam_minted_id_tokens() {
     assert_eq!(gate.finish().code, 0);
     krun.signal(Signal::SIGTERM);
     assert_eq!(krun.finish().code, 0);
+    (line, md)
+}
+
+#[test]
+fn with_a_configured_service_account_hgate_sends_iam_minted_id_tokens() {
+    use krun_tests::fakes::google::FakeGoogle;
+    let gsa = "gate-caller@proj.iam.gserviceaccount.com";
+    let google = FakeGoogle::start(std::time::Duration::ZERO);
+    google.grant_id_token_creator(metadata::ACCESS_TOKEN, gsa);
+    let (line, _) = iam_minted_id_token_reaches_the_front(&google, gsa, None);
+    assert!(line.contains("caller=the metadata server"), "{line}");
+}
+
+#[test]
+fn off_gcp_hgate_asks_iam_with_the_access_token_of_a_service_account_key() {
+    use krun_tests::fakes::google::FakeGoogle;
+    use krun_tests::fakes::oauth::FakeOAuth;
+    let gsa = "gate-caller@proj.iam.gserviceaccount.com";
+    let caller = "hgate@proj.iam.gserviceaccount.com";
+    let (google, oauth) = (
+        FakeGoogle::start(std::time::Duration::ZERO),
+        FakeOAuth::start(),
+    );
+    // The token endpoint hands out the token IAM knows as holding the binding on `gsa`.
+    google.grant_id_token_creator(metadata::ACCESS_TOKEN, gsa);
+    let dir = TempDir::new("hgate-key");
+    let key = dir.join("key.json");
+    std::fs::write(&key, oauth.service_account_key(caller, "proj").to_string()).expect("key");
+    let (line, md) = iam_minted_id_token_reaches_the_front(&google, gsa, Some(&key));
+    assert!(
+        line.contains(&format!("caller=service-account key for {caller}")),
+        "{line}"
+    );
+    assert!(md.seen().is_empty(), "no metadata server was used");
+    let grants: Vec<String> = oauth.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(grants, ["/token"]);
+    assert_eq!(oauth.verified_signatures(), 1);
 }
 
 #[test]
@@ -794,6 +840,7 @@ fn without_the_token_creator_binding_the_connection_is_refused_naming_the_role()
         "other@proj.iam.gserviceaccount.com",
         &dir,
         free_port(),
+        None,
     );
     let line = one_mesh_connection(&mut gate);
     assert!(

@@ -284,26 +284,37 @@ const KEY: CacheKey = CacheKey {
 };
 
 impl FileTokens {
-    /// Tokens for `file` (read from `located`). Builds an HTTPS client with the system roots: a
-    /// blocking call.
-    pub fn new(located: &Located, file: CredentialsFile) -> Result<Self, CredentialsError> {
-        let http =
-            HttpClient::new(TOKEN_TIMEOUT).map_err(|e| CredentialsError::Client(e.detail))?;
-        Ok(FileTokens {
-            cache: TokenCache::new(
-                FileMint {
-                    http,
-                    file,
-                    path: located.path.display().to_string(),
-                    backoff: Backoff::DISCOVERY,
-                    rng: SystemRandom::new(),
-                },
-                CachePolicy {
-                    capacity: 1,
-                    ..CachePolicy::default()
-                },
-            ),
+    /// Reads the file `located` names and builds its token source, off the runtime's threads
+    /// (the file and the system trust store are blocking reads).
+    pub async fn load(located: &Located) -> Result<Self, CredentialsError> {
+        let located = located.clone();
+        tokio::task::spawn_blocking(move || {
+            let file = CredentialsFile::load(&located)?;
+            let http =
+                HttpClient::new(TOKEN_TIMEOUT).map_err(|e| CredentialsError::Client(e.detail))?;
+            Ok(FileTokens {
+                cache: TokenCache::new(
+                    FileMint {
+                        http,
+                        file,
+                        path: located.path.display().to_string(),
+                        backoff: Backoff::DISCOVERY,
+                        rng: SystemRandom::new(),
+                    },
+                    CachePolicy {
+                        capacity: 1,
+                        ..CachePolicy::default()
+                    },
+                ),
+            })
         })
+        .await
+        .map_err(|e| CredentialsError::Client(e.to_string()))?
+    }
+
+    /// The file the tokens come from.
+    pub fn credentials(&self) -> &CredentialsFile {
+        &self.cache.minter().file
     }
 }
 

@@ -31,6 +31,9 @@ pub enum CredentialsError {
     /// The token endpoint of a credentials file refused or failed.
     #[error(transparent)]
     File(#[from] TokenCacheError<FileTokenError>),
+    /// The credentials file cannot be used.
+    #[error(transparent)]
+    KeyFile(#[from] key_file::KeyFileError),
     /// The HTTPS client for the token endpoint could not be built.
     #[error("HTTPS client for the Google token endpoint: {0}")]
     Client(String),

@@ -34,7 +34,7 @@ use crate::config::{ConfigError, Layer, Merge, MeshConfig, Setting, Source, name
 use crate::credentials::AccessTokens;
 use crate::credentials::CredentialsError;
 use crate::credentials::file_tokens::FileTokens;
-use crate::credentials::key_file::{self, CredentialsFile, KeyFileError, Located, Origin};
+use crate::credentials::key_file::{self, Located, Origin};
 use crate::metadata::{
     MetadataClient, MetadataError, NotGcp, Platform, ProbeOptions, last_segment, paths,
 };
@@ -98,10 +98,7 @@ pub enum DiscoveryError {
         /// What to do.
         fix: String,
     },
-    /// The Google credentials file cannot be used.
-    #[error(transparent)]
-    CredentialsFile(#[from] KeyFileError),
-    /// No token source could be built from the credentials file.
+    /// The credentials file cannot be used, or no token source could be built from it.
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
     /// The K8s client could not be built.
@@ -294,30 +291,23 @@ impl<'a> Discoverer<'a> {
             .filter(|file| needs_gcp || (wants_gke && file.origin == Origin::Env))
     }
 
-    /// Reads the credentials file and builds its token source (blocking reads: the file
-    /// and the system trust store). Logs the one line saying which source and why.
+    /// Reads the credentials file and builds its token source. Logs the one line saying
+    /// which source and why.
     async fn file_credentials(
         &self,
         located: &Located,
         why: &NotGcp,
     ) -> Result<(Facts, Arc<dyn AccessTokens>), DiscoveryError> {
-        let owned = located.clone();
-        let (file, tokens) = tokio::task::spawn_blocking(move || {
-            let file = CredentialsFile::load(&owned)?;
-            let facts = Facts {
-                project_id: file.project().map(str::to_owned),
-                email: file.service_account().map(str::to_owned),
-                from_file: true,
-                quota_project: file.quota_project().map(str::to_owned),
-                ..Facts::default()
-            };
-            let description = file.describe();
-            let tokens = FileTokens::new(&owned, file)?;
-            Ok::<_, DiscoveryError>(((facts, description), tokens))
-        })
-        .await
-        .map_err(|e| DiscoveryError::Credentials(CredentialsError::Client(e.to_string())))??;
-        let (facts, description) = file;
+        let tokens = FileTokens::load(located).await?;
+        let file = tokens.credentials();
+        let facts = Facts {
+            project_id: file.project().map(str::to_owned),
+            email: file.service_account().map(str::to_owned),
+            from_file: true,
+            quota_project: file.quota_project().map(str::to_owned),
+            ..Facts::default()
+        };
+        let description = file.describe();
         tracing::info!(
             credentials = %description,
             path = %located.path.display(),

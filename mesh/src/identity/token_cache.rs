@@ -188,6 +188,11 @@ impl<M: Mint> TokenCache<M> {
         }
     }
 
+    /// The minter, for what it knows besides tokens (whose account, which file).
+    pub fn minter(&self) -> &M {
+        &self.minter
+    }
+
     /// A valid token for `key`, minting at most once for all concurrent callers.
     pub async fn get(&self, key: &CacheKey) -> Result<Token, TokenCacheError<M::Error>> {
         // A new key is charged its first mint before it is entered, so a refused one displaces
