@@ -408,19 +408,25 @@ impl<'a> Discoverer<'a> {
         };
         let config_project = self.config_project(&facts, &mut discovered)?;
         let multi_project = match (&config_project, &facts.project_id) {
-            (Some(config), Some(workload)) if config != workload => {
-                tracing::info!(
-                    config_project = %config,
-                    workload_project = %workload,
-                    "multi-project mesh: Google API calls bill the config project (x-goog-user-project)"
-                );
-                Some(config.clone())
-            }
+            (Some(config), Some(workload)) if config != workload => Some(config.clone()),
             _ => None,
         };
         let same_project = multi_project.is_none();
-        // A user's gcloud login bills the quota project it recorded, as Google's libraries do.
-        let quota_project = facts.quota_project.clone().or(multi_project);
+        // A user's gcloud login bills the quota project it recorded, as Google's libraries do;
+        // otherwise a multi-project mesh bills the config project.
+        let (quota_project, why) = match (&facts.quota_project, multi_project) {
+            (Some(quota), _) => (Some(quota.clone()), "the gcloud login's quota_project_id"),
+            (None, Some(config)) => (Some(config), "multi-project mesh: the config project"),
+            (None, None) => (None, ""),
+        };
+        if let Some(billed) = &quota_project {
+            tracing::info!(
+                billed = %billed,
+                config_project = config_project.as_deref().unwrap_or("-"),
+                workload_project = facts.project_id.as_deref().unwrap_or("-"),
+                "Google API calls bill {why} (x-goog-user-project)"
+            );
+        }
         let namespace_from_email = facts.email.as_deref().and_then(namespace_from_email);
         let number_known = self
             .env_value(self.config.project_number.as_ref())
