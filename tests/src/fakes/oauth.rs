@@ -142,6 +142,11 @@ impl FakeOAuth {
         self.state.verifications.load(Ordering::SeqCst)
     }
 
+    /// Delays every answer by `latency` (benchmarks).
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.server.set_latency(latency);
+    }
+
     /// Every request so far.
     pub fn seen(&self) -> Vec<super::server::Seen> {
         self.server.seen()
