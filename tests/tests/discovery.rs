@@ -976,3 +976,59 @@ fn on_gcp_the_metadata_server_comes_before_a_credentials_file() {
             .any(|s| s.path.ends_with("/token"))
     );
 }
+
+#[test]
+fn key_file_tokens_are_minted_once_for_concurrent_callers_and_renewed_near_expiry() {
+    use mesh::credentials::AccessTokens;
+    use mesh::credentials::file_tokens::FileTokens;
+    use mesh::credentials::key_file::{Located, Origin};
+    let off = OffGcp::start();
+    let located = Located {
+        path: off.service_account_key(),
+        origin: Origin::Env,
+    };
+    let mint_twice = |callers: usize| {
+        server::runtime().block_on(async {
+            let tokens = std::sync::Arc::new(FileTokens::load(&located).await.expect("key"));
+            let concurrent: Vec<_> = (0..callers)
+                .map(|_| {
+                    let tokens = tokens.clone();
+                    tokio::spawn(async move { tokens.access_token().await })
+                })
+                .collect();
+            for caller in concurrent {
+                let token = caller.await.expect("task").expect("token");
+                assert_eq!(token, krun_tests::fakes::metadata::ACCESS_TOKEN);
+            }
+            tokens.access_token().await.expect("second use");
+        });
+    };
+    // A token good for an hour: eight concurrent callers and a later one share one grant.
+    mint_twice(8);
+    assert_eq!(off.grants().len(), 1);
+    // Four minutes is inside the five-minute refresh margin: the second use mints again.
+    off.oauth.token_lifetime(240);
+    mint_twice(1);
+    assert_eq!(off.grants().len(), 3);
+}
+
+#[test]
+fn a_wrong_client_secret_says_to_log_in_again() {
+    let off = OffGcp::start();
+    let mut user = off.oauth.authorized_user(CFG);
+    user["client_secret"] = "stale-secret".into();
+    let file = off.write("user.json", &user);
+    let done = off
+        .krun()
+        .env("GOOGLE_APPLICATION_CREDENTIALS", &file)
+        .args(["true"])
+        .run();
+    assert_eq!(done.code, 1, "{}", done.text());
+    let last = done.output.last().expect("an error line");
+    assert!(last.contains("HTTP 401: invalid_client"), "{last}");
+    assert!(
+        last.contains("client_id or client_secret is wrong"),
+        "{last}"
+    );
+    assert!(!last.contains("stale-secret"), "{last}");
+}

@@ -14,7 +14,7 @@
 //! Failures use the OAuth error shape (`error`, `error_description`).
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -42,6 +42,7 @@ struct State {
     token_uri: Mutex<String>,
     service_account: Mutex<Option<String>>,
     revoked: AtomicBool,
+    lifetime: AtomicU64,
     verifications: AtomicUsize,
     attempts: AtomicUsize,
 }
@@ -85,6 +86,7 @@ impl FakeOAuth {
             token_uri: Mutex::new(String::new()),
             service_account: Mutex::new(None),
             revoked: AtomicBool::new(false),
+            lifetime: AtomicU64::new(3599),
             verifications: AtomicUsize::new(0),
             attempts: AtomicUsize::new(0),
         });
@@ -130,6 +132,11 @@ impl FakeOAuth {
             "universe_domain": "googleapis.com",
             "token_uri": self.token_uri(),
         })
+    }
+
+    /// `expires_in` of the access tokens handed out from now on (default 3599 s).
+    pub fn token_lifetime(&self, seconds: u64) {
+        self.state.lifetime.store(seconds, Ordering::SeqCst);
     }
 
     /// Every grant is refused with `invalid_grant` from now on.
@@ -193,7 +200,7 @@ fn answer(s: &State, req: &Request) -> Reply {
     }
     Reply::json(json!({
         "access_token": ACCESS_TOKEN,
-        "expires_in": 3599,
+        "expires_in": s.lifetime.load(Ordering::SeqCst),
         "token_type": "Bearer",
     }))
 }
