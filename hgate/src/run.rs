@@ -152,20 +152,35 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The metadata server's `identity` (hgate's own account), or IAM `generateIdToken` for
-/// `HGATE_ID_TOKEN_SERVICE_ACCOUNT`, called with hgate's own access token ([`caller_tokens`]).
+/// Where hgate's ID tokens come from: IAM `generateIdToken` for
+/// `HGATE_ID_TOKEN_SERVICE_ACCOUNT`, called with hgate's own access token; else hgate's own
+/// identity, from the metadata server's `identity`, or off GCP from a service-account key's
+/// token endpoint ([`file_credentials`]).
 async fn id_token_source(config: &HgateConfig) -> anyhow::Result<IdTokenSource> {
     let metadata = MetadataClient::new(&config.metadata_host.value, ID_TOKEN_TIMEOUT);
+    let file = file_credentials(config).await?;
     let Some(gsa) = &config.id_token_service_account else {
-        tracing::info!(metadata = %config.metadata_host.value, "ID tokens: the metadata server's identity (hgate's own account)");
-        return Ok(IdTokenSource::Metadata(metadata));
+        let Some((tokens, source)) = file else {
+            tracing::info!(metadata = %config.metadata_host.value, "ID tokens: the metadata server's identity (hgate's own account)");
+            return Ok(IdTokenSource::Metadata(metadata));
+        };
+        if tokens.credentials().service_account().is_none() {
+            anyhow::bail!(
+                "ID tokens off GCP: {source} cannot mint ID tokens for other audiences; use a service-account key, or set HGATE_ID_TOKEN_SERVICE_ACCOUNT to a service account this login may impersonate"
+            );
+        }
+        tracing::info!(credentials = %source, "ID tokens: the service-account key's own, from its token endpoint (target_audience)");
+        return Ok(IdTokenSource::KeyFile(Arc::new(tokens)));
     };
     // The system trust store is read from disk: off the runtime's threads.
     let http = tokio::task::spawn_blocking(|| HttpClient::new(ID_TOKEN_TIMEOUT))
         .await
         .context("HTTPS client for IAM Credentials")?
         .context("HTTPS client for IAM Credentials")?;
-    let (caller, caller_source) = caller_tokens(config, metadata).await?;
+    let (caller, caller_source): (Arc<dyn AccessTokens>, String) = match file {
+        Some((tokens, source)) => (Arc::new(tokens), source),
+        None => (Arc::new(metadata), "the metadata server".to_owned()),
+    };
     tracing::info!(
         service_account = %gsa.value,
         iam = %config.iam_credentials_endpoint.value,
@@ -180,14 +195,11 @@ async fn id_token_source(config: &HgateConfig) -> anyhow::Result<IdTokenSource> 
     )))
 }
 
-/// hgate's own access token, and where it comes from: the metadata server, or, when a Google
-/// credentials file is configured (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's file) and no
-/// metadata server answers the probe, that file (hgate in a cluster outside GCP). Without a
-/// file nothing is probed: the metadata server is asked, as before.
-async fn caller_tokens(
-    config: &HgateConfig,
-    metadata: MetadataClient,
-) -> anyhow::Result<(Arc<dyn AccessTokens>, String)> {
+/// hgate's own Google credentials off GCP, with what the log says of them: a credentials file
+/// (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's file) when one is configured and no metadata
+/// server answers the probe (hgate in a cluster outside GCP). `None`: the metadata server;
+/// without a file nothing is probed, as before.
+async fn file_credentials(config: &HgateConfig) -> anyhow::Result<Option<(FileTokens, String)>> {
     let path =
         |s: &Option<mesh::config::Setting<std::path::PathBuf>>| s.as_ref().map(|s| s.value.clone());
     let (gac, cloudsdk, home) = (
@@ -197,22 +209,19 @@ async fn caller_tokens(
     );
     let Some(located) = key_file::locate(gac.as_deref(), cloudsdk.as_deref(), home.as_deref())
     else {
-        return Ok((Arc::new(metadata), "the metadata server".to_owned()));
+        return Ok(None);
     };
     let host = &config.metadata_host.value;
-    let why = match metadata_server(
+    let probe = metadata_server(
         host,
         host == crate::config::DEFAULT_METADATA_HOST,
         DEFAULT_METADATA_PROBE_TIMEOUT,
     )
-    .await
-    {
+    .await;
+    let why = match probe {
         Ok(_) => {
-            let source = format!(
-                "the metadata server (first on GCP; {} not used)",
-                located.path.display()
-            );
-            return Ok((Arc::new(metadata), source));
+            tracing::info!(path = %located.path.display(), metadata = %host, "Google credentials file not used: the metadata server answered, and it comes first on GCP");
+            return Ok(None);
         }
         Err(why) => why,
     };
@@ -223,7 +232,7 @@ async fn caller_tokens(
         located.path.display(),
         located.origin
     );
-    Ok((Arc::new(tokens), source))
+    Ok(Some((tokens, source)))
 }
 
 /// The audiences follow the client's SNI (the route template makes every well-formed SNI

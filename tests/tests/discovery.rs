@@ -779,6 +779,17 @@ impl OffGcp {
         path
     }
 
+    /// Runs krun with `GOOGLE_APPLICATION_CREDENTIALS=file`, which must stop it; its last line.
+    fn stops_krun(&self, file: &std::path::Path) -> String {
+        let done = self
+            .krun()
+            .env("GOOGLE_APPLICATION_CREDENTIALS", file)
+            .args(["true"])
+            .run();
+        assert_eq!(done.code, 1, "{}", done.text());
+        done.output.last().expect("an error line").clone()
+    }
+
     /// A service-account key for `k8s-fortio@wl-project` whose token_uri is the fake.
     fn service_account_key(&self) -> std::path::PathBuf {
         let key = self.oauth.service_account_key(
@@ -878,13 +889,7 @@ fn a_revoked_key_stops_krun_naming_the_file_googles_answer_and_the_fix() {
     let off = OffGcp::start();
     let key = off.service_account_key();
     off.oauth.revoke();
-    let done = off
-        .krun()
-        .env("GOOGLE_APPLICATION_CREDENTIALS", &key)
-        .args(["true"])
-        .run();
-    assert_eq!(done.code, 1, "{}", done.text());
-    let last = done.output.last().expect("an error line");
+    let last = off.stops_krun(&key);
     assert!(last.contains(&key.display().to_string()), "{last}");
     assert!(
         last.contains("invalid_grant: Token has been expired or revoked."),
@@ -898,13 +903,7 @@ fn a_revoked_user_login_says_to_log_in_again() {
     let off = OffGcp::start();
     let file = off.write("user.json", &off.oauth.authorized_user(CFG));
     off.oauth.revoke();
-    let done = off
-        .krun()
-        .env("GOOGLE_APPLICATION_CREDENTIALS", &file)
-        .args(["true"])
-        .run();
-    assert_eq!(done.code, 1, "{}", done.text());
-    let last = done.output.last().expect("an error line");
+    let last = off.stops_krun(&file);
     assert!(last.contains("invalid_grant"), "{last}");
     assert!(
         last.contains("gcloud auth application-default login"),
@@ -927,13 +926,7 @@ fn an_unusable_credentials_file_stops_krun_naming_the_file_and_the_field() {
         ),
     ];
     for (path, expected) in cases {
-        let done = off
-            .krun()
-            .env("GOOGLE_APPLICATION_CREDENTIALS", &path)
-            .args(["true"])
-            .run();
-        assert_eq!(done.code, 1, "{}", done.text());
-        let last = done.output.last().expect("an error line");
+        let last = off.stops_krun(&path);
         assert!(last.contains(expected), "{last}");
         assert!(last.contains(&path.display().to_string()), "{last}");
     }
@@ -1018,13 +1011,7 @@ fn a_wrong_client_secret_says_to_log_in_again() {
     let mut user = off.oauth.authorized_user(CFG);
     user["client_secret"] = "stale-secret".into();
     let file = off.write("user.json", &user);
-    let done = off
-        .krun()
-        .env("GOOGLE_APPLICATION_CREDENTIALS", &file)
-        .args(["true"])
-        .run();
-    assert_eq!(done.code, 1, "{}", done.text());
-    let last = done.output.last().expect("an error line");
+    let last = off.stops_krun(&file);
     assert!(last.contains("HTTP 401: invalid_client"), "{last}");
     assert!(
         last.contains("client_id or client_secret is wrong"),

@@ -714,15 +714,14 @@ fn ten_thousand_distinct_sni_names_cost_bounded_memory_and_bounded_token_mints()
     assert_eq!(gate.finish().code, 0);
 }
 
-/// hgate's tunnel to a Cloud Run-like front through a static route, its ID tokens asked of
-/// IAM for `gsa` with hgate's own access token: the metadata fake's, or with `key_file` (and
-/// no metadata server) a service-account key's. Returns the gate, the front and the metadata
-/// fake.
-fn gate_with_iam_id_tokens(
-    google: &krun_tests::fakes::google::FakeGoogle,
-    gsa: &str,
+/// hgate's tunnel to a Cloud Run-like front through a static route, with `HGATE_ID_TOKENS=metadata`
+/// and `extra` settings; hgate's own Google credentials are the metadata fake's, or with
+/// `key_file` (and no metadata server) a service-account key's. Returns the gate, the front and
+/// the metadata fake.
+fn gate_with_id_tokens(
     dir: &TempDir,
     tunnel: u16,
+    extra: &[(&str, String)],
     key_file: Option<&Path>,
 ) -> (Running, front::FakeFront, FakeServer) {
     let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
@@ -732,12 +731,13 @@ fn gate_with_iam_id_tokens(
     let url = format!("https://localhost:{}", front.addr.port());
     std::fs::write(&routes, format!("echo.default: {url}/_hbone/15003\n")).expect("routes");
     let md = metadata::start(metadata::Instance::default());
-    let gate = Krun::hgate()
-        .env("HGATE_ROUTES", &routes)
-        .env("HGATE_ID_TOKENS", "metadata")
-        .env("HGATE_ID_TOKEN_SERVICE_ACCOUNT", gsa)
-        .env("IAM_CREDENTIALS_ENDPOINT", google.url())
-        .env("SSL_CERT_FILE", &front_ca);
+    let gate = extra.iter().fold(
+        Krun::hgate()
+            .env("HGATE_ROUTES", &routes)
+            .env("HGATE_ID_TOKENS", "metadata")
+            .env("SSL_CERT_FILE", &front_ca),
+        |gate, (name, value)| gate.env(name, value),
+    );
     let gate = match key_file {
         // No GCE_METADATA_HOST: the default name, which does not resolve here.
         Some(key) => gate.env("GOOGLE_APPLICATION_CREDENTIALS", key),
@@ -746,29 +746,43 @@ fn gate_with_iam_id_tokens(
     (gate.start(), front, md)
 }
 
-/// One mesh connection through hgate whose ID tokens IAM mints for `gsa` (see
-/// [`gate_with_iam_id_tokens`]); checks the front got `gsa`'s token for its URL, minted by
-/// one IAM call, and not the metadata server's own identity. Returns hgate's IAM line and the
-/// metadata fake.
-fn iam_minted_id_token_reaches_the_front(
+/// The settings that make hgate ask `google`'s IAM for `gsa`'s ID tokens.
+fn iam_settings(
     google: &krun_tests::fakes::google::FakeGoogle,
     gsa: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("HGATE_ID_TOKEN_SERVICE_ACCOUNT", gsa.to_owned()),
+        ("IAM_CREDENTIALS_ENDPOINT", google.url()),
+    ]
+}
+
+/// One mesh connection through hgate set up by [`gate_with_id_tokens`]; checks the front got
+/// an ID token of `email` for its URL, and not the metadata server's own identity. Returns
+/// hgate's log line starting with `source` (which ID tokens) and the metadata fake.
+fn id_token_reaches_the_front(
+    extra: &[(&str, String)],
     key_file: Option<&Path>,
+    email: &str,
+    source: &str,
 ) -> (String, FakeServer) {
-    let (ca, dir) = (TestCa::new("cluster.local"), TempDir::new("hgate-iam"));
+    let (ca, dir) = (
+        TestCa::new("cluster.local"),
+        TempDir::new("hgate-id-tokens"),
+    );
     let (krun, tunnel) = echo_on_cloud_run(&ca, &dir);
-    let (mut gate, front, md) = gate_with_iam_id_tokens(google, gsa, &dir, tunnel, key_file);
-    let line = gate.wait_for_line("ID tokens: IAM generateIdToken");
+    let (mut gate, front, md) = gate_with_id_tokens(&dir, tunnel, extra, key_file);
+    let line = gate.wait_for_line(source);
     let sni_addr = ready_addr(&mut gate, "SNI listener ready");
-    let client_dir = TempDir::new("hgate-iam-client");
+    let client_dir = TempDir::new("hgate-id-tokens-client");
     let client = ca.install_client(
         &client_dir.join(""),
         "client",
         "spiffe://cluster.local/ns/default/sa/client",
     );
     assert_eq!(
-        sni_client(sni_addr, MESH_SNI, &client, "via IAM")["data"],
-        "via IAM"
+        sni_client(sni_addr, MESH_SNI, &client, "with a token")["data"],
+        "with a token"
     );
 
     let seen = front.seen();
@@ -777,12 +791,11 @@ fn iam_minted_id_token_reaches_the_front(
         .and_then(|r| r.authorization.as_deref())
         .and_then(|a| a.strip_prefix("Bearer "))
         .expect("a bearer token at the front");
-    assert_eq!(metadata::id_token_email(token).as_deref(), Some(gsa));
+    assert_eq!(metadata::id_token_email(token).as_deref(), Some(email));
     assert_eq!(
         metadata::id_token_audience(token),
         Some(format!("https://localhost:{}", front.addr.port()))
     );
-    assert_eq!(google.iam_calls(), 1);
     assert!(
         !md.seen().iter().any(|r| r.path.contains("/identity")),
         "the metadata server's own identity is not used"
@@ -800,26 +813,43 @@ fn with_a_configured_service_account_hgate_sends_iam_minted_id_tokens() {
     let gsa = "gate-caller@proj.iam.gserviceaccount.com";
     let google = FakeGoogle::start(std::time::Duration::ZERO);
     google.grant_id_token_creator(metadata::ACCESS_TOKEN, gsa);
-    let (line, _) = iam_minted_id_token_reaches_the_front(&google, gsa, None);
+    let (line, _) = id_token_reaches_the_front(
+        &iam_settings(&google, gsa),
+        None,
+        gsa,
+        "ID tokens: IAM generateIdToken",
+    );
     assert!(line.contains("caller=the metadata server"), "{line}");
+    assert_eq!(google.iam_calls(), 1);
+}
+
+/// A service-account key for `email` issued by a fresh fake token endpoint, written in `dir`.
+fn key_file(
+    email: &str,
+    dir: &TempDir,
+) -> (krun_tests::fakes::oauth::FakeOAuth, std::path::PathBuf) {
+    let oauth = krun_tests::fakes::oauth::FakeOAuth::start();
+    let key = dir.join("key.json");
+    std::fs::write(&key, oauth.service_account_key(email, "proj").to_string()).expect("key");
+    (oauth, key)
 }
 
 #[test]
 fn off_gcp_hgate_asks_iam_with_the_access_token_of_a_service_account_key() {
     use krun_tests::fakes::google::FakeGoogle;
-    use krun_tests::fakes::oauth::FakeOAuth;
     let gsa = "gate-caller@proj.iam.gserviceaccount.com";
     let caller = "hgate@proj.iam.gserviceaccount.com";
-    let (google, oauth) = (
-        FakeGoogle::start(std::time::Duration::ZERO),
-        FakeOAuth::start(),
-    );
+    let google = FakeGoogle::start(std::time::Duration::ZERO);
+    let dir = TempDir::new("hgate-key");
+    let (oauth, key) = key_file(caller, &dir);
     // The token endpoint hands out the token IAM knows as holding the binding on `gsa`.
     google.grant_id_token_creator(metadata::ACCESS_TOKEN, gsa);
-    let dir = TempDir::new("hgate-key");
-    let key = dir.join("key.json");
-    std::fs::write(&key, oauth.service_account_key(caller, "proj").to_string()).expect("key");
-    let (line, md) = iam_minted_id_token_reaches_the_front(&google, gsa, Some(&key));
+    let (line, md) = id_token_reaches_the_front(
+        &iam_settings(&google, gsa),
+        Some(&key),
+        gsa,
+        "ID tokens: IAM generateIdToken",
+    );
     assert!(
         line.contains(&format!("caller=service-account key for {caller}")),
         "{line}"
@@ -828,6 +858,32 @@ fn off_gcp_hgate_asks_iam_with_the_access_token_of_a_service_account_key() {
     let grants: Vec<String> = oauth.seen().iter().map(|s| s.path.clone()).collect();
     assert_eq!(grants, ["/token"]);
     assert_eq!(oauth.verified_signatures(), 1);
+    assert_eq!(google.iam_calls(), 1);
+}
+
+#[test]
+fn off_gcp_hgate_sends_the_service_account_keys_own_id_tokens() {
+    let account = "hgate@proj.iam.gserviceaccount.com";
+    let dir = TempDir::new("hgate-key-id");
+    let (oauth, key) = key_file(account, &dir);
+    let (line, md) = id_token_reaches_the_front(
+        &[],
+        Some(&key),
+        account,
+        "ID tokens: the service-account key's own",
+    );
+    assert!(
+        line.contains(&format!("service-account key for {account}")),
+        "{line}"
+    );
+    assert!(md.seen().is_empty(), "no metadata server was used");
+    let grants: Vec<String> = oauth.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(
+        grants,
+        ["/token"],
+        "one target_audience grant for the one audience"
+    );
+    assert_eq!(oauth.verified_signatures(), 1);
 }
 
 #[test]
@@ -835,11 +891,10 @@ fn without_the_token_creator_binding_the_connection_is_refused_naming_the_role()
     use krun_tests::fakes::google::FakeGoogle;
     let google = FakeGoogle::start(std::time::Duration::ZERO);
     let dir = TempDir::new("hgate-iam-denied");
-    let (mut gate, front, _md) = gate_with_iam_id_tokens(
-        &google,
-        "other@proj.iam.gserviceaccount.com",
+    let (mut gate, front, _md) = gate_with_id_tokens(
         &dir,
         free_port(),
+        &iam_settings(&google, "other@proj.iam.gserviceaccount.com"),
         None,
     );
     let line = one_mesh_connection(&mut gate);
@@ -961,4 +1016,21 @@ fn a_service_annotation_change_is_routed_at_its_watch_event_and_a_dropped_watch_
 
     gate.signal(Signal::SIGTERM);
     assert_eq!(gate.finish().code, 0);
+}
+
+#[test]
+fn off_gcp_a_user_login_without_a_service_account_stops_hgate_naming_the_fix() {
+    let dir = TempDir::new("hgate-user");
+    let oauth = krun_tests::fakes::oauth::FakeOAuth::start();
+    let user = dir.join("user.json");
+    std::fs::write(&user, oauth.authorized_user("proj").to_string()).expect("user file");
+    let done = Krun::hgate()
+        .env("HGATE_ID_TOKENS", "metadata")
+        .env("GOOGLE_APPLICATION_CREDENTIALS", &user)
+        .run();
+    assert_eq!(done.code, 1, "{}", done.text());
+    let last = done.output.last().expect("an error line");
+    assert!(last.contains("cannot mint ID tokens"), "{last}");
+    assert!(last.contains("HGATE_ID_TOKEN_SERVICE_ACCOUNT"), "{last}");
+    assert!(oauth.seen().is_empty(), "refused before any grant");
 }

@@ -2,7 +2,9 @@
 //! the file names: a service-account key signs an RS256 JWT assertion (RFC 7523 JWT-bearer
 //! grant, scope `cloud-platform`, `aud` = `token_uri`); an authorized user sends its refresh
 //! token (RFC 6749 `refresh_token` grant). Tokens sit in a [`TokenCache`]: kept until shortly
-//! before they expire, and minted once for all concurrent callers.
+//! before they expire, and minted once for all concurrent callers. A service-account key also
+//! mints ID tokens for any audience (the assertion names `target_audience` instead of a scope,
+//! and the endpoint answers an `id_token`), for hgate off GCP; the caller caches those.
 //!
 //! Hand-written rather than `gcp_auth` (the crate the design names): gcp_auth 0.12 sends
 //! authorized-user refresh tokens to a hard-coded `accounts.google.com` URL, so that path cannot
@@ -25,6 +27,7 @@ use super::{AccessTokens, BoxFuture, CredentialsError};
 use crate::backoff::Backoff;
 use crate::http::{HttpClient, google_error_message};
 use crate::identity::google_tokens::CLOUD_PLATFORM_SCOPE;
+use crate::identity::jwt::Claims;
 use crate::identity::token::Token;
 use crate::identity::token_cache::{
     CacheKey, CachePolicy, Mint, MintFuture, TokenCache, TokenKind,
@@ -76,11 +79,21 @@ pub enum FileTokenError {
         /// What to do.
         fix: &'static str,
     },
-    /// An answer without `access_token` and `expires_in`.
-    #[error("token endpoint {url} answered without access_token and expires_in: {reason}")]
+    /// An authorized user asked for an ID token.
+    #[error(
+        "{path} is an authorized-user login, which cannot mint ID tokens for other audiences; use a service-account key, or name a service account to impersonate (HGATE_ID_TOKEN_SERVICE_ACCOUNT)"
+    )]
+    NoIdTokens {
+        /// The credentials file.
+        path: String,
+    },
+    /// An answer without the token asked for, or its lifetime.
+    #[error("token endpoint {url} answered without {expected}: {reason}")]
     Body {
         /// The endpoint.
         url: String,
+        /// What was expected.
+        expected: &'static str,
         /// What the parser said.
         reason: String,
     },
@@ -110,6 +123,20 @@ struct TokenAnswer {
     expires_in: u64,
 }
 
+#[derive(Deserialize)]
+struct IdTokenAnswer {
+    id_token: String,
+}
+
+/// What an assertion asks for: an access token with a scope, or an ID token for an audience.
+#[derive(Clone, Copy, Debug)]
+pub enum Grant<'a> {
+    /// `scope`: an access token.
+    Scope(&'a str),
+    /// `target_audience`: a Google-signed ID token for that audience.
+    TargetAudience(&'a str),
+}
+
 /// Mints access tokens from one credentials file.
 pub struct FileMint {
     http: HttpClient,
@@ -124,16 +151,7 @@ impl FileMint {
     fn request_form(&self, now: SystemTime) -> Result<(String, String), FileTokenError> {
         match &self.file {
             CredentialsFile::ServiceAccount(key) => {
-                let assertion =
-                    sign_assertion(key, now, &self.rng).map_err(|reason| FileTokenError::Sign {
-                        path: self.path.clone(),
-                        reason,
-                    })?;
-                let form = form_urlencoded::Serializer::new(String::new())
-                    .append_pair("grant_type", JWT_BEARER_GRANT)
-                    .append_pair("assertion", &assertion)
-                    .finish();
-                Ok((key.token_uri.clone(), form))
+                self.assertion_form(key, Grant::Scope(CLOUD_PLATFORM_SCOPE), now)
             }
             CredentialsFile::AuthorizedUser(user) => {
                 let form = form_urlencoded::Serializer::new(String::new())
@@ -145,6 +163,25 @@ impl FileMint {
                 Ok((user.token_uri.clone(), form))
             }
         }
+    }
+
+    /// The JWT-bearer form for `grant`, and the endpoint.
+    fn assertion_form(
+        &self,
+        key: &ServiceAccountKey,
+        grant: Grant<'_>,
+        now: SystemTime,
+    ) -> Result<(String, String), FileTokenError> {
+        let assertion =
+            sign_assertion(key, grant, now, &self.rng).map_err(|reason| FileTokenError::Sign {
+                path: self.path.clone(),
+                reason,
+            })?;
+        let form = form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", JWT_BEARER_GRANT)
+            .append_pair("assertion", &assertion)
+            .finish();
+        Ok((key.token_uri.clone(), form))
     }
 
     /// What to do when the endpoint refuses, by kind of file and OAuth error code.
@@ -167,15 +204,52 @@ impl FileMint {
         }
     }
 
-    async fn exchange(&self) -> Result<Token, FileTokenError> {
+    async fn access_token(&self) -> Result<Token, FileTokenError> {
         let (url, form) = self.request_form(SystemTime::now())?;
+        let body = self.exchange(&url, &form).await?;
+        let answer: TokenAnswer =
+            serde_json::from_slice(&body).map_err(|e| FileTokenError::Body {
+                url: url.clone(),
+                expected: "access_token and expires_in",
+                reason: e.to_string(),
+            })?;
+        Ok(Token::new(
+            answer.access_token,
+            SystemTime::now() + Duration::from_secs(answer.expires_in),
+        ))
+    }
+
+    /// A Google-signed ID token for `audience`, valid until its own `exp`.
+    async fn id_token(&self, audience: &str) -> Result<Token, FileTokenError> {
+        let CredentialsFile::ServiceAccount(key) = &self.file else {
+            return Err(FileTokenError::NoIdTokens {
+                path: self.path.clone(),
+            });
+        };
+        let (url, form) =
+            self.assertion_form(key, Grant::TargetAudience(audience), SystemTime::now())?;
+        let body = self.exchange(&url, &form).await?;
+        let bad = |reason: String| FileTokenError::Body {
+            url: url.clone(),
+            expected: "an id_token JWT",
+            reason,
+        };
+        let answer: IdTokenAnswer =
+            serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
+        let claims = Claims::decode(&answer.id_token).map_err(|e| bad(e.to_string()))?;
+        Ok(Token::new(answer.id_token, claims.expires_at()))
+    }
+
+    /// POSTs `form` to `url`, retrying 5xx, 429 and transport failures; the answer's body.
+    async fn exchange(&self, url: &str, form: &str) -> Result<Bytes, FileTokenError> {
+        let url = url.to_owned();
         let attempt = || async {
             let request = Request::builder()
                 .method(Method::POST)
                 .uri(&url)
                 .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
                 .header(header::ACCEPT, "application/json")
-                .body(Full::new(Bytes::from(form.clone())))
+                .body(Full::new(Bytes::from(form.to_owned())))
                 .map_err(|e| Attempt::Transport(e.to_string()))?;
             let response = self
                 .http
@@ -190,8 +264,7 @@ impl FileMint {
                 )),
             }
         };
-        let body = self
-            .backoff
+        self.backoff
             .retry(&url, Attempt::retryable, attempt)
             .await
             .map_err(|(e, attempts)| match e {
@@ -208,16 +281,7 @@ impl FileMint {
                     attempts,
                     reason,
                 },
-            })?;
-        let answer: TokenAnswer =
-            serde_json::from_slice(&body).map_err(|e| FileTokenError::Body {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
-        Ok(Token::new(
-            answer.access_token,
-            SystemTime::now() + Duration::from_secs(answer.expires_in),
-        ))
+            })
     }
 }
 
@@ -225,15 +289,16 @@ impl Mint for FileMint {
     type Error = FileTokenError;
 
     fn mint<'a>(&'a self, _key: &'a CacheKey) -> MintFuture<'a, FileTokenError> {
-        Box::pin(self.exchange())
+        Box::pin(self.access_token())
     }
 }
 
-/// The signed JWT a service-account key trades for an access token: header
-/// `{alg: RS256, typ: JWT, kid}`, claims `{iss: client_email, scope: cloud-platform,
-/// aud: token_uri, iat, exp: iat + 1h}`.
+/// The signed JWT a service-account key trades for a token: header `{alg: RS256, typ: JWT,
+/// kid}`, claims `{iss: client_email, aud: token_uri, iat, exp: iat + 1h}` and the `scope`
+/// or `target_audience` of `grant`.
 pub fn sign_assertion(
     key: &ServiceAccountKey,
+    grant: Grant<'_>,
     now: SystemTime,
     rng: &SystemRandom,
 ) -> Result<String, String> {
@@ -245,13 +310,16 @@ pub fn sign_assertion(
     if let Some(kid) = &key.private_key_id {
         header["kid"] = kid.clone().into();
     }
-    let claims = serde_json::json!({
+    let mut claims = serde_json::json!({
         "iss": key.client_email,
-        "scope": CLOUD_PLATFORM_SCOPE,
         "aud": key.token_uri,
         "iat": iat,
         "exp": iat + ASSERTION_LIFETIME.as_secs(),
     });
+    match grant {
+        Grant::Scope(scope) => claims["scope"] = scope.into(),
+        Grant::TargetAudience(audience) => claims["target_audience"] = audience.into(),
+    }
     let signing_input = format!(
         "{}.{}",
         URL_SAFE_NO_PAD.encode(header.to_string()),
@@ -315,6 +383,12 @@ impl FileTokens {
     /// The file the tokens come from.
     pub fn credentials(&self) -> &CredentialsFile {
         &self.cache.minter().file
+    }
+
+    /// A fresh Google-signed ID token for `audience` (a service-account key only; not cached
+    /// here: the caller's cache is bounded by audience).
+    pub async fn id_token(&self, audience: &str) -> Result<Token, FileTokenError> {
+        self.cache.minter().id_token(audience).await
     }
 }
 

@@ -1,11 +1,12 @@
 //! Where ID tokens for Cloud Run come from: the metadata server's `identity` endpoint (the
 //! instance's own account), or IAM Credentials `generateIdToken` for another service account
 //! that the caller's account may impersonate (`roles/iam.serviceAccountOpenIdTokenCreator`).
-//! Either one sits behind a [`TokenCache`](crate::identity::token_cache::TokenCache) as its
+//! Off GCP a service-account key mints its own ([`super::file_tokens`]). Each sits behind a [`TokenCache`](crate::identity::token_cache::TokenCache) as its
 //! [`Mint`].
 
 use std::sync::Arc;
 
+use super::file_tokens::{FileTokenError, FileTokens};
 use super::{AccessTokens, CredentialsError};
 use crate::http::HttpClient;
 use crate::identity::google_tokens::{GoogleTokenError, generate_id_token};
@@ -27,6 +28,9 @@ pub enum IdTokenError {
         #[source]
         cause: CredentialsError,
     },
+    /// The credentials file's token endpoint refused or failed.
+    #[error(transparent)]
+    File(#[from] FileTokenError),
     /// IAM refused or failed.
     #[error(
         "{0}; the caller needs roles/iam.serviceAccountOpenIdTokenCreator on the service account"
@@ -98,6 +102,8 @@ pub enum IdTokenSource {
     Metadata(MetadataClient),
     /// IAM `generateIdToken` for a named service account.
     ServiceAccount(ServiceAccountIdTokens),
+    /// Off GCP: a service-account key's own ID tokens, from its token endpoint.
+    KeyFile(Arc<FileTokens>),
 }
 
 impl Mint for IdTokenSource {
@@ -109,6 +115,9 @@ impl Mint for IdTokenSource {
                 Box::pin(async move { Ok(metadata.id_token(&key.audience).await?) })
             }
             IdTokenSource::ServiceAccount(iam) => iam.mint(key),
+            IdTokenSource::KeyFile(file) => {
+                Box::pin(async move { Ok(file.id_token(&key.audience).await?) })
+            }
         }
     }
 }

@@ -4,7 +4,8 @@
 //! - the JWT-bearer grant: an RS256 assertion whose signature `openssl dgst -verify` accepts
 //!   with the public half of the key it issued ([`FakeOAuth::service_account_key`]), `kid` that
 //!   key's id, `iss` its service account, `aud` this endpoint, a `scope` with `cloud-platform`,
-//!   and `iat`/`exp` at most an hour apart and not expired;
+//!   and `iat`/`exp` at most an hour apart and not expired; with `target_audience` instead of
+//!   a scope it answers an ID token of that service account for that audience;
 //! - the `refresh_token` grant: the client id, secret and refresh token it issued
 //!   ([`FakeOAuth::authorized_user`]);
 //! - [`FakeOAuth::revoke`] makes every grant `invalid_grant`, as a deleted key or a revoked
@@ -183,7 +184,7 @@ fn answer(s: &State, req: &Request) -> Reply {
         "urn:ietf:params:oauth:grant-type:jwt-bearer" => {
             check_assertion(s, field(&form, "assertion"))
         }
-        "refresh_token" => check_refresh(&form),
+        "refresh_token" => check_refresh(&form).map(|()| Asked::AccessToken),
         other => {
             return oauth_error(
                 400,
@@ -192,17 +193,36 @@ fn answer(s: &State, req: &Request) -> Reply {
             );
         }
     };
-    if let Err(reply) = checked {
-        return reply;
-    }
+    let asked = match checked {
+        Ok(asked) => asked,
+        Err(reply) => return reply,
+    };
     if s.revoked.load(Ordering::SeqCst) {
         return oauth_error(400, "invalid_grant", "Token has been expired or revoked.");
     }
-    Reply::json(json!({
-        "access_token": ACCESS_TOKEN,
-        "expires_in": s.lifetime.load(Ordering::SeqCst),
-        "token_type": "Bearer",
-    }))
+    match asked {
+        Asked::AccessToken => Reply::json(json!({
+            "access_token": ACCESS_TOKEN,
+            "expires_in": s.lifetime.load(Ordering::SeqCst),
+            "token_type": "Bearer",
+        })),
+        Asked::IdToken { email, audience } => Reply::json(json!({
+            "id_token": super::metadata::id_token(&email, &audience),
+        })),
+    }
+}
+
+/// What a valid grant asks for.
+enum Asked {
+    /// An access token (`scope` with `cloud-platform`, or a refresh token).
+    AccessToken,
+    /// An ID token of the key's service account (`target_audience`).
+    IdToken {
+        /// The service account.
+        email: String,
+        /// The audience.
+        audience: String,
+    },
 }
 
 /// The form fields of a request.
@@ -223,7 +243,7 @@ fn check_refresh(form: &Form) -> Result<(), Reply> {
     Ok(())
 }
 
-fn check_assertion(s: &State, assertion: &str) -> Result<(), Reply> {
+fn check_assertion(s: &State, assertion: &str) -> Result<Asked, Reply> {
     let invalid = |why: &str| oauth_error(400, "invalid_grant", &format!("Invalid JWT: {why}"));
     let parts: Vec<&str> = assertion.split('.').collect();
     let [header, claims, signature] = parts.as_slice() else {
@@ -253,14 +273,25 @@ fn check_assertion(s: &State, assertion: &str) -> Result<(), Reply> {
     if claims_json["aud"].as_str() != Some(s.token_uri.lock().expect("lock").as_str()) {
         return Err(invalid("Invalid audience: aud must be the token endpoint"));
     }
-    let scopes = claims_json["scope"].as_str().unwrap_or("");
-    if !scopes.split(' ').any(|scope| scope == CLOUD_PLATFORM) {
-        return Err(oauth_error(
-            400,
-            "invalid_scope",
-            "the assertion asks for no cloud-platform scope",
-        ));
-    }
+    let asked = match (
+        claims_json["scope"].as_str(),
+        claims_json["target_audience"].as_str(),
+    ) {
+        (Some(scopes), None) if scopes.split(' ').any(|scope| scope == CLOUD_PLATFORM) => {
+            Asked::AccessToken
+        }
+        (None, Some(audience)) if !audience.is_empty() => Asked::IdToken {
+            email: registered.unwrap_or_default(),
+            audience: audience.to_owned(),
+        },
+        _ => {
+            return Err(oauth_error(
+                400,
+                "invalid_scope",
+                "the assertion must ask for the cloud-platform scope or name one target_audience",
+            ));
+        }
+    };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -273,7 +304,7 @@ fn check_assertion(s: &State, assertion: &str) -> Result<(), Reply> {
             "Token must be a short-lived token (60 minutes) and in a reasonable timeframe",
         ));
     }
-    Ok(())
+    Ok(asked)
 }
 
 /// Verifies an RS256 signature with openssl (an implementation krun's signer does not share).
