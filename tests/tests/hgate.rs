@@ -45,16 +45,23 @@ fn echo_on_cloud_run(ca: &TestCa, dir: &TempDir) -> (Running, u16) {
     (krun, tunnel)
 }
 
+/// Cloud Run's front end for the instance listening on `tunnel`: TLS h2 in, h2c to the
+/// instance, headers recorded. Returns it, the path of its CA (for `SSL_CERT_FILE`) and the
+/// service URL.
+fn cloud_run_front(dir: &TempDir, tunnel: u16) -> (front::FakeFront, std::path::PathBuf, String) {
+    let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
+    let front_ca = dir.join("front-ca.pem");
+    std::fs::write(&front_ca, &front.ca_pem).expect("write front CA");
+    let url = format!("https://localhost:{}", front.addr.port());
+    (front, front_ca, url)
+}
+
 #[test]
 fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
     let ca = TestCa::new("cluster.local");
     let dir = TempDir::new("hgate-e2e");
     let (krun, tunnel) = echo_on_cloud_run(&ca, &dir);
-    // Cloud Run's front end: TLS h2 in, h2c to the instance, headers recorded.
-    let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
-    let front_ca = dir.join("front-ca.pem");
-    std::fs::write(&front_ca, &front.ca_pem).expect("write front CA");
-    let service_url = format!("https://localhost:{}", front.addr.port());
+    let (front, front_ca, service_url) = cloud_run_front(&dir, tunnel);
     let routes = dir.join("routes.yaml");
     std::fs::write(
         &routes,
@@ -722,11 +729,8 @@ fn gate_with_iam_id_tokens(
     dir: &TempDir,
     tunnel: u16,
 ) -> (Running, front::FakeFront, FakeServer) {
-    let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
-    let front_ca = dir.join("front-ca.pem");
-    std::fs::write(&front_ca, &front.ca_pem).expect("write front CA");
+    let (front, front_ca, url) = cloud_run_front(dir, tunnel);
     let routes = dir.join("routes.yaml");
-    let url = format!("https://localhost:{}", front.addr.port());
     std::fs::write(&routes, format!("echo.default: {url}/_hbone/15003\n")).expect("routes");
     let md = metadata::start(metadata::Instance::default());
     let gate = Krun::hgate()
@@ -942,10 +946,7 @@ fn a_labelled_cloud_run_service_is_registered_reached_through_hgate_and_unregist
     let ca = TestCa::new("cluster.local");
     let dir = TempDir::new("hgate-register");
     let (krun, tunnel) = echo_on_cloud_run(&ca, &dir);
-    let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
-    let front_ca = dir.join("front-ca.pem");
-    std::fs::write(&front_ca, &front.ca_pem).expect("write front CA");
-    let echo_url = format!("https://localhost:{}", front.addr.port());
+    let (_front, front_ca, echo_url) = cloud_run_front(&dir, tunnel);
 
     // The project (hgate's own, from the metadata server) in two regions; us-central1 spans
     // two pages.
