@@ -125,7 +125,7 @@ mesh::settings! {
             parse(regions),
         /// How often the Cloud Run services are listed and the cluster reconciled.
         register_interval: Setting<Duration> = HGATE_REGISTER_INTERVAL =>
-            parse(duration).or_default(Duration::from_secs(60)),
+            parse(interval).or_default(Duration::from_secs(60)),
         /// Cloud Run Admin API base URL.
         cloud_run_api_endpoint: Setting<String> = CLOUD_RUN_API_ENDPOINT =>
             parse(values::base_url).or_default(DEFAULT_CLOUD_RUN_API.to_owned()),
@@ -145,6 +145,15 @@ impl HgateConfig {
                 names::HGATE_ID_TOKEN_SERVICE_ACCOUNT,
                 &gsa.value,
                 "unset while HGATE_ID_TOKENS=none (no ID token is sent); set HGATE_ID_TOKENS=metadata to send this account's tokens",
+            ));
+        }
+        if let Some(label) = &config.register_label
+            && config.kube.value == KubeMode::Off
+        {
+            return Err(ConfigError::invalid(
+                names::HGATE_REGISTER_LABEL,
+                &label.value,
+                "set while HGATE_KUBE=off (registration writes Kubernetes objects); set HGATE_KUBE=auto",
             ));
         }
         if config.register_label.is_none()
@@ -211,6 +220,13 @@ fn addr(raw: &str) -> Result<SocketAddr, &'static str> {
 
 fn duration(raw: &str) -> Result<Duration, &'static str> {
     values::duration(raw).map_err(|_| "a duration like 5s or 1m")
+}
+
+fn interval(raw: &str) -> Result<Duration, &'static str> {
+    values::duration(raw)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or("a duration above zero like 30s or 5m")
 }
 
 fn route_template(raw: &str) -> Result<String, &'static str> {
