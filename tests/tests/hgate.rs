@@ -1133,9 +1133,35 @@ fn a_labelled_cloud_run_service_is_registered_reached_through_hgate_and_unregist
     assert_eq!(echo["spec"]["ports"][0]["port"], 8081);
     assert_eq!(echo["spec"]["clusterIP"], "10.96.7.7");
 
-    // echo loses its label, api is deleted: exactly their objects go.
-    run.set_labels("us-central1", "echo", &[("team", "a")]);
+    // The Admin API refuses to list us-central1 (a revoked role) while api is deleted: the
+    // failed passes delete nothing (waited for: a refusal after the deletion).
+    run.server
+        .fail("/locations/us-central1/", u32::MAX, 403, &[]);
     run.delete_service("europe-west1", "api");
+    let deleted_at = std::time::Instant::now();
+    loop {
+        let line = gate.wait_for_line("registration pass failed");
+        assert!(
+            line.contains("nothing deleted") && line.contains("403"),
+            "{line}"
+        );
+        let refused_since = run
+            .server
+            .seen()
+            .iter()
+            .any(|s| s.status == 403 && s.arrived > deleted_at);
+        if refused_since {
+            break;
+        }
+    }
+    assert!(
+        get("services", "shop", "api").is_some(),
+        "a failed list deletes nothing"
+    );
+    run.server.fail("/locations/us-central1/", 0, 403, &[]);
+
+    // echo loses its label, api is gone: exactly their objects go.
+    run.set_labels("us-central1", "echo", &[("team", "a")]);
     let lines = read_until(&mut gate, |lines| {
         count(lines, &["registration object deleted"]) >= 6
             && count(lines, &["route removed", "echo.default"]) >= 1
