@@ -27,6 +27,9 @@ use crate::{admin, default_route, istiod, mesh_env, services};
 
 /// Deadline of one ID token request to the metadata server (connect and answer).
 const ID_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of one access token request to the metadata server (auto-registration's Admin
+/// API calls).
+const ACCESS_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs hgate until SIGTERM/SIGINT, then drains.
 pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
@@ -184,7 +187,7 @@ async fn registrar(config: &HgateConfig, client: &kube::Client) -> Result<Regist
     };
     let tokens = Arc::new(MetadataClient::new(
         &config.metadata_host.value,
-        ID_TOKEN_TIMEOUT,
+        ACCESS_TOKEN_TIMEOUT,
     ));
     // The system trust store is read from disk: off the runtime's threads.
     let api = tokio::task::spawn_blocking(move || GoogleApi::new(tokens, Backoff::DISCOVERY))
