@@ -8,9 +8,7 @@ use anyhow::Context;
 use hbone::H2Settings;
 use hbone::listen::ConnectionLimit;
 use hbone::post::PostClient;
-use mesh::backoff::Backoff;
 use mesh::credentials::id_tokens::{IdTokenSource, ServiceAccountIdTokens};
-use mesh::discovery::google_api::GoogleApi;
 use mesh::http::HttpClient;
 use mesh::identity::token_cache::{CachePolicy, MintBudget, TokenCache};
 use mesh::metadata::MetadataClient;
@@ -21,9 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{HgateConfig, IdTokens, KubeMode};
 use crate::gate::Gate;
-use crate::register::Registrar;
 use crate::route::{AnnotationRoutes, Routes, load_routes};
-use crate::{admin, default_route, istiod, mesh_env, services};
+use crate::{admin, default_route, istiod, mesh_env, register, services};
 
 /// Deadline of one ID token request to the metadata server (connect and answer).
 const ID_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -125,7 +122,12 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
     if let Some(client) = kube_client(&config).await {
         start_kube(&client, &config, annotations, &drain);
         if config.register_label.is_some() {
-            match registrar(&config, &client).await {
+            // hgate's own access token from the metadata server.
+            let tokens = Arc::new(MetadataClient::new(
+                &config.metadata_host.value,
+                ACCESS_TOKEN_TIMEOUT,
+            ));
+            match register::Registrar::from_config(&config, &client, tokens).await {
                 Ok(registrar) => {
                     tokio::spawn(registrar.run(drain.clone()));
                 }
@@ -163,46 +165,6 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
         "drained; exiting"
     );
     Ok(())
-}
-
-/// Auto-registration's parts: the project and regions resolved at start, the Admin API
-/// called with hgate's own access token from the metadata server.
-async fn registrar(config: &HgateConfig, client: &kube::Client) -> Result<Registrar, String> {
-    let label = config
-        .register_label
-        .as_ref()
-        .map(|s| s.value.clone())
-        .unwrap_or_default();
-    let project = config
-        .cloud_run_project_number
-        .as_ref()
-        .map(|s| s.value.clone())
-        .ok_or("no project number: set HGATE_CLOUD_RUN_PROJECT_NUMBER")?;
-    let regions = match (&config.register_regions, &config.cloud_run_region) {
-        (Some(list), _) => list.value.clone(),
-        (None, Some(region)) => vec![region.value.clone()],
-        (None, None) => {
-            return Err("no region: set HGATE_REGISTER_REGIONS or HGATE_CLOUD_RUN_REGION".into());
-        }
-    };
-    let tokens = Arc::new(MetadataClient::new(
-        &config.metadata_host.value,
-        ACCESS_TOKEN_TIMEOUT,
-    ));
-    // The system trust store is read from disk: off the runtime's threads.
-    let api = tokio::task::spawn_blocking(move || GoogleApi::new(tokens, Backoff::DISCOVERY))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok(Registrar {
-        client: client.clone(),
-        api,
-        endpoint: config.cloud_run_api_endpoint.value.clone(),
-        project,
-        regions,
-        label,
-        interval: config.register_interval.value,
-    })
 }
 
 /// The metadata server's `identity` (hgate's own account), or IAM `generateIdToken` for

@@ -11,15 +11,19 @@
 pub mod objects;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
+use mesh::backoff::Backoff;
+use mesh::credentials::AccessTokens;
 use mesh::discovery::google_api::GoogleApi;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::HgateConfig;
 use crate::mesh_env;
 use crate::run_admin::{self, RunService};
 use objects::{Gateway, Kind, MANAGED_BY, MANAGED_BY_LABEL, Registration, TUNNEL_PATH};
@@ -34,19 +38,19 @@ const GATEWAY_SERVICE: (&str, &str) = ("internal-hgate", "tls-sni");
 /// What to register and where from.
 pub struct Registrar {
     /// The cluster.
-    pub client: kube::Client,
+    client: kube::Client,
     /// The Cloud Run Admin API client.
-    pub api: GoogleApi,
+    api: GoogleApi,
     /// `CLOUD_RUN_API_ENDPOINT`.
-    pub endpoint: String,
+    endpoint: String,
     /// The project (number or id).
-    pub project: String,
+    project: String,
     /// The regions listed.
-    pub regions: Vec<String>,
+    regions: Vec<String>,
     /// `HGATE_REGISTER_LABEL`.
-    pub label: String,
+    label: String,
     /// `HGATE_REGISTER_INTERVAL`.
-    pub interval: Duration,
+    interval: Duration,
 }
 
 /// Problems of one pass, reported once each until they go away.
@@ -59,6 +63,49 @@ struct Problems {
 }
 
 impl Registrar {
+    /// Registration as `config` sets it: the project and regions resolved at start
+    /// ([`crate::default_route::resolve`]), the Admin API called with `tokens`. An error says
+    /// which setting is missing.
+    pub async fn from_config(
+        config: &HgateConfig,
+        client: &kube::Client,
+        tokens: Arc<dyn AccessTokens>,
+    ) -> Result<Registrar, String> {
+        let label = config
+            .register_label
+            .as_ref()
+            .map(|s| s.value.clone())
+            .ok_or("HGATE_REGISTER_LABEL is unset")?;
+        let project = config
+            .cloud_run_project_number
+            .as_ref()
+            .map(|s| s.value.clone())
+            .ok_or("no project number: set HGATE_CLOUD_RUN_PROJECT_NUMBER")?;
+        let regions = match (&config.register_regions, &config.cloud_run_region) {
+            (Some(list), _) => list.value.clone(),
+            (None, Some(region)) => vec![region.value.clone()],
+            (None, None) => {
+                return Err(
+                    "no region: set HGATE_REGISTER_REGIONS or HGATE_CLOUD_RUN_REGION".into(),
+                );
+            }
+        };
+        // The system trust store is read from disk: off the runtime's threads.
+        let api = tokio::task::spawn_blocking(move || GoogleApi::new(tokens, Backoff::DISCOVERY))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(Registrar {
+            client: client.clone(),
+            api,
+            endpoint: config.cloud_run_api_endpoint.value.clone(),
+            project,
+            regions,
+            label,
+            interval: config.register_interval.value,
+        })
+    }
+
     /// Reconciles now and every interval until `drain`.
     pub async fn run(self, drain: CancellationToken) {
         tracing::info!(
