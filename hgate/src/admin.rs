@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use hbone::listen::ConnectionLimit;
 
 use crate::gate::{NO_ROUTE, TUNNELLED};
+use crate::register::CONFLICTS;
 
 /// What hgate's admin paths read.
 pub struct HgatePaths {
@@ -99,6 +100,14 @@ impl Collector for GateMetrics {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(value).encode(metric)?;
         }
+        let conflicts = i64::try_from(CONFLICTS.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+        let metric = encoder.encode_descriptor(
+            "registration_conflicts",
+            "Cloud Run services not registered because a same-named object is not hgate's",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(conflicts).encode(metric)?;
         let open = i64::try_from(self.0.open()).unwrap_or(i64::MAX);
         let metric = encoder.encode_descriptor(
             "open_connections",

@@ -21,6 +21,9 @@ pub const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
 pub const DEFAULT_ROUTE_TEMPLATE: &str =
     "https://{service}-{project_number}.{region}.run.app/_hbone/15003";
 
+/// Google's Cloud Run Admin API, the default of `CLOUD_RUN_API_ENDPOINT`.
+pub const DEFAULT_CLOUD_RUN_API: &str = "https://run.googleapis.com";
+
 /// Where ID tokens for the tunnels come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -122,6 +125,18 @@ mesh::settings! {
         project_number: Option<Setting<String>> = PROJECT_NUMBER => text(),
         /// Published into mesh-env when set.
         mesh_tenant: Option<Setting<String>> = MESH_TENANT => text(),
+        /// Cloud Run services carrying this label are registered in the mesh, in the
+        /// namespace its value names (unset: registration off).
+        register_label: Option<Setting<String>> = HGATE_REGISTER_LABEL => parse(label_key),
+        /// Regions whose Cloud Run services are registered (unset: `HGATE_CLOUD_RUN_REGION`).
+        register_regions: Option<Setting<Vec<String>>> = HGATE_REGISTER_REGIONS =>
+            parse(regions),
+        /// How often the Cloud Run services are listed and the cluster reconciled.
+        register_interval: Setting<Duration> = HGATE_REGISTER_INTERVAL =>
+            parse(interval).or_default(Duration::from_secs(60)),
+        /// Cloud Run Admin API base URL.
+        cloud_run_api_endpoint: Setting<String> = CLOUD_RUN_API_ENDPOINT =>
+            parse(values::base_url).or_default(DEFAULT_CLOUD_RUN_API.to_owned()),
     }
     /// Env var names: those hgate shares with krun, and hgate's own `HGATE_*` knobs.
     pub mod names;
@@ -138,6 +153,24 @@ impl HgateConfig {
                 names::HGATE_ID_TOKEN_SERVICE_ACCOUNT,
                 &gsa.value,
                 "unset while HGATE_ID_TOKENS=none (no ID token is sent); set HGATE_ID_TOKENS=metadata to send this account's tokens",
+            ));
+        }
+        if let Some(label) = &config.register_label
+            && config.kube.value == KubeMode::Off
+        {
+            return Err(ConfigError::invalid(
+                names::HGATE_REGISTER_LABEL,
+                &label.value,
+                "set while HGATE_KUBE=off (registration writes Kubernetes objects); set HGATE_KUBE=auto",
+            ));
+        }
+        if config.register_label.is_none()
+            && let Some(regions) = &config.register_regions
+        {
+            return Err(ConfigError::invalid(
+                names::HGATE_REGISTER_REGIONS,
+                &regions.value.join(","),
+                "set while HGATE_REGISTER_LABEL is unset (registration is off); set HGATE_REGISTER_LABEL=krun-mesh to register the labelled Cloud Run services",
             ));
         }
         Ok(config)
@@ -197,6 +230,13 @@ fn duration(raw: &str) -> Result<Duration, &'static str> {
     values::duration(raw).map_err(|_| "a duration like 5s or 1m")
 }
 
+fn interval(raw: &str) -> Result<Duration, &'static str> {
+    values::duration(raw)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or("a duration above zero like 30s or 5m")
+}
+
 fn route_template(raw: &str) -> Result<String, &'static str> {
     raw.contains("{service}")
         .then(|| raw.to_owned())
@@ -216,6 +256,33 @@ fn region(raw: &str) -> Result<String, &'static str> {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
     .then(|| raw.to_owned())
     .ok_or("a Cloud Run region like us-central1")
+}
+
+/// A Cloud Run label key: lower-case letters, digits, `_` and `-`, starting with a letter,
+/// at most 63 characters (<https://cloud.google.com/run/docs/configuring/services/labels>).
+fn label_key(raw: &str) -> Result<String, &'static str> {
+    let ok = raw.len() <= 63
+        && raw.starts_with(|c: char| c.is_ascii_lowercase())
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    ok.then(|| raw.to_owned())
+        .ok_or("a Cloud Run label key like krun-mesh (lower-case letters, digits, _ and -)")
+}
+
+fn regions(raw: &str) -> Result<Vec<String>, &'static str> {
+    let list: Vec<String> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            region(r).map_err(|_| "a comma-separated list of regions like us-central1,europe-west1")
+        })
+        .collect::<Result<_, _>>()?;
+    if list.is_empty() {
+        return Err("a comma-separated list of regions like us-central1,europe-west1");
+    }
+    Ok(list)
 }
 
 fn id_tokens(raw: &str) -> Result<IdTokens, &'static str> {
@@ -292,6 +359,40 @@ mod tests {
             .to_string();
         assert!(
             e.starts_with("HGATE_ID_TOKEN_SERVICE_ACCOUNT=gate: expected"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn registration_settings_are_checked() {
+        let c = HgateConfig::from_env(&env(&[
+            (HGATE_REGISTER_LABEL, "krun-mesh"),
+            (HGATE_REGISTER_REGIONS, "us-central1, europe-west1"),
+        ]))
+        .expect("config");
+        assert_eq!(
+            c.register_regions.map(|r| r.value),
+            Some(vec!["us-central1".to_owned(), "europe-west1".to_owned()])
+        );
+        let e = HgateConfig::from_env(&env(&[(HGATE_REGISTER_LABEL, "Krun Mesh")]))
+            .expect_err("not a label key")
+            .to_string();
+        assert!(
+            e.starts_with("HGATE_REGISTER_LABEL=Krun Mesh: expected"),
+            "{e}"
+        );
+        let e = HgateConfig::from_env(&env(&[(HGATE_REGISTER_REGIONS, "us-central1")]))
+            .expect_err("regions without a label act on nothing")
+            .to_string();
+        assert!(e.contains("HGATE_REGISTER_LABEL=krun-mesh"), "{e}");
+        let e = HgateConfig::from_env(&env(&[
+            (HGATE_REGISTER_LABEL, "krun-mesh"),
+            (HGATE_REGISTER_REGIONS, "us central"),
+        ]))
+        .expect_err("bad region")
+        .to_string();
+        assert!(
+            e.starts_with("HGATE_REGISTER_REGIONS=us central: expected"),
             "{e}"
         );
     }

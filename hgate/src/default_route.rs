@@ -24,9 +24,13 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 /// template then keeps its placeholders and [`crate::route`] refuses it per connection.
 pub async fn resolve(config: &mut HgateConfig) -> Result<(), String> {
     let template = config.route_template.value.clone();
-    let need_number =
-        template.contains(PROJECT_NUMBER) && config.cloud_run_project_number.is_none();
-    let need_region = template.contains(REGION) && config.cloud_run_region.is_none();
+    // Registration lists the services of this project, in this region unless told others.
+    let registering = config.register_label.is_some();
+    let need_number = (template.contains(PROJECT_NUMBER) || registering)
+        && config.cloud_run_project_number.is_none();
+    let need_region = (template.contains(REGION)
+        || (registering && config.register_regions.is_none()))
+        && config.cloud_run_region.is_none();
     if need_number || need_region {
         let host = config.metadata_host.value.clone();
         let metadata = metadata_server(
@@ -64,7 +68,7 @@ pub async fn resolve(config: &mut HgateConfig) -> Result<(), String> {
 
 fn unresolved(why: &str) -> String {
     format!(
-        "HGATE_ROUTE_TEMPLATE needs {PROJECT_NUMBER} and {REGION}: {why}; set HGATE_CLOUD_RUN_PROJECT_NUMBER and HGATE_CLOUD_RUN_REGION, or a HGATE_ROUTE_TEMPLATE without them"
+        "HGATE_ROUTE_TEMPLATE (and HGATE_REGISTER_LABEL, when set) need {PROJECT_NUMBER} and {REGION}: {why}; set HGATE_CLOUD_RUN_PROJECT_NUMBER and HGATE_CLOUD_RUN_REGION, or a HGATE_ROUTE_TEMPLATE without them"
     )
 }
 

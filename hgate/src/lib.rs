@@ -9,7 +9,9 @@ pub mod default_route;
 pub mod gate;
 pub mod istiod;
 pub mod mesh_env;
+pub mod register;
 pub mod route;
+pub mod run_admin;
 pub mod services;
 
 mod run;

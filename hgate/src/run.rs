@@ -25,10 +25,13 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{HgateConfig, IdTokens, KubeMode};
 use crate::gate::Gate;
 use crate::route::{AnnotationRoutes, Routes, load_routes};
-use crate::{admin, default_route, istiod, mesh_env, services};
+use crate::{admin, default_route, istiod, mesh_env, register, services};
 
 /// Deadline of one ID token request to the metadata server (connect and answer).
 const ID_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of one access token request to the metadata server (auto-registration's Admin
+/// API calls).
+const ACCESS_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs hgate until SIGTERM/SIGINT, then drains.
 pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
@@ -47,10 +50,11 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
     };
     tracing::info!(count = static_routes.len(), template = %config.route_template.value, "routes loaded");
     let annotations = AnnotationRoutes::default();
+    let file = file_credentials(&config).await?;
     let tokens = match config.id_tokens.value {
         IdTokens::None => None,
         IdTokens::Metadata => Some(TokenCache::new(
-            id_token_source(&config).await?,
+            id_token_source(&config, file.clone()).await?,
             id_token_policy(&config),
         )),
     };
@@ -123,6 +127,26 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
     }
     if let Some(client) = kube_client(&config).await {
         start_kube(&client, &config, annotations, &drain);
+        if config.register_label.is_some() {
+            // hgate's own access token: the credentials file off GCP, else the metadata server.
+            let tokens: Arc<dyn AccessTokens> = match &file {
+                Some((tokens, _)) => tokens.clone(),
+                None => Arc::new(MetadataClient::new(
+                    &config.metadata_host.value,
+                    ACCESS_TOKEN_TIMEOUT,
+                )),
+            };
+            match register::Registrar::from_config(&config, &client, tokens).await {
+                Ok(registrar) => {
+                    tokio::spawn(registrar.run(drain.clone()));
+                }
+                Err(e) => tracing::warn!(error = %e, "Cloud Run auto-registration off"),
+            }
+        }
+    } else if config.register_label.is_some() {
+        tracing::warn!(
+            "Cloud Run auto-registration off: HGATE_REGISTER_LABEL is set but hgate has no Kubernetes client"
+        );
     }
     let _ = ready_tx.send(true);
     tracing::info!("hgate ready");
@@ -156,9 +180,11 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
 /// `HGATE_ID_TOKEN_SERVICE_ACCOUNT`, called with hgate's own access token; else hgate's own
 /// identity, from the metadata server's `identity`, or off GCP from a service-account key's
 /// token endpoint ([`file_credentials`]).
-async fn id_token_source(config: &HgateConfig) -> anyhow::Result<IdTokenSource> {
+async fn id_token_source(
+    config: &HgateConfig,
+    file: Option<(Arc<FileTokens>, String)>,
+) -> anyhow::Result<IdTokenSource> {
     let metadata = MetadataClient::new(&config.metadata_host.value, ID_TOKEN_TIMEOUT);
-    let file = file_credentials(config).await?;
     let Some(gsa) = &config.id_token_service_account else {
         let Some((tokens, source)) = file else {
             tracing::info!(metadata = %config.metadata_host.value, "ID tokens: the metadata server's identity (hgate's own account)");
@@ -170,7 +196,7 @@ async fn id_token_source(config: &HgateConfig) -> anyhow::Result<IdTokenSource> 
             );
         }
         tracing::info!(credentials = %source, "ID tokens: the service-account key's own, from its token endpoint (target_audience)");
-        return Ok(IdTokenSource::KeyFile(Arc::new(tokens)));
+        return Ok(IdTokenSource::KeyFile(tokens));
     };
     // The system trust store is read from disk: off the runtime's threads.
     let http = tokio::task::spawn_blocking(|| HttpClient::new(ID_TOKEN_TIMEOUT))
@@ -178,7 +204,7 @@ async fn id_token_source(config: &HgateConfig) -> anyhow::Result<IdTokenSource> 
         .context("HTTPS client for IAM Credentials")?
         .context("HTTPS client for IAM Credentials")?;
     let (caller, caller_source): (Arc<dyn AccessTokens>, String) = match file {
-        Some((tokens, source)) => (Arc::new(tokens), source),
+        Some((tokens, source)) => (tokens, source),
         None => (Arc::new(metadata), "the metadata server".to_owned()),
     };
     tracing::info!(
@@ -199,7 +225,9 @@ async fn id_token_source(config: &HgateConfig) -> anyhow::Result<IdTokenSource> 
 /// (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's file) when one is configured and no metadata
 /// server answers the probe (hgate in a cluster outside GCP). `None`: the metadata server;
 /// without a file nothing is probed, as before.
-async fn file_credentials(config: &HgateConfig) -> anyhow::Result<Option<(FileTokens, String)>> {
+async fn file_credentials(
+    config: &HgateConfig,
+) -> anyhow::Result<Option<(Arc<FileTokens>, String)>> {
     let path =
         |s: &Option<mesh::config::Setting<std::path::PathBuf>>| s.as_ref().map(|s| s.value.clone());
     let (gac, cloudsdk, home) = (
@@ -232,7 +260,7 @@ async fn file_credentials(config: &HgateConfig) -> anyhow::Result<Option<(FileTo
         located.path.display(),
         located.origin
     );
-    Ok(Some((tokens, source)))
+    Ok(Some((Arc::new(tokens), source)))
 }
 
 /// The audiences follow the client's SNI (the route template makes every well-formed SNI

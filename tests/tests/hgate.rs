@@ -45,16 +45,23 @@ fn echo_on_cloud_run(ca: &TestCa, dir: &TempDir) -> (Running, u16) {
     (krun, tunnel)
 }
 
+/// Cloud Run's front end for the instance listening on `tunnel`: TLS h2 in, h2c to the
+/// instance, headers recorded. Returns it, the path of its CA (for `SSL_CERT_FILE`) and the
+/// service URL.
+fn cloud_run_front(dir: &TempDir, tunnel: u16) -> (front::FakeFront, std::path::PathBuf, String) {
+    let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
+    let front_ca = dir.join("front-ca.pem");
+    std::fs::write(&front_ca, &front.ca_pem).expect("write front CA");
+    let url = format!("https://localhost:{}", front.addr.port());
+    (front, front_ca, url)
+}
+
 #[test]
 fn a_mesh_client_reaches_the_echo_app_through_hgate_the_front_and_krun() {
     let ca = TestCa::new("cluster.local");
     let dir = TempDir::new("hgate-e2e");
     let (krun, tunnel) = echo_on_cloud_run(&ca, &dir);
-    // Cloud Run's front end: TLS h2 in, h2c to the instance, headers recorded.
-    let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
-    let front_ca = dir.join("front-ca.pem");
-    std::fs::write(&front_ca, &front.ca_pem).expect("write front CA");
-    let service_url = format!("https://localhost:{}", front.addr.port());
+    let (front, front_ca, service_url) = cloud_run_front(&dir, tunnel);
     let routes = dir.join("routes.yaml");
     std::fs::write(
         &routes,
@@ -724,11 +731,8 @@ fn gate_with_id_tokens(
     extra: &[(&str, String)],
     key_file: Option<&Path>,
 ) -> (Running, front::FakeFront, FakeServer) {
-    let front = front::start(SocketAddr::from(([127, 0, 0, 1], tunnel)));
-    let front_ca = dir.join("front-ca.pem");
-    std::fs::write(&front_ca, &front.ca_pem).expect("write front CA");
+    let (front, front_ca, url) = cloud_run_front(dir, tunnel);
     let routes = dir.join("routes.yaml");
-    let url = format!("https://localhost:{}", front.addr.port());
     std::fs::write(&routes, format!("echo.default: {url}/_hbone/15003\n")).expect("routes");
     let md = metadata::start(metadata::Instance::default());
     let gate = extra.iter().fold(
@@ -1033,4 +1037,279 @@ fn off_gcp_a_user_login_without_a_service_account_stops_hgate_naming_the_fix() {
     assert!(last.contains("cannot mint ID tokens"), "{last}");
     assert!(last.contains("HGATE_ID_TOKEN_SERVICE_ACCOUNT"), "{last}");
     assert!(oauth.seen().is_empty(), "refused before any grant");
+}
+
+/// Reads hgate's output line by line until `done` holds for the lines read so far (events
+/// of two tasks that race each other: the registrar and the Service watch).
+fn read_until(gate: &mut Running, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    while !done(&lines) {
+        lines.push(gate.wait_for_line(""));
+    }
+    lines
+}
+
+/// Lines containing every needle.
+fn count(lines: &[String], needles: &[&str]) -> usize {
+    lines
+        .iter()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .count()
+}
+
+#[test]
+fn a_labelled_cloud_run_service_is_registered_reached_through_hgate_and_unregistered() {
+    use krun_tests::fakes::cloud_run_admin::FakeRunAdmin;
+    use krun_tests::fakes::kube::{self, SharedCluster};
+    use serde_json::json;
+    let ca = TestCa::new("cluster.local");
+    let dir = TempDir::new("hgate-register");
+    let (krun, tunnel) = echo_on_cloud_run(&ca, &dir);
+    let (_front, front_ca, echo_url) = cloud_run_front(&dir, tunnel);
+
+    // The project (hgate's own, from the metadata server) in two regions; us-central1 spans
+    // two pages.
+    let run = FakeRunAdmin::start("1234567890");
+    let label = |ns| [("krun-mesh", ns), ("team", "a")];
+    run.put_service(
+        "us-central1",
+        "echo",
+        &echo_url,
+        &label("default"),
+        Some(("http1", 8080)),
+    );
+    run.put_service(
+        "us-central1",
+        "blocked",
+        "https://blocked-x.a.run.app",
+        &label("default"),
+        None,
+    );
+    run.put_service(
+        "us-central1",
+        "plain",
+        "https://plain-x.a.run.app",
+        &[],
+        None,
+    );
+    run.put_service(
+        "europe-west1",
+        "api",
+        "https://api-x-ew.a.run.app",
+        &label("shop"),
+        Some(("h2c", 9090)),
+    );
+
+    let state = SharedCluster::default();
+    {
+        let mut s = state.lock().expect("state");
+        s.put(
+            "services",
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "internal-hgate", "namespace": "istio-system"},
+                   "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.42",
+                            "ports": [{"name": "tls-sni", "port": 15442},
+                                      {"name": "tcp-istiod", "port": 15012}]}}),
+        );
+        // An operator's own Service named like a labelled Cloud Run service.
+        s.put_service(
+            "default",
+            "blocked",
+            None,
+            &[("krun.dev/tunnel-url", "http://127.0.0.1:1/operator")],
+        );
+    }
+    let blocked_before = state
+        .lock()
+        .expect("state")
+        .get("services", "default", "blocked");
+    let api = kube::start_cluster(state.clone());
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("write kubeconfig");
+    let md = metadata::start(metadata::Instance::default());
+
+    let mut gate = Krun::hgate()
+        .env("HGATE_KUBE", "auto")
+        .env("KUBECONFIG", &kubeconfig)
+        .env("GCE_METADATA_HOST", md.addr().to_string())
+        .env("HGATE_ID_TOKENS", "metadata")
+        .env("SSL_CERT_FILE", &front_ca)
+        .env("HGATE_REGISTER_LABEL", "krun-mesh")
+        .env("HGATE_REGISTER_REGIONS", "us-central1,europe-west1")
+        .env("HGATE_REGISTER_INTERVAL", "100ms")
+        .env("CLOUD_RUN_API_ENDPOINT", run.server.url("http"))
+        .start();
+    let admin = ready_addr(&mut gate, "admin endpoint ready");
+    let sni_addr = ready_addr(&mut gate, "SNI listener ready");
+
+    // Three objects each for echo and api, one report for blocked, and echo routed: by the
+    // watch's first list (blocked's route and echo's, created before api's, maybe api's) or
+    // by its event, whichever saw the Service first.
+    let lines = read_until(&mut gate, |lines| {
+        count(lines, &["registration object created"]) >= 6
+            && count(lines, &["not managed by hgate"]) >= 1
+            && (count(lines, &["route updated", "echo.default"]) >= 1
+                || count(lines, &["Service annotation routes changed", "count=2"]) >= 1
+                || count(lines, &["Service annotation routes changed", "count=3"]) >= 1)
+    });
+    assert_eq!(
+        count(&lines, &["registration object created"]),
+        6,
+        "{lines:?}"
+    );
+    assert_eq!(count(&lines, &["not managed by hgate"]), 1, "{lines:?}");
+    let conflict = lines
+        .iter()
+        .find(|l| l.contains("not managed by hgate"))
+        .expect("conflict line");
+    assert!(
+        conflict.contains("Service default/blocked") && conflict.contains("us-central1/blocked"),
+        "{conflict}"
+    );
+    let pages: Vec<String> = run
+        .list_requests()
+        .into_iter()
+        .filter(|p| p.contains("/us-central1/"))
+        .take(2)
+        .collect();
+    assert!(
+        pages.len() == 2 && pages[1].contains("pageToken=") && pages[1].contains("%3D"),
+        "the second page asked with the encoded token: {pages:?}"
+    );
+
+    let get =
+        |plural: &str, ns: &str, name: &str| state.lock().expect("state").get(plural, ns, name);
+    let echo = get("services", "default", "echo").expect("Service default/echo");
+    assert_eq!(
+        echo["metadata"]["annotations"]["krun.dev/tunnel-url"],
+        format!("{echo_url}/_hbone/15003")
+    );
+    assert_eq!(
+        echo["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "hgate"
+    );
+    assert!(echo["spec"].get("selector").is_none(), "{echo}");
+    assert_eq!(echo["spec"]["ports"][0]["port"], 8080);
+    let slice = get("endpointslices", "default", "echo-hgate").expect("EndpointSlice");
+    assert_eq!(
+        slice["metadata"]["labels"]["kubernetes.io/service-name"],
+        "echo"
+    );
+    assert_eq!(slice["endpoints"][0]["addresses"][0], "10.96.0.42");
+    assert_eq!(slice["ports"][0]["port"], 15442);
+    let rule = get("destinationrules", "default", "echo").expect("DestinationRule");
+    assert_eq!(rule["spec"]["trafficPolicy"]["tls"]["mode"], "ISTIO_MUTUAL");
+    let api_service = get("services", "shop", "api").expect("Service shop/api");
+    assert_eq!(api_service["spec"]["ports"][0]["port"], 9090);
+    assert_eq!(api_service["spec"]["ports"][0]["name"], "http2");
+    assert_eq!(
+        get("services", "default", "blocked"),
+        blocked_before,
+        "the operator's Service is untouched"
+    );
+    assert!(get("endpointslices", "default", "blocked-hgate").is_none());
+    assert!(get("destinationrules", "default", "blocked").is_none());
+    assert!(get("services", "default", "plain").is_none(), "unlabelled");
+    let (status, text) = http_request(admin, "GET", "/metrics");
+    assert_eq!(status, 200);
+    assert!(text.contains("hgate_registration_conflicts 1"), "{text}");
+
+    // A mesh client's call to echo.default.svc.cluster.local reaches the Cloud Run service.
+    let client_dir = TempDir::new("hgate-register-client");
+    let client = ca.install_client(
+        &client_dir.join(""),
+        "client",
+        "spiffe://cluster.local/ns/default/sa/client",
+    );
+    assert_eq!(
+        sni_client(sni_addr, MESH_SNI, &client, "registered")["data"],
+        "registered"
+    );
+    let line = gate.wait_for_line("connection finished");
+    assert!(
+        line.contains(&format!("{echo_url}/_hbone/15003 (Annotation)")),
+        "{line}"
+    );
+
+    // A new revision listens on another port: the Service is updated in place (its cluster
+    // IP, set by the API server, kept), the other objects already hold what they should.
+    let mut edited = get("services", "default", "echo").expect("echo");
+    edited["spec"]["clusterIP"] = json!("10.96.7.7");
+    state.lock().expect("state").put("services", edited);
+    run.put_service(
+        "us-central1",
+        "echo",
+        &echo_url,
+        &label("default"),
+        Some(("http1", 8081)),
+    );
+    let line = gate.wait_for_line("registration object updated");
+    assert!(
+        line.contains("kind=Service") && line.contains("name=echo"),
+        "{line}"
+    );
+    let echo = get("services", "default", "echo").expect("echo");
+    assert_eq!(echo["spec"]["ports"][0]["port"], 8081);
+    assert_eq!(echo["spec"]["clusterIP"], "10.96.7.7");
+
+    // The Admin API refuses to list us-central1 (a revoked role) while api is deleted: the
+    // failed passes delete nothing (waited for: a refusal after the deletion).
+    run.server
+        .fail("/locations/us-central1/", u32::MAX, 403, &[]);
+    run.delete_service("europe-west1", "api");
+    let deleted_at = std::time::Instant::now();
+    loop {
+        let line = gate.wait_for_line("registration pass failed");
+        assert!(
+            line.contains("nothing deleted") && line.contains("403"),
+            "{line}"
+        );
+        let refused_since = run
+            .server
+            .seen()
+            .iter()
+            .any(|s| s.status == 403 && s.arrived > deleted_at);
+        if refused_since {
+            break;
+        }
+    }
+    assert!(
+        get("services", "shop", "api").is_some(),
+        "a failed list deletes nothing"
+    );
+    run.server.fail("/locations/us-central1/", 0, 403, &[]);
+
+    // echo loses its label, api is gone: exactly their objects go.
+    run.set_labels("us-central1", "echo", &[("team", "a")]);
+    let lines = read_until(&mut gate, |lines| {
+        count(lines, &["registration object deleted"]) >= 6
+            && count(lines, &["route removed", "echo.default"]) >= 1
+    });
+    assert_eq!(
+        count(&lines, &["registration object deleted"]),
+        6,
+        "{lines:?}"
+    );
+    for (ns, name) in [("default", "echo"), ("shop", "api")] {
+        assert!(get("services", ns, name).is_none(), "{ns}/{name}");
+        assert!(get("endpointslices", ns, &format!("{name}-hgate")).is_none());
+        assert!(get("destinationrules", ns, name).is_none());
+    }
+    assert_eq!(get("services", "default", "blocked"), blocked_before);
+    assert!(get("services", "istio-system", "internal-hgate").is_some());
+    assert_eq!(
+        count(&lines, &["not managed by hgate"]),
+        0,
+        "the conflict is reported once, not every pass"
+    );
+    assert_eq!(
+        count(&lines, &["registration object updated"]),
+        0,
+        "{lines:?}"
+    );
+
+    gate.signal(Signal::SIGTERM);
+    assert_eq!(gate.finish().code, 0);
+    krun.signal(Signal::SIGTERM);
+    assert_eq!(krun.finish().code, 0);
 }

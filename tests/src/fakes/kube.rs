@@ -2,7 +2,8 @@
 //! required, serving `GET /api/v1/namespaces/istio-system/configmaps/mesh-env` (or a K8s
 //! `Status` 404 when no mesh-env is set) and TokenRequest
 //! (`POST /api/v1/namespaces/NS/serviceaccounts/KSA/token`, for krun's istio-token), or, with
-//! [`start_cluster`], a stateful cluster of ConfigMaps and Services.
+//! [`start_cluster`], a stateful cluster of ConfigMaps, Services, EndpointSlices and Istio
+//! DestinationRules.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -182,6 +183,16 @@ fn token_request(ns: &str, sa: &str, req: &Request) -> Reply {
 const KINDS: &[(&str, &str, &str)] = &[
     ("services", "api/v1", "Service"),
     ("configmaps", "api/v1", "ConfigMap"),
+    (
+        "endpointslices",
+        "apis/discovery.k8s.io/v1",
+        "EndpointSlice",
+    ),
+    (
+        "destinationrules",
+        "apis/networking.istio.io/v1",
+        "DestinationRule",
+    ),
 ];
 
 /// One change, as a watch stream sends it.
@@ -369,7 +380,8 @@ fn watch_line(change: &Change) -> Bytes {
 /// Shared cluster state.
 pub type SharedCluster = Arc<std::sync::Mutex<ClusterState>>;
 
-/// Starts a stateful API server over `state`: for Services and ConfigMaps, GET, POST, PUT
+/// Starts a stateful API server over `state`: for every kind of [`KINDS`], GET, POST (409
+/// `AlreadyExists` for a taken name, 400 for a body of another kind), PUT
 /// (which requires the current resourceVersion, as the real one) and DELETE of one object;
 /// lists, cluster-wide and per namespace, with field (`metadata.name`) and label selectors;
 /// and watches (`?watch=true`) that replay every change after the given resourceVersion and
@@ -400,6 +412,16 @@ fn query_value(query: Option<&str>, name: &str) -> Option<String> {
                 .replace("%2c", ",")
         })
     })
+}
+
+/// `v1` or `group/version` of the kind `plural`.
+fn route_base(plural: &str) -> &'static str {
+    KINDS
+        .iter()
+        .find(|(p, _, _)| *p == plural)
+        .map_or("v1", |(_, base, _)| {
+            base.trim_start_matches("apis/").trim_start_matches("api/")
+        })
 }
 
 /// A request path split into (plural, namespace, name) for a kind this fake serves.
@@ -448,6 +470,13 @@ fn answer_cluster(state: &SharedCluster, req: &Request) -> Reply {
             let Some(name) = object["metadata"]["name"].as_str().map(str::to_owned) else {
                 return status(422, "Invalid", "metadata.name: Required value");
             };
+            if object["kind"] != kind {
+                return status(
+                    400,
+                    "BadRequest",
+                    &format!("the body is a {}, not a {kind}", object["kind"]),
+                );
+            }
             if state.get(plural, &ns, &name).is_some() {
                 return status(
                     409,
@@ -530,9 +559,12 @@ fn list_or_watch(
     };
     let watch = matches!(query_value(query, "watch").as_deref(), Some("true" | "1"));
     if !watch {
-        return Reply::json(json!({"apiVersion": "v1", "kind": format!("{kind}List"),
+        let api_version = route_base(plural);
+        return Reply::json(
+            json!({"apiVersion": api_version, "kind": format!("{kind}List"),
                                   "metadata": {"resourceVersion": state.revision.to_string()},
-                                  "items": state.list(&filter)}));
+                                  "items": state.list(&filter)}),
+        );
     }
     let since = query_value(query, "resourceVersion")
         .and_then(|v| v.parse::<u64>().ok())

@@ -5,6 +5,7 @@
 
 pub mod ca;
 pub mod ca_wire;
+pub mod cloud_run_admin;
 pub mod dns;
 pub mod front;
 pub mod gke;
