@@ -457,6 +457,100 @@ fn workloads_from_istiod_decide_the_route_and_survive_its_outage() {
     server.finish();
 }
 
+/// A Service VIP istiod lists reaches one of its healthy endpoints over HBONE, pinned to the
+/// endpoint's identity, with the service port mapped to the endpoint's target port (80 ->
+/// 8080: the peer's app listens only on 127.0.0.1:8080, so only a mapped HBONE stream reaches
+/// it). The unhealthy endpoint (which would fail its identity check) is never picked; a VIP
+/// whose endpoints are gone is refused with a log line naming the service.
+#[test]
+fn a_service_vip_reaches_one_of_its_endpoints_with_the_port_mapped() {
+    use mesh::xds::proto::{AddressType, Port, PortList, WorkloadStatus};
+    let (client_ns, server_ns) = Netns::pair("svc", "10.1.2.3");
+    server_ns.exec(&["ip", "addr", "add", "10.1.2.5/32", "dev", "lo"]);
+    let ca = TestCa::new("cluster.local");
+    let server_dir = TempDir::new("svc-server");
+    let server = mesh_server(&server_ns, &ca, &server_dir);
+
+    let tls = IstiodTls::new(&ca);
+    let istiod = in_netns(&client_ns, move || FakeIstiod::start(tls));
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+    // A named targetPort: istiod leaves the service's target port 0 and each endpoint says.
+    istiod.push_service("echo", "default", ip("10.96.0.10"), &[(80, 0)]);
+    let endpoint = |at: &str, sa: &str, status: WorkloadStatus| {
+        let mut w = krun_tests::fakes::istiod::workload(ip(at), "default", sa, true);
+        let ports = vec![Port {
+            service_port: 80,
+            target_port: 8080,
+        }];
+        w.services.insert(
+            "default/echo.default.svc.cluster.local".into(),
+            PortList { ports },
+        );
+        w.status = status as i32;
+        AddressType::Workload(w)
+    };
+    istiod.push_address(
+        "echo-pod",
+        endpoint("10.1.2.3", "echo", WorkloadStatus::Healthy),
+    );
+    istiod.push_address(
+        "sick-pod",
+        endpoint("10.1.2.5", "other", WorkloadStatus::Unhealthy),
+    );
+
+    let client_dir = TempDir::new("svc-client");
+    ca.install_workload(
+        &client_dir.join(""),
+        "spiffe://cluster.local/ns/default/sa/caller",
+    );
+    let fifo = client_dir.join("steps");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let mut client = krun_in(&client_ns)
+        .env("MESH_BASE_DIR", client_dir.join(""))
+        .env("KRUN_DATAPLANE", "builtin")
+        .env("XDS_ADDR", istiod.addr.to_string())
+        .args(app(&["script", &fifo.display().to_string()]))
+        .start();
+    client.wait_for_line("services=1");
+    let mut steps = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open the app's step FIFO");
+    let mut step = |line: &str| {
+        use std::io::Write;
+        writeln!(steps, "{line}").expect("write a step");
+    };
+
+    for round in ["one", "two", "three"] {
+        step(&format!("echo 10.96.0.10:80 {round}"));
+        client.wait_for_line(&format!("echoed {round}"));
+    }
+    istiod.remove("echo-pod");
+    client.wait_for_line("removed=1");
+    step("echo 10.96.0.10:80 gone");
+    let refused = client.wait_for_line("outbound refused");
+    assert!(
+        refused.contains("echo.default.svc.cluster.local"),
+        "{refused}"
+    );
+    client.wait_for_line("failed 10.96.0.10:80");
+    drop(steps);
+    let done = client.finish();
+    let text = done.text();
+    assert!(
+        done.has_line("original_dst=10.96.0.10:80 route=\"service\""),
+        "{text}"
+    );
+    assert!(
+        done.has_line("via=echo.default.svc.cluster.local upstream=10.1.2.3:8080"),
+        "{text}"
+    );
+    assert!(!done.has_line("peer identity mismatch"), "{text}");
+    assert!(!done.has_line("echoed gone"), "{text}");
+    server.signal(Signal::SIGTERM);
+    server.finish();
+}
+
 /// A plain `krun -- app` (no mesh, no interception asked for) is only a supervisor, even as
 /// root: no rules, no proxy variables for the app. Run in a private network namespace so a
 /// regression cannot touch the host's rules.
