@@ -461,7 +461,8 @@ fn workloads_from_istiod_decide_the_route_and_survive_its_outage() {
 /// endpoint's identity, with the service port mapped to the endpoint's target port (80 ->
 /// 8080: the peer's app listens only on 127.0.0.1:8080, so only a mapped HBONE stream reaches
 /// it). The unhealthy endpoint (which would fail its identity check) is never picked; a VIP
-/// whose endpoints are gone is refused with a log line naming the service.
+/// whose endpoints are gone is refused with a log line naming the service. istiod is found
+/// through mesh-env's `IMCON_ADDR` on 15012, not `XDS_ADDR`.
 #[test]
 fn a_service_vip_reaches_one_of_its_endpoints_with_the_port_mapped() {
     use mesh::xds::proto::{AddressType, Port, PortList, WorkloadStatus};
@@ -471,8 +472,11 @@ fn a_service_vip_reaches_one_of_its_endpoints_with_the_port_mapped() {
     let server_dir = TempDir::new("svc-server");
     let server = mesh_server(&server_ns, &ca, &server_dir);
 
+    // istiod where mesh-env's IMCON_ADDR says, on istiod's port.
     let tls = IstiodTls::new(&ca);
-    let istiod = in_netns(&client_ns, move || FakeIstiod::start(tls));
+    let istiod = in_netns(&client_ns, move || {
+        FakeIstiod::start_at(tls, "127.0.0.1:15012")
+    });
     let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
     // A named targetPort: istiod leaves the service's target port 0 and each endpoint says.
     istiod.push_service("echo", "default", ip("10.96.0.10"), &[(80, 0)]);
@@ -503,14 +507,21 @@ fn a_service_vip_reaches_one_of_its_endpoints_with_the_port_mapped() {
         &client_dir.join(""),
         "spiffe://cluster.local/ns/default/sa/caller",
     );
+    let mesh_env = client_dir.join("mesh-env.yaml");
+    std::fs::write(&mesh_env, "IMCON_ADDR: 127.0.0.1\n").expect("write mesh-env");
     let fifo = client_dir.join("steps");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
     let mut client = krun_in(&client_ns)
         .env("MESH_BASE_DIR", client_dir.join(""))
+        .env("MESH", format!("file://{}", mesh_env.display()))
         .env("KRUN_DATAPLANE", "builtin")
-        .env("XDS_ADDR", istiod.addr.to_string())
         .args(app(&["script", &fifo.display().to_string()]))
         .start();
+    let chosen = client.wait_for_line("workload discovery: delta ADS to istiod");
+    assert!(
+        chosen.contains("istiod=127.0.0.1:15012") && chosen.contains("IMCON_ADDR"),
+        "{chosen}"
+    );
     client.wait_for_line("services=1");
     let mut steps = std::fs::OpenOptions::new()
         .write(true)

@@ -396,7 +396,6 @@ fn start_discovery(
     tasks: &mut JoinSet<()>,
 ) -> Arc<WorkloadStore> {
     let store = Arc::new(WorkloadStore::default());
-    tracing::info!(istiod = %xds.addr, node = %xds.node_id, "workload discovery: delta ADS to istiod (XDS_ADDR)");
     tasks.spawn(mesh::xds::run(
         xds,
         certs.clone(),

@@ -137,7 +137,7 @@ pub async fn run(
     // startup drains instead of killing krun.
     let mut supervisor = Supervisor::new(plan, app, timeouts, clock)?;
     let drain = CancellationToken::new();
-    let xds = xds_config(&config, &inputs, env);
+    let xds = xds_config(&config, dataplane.mode, &inputs, env);
     let mut mesh = MeshSide::start(
         &config,
         dataplane.mode,
@@ -384,15 +384,39 @@ async fn mint_from_cluster_ca(
     })
 }
 
-/// How the builtin data plane reaches istiod for workload discovery: `XDS_ADDR` (not `-`),
+/// How the builtin data plane reaches istiod for workload discovery: the address
+/// `agent::xds::discovery_istiod` picks (`XDS_ADDR`, else mesh-env `IMCON_ADDR:15012`; never
+/// the managed control plane), logged once with where it came from or why there is none,
 /// verified as istiod, with the node id and metadata ztunnel sends
 /// (`ztunnel~IP~POD.NS~NS.svc.cluster.local`; istiod knows only its proxy types) and the
-/// istio-token file as the bearer when krun keeps one.
-fn xds_config(config: &Config, inputs: &AgentInputs, env: &Env) -> Option<mesh::xds::XdsConfig> {
-    let addr = config.xds_addr.as_ref()?.value.clone();
-    if addr == "-" || addr.is_empty() {
+/// istio-token file as the bearer when krun keeps one. Other data planes: `None`, quietly.
+fn xds_config(
+    config: &Config,
+    mode: DataPlane,
+    inputs: &AgentInputs,
+    env: &Env,
+) -> Option<mesh::xds::XdsConfig> {
+    if mode != DataPlane::Builtin {
         return None;
     }
+    let tenant = crate::agent::workload::tenant(config, &inputs.mesh_env);
+    let selected = crate::agent::xds::select(
+        config.proxy_config.as_ref().map(|s| s.value.as_str()),
+        config.xds_addr.as_ref().map(|s| s.value.as_str()),
+        inputs.xds_addr.as_deref(),
+        &inputs.mesh_env,
+        tenant.as_deref(),
+    );
+    let addr = match crate::agent::xds::discovery_istiod(selected) {
+        Ok((addr, from)) => {
+            tracing::info!(istiod = %addr, from, "workload discovery: delta ADS to istiod");
+            addr
+        }
+        Err(why) => {
+            tracing::info!("workload discovery off: {why}; routes come from KRUN_MESH_CIDRS alone");
+            return None;
+        }
+    };
     let workload = crate::agent::workload::Workload::resolve(config, inputs, env, None, 0);
     let ip = inputs.instance_ip.as_deref().unwrap_or("127.0.0.1");
     let ns = &workload.namespace;

@@ -85,7 +85,13 @@ pub struct FakeIstiod {
 impl FakeIstiod {
     /// Serves on an ephemeral port of 127.0.0.1 in the calling thread's network namespace.
     pub fn start(tls: IstiodTls) -> FakeIstiod {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind istiod");
+        FakeIstiod::start_at(tls, "127.0.0.1:0")
+    }
+
+    /// Serves on `addr` (istiod's own port, 15012, where krun derives it from mesh-env's
+    /// `IMCON_ADDR`) in the calling thread's network namespace.
+    pub fn start_at(tls: IstiodTls, addr: &str) -> FakeIstiod {
+        let listener = std::net::TcpListener::bind(addr).expect("bind istiod");
         let addr = listener.local_addr().expect("istiod addr");
         let (changes, _) = broadcast::channel(64);
         let state = Arc::new(Mutex::new(State::default()));
