@@ -3,13 +3,8 @@
 //! `*.run.app` (HTTPS, h2) and a stand-in upstream DNS server run inside the namespace;
 //! krun, curl, dig and getent run there too.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::str::FromStr;
 use std::time::Duration;
 
-use hickory_proto::op::{Edns, Message, Query};
-use hickory_proto::rr::{Name, RecordType};
 use krun_tests::fakes::TestWorld;
 use krun_tests::fakes::dns::{self, FakeDns};
 use krun_tests::fakes::google::FakeGoogle;
@@ -351,10 +346,10 @@ fn dns_answers_run_names_and_forwards_the_rest_unchanged() {
     );
 
     let (udp_same, tcp_same) = world.ns.enter(|| {
-        let query = edns_query("example.com.");
+        let query = dns::edns_query("example.com.");
         (
-            udp(&query, "127.0.0.1:53") == udp(&query, "127.0.0.2:53"),
-            tcp(&query, "127.0.0.1:53") == tcp(&query, "127.0.0.2:53"),
+            dns::udp(&query, "127.0.0.1:53") == dns::udp(&query, "127.0.0.2:53"),
+            dns::tcp(&query, "127.0.0.1:53") == dns::tcp(&query, "127.0.0.2:53"),
         )
     });
     assert!(udp_same, "UDP answer relayed byte for byte");
@@ -394,49 +389,6 @@ fn without_a_metadata_server_dns_is_left_alone() {
     let after = std::fs::read_to_string(format!("/etc/netns/{}/resolv.conf", ns.name()))
         .expect("resolv.conf");
     assert_eq!(after, original);
-}
-
-fn edns_query(name: &str) -> Vec<u8> {
-    let mut message = Message::query();
-    message.metadata.id = 0x4242;
-    message.metadata.recursion_desired = true;
-    message.add_query(Query::query(
-        Name::from_str(name).expect("name"),
-        RecordType::A,
-    ));
-    let mut edns = Edns::new();
-    edns.set_max_payload(4096);
-    message.set_edns(edns);
-    message.to_vec().expect("encode")
-}
-
-fn udp(query: &[u8], server: &str) -> Vec<u8> {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    socket
-        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
-        .expect("timeout");
-    socket
-        .send_to(query, server.parse::<SocketAddr>().expect("addr"))
-        .expect("send");
-    let mut buf = vec![0u8; 65_535];
-    let len = socket.recv(&mut buf).expect("answer");
-    buf.truncate(len);
-    buf
-}
-
-fn tcp(query: &[u8], server: &str) -> Vec<u8> {
-    let mut stream = TcpStream::connect(server).expect("connect");
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
-        .expect("timeout");
-    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
-    framed.extend_from_slice(query);
-    stream.write_all(&framed).expect("write");
-    let mut len = [0u8; 2];
-    stream.read_exact(&mut len).expect("length");
-    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    stream.read_exact(&mut answer).expect("answer");
-    answer
 }
 
 /// Benchmark (docs/performance.md), not a check: `cargo test -p krun-tests --release --test
@@ -494,10 +446,10 @@ fn bench_proxy_and_dns() {
     );
     let (local, forwarded) = world.ns.enter(|| {
         let time = |name: &str| {
-            let query = edns_query(name);
+            let query = dns::edns_query(name);
             let started = std::time::Instant::now();
             for _ in 0..QUERIES {
-                udp(&query, "127.0.0.1:53");
+                dns::udp(&query, "127.0.0.1:53");
             }
             started.elapsed()
         };

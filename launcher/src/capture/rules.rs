@@ -26,6 +26,25 @@ use mesh::istio::{DNS_PORT, HBONE_PORT, INBOUND_CAPTURE_PORT, PROXY_GID, PROXY_U
 pub const CHAIN_PREFIX: &str = "ISTIO_";
 /// The socket mark krun puts on its own outbound sockets; marked traffic is never captured.
 pub const KRUN_MARK: u32 = 0x539;
+
+/// Puts [`KRUN_MARK`] on a socket krun opens itself (passthrough, DNS forwarding), so the
+/// capture rules never send it back to krun. Without CAP_NET_ADMIN the mark cannot be set, but
+/// then there is no capture either.
+pub fn mark_socket(socket: &impl std::os::fd::AsFd) {
+    let _ = nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::Mark, &KRUN_MARK);
+}
+
+/// A plain TCP connection carrying krun's mark, so capture leaves it alone.
+pub async fn connect_marked(
+    target: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = match target {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    mark_socket(&socket);
+    socket.connect(target).await
+}
 /// The GCE metadata server: credentials must never go through the mesh.
 pub const METADATA_CIDR: &str = "169.254.169.254/32";
 /// The tables the rules live in, in the order they are restored.
@@ -355,6 +374,20 @@ impl Rules {
                 "raw",
                 "ISTIO_OUTPUT_DNS",
                 format!("-p udp --sport {port} -m owner {kind} {id} -j CT --zone 2"),
+            ));
+        }
+        // (krun) krun's own DNS server (the builtin data plane's, on the DNS port) and its
+        // forwarding are marked instead of running as 1337: the same zones by mark.
+        if let Some(mark) = self.mark {
+            rules.push((
+                "raw",
+                "ISTIO_OUTPUT_DNS",
+                format!("-p udp --dport 53 -m mark --mark {mark:#x} -j CT --zone 1"),
+            ));
+            rules.push((
+                "raw",
+                "ISTIO_OUTPUT_DNS",
+                format!("-p udp --sport {port} -m mark --mark {mark:#x} -j CT --zone 2"),
             ));
         }
         if captured {

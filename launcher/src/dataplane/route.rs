@@ -22,9 +22,8 @@ use hbone::client::{HboneClient, StreamGuard};
 use hbone::tls::ExpectedPeer;
 use mesh::metrics::tcp::{Reporter, TcpConnection};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpSocket, TcpStream};
 
-use crate::capture::rules::KRUN_MARK;
+use crate::capture::rules::connect_marked;
 use crate::config::{Cidr, PeerIdentity};
 use mesh::xds::WorkloadStore;
 use mesh::xds::store::{Hop, Resolved};
@@ -349,17 +348,6 @@ impl Router {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         self.connect_routed(self.route(target), host, target).await
     }
-}
-
-/// A plain TCP connection carrying krun's mark, so capture leaves it alone.
-pub async fn connect_marked(target: SocketAddr) -> io::Result<TcpStream> {
-    let socket = match target {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    // Without CAP_NET_ADMIN the mark cannot be set, but then there is no capture either.
-    let _ = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &KRUN_MARK);
-    socket.connect(target).await
 }
 
 #[cfg(test)]

@@ -11,6 +11,10 @@ use std::time::Instant;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
 use crate::admin::KrunAdmin;
 use crate::agent::AgentInputs;
 use crate::config::{Config, DataPlane, StartupProbe};
@@ -18,6 +22,7 @@ use crate::dataplane::{MeshIdentity, MeshSide};
 use crate::probe::{Check, Probe};
 use crate::processes::ProcessPlan;
 use crate::processes::RunAs;
+use crate::run_discovery::dns::{LocalAnswerer, MeshAnswerer, MetadataAnswerer, start_captured};
 use crate::startup::PhaseClock;
 use crate::supervisor::{AppSpec, Phase, Supervisor, Timeouts};
 use mesh::config::{Env, Source};
@@ -25,6 +30,7 @@ use mesh::discovery;
 use mesh::identity::k8s_token::{self, K8sTokenSource, TokenFile, istio_token_path};
 use mesh::identity::{self, Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 use mesh::istio::Interception;
+use mesh::xds::WorkloadStore;
 
 /// Runs the workload to completion and returns krun's exit code.
 pub async fn run(
@@ -106,7 +112,19 @@ pub async fn run(
     }
     // Before the app starts: it must read the rewritten resolv.conf. Its listeners outlive the
     // app's drain (the app may call services while it drains) and end with the process.
-    crate::run_discovery::start(&config, CancellationToken::new()).await;
+    let xds = xds_config(&config, dataplane.mode, &inputs, env);
+    let workloads = xds.as_ref().map(|_| Arc::new(WorkloadStore::default()));
+    let mesh_names = workloads.as_ref().map(|store| MeshAnswerer {
+        store: store.clone(),
+        namespace: config.workload_namespace.value.clone(),
+    });
+    crate::run_discovery::start(&config, mesh_names.clone(), CancellationToken::new()).await;
+    if dataplane.mode == DataPlane::Builtin
+        && capture.interception == Interception::Iptables
+        && config.launcher.capture_dns.value
+    {
+        start_captured_dns(&config, mesh_names).await?;
+    }
     let app = (!argv.is_empty()).then(|| app_spec(&config, argv, dataplane.app_env));
     if app.is_none() {
         tracing::info!(
@@ -137,7 +155,6 @@ pub async fn run(
     // startup drains instead of killing krun.
     let mut supervisor = Supervisor::new(plan, app, timeouts, clock)?;
     let drain = CancellationToken::new();
-    let xds = xds_config(&config, dataplane.mode, &inputs, env);
     let mut mesh = MeshSide::start(
         &config,
         dataplane.mode,
@@ -147,7 +164,7 @@ pub async fn run(
             store: identity.identity.as_ref().map(|i| i.store().clone()),
         },
         in_mesh,
-        xds,
+        xds.zip(workloads),
         drain.clone(),
     )
     .await?;
@@ -439,6 +456,31 @@ fn xds_config(
         metadata,
         token_path: Some(istio_token_path(&config.mesh_base_dir.value)),
     })
+}
+
+/// DNS capture with the builtin data plane: krun's DNS server on 15053 answers the mesh's
+/// Service names (when istiod is known) and `metadata.google.internal`, and forwards the rest
+/// to resolv.conf's nameserver unchanged; resolv.conf itself is not touched.
+async fn start_captured_dns(
+    config: &Config,
+    mesh_names: Option<MeshAnswerer>,
+) -> anyhow::Result<()> {
+    let mut answerers: Vec<Box<dyn LocalAnswerer>> = vec![Box::new(MetadataAnswerer)];
+    let mesh = mesh_names.is_some();
+    if let Some(mesh_names) = mesh_names {
+        answerers.insert(0, Box::new(mesh_names));
+    }
+    let limit = crate::dataplane::bounds(config).limit("dns");
+    let upstream = start_captured(
+        answerers,
+        Path::new(crate::config::DEFAULT_RESOLV_CONF),
+        limit,
+        CancellationToken::new(),
+    )
+    .await
+    .map_err(|why| anyhow::anyhow!("KRUN_CAPTURE_DNS=true with the builtin data plane: {why}"))?;
+    tracing::info!(listen = %SocketAddr::from((Ipv4Addr::LOCALHOST, mesh::istio::DNS_PORT)), %upstream, mesh_names = mesh, "DNS capture: krun's resolver answers mesh Service names and forwards the rest unchanged");
+    Ok(())
 }
 
 /// Certificate lifetime from `SECRET_TTL`; retries paced as `RotationPolicy` defaults.

@@ -112,6 +112,8 @@ struct Index {
     by_vip: HashMap<IpAddr, String>,
     /// Service key (`namespace/hostname`) -> service resource name.
     by_key: HashMap<String, String>,
+    /// Lower-case hostname -> service resource names (one per namespace that declares it).
+    by_host: HashMap<String, BTreeSet<String>>,
     /// Service key -> resource names of the workloads naming it, healthy or not.
     endpoints: HashMap<String, BTreeSet<String>>,
 }
@@ -152,10 +154,12 @@ impl WorkloadStore {
     /// The VIPs of the service named `hostname` (its FQDN), for DNS.
     pub fn service_vips(&self, hostname: &str) -> Vec<IpAddr> {
         let index = self.read();
-        index
-            .services
-            .values()
-            .filter(|s| s.hostname.eq_ignore_ascii_case(hostname))
+        let Some(names) = index.by_host.get(&hostname.to_ascii_lowercase()) else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .filter_map(|name| index.services.get(name))
             .flat_map(|s| s.vips.iter().copied())
             .collect()
     }
@@ -268,6 +272,8 @@ impl WorkloadStore {
             index.by_vip.insert(*vip, name.to_owned());
         }
         index.by_key.insert(entry.key.clone(), name.to_owned());
+        let hosts = index.by_host.entry(entry.hostname.to_ascii_lowercase());
+        hosts.or_default().insert(name.to_owned());
         index.services.insert(name.to_owned(), entry);
         Ok(())
     }
@@ -400,6 +406,13 @@ impl Index {
         }
         if self.by_key.get(&entry.key).is_some_and(|n| n == name) {
             self.by_key.remove(&entry.key);
+        }
+        let host = entry.hostname.to_ascii_lowercase();
+        if let Some(names) = self.by_host.get_mut(&host) {
+            names.remove(name);
+            if names.is_empty() {
+                self.by_host.remove(&host);
+            }
         }
         true
     }
