@@ -84,7 +84,7 @@ struct WorkloadEntry {
     healthy: bool,
     waypoint: Option<Waypoint>,
     /// Service key (`namespace/hostname`) -> service port -> target port.
-    services: HashMap<String, HashMap<u16, u16>>,
+    services: Vec<(String, PortMap)>,
 }
 
 struct ServiceEntry {
@@ -94,7 +94,7 @@ struct ServiceEntry {
     vips: Vec<IpAddr>,
     version: String,
     /// Service port -> target port (0: the same port).
-    ports: HashMap<u16, u16>,
+    ports: PortMap,
     waypoint: Option<Waypoint>,
     /// Round-robin position among the healthy endpoints.
     next: AtomicUsize,
@@ -208,8 +208,8 @@ impl WorkloadStore {
         let services = workload
             .services
             .iter()
-            .map(|(key, list)| Ok((key.clone(), port_map(&list.ports, &what)?)))
-            .collect::<Result<HashMap<_, _>, String>>()?;
+            .map(|(key, list)| Ok((key.clone(), PortMap::new(&list.ports, &what)?)))
+            .collect::<Result<Vec<_>, String>>()?;
         let entry = WorkloadEntry {
             known: KnownWorkload {
                 name: name.to_owned(),
@@ -231,7 +231,7 @@ impl WorkloadStore {
         for ip in &entry.addresses {
             index.by_ip.insert(*ip, name.to_owned());
         }
-        for key in entry.services.keys() {
+        for (key, _) in &entry.services {
             let members = index.endpoints.entry(key.clone()).or_default();
             members.insert(name.to_owned());
         }
@@ -262,7 +262,7 @@ impl WorkloadStore {
             hostname: service.hostname.clone(),
             vips,
             version: version.to_owned(),
-            ports: port_map(&service.ports, &what)?,
+            ports: PortMap::new(&service.ports, &what)?,
             waypoint,
             next: AtomicUsize::new(0),
         };
@@ -359,14 +359,14 @@ impl Index {
 
     /// The next healthy endpoint of `service` with an address, round robin, and its own port
     /// mapping for the service.
-    fn pick(&self, service: &ServiceEntry) -> Option<(&WorkloadEntry, &HashMap<u16, u16>)> {
-        let healthy: Vec<(&WorkloadEntry, &HashMap<u16, u16>)> = self
+    fn pick(&self, service: &ServiceEntry) -> Option<(&WorkloadEntry, &PortMap)> {
+        let healthy: Vec<(&WorkloadEntry, &PortMap)> = self
             .endpoints
             .get(&service.key)?
             .iter()
             .filter_map(|name| self.workloads.get(name))
             .filter(|w| w.healthy && !w.addresses.is_empty())
-            .filter_map(|w| w.services.get(&service.key).map(|ports| (w, ports)))
+            .filter_map(|w| w.ports_for(&service.key).map(|ports| (w, ports)))
             .collect();
         if healthy.is_empty() {
             return None;
@@ -384,7 +384,7 @@ impl Index {
                 self.by_ip.remove(&ip);
             }
         }
-        for key in entry.services.keys() {
+        for (key, _) in &entry.services {
             if let Some(members) = self.endpoints.get_mut(key) {
                 members.remove(name);
                 if members.is_empty() {
@@ -418,30 +418,49 @@ impl Index {
     }
 }
 
-/// The port an endpoint serves `service_port` on, as ztunnel maps it: the endpoint's own
-/// mapping, else the service's target port, else the same port.
-fn target_port(
-    endpoint: &HashMap<u16, u16>,
-    service: &HashMap<u16, u16>,
-    service_port: u16,
-) -> u16 {
-    [endpoint.get(&service_port), service.get(&service_port)]
-        .into_iter()
-        .flatten()
-        .copied()
-        .find(|port| *port != 0)
-        .unwrap_or(service_port)
+/// Service port -> target port (0: the same port). A short list, not a map: services have a
+/// handful of ports, and a map per workload would be most of the store's memory.
+struct PortMap(Box<[(u16, u16)]>);
+
+impl PortMap {
+    /// The ports of `ports`, refusing any beyond 65535.
+    fn new(ports: &[Port], what: &dyn Fn() -> String) -> Result<PortMap, String> {
+        let port = |value: u32| {
+            u16::try_from(value).map_err(|_| format!("{}: port {value} is beyond 65535", what()))
+        };
+        ports
+            .iter()
+            .map(|p| Ok((port(p.service_port)?, port(p.target_port)?)))
+            .collect::<Result<Vec<_>, String>>()
+            .map(|list| PortMap(list.into_boxed_slice()))
+    }
+
+    fn get(&self, service_port: u16) -> Option<u16> {
+        self.0
+            .iter()
+            .find(|(port, _)| *port == service_port)
+            .map(|(_, target)| *target)
+    }
 }
 
-/// Service port -> target port, refusing ports beyond 65535.
-fn port_map(ports: &[Port], what: &dyn Fn() -> String) -> Result<HashMap<u16, u16>, String> {
-    let port = |value: u32| {
-        u16::try_from(value).map_err(|_| format!("{}: port {value} is beyond 65535", what()))
-    };
-    ports
-        .iter()
-        .map(|p| Ok((port(p.service_port)?, port(p.target_port)?)))
-        .collect()
+impl WorkloadEntry {
+    /// This workload's own port mapping for the service `key`, when it is an endpoint of it.
+    fn ports_for(&self, key: &str) -> Option<&PortMap> {
+        self.services
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, ports)| ports)
+    }
+}
+
+/// The port an endpoint serves `service_port` on, as ztunnel maps it: the endpoint's own
+/// mapping, else the service's target port, else the same port.
+fn target_port(endpoint: &PortMap, service: &PortMap, service_port: u16) -> u16 {
+    [endpoint.get(service_port), service.get(service_port)]
+        .into_iter()
+        .flatten()
+        .find(|port| *port != 0)
+        .unwrap_or(service_port)
 }
 
 fn waypoint_of(gateway: &GatewayAddress, what: &dyn Fn() -> String) -> Result<Waypoint, String> {
