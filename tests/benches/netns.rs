@@ -181,6 +181,8 @@ fn pods(label: &str, krun: PathBuf, ca: &TestCa) -> Pods {
     let mut client = Krun::wrapped_binary(&client_ns.wrapper(), krun)
         .env("ISTIO_META_INTERCEPTION_MODE", "REDIRECT")
         .env("OUTBOUND_IP_RANGES_INCLUDE", format!("{SERVER_MESH_IP}/32"))
+        // Without istiod a captured destination is HBONE only inside KRUN_MESH_CIDRS.
+        .env("KRUN_MESH_CIDRS", format!("{SERVER_MESH_IP}/32"))
         .env("MESH_BASE_DIR", client_dir.join(""))
         .env("KRUN_DATAPLANE", "builtin")
         .args(["sleep", "1000000"])
