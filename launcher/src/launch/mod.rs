@@ -12,7 +12,6 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::sync::Arc;
 
 use crate::admin::KrunAdmin;
@@ -460,25 +459,30 @@ fn xds_config(
 
 /// DNS capture with the builtin data plane: krun's DNS server on 15053 answers the mesh's
 /// Service names (when istiod is known) and `metadata.google.internal`, and forwards the rest
-/// to resolv.conf's nameserver unchanged; resolv.conf itself is not touched.
+/// to resolv.conf's nameserver unchanged; resolv.conf itself is not touched. Without a
+/// nameserver nothing is captured (capture has said so), so no server starts.
 async fn start_captured_dns(
     config: &Config,
     mesh_names: Option<MeshAnswerer>,
 ) -> anyhow::Result<()> {
+    let resolv_conf =
+        std::fs::read_to_string(crate::config::DEFAULT_RESOLV_CONF).unwrap_or_default();
+    // The first of the nameservers the capture rules redirect (the same parse).
+    let Some(nameserver) = crate::capture::nameservers(&resolv_conf).first().copied() else {
+        return Ok(());
+    };
+    let upstream = SocketAddr::new(nameserver, 53);
     let mut answerers: Vec<Box<dyn LocalAnswerer>> = vec![Box::new(MetadataAnswerer)];
     let mesh = mesh_names.is_some();
     if let Some(mesh_names) = mesh_names {
         answerers.insert(0, Box::new(mesh_names));
     }
     let limit = crate::dataplane::bounds(config).limit("dns");
-    let upstream = start_captured(
-        answerers,
-        Path::new(crate::config::DEFAULT_RESOLV_CONF),
-        limit,
-        CancellationToken::new(),
-    )
-    .await
-    .map_err(|why| anyhow::anyhow!("KRUN_CAPTURE_DNS=true with the builtin data plane: {why}"))?;
+    start_captured(answerers, upstream, limit, CancellationToken::new())
+        .await
+        .map_err(|why| {
+            anyhow::anyhow!("KRUN_CAPTURE_DNS=true with the builtin data plane: {why}")
+        })?;
     tracing::info!(listen = %SocketAddr::from((Ipv4Addr::LOCALHOST, mesh::istio::DNS_PORT)), %upstream, mesh_names = mesh, "DNS capture: krun's resolver answers mesh Service names and forwards the rest unchanged");
     Ok(())
 }

@@ -117,20 +117,15 @@ impl LocalAnswerer for MeshAnswerer {
 
 /// The DNS server DNS capture (`KRUN_CAPTURE_DNS=true`) sends the app's queries to when the
 /// builtin data plane runs (pilot-agent's DNS proxy is not there): `answerers` first, every
-/// other query forwarded to the first nameserver of `resolv_conf`, which is left as it is (the
+/// other query forwarded to `upstream` (resolv.conf's nameserver, the file left as it is: the
 /// iptables rules redirect the queries to it). Listens on 127.0.0.1:15053 (udp and tcp) until
-/// `drain`; returns the upstream.
+/// `drain`.
 pub async fn start_captured(
     answerers: Vec<Box<dyn LocalAnswerer>>,
-    resolv_conf: &std::path::Path,
+    upstream: SocketAddr,
     limit: hbone::listen::ConnectionLimit,
     drain: CancellationToken,
-) -> Result<SocketAddr, String> {
-    let text = std::fs::read_to_string(resolv_conf)
-        .map_err(|e| format!("cannot read {}: {e}", resolv_conf.display()))?;
-    let upstream = super::resolv::ResolvConf::parse(&text)
-        .upstream()
-        .ok_or_else(|| format!("{} has no nameserver to forward to", resolv_conf.display()))?;
+) -> Result<(), String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, mesh::istio::DNS_PORT));
     let udp = UdpSocket::bind(addr)
         .await
@@ -142,7 +137,7 @@ pub async fn start_captured(
         .map_err(|e| format!("{addr}: TCP bind failed: {e}"))?;
     let server = Arc::new(DnsServer::new(answerers, upstream));
     tokio::spawn(server.serve(udp, tcp, Arc::new(limit), drain));
-    Ok(upstream)
+    Ok(())
 }
 
 /// The server: its answerers and the upstream resolver.
