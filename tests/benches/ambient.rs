@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use krun_tests::bench::{echo, median};
+use krun_tests::bench::{connect_round_trip_close, median, serve_in};
 use krun_tests::fakes::istiod::{FakeIstiod, IstiodTls};
 use krun_tests::fakes::pki::TestCa;
 use krun_tests::netns::Netns;
@@ -27,8 +27,6 @@ use krun_tests::{Krun, TempDir};
 use mesh::xds::WorkloadStore;
 use mesh::xds::proto::{NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload};
 use nix::sys::signal::Signal;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 /// Live heap bytes of this process.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
@@ -67,6 +65,8 @@ const LISTED_IP: &str = "10.1.2.3";
 const UNLISTED_IP: &str = "10.1.2.4";
 const DIRECT_IP: &str = "192.0.2.2";
 const ECHO_PORT: u16 = 8080;
+/// The server app's sink (unused here, served beside the echo server).
+const SINK_PORT: u16 = 9000;
 
 fn ip4(n: u32) -> Vec<u8> {
     n.to_be_bytes().to_vec()
@@ -184,24 +184,6 @@ fn store_memory() {
     );
 }
 
-/// p50 of connect + one 1-byte round trip + close.
-async fn setup(addr: SocketAddr) -> Duration {
-    let mut samples = Vec::with_capacity(CONNECTIONS);
-    let mut byte = [0u8; 1];
-    for _ in 0..CONNECTIONS {
-        let start = Instant::now();
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        stream.write_all(b"x").await.expect("ping");
-        stream.read_exact(&mut byte).await.expect("pong");
-        stream.shutdown().await.expect("close");
-        let mut rest = Vec::new();
-        stream.read_to_end(&mut rest).await.expect("peer close");
-        samples.push(start.elapsed());
-    }
-    median(samples)
-}
-
 fn connection_setup() {
     if !nix::unistd::Uid::effective().is_root() {
         return println!("Connection setup: skipped (needs root for namespaces and iptables)");
@@ -219,25 +201,7 @@ fn connection_setup() {
         "dev",
         "lo",
     ]);
-    let (ready_tx, ready) = std::sync::mpsc::channel();
-    std::thread::spawn({
-        let enter = server_ns.entry();
-        move || {
-            enter();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let listener = TcpListener::bind(("0.0.0.0", ECHO_PORT))
-                    .await
-                    .expect("bind echo");
-                ready_tx.send(()).expect("ready");
-                echo(listener).await;
-            });
-        }
-    });
-    ready.recv().expect("server app ready");
+    serve_in(&server_ns, SINK_PORT, ECHO_PORT);
     let ca = TestCa::new("cluster.local");
     let server_dir = TempDir::new("bench-ambient-server");
     ca.install_workload(
@@ -293,7 +257,7 @@ fn connection_setup() {
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
     for _ in 0..rounds {
         for ((_, target), samples) in paths.iter().zip(samples.iter_mut()) {
-            samples.push(runtime.block_on(setup(*target)));
+            samples.push(runtime.block_on(connect_round_trip_close(*target, CONNECTIONS)));
         }
     }
     let p50: Vec<f64> = samples
