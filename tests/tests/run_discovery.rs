@@ -367,6 +367,50 @@ fn dns_answers_run_names_and_forwards_the_rest_unchanged() {
     assert_eq!(krun.finish().code, 143);
 }
 
+/// With the builtin data plane and istiod, the run discovery resolver (the one resolv.conf
+/// names on Cloud Run) also answers the Service names istiod lists, before the run zone: `echo`
+/// is the mesh Service's VIP, `hello` still the run proxy.
+#[test]
+fn the_run_resolver_answers_mesh_service_names_first() {
+    use krun_tests::fakes::istiod::{FakeIstiod, IstiodTls};
+    use krun_tests::fakes::pki::TestCa;
+    let world = World::start();
+    let ca = TestCa::new("cluster.local");
+    let tls = IstiodTls::new(&ca);
+    let istiod = world.ns.enter(move || FakeIstiod::start(tls));
+    let vip = "10.96.0.10".parse().expect("ip");
+    istiod.push_service("echo", "default", vip, &[(80, 8080)]);
+    let certs = TempDir::new("run-mesh");
+    ca.install_workload(
+        &certs.join(""),
+        "spiffe://cluster.local/ns/default/sa/caller",
+    );
+    let settings = [
+        ("MESH_BASE_DIR", certs.join("").display().to_string()),
+        ("KRUN_DATAPLANE", "builtin".to_owned()),
+        ("WORKLOAD_NAMESPACE", "default".to_owned()),
+        ("XDS_ADDR", istiod.addr.to_string()),
+    ];
+    let (mut krun, _) = world.running_with(&settings);
+    krun.wait_for_line("services=1");
+    let dig = |name: &str| {
+        world.ns.exec(&[
+            "dig",
+            "@127.0.0.1",
+            "+short",
+            "+time=30",
+            "+tries=1",
+            name,
+            "A",
+        ])
+    };
+    assert_eq!(dig("echo"), "10.96.0.10\n");
+    assert_eq!(dig("echo.default.svc.cluster.local"), "10.96.0.10\n");
+    assert_eq!(dig("hello.run.internal"), "127.0.0.80\n");
+    krun.signal(Signal::SIGTERM);
+    krun.finish();
+}
+
 /// Without a metadata server discovery says once why it is off and leaves resolv.conf alone.
 #[test]
 fn without_a_metadata_server_dns_is_left_alone() {
