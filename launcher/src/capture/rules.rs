@@ -590,6 +590,26 @@ mod tests {
         assert!(text.contains("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j CT --zone 2\n"));
     }
 
+    /// krun's marked DNS legs (the builtin plane's resolver and its forwarding) get the zones
+    /// the owner rules give pilot-agent's, before the nameserver rule claims zone 2 (the first
+    /// CT a packet meets wins).
+    #[test]
+    fn marked_dns_legs_get_the_owner_zones_first() {
+        let ns: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
+        let text =
+            Rules::istio("10.0.0.0/8", &[], 15001, Some(vec![ns])).restore_input(Family::V4, EMPTY);
+        let at = |rule: &str| {
+            text.find(rule)
+                .unwrap_or_else(|| panic!("missing {rule} in {text}"))
+        };
+        let upstream =
+            at("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m mark --mark 0x539 -j CT --zone 1\n");
+        let answers =
+            at("-A ISTIO_OUTPUT_DNS -p udp --sport 15053 -m mark --mark 0x539 -j CT --zone 2\n");
+        let app = at("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d 127.0.0.2/32 -j CT --zone 2\n");
+        assert!(upstream < app && answers < app, "{text}");
+    }
+
     /// Cleanup removes jumps first, then flushes and deletes our chains, nothing else.
     #[test]
     fn cleanup_removes_exactly_ours() {
