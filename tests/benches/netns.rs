@@ -18,13 +18,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use krun_tests::bench::{echo, median, sink};
+use krun_tests::bench::{connect, connect_round_trip_close, median, serve_in};
 use krun_tests::fakes::pki::TestCa;
 use krun_tests::netns::Netns;
 use krun_tests::{Krun, Running, TempDir, binary};
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Bytes of one bulk transfer.
 const BULK: usize = 1 << 30;
@@ -39,44 +38,6 @@ const SERVER_MESH_IP: &str = "10.1.2.3";
 const SERVER_DIRECT_IP: &str = "192.0.2.2";
 const SINK_PORT: u16 = 9000;
 const ECHO_PORT: u16 = 8080;
-
-fn listen(port: u16) -> TcpListener {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_reuseaddr(true).expect("reuseaddr");
-    socket
-        .bind(SocketAddr::from(([0, 0, 0, 0], port)))
-        .expect("bind");
-    socket.listen(1024).expect("listen")
-}
-
-/// The server app: a sink and an echo server on every address of the server namespace (so
-/// both krun's delivery on loopback and the direct path reach them), on a thread inside it.
-fn serve_in(ns: &Netns) {
-    let (ready_tx, ready) = std::sync::mpsc::channel();
-    std::thread::spawn({
-        let enter = ns.entry();
-        move || {
-            enter();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let sink_listener = listen(SINK_PORT);
-                let echo_listener = listen(ECHO_PORT);
-                ready_tx.send(()).expect("ready");
-                tokio::join!(sink(sink_listener), echo(echo_listener));
-            });
-        }
-    });
-    ready.recv().expect("server app ready");
-}
-
-async fn connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    stream
-}
 
 /// One bulk transfer to the sink; MiB/s.
 async fn bulk(addr: SocketAddr) -> f64 {
@@ -113,23 +74,6 @@ async fn ping_pong(addr: SocketAddr) -> Duration {
     median(samples)
 }
 
-/// p50 of connect + one 1-byte round trip + close, over `CONNECTIONS` connections.
-async fn connect_round_trip_close(addr: SocketAddr) -> Duration {
-    let mut samples = Vec::with_capacity(CONNECTIONS);
-    let mut byte = [0u8; 1];
-    for _ in 0..CONNECTIONS {
-        let start = Instant::now();
-        let mut stream = connect(addr).await;
-        stream.write_all(b"x").await.expect("ping");
-        stream.read_exact(&mut byte).await.expect("pong");
-        stream.shutdown().await.expect("close");
-        let mut rest = Vec::new();
-        stream.read_to_end(&mut rest).await.expect("peer close");
-        samples.push(start.elapsed());
-    }
-    median(samples)
-}
-
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -157,7 +101,7 @@ struct Pods {
 /// certificates from `ca`; the server app runs on a thread in the server pod.
 fn pods(label: &str, krun: PathBuf, ca: &TestCa) -> Pods {
     let (client_ns, server_ns) = Netns::pair("bench", SERVER_MESH_IP);
-    serve_in(&server_ns);
+    serve_in(&server_ns, SINK_PORT, ECHO_PORT);
     let server_dir = TempDir::new("bench-netns-server");
     ca.install_workload(
         &server_dir.join(""),
@@ -181,6 +125,8 @@ fn pods(label: &str, krun: PathBuf, ca: &TestCa) -> Pods {
     let mut client = Krun::wrapped_binary(&client_ns.wrapper(), krun)
         .env("ISTIO_META_INTERCEPTION_MODE", "REDIRECT")
         .env("OUTBOUND_IP_RANGES_INCLUDE", format!("{SERVER_MESH_IP}/32"))
+        // Without istiod a captured destination is HBONE only inside KRUN_MESH_CIDRS.
+        .env("KRUN_MESH_CIDRS", format!("{SERVER_MESH_IP}/32"))
         .env("MESH_BASE_DIR", client_dir.join(""))
         .env("KRUN_DATAPLANE", "builtin")
         .args(["sleep", "1000000"])
@@ -242,9 +188,9 @@ fn round(pods: &Pods, runtime: &tokio::runtime::Runtime, f: &mut Figures) {
     f.direct_ping.push(runtime.block_on(ping_pong(direct_echo)));
     f.mesh_ping.push(runtime.block_on(ping_pong(mesh_echo)));
     f.direct_crc
-        .push(runtime.block_on(connect_round_trip_close(direct_echo)));
+        .push(runtime.block_on(connect_round_trip_close(direct_echo, CONNECTIONS)));
     f.mesh_crc
-        .push(runtime.block_on(connect_round_trip_close(mesh_echo)));
+        .push(runtime.block_on(connect_round_trip_close(mesh_echo, CONNECTIONS)));
 }
 
 fn report(pods: &Pods, f: Figures) {
@@ -322,7 +268,10 @@ fn main() {
     for pods in &builds {
         let idle = (memory(&pods.client), memory(&pods.server));
         pods.client_ns.enter_this_thread();
-        runtime.block_on(connect_round_trip_close(addr(SERVER_MESH_IP, ECHO_PORT)));
+        runtime.block_on(connect_round_trip_close(
+            addr(SERVER_MESH_IP, ECHO_PORT),
+            CONNECTIONS,
+        ));
         println!(
             "  {}: idle RSS, builtin data plane: client krun {} -> {} after {CONNECTIONS} \
              connections; server krun {} -> {}",

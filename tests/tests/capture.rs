@@ -7,6 +7,7 @@ use std::path::Path;
 
 use krun::capture::rules::{Family, Rules};
 
+use krun_tests::fakes::dns;
 use krun_tests::fakes::istiod::{FakeIstiod, IstiodTls};
 use krun_tests::fakes::kube::{self, FakeKube};
 use krun_tests::fakes::pki::TestCa;
@@ -189,22 +190,86 @@ fn dns_capture_answers_through_the_resolver_without_a_loop() {
     );
 }
 
-/// KRUN_CAPTURE_DNS with the builtin data plane, which has no DNS server: a startup error
-/// naming both settings, before the app starts.
+/// KRUN_CAPTURE_DNS with the builtin data plane: krun's own resolver on 15053 gets the
+/// captured queries. The DNS name of a Service istiod lists resolves to its VIP (the FQDN and
+/// the short forms, checked with dig); `example.com` is forwarded to resolv.conf's nameserver
+/// and its answer comes back byte-identical to a direct query of an identical upstream that
+/// capture does not cover, over UDP and TCP. resolv.conf is left as it was.
 #[test]
-fn dns_capture_with_the_builtin_plane_fails_naming_both_settings() {
-    let done = Krun::new()
-        .env("KRUN_CAPTURE_DNS", "true")
+fn dns_capture_with_the_builtin_plane_answers_mesh_services_and_forwards_the_rest() {
+    let ns = Netns::new("mdns");
+    let original = "nameserver 127.0.0.2\n";
+    ns.resolv_conf(original);
+    let (upstream, twin) = ns.enter(|| {
+        (
+            dns::start("127.0.0.2:53".parse().expect("addr")),
+            dns::start("127.0.0.3:53".parse().expect("addr")),
+        )
+    });
+    let ca = TestCa::new("cluster.local");
+    let tls = IstiodTls::new(&ca);
+    let istiod = in_netns(&ns, move || FakeIstiod::start(tls));
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+    istiod.push_service("echo", "default", ip("10.96.0.10"), &[(80, 8080)]);
+    let dir = TempDir::new("mdns");
+    ca.install_workload(&dir.join(""), "spiffe://cluster.local/ns/default/sa/caller");
+    let mut krun = krun_in(&ns)
+        .env("MESH_BASE_DIR", dir.join(""))
         .env("KRUN_DATAPLANE", "builtin")
-        .args(testapp(&["env", "HTTP_PROXY"]))
-        .run();
-    assert_ne!(done.code, 0, "{}", done.text());
+        .env("KRUN_CAPTURE_DNS", "true")
+        .env("WORKLOAD_NAMESPACE", "default")
+        .env("XDS_ADDR", istiod.addr.to_string())
+        .args(app(&["echoes", "127.0.0.1:9"]))
+        .start();
+    krun.wait_for_line("DNS capture: krun's resolver answers mesh Service names");
+    krun.wait_for_line("services=1");
+    let dig = |args: &[&str]| {
+        let mut argv = vec!["dig", "@127.0.0.2", "+short", "+time=30", "+tries=1"];
+        argv.extend_from_slice(args);
+        ns.exec(&argv)
+    };
+    for name in [
+        "echo.default.svc.cluster.local",
+        "echo.default.svc",
+        "echo.default",
+        "echo",
+    ] {
+        assert_eq!(dig(&[name, "A"]), "10.96.0.10\n", "{name}");
+    }
+    assert_eq!(dig(&["+tcp", "echo", "A"]), "10.96.0.10\n");
     assert!(
-        done.has_line("KRUN_CAPTURE_DNS=true sends DNS to 15053, and KRUN_DATAPLANE=builtin chose the builtin data plane, which runs no DNS server there"),
-        "{}",
-        done.text()
+        upstream.seen().iter().all(|q| !q.contains("echo")),
+        "mesh names never reach the upstream: {:?}",
+        upstream.seen()
     );
-    assert!(!done.has_line("<unset>"), "the app must not start");
+    let (udp_same, tcp_same) = ns.enter(|| {
+        let query = dns::edns_query("example.com.");
+        (
+            dns::udp(&query, "127.0.0.2:53") == dns::udp(&query, "127.0.0.3:53"),
+            dns::tcp(&query, "127.0.0.2:53") == dns::tcp(&query, "127.0.0.3:53"),
+        )
+    });
+    assert!(udp_same, "UDP answer relayed byte for byte");
+    assert!(tcp_same, "TCP answer relayed byte for byte");
+    let forwarded: Vec<String> = upstream
+        .seen()
+        .into_iter()
+        .filter(|q| q.contains("example.com"))
+        .collect();
+    assert_eq!(
+        forwarded,
+        ["udp example.com. A", "tcp example.com. A"],
+        "forwarded once each, over the app's transport"
+    );
+    assert_eq!(twin.seen().len(), 2, "the twin is reached directly");
+    assert!(
+        ns.packets("-A ISTIO_OUTPUT_DNS -d 127.0.0.2/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053") >= 1
+    );
+    krun.signal(Signal::SIGTERM);
+    krun.finish();
+    let after = std::fs::read_to_string(format!("/etc/netns/{}/resolv.conf", ns.name()))
+        .expect("resolv.conf");
+    assert_eq!(after, original, "resolv.conf untouched");
 }
 
 /// Without CAP_NET_ADMIN krun chooses whitebox, says why, installs nothing, and the app gets
@@ -453,6 +518,111 @@ fn workloads_from_istiod_decide_the_route_and_survive_its_outage() {
             .any(|r| !r.response_nonce.is_empty() && r.error_detail.is_none()),
         "no ACK"
     );
+    server.signal(Signal::SIGTERM);
+    server.finish();
+}
+
+/// A Service VIP istiod lists reaches one of its healthy endpoints over HBONE, pinned to the
+/// endpoint's identity, with the service port mapped to the endpoint's target port (80 ->
+/// 8080: the peer's app listens only on 127.0.0.1:8080, so only a mapped HBONE stream reaches
+/// it). The unhealthy endpoint (which would fail its identity check) is never picked; a VIP
+/// whose endpoints are gone is refused with a log line naming the service. istiod is found
+/// through mesh-env's `IMCON_ADDR` on 15012, not `XDS_ADDR`.
+#[test]
+fn a_service_vip_reaches_one_of_its_endpoints_with_the_port_mapped() {
+    use mesh::xds::proto::{AddressType, Port, PortList, WorkloadStatus};
+    let (client_ns, server_ns) = Netns::pair("svc", "10.1.2.3");
+    server_ns.exec(&["ip", "addr", "add", "10.1.2.5/32", "dev", "lo"]);
+    let ca = TestCa::new("cluster.local");
+    let server_dir = TempDir::new("svc-server");
+    let server = mesh_server(&server_ns, &ca, &server_dir);
+
+    // istiod where mesh-env's IMCON_ADDR says, on istiod's port.
+    let tls = IstiodTls::new(&ca);
+    let istiod = in_netns(&client_ns, move || {
+        FakeIstiod::start_at(tls, "127.0.0.1:15012")
+    });
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+    // A named targetPort: istiod leaves the service's target port 0 and each endpoint says.
+    istiod.push_service("echo", "default", ip("10.96.0.10"), &[(80, 0)]);
+    let endpoint = |at: &str, sa: &str, status: WorkloadStatus| {
+        let mut w = krun_tests::fakes::istiod::workload(ip(at), "default", sa, true);
+        let ports = vec![Port {
+            service_port: 80,
+            target_port: 8080,
+        }];
+        w.services.insert(
+            "default/echo.default.svc.cluster.local".into(),
+            PortList { ports },
+        );
+        w.status = status as i32;
+        AddressType::Workload(w)
+    };
+    istiod.push_address(
+        "echo-pod",
+        endpoint("10.1.2.3", "echo", WorkloadStatus::Healthy),
+    );
+    istiod.push_address(
+        "sick-pod",
+        endpoint("10.1.2.5", "other", WorkloadStatus::Unhealthy),
+    );
+
+    let client_dir = TempDir::new("svc-client");
+    ca.install_workload(
+        &client_dir.join(""),
+        "spiffe://cluster.local/ns/default/sa/caller",
+    );
+    let mesh_env = client_dir.join("mesh-env.yaml");
+    std::fs::write(&mesh_env, "IMCON_ADDR: 127.0.0.1\n").expect("write mesh-env");
+    let fifo = client_dir.join("steps");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let mut client = krun_in(&client_ns)
+        .env("MESH_BASE_DIR", client_dir.join(""))
+        .env("MESH", format!("file://{}", mesh_env.display()))
+        .env("KRUN_DATAPLANE", "builtin")
+        .args(app(&["script", &fifo.display().to_string()]))
+        .start();
+    let chosen = client.wait_for_line("workload discovery: delta ADS to istiod");
+    assert!(
+        chosen.contains("istiod=127.0.0.1:15012") && chosen.contains("IMCON_ADDR"),
+        "{chosen}"
+    );
+    client.wait_for_line("services=1");
+    let mut steps = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open the app's step FIFO");
+    let mut step = |line: &str| {
+        use std::io::Write;
+        writeln!(steps, "{line}").expect("write a step");
+    };
+
+    for round in ["one", "two", "three"] {
+        step(&format!("echo 10.96.0.10:80 {round}"));
+        client.wait_for_line(&format!("echoed {round}"));
+    }
+    istiod.remove("echo-pod");
+    client.wait_for_line("removed=1");
+    step("echo 10.96.0.10:80 gone");
+    let refused = client.wait_for_line("outbound refused");
+    assert!(
+        refused.contains("echo.default.svc.cluster.local"),
+        "{refused}"
+    );
+    client.wait_for_line("failed 10.96.0.10:80");
+    drop(steps);
+    let done = client.finish();
+    let text = done.text();
+    assert!(
+        done.has_line("original_dst=10.96.0.10:80 route=\"service\""),
+        "{text}"
+    );
+    assert!(
+        done.has_line("via=echo.default.svc.cluster.local upstream=10.1.2.3:8080"),
+        "{text}"
+    );
+    assert!(!done.has_line("peer identity mismatch"), "{text}");
+    assert!(!done.has_line("echoed gone"), "{text}");
     server.signal(Signal::SIGTERM);
     server.finish();
 }

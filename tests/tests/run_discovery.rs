@@ -3,13 +3,8 @@
 //! `*.run.app` (HTTPS, h2) and a stand-in upstream DNS server run inside the namespace;
 //! krun, curl, dig and getent run there too.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::str::FromStr;
 use std::time::Duration;
 
-use hickory_proto::op::{Edns, Message, Query};
-use hickory_proto::rr::{Name, RecordType};
 use krun_tests::fakes::TestWorld;
 use krun_tests::fakes::dns::{self, FakeDns};
 use krun_tests::fakes::google::FakeGoogle;
@@ -351,10 +346,10 @@ fn dns_answers_run_names_and_forwards_the_rest_unchanged() {
     );
 
     let (udp_same, tcp_same) = world.ns.enter(|| {
-        let query = edns_query("example.com.");
+        let query = dns::edns_query("example.com.");
         (
-            udp(&query, "127.0.0.1:53") == udp(&query, "127.0.0.2:53"),
-            tcp(&query, "127.0.0.1:53") == tcp(&query, "127.0.0.2:53"),
+            dns::udp(&query, "127.0.0.1:53") == dns::udp(&query, "127.0.0.2:53"),
+            dns::tcp(&query, "127.0.0.1:53") == dns::tcp(&query, "127.0.0.2:53"),
         )
     });
     assert!(udp_same, "UDP answer relayed byte for byte");
@@ -370,6 +365,50 @@ fn dns_answers_run_names_and_forwards_the_rest_unchanged() {
     );
     krun.signal(Signal::SIGTERM);
     assert_eq!(krun.finish().code, 143);
+}
+
+/// With the builtin data plane and istiod, the run discovery resolver (the one resolv.conf
+/// names on Cloud Run) also answers the Service names istiod lists, before the run zone: `echo`
+/// is the mesh Service's VIP, `hello` still the run proxy.
+#[test]
+fn the_run_resolver_answers_mesh_service_names_first() {
+    use krun_tests::fakes::istiod::{FakeIstiod, IstiodTls};
+    use krun_tests::fakes::pki::TestCa;
+    let world = World::start();
+    let ca = TestCa::new("cluster.local");
+    let tls = IstiodTls::new(&ca);
+    let istiod = world.ns.enter(move || FakeIstiod::start(tls));
+    let vip = "10.96.0.10".parse().expect("ip");
+    istiod.push_service("echo", "default", vip, &[(80, 8080)]);
+    let certs = TempDir::new("run-mesh");
+    ca.install_workload(
+        &certs.join(""),
+        "spiffe://cluster.local/ns/default/sa/caller",
+    );
+    let settings = [
+        ("MESH_BASE_DIR", certs.join("").display().to_string()),
+        ("KRUN_DATAPLANE", "builtin".to_owned()),
+        ("WORKLOAD_NAMESPACE", "default".to_owned()),
+        ("XDS_ADDR", istiod.addr.to_string()),
+    ];
+    let (mut krun, _) = world.running_with(&settings);
+    krun.wait_for_line("services=1");
+    let dig = |name: &str| {
+        world.ns.exec(&[
+            "dig",
+            "@127.0.0.1",
+            "+short",
+            "+time=30",
+            "+tries=1",
+            name,
+            "A",
+        ])
+    };
+    assert_eq!(dig("echo"), "10.96.0.10\n");
+    assert_eq!(dig("echo.default.svc.cluster.local"), "10.96.0.10\n");
+    assert_eq!(dig("hello.run.internal"), "127.0.0.80\n");
+    krun.signal(Signal::SIGTERM);
+    krun.finish();
 }
 
 /// Without a metadata server discovery says once why it is off and leaves resolv.conf alone.
@@ -394,49 +433,6 @@ fn without_a_metadata_server_dns_is_left_alone() {
     let after = std::fs::read_to_string(format!("/etc/netns/{}/resolv.conf", ns.name()))
         .expect("resolv.conf");
     assert_eq!(after, original);
-}
-
-fn edns_query(name: &str) -> Vec<u8> {
-    let mut message = Message::query();
-    message.metadata.id = 0x4242;
-    message.metadata.recursion_desired = true;
-    message.add_query(Query::query(
-        Name::from_str(name).expect("name"),
-        RecordType::A,
-    ));
-    let mut edns = Edns::new();
-    edns.set_max_payload(4096);
-    message.set_edns(edns);
-    message.to_vec().expect("encode")
-}
-
-fn udp(query: &[u8], server: &str) -> Vec<u8> {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    socket
-        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
-        .expect("timeout");
-    socket
-        .send_to(query, server.parse::<SocketAddr>().expect("addr"))
-        .expect("send");
-    let mut buf = vec![0u8; 65_535];
-    let len = socket.recv(&mut buf).expect("answer");
-    buf.truncate(len);
-    buf
-}
-
-fn tcp(query: &[u8], server: &str) -> Vec<u8> {
-    let mut stream = TcpStream::connect(server).expect("connect");
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
-        .expect("timeout");
-    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
-    framed.extend_from_slice(query);
-    stream.write_all(&framed).expect("write");
-    let mut len = [0u8; 2];
-    stream.read_exact(&mut len).expect("length");
-    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    stream.read_exact(&mut answer).expect("answer");
-    answer
 }
 
 /// Benchmark (docs/performance.md), not a check: `cargo test -p krun-tests --release --test
@@ -494,10 +490,10 @@ fn bench_proxy_and_dns() {
     );
     let (local, forwarded) = world.ns.enter(|| {
         let time = |name: &str| {
-            let query = edns_query(name);
+            let query = dns::edns_query(name);
             let started = std::time::Instant::now();
             for _ in 0..QUERIES {
-                udp(&query, "127.0.0.1:53");
+                dns::udp(&query, "127.0.0.1:53");
             }
             started.elapsed()
         };

@@ -132,9 +132,6 @@ pub enum DataPlaneError {
         "XDS address {0} is istiod, which pilot-agent verifies with istiod's root, and mesh-env has no CAROOT_ISTIOD; publish istiod's root in istio-system/mesh-env (hgate does), or set XDS_ROOT_CA to a root file"
     )]
     IstiodRoot(String),
-    /// Two settings that cannot work together.
-    #[error("{0}")]
-    Inconsistent(String),
     /// `KRUN_PROCESSES` uses the agent's name.
     #[error("{0}")]
     Conflict(String),
@@ -194,7 +191,6 @@ pub fn set_up(
         Plan::None => DataPlane::None,
     };
     tracing::info!(dataplane = ?mode, "data plane: {}", choice.why);
-    check_consistency(config, mode)?;
     let layout = Layout::new(&config.mesh_base_dir.value).map_err(DataPlaneError::write(config))?;
     let app_env = match choice.plan {
         Plan::Agent { xds } => pilot::start(config, inputs, env, workload, xds, processes)?,
@@ -211,24 +207,6 @@ pub fn set_up(
         | Plan::None => BTreeMap::new(),
     };
     Ok(DataPlaneSetup { mode, app_env })
-}
-
-/// Settings that cannot work together with the chosen data plane, refused at startup with a
-/// message naming both: DNS capture needs a DNS server on 15053, which only pilot-agent runs.
-pub fn check_consistency(config: &Config, mode: DataPlane) -> Result<(), DataPlaneError> {
-    if mode != DataPlane::Builtin {
-        return Ok(());
-    }
-    let dataplane = match config.launcher.dataplane.value {
-        DataPlane::Auto => "KRUN_DATAPLANE=auto chose the builtin data plane",
-        _ => "KRUN_DATAPLANE=builtin chose the builtin data plane",
-    };
-    if config.launcher.capture_dns.value {
-        return Err(DataPlaneError::Inconsistent(format!(
-            "KRUN_CAPTURE_DNS=true sends DNS to 15053, and {dataplane}, which runs no DNS server there; set KRUN_CAPTURE_DNS=false, or run pilot-agent (an XDS address with KRUN_DATAPLANE=auto or envoy)"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -269,22 +247,6 @@ mod tests {
     }
 
     /// DNS capture needs a DNS server, which the builtin data plane does not run.
-    #[test]
-    fn dns_capture_with_the_builtin_plane_fails_naming_both() {
-        let check = |pairs: &[(&str, &str)]| {
-            let config = Config::from_env(&env(pairs)).expect("valid env");
-            check_consistency(&config, DataPlane::Builtin).map_err(|e| e.to_string())
-        };
-        let dns = check(&[("KRUN_CAPTURE_DNS", "true")]).expect_err("no DNS server");
-        assert!(
-            dns.starts_with("KRUN_CAPTURE_DNS=true sends DNS to 15053, and KRUN_DATAPLANE=auto chose the builtin data plane"),
-            "{dns}"
-        );
-        assert!(check(&[]).is_ok());
-        let config = Config::from_env(&env(&[("KRUN_CAPTURE_DNS", "true")])).expect("valid");
-        assert!(check_consistency(&config, DataPlane::Envoy).is_ok());
-    }
-
     #[test]
     fn traffic_director_without_a_project_number_is_an_error_naming_mesh() {
         let env = env(&[

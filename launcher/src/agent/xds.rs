@@ -109,6 +109,29 @@ pub fn select(
     })
 }
 
+/// The istiod the builtin data plane's workload discovery streams from, picked from the same
+/// selection as the agent's ([`select`]: `XDS_ADDR`, mesh-env `IMCON_ADDR:15012`, ...), with
+/// where it came from; or why discovery is off. The managed control plane is refused: it is
+/// reached with Google credentials and system roots, while the discovery client speaks to
+/// istiod with the workload certificate and the mesh roots.
+pub fn discovery_istiod(
+    selected: Result<Xds, ProxyConfigError>,
+) -> Result<(String, &'static str), String> {
+    match selected {
+        Ok(Xds::Address { addr, .. }) if addr.contains("meshconfig.googleapis.com") => {
+            Err(format!(
+                "the XDS address is the managed control plane ({addr}), which the builtin data plane's workload discovery does not speak to (it needs istiod: XDS_ADDR or mesh-env IMCON_ADDR)"
+            ))
+        }
+        Ok(Xds::Address { addr, from }) => Ok((addr, from)),
+        Ok(Xds::Disabled) => Err("XDS_ADDR=- disables it".to_owned()),
+        Ok(Xds::Unknown) => {
+            Err("no istiod address: set XDS_ADDR, or publish IMCON_ADDR in mesh-env".to_owned())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// True for istiod's port (`ISTIOD_SAN`); anything else is a public endpoint with system roots.
 pub fn is_istiod(addr: &str) -> bool {
     addr.ends_with(&format!(":{ISTIOD_PORT}"))
@@ -178,5 +201,29 @@ mod tests {
             e.starts_with("PROXY_CONFIG=[unclosed: expected an Istio ProxyConfig"),
             "{e}"
         );
+    }
+
+    /// Workload discovery follows the agent's selection (XDS_ADDR, then mesh-env IMCON_ADDR
+    /// on 15012) and names the source; the managed control plane, `-` and nothing known turn
+    /// it off with the reason.
+    #[test]
+    fn discovery_uses_istiod_from_xds_addr_or_imcon_addr() {
+        let imcon = mesh_env(&[("IMCON_ADDR", "10.128.0.9")]);
+        let pick = |env_xds: Option<&str>, tenant: Option<&str>, mesh_env| {
+            discovery_istiod(select(None, env_xds, None, mesh_env, tenant))
+        };
+        assert_eq!(
+            pick(Some("10.0.0.1:15012"), None, &imcon),
+            Ok(("10.0.0.1:15012".to_owned(), "XDS_ADDR"))
+        );
+        let (addr, from) = pick(None, None, &imcon).expect("IMCON_ADDR");
+        assert_eq!(addr, "10.128.0.9:15012");
+        assert!(from.contains("IMCON_ADDR"), "{from}");
+        let mcp = pick(None, Some("projects/p/tenant"), &imcon).expect_err("MCP is refused");
+        assert!(mcp.contains("managed control plane"), "{mcp}");
+        let off = pick(Some("-"), None, &imcon).expect_err("disabled");
+        assert!(off.contains("XDS_ADDR=-"), "{off}");
+        let none = pick(None, None, &BTreeMap::new()).expect_err("unknown");
+        assert!(none.contains("IMCON_ADDR"), "{none}");
     }
 }

@@ -26,6 +26,25 @@ use mesh::istio::{DNS_PORT, HBONE_PORT, INBOUND_CAPTURE_PORT, PROXY_GID, PROXY_U
 pub const CHAIN_PREFIX: &str = "ISTIO_";
 /// The socket mark krun puts on its own outbound sockets; marked traffic is never captured.
 pub const KRUN_MARK: u32 = 0x539;
+
+/// Puts [`KRUN_MARK`] on a socket krun opens itself (passthrough, DNS forwarding), so the
+/// capture rules never send it back to krun. Without CAP_NET_ADMIN the mark cannot be set, but
+/// then there is no capture either.
+pub fn mark_socket(socket: &impl std::os::fd::AsFd) {
+    let _ = nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::Mark, &KRUN_MARK);
+}
+
+/// A plain TCP connection carrying krun's mark, so capture leaves it alone.
+pub async fn connect_marked(
+    target: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = match target {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    mark_socket(&socket);
+    socket.connect(target).await
+}
 /// The GCE metadata server: credentials must never go through the mesh.
 pub const METADATA_CIDR: &str = "169.254.169.254/32";
 /// The tables the rules live in, in the order they are restored.
@@ -357,6 +376,20 @@ impl Rules {
                 format!("-p udp --sport {port} -m owner {kind} {id} -j CT --zone 2"),
             ));
         }
+        // (krun) krun's own DNS server (the builtin data plane's, on the DNS port) and its
+        // forwarding are marked instead of running as 1337: the same zones by mark.
+        if let Some(mark) = self.mark {
+            rules.push((
+                "raw",
+                "ISTIO_OUTPUT_DNS",
+                format!("-p udp --dport 53 -m mark --mark {mark:#x} -j CT --zone 1"),
+            ));
+            rules.push((
+                "raw",
+                "ISTIO_OUTPUT_DNS",
+                format!("-p udp --sport {port} -m mark --mark {mark:#x} -j CT --zone 2"),
+            ));
+        }
         if captured {
             rules.push(("raw", "PREROUTING", "-j ISTIO_INBOUND".to_owned()));
         }
@@ -555,6 +588,26 @@ mod tests {
             text.contains("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053\n")
         );
         assert!(text.contains("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j CT --zone 2\n"));
+    }
+
+    /// krun's marked DNS legs (the builtin plane's resolver and its forwarding) get the zones
+    /// the owner rules give pilot-agent's, before the nameserver rule claims zone 2 (the first
+    /// CT a packet meets wins).
+    #[test]
+    fn marked_dns_legs_get_the_owner_zones_first() {
+        let ns: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
+        let text =
+            Rules::istio("10.0.0.0/8", &[], 15001, Some(vec![ns])).restore_input(Family::V4, EMPTY);
+        let at = |rule: &str| {
+            text.find(rule)
+                .unwrap_or_else(|| panic!("missing {rule} in {text}"))
+        };
+        let upstream =
+            at("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m mark --mark 0x539 -j CT --zone 1\n");
+        let answers =
+            at("-A ISTIO_OUTPUT_DNS -p udp --sport 15053 -m mark --mark 0x539 -j CT --zone 2\n");
+        let app = at("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d 127.0.0.2/32 -j CT --zone 2\n");
+        assert!(upstream < app && answers < app, "{text}");
     }
 
     /// Cleanup removes jumps first, then flushes and deletes our chains, nothing else.

@@ -76,7 +76,7 @@ impl MeshSide {
         interception: Interception,
         identity: MeshIdentity,
         in_mesh: bool,
-        xds: Option<XdsConfig>,
+        discovery: Option<(XdsConfig, Arc<WorkloadStore>)>,
         drain: CancellationToken,
     ) -> anyhow::Result<MeshSide> {
         let settings = h2_settings(config);
@@ -113,7 +113,8 @@ impl MeshSide {
                 let local = certs.borrow().identity();
                 builtin_inbound =
                     start_inbound(config, tls, local, &settings, &drain, &mut tasks).await?;
-                workloads = xds.map(|xds| start_discovery(xds, &certs, &drain, &mut tasks));
+                workloads = discovery
+                    .map(|(xds, store)| start_discovery(xds, store, &certs, &drain, &mut tasks));
                 hop = Some(MeshHop::new(
                     Arc::new(HboneClient::new(settings, Some(certs.clone()))),
                     config.launcher.peer_identities.value.clone(),
@@ -387,16 +388,15 @@ async fn start_inbound(
     Ok(Some(addr))
 }
 
-/// Workload discovery from istiod for the builtin data plane: the store the router asks,
-/// filled by the xDS client until `drain`.
+/// Workload discovery from istiod for the builtin data plane: `store`, which the router (and
+/// the DNS answerer) ask, filled by the xDS client until `drain`.
 fn start_discovery(
     xds: XdsConfig,
+    store: Arc<WorkloadStore>,
     certs: &watch::Receiver<Arc<WorkloadCert>>,
     drain: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> Arc<WorkloadStore> {
-    let store = Arc::new(WorkloadStore::default());
-    tracing::info!(istiod = %xds.addr, node = %xds.node_id, "workload discovery: delta ADS to istiod (XDS_ADDR)");
     tasks.spawn(mesh::xds::run(
         xds,
         certs.clone(),

@@ -50,6 +50,11 @@ pub async fn serve(
                         tracing::debug!(%peer, original_dst = %target, "captured connection idle for KRUN_IDLE_TIMEOUT; closed");
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    // The app's connect already succeeded (iptables redirected it): a reset is
+                    // the nearest it can see to "refused". The route decision logged why.
+                    let _ = stream.set_zero_linger();
+                }
                 Err(e) => {
                     tracing::warn!(original_dst = %target, error = %e, "captured connection: upstream failed")
                 }

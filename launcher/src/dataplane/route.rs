@@ -2,7 +2,9 @@
 //! `KRUN_FORWARD` listeners, decided per connection: a mesh destination (a workload istiod
 //! lists as HBONE-capable, whose certificate must then carry the identity istiod gives, or an
 //! IP inside `KRUN_MESH_CIDRS`; only when krun holds a workload certificate) goes over HBONE to
-//! the peer's 15008; anything else is a plain TCP connection (passthrough), so a destination
+//! the peer's 15008; a Service VIP istiod lists goes to one of its healthy endpoints (on the
+//! mapped target port) or to its waypoint, as ztunnel sends it, and is refused when it has no
+//! healthy endpoint; anything else is a plain TCP connection (passthrough), so a destination
 //! outside the mesh (Memorystore, Cloud SQL, a VM) works as it would without krun. krun's plain sockets
 //! carry the capture mark, so the iptables rules never send them back to 15001.
 //!
@@ -11,7 +13,7 @@
 //! required to carry, `unknown` for passthrough or when only the trust domain is known).
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -20,11 +22,11 @@ use hbone::client::{HboneClient, StreamGuard};
 use hbone::tls::ExpectedPeer;
 use mesh::metrics::tcp::{Reporter, TcpConnection};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpSocket, TcpStream};
 
-use crate::capture::rules::KRUN_MARK;
+use crate::capture::rules::connect_marked;
 use crate::config::{Cidr, PeerIdentity};
 use mesh::xds::WorkloadStore;
+use mesh::xds::store::{Hop, Resolved};
 
 /// A byte stream to an upstream.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -100,6 +102,11 @@ pub enum Route {
     Workload(SpiffeId),
     /// HBONE to the destination's 15008: it is inside `KRUN_MESH_CIDRS`.
     MeshCidr,
+    /// A Service VIP or a workload behind a waypoint: to the endpoint or waypoint istiod's
+    /// state picked.
+    Service(Hop),
+    /// A Service VIP without a healthy endpoint (named): refused.
+    NoEndpoint(String),
     /// Plain TCP, marked so capture leaves it alone.
     Passthrough,
 }
@@ -109,6 +116,8 @@ impl Route {
     pub fn name(&self) -> &'static str {
         match self {
             Route::Workload(_) | Route::MeshCidr => "hbone",
+            Route::Service(_) => "service",
+            Route::NoEndpoint(_) => "refused",
             Route::Passthrough => "passthrough",
         }
     }
@@ -122,6 +131,12 @@ impl Route {
             Route::MeshCidr => {
                 "outbound HBONE: the destination is inside KRUN_MESH_CIDRS (logged once; later ones at debug)"
             }
+            Route::Service(_) => {
+                "outbound service: istiod lists the destination as a Service VIP (or behind a waypoint); the connection goes to the endpoint or waypoint picked (logged once; later ones at debug)"
+            }
+            Route::NoEndpoint(_) => {
+                "outbound refused: istiod lists the destination as a Service VIP with no healthy endpoint"
+            }
             Route::Passthrough => {
                 "outbound passthrough: the destination is neither a workload istiod lists as HBONE-capable nor inside KRUN_MESH_CIDRS (or krun has no workload certificate), so it is reached directly as without krun (logged once; later ones at debug)"
             }
@@ -134,6 +149,8 @@ impl Route {
 pub struct RouteCounts {
     workload: AtomicU64,
     mesh_cidr: AtomicU64,
+    service: AtomicU64,
+    refused: AtomicU64,
     passthrough: AtomicU64,
 }
 
@@ -142,6 +159,8 @@ impl RouteCounts {
         match route {
             Route::Workload(_) => &self.workload,
             Route::MeshCidr => &self.mesh_cidr,
+            Route::Service(_) => &self.service,
+            Route::NoEndpoint(_) => &self.refused,
             Route::Passthrough => &self.passthrough,
         }
     }
@@ -196,18 +215,25 @@ impl Router {
         &self.counts
     }
 
-    /// The route to `ip`: HBONE only to a mesh destination krun can reach over HBONE.
-    pub fn decide(&self, ip: IpAddr) -> Route {
+    /// The route to `target`: HBONE only to a mesh destination krun can reach over HBONE.
+    pub fn decide(&self, target: SocketAddr) -> Route {
         if self.mesh.is_none() {
             return Route::Passthrough;
         }
+        let ip = target.ip();
+        let resolved = self
+            .workloads
+            .as_ref()
+            .map_or(Resolved::Unlisted, |store| store.resolve(target));
         // istiod's word wins over KRUN_MESH_CIDRS: a listed workload outside the ambient mesh
         // does not accept HBONE.
-        match self.workloads.as_ref().and_then(|store| store.lookup(ip)) {
-            Some(workload) if workload.hbone => Route::Workload(workload.identity),
-            Some(_) => Route::Passthrough,
-            None if self.mesh_cidrs.iter().any(|r| r.contains(ip)) => Route::MeshCidr,
-            None => Route::Passthrough,
+        match resolved {
+            Resolved::Workload(workload) if workload.hbone => Route::Workload(workload.identity),
+            Resolved::Workload(_) => Route::Passthrough,
+            Resolved::Hop(hop) => Route::Service(hop),
+            Resolved::NoEndpoint { service } => Route::NoEndpoint(service),
+            Resolved::Unlisted if self.mesh_cidrs.iter().any(|r| r.contains(ip)) => Route::MeshCidr,
+            Resolved::Unlisted => Route::Passthrough,
         }
     }
 
@@ -221,9 +247,13 @@ impl Router {
     /// Decides, counts and logs the route of one connection to `target`; open it with
     /// [`Router::connect_routed`].
     pub fn route(&self, target: SocketAddr) -> Route {
-        let route = self.decide(target.ip());
+        let route = self.decide(target);
         let total = self.counts.count(&route);
-        if total == 1 {
+        if let Route::NoEndpoint(service) = &route {
+            tracing::warn!(%target, %service, route = route.name(), total, "{}", route.reason());
+        } else if let (Route::Service(hop), 1) = (&route, total) {
+            tracing::info!(%target, via = %hop.via, upstream = %hop.authority, route = route.name(), "{}", route.reason());
+        } else if total == 1 {
             tracing::info!(%target, route = route.name(), "{}", route.reason());
         } else {
             tracing::debug!(%target, route = route.name(), total, "outbound route decided");
@@ -238,11 +268,43 @@ impl Router {
         host: &str,
         target: SocketAddr,
     ) -> io::Result<Upstream> {
-        let (hop, expected) = match (&route, &self.mesh) {
-            (Route::Workload(id), Some(hop)) => (hop, ExpectedPeer::OneOf(vec![id.clone()])),
-            (Route::MeshCidr, Some(hop)) => (hop, hop.expected(host, target)),
+        let (hop, expected, peer, authority) = match (&route, &self.mesh) {
+            (Route::Workload(id), Some(hop)) => {
+                let peer = SocketAddr::new(target.ip(), hop.peer_port);
+                (hop, ExpectedPeer::OneOf(vec![id.clone()]), peer, target)
+            }
+            (Route::MeshCidr, Some(hop)) => {
+                let peer = SocketAddr::new(target.ip(), hop.peer_port);
+                (hop, hop.expected(host, target), peer, target)
+            }
+            (
+                Route::Service(Hop {
+                    peer: Some((ip, port)),
+                    identity,
+                    authority,
+                    ..
+                }),
+                Some(hop),
+            ) => {
+                let expected = match identity {
+                    Some(id) => ExpectedPeer::OneOf(vec![id.clone()]),
+                    None => ExpectedPeer::TrustDomain(hop.trust_domain.clone()),
+                };
+                let peer = SocketAddr::new(*ip, port.unwrap_or(hop.peer_port));
+                (hop, expected, peer, *authority)
+            }
+            (Route::NoEndpoint(service), _) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("service {service} has no healthy endpoint"),
+                ));
+            }
             _ => {
-                let stream = connect_marked(target).await?;
+                let plain = match &route {
+                    Route::Service(picked) => picked.authority,
+                    _ => target,
+                };
+                let stream = connect_marked(plain).await?;
                 let metrics = TcpConnection::open(Reporter::Source, self.source().as_ref(), None);
                 return Ok(Upstream {
                     io: Box::new(metrics.count_upstream(stream)),
@@ -251,13 +313,12 @@ impl Router {
                 });
             }
         };
-        let peer = SocketAddr::new(target.ip(), hop.peer_port);
         let (tunnel, guard) = hop
             .client
-            .connect(peer, Some(&expected), &target.to_string())
+            .connect(peer, Some(&expected), &authority.to_string())
             .await
             .map_err(io::Error::other)?;
-        tracing::debug!(%target, %peer, verified = %expected, "outbound HBONE tunnel open");
+        tracing::debug!(%target, %peer, %authority, verified = %expected, "outbound HBONE tunnel open");
         let destination = match &expected {
             ExpectedPeer::OneOf(ids) if ids.len() == 1 => ids.first(),
             _ => None,
@@ -287,17 +348,6 @@ impl Router {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         self.connect_routed(self.route(target), host, target).await
     }
-}
-
-/// A plain TCP connection carrying krun's mark, so capture leaves it alone.
-pub async fn connect_marked(target: SocketAddr) -> io::Result<TcpStream> {
-    let socket = match target {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    // Without CAP_NET_ADMIN the mark cannot be set, but then there is no capture either.
-    let _ = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &KRUN_MARK);
-    socket.connect(target).await
 }
 
 #[cfg(test)]
@@ -355,11 +405,11 @@ mod tests {
             15008,
         );
         let router = Router::new(Some(hop), None, cidrs.clone());
-        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-        assert_eq!(router.decide(ip("10.1.2.3")), Route::MeshCidr);
-        assert_eq!(router.decide(ip("fd00::7")), Route::MeshCidr);
-        assert_eq!(router.decide(ip("10.1.2.4")), Route::Passthrough);
-        assert_eq!(router.decide(ip("8.8.8.8")), Route::Passthrough);
+        let sock = |s: &str| SocketAddr::new(s.parse().expect("ip"), 80);
+        assert_eq!(router.decide(sock("10.1.2.3")), Route::MeshCidr);
+        assert_eq!(router.decide(sock("fd00::7")), Route::MeshCidr);
+        assert_eq!(router.decide(sock("10.1.2.4")), Route::Passthrough);
+        assert_eq!(router.decide(sock("8.8.8.8")), Route::Passthrough);
         let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
         router.route(addr("10.1.2.3:80"));
         router.route(addr("10.9.9.9:6379"));
@@ -367,9 +417,9 @@ mod tests {
         assert_eq!(router.counts().get(&Route::MeshCidr), 1);
         assert_eq!(router.counts().get(&Route::Passthrough), 2);
         let no_cert = Router::new(None, None, cidrs);
-        assert_eq!(no_cert.decide(ip("10.1.2.3")), Route::Passthrough);
+        assert_eq!(no_cert.decide(sock("10.1.2.3")), Route::Passthrough);
         let no_cidrs = Router::new(None, None, Vec::new());
-        assert_eq!(no_cidrs.decide(ip("10.1.2.3")), Route::Passthrough);
+        assert_eq!(no_cidrs.decide(sock("10.1.2.3")), Route::Passthrough);
     }
 
     /// A workload istiod lists as HBONE-capable goes over HBONE pinned to its identity; one
@@ -386,6 +436,7 @@ mod tests {
             tunnel_protocol: protocol as i32,
             trust_domain: "td".into(),
             service_account: "db".into(),
+            ..Default::default()
         };
         store
             .upsert("a", "1", &workload([10, 0, 0, 5], TunnelProtocol::Hbone))
@@ -401,12 +452,77 @@ mod tests {
         );
         let cidrs = Cidr::parse_list("10.0.0.0/8").expect("valid");
         let router = Router::new(Some(hop), Some(store), cidrs);
-        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let sock = |s: &str| SocketAddr::new(s.parse().expect("ip"), 80);
         assert_eq!(
-            router.decide(ip("10.0.0.5")),
+            router.decide(sock("10.0.0.5")),
             Route::Workload("spiffe://td/ns/prod/sa/db".parse().expect("id"))
         );
-        assert_eq!(router.decide(ip("10.0.0.6")), Route::Passthrough);
-        assert_eq!(router.decide(ip("10.0.0.7")), Route::MeshCidr);
+        assert_eq!(router.decide(sock("10.0.0.6")), Route::Passthrough);
+        assert_eq!(router.decide(sock("10.0.0.7")), Route::MeshCidr);
+    }
+
+    /// A Service VIP goes to the endpoint istiod's state picks, on its target port; one
+    /// without a healthy endpoint is refused, naming the service.
+    #[tokio::test]
+    async fn a_service_vip_goes_to_an_endpoint_or_is_refused() {
+        use mesh::xds::proto::{NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload};
+        let store = Arc::new(WorkloadStore::default());
+        let service = |vip: u8, hostname: &str| Service {
+            name: "svc".into(),
+            namespace: "prod".into(),
+            hostname: hostname.into(),
+            addresses: vec![NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, vip],
+            }],
+            ports: vec![Port {
+                service_port: 80,
+                target_port: 8080,
+            }],
+            waypoint: None,
+        };
+        store
+            .upsert_service("a", "1", &service(10, "a.prod.svc.cluster.local"))
+            .expect("valid");
+        store
+            .upsert_service("b", "1", &service(11, "b.prod.svc.cluster.local"))
+            .expect("valid");
+        let mut endpoint = Workload {
+            namespace: "prod".into(),
+            addresses: vec![vec![10, 0, 0, 5]],
+            tunnel_protocol: TunnelProtocol::Hbone as i32,
+            service_account: "a".into(),
+            ..Default::default()
+        };
+        endpoint
+            .services
+            .insert("prod/a.prod.svc.cluster.local".into(), PortList::default());
+        store.upsert("pod", "1", &endpoint).expect("valid");
+        let hop = MeshHop::new(
+            Arc::new(HboneClient::new(hbone::H2Settings::default(), None)),
+            Vec::new(),
+            "td".into(),
+            15008,
+        );
+        let router = Router::new(Some(hop), Some(store), Vec::new());
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let Route::Service(picked) = router.decide(addr("10.96.0.10:80")) else {
+            panic!("a service route");
+        };
+        assert_eq!(picked.authority, addr("10.0.0.5:8080"));
+        let refused = router.route(addr("10.96.0.11:80"));
+        assert_eq!(
+            refused,
+            Route::NoEndpoint("b.prod.svc.cluster.local".into())
+        );
+        let Err(e) = router
+            .connect_routed(refused, "10.96.0.11", addr("10.96.0.11:80"))
+            .await
+        else {
+            panic!("refused");
+        };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(e.to_string().contains("b.prod.svc.cluster.local"), "{e}");
+        assert_eq!(router.counts().get(&Route::NoEndpoint(String::new())), 1);
     }
 }

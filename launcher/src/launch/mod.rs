@@ -11,6 +11,9 @@ use std::time::Instant;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
 use crate::admin::KrunAdmin;
 use crate::agent::AgentInputs;
 use crate::config::{Config, DataPlane, StartupProbe};
@@ -18,6 +21,7 @@ use crate::dataplane::{MeshIdentity, MeshSide};
 use crate::probe::{Check, Probe};
 use crate::processes::ProcessPlan;
 use crate::processes::RunAs;
+use crate::run_discovery::dns::{LocalAnswerer, MeshAnswerer, MetadataAnswerer, start_captured};
 use crate::startup::PhaseClock;
 use crate::supervisor::{AppSpec, Phase, Supervisor, Timeouts};
 use mesh::config::{Env, Source};
@@ -25,6 +29,7 @@ use mesh::discovery;
 use mesh::identity::k8s_token::{self, K8sTokenSource, TokenFile, istio_token_path};
 use mesh::identity::{self, Identity, IdentityInputs, RotationPolicy, Signer, SpiffeId};
 use mesh::istio::Interception;
+use mesh::xds::WorkloadStore;
 
 /// Runs the workload to completion and returns krun's exit code.
 pub async fn run(
@@ -106,7 +111,19 @@ pub async fn run(
     }
     // Before the app starts: it must read the rewritten resolv.conf. Its listeners outlive the
     // app's drain (the app may call services while it drains) and end with the process.
-    crate::run_discovery::start(&config, CancellationToken::new()).await;
+    let xds = xds_config(&config, dataplane.mode, &inputs, env);
+    let workloads = xds.as_ref().map(|_| Arc::new(WorkloadStore::default()));
+    let mesh_names = workloads.as_ref().map(|store| MeshAnswerer {
+        store: store.clone(),
+        namespace: config.workload_namespace.value.clone(),
+    });
+    crate::run_discovery::start(&config, mesh_names.clone(), CancellationToken::new()).await;
+    if dataplane.mode == DataPlane::Builtin
+        && capture.interception == Interception::Iptables
+        && config.launcher.capture_dns.value
+    {
+        start_captured_dns(&config, mesh_names).await?;
+    }
     let app = (!argv.is_empty()).then(|| app_spec(&config, argv, dataplane.app_env));
     if app.is_none() {
         tracing::info!(
@@ -137,7 +154,6 @@ pub async fn run(
     // startup drains instead of killing krun.
     let mut supervisor = Supervisor::new(plan, app, timeouts, clock)?;
     let drain = CancellationToken::new();
-    let xds = xds_config(&config, &inputs, env);
     let mut mesh = MeshSide::start(
         &config,
         dataplane.mode,
@@ -147,7 +163,7 @@ pub async fn run(
             store: identity.identity.as_ref().map(|i| i.store().clone()),
         },
         in_mesh,
-        xds,
+        xds.zip(workloads),
         drain.clone(),
     )
     .await?;
@@ -384,15 +400,39 @@ async fn mint_from_cluster_ca(
     })
 }
 
-/// How the builtin data plane reaches istiod for workload discovery: `XDS_ADDR` (not `-`),
+/// How the builtin data plane reaches istiod for workload discovery: the address
+/// `agent::xds::discovery_istiod` picks (`XDS_ADDR`, else mesh-env `IMCON_ADDR:15012`; never
+/// the managed control plane), logged once with where it came from or why there is none,
 /// verified as istiod, with the node id and metadata ztunnel sends
 /// (`ztunnel~IP~POD.NS~NS.svc.cluster.local`; istiod knows only its proxy types) and the
-/// istio-token file as the bearer when krun keeps one.
-fn xds_config(config: &Config, inputs: &AgentInputs, env: &Env) -> Option<mesh::xds::XdsConfig> {
-    let addr = config.xds_addr.as_ref()?.value.clone();
-    if addr == "-" || addr.is_empty() {
+/// istio-token file as the bearer when krun keeps one. Other data planes: `None`, quietly.
+fn xds_config(
+    config: &Config,
+    mode: DataPlane,
+    inputs: &AgentInputs,
+    env: &Env,
+) -> Option<mesh::xds::XdsConfig> {
+    if mode != DataPlane::Builtin {
         return None;
     }
+    let tenant = crate::agent::workload::tenant(config, &inputs.mesh_env);
+    let selected = crate::agent::xds::select(
+        config.proxy_config.as_ref().map(|s| s.value.as_str()),
+        config.xds_addr.as_ref().map(|s| s.value.as_str()),
+        inputs.xds_addr.as_deref(),
+        &inputs.mesh_env,
+        tenant.as_deref(),
+    );
+    let addr = match crate::agent::xds::discovery_istiod(selected) {
+        Ok((addr, from)) => {
+            tracing::info!(istiod = %addr, from, "workload discovery: delta ADS to istiod");
+            addr
+        }
+        Err(why) => {
+            tracing::info!("workload discovery off: {why}; routes come from KRUN_MESH_CIDRS alone");
+            return None;
+        }
+    };
     let workload = crate::agent::workload::Workload::resolve(config, inputs, env, None, 0);
     let ip = inputs.instance_ip.as_deref().unwrap_or("127.0.0.1");
     let ns = &workload.namespace;
@@ -415,6 +455,36 @@ fn xds_config(config: &Config, inputs: &AgentInputs, env: &Env) -> Option<mesh::
         metadata,
         token_path: Some(istio_token_path(&config.mesh_base_dir.value)),
     })
+}
+
+/// DNS capture with the builtin data plane: krun's DNS server on 15053 answers the mesh's
+/// Service names (when istiod is known) and `metadata.google.internal`, and forwards the rest
+/// to resolv.conf's nameserver unchanged; resolv.conf itself is not touched. Without a
+/// nameserver nothing is captured (capture has said so), so no server starts.
+async fn start_captured_dns(
+    config: &Config,
+    mesh_names: Option<MeshAnswerer>,
+) -> anyhow::Result<()> {
+    let resolv_conf =
+        std::fs::read_to_string(crate::config::DEFAULT_RESOLV_CONF).unwrap_or_default();
+    // The first of the nameservers the capture rules redirect (the same parse).
+    let Some(nameserver) = crate::capture::nameservers(&resolv_conf).first().copied() else {
+        return Ok(());
+    };
+    let upstream = SocketAddr::new(nameserver, 53);
+    let mut answerers: Vec<Box<dyn LocalAnswerer>> = vec![Box::new(MetadataAnswerer)];
+    let mesh = mesh_names.is_some();
+    if let Some(mesh_names) = mesh_names {
+        answerers.insert(0, Box::new(mesh_names));
+    }
+    let limit = crate::dataplane::bounds(config).limit("dns");
+    start_captured(answerers, upstream, limit, CancellationToken::new())
+        .await
+        .map_err(|why| {
+            anyhow::anyhow!("KRUN_CAPTURE_DNS=true with the builtin data plane: {why}")
+        })?;
+    tracing::info!(listen = %SocketAddr::from((Ipv4Addr::LOCALHOST, mesh::istio::DNS_PORT)), %upstream, mesh_names = mesh, "DNS capture: krun's resolver answers mesh Service names and forwards the rest unchanged");
+    Ok(())
 }
 
 /// Certificate lifetime from `SECRET_TTL`; retries paced as `RotationPolicy` defaults.

@@ -1,5 +1,5 @@
 //! The local DNS server: local answerers first (the run zone, `metadata.google.internal`, and
-//! later other local zones such as mesh Service names), every other query forwarded to the
+//! the mesh's Service names from istiod), every other query forwarded to the
 //! upstream resolver unchanged. A forwarded query goes out as the bytes the app sent, over the
 //! transport the app used (UDP stays UDP, TCP stays TCP), and the upstream's answer comes back
 //! as the bytes it sent: EDNS options, DNSSEC records and the truncation bit are the upstream's,
@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::names::RunZone;
+use crate::capture::rules::{connect_marked, mark_socket};
 
 /// How long the upstream may take to answer one forwarded query.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,8 +39,8 @@ pub enum LocalAnswer {
     NxDomain,
 }
 
-/// A zone answered locally, consulted before forwarding. Another local zone (mesh Service
-/// names) is one more implementation handed to [`DnsServer::new`].
+/// A zone answered locally, consulted before forwarding; each zone is one implementation
+/// handed to [`DnsServer::new`].
 pub trait LocalAnswerer: Send + Sync {
     /// The answer for `fqdn` (lower case, with the trailing dot), or `None` when the name is
     /// not this answerer's.
@@ -75,6 +76,68 @@ impl LocalAnswerer for MetadataAnswerer {
         (fqdn == mesh::metadata::METADATA_DNS_NAME)
             .then(|| LocalAnswer::Addresses(vec![IpAddr::V4(mesh::metadata::METADATA_IP)]))
     }
+}
+
+/// The mesh's Service names, from what istiod lists: `svc.ns.svc.cluster.local` and the short
+/// forms a Kubernetes search path would complete (`svc` in the workload's namespace, `svc.ns`,
+/// `svc.ns.svc`), answered with the Service's VIPs. A name no listed Service has is not this
+/// answerer's (forwarded, never NXDOMAIN): the mesh does not own `cluster.local` names istiod
+/// has not pushed, nor single labels.
+#[derive(Clone)]
+pub struct MeshAnswerer {
+    /// What istiod listed.
+    pub store: Arc<mesh::xds::WorkloadStore>,
+    /// The workload's namespace, completing single-label names.
+    pub namespace: String,
+}
+
+/// The Kubernetes cluster domain Service hostnames end with.
+const CLUSTER_DOMAIN: &str = "cluster.local";
+
+impl MeshAnswerer {
+    /// The Service hostname `name` (no trailing dot) stands for.
+    fn hostname(&self, name: &str) -> String {
+        let ns = &self.namespace;
+        match name.split('.').count() {
+            1 => format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"),
+            2 => format!("{name}.svc.{CLUSTER_DOMAIN}"),
+            3 if name.ends_with(".svc") => format!("{name}.{CLUSTER_DOMAIN}"),
+            _ => name.to_owned(),
+        }
+    }
+}
+
+impl LocalAnswerer for MeshAnswerer {
+    fn answer(&self, fqdn: &str) -> Option<LocalAnswer> {
+        let name = fqdn.strip_suffix('.').unwrap_or(fqdn);
+        let vips = self.store.service_vips(&self.hostname(name));
+        (!vips.is_empty()).then_some(LocalAnswer::Addresses(vips))
+    }
+}
+
+/// The DNS server DNS capture (`KRUN_CAPTURE_DNS=true`) sends the app's queries to when the
+/// builtin data plane runs (pilot-agent's DNS proxy is not there): `answerers` first, every
+/// other query forwarded to `upstream` (resolv.conf's nameserver, the file left as it is: the
+/// iptables rules redirect the queries to it). Listens on 127.0.0.1:15053 (udp and tcp) until
+/// `drain`.
+pub async fn start_captured(
+    answerers: Vec<Box<dyn LocalAnswerer>>,
+    upstream: SocketAddr,
+    limit: hbone::listen::ConnectionLimit,
+    drain: CancellationToken,
+) -> Result<(), String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, mesh::istio::DNS_PORT));
+    let udp = UdpSocket::bind(addr)
+        .await
+        .map_err(|e| format!("{addr}: UDP bind failed: {e}"))?;
+    // Marked: the capture rules put krun's answers in the app's conntrack zone by this mark.
+    mark_socket(&udp);
+    let tcp = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("{addr}: TCP bind failed: {e}"))?;
+    let server = Arc::new(DnsServer::new(answerers, upstream));
+    tokio::spawn(server.serve(udp, tcp, Arc::new(limit), drain));
+    Ok(())
 }
 
 /// The server: its answerers and the upstream resolver.
@@ -211,6 +274,8 @@ impl DnsServer {
         };
         let exchange = async {
             let socket = UdpSocket::bind(bind).await?;
+            // Marked, so DNS capture does not send krun's own forwarding back to krun.
+            mark_socket(&socket);
             socket.connect(self.upstream).await?;
             socket.send(query).await?;
             let mut buf = vec![0u8; MAX_MESSAGE];
@@ -231,7 +296,7 @@ impl DnsServer {
 
     async fn forward_tcp(&self, query: &[u8]) -> Option<Vec<u8>> {
         let exchange = async {
-            let mut upstream = TcpStream::connect(self.upstream).await?;
+            let mut upstream = connect_marked(self.upstream).await?;
             write_framed(&mut upstream, query).await?;
             read_framed(&mut upstream)
                 .await?
@@ -328,5 +393,50 @@ mod tests {
                 .is_none()
         );
         assert!(s.local_reply(b"garbage").is_none());
+    }
+
+    /// A listed Service answers under its FQDN and the short forms; other names (and a
+    /// `cluster.local` name istiod did not list) are forwarded.
+    #[test]
+    fn mesh_service_names_answer_with_their_vips() {
+        use mesh::xds::proto::{NetworkAddress, Service};
+        let store = Arc::new(mesh::xds::WorkloadStore::default());
+        let service = Service {
+            name: "echo".into(),
+            namespace: "prod".into(),
+            hostname: "echo.prod.svc.cluster.local".into(),
+            addresses: vec![NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 10],
+            }],
+            ..Default::default()
+        };
+        store
+            .upsert_service("prod/echo", "1", &service)
+            .expect("valid");
+        let mesh = MeshAnswerer {
+            store,
+            namespace: "prod".into(),
+        };
+        let vip = Some(LocalAnswer::Addresses(vec![
+            "10.96.0.10".parse().expect("ip"),
+        ]));
+        for name in [
+            "echo.prod.svc.cluster.local.",
+            "echo.prod.svc.",
+            "echo.prod.",
+            "echo.",
+        ] {
+            assert_eq!(mesh.answer(name), vip, "{name}");
+        }
+        let other_ns = MeshAnswerer {
+            namespace: "dev".into(),
+            ..mesh.clone()
+        };
+        assert_eq!(other_ns.answer("echo."), None, "echo.dev is not listed");
+        assert_eq!(other_ns.answer("echo.prod."), vip);
+        for name in ["example.com.", "other.prod.svc.cluster.local.", "prod."] {
+            assert_eq!(mesh.answer(name), None, "{name}");
+        }
     }
 }

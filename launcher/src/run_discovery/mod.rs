@@ -46,7 +46,12 @@ const IAM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Starts discovery when it is wanted and possible; one log line says what happened. The
 /// listeners live until `drain` is cancelled (the app may call services while it drains, so
 /// krun passes a token that ends with the process).
-pub async fn start(config: &Config, drain: CancellationToken) {
+/// `mesh_names` answers the mesh's Service names (the builtin data plane with istiod).
+pub async fn start(
+    config: &Config,
+    mesh_names: Option<dns::MeshAnswerer>,
+    drain: CancellationToken,
+) {
     if config.launcher.run_discovery.value == RunDiscovery::Off {
         tracing::info!("Cloud Run service discovery off (KRUN_RUN_DISCOVERY=off); DNS left alone");
         return;
@@ -59,7 +64,7 @@ pub async fn start(config: &Config, drain: CancellationToken) {
         );
         return;
     }
-    match try_start(config, drain).await {
+    match try_start(config, mesh_names, drain).await {
         Ok(started) => tracing::info!(
             zone = %started.zone,
             dns = %started.dns,
@@ -87,7 +92,11 @@ struct Started {
     tokens: String,
 }
 
-async fn try_start(config: &Config, drain: CancellationToken) -> Result<Started, String> {
+async fn try_start(
+    config: &Config,
+    mesh_names: Option<dns::MeshAnswerer>,
+    drain: CancellationToken,
+) -> Result<Started, String> {
     let launcher = &config.launcher;
     let host = config.gce_metadata_host.value.clone();
     let metadata = metadata_server(
@@ -165,16 +174,18 @@ async fn try_start(config: &Config, drain: CancellationToken) -> Result<Started,
         ),
     };
     let proxy = Arc::new(proxy::RunProxy::new(zone.clone(), tokens).map_err(|e| e.to_string())?);
-    let server = Arc::new(dns::DnsServer::new(
-        vec![
-            Box::new(dns::RunAnswerer {
-                zone: zone.clone(),
-                proxy_ip: proxy_addr.ip(),
-            }),
-            Box::new(dns::MetadataAnswerer),
-        ],
-        upstream,
-    ));
+    let mut answerers: Vec<Box<dyn dns::LocalAnswerer>> = vec![
+        Box::new(dns::RunAnswerer {
+            zone: zone.clone(),
+            proxy_ip: proxy_addr.ip(),
+        }),
+        Box::new(dns::MetadataAnswerer),
+    ];
+    // First: a Service istiod lists wins over a run-zone name of the same spelling.
+    if let Some(mesh_names) = mesh_names {
+        answerers.insert(0, Box::new(mesh_names));
+    }
+    let server = Arc::new(dns::DnsServer::new(answerers, upstream));
     let bounds = hbone::listen::Bounds {
         max_connections: launcher.max_connections.value,
         ..hbone::listen::Bounds::default()

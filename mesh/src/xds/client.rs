@@ -151,7 +151,7 @@ fn apply(store: &WorkloadStore, response: &DeltaDiscoveryResponse) -> DeltaDisco
     }
     let (added, removed) = (response.resources.len(), response.removed_resources.len());
     let error_detail = if errors.is_empty() {
-        tracing::info!(added, removed, workloads = store.len(), nonce = %response.nonce, "xDS push applied (ACK)");
+        tracing::info!(added, removed, workloads = store.len(), services = store.services(), nonce = %response.nonce, "xDS push applied (ACK)");
         None
     } else {
         let message = errors.join("; ");
@@ -181,8 +181,7 @@ fn upsert(store: &WorkloadStore, resource: &super::proto::Resource) -> Result<()
             store.upsert(&resource.name, &resource.version, &workload)
         }
         Some(AddressType::Service(service)) => {
-            tracing::debug!(name = %resource.name, hostname = %service.hostname, "xDS service not used: Service VIP routing is not implemented");
-            Ok(())
+            store.upsert_service(&resource.name, &resource.version, &service)
         }
         None => Err(format!(
             "{}: an Address with neither workload nor service",
@@ -273,8 +272,7 @@ mod tests {
                 namespace: "prod".into(),
                 addresses: vec![vec![10, 0, 0, 5]],
                 tunnel_protocol: TunnelProtocol::Hbone as i32,
-                trust_domain: String::new(),
-                service_account: String::new(),
+                ..Default::default()
             })),
         };
         let push = DeltaDiscoveryResponse {

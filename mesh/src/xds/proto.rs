@@ -106,9 +106,19 @@ pub struct Workload {
     pub trust_domain: String,
     #[prost(string, tag = "7")]
     pub service_account: String,
+    /// The waypoint every connection to this workload goes through.
+    #[prost(message, optional, tag = "8")]
+    pub waypoint: Option<GatewayAddress>,
+    #[prost(enumeration = "WorkloadStatus", tag = "17")]
+    pub status: i32,
+    /// The services this workload is an endpoint of, keyed `namespace/hostname`, with its own
+    /// service port -> target port mapping.
+    #[prost(map = "string, message", tag = "22")]
+    pub services: std::collections::HashMap<String, PortList>,
 }
 
-/// `istio.workload.Service` (kept for its name; VIP routing is not implemented yet).
+/// `istio.workload.Service`: a VIP (or several) and the ports it maps; its endpoints are the
+/// workloads whose `services` name it.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Service {
     #[prost(string, tag = "1")]
@@ -117,6 +127,74 @@ pub struct Service {
     pub namespace: String,
     #[prost(string, tag = "3")]
     pub hostname: String,
+    #[prost(message, repeated, tag = "4")]
+    pub addresses: Vec<NetworkAddress>,
+    #[prost(message, repeated, tag = "5")]
+    pub ports: Vec<Port>,
+    /// The waypoint every connection to this service goes through.
+    #[prost(message, optional, tag = "7")]
+    pub waypoint: Option<GatewayAddress>,
+}
+
+/// `istio.workload.NetworkAddress`: an IP (4 or 16 bytes) on a network.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NetworkAddress {
+    #[prost(string, tag = "1")]
+    pub network: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub address: Vec<u8>,
+}
+
+/// `istio.workload.PortList`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PortList {
+    #[prost(message, repeated, tag = "1")]
+    pub ports: Vec<Port>,
+}
+
+/// `istio.workload.Port`: a service port and the port it forwards to.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Port {
+    #[prost(uint32, tag = "1")]
+    pub service_port: u32,
+    #[prost(uint32, tag = "2")]
+    pub target_port: u32,
+}
+
+/// `istio.workload.GatewayAddress`: a waypoint, by address or by service hostname, and its
+/// HBONE port.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GatewayAddress {
+    #[prost(oneof = "GatewayDestination", tags = "1, 2")]
+    pub destination: Option<GatewayDestination>,
+    #[prost(uint32, tag = "3")]
+    pub hbone_mtls_port: u32,
+}
+
+/// The `destination` oneof of [`GatewayAddress`].
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum GatewayDestination {
+    #[prost(message, tag = "1")]
+    Hostname(NamespacedHostname),
+    #[prost(message, tag = "2")]
+    Address(NetworkAddress),
+}
+
+/// `istio.workload.NamespacedHostname`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NamespacedHostname {
+    #[prost(string, tag = "1")]
+    pub namespace: String,
+    #[prost(string, tag = "2")]
+    pub hostname: String,
+}
+
+/// `istio.workload.WorkloadStatus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum WorkloadStatus {
+    Healthy = 0,
+    Unhealthy = 1,
 }
 
 /// `istio.workload.TunnelProtocol`.

@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use hickory_proto::op::{Edns, Message, ResponseCode};
 use hickory_proto::rr::rdata::{A, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use std::io::{Read, Write};
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 
@@ -108,4 +110,51 @@ fn answer(query: &[u8], transport: &str, seen: &Mutex<Vec<String>>) -> Option<Ve
         reply.set_edns(ours);
     }
     reply.to_vec().ok()
+}
+
+/// An A query for `name` with EDNS (payload 4096) and id 0x4242: the same bytes every call,
+/// so two answers to it compare byte for byte.
+pub fn edns_query(name: &str) -> Vec<u8> {
+    let mut message = Message::query();
+    message.metadata.id = 0x4242;
+    message.metadata.recursion_desired = true;
+    message.add_query(hickory_proto::op::Query::query(
+        Name::from_str(name).expect("name"),
+        RecordType::A,
+    ));
+    let mut edns = Edns::new();
+    edns.set_max_payload(4096);
+    message.set_edns(edns);
+    message.to_vec().expect("encode")
+}
+
+/// One UDP exchange of `query` with `server`, from the calling thread's namespace.
+pub fn udp(query: &[u8], server: &str) -> Vec<u8> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    socket
+        .send_to(query, server.parse::<SocketAddr>().expect("addr"))
+        .expect("send");
+    let mut buf = vec![0u8; 65_535];
+    let len = socket.recv(&mut buf).expect("answer");
+    buf.truncate(len);
+    buf
+}
+
+/// One TCP (length-framed) exchange of `query` with `server`.
+pub fn tcp(query: &[u8], server: &str) -> Vec<u8> {
+    let mut stream = std::net::TcpStream::connect(server).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(query);
+    stream.write_all(&framed).expect("write");
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).expect("length");
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut answer).expect("answer");
+    answer
 }

@@ -1,8 +1,8 @@
 //! A fake istiod serving delta ADS (`envoy.service.discovery.v3.AggregatedDiscoveryService/
 //! DeltaAggregatedResources`) over TLS with istiod's serving certificate, strict like istiod:
 //! clients must present a certificate of the mesh, and the first request must name the node
-//! and the `istio.workload.Address` type. The test drives it: [`FakeIstiod::push_workload`]
-//! and [`FakeIstiod::remove`] reach every open stream at once (and later ones on connect),
+//! and the `istio.workload.Address` type. The test drives it: [`FakeIstiod::push_workload`],
+//! [`FakeIstiod::push_service`], [`FakeIstiod::push_address`] and [`FakeIstiod::remove`] reach every open stream at once (and later ones on connect),
 //! [`FakeIstiod::down`] drops every stream and answers nothing more (new connections wait in
 //! the listen backlog, as with a hung istiod), [`FakeIstiod::up`] serves again on the same
 //! socket, so it can run in another network namespace. It records every request (node ids,
@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 
 use mesh::xds::proto::{
     ADDRESS_TYPE, Address, AddressType, DELTA_ADS, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-    Resource, TunnelProtocol, Workload,
+    NetworkAddress, Port, Resource, Service as MeshService, TunnelProtocol, Workload,
 };
 use prost::Message;
 use tokio::sync::{broadcast, mpsc};
@@ -85,7 +85,13 @@ pub struct FakeIstiod {
 impl FakeIstiod {
     /// Serves on an ephemeral port of 127.0.0.1 in the calling thread's network namespace.
     pub fn start(tls: IstiodTls) -> FakeIstiod {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind istiod");
+        FakeIstiod::start_at(tls, "127.0.0.1:0")
+    }
+
+    /// Serves on `addr` (istiod's own port, 15012, where krun derives it from mesh-env's
+    /// `IMCON_ADDR`) in the calling thread's network namespace.
+    pub fn start_at(tls: IstiodTls, addr: &str) -> FakeIstiod {
+        let listener = std::net::TcpListener::bind(addr).expect("bind istiod");
         let addr = listener.local_addr().expect("istiod addr");
         let (changes, _) = broadcast::channel(64);
         let state = Arc::new(Mutex::new(State::default()));
@@ -104,23 +110,39 @@ impl FakeIstiod {
     /// Lists (or replaces) the workload `name` at `ip` with identity `ns`/`sa`, HBONE-capable
     /// when `hbone`.
     pub fn push_workload(&self, name: &str, ip: IpAddr, ns: &str, sa: &str, hbone: bool) {
-        let addresses = vec![match ip {
-            IpAddr::V4(v4) => v4.octets().to_vec(),
-            IpAddr::V6(v6) => v6.octets().to_vec(),
-        }];
+        self.push_address(name, AddressType::Workload(workload(ip, ns, sa, hbone)));
+    }
+
+    /// Lists (or replaces) the Service `name`.`ns` at `vip`, its hostname
+    /// `name.ns.svc.cluster.local`, mapping each `(service port, target port)`.
+    pub fn push_service(&self, name: &str, ns: &str, vip: IpAddr, ports: &[(u32, u32)]) {
+        let service = MeshService {
+            name: name.to_owned(),
+            namespace: ns.to_owned(),
+            hostname: format!("{name}.{ns}.svc.cluster.local"),
+            addresses: vec![NetworkAddress {
+                network: String::new(),
+                address: octets(vip),
+            }],
+            ports: ports
+                .iter()
+                .map(|(service_port, target_port)| Port {
+                    service_port: *service_port,
+                    target_port: *target_port,
+                })
+                .collect(),
+            waypoint: None,
+        };
+        self.push_address(
+            &format!("{ns}/{}", service.hostname),
+            AddressType::Service(service),
+        );
+    }
+
+    /// Lists (or replaces) the resource `name` as `address`, and tells every stream.
+    pub fn push_address(&self, name: &str, address: AddressType) {
         let address = Address {
-            r#type: Some(AddressType::Workload(Workload {
-                name: name.to_owned(),
-                namespace: ns.to_owned(),
-                addresses,
-                tunnel_protocol: if hbone {
-                    TunnelProtocol::Hbone as i32
-                } else {
-                    TunnelProtocol::None as i32
-                },
-                trust_domain: String::new(),
-                service_account: sa.to_owned(),
-            })),
+            r#type: Some(address),
         };
         {
             let mut state = self.lock();
@@ -326,6 +348,31 @@ impl Ads {
             Change::Remove(name) => response(state.version, Vec::new(), vec![name.clone()]),
             Change::Disconnect => response(state.version, Vec::new(), Vec::new()),
         }
+    }
+}
+
+/// The workload at `ip` with identity `ns`/`sa`, HBONE-capable when `hbone`: a test adds what
+/// else it needs (`services`, `status`, `waypoint`) and lists it with
+/// [`FakeIstiod::push_address`].
+pub fn workload(ip: IpAddr, ns: &str, sa: &str, hbone: bool) -> Workload {
+    Workload {
+        name: format!("{sa}-pod"),
+        namespace: ns.to_owned(),
+        addresses: vec![octets(ip)],
+        tunnel_protocol: if hbone {
+            TunnelProtocol::Hbone as i32
+        } else {
+            TunnelProtocol::None as i32
+        },
+        service_account: sa.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn octets(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
     }
 }
 
