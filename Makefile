@@ -23,6 +23,7 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 # Benchmarks (not tests): figures against baselines measured in the same run.
+# `make bench BENCH=hgate` runs one (the file names in tests/benches).
 bench: prereqs
 	cargo build --profile perf -p krun -p hgate -p krun-tests --bins
-	cargo bench --profile perf -p krun-tests
+	cargo bench --profile perf -p krun-tests $(if $(BENCH),--bench $(BENCH))

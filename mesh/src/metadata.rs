@@ -124,6 +124,8 @@ pub enum NotGcp {
     NotMetadataServer,
     /// `metadata.google.internal` does not resolve to the metadata IP.
     NoMetadataDns,
+    /// Nothing local suggests GCP ([`crate::discovery::gcp_hint`]), so no probe was sent.
+    NothingSuggestsGcp,
 }
 
 impl std::fmt::Display for NotGcp {
@@ -134,6 +136,9 @@ impl std::fmt::Display for NotGcp {
             NotGcp::NoAnswer => "no answer within the probe timeout",
             NotGcp::NotMetadataServer => "the answer lacked Metadata-Flavor: Google",
             NotGcp::NoMetadataDns => "metadata.google.internal does not resolve to 169.254.169.254",
+            NotGcp::NothingSuggestsGcp => {
+                "nothing suggests GCP (no K_SERVICE, CLOUD_RUN_JOB, GCE_METADATA_HOST, KUBERNETES_SERVICE_HOST or GKE/TD MESH; DMI product name not Google), probe skipped"
+            }
         })
     }
 }

@@ -3,8 +3,8 @@
 //!   sink, divided by client → sink directly;
 //! - hgate's RSS per idle tunnelled connection (baseline: hgate with none open).
 //!
-//! Run: `cargo bench -p krun-tests --bench hgate --profile dev` (after `cargo build --workspace`).
-//! `HGATE_BENCH_IDLE` sets the number of idle connections (default 5000).
+//! Run: `make bench BENCH=hgate` (builds hgate and krun with the `perf` profile, then runs this
+//! bench against them). `HGATE_BENCH_IDLE` sets the number of idle connections (default 5000).
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -2,35 +2,44 @@
 //! `true` alone, and `tini -- true` (Debian's tini) when installed.
 //!
 //! Run: `make bench` (builds the release binaries first). `KRUN_BENCH_BASELINE=/path/to/krun`
-//! measures another build (e.g. main's) in the same run, before this one.
+//! measures another build (e.g. main's) in the same run. Every command runs once per round, in
+//! turn, so a load change on the shared machine moves all of them alike; the figures are
+//! medians over the rounds.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use krun_tests::bench::median;
 use krun_tests::binary;
 
-const RUNS: usize = 101;
+const ROUNDS: usize = 201;
 
-fn median_run(argv: &[&str]) -> Duration {
-    let mut times: Vec<Duration> = (0..RUNS)
-        .map(|_| {
-            let start = Instant::now();
-            let status = Command::new(argv[0])
-                .args(&argv[1..])
-                .env_clear()
-                .env("PATH", "/usr/bin:/bin")
-                .env("PORT_http", "-")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .expect("run");
-            assert!(status.success(), "{argv:?} failed");
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[RUNS / 2]
+/// One run of `argv` with a plain environment (no mesh, no app port), timed.
+fn timed_run(argv: &[String]) -> Duration {
+    let start = Instant::now();
+    let status = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("PORT_http", "-")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run");
+    assert!(status.success(), "{argv:?} failed");
+    start.elapsed()
+}
+
+/// The median time of each command, run alternately for [`ROUNDS`] rounds.
+fn interleaved_medians(commands: &[Vec<String>]) -> Vec<Duration> {
+    let mut samples = vec![Vec::with_capacity(ROUNDS); commands.len()];
+    for _ in 0..ROUNDS {
+        for (argv, times) in commands.iter().zip(&mut samples) {
+            times.push(timed_run(argv));
+        }
+    }
+    samples.into_iter().map(median).collect()
 }
 
 fn ms(d: Duration) -> f64 {
@@ -72,8 +81,13 @@ fn idle_rss_kib(krun: &str) -> [u64; 3] {
 }
 
 /// Added startup time and idle memory of one krun binary.
-fn measure(label: &str, krun: &str, baseline: Duration, tini: Option<Duration>) {
-    let with_krun = median_run(&[krun, "--", "/bin/true"]);
+fn report(
+    label: &str,
+    krun: &str,
+    with_krun: Duration,
+    baseline: Duration,
+    tini: Option<Duration>,
+) {
     let size = std::fs::metadata(krun).map(|m| m.len()).unwrap_or(0);
     println!(
         "  {label}: krun -- true {:.3} ms, added {:.3} ms (goal <= 2 ms), ratio to true {:.2}{}",
@@ -94,14 +108,25 @@ fn main() {
     let krun = binary("krun").display().to_string();
     // A second krun binary (e.g. built from main) to compare in the same run.
     let before = std::env::var("KRUN_BENCH_BASELINE").ok();
-    let baseline = median_run(&["/bin/true"]);
-    println!("startup, median of {RUNS} runs:");
-    println!("  true: {:.3} ms", ms(baseline));
     let tini = ["/usr/bin/tini", "/usr/sbin/tini"]
         .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .map(|tini| median_run(&[tini, "--", "/bin/true"]));
-    match tini {
+        .find(|p| std::path::Path::new(p).exists());
+    let argv = |prefix: &[&str]| -> Vec<String> {
+        prefix
+            .iter()
+            .chain(&["--", "/bin/true"])
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let mut commands = vec![vec!["/bin/true".to_owned()], argv(&[&krun])];
+    commands.extend(tini.map(|t| argv(&[t])));
+    commands.extend(before.as_deref().map(|b| argv(&[b])));
+    let medians = interleaved_medians(&commands);
+    let baseline = medians[0];
+    let tini_time = tini.map(|_| medians[2]);
+    println!("startup, median of {ROUNDS} interleaved rounds:");
+    println!("  true: {:.3} ms", ms(baseline));
+    match tini_time {
         Some(t) => println!(
             "  tini -- true: {:.3} ms, added {:.3} ms",
             ms(t),
@@ -109,8 +134,8 @@ fn main() {
         ),
         None => println!("  tini -- true: not installed (apt-get install tini)"),
     }
-    if let Some(before) = &before {
-        measure("KRUN_BENCH_BASELINE", before, baseline, tini);
+    if let (Some(before), Some(time)) = (&before, medians.last()) {
+        report("KRUN_BENCH_BASELINE", before, *time, baseline, tini_time);
     }
-    measure("this build", &krun, baseline, tini);
+    report("this build", &krun, medians[1], baseline, tini_time);
 }

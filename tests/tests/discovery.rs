@@ -491,11 +491,18 @@ fn a_metadata_server_is_recognised_and_values_are_cached() {
 
 #[test]
 fn off_gcp_without_mesh_the_app_runs_as_a_plain_supervisor() {
-    // No GCE_METADATA_HOST: the probe goes to the link-local address, where this machine
-    // has no metadata server.
+    // No GCE_METADATA_HOST, no Cloud Run or pod variables, and this machine has no DMI
+    // product name of Google's: the metadata probe is not even sent.
+    assert!(
+        mesh::discovery::gcp_hint::dmi_product_name()
+            .is_none_or(|name| !name.starts_with("Google")),
+        "this test assumes a machine off GCP"
+    );
     let done = Krun::new().args(["--", "sh", "-c", "echo app-ran"]).run();
     assert_eq!(done.code, 0, "{}", done.text());
     assert!(done.has_line("no mesh configured: running as a plain supervisor"));
+    assert!(done.has_line("nothing suggests GCP"));
+    assert!(!done.has_line("GCP suggested"));
     assert!(done.has_line("app-ran"));
 }
 
@@ -575,6 +582,7 @@ fn off_gcp_a_gke_mesh_is_a_clear_error() {
         ),
         "{last}"
     );
+    assert!(done.has_line("GCP suggested: asking the metadata server"));
 }
 
 #[test]

@@ -58,7 +58,7 @@ pub async fn start(
     }
     // On GKE or GCE single-label names are the cluster's or the VPC's: claiming them would
     // break them, so `auto` means Cloud Run only.
-    if config.k_service.is_none() && config.lookup(mesh::config::CLOUD_RUN_JOB).is_none() {
+    if config.k_service.is_none() && config.cloud_run_job.is_none() {
         tracing::info!(
             "Cloud Run service discovery off: not on Cloud Run (no K_SERVICE or CLOUD_RUN_JOB); DNS left alone"
         );

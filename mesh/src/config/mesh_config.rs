@@ -29,8 +29,6 @@ pub const DEFAULT_RESOURCE_MANAGER: &str = "https://cloudresourcemanager.googlea
 pub const DEFAULT_MESHCA_ENDPOINT: &str = "meshca.googleapis.com:443";
 /// Google Certificate Authority Service, the default of `CAS_ENDPOINT`.
 pub const DEFAULT_CAS_ENDPOINT: &str = "privateca.googleapis.com:443";
-/// Set by Cloud Run jobs, as `K_SERVICE` is by services: logs default to JSON on either.
-pub const CLOUD_RUN_JOB: &str = "CLOUD_RUN_JOB";
 
 crate::settings! {
     /// What discovery, identity and logging read, shared by krun (which adds its own table)
@@ -51,6 +49,8 @@ crate::settings! {
             text().or_default("default".to_owned()),
         /// Cloud Run service.
         k_service: Option<Setting<String>> = K_SERVICE => text(),
+        /// Set by Cloud Run jobs, as `K_SERVICE` is by services.
+        cloud_run_job: Option<Setting<String>> = CLOUD_RUN_JOB => text(),
         /// Cloud Run revision.
         k_revision: Option<Setting<String>> = K_REVISION => text(),
         /// Config (cluster) project id.
@@ -174,7 +174,7 @@ fn trust_domain_from_project(inputs: &Inputs) -> Option<String> {
 /// environment says whether this is Cloud Run.
 fn json_on_cloud_run(inputs: &Inputs) -> Option<LogFormat> {
     let env = inputs.env();
-    (env.get(names::K_SERVICE).is_some() || env.get(CLOUD_RUN_JOB).is_some())
+    (env.get(names::K_SERVICE).is_some() || env.get(names::CLOUD_RUN_JOB).is_some())
         .then_some(LogFormat::Json)
 }
 

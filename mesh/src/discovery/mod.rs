@@ -18,6 +18,7 @@
 //! The result is two [`Layer`]s (discovered values with their sources, then mesh-env) that
 //! [`apply`] merges below the environment: the environment always wins.
 
+pub mod gcp_hint;
 pub mod gke;
 pub mod google_api;
 pub mod kube_client;
@@ -38,6 +39,7 @@ use crate::credentials::key_file::{self, Located, Origin};
 use crate::metadata::{
     MetadataClient, MetadataError, NotGcp, Platform, ProbeOptions, last_segment, paths,
 };
+use gcp_hint::GcpHint;
 use gke::{Cluster, ClusterSelector, ContainerApi};
 use google_api::{ApiError, GoogleApi};
 use kube_client::KubeClientError;
@@ -244,10 +246,14 @@ enum KubeSource {
 struct Discoverer<'a> {
     config: &'a MeshConfig,
     mesh: Option<MeshUrl>,
-    metadata: Arc<MetadataClient>,
+    /// Built on first use: a plain supervisor (nothing suggests GCP) never builds the HTTP
+    /// client and its TLS configuration.
+    metadata: std::sync::OnceLock<Arc<MetadataClient>>,
     kube: KubeSource,
     /// The Google credentials file, when one is configured (used only off GCP).
     credentials_file: Option<Located>,
+    /// What suggests GCP; `None` skips the metadata probe.
+    gcp_hint: Option<GcpHint>,
 }
 
 impl<'a> Discoverer<'a> {
@@ -261,11 +267,14 @@ impl<'a> Discoverer<'a> {
                 (None, None) => KubeSource::Gke,
             },
         };
+        let gcp_hint = gcp_hint::gcp_hint(
+            config,
+            mesh.as_ref(),
+            gcp_hint::dmi_product_name().as_deref(),
+        );
         Ok(Discoverer {
-            metadata: Arc::new(MetadataClient::new(
-                &config.gce_metadata_host.value,
-                config.metadata_timeout.value,
-            )),
+            gcp_hint,
+            metadata: std::sync::OnceLock::new(),
             credentials_file: key_file::locate(
                 config
                     .google_application_credentials
@@ -312,11 +321,21 @@ impl<'a> Discoverer<'a> {
             credentials = %description,
             path = %located.path.display(),
             from = %located.origin,
-            metadata = self.metadata.host(),
+            metadata = self.config.gce_metadata_host.value.as_str(),
             %why,
             "Google credentials from a file: no metadata server answered"
         );
         Ok((facts, Arc::new(tokens)))
+    }
+
+    /// The metadata server's client, built on first use.
+    fn metadata(&self) -> &Arc<MetadataClient> {
+        self.metadata.get_or_init(|| {
+            Arc::new(MetadataClient::new(
+                &self.config.gce_metadata_host.value,
+                self.config.metadata_timeout.value,
+            ))
+        })
     }
 
     fn env_value(&self, setting: Option<&Setting<String>>) -> Option<String> {
@@ -334,7 +353,7 @@ impl<'a> Discoverer<'a> {
 
     /// Builds the Google API client on a blocking thread (it reads the system trust store).
     fn build_api(&self) -> tokio::task::JoinHandle<Result<GoogleApi, ApiError>> {
-        let tokens: Arc<dyn AccessTokens> = self.metadata.clone();
+        let tokens: Arc<dyn AccessTokens> = self.metadata().clone();
         tokio::task::spawn_blocking(move || GoogleApi::new(tokens, Backoff::DISCOVERY))
     }
 
@@ -369,16 +388,10 @@ impl<'a> Discoverer<'a> {
             }
         };
         // Loading the system trust store for Google APIs takes milliseconds: when GCP is
-        // expected (Cloud Run, an explicit metadata host, a GKE or TD mesh), do it while the
+        // suggested (`gcp_hint`: Cloud Run, a GKE or TD mesh, a GCE VM...), do it while the
         // metadata answers are in flight; elsewhere (a laptop, plain docker) only once the
         // metadata server has answered, so a plain supervisor never pays for it.
-        let expect_gcp = self.config.gce_metadata_host.source == Source::Env
-            || self.config.k_service.is_some()
-            || matches!(
-                self.mesh,
-                Some(MeshUrl::Gke(_) | MeshUrl::TrafficDirector(_))
-            );
-        let early_api = expect_gcp.then(|| self.build_api());
+        let early_api = self.gcp_hint.is_some().then(|| self.build_api());
         let (facts, early_mesh_env) =
             tokio::join!(phase("metadata", self.metadata_facts()), early_mesh_env);
         let (early_mesh_env, context, early_kube) = match early_mesh_env? {
@@ -551,11 +564,18 @@ impl<'a> Discoverer<'a> {
     async fn metadata_facts(
         &self,
     ) -> Result<Option<(Facts, Arc<dyn AccessTokens>)>, DiscoveryError> {
-        let md = &self.metadata;
+        let Some(hint) = self.gcp_hint else {
+            return match self.usable_credentials_file() {
+                Some(file) => Ok(Some(
+                    self.file_credentials(file, &NotGcp::NothingSuggestsGcp)
+                        .await?,
+                )),
+                None => self.not_on_gcp(NotGcp::NothingSuggestsGcp).map(|()| None),
+            };
+        };
+        let md = self.metadata();
+        tracing::info!(host = md.host(), %hint, "GCP suggested: asking the metadata server");
         let explicit_host = self.config.gce_metadata_host.source == Source::Env;
-        // Traffic Director takes its project from MESH; the metadata facts (zone, instance)
-        // only refine its bootstrap, so their absence is not fatal.
-        let needs_gcp = matches!(self.mesh, Some(MeshUrl::Gke(_)));
         let wants_gke = matches!(self.kube, KubeSource::Gke);
         // My region only matters when a cluster is picked from a list.
         let cluster_named = self.gke_target().is_some_and(|t| t.cluster.is_some())
@@ -673,30 +693,38 @@ impl<'a> Discoverer<'a> {
             (Platform::NotGcp(why), None) if let Some(file) = self.usable_credentials_file() => {
                 Ok(Some(self.file_credentials(file, &why).await?))
             }
-            (Platform::NotGcp(why), None) if needs_gcp => Err(DiscoveryError::NotOnGcp {
+            (Platform::NotGcp(why), None) => self.not_on_gcp(why).map(|()| None),
+            (Platform::Gcp, None) => Ok(None),
+        }
+    }
+
+    /// No metadata values, and why: an error when the mesh needs GCP, else one log line.
+    fn not_on_gcp(&self, why: NotGcp) -> Result<(), DiscoveryError> {
+        let host = self.config.gce_metadata_host.value.as_str();
+        // Traffic Director takes its project from MESH; the metadata facts (zone, instance)
+        // only refine its bootstrap, so their absence is not fatal.
+        if matches!(self.mesh, Some(MeshUrl::Gke(_))) {
+            return Err(DiscoveryError::NotOnGcp {
                 mesh: self
                     .config
                     .mesh
                     .as_ref()
                     .map(|m| m.value.clone())
                     .unwrap_or_default(),
-                host: md.host().to_owned(),
+                host: host.to_owned(),
                 why,
-            }),
-            (Platform::NotGcp(why), None) => {
-                if matches!(self.kube, KubeSource::Gke) {
-                    tracing::info!(
-                        metadata = md.host(),
-                        %why,
-                        "no mesh configured: running as a plain supervisor (no MESH, not on GCP, no KUBECONFIG)"
-                    );
-                } else {
-                    tracing::info!(metadata = md.host(), %why, "not on GCP: no metadata values");
-                }
-                Ok(None)
-            }
-            (Platform::Gcp, None) => Ok(None),
+            });
         }
+        if matches!(self.kube, KubeSource::Gke) {
+            tracing::info!(
+                metadata = host,
+                %why,
+                "no mesh configured: running as a plain supervisor (no MESH, not on GCP, no KUBECONFIG)"
+            );
+        } else {
+            tracing::info!(metadata = host, %why, "not on GCP: no metadata values");
+        }
+        Ok(())
     }
 
     /// The config project: MESH's, else `PROJECT_ID`, else the kubeconfig context's, else the
