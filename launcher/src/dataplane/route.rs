@@ -386,6 +386,7 @@ mod tests {
             tunnel_protocol: protocol as i32,
             trust_domain: "td".into(),
             service_account: "db".into(),
+            ..Default::default()
         };
         store
             .upsert("a", "1", &workload([10, 0, 0, 5], TunnelProtocol::Hbone))

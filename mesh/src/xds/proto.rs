@@ -106,6 +106,9 @@ pub struct Workload {
     pub trust_domain: String,
     #[prost(string, tag = "7")]
     pub service_account: String,
+    /// `namespace/name` of the WORKLOAD_SELECTOR authorization policies selecting it.
+    #[prost(string, repeated, tag = "16")]
+    pub authorization_policies: Vec<String>,
 }
 
 /// `istio.workload.Service` (kept for its name; VIP routing is not implemented yet).

@@ -25,6 +25,8 @@ pub struct KnownWorkload {
     pub identity: SpiffeId,
     /// True when it accepts HBONE on 15008 (it is in the ambient mesh).
     pub hbone: bool,
+    /// The WORKLOAD_SELECTOR authorization policies selecting it (`namespace/name`).
+    pub authorization_policies: Vec<String>,
 }
 
 #[derive(Default)]
@@ -85,6 +87,7 @@ impl WorkloadStore {
                 or_default(&workload.service_account, DEFAULT_SERVICE_ACCOUNT),
             ),
             hbone: workload.tunnel_protocol == TunnelProtocol::Hbone as i32,
+            authorization_policies: workload.authorization_policies.clone(),
         };
         let mut index = self.write();
         remove(&mut index, name);
@@ -152,6 +155,7 @@ mod tests {
             },
             trust_domain: String::new(),
             service_account: sa.into(),
+            ..Default::default()
         }
     }
 

@@ -1,19 +1,22 @@
 //! A fake istiod serving delta ADS (`envoy.service.discovery.v3.AggregatedDiscoveryService/
 //! DeltaAggregatedResources`) over TLS with istiod's serving certificate, strict like istiod:
 //! clients must present a certificate of the mesh, and the first request must name the node
-//! and the `istio.workload.Address` type. The test drives it: [`FakeIstiod::push_workload`]
-//! and [`FakeIstiod::remove`] reach every open stream at once (and later ones on connect),
+//! and the `istio.workload.Address` type; a later subscription to `istio.security.Authorization`
+//! is answered with the policies held. The test drives it: [`FakeIstiod::push_workload`],
+//! [`FakeIstiod::push_policy`] and [`FakeIstiod::remove`] reach every open stream subscribed
+//! to their type at once (and later ones on connect),
 //! [`FakeIstiod::down`] drops every stream and answers nothing more (new connections wait in
 //! the listen backlog, as with a hung istiod), [`FakeIstiod::up`] serves again on the same
 //! socket, so it can run in another network namespace. It records every request (node ids,
 //! ACKs, NACKs).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use mesh::xds::authorization::proto::{AUTHORIZATION_TYPE, Authorization};
 use mesh::xds::proto::{
     ADDRESS_TYPE, Address, AddressType, DELTA_ADS, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
     Resource, TunnelProtocol, Workload,
@@ -28,19 +31,22 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use super::pki::TestCa;
 use super::server::runtime;
 
-/// A change pushed to every stream.
+/// A resource's key: its type and name.
+type Key = (&'static str, String);
+
+/// A change pushed to every stream subscribed to its type.
 #[derive(Clone, Debug)]
 enum Change {
-    Upsert(String),
-    Remove(String),
+    Upsert(Key),
+    Remove(Key),
     /// Ends every open stream with UNAVAILABLE (istiod going away).
     Disconnect,
 }
 
 #[derive(Default)]
 struct State {
-    /// name -> (version, encoded Address).
-    resources: BTreeMap<String, (String, Vec<u8>)>,
+    /// (type, name) -> (version, encoded resource).
+    resources: BTreeMap<Key, (String, Vec<u8>)>,
     requests: Vec<DeltaDiscoveryRequest>,
     version: u64,
 }
@@ -120,23 +126,47 @@ impl FakeIstiod {
                 },
                 trust_domain: String::new(),
                 service_account: sa.to_owned(),
+                ..Default::default()
             })),
         };
+        self.upsert((ADDRESS_TYPE, name.to_owned()), address.encode_to_vec());
+    }
+
+    /// Pushes (or replaces) the authorization policy `policy`, named `namespace/name` as
+    /// istiod names it.
+    pub fn push_policy(&self, policy: &Authorization) {
+        let name = format!("{}/{}", policy.namespace, policy.name);
+        self.upsert((AUTHORIZATION_TYPE, name), policy.encode_to_vec());
+    }
+
+    fn upsert(&self, key: Key, bytes: Vec<u8>) {
         {
             let mut state = self.lock();
             state.version += 1;
             let version = state.version.to_string();
-            state
-                .resources
-                .insert(name.to_owned(), (version, address.encode_to_vec()));
+            state.resources.insert(key.clone(), (version, bytes));
         }
-        let _ = self.changes.send(Change::Upsert(name.to_owned()));
+        let _ = self.changes.send(Change::Upsert(key));
     }
 
-    /// Removes `name` from istiod's state and tells every stream.
+    /// Removes the workload or policy `name` from istiod's state and tells every stream.
     pub fn remove(&self, name: &str) {
-        self.lock().resources.remove(name);
-        let _ = self.changes.send(Change::Remove(name.to_owned()));
+        let keys: Vec<Key> = {
+            let mut state = self.lock();
+            let keys: Vec<Key> = state
+                .resources
+                .keys()
+                .filter(|(_, n)| n == name)
+                .cloned()
+                .collect();
+            for key in &keys {
+                state.resources.remove(key);
+            }
+            keys
+        };
+        for key in keys {
+            let _ = self.changes.send(Change::Remove(key));
+        }
     }
 
     /// Every request received so far, in order.
@@ -254,11 +284,17 @@ impl tonic::server::StreamingService<DeltaDiscoveryRequest> for Ads {
             let mut changes = ads.changes.subscribe();
             let initial = ads.initial(&first);
             ads.record(first);
+            let subscribed = Arc::new(Mutex::new(HashSet::from([ADDRESS_TYPE])));
             let (tx, rx) = mpsc::channel(16);
             let _ = tx.send(Ok(initial)).await;
-            let recorder = ads.clone();
+            let (recorder, answers, types) = (ads.clone(), tx.clone(), subscribed.clone());
             tokio::spawn(async move {
                 while let Ok(Some(request)) = requests.message().await {
+                    // A request without a nonce subscribes to its type.
+                    if request.response_nonce.is_empty() && request.type_url == AUTHORIZATION_TYPE {
+                        types.lock().expect("types").insert(AUTHORIZATION_TYPE);
+                        let _ = answers.send(Ok(recorder.initial(&request))).await;
+                    }
                     recorder.record(request);
                 }
             });
@@ -270,6 +306,11 @@ impl tonic::server::StreamingService<DeltaDiscoveryRequest> for Ads {
                                 .send(Err(tonic::Status::unavailable("istiod going away")))
                                 .await;
                             break;
+                        }
+                        Change::Upsert((kind, _)) | Change::Remove((kind, _))
+                            if !subscribed.lock().expect("types").contains(kind) =>
+                        {
+                            continue;
                         }
                         change => Ok(ads.delta(&change)),
                     };
@@ -290,57 +331,65 @@ impl Ads {
         self.state.lock().expect("state").requests.push(request);
     }
 
-    /// Everything the client lacks or holds at another version, and removals of what it
-    /// holds that is gone.
+    /// Everything of the subscription's type the client lacks or holds at another version,
+    /// and removals of what it holds that is gone.
     fn initial(&self, first: &DeltaDiscoveryRequest) -> DeltaDiscoveryResponse {
         let state = self.state.lock().expect("state");
+        let kind = if first.type_url == AUTHORIZATION_TYPE {
+            AUTHORIZATION_TYPE
+        } else {
+            ADDRESS_TYPE
+        };
         let resources = state
             .resources
             .iter()
-            .filter(|(name, (version, _))| {
-                first.initial_resource_versions.get(*name) != Some(version)
+            .filter(|((k, name), (version, _))| {
+                *k == kind && first.initial_resource_versions.get(name) != Some(version)
             })
-            .map(|(name, (version, bytes))| resource(name, version, bytes))
+            .map(|((k, name), (version, bytes))| resource(k, name, version, bytes))
             .collect();
         let removed_resources = first
             .initial_resource_versions
             .keys()
-            .filter(|name| !state.resources.contains_key(*name))
+            .filter(|name| !state.resources.contains_key(&(kind, (*name).clone())))
             .cloned()
             .collect();
-        response(state.version, resources, removed_resources)
+        response(kind, state.version, resources, removed_resources)
     }
 
     fn delta(&self, change: &Change) -> DeltaDiscoveryResponse {
         let state = self.state.lock().expect("state");
         match change {
-            Change::Upsert(name) => {
+            Change::Upsert(key) => {
                 let resources = state
                     .resources
-                    .get(name)
-                    .map(|(version, bytes)| resource(name, version, bytes))
+                    .get(key)
+                    .map(|(version, bytes)| resource(key.0, &key.1, version, bytes))
                     .into_iter()
                     .collect();
-                response(state.version, resources, Vec::new())
+                response(key.0, state.version, resources, Vec::new())
             }
-            Change::Remove(name) => response(state.version, Vec::new(), vec![name.clone()]),
-            Change::Disconnect => response(state.version, Vec::new(), Vec::new()),
+            Change::Remove((kind, name)) => {
+                response(kind, state.version, Vec::new(), vec![name.clone()])
+            }
+            Change::Disconnect => response(ADDRESS_TYPE, state.version, Vec::new(), Vec::new()),
         }
     }
 }
 
-fn resource(name: &str, version: &str, bytes: &[u8]) -> Resource {
+fn resource(kind: &str, name: &str, version: &str, bytes: &[u8]) -> Resource {
     Resource {
         version: version.to_owned(),
         name: name.to_owned(),
         resource: Some(prost_types::Any {
-            type_url: ADDRESS_TYPE.to_owned(),
+            type_url: kind.to_owned(),
             value: bytes.to_vec(),
         }),
     }
 }
 
 fn response(
+    kind: &str,
     version: u64,
     resources: Vec<Resource>,
     removed: Vec<String>,
@@ -349,7 +398,7 @@ fn response(
     DeltaDiscoveryResponse {
         system_version_info: version.to_string(),
         resources,
-        type_url: ADDRESS_TYPE.to_owned(),
+        type_url: kind.to_owned(),
         nonce: NONCE
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             .to_string(),
