@@ -431,7 +431,15 @@ impl TunnelServer {
             Ok(stream) => stream,
             Err(refusal) => return self.refuse(req, &refusal, Some(&target), ctx),
         };
-        tracing::debug!(?target, peer = ?ctx.peer.as_ref().map(ToString::to_string), "tunnel open");
+        // ztunnel's request headers say who sent the stream; the stream carries raw bytes to
+        // the app, so they are logged here rather than passed on.
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        tracing::debug!(?target, peer = ?ctx.peer.as_ref().map(ToString::to_string), forwarded = ?header("forwarded"), baggage = ?header("baggage"), traceparent = ?header("traceparent"), "tunnel open");
         let busy = OpenStream {
             _busy: busy,
             _open: crate::metrics::TUNNEL_STREAMS.enter(),

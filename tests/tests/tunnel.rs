@@ -383,7 +383,17 @@ fn python_h2_connects_over_mtls_to_hbone_and_policy_is_enforced() {
         "another trust domain must fail the handshake: {refused}"
     );
     server.krun.signal(Signal::SIGTERM);
-    server.krun.finish();
+    let served = server.krun.finish();
+    let rejected = served
+        .output
+        .iter()
+        .find(|l| l.contains("peer certificate rejected"))
+        .unwrap_or_else(|| panic!("no rejection line: {}", served.text()));
+    assert!(
+        rejected.contains("spiffe://other.domain/ns/default/sa/client")
+            && rejected.contains("other trust domain"),
+        "the log names the SPIFFE ID and the reason: {rejected}"
+    );
 
     let strict = mesh_workload(
         &ca,
@@ -527,11 +537,17 @@ fn proxy_connect(outbound: u16, app: u16) -> (String, BufReader<TcpStream>, TcpS
     (status, reader, conn)
 }
 
+/// The CONNECT carries ztunnel's `forwarded` (the app's address), `baggage` (the caller's
+/// namespace and service) and a W3C `traceparent`; the server logs them with the stream.
 #[test]
 fn krun_reaches_another_krun_over_hbone_through_the_outbound_proxy() {
     let ca = TestCa::new(TD);
-    let server = mesh_workload(&ca, "spiffe://cluster.local/ns/default/sa/echo", &[]);
-    let (caller, outbound, _dir) = caller_of(&ca, &server, &[]);
+    let server = mesh_workload(
+        &ca,
+        "spiffe://cluster.local/ns/default/sa/echo",
+        &[("RUST_LOG", "hbone::server=debug,info")],
+    );
+    let (caller, outbound, _dir) = caller_of(&ca, &server, &[("K_SERVICE", "caller-svc")]);
     let (status, mut reader, mut conn) = proxy_connect(outbound, server.app);
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     conn.write_all(b"krun to krun").expect("send");
@@ -549,7 +565,22 @@ fn krun_reaches_another_krun_over_hbone_through_the_outbound_proxy() {
         done.text()
     );
     server.krun.signal(Signal::SIGTERM);
-    assert_eq!(server.krun.finish().code, 0);
+    let served = server.krun.finish();
+    assert_eq!(served.code, 0);
+    let open = served
+        .output
+        .iter()
+        .find(|l| l.contains("tunnel open"))
+        .unwrap_or_else(|| panic!("no tunnel open line: {}", served.text()));
+    assert!(
+        open.contains(r#"forwarded=Some("for=\"127.0.0.1:"#),
+        "{open}"
+    );
+    assert!(
+        open.contains("k8s.namespace.name=default") && open.contains("service.name=caller-svc"),
+        "{open}"
+    );
+    assert!(open.contains(r#"traceparent=Some("00-"#), "{open}");
 }
 
 /// A caller that expects `id` of the peer at 127.0.0.1 sends one CONNECT through its proxy
@@ -1018,4 +1049,5 @@ fn an_istiod_deny_policy_answers_401_closes_open_streams_and_its_removal_lets_th
         );
     }
     assert!(done.has_line("stream denied (401)"), "{text}");
+    assert!(done.has_line("HBONE listener open"), "{text}");
 }

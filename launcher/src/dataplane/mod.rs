@@ -11,6 +11,7 @@
 //! `KRUN_FORWARD` listeners always.
 
 mod certs;
+pub mod connect_headers;
 mod forward;
 mod inbound;
 mod outbound;
@@ -62,6 +63,8 @@ pub struct MeshIdentity {
     /// The identity step's certificate store when krun mints the certificate: new
     /// connections then refresh a certificate found past its rotation time.
     pub store: Option<Arc<CertStore>>,
+    /// Who the workload is in the `baggage` of its outbound CONNECTs.
+    pub source: connect_headers::SourceWorkload,
 }
 
 impl MeshSide {
@@ -83,7 +86,11 @@ impl MeshSide {
         let settings = h2_settings(config);
         let bounds = bounds(config);
         let mut tasks = JoinSet::new();
-        let MeshIdentity { certs, store } = identity;
+        let MeshIdentity {
+            certs,
+            store,
+            source,
+        } = identity;
         let certs = match certs {
             Ok(certs) => Some(certs),
             Err(e) if config.launcher.dataplane.value == DataPlane::Builtin => {
@@ -137,6 +144,7 @@ impl MeshSide {
                     config.launcher.peer_identities.value.clone(),
                     trust_domain.clone(),
                     config.launcher.hbone_peer_port.value,
+                    source.baggage(),
                 ));
             }
             if config.launcher.hbone_port.value != 0 {

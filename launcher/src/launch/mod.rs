@@ -145,6 +145,7 @@ pub async fn run(
         MeshIdentity {
             certs,
             store: identity.identity.as_ref().map(|i| i.store().clone()),
+            source: source_workload(&config, &inputs, env),
         },
         in_mesh,
         xds,
@@ -415,6 +416,21 @@ fn xds_config(config: &Config, inputs: &AgentInputs, env: &Env) -> Option<mesh::
         metadata,
         token_path: Some(istio_token_path(&config.mesh_base_dir.value)),
     })
+}
+
+/// The workload as its outbound CONNECTs' `baggage` names it, resolved as for istiod.
+fn source_workload(
+    config: &Config,
+    inputs: &AgentInputs,
+    env: &Env,
+) -> crate::dataplane::connect_headers::SourceWorkload {
+    let workload = crate::agent::workload::Workload::resolve(config, inputs, env, None, 0);
+    crate::dataplane::connect_headers::SourceWorkload {
+        cluster: workload.cluster_id,
+        namespace: workload.namespace,
+        service: workload.name,
+        revision: workload.revision,
+    }
 }
 
 /// Certificate lifetime from `SECRET_TTL`; retries paced as `RotationPolicy` defaults.
