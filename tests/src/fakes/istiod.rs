@@ -22,7 +22,7 @@ use mesh::xds::proto::{
     Resource, TunnelProtocol, Workload,
 };
 use prost::Message;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{BoxFuture, Service, http};
@@ -82,6 +82,8 @@ pub struct FakeIstiod {
     /// Where it listens.
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
+    /// How many requests were recorded, for waiting on ACKs.
+    recorded: Arc<watch::Sender<usize>>,
     changes: broadcast::Sender<Change>,
     tls: IstiodTls,
     listener: std::net::TcpListener,
@@ -98,6 +100,7 @@ impl FakeIstiod {
         let mut istiod = FakeIstiod {
             addr,
             state,
+            recorded: Arc::new(watch::Sender::new(0)),
             changes,
             tls,
             listener,
@@ -174,6 +177,16 @@ impl FakeIstiod {
         self.lock().requests.clone()
     }
 
+    /// Waits until `count` requests in all were received (e.g. the ACK of a push: one more
+    /// than [`FakeIstiod::requests`] held before it).
+    pub fn wait_for_requests(&self, count: usize) {
+        let mut recorded = self.recorded.subscribe();
+        runtime()
+            .block_on(recorded.wait_for(|seen| *seen >= count))
+            .map(|_| ())
+            .expect("istiod's request counter");
+    }
+
     /// Outage: drops every connection and stream and accepts nothing more; returns once the
     /// server is gone.
     pub fn down(&mut self) {
@@ -190,8 +203,11 @@ impl FakeIstiod {
         let listener = self.listener.try_clone().expect("clone the istiod socket");
         self.serving = Some(serve(
             listener,
-            self.state.clone(),
-            self.changes.clone(),
+            Ads {
+                state: self.state.clone(),
+                changes: self.changes.clone(),
+                recorded: self.recorded.clone(),
+            },
             &self.tls,
         ));
     }
@@ -209,17 +225,11 @@ impl Drop for FakeIstiod {
     }
 }
 
-fn serve(
-    listener: std::net::TcpListener,
-    state: Arc<Mutex<State>>,
-    changes: broadcast::Sender<Change>,
-    tls: &IstiodTls,
-) -> Serving {
+fn serve(listener: std::net::TcpListener, service: Ads, tls: &IstiodTls) -> Serving {
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(&tls.cert, &tls.key))
         .client_ca_root(Certificate::from_pem(&tls.root));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = Ads { state, changes };
     let task = runtime().spawn(async move {
         listener.set_nonblocking(true).expect("nonblocking");
         let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
@@ -240,6 +250,7 @@ fn serve(
 struct Ads {
     state: Arc<Mutex<State>>,
     changes: broadcast::Sender<Change>,
+    recorded: Arc<watch::Sender<usize>>,
 }
 
 impl tonic::server::NamedService for Ads {
@@ -328,7 +339,12 @@ impl tonic::server::StreamingService<DeltaDiscoveryRequest> for Ads {
 
 impl Ads {
     fn record(&self, request: DeltaDiscoveryRequest) {
-        self.state.lock().expect("state").requests.push(request);
+        let count = {
+            let mut state = self.state.lock().expect("state");
+            state.requests.push(request);
+            state.requests.len()
+        };
+        self.recorded.send_replace(count);
     }
 
     /// Everything of the subscription's type the client lacks or holds at another version,
