@@ -13,51 +13,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hbone::client::HboneClient;
-use hbone::tls::{ExpectedPeer, WorkloadCert};
+use hbone::tls::ExpectedPeer;
 use krun_tests::bench::{echo, median};
-use krun_tests::fakes::istiod::{FakeIstiod, IstiodTls};
+use krun_tests::fakes::istiod::{FakeIstiod, IstiodTls, deny_principals};
 use krun_tests::fakes::pki::TestCa;
 use krun_tests::{Krun, TempDir, free_port};
-use mesh::xds::authorization::proto::{
-    Action, Authorization, Group, Match, MatchType, Rules, Scope, StringMatch,
-};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 const RUNS: usize = 21;
 
-fn deny_client() -> Authorization {
-    Authorization {
-        name: "deny-client".into(),
-        namespace: "default".into(),
-        scope: Scope::Namespace as i32,
-        action: Action::Deny as i32,
-        groups: vec![Group {
-            rules: vec![Rules {
-                matches: vec![Match {
-                    principals: vec![StringMatch {
-                        match_type: Some(MatchType::Exact(
-                            "cluster.local/ns/default/sa/client".into(),
-                        )),
-                    }],
-                    ..Default::default()
-                }],
-            }],
-        }],
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = krun_tests::bench::runtime();
     let ca = TestCa::new("cluster.local");
     let dir = TempDir::new("bench-authz");
     ca.install_workload(&dir.join(""), "spiffe://cluster.local/ns/default/sa/server");
@@ -66,12 +38,7 @@ fn main() {
         "client",
         "spiffe://cluster.local/ns/default/sa/client",
     );
-    let client_cert = WorkloadCert::from_pem(
-        &std::fs::read(&files.cert).expect("cert"),
-        &std::fs::read(&files.key).expect("key"),
-        &std::fs::read(&files.ca).expect("ca"),
-    )
-    .expect("client cert");
+    let client_cert = files.workload_cert();
     let echo_addr = runtime.block_on(async {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("echo");
         let addr = listener.local_addr().expect("addr");
@@ -120,7 +87,11 @@ fn main() {
                 .await
                 .expect("pong: the stream is open");
             let start = Instant::now();
-            istiod.push_policy(&deny_client());
+            istiod.push_policy(&deny_principals(
+                "default",
+                "deny-client",
+                &["cluster.local/ns/default/sa/client"],
+            ));
             // Ends with EOF or a reset: either way, closed by krun.
             let _ = tunnel.read(&mut byte).await;
             start.elapsed()

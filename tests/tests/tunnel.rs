@@ -896,41 +896,13 @@ fn a_plain_krun_outside_a_mesh_opens_no_listener_unless_asked() {
     assert_eq!(krun.finish().code, 0);
 }
 
-/// The DENY policy the authorization test pushes: the Python client and the krun caller, by
-/// principal, in the server's namespace.
-fn deny_clients() -> mesh::xds::authorization::proto::Authorization {
-    use mesh::xds::authorization::proto::{
-        Action, Authorization, Group, Match, MatchType, Rules, Scope, StringMatch,
-    };
-    let exact = |s: &str| StringMatch {
-        match_type: Some(MatchType::Exact(s.into())),
-    };
-    Authorization {
-        name: "deny-clients".into(),
-        namespace: "default".into(),
-        scope: Scope::Namespace as i32,
-        action: Action::Deny as i32,
-        groups: vec![Group {
-            rules: vec![Rules {
-                matches: vec![Match {
-                    principals: vec![
-                        exact("cluster.local/ns/default/sa/client"),
-                        exact("cluster.local/ns/default/sa/caller"),
-                    ],
-                    ..Default::default()
-                }],
-            }],
-        }],
-    }
-}
-
 /// Issue #13 acceptance: a DENY policy from istiod for a principal answers its new streams
 /// at 15008 with 401 (to Python h2, and to krun as client, whose proxy reports the 401);
 /// pushing it while connections are open closes them, one log line each naming the policy
 /// and the peer; removing it lets new streams through.
 #[test]
 fn an_istiod_deny_policy_answers_401_closes_open_streams_and_its_removal_lets_them_through() {
-    use krun_tests::fakes::istiod::{FakeIstiod, IstiodTls};
+    use krun_tests::fakes::istiod::{FakeIstiod, IstiodTls, deny_principals};
     let ca = TestCa::new(TD);
     let istiod = FakeIstiod::start(IstiodTls::new(&ca));
     let xds = istiod.addr.to_string();
@@ -994,7 +966,15 @@ fn an_istiod_deny_policy_answers_401_closes_open_streams_and_its_removal_lets_th
     caller_reader.read_line(&mut echoed).expect("echo");
     assert_eq!(echoed, "krun held\n");
 
-    istiod.push_policy(&deny_clients());
+    // The Python client and the krun caller, by principal, in the server's namespace.
+    istiod.push_policy(&deny_principals(
+        "default",
+        "deny-clients",
+        &[
+            "cluster.local/ns/default/sa/client",
+            "cluster.local/ns/default/sa/caller",
+        ],
+    ));
     server.krun.wait_for_line("policies=1");
     let ended = next_held();
     assert_eq!(ended["ended"], true, "{ended}");

@@ -16,7 +16,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use mesh::xds::authorization::proto::{AUTHORIZATION_TYPE, Authorization};
+use mesh::xds::authorization::proto::{
+    AUTHORIZATION_TYPE, Action, Authorization, Group, Match, MatchType, Rules, Scope, StringMatch,
+};
 use mesh::xds::proto::{
     ADDRESS_TYPE, Address, AddressType, DELTA_ADS, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
     Resource, TunnelProtocol, Workload,
@@ -49,6 +51,32 @@ struct State {
     resources: BTreeMap<Key, (String, Vec<u8>)>,
     requests: Vec<DeltaDiscoveryRequest>,
     version: u64,
+}
+
+/// A NAMESPACE-scoped DENY policy `namespace/name` for `principals` (Istio's form, without
+/// `spiffe://`), as istiod sends an AuthorizationPolicy with `action: DENY` and
+/// `from.source.principals`.
+pub fn deny_principals(namespace: &str, name: &str, principals: &[&str]) -> Authorization {
+    let principals = principals
+        .iter()
+        .map(|p| StringMatch {
+            match_type: Some(MatchType::Exact((*p).to_owned())),
+        })
+        .collect();
+    Authorization {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+        scope: Scope::Namespace as i32,
+        action: Action::Deny as i32,
+        groups: vec![Group {
+            rules: vec![Rules {
+                matches: vec![Match {
+                    principals,
+                    ..Default::default()
+                }],
+            }],
+        }],
+    }
 }
 
 /// A serving instance.
