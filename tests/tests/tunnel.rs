@@ -911,9 +911,7 @@ fn an_istiod_deny_policy_answers_401_closes_open_streams_and_its_removal_lets_th
         "spiffe://cluster.local/ns/default/sa/echo",
         &[("XDS_ADDR", &xds)],
     );
-    server
-        .krun
-        .wait_for_line("subscribed to workload addresses and authorization policies");
+    // No wait for the subscription: pushes made before it arrive with istiod's initial answer.
     let dir = TempDir::new("clients");
     let client = ca.install_client(
         &dir.join(""),
@@ -984,6 +982,7 @@ fn an_istiod_deny_policy_answers_401_closes_open_streams_and_its_removal_lets_th
         .read_to_string(&mut rest)
         .expect("krun's held connection ends");
     assert_eq!(rest, "", "nothing more after the policy push");
+    drop((caller_reader, caller_conn));
     let _ = held.wait();
 
     let denied = connect("after the push");
@@ -993,21 +992,26 @@ fn an_istiod_deny_policy_answers_401_closes_open_streams_and_its_removal_lets_th
         body.contains("denied by DENY policy default/deny-clients"),
         "{denied}"
     );
-    let (status, mut reader, _conn) = proxy_connect(outbound, app);
+    let (status, mut reader, conn) = proxy_connect(outbound, app);
     assert!(status.starts_with("HTTP/1.1 502"), "{status}");
+    // The 502 is kept alive: half-close so the proxy ends the connection after its body.
+    conn.shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
     let mut why = String::new();
-    reader.read_line(&mut why).expect("the proxy's reason");
+    reader.read_to_string(&mut why).expect("the proxy's reason");
     assert!(
         why.contains("HTTP 401"),
         "krun as client sees the 401: {why}"
     );
+    drop((reader, conn));
 
     istiod.remove("default/deny-clients");
     server.krun.wait_for_line("policies=0");
     let allowed = connect("after the removal");
     assert_eq!(allowed["data"], "after the removal", "{allowed}");
-    let (status, _reader, _conn) = proxy_connect(outbound, app);
+    let (status, reader, conn) = proxy_connect(outbound, app);
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    drop((reader, conn));
 
     caller.signal(Signal::SIGTERM);
     caller.finish();
