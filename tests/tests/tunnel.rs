@@ -899,7 +899,8 @@ fn a_plain_krun_outside_a_mesh_opens_no_listener_unless_asked() {
 /// Issue #13 acceptance: a DENY policy from istiod for a principal answers its new streams
 /// at 15008 with 401 (to Python h2, and to krun as client, whose proxy reports the 401);
 /// pushing it while connections are open closes them, one log line each naming the policy
-/// and the peer; removing it lets new streams through.
+/// and the peer; behind `/_hbone/15003` the denied connection is closed; removing it lets new
+/// streams through.
 #[test]
 fn an_istiod_deny_policy_answers_401_closes_open_streams_and_its_removal_lets_them_through() {
     use krun_tests::fakes::istiod::{FakeIstiod, IstiodTls, deny_principals};
@@ -1004,11 +1005,19 @@ fn an_istiod_deny_policy_answers_401_closes_open_streams_and_its_removal_lets_th
         "krun as client sees the 401: {why}"
     );
     drop((reader, conn));
+    // Behind /_hbone/15003 the stream is raw TCP: the denied connection is closed.
+    let inside = through_terminator(server.tunnel, &client, &client.ca, "inside");
+    assert!(
+        inside.get("data").is_none() || inside["data"] == "",
+        "{inside}"
+    );
 
     istiod.remove("default/deny-clients");
     server.krun.wait_for_line("policies=0");
     let allowed = connect("after the removal");
     assert_eq!(allowed["data"], "after the removal", "{allowed}");
+    let inside = through_terminator(server.tunnel, &client, &client.ca, "inside again");
+    assert_eq!(inside["data"], "inside again", "{inside}");
     let (status, reader, conn) = proxy_connect(outbound, app);
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     drop((reader, conn));
@@ -1033,5 +1042,9 @@ fn an_istiod_deny_policy_answers_401_closes_open_streams_and_its_removal_lets_th
         );
     }
     assert!(done.has_line("stream denied (401)"), "{text}");
+    assert!(
+        done.has_line("mesh connection denied by policy; closed"),
+        "{text}"
+    );
     assert!(done.has_line("HBONE listener open"), "{text}");
 }
