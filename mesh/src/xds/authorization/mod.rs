@@ -69,3 +69,69 @@ impl StreamAuthorizer for MeshAuthorizer {
         self.policies.changes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::authorization::proto::{Action, Authorization, Group, Rules, Scope};
+    use crate::xds::proto::Workload;
+
+    /// Denies everyone (a rule without matches holds).
+    fn deny_all(ns: &str, name: &str, scope: Scope) -> Authorization {
+        Authorization {
+            name: name.into(),
+            namespace: ns.into(),
+            scope: scope as i32,
+            action: Action::Deny as i32,
+            groups: vec![Group {
+                rules: vec![Rules::default()],
+            }],
+        }
+    }
+
+    fn stream_to(destination: &str) -> StreamFacts {
+        StreamFacts {
+            peer: "spiffe://cluster.local/ns/x/sa/y".parse().ok(),
+            source: "10.1.1.1:4000".parse().expect("addr"),
+            destination: destination.parse().expect("addr"),
+        }
+    }
+
+    /// A stream to an address istiod lists takes that workload's namespace and selector
+    /// policies; any other address is this workload by its certificate's namespace, where
+    /// selector policies cannot apply.
+    #[test]
+    fn the_workload_reached_decides_which_policies_apply() {
+        let (policies, workloads) = (
+            Arc::<PolicyStore>::default(),
+            Arc::<WorkloadStore>::default(),
+        );
+        let listed = Workload {
+            namespace: "shop".into(),
+            addresses: vec![vec![10, 0, 0, 5]],
+            authorization_policies: vec!["shop/sel".into()],
+            ..Default::default()
+        };
+        workloads.upsert("w", "1", &listed).expect("valid");
+        policies
+            .upsert(
+                "shop/sel",
+                "1",
+                &deny_all("shop", "sel", Scope::WorkloadSelector),
+            )
+            .expect("valid");
+        policies
+            .upsert("prod/ns", "1", &deny_all("prod", "ns", Scope::Namespace))
+            .expect("valid");
+        let local = "spiffe://cluster.local/ns/prod/sa/me".parse().ok();
+        let authorizer = MeshAuthorizer::new(policies, workloads, local);
+        assert_eq!(
+            authorizer.authorize(&stream_to("10.0.0.5:80")),
+            Err("denied by DENY policy shop/sel".into())
+        );
+        assert_eq!(
+            authorizer.authorize(&stream_to("127.0.0.1:80")),
+            Err("denied by DENY policy prod/ns".into())
+        );
+    }
+}
