@@ -216,7 +216,7 @@ impl TunnelServer {
     }
 
     /// Asks `authorizer` about every tunnel stream (after [`MeshTls::allowed`]), and closes
-    /// open streams it denies after a policy change.
+    /// open CONNECT streams it denies after a policy change.
     pub fn with_authorizer(mut self, authorizer: Arc<dyn StreamAuthorizer>) -> Self {
         self.authorizer = Some(authorizer);
         self
@@ -451,21 +451,9 @@ impl TunnelServer {
                     Ok(upgraded) => {
                         let mut tunnel = TokioIo::new(upgraded);
                         let mut upstream = upstream_stream;
-                        let revocation = async {
-                            match authorization {
-                                Some((authorizer, changes)) => {
-                                    revoked(&authorizer, &facts, changes).await
-                                }
-                                None => std::future::pending().await,
-                            }
-                        };
                         tokio::select! {
                             _ = copy_bidirectional(&mut tunnel, &mut upstream, buffer) => {}
-                            reason = revocation => {
-                                let revoked_total = crate::metrics::REVOKED.increment();
-                                let peer = facts.peer.as_ref().map(ToString::to_string);
-                                tracing::warn!(remote = %facts.source, peer = ?peer, %reason, revoked_total, "open stream closed: a policy change denies it");
-                            }
+                            () = revocation(authorization, facts) => {}
                         }
                     }
                     Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before upgrade"),
@@ -474,6 +462,8 @@ impl TunnelServer {
             });
             Response::new(empty())
         } else {
+            // Open POST-form streams are not re-checked on a policy change: krun's HBONE
+            // listener, the one with an authorizer, accepts CONNECT only.
             stream_body_tunnel(req, upstream_stream, self.settings.copy_buffer, busy)
         }
     }
@@ -711,6 +701,21 @@ fn stream_facts(target: &Target, upstream: &Upstream, ctx: &StreamContext) -> St
         source: ctx.remote,
         destination: SocketAddr::new(ctx.local.ip(), port),
     }
+}
+
+/// Resolves once a policy change denies the stream, logged (peer, reason naming the policy)
+/// and counted; never without an authorizer. A stream races its copy against it.
+async fn revocation(
+    authorization: Option<(Arc<dyn StreamAuthorizer>, tokio::sync::watch::Receiver<u64>)>,
+    facts: StreamFacts,
+) {
+    let Some((authorizer, changes)) = authorization else {
+        return std::future::pending().await;
+    };
+    let reason = revoked(&authorizer, &facts, changes).await;
+    let revoked_total = crate::metrics::REVOKED.increment();
+    let peer = facts.peer.as_ref().map(ToString::to_string);
+    tracing::warn!(remote = %facts.source, peer = ?peer, %reason, revoked_total, "open stream closed: a policy change denies it");
 }
 
 /// A tunnel stream in progress: it keeps its connection from idling out and counts in
