@@ -64,14 +64,18 @@ fn main() {
     );
     let expected = ExpectedPeer::TrustDomain("cluster.local".into());
 
+    // Every push is answered by exactly one ACK: counting requests tells which ACK arrived.
+    // Two subscriptions and the ACKs of istiod's two initial answers come first.
+    let mut requests = 4;
+    istiod.wait_for_requests(requests);
     let (mut acked, mut enforced) = (Vec::new(), Vec::new());
     for run in 0..RUNS {
         // Baseline: an unrelated push, until its ACK reaches istiod.
-        let before = istiod.requests().len();
         let start = Instant::now();
         let ip = std::net::IpAddr::from([10, 9, (run / 250) as u8, (run % 250) as u8 + 1]);
         istiod.push_workload(&format!("unrelated-{run}"), ip, "other", "sa", true);
-        istiod.wait_for_requests(before + 1);
+        requests += 1;
+        istiod.wait_for_requests(requests);
         acked.push(start.elapsed());
 
         // Measured: a DENY for the client while its stream is open, until the stream ends.
@@ -97,9 +101,11 @@ fn main() {
             start.elapsed()
         });
         enforced.push(elapsed);
-        krun.wait_for_line("policies=1");
+        requests += 1;
+        istiod.wait_for_requests(requests);
         istiod.remove("default/deny-client");
-        krun.wait_for_line("policies=0");
+        requests += 1;
+        istiod.wait_for_requests(requests);
     }
     let (acked, enforced) = (median(acked), median(enforced));
     println!("Authorization policy push to enforcement, median of {RUNS}:");
