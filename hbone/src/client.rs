@@ -112,6 +112,19 @@ impl HboneClient {
         expected: Option<&ExpectedPeer>,
         authority: &str,
     ) -> Result<(Tunnel, StreamGuard), ClientError> {
+        self.connect_with_headers(peer, expected, authority, http::HeaderMap::new())
+            .await
+    }
+
+    /// [`HboneClient::connect`], the CONNECT request carrying `headers` too (ztunnel's
+    /// `baggage`, `forwarded` and `traceparent`: what they say is the embedder's business).
+    pub async fn connect_with_headers(
+        &self,
+        peer: SocketAddr,
+        expected: Option<&ExpectedPeer>,
+        authority: &str,
+        headers: http::HeaderMap,
+    ) -> Result<(Tunnel, StreamGuard), ClientError> {
         let key = Peer {
             addr: peer,
             expected: expected.map(|e| ExpectedPeerKey(e.to_string())),
@@ -123,7 +136,7 @@ impl HboneClient {
                 self.pool.insert(key, sender, permit)
             }
         };
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(authority)
             .body(Empty::new())
@@ -132,6 +145,7 @@ impl HboneClient {
                 authority: authority.to_owned(),
                 status: StatusCode::BAD_REQUEST,
             })?;
+        request.headers_mut().extend(headers);
         let response = sender
             .send_request(request)
             .await

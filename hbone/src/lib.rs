@@ -7,6 +7,7 @@
 //! This crate speaks the protocol and knows nothing of GCP or Kubernetes: where a tunnel may
 //! go is decided by the embedder's [`server::Router`].
 
+pub mod authorize;
 pub mod client;
 pub mod copy;
 pub mod dial;

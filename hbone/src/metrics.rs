@@ -30,8 +30,12 @@ impl Default for Counter {
     }
 }
 
-/// Connections closed because the peer's identity is not allowed.
+/// Streams and connections refused because the peer's identity or a policy does not allow
+/// them.
 pub static DENIED: Counter = Counter::new();
+
+/// Open streams closed because a policy change denies them.
+pub static REVOKED: Counter = Counter::new();
 
 /// Connections closed at once because their listener was at its connection cap.
 pub static LIMITED: Counter = Counter::new();

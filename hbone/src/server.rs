@@ -7,7 +7,9 @@
 //! front end only forwards ordinary requests). The server answers `200` only after the upstream
 //! dial succeeded, so a client learns about a refused or unknown target from the status
 //! (`404`, `503`) instead of from a dead stream. Where a tunnel may go is the [`Router`]'s
-//! decision; this module only speaks the protocol.
+//! decision; whether the peer may open it is [`MeshTls::allowed`]'s and the embedder's
+//! [`StreamAuthorizer`]'s: a denied stream is answered `401`, as ztunnel answers it, and a
+//! policy change closes open streams it now denies. This module only speaks the protocol.
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -29,6 +31,7 @@ use tokio_stream::StreamExt;
 use tokio_util::io::ReaderStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::authorize::{StreamAuthorizer, StreamFacts, revoked};
 use crate::copy::copy_bidirectional;
 use crate::identity::{AllowedPeers, SpiffeId};
 use crate::idle::{Busy, IdleClock};
@@ -117,7 +120,7 @@ pub struct MeshTls {
     /// Current TLS config (rebuilt by the embedder on rotation; established connections keep
     /// the one they started with).
     pub config: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
-    /// Peers allowed past the handshake.
+    /// Peers allowed to open streams; others' streams are answered `401`.
     pub allowed: AllowedPeers,
     /// Asked before each handshake; see [`FreshConfig`].
     pub fresh: Option<Arc<dyn FreshConfig>>,
@@ -172,6 +175,7 @@ pub struct TunnelServer {
     bounds: Bounds,
     tls: Option<MeshTls>,
     fallback: Option<Fallback>,
+    authorizer: Option<Arc<dyn StreamAuthorizer>>,
     /// Peers (address and status) whose refusal was logged.
     refused_peers: OncePerPeer<(IpAddr, StatusCode)>,
     client: hyper_util::client::legacy::Client<
@@ -192,6 +196,7 @@ impl TunnelServer {
             bounds: Bounds::default(),
             tls: None,
             fallback: None,
+            authorizer: None,
             refused_peers: OncePerPeer::new(crate::once::DEFAULT_CAPACITY),
             client,
         }
@@ -207,6 +212,13 @@ impl TunnelServer {
     /// Requires mesh mTLS on every connection.
     pub fn with_tls(mut self, tls: MeshTls) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Asks `authorizer` about every tunnel stream (after [`MeshTls::allowed`]), and closes
+    /// open CONNECT streams it denies after a policy change.
+    pub fn with_authorizer(mut self, authorizer: Arc<dyn StreamAuthorizer>) -> Self {
+        self.authorizer = Some(authorizer);
         self
     }
 
@@ -288,15 +300,9 @@ impl TunnelServer {
                         return handshake_timed_out(self.name, remote, "mTLS handshake");
                     }
                 };
+                // A peer that is not allowed still gets its streams answered (401), so it learns
+                // why instead of seeing a closed connection.
                 let peer = tls::peer_identity(tls_stream.get_ref().1);
-                match &peer {
-                    Some(id) if mesh.allowed.allows(id) => {}
-                    _ => {
-                        let who = peer.map_or_else(|| "no SPIFFE ID".to_owned(), |p| p.to_string());
-                        let denied_total = crate::metrics::DENIED.increment();
-                        return tracing::warn!(%remote, peer = %who, denied_total, "peer not allowed; connection closed");
-                    }
-                }
                 let ctx = StreamContext {
                     peer,
                     local,
@@ -398,16 +404,42 @@ impl TunnelServer {
         ctx: &StreamContext,
         busy: Busy,
     ) -> Response<Body> {
+        if let Err(refusal) = self.peer_allowed(ctx) {
+            return self.deny(req, &refusal, ctx);
+        }
         let target = match parse_target(&req) {
             Ok(Some(target)) => target,
             Ok(None) => return self.forward_to_app(req, ctx, busy).await,
             Err(refusal) => return self.refuse(req, &refusal, None, ctx),
         };
-        let upstream_stream = match self.dial(&target, ctx).await {
+        let upstream = match self.router.route(&target, ctx) {
+            Ok(upstream) => upstream,
+            Err(refusal) => return self.refuse(req, &refusal, Some(&target), ctx),
+        };
+        // Taken before the check, so a policy change between the two is not missed.
+        let authorization = self
+            .authorizer
+            .as_ref()
+            .map(|authorizer| (authorizer.clone(), authorizer.changes()));
+        let facts = stream_facts(&target, &upstream, ctx);
+        if let Some((authorizer, _)) = &authorization
+            && let Err(reason) = authorizer.authorize(&facts)
+        {
+            return self.deny(req, &Refusal::new(StatusCode::UNAUTHORIZED, reason), ctx);
+        }
+        let upstream_stream = match self.dial(&upstream).await {
             Ok(stream) => stream,
             Err(refusal) => return self.refuse(req, &refusal, Some(&target), ctx),
         };
-        tracing::debug!(?target, peer = ?ctx.peer.as_ref().map(ToString::to_string), "tunnel open");
+        // ztunnel's request headers say who sent the stream; the stream carries raw bytes to
+        // the app, so they are logged here rather than passed on.
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        tracing::debug!(?target, peer = ?ctx.peer.as_ref().map(ToString::to_string), forwarded = ?header("forwarded"), baggage = ?header("baggage"), traceparent = ?header("traceparent"), "tunnel open");
         let busy = OpenStream {
             _busy: busy,
             _open: crate::metrics::TUNNEL_STREAMS.enter(),
@@ -419,7 +451,10 @@ impl TunnelServer {
                     Ok(upgraded) => {
                         let mut tunnel = TokioIo::new(upgraded);
                         let mut upstream = upstream_stream;
-                        let _ = copy_bidirectional(&mut tunnel, &mut upstream, buffer).await;
+                        tokio::select! {
+                            _ = copy_bidirectional(&mut tunnel, &mut upstream, buffer) => {}
+                            () = revocation(authorization, facts) => {}
+                        }
                     }
                     Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before upgrade"),
                 }
@@ -427,13 +462,32 @@ impl TunnelServer {
             });
             Response::new(empty())
         } else {
+            // Open POST-form streams are not re-checked on a policy change: krun's HBONE
+            // listener, the one with an authorizer, accepts CONNECT only.
             stream_body_tunnel(req, upstream_stream, self.settings.copy_buffer, busy)
         }
     }
 
-    /// Routes `target` and dials it; `200` is only ever sent after this succeeded.
-    async fn dial(&self, target: &Target, ctx: &StreamContext) -> Result<TcpStream, Refusal> {
-        let upstream = self.router.route(target, ctx)?;
+    /// `Err(401)` when the listener is mTLS and the peer is not among [`MeshTls::allowed`].
+    fn peer_allowed(&self, ctx: &StreamContext) -> Result<(), Refusal> {
+        let Some(mesh) = &self.tls else {
+            return Ok(());
+        };
+        match &ctx.peer {
+            Some(id) if mesh.allowed.allows(id) => Ok(()),
+            Some(id) => Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                format!("peer not allowed: {id} is not among the allowed principals"),
+            )),
+            None => Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "peer not allowed: its certificate carries no SPIFFE ID",
+            )),
+        }
+    }
+
+    /// Dials `upstream`; `200` is only ever sent after this succeeded.
+    async fn dial(&self, upstream: &Upstream) -> Result<TcpStream, Refusal> {
         let unavailable = |why: String| {
             Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -441,7 +495,7 @@ impl TunnelServer {
             )
         };
         let timeout = self.settings.connect_timeout;
-        match &upstream {
+        match upstream {
             Upstream::Addr(addr) => crate::dial::connect(*addr, timeout).await,
             Upstream::Host(host) => crate::dial::connect(host.as_str(), timeout).await,
         }
@@ -502,6 +556,21 @@ impl TunnelServer {
         }
     }
 
+    /// Answers a stream the peer may not open (`401`): counted, and logged once per stream
+    /// with the peer and the policy that denied it.
+    fn deny(
+        &self,
+        req: Request<Incoming>,
+        refusal: &Refusal,
+        ctx: &StreamContext,
+    ) -> Response<Body> {
+        let denied_total = crate::metrics::DENIED.increment();
+        let peer = ctx.peer.as_ref().map(ToString::to_string);
+        tracing::warn!(remote = %ctx.remote, peer = ?peer, reason = %refusal.reason, denied_total, "stream denied (401)");
+        self.drain_body(req);
+        error_response(refusal)
+    }
+
     /// Answers a refused request (no upstream was reached). Every refusal is counted; the first per
     /// peer address and status is logged (a flood of refused requests logs one line), the
     /// rest at debug level. The request body is read to the end (up to a bound) in the
@@ -521,6 +590,12 @@ impl TunnelServer {
         } else {
             tracing::debug!(%remote, status, %reason, ?target, refused_total, "tunnel refused");
         }
+        self.drain_body(req);
+        error_response(refusal)
+    }
+
+    /// Reads a refused request's body to the end (up to a bound) in the background.
+    fn drain_body(&self, req: Request<Incoming>) {
         let mut body = req.into_body();
         tokio::spawn(async move {
             let mut left = REFUSED_BODY_LIMIT;
@@ -534,7 +609,6 @@ impl TunnelServer {
                 }
             }
         });
-        error_response(refusal)
     }
 }
 
@@ -611,6 +685,37 @@ fn parse_target(req: &Request<Incoming>) -> Result<Option<Target>, Refusal> {
         ));
     }
     Ok(Some(Target::Named(name.to_owned())))
+}
+
+/// What the authorizer is asked about a stream: the peer, and the workload address the
+/// connection arrived on with the port the stream reaches (the CONNECT port, the numeric
+/// `/_hbone/<port>`, else the port it was routed to).
+fn stream_facts(target: &Target, upstream: &Upstream, ctx: &StreamContext) -> StreamFacts {
+    let port = match (target, upstream) {
+        (Target::Authority { port, .. }, _) => *port,
+        (Target::Named(name), Upstream::Addr(addr)) => name.parse().unwrap_or(addr.port()),
+        (Target::Named(name), Upstream::Host(_)) => name.parse().unwrap_or(0),
+    };
+    StreamFacts {
+        peer: ctx.peer.clone(),
+        source: ctx.remote,
+        destination: SocketAddr::new(ctx.local.ip(), port),
+    }
+}
+
+/// Resolves once a policy change denies the stream, logged (peer, reason naming the policy)
+/// and counted; never without an authorizer. A stream races its copy against it.
+async fn revocation(
+    authorization: Option<(Arc<dyn StreamAuthorizer>, tokio::sync::watch::Receiver<u64>)>,
+    facts: StreamFacts,
+) {
+    let Some((authorizer, changes)) = authorization else {
+        return std::future::pending().await;
+    };
+    let reason = revoked(&authorizer, &facts, changes).await;
+    let revoked_total = crate::metrics::REVOKED.increment();
+    let peer = facts.peer.as_ref().map(ToString::to_string);
+    tracing::warn!(remote = %facts.source, peer = ?peer, %reason, revoked_total, "open stream closed: a policy change denies it");
 }
 
 /// A tunnel stream in progress: it keeps its connection from idling out and counts in

@@ -214,30 +214,95 @@ struct TrustDomainClientVerifier {
     trust_domain: String,
 }
 
+/// A refused client certificate: the reason in an operator's words, and rustls' error.
+#[derive(Debug)]
+struct Rejected {
+    reason: String,
+    error: rustls::Error,
+}
+
+impl TrustDomainClientVerifier {
+    /// The chain checked against the mesh roots, then the trust domain of its SPIFFE IDs.
+    fn verdict(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Rejected> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|error| Rejected {
+                reason: rejection_reason(&error),
+                error,
+            })?;
+        let ids = identities(end_entity);
+        if ids.iter().any(|id| id.trust_domain == self.trust_domain) {
+            return Ok(verified);
+        }
+        let reason = match ids.first() {
+            Some(id) => format!(
+                "other trust domain: {} is not this workload's {}",
+                id.trust_domain, self.trust_domain
+            ),
+            None => "no SPIFFE ID among its URI SANs".to_owned(),
+        };
+        Err(Rejected {
+            reason,
+            error: rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ),
+        })
+    }
+}
+
+/// Why rustls refused a peer's chain, in an operator's words.
+fn rejection_reason(error: &rustls::Error) -> String {
+    match error {
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "expired".to_owned(),
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "not valid yet (check the clocks)".to_owned(),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "unknown root: not signed by this mesh's roots".to_owned()
+        }
+        rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
+            "unknown root: signed by a CA named like a mesh root but with another key".to_owned()
+        }
+        other => other.to_string(),
+    }
+}
+
 impl ClientCertVerifier for TrustDomainClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         self.inner.root_hint_subjects()
     }
 
+    /// Logs a refused certificate with the SPIFFE ID it claims and the reason, so an
+    /// operator sees "other trust domain", "expired" or "unknown root" instead of rustls'
+    /// "invalid peer certificate".
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        if identities(end_entity)
-            .iter()
-            .any(|id| id.trust_domain == self.trust_domain)
-        {
-            Ok(verified)
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
-        }
+        self.verdict(end_entity, intermediates, now)
+            .map_err(|Rejected { reason, error }| {
+                let claimed: Vec<String> = identities(end_entity)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                let peer = if claimed.is_empty() {
+                    "no SPIFFE ID".to_owned()
+                } else {
+                    claimed.join(",")
+                };
+                tracing::warn!(%peer, %reason, "peer certificate rejected");
+                error
+            })
     }
 
     fn verify_tls12_signature(
@@ -319,5 +384,102 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    use std::time::{Duration, SystemTime};
+
+    struct Ca {
+        params: CertificateParams,
+        key: KeyPair,
+        root: CertificateDer<'static>,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().expect("key");
+        let root = params.self_signed(&key).expect("root").der().clone();
+        Ca { params, key, root }
+    }
+
+    fn leaf(ca: &Ca, id: &str, expired: bool) -> CertificateDer<'static> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.try_into().expect("uri"))];
+        let now = SystemTime::now();
+        if expired {
+            params.not_before = (now - Duration::from_secs(7200)).into();
+            params.not_after = (now - Duration::from_secs(3600)).into();
+        }
+        let key = KeyPair::generate().expect("key");
+        let issuer = Issuer::from_params(&ca.params, &ca.key);
+        params.signed_by(&key, &issuer).expect("leaf").der().clone()
+    }
+
+    fn verifier(ca: &Ca) -> TrustDomainClientVerifier {
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.root.clone()).expect("root");
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .expect("verifier");
+        TrustDomainClientVerifier {
+            inner,
+            trust_domain: "cluster.local".into(),
+        }
+    }
+
+    fn reason(verifier: &TrustDomainClientVerifier, leaf: &CertificateDer<'_>) -> Option<String> {
+        verifier
+            .verdict(leaf, &[], UnixTime::now())
+            .err()
+            .map(|r| r.reason)
+    }
+
+    const ID: &str = "spiffe://cluster.local/ns/prod/sa/client";
+
+    /// Each refusal names its reason: another trust domain, an expired certificate, a root
+    /// the mesh does not trust; a good certificate passes.
+    #[test]
+    fn a_rejected_peer_certificate_says_why() {
+        let mesh = ca("cluster.local");
+        let verifier = verifier(&mesh);
+        assert_eq!(reason(&verifier, &leaf(&mesh, ID, false)), None);
+        let foreign = leaf(&mesh, "spiffe://other.domain/ns/prod/sa/client", false);
+        assert_eq!(
+            reason(&verifier, &foreign).as_deref(),
+            Some("other trust domain: other.domain is not this workload's cluster.local")
+        );
+        assert_eq!(
+            reason(&verifier, &leaf(&mesh, ID, true)).as_deref(),
+            Some("expired")
+        );
+        let stranger = ca("another mesh");
+        assert_eq!(
+            reason(&verifier, &leaf(&stranger, ID, false)).as_deref(),
+            Some("unknown root: not signed by this mesh's roots")
+        );
+        let namesake = ca("cluster.local");
+        assert_eq!(
+            reason(&verifier, &leaf(&namesake, ID, false)).as_deref(),
+            Some("unknown root: signed by a CA named like a mesh root but with another key")
+        );
+        let no_id = leaf(&mesh, "https://example.com/", false);
+        assert_eq!(
+            reason(&verifier, &no_id).as_deref(),
+            Some("no SPIFFE ID among its URI SANs")
+        );
     }
 }

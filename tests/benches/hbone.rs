@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hbone::client::HboneClient;
-use hbone::tls::{ExpectedPeer, WorkloadCert};
+use hbone::tls::ExpectedPeer;
 use krun_tests::bench::{echo, sink};
 use krun_tests::fakes::pki::TestCa;
 use krun_tests::{Krun, TempDir, free_port};
@@ -69,11 +69,7 @@ fn krun_pid(krun: &krun_tests::Running) -> i32 {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = krun_tests::bench::runtime();
     let ca = TestCa::new("cluster.local");
     let dir = TempDir::new("bench-hbone");
     ca.install_workload(&dir.join(""), "spiffe://cluster.local/ns/default/sa/server");
@@ -82,12 +78,7 @@ fn main() {
         "client",
         "spiffe://cluster.local/ns/default/sa/client",
     );
-    let client_cert = WorkloadCert::from_pem(
-        &std::fs::read(&client_files.cert).expect("cert"),
-        &std::fs::read(&client_files.key).expect("key"),
-        &std::fs::read(&client_files.ca).expect("ca"),
-    )
-    .expect("client cert");
+    let client_cert = client_files.workload_cert();
     let (sink_addr, echo_addr) = runtime.block_on(async {
         let sink_listener = TcpListener::bind("127.0.0.1:0").await.expect("sink");
         let echo_listener = TcpListener::bind("127.0.0.1:0").await.expect("echo");

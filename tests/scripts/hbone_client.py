@@ -8,6 +8,10 @@ Modes (all print one JSON object per event on stdout):
       half-closes, prints the status and every byte that came back.
   connect-h2c HOST PORT AUTHORITY PAYLOAD
       The same over h2c (prior knowledge), as on krun's tunnel port.
+  hold-mtls HOST PORT AUTHORITY CERT KEY CA PAYLOAD
+      As connect-mtls, but keeps the stream open: prints the status and the echo of PAYLOAD,
+      then waits for krun to end the stream and prints {"ended": true} (a policy change
+      closing an open connection).
   post-tls HOST PORT PATH CERT KEY CA PAYLOAD
       h2c (prior knowledge), POST PATH as a tunnel, then TLS *inside* the stream (mesh mTLS
       through /_hbone/15003), sends PAYLOAD and prints what came back.
@@ -111,6 +115,27 @@ def connect_over(open_socket, authority, payload):
     emit(status=status, data=stream.data.decode(errors="replace"))
 
 
+def hold_mtls(host, port, authority, cert, key, ca, payload):
+    ctx = mtls_context(cert, key, ca)
+    ctx.set_alpn_protocols(["h2"])
+    sock = ctx.wrap_socket(socket.create_connection((host, int(port))))
+    # Only a guard against a hung test: the test waits on the lines printed.
+    sock.settimeout(60)
+    stream = Stream(sock, [(":method", "CONNECT"), (":authority", authority)])
+    status = stream.wait_status()
+    if status != 200:
+        return emit(status=status)
+    stream.send(payload.encode())
+    while len(stream.data) < len(payload) and not stream.ended:
+        stream.pump()
+    emit(status=status, data=stream.data.decode(errors="replace"))
+    try:
+        stream.read_all()
+    except (ssl.SSLError, ConnectionError, OSError) as e:
+        return emit(ended=True, error=f"{type(e).__name__}: {e}")
+    emit(ended=True)
+
+
 def post_tls(host, port, path, cert, key, ca, payload):
     sock = socket.create_connection((host, int(port)))
     stream = Stream(sock, [(":method", "POST"), (":scheme", "http"), (":authority", f"{host}:{port}"), (":path", path)])
@@ -157,4 +182,4 @@ def post_tls(host, port, path, cert, key, ca, payload):
 
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
-    {"connect-mtls": connect_mtls, "connect-h2c": connect_h2c, "post-tls": post_tls}[mode](*args)
+    {"connect-mtls": connect_mtls, "connect-h2c": connect_h2c, "hold-mtls": hold_mtls, "post-tls": post_tls}[mode](*args)

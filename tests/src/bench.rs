@@ -38,6 +38,15 @@ pub async fn echo(listener: TcpListener) {
     }
 }
 
+/// The benchmarks' runtime: one worker, so the client side takes one core and krun the other.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// The middle sample (the upper one of an even count); `samples` must not be empty.
 pub fn median<T: PartialOrd + Copy>(mut samples: Vec<T>) -> T {
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));

@@ -383,7 +383,17 @@ fn python_h2_connects_over_mtls_to_hbone_and_policy_is_enforced() {
         "another trust domain must fail the handshake: {refused}"
     );
     server.krun.signal(Signal::SIGTERM);
-    server.krun.finish();
+    let served = server.krun.finish();
+    let rejected = served
+        .output
+        .iter()
+        .find(|l| l.contains("peer certificate rejected"))
+        .unwrap_or_else(|| panic!("no rejection line: {}", served.text()));
+    assert!(
+        rejected.contains("spiffe://other.domain/ns/default/sa/client")
+            && rejected.contains("other trust domain"),
+        "the log names the SPIFFE ID and the reason: {rejected}"
+    );
 
     let strict = mesh_workload(
         &ca,
@@ -406,6 +416,10 @@ fn python_h2_connects_over_mtls_to_hbone_and_policy_is_enforced() {
     assert!(
         denied.get("data").is_none(),
         "a principal not allowed gets no bytes through: {denied}"
+    );
+    assert_eq!(
+        denied["status"], 401,
+        "and learns why from the status, as from ztunnel: {denied}"
     );
     strict.krun.signal(Signal::SIGTERM);
     let done = strict.krun.finish();
@@ -523,11 +537,17 @@ fn proxy_connect(outbound: u16, app: u16) -> (String, BufReader<TcpStream>, TcpS
     (status, reader, conn)
 }
 
+/// The CONNECT carries ztunnel's `forwarded` (the app's address), `baggage` (the caller's
+/// namespace and service) and a W3C `traceparent`; the server logs them with the stream.
 #[test]
 fn krun_reaches_another_krun_over_hbone_through_the_outbound_proxy() {
     let ca = TestCa::new(TD);
-    let server = mesh_workload(&ca, "spiffe://cluster.local/ns/default/sa/echo", &[]);
-    let (caller, outbound, _dir) = caller_of(&ca, &server, &[]);
+    let server = mesh_workload(
+        &ca,
+        "spiffe://cluster.local/ns/default/sa/echo",
+        &[("RUST_LOG", "hbone::server=debug,info")],
+    );
+    let (caller, outbound, _dir) = caller_of(&ca, &server, &[("K_SERVICE", "caller-svc")]);
     let (status, mut reader, mut conn) = proxy_connect(outbound, server.app);
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     conn.write_all(b"krun to krun").expect("send");
@@ -545,7 +565,22 @@ fn krun_reaches_another_krun_over_hbone_through_the_outbound_proxy() {
         done.text()
     );
     server.krun.signal(Signal::SIGTERM);
-    assert_eq!(server.krun.finish().code, 0);
+    let served = server.krun.finish();
+    assert_eq!(served.code, 0);
+    let open = served
+        .output
+        .iter()
+        .find(|l| l.contains("tunnel open"))
+        .unwrap_or_else(|| panic!("no tunnel open line: {}", served.text()));
+    assert!(
+        open.contains(r#"forwarded=Some("for=\"127.0.0.1:"#),
+        "{open}"
+    );
+    assert!(
+        open.contains("k8s.namespace.name=default") && open.contains("service.name=caller-svc"),
+        "{open}"
+    );
+    assert!(open.contains(r#"traceparent=Some("00-"#), "{open}");
 }
 
 /// A caller that expects `id` of the peer at 127.0.0.1 sends one CONNECT through its proxy
@@ -859,4 +894,157 @@ fn a_plain_krun_outside_a_mesh_opens_no_listener_unless_asked() {
     assert_eq!(listening_ports(krun.pid.as_raw()), vec![15009]);
     krun.signal(Signal::SIGTERM);
     assert_eq!(krun.finish().code, 0);
+}
+
+/// Issue #13 acceptance: a DENY policy from istiod for a principal answers its new streams
+/// at 15008 with 401 (to Python h2, and to krun as client, whose proxy reports the 401);
+/// pushing it while connections are open closes them, one log line each naming the policy
+/// and the peer; behind `/_hbone/15003` the denied connection is closed; removing it lets new
+/// streams through.
+#[test]
+fn an_istiod_deny_policy_answers_401_closes_open_streams_and_its_removal_lets_them_through() {
+    use krun_tests::fakes::istiod::{FakeIstiod, IstiodTls, deny_principals};
+    let ca = TestCa::new(TD);
+    let istiod = FakeIstiod::start(IstiodTls::new(&ca));
+    let xds = istiod.addr.to_string();
+    let mut server = mesh_workload(
+        &ca,
+        "spiffe://cluster.local/ns/default/sa/echo",
+        &[("XDS_ADDR", &xds)],
+    );
+    // No wait for the subscription: pushes made before it arrive with istiod's initial answer.
+    let dir = TempDir::new("clients");
+    let client = ca.install_client(
+        &dir.join(""),
+        "client",
+        "spiffe://cluster.local/ns/default/sa/client",
+    );
+    let authority = format!("127.0.0.1:{}", server.app);
+    let (hbone, app) = (server.hbone.to_string(), server.app);
+    let files = [
+        client.cert.to_string_lossy().into_owned(),
+        client.key.to_string_lossy().into_owned(),
+        client.ca.to_string_lossy().into_owned(),
+    ];
+    let python = |mode: &str, payload: &str| -> Vec<String> {
+        let mut args = vec![mode.to_owned(), "127.0.0.1".into(), hbone.clone()];
+        args.push(authority.clone());
+        args.extend(files.iter().cloned());
+        args.push(payload.into());
+        args
+    };
+    let connect = |payload: &str| {
+        let args = python("connect-mtls", payload);
+        hbone_client(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    assert_eq!(connect("before")["status"], 200, "no policy: allowed");
+
+    // Open connections: Python h2 holding a CONNECT stream, and krun's outbound proxy.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hbone_client.py");
+    let mut held = Command::new(krun_tests::python())
+        .arg(script)
+        .args(python("hold-mtls", "held open"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the python client");
+    let mut held_lines = BufReader::new(held.stdout.take().expect("stdout")).lines();
+    let mut next_held = || -> serde_json::Value {
+        let line = held_lines.next().expect("a line").expect("read");
+        serde_json::from_str(&line).expect("JSON line")
+    };
+    let opened = next_held();
+    assert_eq!(
+        (opened["status"].as_u64(), opened["data"].as_str()),
+        (Some(200), Some("held open"))
+    );
+    let (caller, outbound, _caller_dir) = caller_of(&ca, &server, &[]);
+    let (status, mut caller_reader, mut caller_conn) = proxy_connect(outbound, app);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    caller_conn.write_all(b"krun held\n").expect("send");
+    let mut echoed = String::new();
+    caller_reader.read_line(&mut echoed).expect("echo");
+    assert_eq!(echoed, "krun held\n");
+
+    // The Python client and the krun caller, by principal, in the server's namespace.
+    istiod.push_policy(&deny_principals(
+        "default",
+        "deny-clients",
+        &[
+            "cluster.local/ns/default/sa/client",
+            "cluster.local/ns/default/sa/caller",
+        ],
+    ));
+    server.krun.wait_for_line("policies=1");
+    let ended = next_held();
+    assert_eq!(ended["ended"], true, "{ended}");
+    assert!(ended.get("error").is_none(), "closed cleanly: {ended}");
+    let mut rest = String::new();
+    caller_reader
+        .read_to_string(&mut rest)
+        .expect("krun's held connection ends");
+    assert_eq!(rest, "", "nothing more after the policy push");
+    drop((caller_reader, caller_conn));
+    let _ = held.wait();
+
+    let denied = connect("after the push");
+    assert_eq!(denied["status"], 401, "{denied}");
+    let body = denied["body"].as_str().unwrap_or_default();
+    assert!(
+        body.contains("denied by DENY policy default/deny-clients"),
+        "{denied}"
+    );
+    let (status, mut reader, conn) = proxy_connect(outbound, app);
+    assert!(status.starts_with("HTTP/1.1 502"), "{status}");
+    // The 502 is kept alive: half-close so the proxy ends the connection after its body.
+    conn.shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut why = String::new();
+    reader.read_to_string(&mut why).expect("the proxy's reason");
+    assert!(
+        why.contains("HTTP 401"),
+        "krun as client sees the 401: {why}"
+    );
+    drop((reader, conn));
+    // Behind /_hbone/15003 the stream is raw TCP: the denied connection is closed.
+    let inside = through_terminator(server.tunnel, &client, &client.ca, "inside");
+    assert!(
+        inside.get("data").is_none() || inside["data"] == "",
+        "{inside}"
+    );
+
+    istiod.remove("default/deny-clients");
+    server.krun.wait_for_line("policies=0");
+    let allowed = connect("after the removal");
+    assert_eq!(allowed["data"], "after the removal", "{allowed}");
+    let inside = through_terminator(server.tunnel, &client, &client.ca, "inside again");
+    assert_eq!(inside["data"], "inside again", "{inside}");
+    let (status, reader, conn) = proxy_connect(outbound, app);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    drop((reader, conn));
+
+    caller.signal(Signal::SIGTERM);
+    caller.finish();
+    server.krun.signal(Signal::SIGTERM);
+    let done = server.krun.finish();
+    let text = done.text();
+    let closed: Vec<&String> = done
+        .output
+        .iter()
+        .filter(|l| l.contains("open stream closed: a policy change denies it"))
+        .collect();
+    assert_eq!(closed.len(), 2, "one line per closed connection: {text}");
+    for peer in ["sa/client", "sa/caller"] {
+        assert!(
+            closed
+                .iter()
+                .any(|l| l.contains(peer) && l.contains("default/deny-clients")),
+            "{peer}: {text}"
+        );
+    }
+    assert!(done.has_line("stream denied (401)"), "{text}");
+    assert!(
+        done.has_line("mesh connection denied by policy; closed"),
+        "{text}"
+    );
+    assert!(done.has_line("HBONE listener open"), "{text}");
 }

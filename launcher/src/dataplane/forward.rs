@@ -23,10 +23,10 @@ pub async fn serve(
 ) {
     let target = Arc::new(target);
     let limit = bounds.limit("forward");
-    serve_each(listener, &limit, &drain, |stream, _| {
+    serve_each(listener, &limit, &drain, |stream, peer| {
         let (router, target) = (router.clone(), target.clone());
         async move {
-            match router.connect_host(&target).await {
+            match router.connect_host(&target, peer).await {
                 Ok(upstream) => {
                     pipe(stream, upstream.io, copy_buffer, bounds.idle_timeout).await;
                     drop(upstream.guard);

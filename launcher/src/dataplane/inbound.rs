@@ -1,6 +1,9 @@
 //! The builtin data plane's mesh inbound: terminates the mesh mTLS that arrives through
 //! `/_hbone/15003` (and would otherwise need Envoy), authorizes the peer's SPIFFE ID, and
-//! forwards plaintext to the app. A denied peer never reaches the app.
+//! forwards plaintext to the app. A peer denied by `KRUN_ALLOWED_PRINCIPALS` or by istiod's
+//! authorization policies (both must allow) never reaches the app, and a policy change closes
+//! open connections it now denies. The stream inside is raw TCP, so a denial closes the
+//! connection (there is no status to answer with, unlike on 15008).
 //!
 //! Each connection let through counts in Istio's TCP metrics as the destination reports them
 //! (source: the peer's verified SPIFFE ID; destination: the workload's), bytes counted on the
@@ -13,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hbone::SpiffeId;
+use hbone::authorize::{StreamAuthorizer, StreamFacts, revoked};
 use hbone::idle::{PipeEnd, pipe};
 use hbone::listen::{Bounds, handshake_timed_out, serve_each};
 use hbone::server::MeshTls;
@@ -20,48 +24,47 @@ use mesh::metrics::tcp::{Reporter, TcpConnection};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+/// The terminator's fixed inputs.
+pub struct Terminator {
+    /// mTLS and `KRUN_ALLOWED_PRINCIPALS`.
+    pub tls: MeshTls,
+    /// istiod's authorization policies, when krun follows istiod.
+    pub authorizer: Option<Arc<dyn StreamAuthorizer>>,
+    /// The workload's own identity.
+    pub local: Option<SpiffeId>,
+    /// Where the app listens.
+    pub app: SocketAddr,
+    /// Copy buffer size.
+    pub copy_buffer: usize,
+    /// Handshake, idle and connection bounds.
+    pub bounds: Bounds,
+}
+
 /// Serves the mTLS terminator on `listener` until `drain`.
-pub async fn serve(
-    listener: TcpListener,
-    tls: MeshTls,
-    local: Option<SpiffeId>,
-    app: SocketAddr,
-    copy_buffer: usize,
-    bounds: Bounds,
-    drain: CancellationToken,
-) {
-    let tls = Arc::new(tls);
-    let local = Arc::new(local);
-    let limit = bounds.limit("mesh inbound");
+pub async fn serve(listener: TcpListener, terminator: Terminator, drain: CancellationToken) {
+    let terminator = Arc::new(terminator);
+    let limit = terminator.bounds.limit("mesh inbound");
     serve_each(listener, &limit, &drain, |stream, remote| {
-        let tls = tls.clone();
-        let local = local.clone();
-        async move {
-            terminate(
-                stream,
-                remote,
-                &tls,
-                local.as_ref().as_ref(),
-                app,
-                copy_buffer,
-                bounds,
-            )
-            .await
-        }
+        let terminator = terminator.clone();
+        async move { terminate(stream, remote, &terminator).await }
     })
     .await;
 }
 
-async fn terminate(
-    stream: TcpStream,
-    remote: SocketAddr,
-    mesh: &MeshTls,
-    local: Option<&SpiffeId>,
-    app: SocketAddr,
-    copy_buffer: usize,
-    bounds: Bounds,
-) {
+async fn terminate(stream: TcpStream, remote: SocketAddr, terminator: &Terminator) {
+    let Terminator {
+        tls: mesh,
+        authorizer,
+        local,
+        app,
+        copy_buffer,
+        bounds,
+    } = terminator;
+    let (app, local) = (*app, local.as_ref());
     let _ = stream.set_nodelay(true);
+    let Ok(listening) = stream.local_addr() else {
+        return;
+    };
     let handshake = async {
         let config = mesh.config_for_new_connection().await;
         tokio_rustls::TlsAcceptor::from(config).accept(stream).await
@@ -82,6 +85,20 @@ async fn terminate(
             return tracing::warn!(peer = %who, denied_total, "peer not allowed by KRUN_ALLOWED_PRINCIPALS; connection closed");
         }
     }
+    // The stream reaches the app's port on this workload; changes are taken before the check
+    // so a policy change between the two is not missed.
+    let facts = StreamFacts {
+        peer: peer.clone(),
+        source: remote,
+        destination: SocketAddr::new(listening.ip(), app.port()),
+    };
+    let changes = authorizer.as_ref().map(|a| a.changes());
+    if let Some(authorizer) = authorizer
+        && let Err(reason) = authorizer.authorize(&facts)
+    {
+        let denied_total = hbone::metrics::DENIED.increment();
+        return tracing::warn!(%remote, peer = ?facts.peer.as_ref().map(ToString::to_string), %reason, denied_total, "mesh connection denied by policy; closed");
+    }
     let upstream = match TcpStream::connect(app).await {
         Ok(upstream) => upstream,
         Err(e) => return tracing::warn!(%app, error = %e, "app unreachable for a mesh connection"),
@@ -89,7 +106,21 @@ async fn terminate(
     let _ = upstream.set_nodelay(true);
     let connection = TcpConnection::open(Reporter::Destination, peer.as_ref(), local);
     let upstream = connection.count_upstream(upstream);
-    if let PipeEnd::Idle = pipe(tls, upstream, copy_buffer, bounds.idle_timeout).await {
-        tracing::debug!(%remote, "mesh connection idle for KRUN_IDLE_TIMEOUT; closed");
+    let revocation = async {
+        match (authorizer, changes) {
+            (Some(authorizer), Some(changes)) => revoked(authorizer, &facts, changes).await,
+            _ => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        end = pipe(tls, upstream, *copy_buffer, bounds.idle_timeout) => {
+            if let PipeEnd::Idle = end {
+                tracing::debug!(%remote, "mesh connection idle for KRUN_IDLE_TIMEOUT; closed");
+            }
+        }
+        reason = revocation => {
+            let revoked_total = hbone::metrics::REVOKED.increment();
+            tracing::warn!(%remote, peer = ?facts.peer.as_ref().map(ToString::to_string), %reason, revoked_total, "open mesh connection closed: a policy change denies it");
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! `KRUN_FORWARD` listeners always.
 
 mod certs;
+pub mod connect_headers;
 mod forward;
 mod inbound;
 mod outbound;
@@ -39,10 +40,11 @@ pub use routes::{DeclaredPorts, HboneRouter, MESH_INBOUND_PORT, TunnelRouter};
 
 use crate::config::{Config, DataPlane};
 use crate::supervisor::{FailHandle, Phase};
+use hbone::authorize::StreamAuthorizer;
 use hbone::client::HboneClient;
 use mesh::config::Source;
 use mesh::istio::{self, Interception};
-use mesh::xds::{WorkloadStore, XdsConfig};
+use mesh::xds::{MeshAuthorizer, Stores, WorkloadStore, XdsConfig};
 use route::{MeshHop, Router};
 use serde::Serialize;
 
@@ -61,6 +63,8 @@ pub struct MeshIdentity {
     /// The identity step's certificate store when krun mints the certificate: new
     /// connections then refresh a certificate found past its rotation time.
     pub store: Option<Arc<CertStore>>,
+    /// Who the workload is in the `baggage` of its outbound CONNECTs.
+    pub source: connect_headers::SourceWorkload,
 }
 
 impl MeshSide {
@@ -82,7 +86,11 @@ impl MeshSide {
         let settings = h2_settings(config);
         let bounds = bounds(config);
         let mut tasks = JoinSet::new();
-        let MeshIdentity { certs, store } = identity;
+        let MeshIdentity {
+            certs,
+            store,
+            source,
+        } = identity;
         let certs = match certs {
             Ok(certs) => Some(certs),
             Err(e) if config.launcher.dataplane.value == DataPlane::Builtin => {
@@ -97,6 +105,7 @@ impl MeshSide {
         let mut builtin_inbound = None;
         let mut hop = None;
         let mut workloads = None;
+        let mut authorizer: Option<Arc<dyn StreamAuthorizer>> = None;
         let mut hbone_tls = None;
         if let Some(certs) = certs {
             let trust_domain = certs
@@ -111,15 +120,31 @@ impl MeshSide {
             if mode == DataPlane::Builtin {
                 let tls = || mesh_tls(&certs, &store, &trust_domain, &allowed, &[], "mesh inbound");
                 let local = certs.borrow().identity();
-                builtin_inbound =
-                    start_inbound(config, tls, local, &settings, &drain, &mut tasks).await?;
-                workloads = discovery
-                    .map(|(xds, store)| start_discovery(xds, store, &certs, &drain, &mut tasks));
+                if let Some((xds, store)) = discovery {
+                    let stores = start_discovery(xds, store, &certs, &drain, &mut tasks);
+                    authorizer = Some(Arc::new(MeshAuthorizer::new(
+                        stores.policies,
+                        stores.workloads.clone(),
+                        local.clone(),
+                    )));
+                    workloads = Some(stores.workloads);
+                }
+                builtin_inbound = start_inbound(
+                    config,
+                    tls,
+                    authorizer.clone(),
+                    local,
+                    &settings,
+                    &drain,
+                    &mut tasks,
+                )
+                .await?;
                 hop = Some(MeshHop::new(
                     Arc::new(HboneClient::new(settings, Some(certs.clone()))),
                     config.launcher.peer_identities.value.clone(),
                     trust_domain.clone(),
                     config.launcher.hbone_peer_port.value,
+                    source.baggage(),
                 ));
             }
             if config.launcher.hbone_port.value != 0 {
@@ -159,9 +184,13 @@ impl MeshSide {
                 ports: ports.clone(),
                 illegal,
             };
-            let server = TunnelServer::new(Arc::new(router), settings)
+            let mut server = TunnelServer::new(Arc::new(router), settings)
                 .with_bounds("hbone", bounds)
                 .with_tls(tls);
+            if let Some(authorizer) = &authorizer {
+                server = server.with_authorizer(authorizer.clone());
+            }
+            tracing::info!(addr = %listener.local_addr()?, policies = authorizer.is_some(), "HBONE listener open (mesh mTLS)");
             tasks.spawn(server.serve(listener, drain.clone(), config.launcher.drain_timeout.value));
         }
         let router = Arc::new(Router::new(
@@ -356,6 +385,7 @@ fn mesh_tls(
 async fn start_inbound(
     config: &Config,
     tls: impl FnOnce() -> Result<MeshTls, hbone::tls::TlsError>,
+    authorizer: Option<Arc<dyn StreamAuthorizer>>,
     local: Option<SpiffeId>,
     settings: &H2Settings,
     drain: &CancellationToken,
@@ -375,35 +405,39 @@ async fn start_inbound(
     .await?;
     let addr = listener.local_addr()?;
     let app = SocketAddr::from((Ipv4Addr::LOCALHOST, app));
-    tasks.spawn(inbound::serve(
-        listener,
-        tls()?,
+    let terminator = inbound::Terminator {
+        tls: tls()?,
+        authorizer,
         local,
         app,
-        settings.copy_buffer,
-        bounds(config),
-        drain.clone(),
-    ));
+        copy_buffer: settings.copy_buffer,
+        bounds: bounds(config),
+    };
+    tasks.spawn(inbound::serve(listener, terminator, drain.clone()));
     tracing::info!(%addr, %app, "builtin mesh inbound: mTLS terminated by krun");
     Ok(Some(addr))
 }
 
-/// Workload discovery from istiod for the builtin data plane: `store`, which the router (and
-/// the DNS answerer) ask, filled by the xDS client until `drain`.
+/// Workload discovery from istiod for the builtin data plane: the stores the router, the DNS
+/// answerer and the inbound authorization ask, filled by the xDS client until `drain`.
 fn start_discovery(
     xds: XdsConfig,
     store: Arc<WorkloadStore>,
     certs: &watch::Receiver<Arc<WorkloadCert>>,
     drain: &CancellationToken,
     tasks: &mut JoinSet<()>,
-) -> Arc<WorkloadStore> {
+) -> Stores {
+    let stores = Stores {
+        workloads: store,
+        policies: Arc::default(),
+    };
     tasks.spawn(mesh::xds::run(
         xds,
         certs.clone(),
-        store.clone(),
+        stores.clone(),
         drain.clone(),
     ));
-    store
+    stores
 }
 
 async fn start_outbound(

@@ -9,6 +9,7 @@
 //! capped; a tunnel that carries nothing for the idle timeout is closed.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -46,14 +47,14 @@ pub struct Outbound {
 pub async fn serve(listener: TcpListener, outbound: Outbound, drain: CancellationToken) {
     let outbound = Arc::new(outbound);
     let limit = outbound.bounds.limit("outbound proxy");
-    serve_each(listener, &limit, &drain, |stream, _| {
+    serve_each(listener, &limit, &drain, |stream, peer| {
         let outbound = outbound.clone();
         async move {
             let (open, mut all_closed) = mpsc::channel::<()>(1);
             let handshake_timeout = outbound.bounds.handshake_timeout;
             let service = hyper::service::service_fn(move |req| {
                 let (outbound, open) = (outbound.clone(), open.clone());
-                async move { Ok::<_, Infallible>(outbound.handle(req, open).await) }
+                async move { Ok::<_, Infallible>(outbound.handle(req, peer, open).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .preserve_header_case(true)
@@ -72,12 +73,17 @@ pub async fn serve(listener: TcpListener, outbound: Outbound, drain: Cancellatio
 }
 
 impl Outbound {
-    async fn handle(&self, req: Request<Incoming>, open: TunnelsOpen) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        open: TunnelsOpen,
+    ) -> Response<Body> {
         if req.method() == Method::CONNECT {
-            return self.tunnel(req, open).await;
+            return self.tunnel(req, peer, open).await;
         }
         match authority(req.uri()) {
-            Some(target) => self.forward(target, req).await,
+            Some(target) => self.forward(target, peer, req).await,
             None => answer(
                 StatusCode::BAD_REQUEST,
                 "send CONNECT host:port or an absolute URI (http://host/path)",
@@ -86,11 +92,16 @@ impl Outbound {
     }
 
     /// `CONNECT host:port`: a byte tunnel.
-    async fn tunnel(&self, req: Request<Incoming>, open: TunnelsOpen) -> Response<Body> {
+    async fn tunnel(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        open: TunnelsOpen,
+    ) -> Response<Body> {
         let Some(target) = req.uri().authority().map(|a| a.to_string()) else {
             return answer(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
         };
-        let upstream = match self.router.connect_host(&target).await {
+        let upstream = match self.router.connect_host(&target, peer).await {
             Ok(upstream) => upstream,
             Err(e) => {
                 tracing::warn!(%target, error = %e, "outbound tunnel failed");
@@ -110,8 +121,13 @@ impl Outbound {
     }
 
     /// An absolute-URI request: sent on a fresh upstream connection in origin form.
-    async fn forward(&self, target: String, mut req: Request<Incoming>) -> Response<Body> {
-        let upstream = match self.router.connect_host(&target).await {
+    async fn forward(
+        &self,
+        target: String,
+        peer: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Response<Body> {
+        let upstream = match self.router.connect_host(&target, peer).await {
             Ok(upstream) => upstream,
             Err(e) => {
                 tracing::warn!(%target, error = %e, "outbound request failed");

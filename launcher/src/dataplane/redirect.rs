@@ -42,7 +42,7 @@ pub async fn serve(
             };
             let route = router.route(target);
             tracing::info!(%peer, original_dst = %target, route = route.name(), "captured connection");
-            match router.connect_routed(route, &target.ip().to_string(), target).await {
+            match router.connect_routed(route, &target.ip().to_string(), target, peer).await {
                 Ok(upstream) => {
                     let end = pipe(stream, upstream.io, copy_buffer, bounds.idle_timeout).await;
                     drop(upstream.guard);

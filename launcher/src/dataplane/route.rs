@@ -23,6 +23,7 @@ use hbone::tls::ExpectedPeer;
 use mesh::metrics::tcp::{Reporter, TcpConnection};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::connect_headers::connect_headers;
 use crate::capture::rules::connect_marked;
 use crate::config::{Cidr, PeerIdentity};
 use mesh::xds::WorkloadStore;
@@ -56,15 +57,18 @@ pub struct MeshHop {
     pub peer_port: u16,
     /// Set once a trust-domain-only verification has been logged.
     logged_trust_domain_only: AtomicBool,
+    /// The `baggage` every CONNECT carries (who this workload is).
+    baggage: Option<http::HeaderValue>,
 }
 
 impl MeshHop {
-    /// A hop through `client` to the peers' `peer_port`.
+    /// A hop through `client` to the peers' `peer_port`, its CONNECTs carrying `baggage`.
     pub fn new(
         client: Arc<HboneClient>,
         identities: Vec<PeerIdentity>,
         trust_domain: String,
         peer_port: u16,
+        baggage: Option<http::HeaderValue>,
     ) -> Self {
         MeshHop {
             client,
@@ -72,6 +76,7 @@ impl MeshHop {
             trust_domain,
             peer_port,
             logged_trust_domain_only: AtomicBool::new(false),
+            baggage,
         }
     }
 
@@ -237,13 +242,6 @@ impl Router {
         }
     }
 
-    /// Connects to `target`, over HBONE when it is a mesh destination.
-    pub async fn connect(&self, target: SocketAddr) -> io::Result<Upstream> {
-        let route = self.route(target);
-        self.connect_routed(route, &target.ip().to_string(), target)
-            .await
-    }
-
     /// Decides, counts and logs the route of one connection to `target`; open it with
     /// [`Router::connect_routed`].
     pub fn route(&self, target: SocketAddr) -> Route {
@@ -261,12 +259,14 @@ impl Router {
         route
     }
 
-    /// Connects to `target`, which the app named `host`, on the `route` decided for it.
+    /// Connects to `target`, which the app named `host` on a connection from `source`, on the
+    /// `route` decided for it.
     pub async fn connect_routed(
         &self,
         route: Route,
         host: &str,
         target: SocketAddr,
+        source: SocketAddr,
     ) -> io::Result<Upstream> {
         let (hop, expected, peer, authority) = match (&route, &self.mesh) {
             (Route::Workload(id), Some(hop)) => {
@@ -313,9 +313,10 @@ impl Router {
                 });
             }
         };
+        let headers = connect_headers(hop.baggage.as_ref(), source);
         let (tunnel, guard) = hop
             .client
-            .connect(peer, Some(&expected), &authority.to_string())
+            .connect_with_headers(peer, Some(&expected), &authority.to_string(), headers)
             .await
             .map_err(io::Error::other)?;
         tracing::debug!(%target, %peer, %authority, verified = %expected, "outbound HBONE tunnel open");
@@ -336,8 +337,9 @@ impl Router {
         self.mesh.as_ref().and_then(|hop| hop.client.identity())
     }
 
-    /// Resolves `host:port` and connects to the first address.
-    pub async fn connect_host(&self, authority: &str) -> io::Result<Upstream> {
+    /// Resolves `host:port` and connects to the first address, for a connection from
+    /// `source`.
+    pub async fn connect_host(&self, authority: &str, source: SocketAddr) -> io::Result<Upstream> {
         let target = tokio::net::lookup_host(authority)
             .await?
             .next()
@@ -346,7 +348,8 @@ impl Router {
             .rsplit_once(':')
             .map_or(authority, |(host, _)| host);
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        self.connect_routed(self.route(target), host, target).await
+        self.connect_routed(self.route(target), host, target, source)
+            .await
     }
 }
 
@@ -370,6 +373,7 @@ mod tests {
             config.launcher.peer_identities.value.clone(),
             "td".into(),
             15008,
+            None,
         );
         let id = |s: &str| s.parse::<SpiffeId>().expect("id");
         let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
@@ -403,6 +407,7 @@ mod tests {
             Vec::new(),
             "td".into(),
             15008,
+            None,
         );
         let router = Router::new(Some(hop), None, cidrs.clone());
         let sock = |s: &str| SocketAddr::new(s.parse().expect("ip"), 80);
@@ -449,6 +454,7 @@ mod tests {
             Vec::new(),
             "td".into(),
             15008,
+            None,
         );
         let cidrs = Cidr::parse_list("10.0.0.0/8").expect("valid");
         let router = Router::new(Some(hop), Some(store), cidrs);
@@ -503,6 +509,7 @@ mod tests {
             Vec::new(),
             "td".into(),
             15008,
+            None,
         );
         let router = Router::new(Some(hop), Some(store), Vec::new());
         let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
@@ -516,7 +523,12 @@ mod tests {
             Route::NoEndpoint("b.prod.svc.cluster.local".into())
         );
         let Err(e) = router
-            .connect_routed(refused, "10.96.0.11", addr("10.96.0.11:80"))
+            .connect_routed(
+                refused,
+                "10.96.0.11",
+                addr("10.96.0.11:80"),
+                addr("127.0.0.6:40000"),
+            )
             .await
         else {
             panic!("refused");

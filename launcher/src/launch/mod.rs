@@ -161,6 +161,7 @@ pub async fn run(
         MeshIdentity {
             certs,
             store: identity.identity.as_ref().map(|i| i.store().clone()),
+            source: source_workload(&config, &inputs, env),
         },
         in_mesh,
         xds.zip(workloads),
@@ -485,6 +486,21 @@ async fn start_captured_dns(
         })?;
     tracing::info!(listen = %SocketAddr::from((Ipv4Addr::LOCALHOST, mesh::istio::DNS_PORT)), %upstream, mesh_names = mesh, "DNS capture: krun's resolver answers mesh Service names and forwards the rest unchanged");
     Ok(())
+}
+
+/// The workload as its outbound CONNECTs' `baggage` names it, resolved as for istiod.
+fn source_workload(
+    config: &Config,
+    inputs: &AgentInputs,
+    env: &Env,
+) -> crate::dataplane::connect_headers::SourceWorkload {
+    let workload = crate::agent::workload::Workload::resolve(config, inputs, env, None, 0);
+    crate::dataplane::connect_headers::SourceWorkload {
+        cluster: workload.cluster_id,
+        namespace: workload.namespace,
+        service: workload.name,
+        revision: workload.revision,
+    }
 }
 
 /// Certificate lifetime from `SECRET_TTL`; retries paced as `RotationPolicy` defaults.

@@ -74,7 +74,7 @@ struct ListenerCounters;
 
 impl Collector for ListenerCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        use hbone::metrics::{DENIED, HANDSHAKE_TIMEOUTS, IDLE_CLOSED, LIMITED, REFUSED};
+        use hbone::metrics::{DENIED, HANDSHAKE_TIMEOUTS, IDLE_CLOSED, LIMITED, REFUSED, REVOKED};
         let mut family = encoder.encode_descriptor(
             "connections_denied",
             "Connections or tunnel requests refused before reaching an upstream, by reason",
@@ -86,6 +86,7 @@ impl Collector for ListenerCounters {
             ("connection_limit", &LIMITED),
             ("handshake_timeout", &HANDSHAKE_TIMEOUTS),
             ("tunnel_refused", &REFUSED),
+            ("policy_revoked", &REVOKED),
         ] {
             let labels = [("reason", reason)];
             ConstCounter::new(counter.get()).encode(family.encode_family(&labels)?)?;

@@ -2,7 +2,9 @@
 //! `src/xds/client.rs` does: one gRPC stream over TLS (istiod's serving certificate verified
 //! against the mesh roots, under istiod's name), authenticated with the workload certificate
 //! and, when krun holds one, the istio-token; a wildcard subscription to
-//! `istio.workload.Address`; every response ACKed or NACKed by its nonce. A lost stream is
+//! `istio.workload.Address` and to `istio.security.Authorization` (responses dispatched by
+//! their type to the [`WorkloadStore`] or the [`PolicyStore`]); every response ACKed or
+//! NACKed by its nonce. A lost stream is
 //! reconnected with backoff while the store keeps serving the last known state; the
 //! reconnect names what the store holds (`initial_resource_versions`), so istiod sends only
 //! the differences.
@@ -24,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use super::authorization::PolicyStore;
+use super::authorization::proto::{AUTHORIZATION_TYPE, Authorization};
 use super::proto::{
     ADDRESS_TYPE, Address, AddressType, DELTA_ADS, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
     Node, Status,
@@ -58,16 +62,26 @@ enum StreamError {
 /// Pacing of reconnects: 1 s doubling to 30 s, as ztunnel's xDS client roughly does.
 const RECONNECT: Backoff = Backoff::until_success(Duration::from_secs(1), Duration::from_secs(30));
 
-/// Keeps `store` in step with istiod until `stop`; never gives up.
+/// What istiod's pushes fill: the workloads and the authorization policies.
+#[derive(Clone, Default)]
+pub struct Stores {
+    /// `istio.workload.Address` resources.
+    pub workloads: Arc<WorkloadStore>,
+    /// `istio.security.Authorization` resources.
+    pub policies: Arc<PolicyStore>,
+}
+
+/// Keeps `stores` in step with istiod until `stop`; never gives up.
 pub async fn run(
     config: XdsConfig,
     certs: watch::Receiver<Arc<WorkloadCert>>,
-    store: Arc<WorkloadStore>,
+    stores: Stores,
     stop: CancellationToken,
 ) {
     let mut failures = 0u32;
+    let store = &stores.workloads;
     loop {
-        let session = stream(&config, &certs, &store, &mut failures);
+        let session = stream(&config, &certs, &stores, &mut failures);
         let ended = tokio::select! {
             _ = stop.cancelled() => return,
             ended = session => ended,
@@ -92,18 +106,24 @@ pub async fn run(
 async fn stream(
     config: &XdsConfig,
     certs: &watch::Receiver<Arc<WorkloadCert>>,
-    store: &WorkloadStore,
+    stores: &Stores,
     failures: &mut u32,
 ) -> Result<(), StreamError> {
     let channel = connect(config, certs.clone()).await?;
     let (requests, outgoing) = mpsc::channel(16);
-    let first = DeltaDiscoveryRequest {
-        node: Some(node(config)),
-        type_url: ADDRESS_TYPE.to_owned(),
-        initial_resource_versions: store.versions().into_iter().collect(),
-        ..Default::default()
-    };
-    let _ = requests.send(first).await;
+    let subscriptions = [
+        (ADDRESS_TYPE, stores.workloads.versions()),
+        (AUTHORIZATION_TYPE, stores.policies.versions()),
+    ];
+    for (type_url, versions) in subscriptions {
+        let subscribe = DeltaDiscoveryRequest {
+            node: Some(node(config)),
+            type_url: type_url.to_owned(),
+            initial_resource_versions: versions,
+            ..Default::default()
+        };
+        let _ = requests.send(subscribe).await;
+    }
     let mut request = tonic::Request::new(ReceiverStream::new(outgoing));
     if let Some(token) = config
         .token_path
@@ -122,10 +142,10 @@ async fn stream(
         .streaming(request, PathAndQuery::from_static(DELTA_ADS), codec)
         .await?
         .into_inner();
-    tracing::info!(istiod = %config.addr, node = %config.node_id, "xDS stream to istiod open; subscribed to workload addresses");
+    tracing::info!(istiod = %config.addr, node = %config.node_id, "xDS stream to istiod open; subscribed to workload addresses and authorization policies");
     while let Some(response) = responses.message().await? {
         *failures = 0;
-        let answer = apply(store, &response);
+        let answer = apply(stores, &response);
         if requests.send(answer).await.is_err() {
             break;
         }
@@ -135,27 +155,53 @@ async fn stream(
 
 /// Applies one response to the store and returns its ACK, or its NACK naming what failed
 /// (the store then holds everything else of the response).
-fn apply(store: &WorkloadStore, response: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+fn apply(stores: &Stores, response: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
     let mut errors = Vec::new();
-    if response.type_url != ADDRESS_TYPE {
-        errors.push(format!("unexpected type {}", response.type_url));
-    } else {
-        for resource in &response.resources {
-            if let Err(e) = upsert(store, resource) {
-                errors.push(e);
+    let (store, policies) = (&stores.workloads, &stores.policies);
+    match response.type_url.as_str() {
+        ADDRESS_TYPE => {
+            for resource in &response.resources {
+                if let Err(e) = upsert(store, resource) {
+                    errors.push(e);
+                }
+            }
+            for name in &response.removed_resources {
+                store.remove(name);
             }
         }
-        for name in &response.removed_resources {
-            store.remove(name);
+        AUTHORIZATION_TYPE => {
+            for resource in &response.resources {
+                let policy = body(resource).and_then(|bytes| {
+                    Authorization::decode(bytes).map_err(|e| {
+                        format!(
+                            "{}: not an istio.security.Authorization: {e}",
+                            resource.name
+                        )
+                    })
+                });
+                if let Err(e) =
+                    policy.and_then(|p| policies.upsert(&resource.name, &resource.version, &p))
+                {
+                    errors.push(e);
+                }
+            }
+            for name in &response.removed_resources {
+                policies.remove(name);
+            }
         }
+        other => errors.push(format!("unexpected type {other}")),
     }
+    // Open streams are checked again after any push: a policy, or a workload's selection
+    // of policies, may have changed.
+    policies.publish();
     let (added, removed) = (response.resources.len(), response.removed_resources.len());
+    let kind = response.type_url.rsplit('.').next().unwrap_or_default();
     let error_detail = if errors.is_empty() {
-        tracing::info!(added, removed, workloads = store.len(), services = store.services(), nonce = %response.nonce, "xDS push applied (ACK)");
+        tracing::info!(kind, added, removed, workloads = store.len(), services = store.services(), policies = policies.len(), nonce = %response.nonce, "xDS push applied (ACK)");
         None
     } else {
         let message = errors.join("; ");
-        tracing::warn!(added, removed, error = %message, nonce = %response.nonce, "xDS push partly rejected (NACK)");
+        tracing::warn!(kind, added, removed, error = %message, nonce = %response.nonce, "xDS push partly rejected (NACK)");
         Some(Status {
             code: tonic::Code::InvalidArgument as i32,
             message,
@@ -169,12 +215,17 @@ fn apply(store: &WorkloadStore, response: &DeltaDiscoveryResponse) -> DeltaDisco
     }
 }
 
-fn upsert(store: &WorkloadStore, resource: &super::proto::Resource) -> Result<(), String> {
-    let any = resource
+/// The encoded message a resource carries.
+fn body(resource: &super::proto::Resource) -> Result<&[u8], String> {
+    resource
         .resource
         .as_ref()
-        .ok_or_else(|| format!("{}: no resource body", resource.name))?;
-    let address = Address::decode(any.value.as_slice())
+        .map(|any| any.value.as_slice())
+        .ok_or_else(|| format!("{}: no resource body", resource.name))
+}
+
+fn upsert(store: &WorkloadStore, resource: &super::proto::Resource) -> Result<(), String> {
+    let address = Address::decode(body(resource)?)
         .map_err(|e| format!("{}: not an istio.workload.Address: {e}", resource.name))?;
     match address.r#type {
         Some(AddressType::Workload(workload)) => {
@@ -265,7 +316,8 @@ mod tests {
     /// is NACKed naming it, while the rest of it (here a removal) still applies.
     #[test]
     fn pushes_are_acked_or_nacked_by_nonce() {
-        let store = WorkloadStore::default();
+        let stores = Stores::default();
+        let store = &stores.workloads;
         let workload = Address {
             r#type: Some(AddressType::Workload(Workload {
                 name: "pod".into(),
@@ -281,7 +333,7 @@ mod tests {
             resources: vec![resource("w1", workload.encode_to_vec())],
             ..Default::default()
         };
-        let ack = apply(&store, &push);
+        let ack = apply(&stores, &push);
         assert_eq!(ack.response_nonce, "n1");
         assert_eq!(ack.error_detail, None);
         assert_eq!(store.len(), 1);
@@ -292,10 +344,59 @@ mod tests {
             removed_resources: vec!["w1".into()],
             ..Default::default()
         };
-        let nack = apply(&store, &bad);
+        let nack = apply(&stores, &bad);
         assert_eq!(nack.response_nonce, "n2");
         let detail = nack.error_detail.expect("NACK");
         assert!(detail.message.contains("broken"), "{}", detail.message);
         assert!(store.is_empty());
+    }
+
+    /// Policies arrive on the same stream under their own type: applied to the policy store,
+    /// ACKed, and removed by name; a push of a type krun did not subscribe to is NACKed.
+    #[test]
+    fn policy_pushes_are_dispatched_by_type() {
+        let stores = Stores::default();
+        let changes = stores.policies.changes();
+        let policy = Authorization {
+            name: "deny".into(),
+            namespace: "prod".into(),
+            ..Default::default()
+        };
+        let push = DeltaDiscoveryResponse {
+            type_url: AUTHORIZATION_TYPE.into(),
+            nonce: "p1".into(),
+            resources: vec![Resource {
+                version: "1".into(),
+                name: "prod/deny".into(),
+                resource: Some(prost_types::Any {
+                    type_url: AUTHORIZATION_TYPE.into(),
+                    value: policy.encode_to_vec(),
+                }),
+            }],
+            ..Default::default()
+        };
+        let ack = apply(&stores, &push);
+        assert_eq!(
+            (ack.type_url.as_str(), ack.error_detail),
+            (AUTHORIZATION_TYPE, None)
+        );
+        assert_eq!(stores.policies.len(), 1);
+        assert!(stores.workloads.is_empty());
+        assert!(
+            changes.has_changed().expect("open"),
+            "open streams are told"
+        );
+        let removal = DeltaDiscoveryResponse {
+            type_url: AUTHORIZATION_TYPE.into(),
+            removed_resources: vec!["prod/deny".into()],
+            ..Default::default()
+        };
+        apply(&stores, &removal);
+        assert!(stores.policies.is_empty());
+        let odd = DeltaDiscoveryResponse {
+            type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+            ..Default::default()
+        };
+        assert!(apply(&stores, &odd).error_detail.is_some());
     }
 }

@@ -109,6 +109,9 @@ pub struct Workload {
     /// The waypoint every connection to this workload goes through.
     #[prost(message, optional, tag = "8")]
     pub waypoint: Option<GatewayAddress>,
+    /// `namespace/name` of the WORKLOAD_SELECTOR authorization policies selecting it.
+    #[prost(string, repeated, tag = "16")]
+    pub authorization_policies: Vec<String>,
     #[prost(enumeration = "WorkloadStatus", tag = "17")]
     pub status: i32,
     /// The services this workload is an endpoint of, keyed `namespace/hostname`, with its own

@@ -32,6 +32,8 @@ pub struct KnownWorkload {
     pub identity: SpiffeId,
     /// True when it accepts HBONE on 15008 (it is in the ambient mesh).
     pub hbone: bool,
+    /// The WORKLOAD_SELECTOR authorization policies selecting it (`namespace/name`).
+    pub authorization_policies: Vec<String>,
 }
 
 /// Where one outbound connection goes, as istiod's state says.
@@ -219,6 +221,7 @@ impl WorkloadStore {
                     or_default(&workload.service_account, DEFAULT_SERVICE_ACCOUNT),
                 ),
                 hbone: workload.tunnel_protocol == TunnelProtocol::Hbone as i32,
+                authorization_policies: workload.authorization_policies.clone(),
             },
             addresses,
             version: version.to_owned(),

@@ -1,25 +1,31 @@
 //! A fake istiod serving delta ADS (`envoy.service.discovery.v3.AggregatedDiscoveryService/
 //! DeltaAggregatedResources`) over TLS with istiod's serving certificate, strict like istiod:
 //! clients must present a certificate of the mesh, and the first request must name the node
-//! and the `istio.workload.Address` type. The test drives it: [`FakeIstiod::push_workload`],
-//! [`FakeIstiod::push_service`], [`FakeIstiod::push_address`] and [`FakeIstiod::remove`] reach every open stream at once (and later ones on connect),
+//! and the `istio.workload.Address` type; a later subscription to `istio.security.Authorization`
+//! is answered with the policies held. The test drives it: [`FakeIstiod::push_workload`],
+//! [`FakeIstiod::push_service`], [`FakeIstiod::push_address`], [`FakeIstiod::push_policy`] and
+//! [`FakeIstiod::remove`] reach every open stream subscribed to their type at once (and later
+//! ones on connect),
 //! [`FakeIstiod::down`] drops every stream and answers nothing more (new connections wait in
 //! the listen backlog, as with a hung istiod), [`FakeIstiod::up`] serves again on the same
 //! socket, so it can run in another network namespace. It records every request (node ids,
 //! ACKs, NACKs).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use mesh::xds::authorization::proto::{
+    AUTHORIZATION_TYPE, Action, Authorization, Group, Match, MatchType, Rules, Scope, StringMatch,
+};
 use mesh::xds::proto::{
     ADDRESS_TYPE, Address, AddressType, DELTA_ADS, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
     NetworkAddress, Port, Resource, Service as MeshService, TunnelProtocol, Workload,
 };
 use prost::Message;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{BoxFuture, Service, http};
@@ -28,21 +34,50 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use super::pki::TestCa;
 use super::server::runtime;
 
-/// A change pushed to every stream.
+/// A resource's key: its type and name.
+type Key = (&'static str, String);
+
+/// A change pushed to every stream subscribed to its type.
 #[derive(Clone, Debug)]
 enum Change {
-    Upsert(String),
-    Remove(String),
+    Upsert(Key),
+    Remove(Key),
     /// Ends every open stream with UNAVAILABLE (istiod going away).
     Disconnect,
 }
 
 #[derive(Default)]
 struct State {
-    /// name -> (version, encoded Address).
-    resources: BTreeMap<String, (String, Vec<u8>)>,
+    /// (type, name) -> (version, encoded resource).
+    resources: BTreeMap<Key, (String, Vec<u8>)>,
     requests: Vec<DeltaDiscoveryRequest>,
     version: u64,
+}
+
+/// A NAMESPACE-scoped DENY policy `namespace/name` for `principals` (Istio's form, without
+/// `spiffe://`), as istiod sends an AuthorizationPolicy with `action: DENY` and
+/// `from.source.principals`.
+pub fn deny_principals(namespace: &str, name: &str, principals: &[&str]) -> Authorization {
+    let principals = principals
+        .iter()
+        .map(|p| StringMatch {
+            match_type: Some(MatchType::Exact((*p).to_owned())),
+        })
+        .collect();
+    Authorization {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+        scope: Scope::Namespace as i32,
+        action: Action::Deny as i32,
+        groups: vec![Group {
+            rules: vec![Rules {
+                matches: vec![Match {
+                    principals,
+                    ..Default::default()
+                }],
+            }],
+        }],
+    }
 }
 
 /// A serving instance.
@@ -76,6 +111,8 @@ pub struct FakeIstiod {
     /// Where it listens.
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
+    /// How many requests were recorded, for waiting on ACKs.
+    recorded: Arc<watch::Sender<usize>>,
     changes: broadcast::Sender<Change>,
     tls: IstiodTls,
     listener: std::net::TcpListener,
@@ -98,6 +135,7 @@ impl FakeIstiod {
         let mut istiod = FakeIstiod {
             addr,
             state,
+            recorded: Arc::new(watch::Sender::new(0)),
             changes,
             tls,
             listener,
@@ -144,26 +182,59 @@ impl FakeIstiod {
         let address = Address {
             r#type: Some(address),
         };
+        self.upsert((ADDRESS_TYPE, name.to_owned()), address.encode_to_vec());
+    }
+
+    /// Pushes (or replaces) the authorization policy `policy`, named `namespace/name` as
+    /// istiod names it.
+    pub fn push_policy(&self, policy: &Authorization) {
+        let name = format!("{}/{}", policy.namespace, policy.name);
+        self.upsert((AUTHORIZATION_TYPE, name), policy.encode_to_vec());
+    }
+
+    fn upsert(&self, key: Key, bytes: Vec<u8>) {
         {
             let mut state = self.lock();
             state.version += 1;
             let version = state.version.to_string();
-            state
-                .resources
-                .insert(name.to_owned(), (version, address.encode_to_vec()));
+            state.resources.insert(key.clone(), (version, bytes));
         }
-        let _ = self.changes.send(Change::Upsert(name.to_owned()));
+        let _ = self.changes.send(Change::Upsert(key));
     }
 
-    /// Removes `name` from istiod's state and tells every stream.
+    /// Removes the workload or policy `name` from istiod's state and tells every stream.
     pub fn remove(&self, name: &str) {
-        self.lock().resources.remove(name);
-        let _ = self.changes.send(Change::Remove(name.to_owned()));
+        let keys: Vec<Key> = {
+            let mut state = self.lock();
+            let keys: Vec<Key> = state
+                .resources
+                .keys()
+                .filter(|(_, n)| n == name)
+                .cloned()
+                .collect();
+            for key in &keys {
+                state.resources.remove(key);
+            }
+            keys
+        };
+        for key in keys {
+            let _ = self.changes.send(Change::Remove(key));
+        }
     }
 
     /// Every request received so far, in order.
     pub fn requests(&self) -> Vec<DeltaDiscoveryRequest> {
         self.lock().requests.clone()
+    }
+
+    /// Waits until `count` requests in all were received (e.g. the ACK of a push: one more
+    /// than [`FakeIstiod::requests`] held before it).
+    pub fn wait_for_requests(&self, count: usize) {
+        let mut recorded = self.recorded.subscribe();
+        runtime()
+            .block_on(recorded.wait_for(|seen| *seen >= count))
+            .map(|_| ())
+            .expect("istiod's request counter");
     }
 
     /// Outage: drops every connection and stream and accepts nothing more; returns once the
@@ -182,8 +253,11 @@ impl FakeIstiod {
         let listener = self.listener.try_clone().expect("clone the istiod socket");
         self.serving = Some(serve(
             listener,
-            self.state.clone(),
-            self.changes.clone(),
+            Ads {
+                state: self.state.clone(),
+                changes: self.changes.clone(),
+                recorded: self.recorded.clone(),
+            },
             &self.tls,
         ));
     }
@@ -201,17 +275,11 @@ impl Drop for FakeIstiod {
     }
 }
 
-fn serve(
-    listener: std::net::TcpListener,
-    state: Arc<Mutex<State>>,
-    changes: broadcast::Sender<Change>,
-    tls: &IstiodTls,
-) -> Serving {
+fn serve(listener: std::net::TcpListener, service: Ads, tls: &IstiodTls) -> Serving {
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(&tls.cert, &tls.key))
         .client_ca_root(Certificate::from_pem(&tls.root));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = Ads { state, changes };
     let task = runtime().spawn(async move {
         listener.set_nonblocking(true).expect("nonblocking");
         let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
@@ -232,6 +300,7 @@ fn serve(
 struct Ads {
     state: Arc<Mutex<State>>,
     changes: broadcast::Sender<Change>,
+    recorded: Arc<watch::Sender<usize>>,
 }
 
 impl tonic::server::NamedService for Ads {
@@ -276,11 +345,17 @@ impl tonic::server::StreamingService<DeltaDiscoveryRequest> for Ads {
             let mut changes = ads.changes.subscribe();
             let initial = ads.initial(&first);
             ads.record(first);
+            let subscribed = Arc::new(Mutex::new(HashSet::from([ADDRESS_TYPE])));
             let (tx, rx) = mpsc::channel(16);
             let _ = tx.send(Ok(initial)).await;
-            let recorder = ads.clone();
+            let (recorder, answers, types) = (ads.clone(), tx.clone(), subscribed.clone());
             tokio::spawn(async move {
                 while let Ok(Some(request)) = requests.message().await {
+                    // A request without a nonce subscribes to its type.
+                    if request.response_nonce.is_empty() && request.type_url == AUTHORIZATION_TYPE {
+                        types.lock().expect("types").insert(AUTHORIZATION_TYPE);
+                        let _ = answers.send(Ok(recorder.initial(&request))).await;
+                    }
                     recorder.record(request);
                 }
             });
@@ -292,6 +367,11 @@ impl tonic::server::StreamingService<DeltaDiscoveryRequest> for Ads {
                                 .send(Err(tonic::Status::unavailable("istiod going away")))
                                 .await;
                             break;
+                        }
+                        Change::Upsert((kind, _)) | Change::Remove((kind, _))
+                            if !subscribed.lock().expect("types").contains(kind) =>
+                        {
+                            continue;
                         }
                         change => Ok(ads.delta(&change)),
                     };
@@ -309,44 +389,56 @@ impl tonic::server::StreamingService<DeltaDiscoveryRequest> for Ads {
 
 impl Ads {
     fn record(&self, request: DeltaDiscoveryRequest) {
-        self.state.lock().expect("state").requests.push(request);
+        let count = {
+            let mut state = self.state.lock().expect("state");
+            state.requests.push(request);
+            state.requests.len()
+        };
+        self.recorded.send_replace(count);
     }
 
-    /// Everything the client lacks or holds at another version, and removals of what it
-    /// holds that is gone.
+    /// Everything of the subscription's type the client lacks or holds at another version,
+    /// and removals of what it holds that is gone.
     fn initial(&self, first: &DeltaDiscoveryRequest) -> DeltaDiscoveryResponse {
         let state = self.state.lock().expect("state");
+        let kind = if first.type_url == AUTHORIZATION_TYPE {
+            AUTHORIZATION_TYPE
+        } else {
+            ADDRESS_TYPE
+        };
         let resources = state
             .resources
             .iter()
-            .filter(|(name, (version, _))| {
-                first.initial_resource_versions.get(*name) != Some(version)
+            .filter(|((k, name), (version, _))| {
+                *k == kind && first.initial_resource_versions.get(name) != Some(version)
             })
-            .map(|(name, (version, bytes))| resource(name, version, bytes))
+            .map(|((k, name), (version, bytes))| resource(k, name, version, bytes))
             .collect();
         let removed_resources = first
             .initial_resource_versions
             .keys()
-            .filter(|name| !state.resources.contains_key(*name))
+            .filter(|name| !state.resources.contains_key(&(kind, (*name).clone())))
             .cloned()
             .collect();
-        response(state.version, resources, removed_resources)
+        response(kind, state.version, resources, removed_resources)
     }
 
     fn delta(&self, change: &Change) -> DeltaDiscoveryResponse {
         let state = self.state.lock().expect("state");
         match change {
-            Change::Upsert(name) => {
+            Change::Upsert(key) => {
                 let resources = state
                     .resources
-                    .get(name)
-                    .map(|(version, bytes)| resource(name, version, bytes))
+                    .get(key)
+                    .map(|(version, bytes)| resource(key.0, &key.1, version, bytes))
                     .into_iter()
                     .collect();
-                response(state.version, resources, Vec::new())
+                response(key.0, state.version, resources, Vec::new())
             }
-            Change::Remove(name) => response(state.version, Vec::new(), vec![name.clone()]),
-            Change::Disconnect => response(state.version, Vec::new(), Vec::new()),
+            Change::Remove((kind, name)) => {
+                response(kind, state.version, Vec::new(), vec![name.clone()])
+            }
+            Change::Disconnect => response(ADDRESS_TYPE, state.version, Vec::new(), Vec::new()),
         }
     }
 }
@@ -376,18 +468,19 @@ fn octets(ip: IpAddr) -> Vec<u8> {
     }
 }
 
-fn resource(name: &str, version: &str, bytes: &[u8]) -> Resource {
+fn resource(kind: &str, name: &str, version: &str, bytes: &[u8]) -> Resource {
     Resource {
         version: version.to_owned(),
         name: name.to_owned(),
         resource: Some(prost_types::Any {
-            type_url: ADDRESS_TYPE.to_owned(),
+            type_url: kind.to_owned(),
             value: bytes.to_vec(),
         }),
     }
 }
 
 fn response(
+    kind: &str,
     version: u64,
     resources: Vec<Resource>,
     removed: Vec<String>,
@@ -396,7 +489,7 @@ fn response(
     DeltaDiscoveryResponse {
         system_version_info: version.to_string(),
         resources,
-        type_url: ADDRESS_TYPE.to_owned(),
+        type_url: kind.to_owned(),
         nonce: NONCE
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             .to_string(),

@@ -167,6 +167,18 @@ pub struct ClientFiles {
     pub ca: std::path::PathBuf,
 }
 
+impl ClientFiles {
+    /// The files as the hbone client's certificate (a client the test drives in process).
+    pub fn workload_cert(&self) -> hbone::tls::WorkloadCert {
+        hbone::tls::WorkloadCert::from_pem(
+            &std::fs::read(&self.cert).expect("cert"),
+            &std::fs::read(&self.key).expect("key"),
+            &std::fs::read(&self.ca).expect("ca"),
+        )
+        .expect("client cert")
+    }
+}
+
 /// A JWT-shaped token with these claims (signature not verifiable: krun never verifies).
 pub fn jwt(sub: &str, aud: &str, lifetime: Duration) -> String {
     let b64 = |v: serde_json::Value| {
