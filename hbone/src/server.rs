@@ -127,8 +127,8 @@ pub struct MeshTls {
 }
 
 impl MeshTls {
-    /// The config a new connection is served with: the embedder's fresh one when it had to
-    /// refresh the certificate on the spot, the watched one otherwise.
+    /// The config a new connection is served with: the embedder's fresh one when it gives
+    /// one, the watched one otherwise.
     pub async fn config_for_new_connection(&self) -> Arc<rustls::ServerConfig> {
         match &self.fresh {
             Some(fresh) => fresh.fresh().await,
@@ -138,9 +138,10 @@ impl MeshTls {
     }
 }
 
-/// A config built just now, when the watched one would present a certificate that is past its
-/// rotation time by the wall clock: the timer that should have rotated it may not have fired
-/// (a CPU throttled between requests). `None`: the watched config is current.
+/// The config for a new connection from the embedder's certificate source itself, checked
+/// against the wall clock: the watched config lags behind a rotation by the time its rebuild
+/// takes, and the timer that should have rotated it may not have fired (a CPU throttled
+/// between requests). `None`: serve the watched config.
 pub trait FreshConfig: Send + Sync {
     /// Checks the certificate's time against the wall clock and refreshes it when due.
     fn fresh(

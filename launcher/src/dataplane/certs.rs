@@ -9,7 +9,7 @@
 //! written file by file fails with a message instead of serving a key that is not the leaf's.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hbone::server::FreshConfig;
 use hbone::tls::{self, WorkloadCert};
@@ -167,14 +167,18 @@ pub fn server_configs(
 }
 
 /// The identity store behind a mesh listener, asked before each handshake whether the
-/// certificate is past its rotation time by the wall clock ([`CertStore::refresh_if_due`]);
-/// when it had to refresh, the new connection is served a config built from the refreshed
-/// certificate at once instead of waiting for the watch that rebuilds configs to catch up.
+/// certificate is past its rotation time by the wall clock ([`CertStore::refresh_if_due`]).
+/// A new connection is served a config built from the store's current certificate, not the
+/// one the watch that rebuilds configs last delivered: that watch is two task hops behind the
+/// store, so just after a rotation (a timer that fired late, or a refresh another connection
+/// asked for) it may still hold the certificate past its rotation time.
 pub struct OnDemand {
     store: Arc<CertStore>,
     trust_domain: String,
     alpn: &'static [&'static [u8]],
     listener: &'static str,
+    /// The config built for the store's certificate, kept until the store holds another.
+    built: Mutex<Option<(Arc<mesh::identity::WorkloadCert>, Arc<rustls::ServerConfig>)>>,
 }
 
 impl OnDemand {
@@ -190,7 +194,20 @@ impl OnDemand {
             trust_domain,
             alpn,
             listener,
+            built: Mutex::new(None),
         })
+    }
+
+    /// The config built for `cert`, if the last one built was for it.
+    fn built_for(
+        &self,
+        cert: &Arc<mesh::identity::WorkloadCert>,
+    ) -> Option<Arc<rustls::ServerConfig>> {
+        let built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        built
+            .as_ref()
+            .filter(|(for_cert, _)| Arc::ptr_eq(for_cert, cert))
+            .map(|(_, config)| config.clone())
     }
 }
 
@@ -200,14 +217,23 @@ impl FreshConfig for OnDemand {
     ) -> std::pin::Pin<Box<dyn Future<Output = Option<Arc<rustls::ServerConfig>>> + Send + '_>>
     {
         Box::pin(async move {
-            let cert = convert(&*self.store.refresh_if_due().await?);
+            let current = match self.store.refresh_if_due().await {
+                Some(refreshed) => refreshed,
+                None => self.store.current()?,
+            };
+            if let Some(config) = self.built_for(&current) {
+                return Some(config);
+            }
+            let cert = convert(&current);
             match tls::server_config(&cert, &self.trust_domain, self.alpn) {
                 Ok(config) => {
                     tracing::debug!(
                         listener = self.listener,
                         serial = leaf_serial(&cert),
-                        "new connection served the certificate current after an on-demand check"
+                        "new connections served the store's current certificate"
                     );
+                    *self.built.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((current, config.clone()));
                     Some(config)
                 }
                 Err(e) => {
