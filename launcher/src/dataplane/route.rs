@@ -357,6 +357,17 @@ impl Router {
 mod tests {
     use super::*;
 
+    /// A hop with no certificate to trust domain `td` on 15008, pinning `identities`.
+    fn test_hop(identities: Vec<PeerIdentity>) -> MeshHop {
+        MeshHop::new(
+            Arc::new(HboneClient::new(hbone::H2Settings::default(), None)),
+            identities,
+            "td".into(),
+            15008,
+            None,
+        )
+    }
+
     /// A configured destination (by IP or host name, any case) gets exactly its IDs; any
     /// other gets the trust domain.
     #[test]
@@ -368,13 +379,7 @@ mod tests {
         .into_iter()
         .collect();
         let config = crate::config::Config::from_env(&env).expect("valid");
-        let hop = MeshHop::new(
-            Arc::new(HboneClient::new(hbone::H2Settings::default(), None)),
-            config.launcher.peer_identities.value.clone(),
-            "td".into(),
-            15008,
-            None,
-        );
+        let hop = test_hop(config.launcher.peer_identities.value.clone());
         let id = |s: &str| s.parse::<SpiffeId>().expect("id");
         let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
         assert_eq!(
@@ -402,13 +407,7 @@ mod tests {
     #[test]
     fn only_mesh_cidrs_go_over_hbone() {
         let cidrs = Cidr::parse_list("10.1.2.3/32,fd00::/8").expect("valid");
-        let hop = MeshHop::new(
-            Arc::new(HboneClient::new(hbone::H2Settings::default(), None)),
-            Vec::new(),
-            "td".into(),
-            15008,
-            None,
-        );
+        let hop = test_hop(Vec::new());
         let router = Router::new(Some(hop), None, cidrs.clone());
         let sock = |s: &str| SocketAddr::new(s.parse().expect("ip"), 80);
         assert_eq!(router.decide(sock("10.1.2.3")), Route::MeshCidr);
@@ -449,13 +448,7 @@ mod tests {
         store
             .upsert("b", "1", &workload([10, 0, 0, 6], TunnelProtocol::None))
             .expect("valid");
-        let hop = MeshHop::new(
-            Arc::new(HboneClient::new(hbone::H2Settings::default(), None)),
-            Vec::new(),
-            "td".into(),
-            15008,
-            None,
-        );
+        let hop = test_hop(Vec::new());
         let cidrs = Cidr::parse_list("10.0.0.0/8").expect("valid");
         let router = Router::new(Some(hop), Some(store), cidrs);
         let sock = |s: &str| SocketAddr::new(s.parse().expect("ip"), 80);
@@ -504,13 +497,7 @@ mod tests {
             .services
             .insert("prod/a.prod.svc.cluster.local".into(), PortList::default());
         store.upsert("pod", "1", &endpoint).expect("valid");
-        let hop = MeshHop::new(
-            Arc::new(HboneClient::new(hbone::H2Settings::default(), None)),
-            Vec::new(),
-            "td".into(),
-            15008,
-            None,
-        );
+        let hop = test_hop(Vec::new());
         let router = Router::new(Some(hop), Some(store), Vec::new());
         let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
         let Route::Service(picked) = router.decide(addr("10.96.0.10:80")) else {
