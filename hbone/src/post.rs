@@ -6,16 +6,20 @@
 //! Connections are pooled per origin and shared by up to `max_streams_per_connection`
 //! tunnels (cloud-run-mesh's hgate opened one TLS connection per inbound connection).
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::pool::{ConnectionPool, Lease, StreamGuard};
@@ -146,7 +150,17 @@ impl PostUrl {
 /// Pool key: one origin.
 type OriginKey = (Scheme, String, u16);
 
-type ReqBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
+/// The request body: chunks read from the client, framed as DATA. The channel carries bare
+/// `Bytes` (32 bytes a slot) rather than `Result<Frame<Bytes>, _>` (over 100, room for
+/// trailers): tokio allocates a block of 32 slots up front for every tunnel, idle or not.
+type ReqBody = StreamBody<tokio_stream::adapters::Map<ReceiverStream<Bytes>, DataFrame>>;
+
+/// Frames a chunk of the request body.
+type DataFrame = fn(Bytes) -> Result<Frame<Bytes>, Infallible>;
+
+fn data_frame(chunk: Bytes) -> Result<Frame<Bytes>, Infallible> {
+    Ok(Frame::data(chunk))
+}
 
 /// Opens POST tunnels, reusing HTTP/2 connections per origin.
 pub struct PostClient {
@@ -159,7 +173,7 @@ pub struct PostClient {
 
 /// An open POST tunnel: call [`PostTunnel::pipe`] to move bytes.
 pub struct PostTunnel {
-    upstream: mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
+    upstream: mpsc::Sender<Bytes>,
     downstream: Incoming,
     _guard: StreamGuard,
 }
@@ -198,7 +212,7 @@ impl PostClient {
         let (tx, rx) = mpsc::channel(8);
         if !first.is_empty() {
             // The channel is empty, so this cannot wait.
-            let _ = tx.try_send(Ok(Frame::data(first)));
+            let _ = tx.try_send(first);
         }
         let mut request = Request::builder()
             .method(Method::POST)
@@ -208,7 +222,9 @@ impl PostClient {
             request = request.header(header::AUTHORIZATION, value);
         }
         let request = request
-            .body(StreamBody::new(ReceiverStream::new(rx)))
+            .body(StreamBody::new(
+                ReceiverStream::new(rx).map(data_frame as DataFrame),
+            ))
             .map_err(|_| PostError::Url {
                 url: format!("{}{}", url.origin(), url.path),
                 detail: "not a valid request URI",
@@ -293,8 +309,8 @@ impl PostTunnel {
             // a busy one reads up to `buffer` (at most 256 KiB) at a time.
             let mut capacity = MIN_READ;
             loop {
-                let mut chunk = bytes::BytesMut::with_capacity(capacity);
-                let n = reader.read_buf(&mut chunk).await?;
+                let chunk = read_chunk(&mut reader, capacity).await?;
+                let n = chunk.len();
                 capacity = if n == capacity {
                     (capacity * 2).min(buffer.clamp(MIN_READ, 256 << 10))
                 } else {
@@ -304,11 +320,7 @@ impl PostTunnel {
                     break; // dropping the sender ends the request body
                 }
                 sent += n as u64;
-                if upstream
-                    .send(Ok(Frame::data(chunk.freeze())))
-                    .await
-                    .is_err()
-                {
+                if upstream.send(chunk.freeze()).await.is_err() {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::BrokenPipe,
                         "tunnel request stream closed",
@@ -332,6 +344,24 @@ impl PostTunnel {
         let (sent, received) = tokio::join!(up, down);
         Ok((sent?, received?))
     }
+}
+
+/// Reads what `reader` has into a new buffer of `capacity`, allocated on each poll and freed
+/// again when the poll finds nothing: a tunnel waiting for its client to speak holds no read
+/// buffer (thousands of idle tunnels each held 4 KiB). A reader with bytes at hand fills the
+/// buffer at once, so a busy tunnel allocates once per chunk, as before.
+async fn read_chunk<R>(reader: &mut R, capacity: usize) -> std::io::Result<BytesMut>
+where
+    R: AsyncRead + Unpin,
+{
+    std::future::poll_fn(|cx| {
+        let mut chunk = BytesMut::with_capacity(capacity);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *reader), cx, &mut chunk) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(read) => Poll::Ready(read.map(|_| chunk)),
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -120,19 +120,22 @@ impl Gate {
                     kind: TokenKind::Id,
                     audience: url.origin(),
                 };
-                let token = cache
-                    .get(&key)
+                // Boxed for the same reason as `open` below: a token fetch is a whole HTTP call.
+                let token = Box::pin(cache.get(&key))
                     .await
                     .map_err(|e| format!("no ID token for {}: {e}", url.origin()))?;
                 Some(format!("Bearer {}", token.secret()))
             }
         };
         let hello_len = hello.len() as u64;
-        let tunnel = self
-            .client
-            .open(&url, authorization.as_deref(), hello.freeze())
-            .await
-            .map_err(|e| e.to_string())?;
+        // Boxed: the dial and TLS handshake state would otherwise size this connection's task
+        // for its whole life, idle tunnels included; on the heap it is freed once open.
+        let tunnel = Box::pin(
+            self.client
+                .open(&url, authorization.as_deref(), hello.freeze()),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         // Neither end shows hgate a mesh identity (the client's TLS passes through, the
         // upstream is a web server), so both principals are `unknown`.
         let connection = TcpConnection::open(Reporter::Source, None, None);

@@ -4,7 +4,9 @@
 //! - hgate's RSS per idle tunnelled connection (baseline: hgate with none open).
 //!
 //! Run: `make bench BENCH=hgate` (builds hgate and krun with the `perf` profile, then runs this
-//! bench against them). `HGATE_BENCH_IDLE` sets the number of idle connections (default 5000).
+//! bench against them). `HGATE_BENCH_IDLE` sets the number of idle connections (default 5000);
+//! `HGATE_BENCH_BASELINE=/path/to/hgate` measures another hgate's idle figures first, in the
+//! same run and against the same krun (a before/after).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -101,6 +103,51 @@ fn ready_addr(gate: &mut Running, what: &str) -> SocketAddr {
         .expect("addr in ready line")
 }
 
+/// Starts `gate` routing by `routes` with room for the idle connections.
+fn start_gate(gate: Krun, routes: &Path) -> Running {
+    gate.env("HGATE_ROUTES", routes)
+        .env("HGATE_MAX_CONNECTIONS", "20000")
+        .start()
+}
+
+/// hgate's VmRSS (KiB) before and with `idle` tunnelled connections held open (each has sent
+/// its ClientHello and the sink has seen it); the connections are closed on return.
+fn idle_rss(
+    rt: &tokio::runtime::Runtime,
+    gate: &Running,
+    gate_addr: SocketAddr,
+    sink: &Sink,
+    hello: &[u8],
+    idle: usize,
+) -> (u64, u64) {
+    // On a fresh hgate, so transfer buffers do not blur the figure.
+    let baseline = gate.rss_kib();
+    let held = rt.block_on(async {
+        let mut held = Vec::with_capacity(idle);
+        let start = sink.primed.load(Ordering::Relaxed);
+        for batch in 0..idle.div_ceil(100) {
+            let n = 100.min(idle - batch * 100);
+            for _ in 0..n {
+                let mut conn = TcpStream::connect(gate_addr).await.expect("connect idle");
+                conn.write_all(hello).await.expect("hello");
+                held.push(conn);
+            }
+            let want = start + held.len();
+            while sink.primed.load(Ordering::Relaxed) < want {
+                let notified = sink.changed.notified();
+                if sink.primed.load(Ordering::Relaxed) >= want {
+                    break;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+            }
+        }
+        held
+    });
+    let loaded = gate.rss_kib();
+    drop(held);
+    (baseline, loaded)
+}
+
 fn main() {
     let idle: usize = std::env::var("HGATE_BENCH_IDLE")
         .ok()
@@ -130,37 +177,20 @@ fn main() {
         format!("echo.default: http://127.0.0.1:{tunnel}/_hbone/sink\n"),
     )
     .expect("routes");
-    let mut gate = Krun::hgate()
-        .env("HGATE_ROUTES", &routes)
-        .env("HGATE_MAX_CONNECTIONS", "20000")
-        .start();
+    // The baseline build first (`HGATE_BENCH_BASELINE`), then this one, against the same krun.
+    let mut idle_figures = Vec::new();
+    if let Ok(before) = std::env::var("HGATE_BENCH_BASELINE") {
+        let mut gate = start_gate(Krun::hgate_binary(before.into()), &routes);
+        let addr = ready_addr(&mut gate, "SNI listener ready");
+        let figures = idle_rss(&rt, &gate, addr, &sink, &hello, idle);
+        gate.signal(Signal::SIGTERM);
+        let _ = gate.finish();
+        idle_figures.push(("HGATE_BENCH_BASELINE", figures));
+    }
+    let mut gate = start_gate(Krun::hgate(), &routes);
     let gate_addr = ready_addr(&mut gate, "SNI listener ready");
-
-    // Idle connections first, on a fresh hgate, so transfer buffers do not blur the figure.
-    let baseline = gate.rss_kib();
-    let held = rt.block_on(async {
-        let mut held = Vec::with_capacity(idle);
-        let start = sink.primed.load(Ordering::Relaxed);
-        for batch in 0..idle.div_ceil(100) {
-            let n = 100.min(idle - batch * 100);
-            for _ in 0..n {
-                let mut conn = TcpStream::connect(gate_addr).await.expect("connect idle");
-                conn.write_all(&hello).await.expect("hello");
-                held.push(conn);
-            }
-            let want = start + held.len();
-            while sink.primed.load(Ordering::Relaxed) < want {
-                let notified = sink.changed.notified();
-                if sink.primed.load(Ordering::Relaxed) >= want {
-                    break;
-                }
-                let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
-            }
-        }
-        held
-    });
-    let loaded = gate.rss_kib();
-    drop(held);
+    let figures = idle_rss(&rt, &gate, gate_addr, &sink, &hello, idle);
+    idle_figures.push(("this build", figures));
 
     let (direct, through) = rt.block_on(async {
         let mut direct = Vec::new();
@@ -179,10 +209,13 @@ fn main() {
         "  ratio                {:>8.2}  (goal >= 0.45)",
         through / direct
     );
-    let per_conn = (loaded.saturating_sub(baseline)) as f64 / idle as f64;
-    println!("  hgate RSS idle        {baseline:>8} KiB");
-    println!("  hgate RSS {idle} conns {loaded:>8} KiB");
-    println!("  per idle connection  {per_conn:>8.1} KiB  (goal <= 10 KiB)");
+    for (build, (baseline, loaded)) in idle_figures {
+        let per_conn = (loaded.saturating_sub(baseline)) as f64 / idle as f64;
+        println!("  {build}:");
+        println!("    hgate RSS idle        {baseline:>8} KiB");
+        println!("    hgate RSS {idle} conns {loaded:>8} KiB");
+        println!("    per idle connection  {per_conn:>8.1} KiB  (goal <= 10 KiB)");
+    }
 
     gate.signal(Signal::SIGTERM);
     let _ = gate.finish();

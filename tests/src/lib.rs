@@ -295,7 +295,13 @@ impl Krun {
     /// port (read the chosen address from its "ready" log lines), no Kubernetes, no ID tokens,
     /// no istiod forwarding unless the scenario sets them.
     pub fn hgate() -> Self {
-        let mut command = Command::new(binary("hgate"));
+        Self::hgate_binary(binary("hgate"))
+    }
+
+    /// An hgate binary other than this build's (a benchmark's baseline build), set up as
+    /// [`Krun::hgate`] does.
+    pub fn hgate_binary(hgate: PathBuf) -> Self {
+        let mut command = Command::new(hgate);
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
