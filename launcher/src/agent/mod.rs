@@ -246,7 +246,6 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// DNS capture needs a DNS server, which the builtin data plane does not run.
     #[test]
     fn traffic_director_without_a_project_number_is_an_error_naming_mesh() {
         let env = env(&[

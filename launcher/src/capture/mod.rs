@@ -25,6 +25,9 @@ use std::net::IpAddr;
 pub struct Capture {
     /// Feeds `AgentInputs::interception`.
     pub interception: Interception,
+    /// Where captured DNS is forwarded: the first nameserver of the resolv.conf the rules were
+    /// built from. `None` when DNS is not captured (or resolv.conf names none).
+    pub dns_upstream: Option<IpAddr>,
     /// Rulesets installed, removed by [`Capture::cleanup`] when asked.
     installed: Vec<Tools>,
     cleanup: bool,
@@ -40,6 +43,7 @@ impl Capture {
         );
         Capture {
             interception: Interception::Whitebox,
+            dns_upstream: None,
             installed: Vec::new(),
             cleanup: false,
         }
@@ -138,6 +142,7 @@ pub fn decide(config: &Config) -> Capture {
         );
         Capture {
             interception: Interception::Whitebox,
+            dns_upstream: None,
             installed: Vec::new(),
             cleanup: false,
         }
@@ -190,6 +195,11 @@ pub fn decide(config: &Config) -> Capture {
     );
     Capture {
         interception: Interception::Iptables,
+        dns_upstream: rules
+            .dns
+            .is_some()
+            .then(|| nameservers(&resolv_conf).first().copied())
+            .flatten(),
         installed,
         cleanup: config.launcher.capture_cleanup.value,
     }

@@ -111,7 +111,10 @@ pub async fn run(
     }
     // Before the app starts: it must read the rewritten resolv.conf. Its listeners outlive the
     // app's drain (the app may call services while it drains) and end with the process.
-    let xds = xds_config(&config, dataplane.mode, &inputs, env);
+    // Who this workload is, as istiod knows it: the node id of workload discovery and the
+    // `baggage` of outbound CONNECTs.
+    let workload = crate::agent::workload::Workload::resolve(&config, &inputs, env, None, 0);
+    let xds = xds_config(&config, dataplane.mode, &inputs, &workload);
     let workloads = xds.as_ref().map(|_| Arc::new(WorkloadStore::default()));
     let mesh_names = workloads.as_ref().map(|store| MeshAnswerer {
         store: store.clone(),
@@ -119,10 +122,9 @@ pub async fn run(
     });
     crate::run_discovery::start(&config, mesh_names.clone(), CancellationToken::new()).await;
     if dataplane.mode == DataPlane::Builtin
-        && capture.interception == Interception::Iptables
-        && config.launcher.capture_dns.value
+        && let Some(nameserver) = capture.dns_upstream
     {
-        start_captured_dns(&config, mesh_names).await?;
+        start_captured_dns(&config, nameserver, mesh_names).await?;
     }
     let app = (!argv.is_empty()).then(|| app_spec(&config, argv, dataplane.app_env));
     if app.is_none() {
@@ -161,7 +163,7 @@ pub async fn run(
         MeshIdentity {
             certs,
             store: identity.identity.as_ref().map(|i| i.store().clone()),
-            source: source_workload(&config, &inputs, env),
+            source: source_workload(workload),
         },
         in_mesh,
         xds.zip(workloads),
@@ -411,7 +413,7 @@ fn xds_config(
     config: &Config,
     mode: DataPlane,
     inputs: &AgentInputs,
-    env: &Env,
+    workload: &crate::agent::workload::Workload,
 ) -> Option<mesh::xds::XdsConfig> {
     if mode != DataPlane::Builtin {
         return None;
@@ -434,7 +436,6 @@ fn xds_config(
             return None;
         }
     };
-    let workload = crate::agent::workload::Workload::resolve(config, inputs, env, None, 0);
     let ip = inputs.instance_ip.as_deref().unwrap_or("127.0.0.1");
     let ns = &workload.namespace;
     let metadata = [
@@ -460,18 +461,13 @@ fn xds_config(
 
 /// DNS capture with the builtin data plane: krun's DNS server on 15053 answers the mesh's
 /// Service names (when istiod is known) and `metadata.google.internal`, and forwards the rest
-/// to resolv.conf's nameserver unchanged; resolv.conf itself is not touched. Without a
-/// nameserver nothing is captured (capture has said so), so no server starts.
+/// unchanged to `nameserver`, the one the capture rules redirect
+/// ([`crate::capture::Capture::dns_upstream`]); resolv.conf itself is not touched.
 async fn start_captured_dns(
     config: &Config,
+    nameserver: std::net::IpAddr,
     mesh_names: Option<MeshAnswerer>,
 ) -> anyhow::Result<()> {
-    let resolv_conf =
-        std::fs::read_to_string(crate::config::DEFAULT_RESOLV_CONF).unwrap_or_default();
-    // The first of the nameservers the capture rules redirect (the same parse).
-    let Some(nameserver) = crate::capture::nameservers(&resolv_conf).first().copied() else {
-        return Ok(());
-    };
     let upstream = SocketAddr::new(nameserver, 53);
     let mut answerers: Vec<Box<dyn LocalAnswerer>> = vec![Box::new(MetadataAnswerer)];
     let mesh = mesh_names.is_some();
@@ -490,11 +486,8 @@ async fn start_captured_dns(
 
 /// The workload as its outbound CONNECTs' `baggage` names it, resolved as for istiod.
 fn source_workload(
-    config: &Config,
-    inputs: &AgentInputs,
-    env: &Env,
+    workload: crate::agent::workload::Workload,
 ) -> crate::dataplane::connect_headers::SourceWorkload {
-    let workload = crate::agent::workload::Workload::resolve(config, inputs, env, None, 0);
     crate::dataplane::connect_headers::SourceWorkload {
         cluster: workload.cluster_id,
         namespace: workload.namespace,
