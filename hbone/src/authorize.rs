@@ -46,3 +46,20 @@ pub async fn revoked(
         }
     }
 }
+
+/// Resolves once a policy change denies the stream, logged (peer, reason naming the policy)
+/// and counted in [`crate::metrics::REVOKED`]; never without an authorizer. A stream races its
+/// copy against it; `authorization` is the authorizer with the changes taken before the
+/// stream's first check.
+pub async fn revocation(
+    authorization: Option<(Arc<dyn StreamAuthorizer>, watch::Receiver<u64>)>,
+    facts: &StreamFacts,
+) {
+    let Some((authorizer, changes)) = authorization else {
+        return std::future::pending().await;
+    };
+    let reason = revoked(&authorizer, facts, changes).await;
+    let revoked_total = crate::metrics::REVOKED.increment();
+    let peer = facts.peer.as_ref().map(ToString::to_string);
+    tracing::warn!(remote = %facts.source, peer = ?peer, %reason, revoked_total, "open stream closed: a policy change denies it");
+}

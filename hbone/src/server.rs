@@ -31,7 +31,7 @@ use tokio_stream::StreamExt;
 use tokio_util::io::ReaderStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::authorize::{StreamAuthorizer, StreamFacts, revoked};
+use crate::authorize::{StreamAuthorizer, StreamFacts, revocation};
 use crate::copy::copy_bidirectional;
 use crate::identity::{AllowedPeers, SpiffeId};
 use crate::idle::{Busy, IdleClock};
@@ -454,7 +454,7 @@ impl TunnelServer {
                         let mut upstream = upstream_stream;
                         tokio::select! {
                             _ = copy_bidirectional(&mut tunnel, &mut upstream, buffer) => {}
-                            () = revocation(authorization, facts) => {}
+                            () = revocation(authorization, &facts) => {}
                         }
                     }
                     Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before upgrade"),
@@ -702,21 +702,6 @@ fn stream_facts(target: &Target, upstream: &Upstream, ctx: &StreamContext) -> St
         source: ctx.remote,
         destination: SocketAddr::new(ctx.local.ip(), port),
     }
-}
-
-/// Resolves once a policy change denies the stream, logged (peer, reason naming the policy)
-/// and counted; never without an authorizer. A stream races its copy against it.
-async fn revocation(
-    authorization: Option<(Arc<dyn StreamAuthorizer>, tokio::sync::watch::Receiver<u64>)>,
-    facts: StreamFacts,
-) {
-    let Some((authorizer, changes)) = authorization else {
-        return std::future::pending().await;
-    };
-    let reason = revoked(&authorizer, &facts, changes).await;
-    let revoked_total = crate::metrics::REVOKED.increment();
-    let peer = facts.peer.as_ref().map(ToString::to_string);
-    tracing::warn!(remote = %facts.source, peer = ?peer, %reason, revoked_total, "open stream closed: a policy change denies it");
 }
 
 /// A tunnel stream in progress: it keeps its connection from idling out and counts in

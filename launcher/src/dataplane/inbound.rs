@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hbone::SpiffeId;
-use hbone::authorize::{StreamAuthorizer, StreamFacts, revoked};
+use hbone::authorize::{StreamAuthorizer, StreamFacts, revocation};
 use hbone::idle::{PipeEnd, pipe};
 use hbone::listen::{Bounds, handshake_timed_out, serve_each};
 use hbone::server::MeshTls;
@@ -92,8 +92,8 @@ async fn terminate(stream: TcpStream, remote: SocketAddr, terminator: &Terminato
         source: remote,
         destination: SocketAddr::new(listening.ip(), app.port()),
     };
-    let changes = authorizer.as_ref().map(|a| a.changes());
-    if let Some(authorizer) = authorizer
+    let authorization = authorizer.as_ref().map(|a| (a.clone(), a.changes()));
+    if let Some((authorizer, _)) = &authorization
         && let Err(reason) = authorizer.authorize(&facts)
     {
         let denied_total = hbone::metrics::DENIED.increment();
@@ -106,21 +106,12 @@ async fn terminate(stream: TcpStream, remote: SocketAddr, terminator: &Terminato
     let _ = upstream.set_nodelay(true);
     let connection = TcpConnection::open(Reporter::Destination, peer.as_ref(), local);
     let upstream = connection.count_upstream(upstream);
-    let revocation = async {
-        match (authorizer, changes) {
-            (Some(authorizer), Some(changes)) => revoked(authorizer, &facts, changes).await,
-            _ => std::future::pending().await,
-        }
-    };
     tokio::select! {
         end = pipe(tls, upstream, *copy_buffer, bounds.idle_timeout) => {
             if let PipeEnd::Idle = end {
                 tracing::debug!(%remote, "mesh connection idle for KRUN_IDLE_TIMEOUT; closed");
             }
         }
-        reason = revocation => {
-            let revoked_total = hbone::metrics::REVOKED.increment();
-            tracing::warn!(%remote, peer = ?facts.peer.as_ref().map(ToString::to_string), %reason, revoked_total, "open mesh connection closed: a policy change denies it");
-        }
+        () = revocation(authorization, &facts) => {}
     }
 }
