@@ -27,11 +27,8 @@ use crate::gate::Gate;
 use crate::route::{AnnotationRoutes, Routes, load_routes};
 use crate::{admin, default_route, istiod, mesh_env, register, services};
 
-/// Deadline of one ID token request to the metadata server (connect and answer).
-const ID_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Deadline of one access token request to the metadata server (auto-registration's Admin
-/// API calls).
-const ACCESS_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of one token request to the metadata server or IAM (connect and answer).
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs hgate until SIGTERM/SIGINT, then drains.
 pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
@@ -51,10 +48,11 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
     tracing::info!(count = static_routes.len(), template = %config.route_template.value, "routes loaded");
     let annotations = AnnotationRoutes::default();
     let file = file_credentials(&config).await?;
+    let own_tokens = own_access_tokens(&config, file.as_ref());
     let tokens = match config.id_tokens.value {
         IdTokens::None => None,
         IdTokens::Metadata => Some(TokenCache::new(
-            id_token_source(&config, file.clone()).await?,
+            id_token_source(&config, file, own_tokens.clone()).await?,
             id_token_policy(&config),
         )),
     };
@@ -128,15 +126,7 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
     if let Some(client) = kube_client(&config).await {
         start_kube(&client, &config, annotations, &drain);
         if config.register_label.is_some() {
-            // hgate's own access token: the credentials file off GCP, else the metadata server.
-            let tokens: Arc<dyn AccessTokens> = match &file {
-                Some((tokens, _)) => tokens.clone(),
-                None => Arc::new(MetadataClient::new(
-                    &config.metadata_host.value,
-                    ACCESS_TOKEN_TIMEOUT,
-                )),
-            };
-            match register::Registrar::from_config(&config, &client, tokens).await {
+            match register::Registrar::from_config(&config, &client, own_tokens.0.clone()).await {
                 Ok(registrar) => {
                     tokio::spawn(registrar.run(drain.clone()));
                 }
@@ -177,18 +167,22 @@ pub async fn run(mut config: HgateConfig) -> anyhow::Result<()> {
 }
 
 /// Where hgate's ID tokens come from: IAM `generateIdToken` for
-/// `HGATE_ID_TOKEN_SERVICE_ACCOUNT`, called with hgate's own access token; else hgate's own
+/// `HGATE_ID_TOKEN_SERVICE_ACCOUNT`, called with hgate's own access token (`caller`,
+/// [`own_access_tokens`]); else hgate's own
 /// identity, from the metadata server's `identity`, or off GCP from a service-account key's
 /// token endpoint ([`file_credentials`]).
 async fn id_token_source(
     config: &HgateConfig,
     file: Option<(Arc<FileTokens>, String)>,
+    (caller, caller_source): (Arc<dyn AccessTokens>, String),
 ) -> anyhow::Result<IdTokenSource> {
-    let metadata = MetadataClient::new(&config.metadata_host.value, ID_TOKEN_TIMEOUT);
     let Some(gsa) = &config.id_token_service_account else {
         let Some((tokens, source)) = file else {
             tracing::info!(metadata = %config.metadata_host.value, "ID tokens: the metadata server's identity (hgate's own account)");
-            return Ok(IdTokenSource::Metadata(metadata));
+            return Ok(IdTokenSource::Metadata(MetadataClient::new(
+                &config.metadata_host.value,
+                TOKEN_TIMEOUT,
+            )));
         };
         if tokens.credentials().service_account().is_none() {
             anyhow::bail!(
@@ -199,14 +193,10 @@ async fn id_token_source(
         return Ok(IdTokenSource::KeyFile(tokens));
     };
     // The system trust store is read from disk: off the runtime's threads.
-    let http = tokio::task::spawn_blocking(|| HttpClient::new(ID_TOKEN_TIMEOUT))
+    let http = tokio::task::spawn_blocking(|| HttpClient::new(TOKEN_TIMEOUT))
         .await
         .context("HTTPS client for IAM Credentials")?
         .context("HTTPS client for IAM Credentials")?;
-    let (caller, caller_source): (Arc<dyn AccessTokens>, String) = match file {
-        Some((tokens, source)) => (tokens, source),
-        None => (Arc::new(metadata), "the metadata server".to_owned()),
-    };
     tracing::info!(
         service_account = %gsa.value,
         iam = %config.iam_credentials_endpoint.value,
@@ -219,6 +209,25 @@ async fn id_token_source(
         &gsa.value,
         caller,
     )))
+}
+
+/// hgate's own access token for Google APIs (IAM for `HGATE_ID_TOKEN_SERVICE_ACCOUNT`, the
+/// Cloud Run Admin API for registration), with what the log says of it: the credentials file
+/// off GCP ([`file_credentials`]), else the metadata server.
+fn own_access_tokens(
+    config: &HgateConfig,
+    file: Option<&(Arc<FileTokens>, String)>,
+) -> (Arc<dyn AccessTokens>, String) {
+    match file {
+        Some((tokens, source)) => (tokens.clone(), source.clone()),
+        None => (
+            Arc::new(MetadataClient::new(
+                &config.metadata_host.value,
+                TOKEN_TIMEOUT,
+            )),
+            "the metadata server".to_owned(),
+        ),
+    }
 }
 
 /// hgate's own Google credentials off GCP, with what the log says of them: a credentials file
