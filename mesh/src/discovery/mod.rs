@@ -351,9 +351,12 @@ impl<'a> Discoverer<'a> {
         }
     }
 
-    /// Builds the Google API client on a blocking thread (it reads the system trust store).
-    fn build_api(&self) -> tokio::task::JoinHandle<Result<GoogleApi, ApiError>> {
-        let tokens: Arc<dyn AccessTokens> = self.metadata().clone();
+    /// Builds the Google API client asking `tokens`, on a blocking thread (it reads the system
+    /// trust store).
+    fn build_api(
+        &self,
+        tokens: Arc<dyn AccessTokens>,
+    ) -> tokio::task::JoinHandle<Result<GoogleApi, ApiError>> {
         tokio::task::spawn_blocking(move || GoogleApi::new(tokens, Backoff::DISCOVERY))
     }
 
@@ -391,7 +394,10 @@ impl<'a> Discoverer<'a> {
         // suggested (`gcp_hint`: Cloud Run, a GKE or TD mesh, a GCE VM...), do it while the
         // metadata answers are in flight; elsewhere (a laptop, plain docker) only once the
         // metadata server has answered, so a plain supervisor never pays for it.
-        let early_api = self.gcp_hint.is_some().then(|| self.build_api());
+        let early_api = self
+            .gcp_hint
+            .is_some()
+            .then(|| self.build_api(self.metadata().clone()));
         let (facts, early_mesh_env) =
             tokio::join!(phase("metadata", self.metadata_facts()), early_mesh_env);
         let (early_mesh_env, context, early_kube) = match early_mesh_env? {
@@ -451,7 +457,7 @@ impl<'a> Discoverer<'a> {
             || namespace_from_email.is_some();
         let api = match early_api {
             Some(building) => building,
-            None => self.build_api(),
+            None => self.build_api(tokens.clone()),
         }
         .await
         .map_err(|e| ApiError::Tls(e.to_string()))
