@@ -28,7 +28,9 @@ pub const DEFAULT_CLOUD_RUN_API: &str = "https://run.googleapis.com";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum IdTokens {
-    /// The metadata server's `identity` endpoint (GKE Workload Identity: hgate's account).
+    /// hgate's own Google identity: the metadata server's `identity` endpoint (GKE Workload
+    /// Identity: hgate's account), or off GCP a service-account key's token endpoint; IAM for
+    /// `HGATE_ID_TOKEN_SERVICE_ACCOUNT` when that is set.
     Metadata,
     /// No Authorization header (an `http://` route to a local krun).
     None,
@@ -100,8 +102,9 @@ mesh::settings! {
         /// ID token mints per second after the burst.
         id_token_rate: Setting<usize> = HGATE_ID_TOKEN_RATE =>
             parse(values::positive).or_default(10),
-        /// A Google credentials file whose access token asks IAM for
-        /// `HGATE_ID_TOKEN_SERVICE_ACCOUNT`'s ID tokens when no metadata server answers.
+        /// A Google credentials file, used when no metadata server answers: its access token
+        /// asks IAM for `HGATE_ID_TOKEN_SERVICE_ACCOUNT`'s ID tokens and the Admin API for
+        /// registration; a service-account key also mints its own ID tokens.
         google_application_credentials: Option<Setting<PathBuf>> =
             GOOGLE_APPLICATION_CREDENTIALS => parse(values::path),
         /// gcloud's configuration directory (its application-default credentials file).
@@ -271,10 +274,8 @@ fn label_key(raw: &str) -> Result<String, &'static str> {
 }
 
 fn regions(raw: &str) -> Result<Vec<String>, &'static str> {
-    let list: Vec<String> = raw
-        .split(',')
-        .map(str::trim)
-        .filter(|r| !r.is_empty())
+    let list: Vec<String> = values::list(raw)
+        .iter()
         .map(|r| {
             region(r).map_err(|_| "a comma-separated list of regions like us-central1,europe-west1")
         })

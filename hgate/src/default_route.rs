@@ -19,7 +19,8 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Fills `{project_number}` and `{region}` of `HGATE_ROUTE_TEMPLATE` from
 /// `HGATE_CLOUD_RUN_PROJECT_NUMBER` / `HGATE_CLOUD_RUN_REGION`, asking the metadata server for
-/// those unset (recorded in `config` with source `metadata`). The filled template replaces the
+/// those unset (recorded in `config` with source `metadata`); with `HGATE_REGISTER_LABEL` set,
+/// registration needs both, so they are resolved even when the template names neither. The filled template replaces the
 /// setting with source `derived`. An error says what is missing and how to set it; the
 /// template then keeps its placeholders and [`crate::route`] refuses it per connection.
 pub async fn resolve(config: &mut HgateConfig) -> Result<(), String> {
