@@ -309,12 +309,7 @@ impl Index {
         if let Some(waypoint) = &service.waypoint {
             return self.through_waypoint(waypoint, target);
         }
-        let Some((endpoint, ports)) = self.pick(service) else {
-            return Resolved::NoEndpoint {
-                service: service.hostname.clone(),
-            };
-        };
-        let Some(ip) = endpoint.addresses.first().copied() else {
+        let Some((ip, endpoint, ports)) = self.pick(service) else {
             return Resolved::NoEndpoint {
                 service: service.hostname.clone(),
             };
@@ -341,7 +336,7 @@ impl Index {
                     .get(key)
                     .and_then(|name| self.services.get(name))
                     .and_then(|service| self.pick(service))
-                    .and_then(|(w, _)| w.addresses.first().copied());
+                    .map(|(ip, _, _)| ip);
                 match picked {
                     Some(ip) => (ip, *port),
                     None => {
@@ -360,22 +355,24 @@ impl Index {
         })
     }
 
-    /// The next healthy endpoint of `service` with an address, round robin, and its own port
-    /// mapping for the service.
-    fn pick(&self, service: &ServiceEntry) -> Option<(&WorkloadEntry, &PortMap)> {
-        let healthy: Vec<(&WorkloadEntry, &PortMap)> = self
-            .endpoints
-            .get(&service.key)?
-            .iter()
-            .filter_map(|name| self.workloads.get(name))
-            .filter(|w| w.healthy && !w.addresses.is_empty())
-            .filter_map(|w| w.ports_for(&service.key).map(|ports| (w, ports)))
-            .collect();
-        if healthy.is_empty() {
+    /// The next healthy endpoint of `service` with an address, round robin: that address,
+    /// the endpoint, and its own port mapping for the service. Counted, then walked again to
+    /// the turn's place (same order under the same lock): nothing allocated per connection.
+    fn pick(&self, service: &ServiceEntry) -> Option<(IpAddr, &WorkloadEntry, &PortMap)> {
+        let members = self.endpoints.get(&service.key)?;
+        let healthy = || {
+            members
+                .iter()
+                .filter_map(|name| self.workloads.get(name))
+                .filter(|w| w.healthy)
+                .filter_map(|w| Some((*w.addresses.first()?, w, w.ports_for(&service.key)?)))
+        };
+        let count = healthy().count();
+        if count == 0 {
             return None;
         }
         let turn = service.next.fetch_add(1, Ordering::Relaxed);
-        healthy.get(turn % healthy.len()).copied()
+        healthy().nth(turn % count)
     }
 
     fn remove_workload(&mut self, name: &str) -> bool {
