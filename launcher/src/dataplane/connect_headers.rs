@@ -2,6 +2,7 @@
 //! (`src/proxy/outbound.rs`): `baggage` naming the source workload for the peer's telemetry,
 //! `forwarded: for="<the app's address>"`, and a fresh W3C `traceparent` per connection.
 
+use std::fmt::Write;
 use std::net::SocketAddr;
 
 use http::{HeaderMap, HeaderValue};
@@ -57,8 +58,17 @@ pub fn connect_headers(baggage: Option<&HeaderValue>, source: SocketAddr) -> Hea
 fn traceparent() -> Option<HeaderValue> {
     let mut ids = [0u8; 24];
     SystemRandom::new().fill(&mut ids).ok()?;
-    let hex: String = ids.iter().map(|b| format!("{b:02x}")).collect();
-    HeaderValue::from_str(&format!("00-{}-{}-00", &hex[..32], &hex[32..])).ok()
+    // 00-<16-byte trace id>-<8-byte parent id>-00, written into one buffer.
+    let mut value = String::with_capacity(55);
+    value.push_str("00-");
+    for (i, b) in ids.iter().enumerate() {
+        if i == 16 {
+            value.push('-');
+        }
+        write!(value, "{b:02x}").ok()?;
+    }
+    value.push_str("-00");
+    HeaderValue::from_str(&value).ok()
 }
 
 #[cfg(test)]
