@@ -111,18 +111,18 @@ impl Match {
 
     fn matches(&self, stream: &StreamFacts) -> bool {
         // Istio writes principals without `spiffe://` (`cluster.local/ns/a/sa/b`); a stream
-        // without an identity has the empty principal and namespace, as in ztunnel.
-        let principal = stream
-            .peer
-            .as_ref()
-            .map(|p| p.to_string().trim_start_matches("spiffe://").to_owned())
-            .unwrap_or_default();
+        // without an identity has the empty namespace, as in ztunnel. The principal is only
+        // formatted when a rule names one (this runs per stream and per push).
         let namespace = stream.peer.as_ref().map_or("", |p| p.namespace.as_str());
-        let principal_holds = if stream.peer.is_some() {
-            self.principals.holds(|m| m.matches(&principal))
-        } else {
+        let principal_holds = match &stream.peer {
+            _ if self.principals.is_empty() => true,
+            Some(peer) => {
+                let principal = peer.to_string();
+                let principal = principal.trim_start_matches("spiffe://");
+                self.principals.holds(|m| m.matches(principal))
+            }
             // ztunnel: a principal match needs an identity to match at all.
-            self.principals.any_of.is_empty()
+            None => self.principals.any_of.is_empty(),
         };
         principal_holds
             && self.namespaces.holds(|m| m.matches(namespace))

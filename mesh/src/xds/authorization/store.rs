@@ -83,19 +83,17 @@ impl PolicyStore {
     /// `Ok` when `stream` to `target` may proceed, else why not, naming the policy.
     pub fn decide(&self, target: &PolicyTarget, stream: &StreamFacts) -> Result<(), String> {
         let policies = self.read();
-        let applying: Vec<&Policy> = policies
-            .values()
-            .map(|(policy, _)| policy)
-            .filter(|policy| applies(policy, target))
-            .collect();
-        if let Some(deny) = applying
-            .iter()
-            .find(|p| p.action == PolicyAction::Deny && p.matches(stream))
+        let applying = || {
+            policies
+                .values()
+                .map(|(policy, _)| policy)
+                .filter(|policy| applies(policy, target))
+        };
+        if let Some(deny) = applying().find(|p| p.action == PolicyAction::Deny && p.matches(stream))
         {
             return Err(format!("denied by DENY policy {}", deny.key));
         }
-        let mut allows = applying
-            .iter()
+        let mut allows = applying()
             .filter(|p| p.action == PolicyAction::Allow)
             .peekable();
         if allows.peek().is_none() {
