@@ -184,11 +184,9 @@ async fn id_token_source(
                 TOKEN_TIMEOUT,
             )));
         };
-        if tokens.credentials().service_account().is_none() {
-            anyhow::bail!(
-                "ID tokens off GCP: {source} cannot mint ID tokens for other audiences; use a service-account key, or set HGATE_ID_TOKEN_SERVICE_ACCOUNT to a service account this login may impersonate"
-            );
-        }
+        tokens
+            .can_mint_id_tokens()
+            .context("ID tokens off GCP: hgate's credentials file")?;
         tracing::info!(credentials = %source, "ID tokens: the service-account key's own, from its token endpoint (target_audience)");
         return Ok(IdTokenSource::KeyFile(tokens));
     };

@@ -220,12 +220,18 @@ impl FileMint {
     }
 
     /// A Google-signed ID token for `audience`, valid until its own `exp`.
-    async fn id_token(&self, audience: &str) -> Result<Token, FileTokenError> {
-        let CredentialsFile::ServiceAccount(key) = &self.file else {
-            return Err(FileTokenError::NoIdTokens {
+    /// The key that signs ID token assertions: only a service-account file has one.
+    fn id_token_key(&self) -> Result<&ServiceAccountKey, FileTokenError> {
+        match &self.file {
+            CredentialsFile::ServiceAccount(key) => Ok(key),
+            CredentialsFile::AuthorizedUser(_) => Err(FileTokenError::NoIdTokens {
                 path: self.path.clone(),
-            });
-        };
+            }),
+        }
+    }
+
+    async fn id_token(&self, audience: &str) -> Result<Token, FileTokenError> {
+        let key = self.id_token_key()?;
         let (url, form) =
             self.assertion_form(key, Grant::TargetAudience(audience), SystemTime::now())?;
         let body = self.exchange(&url, &form).await?;
@@ -383,6 +389,12 @@ impl FileTokens {
     /// The file the tokens come from.
     pub fn credentials(&self) -> &CredentialsFile {
         &self.cache.minter().file
+    }
+
+    /// `Ok` when this file can mint ID tokens for any audience (a service-account key); else
+    /// why not, with the fix, for a caller to refuse at startup rather than per request.
+    pub fn can_mint_id_tokens(&self) -> Result<(), FileTokenError> {
+        self.cache.minter().id_token_key().map(|_| ())
     }
 
     /// A fresh Google-signed ID token for `audience` (a service-account key only; not cached
