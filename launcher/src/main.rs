@@ -76,12 +76,7 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<u8> {
         Some(path) => ProcessPlan::load(&path.value)?,
         None => ProcessPlan::default(),
     };
-    // Two workers: the supervisor alone would be fine on one, but a tunnel's TLS and HTTP/2
-    // work (one task) and its copy to the app (another) then run in parallel.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = runtime(config.launcher.worker_threads.value)?;
     let result = if cli.print_config {
         print_config(&runtime, config, cli.offline)
     } else {
@@ -94,6 +89,21 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<u8> {
     // leftover blocking lookup, such as the losing side of the "on GCP?" DNS race.
     runtime.shutdown_background();
     result
+}
+
+/// The async runtime everything runs on (`KRUN_WORKER_THREADS`). With one thread, the default,
+/// it is the main thread itself: no worker to start at every launch, and a tunnel's TLS/HTTP/2
+/// task wakes its copy task without a cross-thread wake-up. More threads get a work-stealing
+/// runtime.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder.enable_all().build()
 }
 
 /// `--print-config`: the configuration after read-only discovery (GETs to metadata, GKE and

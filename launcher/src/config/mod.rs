@@ -58,6 +58,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default HTTP/2 streams per connection: Cloud Run's highest per-instance concurrency, so the
 /// front end never needs a second connection because of this cap.
 pub const DEFAULT_MAX_STREAMS: u32 = 1000;
+/// One thread runs everything: the supervisor, the listeners and every tunnel. On the 1 or 2
+/// vCPUs of a Cloud Run instance the app needs the other core, and one thread measured 20 %
+/// less CPU per tunnelled GiB than two workers handing each chunk across threads
+/// (docs/performance.md).
+pub const DEFAULT_WORKER_THREADS: usize = 1;
 /// Default path of pilot-agent in the golden image.
 pub const DEFAULT_PILOT_AGENT_PATH: &str = "/usr/local/bin/pilot-agent";
 /// Default path of Envoy in the golden image.
@@ -186,6 +191,9 @@ mesh::settings! {
         /// Concurrent HTTP/2 streams per connection on the tunnel port and HBONE.
         max_streams: Setting<u32> = KRUN_MAX_STREAMS =>
             parse(values::positive).or_default(DEFAULT_MAX_STREAMS),
+        /// Threads of krun's async runtime; 1 runs everything on the main thread.
+        worker_threads: Setting<usize> = KRUN_WORKER_THREADS =>
+            parse(values::positive).or_default(DEFAULT_WORKER_THREADS),
         /// Inbound ports redirected to 15006 (none by default).
         capture_inbound_ports: Setting<Vec<u16>> = KRUN_CAPTURE_INBOUND_PORTS =>
             parse(port_list).or_default(Vec::new()),
