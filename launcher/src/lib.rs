@@ -12,6 +12,7 @@ pub mod agent;
 pub mod capture;
 pub mod config;
 pub mod dataplane;
+pub mod footprint;
 pub mod launch;
 pub mod probe;
 pub mod processes;

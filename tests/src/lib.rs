@@ -465,6 +465,21 @@ impl Running {
         }
     }
 
+    /// Reads output until a line contains `needle` or `within` has passed without one. For
+    /// benchmarks that run builds of which only some log `needle` (a baseline built before
+    /// the line existed), never for a test's synchronization.
+    pub fn wait_for_line_within(&mut self, needle: &str, within: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + within;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            let line = self.lines.recv_timeout(left).ok()?;
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return Some(line);
+            }
+        }
+        None
+    }
+
     /// Reads output until a line contains `needle`; returns the address in its `addr=IP:PORT`
     /// field (listeners on port 0 log where they listen).
     pub fn wait_for_addr(&mut self, needle: &str) -> std::net::SocketAddr {

@@ -193,6 +193,7 @@ pub async fn run(
             stop_listeners.cancel();
         }
     });
+    tokio::spawn(crate::footprint::release_when_settled(supervisor.phase()));
     let reaper = supervisor.reaper();
     let code = supervisor.run().await;
     capture.cleanup(&reaper).await;
